@@ -1,0 +1,35 @@
+# prefcli developer tasks. `make test` and `make quickstart` need nothing but python3 (>= 3.10).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch by default (CI, laptops). On a GPU machine: make install TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-fast quickstart docs bench-cpu clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+quickstart: install
+	$(BIN)/prefcli sft recipes/tiny/sft.yaml --overwrite
+
+docs: install
+	$(BIN)/python -m prefcli.recipe.docs > docs/recipe-reference.md
+
+bench-cpu: install
+	$(BIN)/python bench/bench_sft.py --size tiny --steps 10
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,266 @@
+"""Load a YAML recipe, apply `--set` overrides, validate, and explain every problem.
+
+An error names the file, the line, the dotted field path and what was expected, and suggests the
+closest valid key for a typo:
+
+    invalid recipe recipes/tiny/sft.yaml (1 problem):
+      recipes/tiny/sft.yaml:17: train.learning_rate: unknown field (did you mean 'lr'?)
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import RecipeError, UsageError
+from .commands import SCHEMAS, RecipeBase
+
+Loc = tuple[Any, ...]
+
+# Names other tools (transformers TrainingArguments, TRL configs) use for our fields: a typo
+# suggestion should find `lr` for `learning_rate` even though the strings are far apart.
+ALIASES = {
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_schedule",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "model_name_or_path": "path",
+    "output_dir": "dir",
+    "bf16": "precision",
+    "fp16": "precision",
+    "torch_dtype": "precision",
+    "dtype": "precision",
+    "warmup": "warmup_ratio",
+    "logging_steps": "every_steps",
+    "save_steps": "save_every_steps",
+    "eval_steps": "eval_every_steps",
+}
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: RecipeBase
+    path: Path  # the recipe file as given
+    overrides: list[str]
+
+    @property
+    def command(self) -> str:
+        return self.recipe.command
+
+
+# ------------------------------------------------------------------------------------ YAML
+
+
+def _line_map(node: yaml.Node, prefix: Loc, out: dict[Loc, int], dups: list[tuple[Loc, int]]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            path = prefix + (key,)
+            if key in seen:
+                dups.append((path, key_node.start_mark.line + 1))
+            seen.add(key)
+            out[path] = key_node.start_mark.line + 1
+            _line_map(value_node, path, out, dups)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            _line_map(item, prefix + (i,), out, dups)
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
+    shown = str(path)
+    if not path.exists():
+        raise UsageError(f"recipe not found: {shown}")
+    if path.is_dir():
+        raise UsageError(f"{shown} is a folder; give a recipe .yaml file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
+        raise RecipeError(shown, [f"{where}: YAML syntax error: {e.problem or e}"]) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(shown, [f"{shown}: YAML error: {e}"]) from None
+    if data is None:
+        raise RecipeError(shown, [f"{shown}:1: the file is empty; a recipe is a mapping such as 'command: sft'"])
+    if not isinstance(data, dict):
+        raise RecipeError(shown, [f"{shown}:1: a recipe is a mapping of sections, got a {type(data).__name__}"])
+    lines: dict[Loc, int] = {}
+    dups: list[tuple[Loc, int]] = []
+    _line_map(node, (), lines, dups)
+    if dups:
+        raise RecipeError(shown, [f"{shown}:{ln}: {_dotted(p)}: key given twice" for p, ln in dups])
+    return data, lines
+
+
+# ------------------------------------------------------------------------------- overrides
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--set expects key.path=value, got '{item}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--set {item}: the value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict[Loc, str]:
+    """Set each `a.b.c=value` into `data` (in place). Returns {path: override text} for errors."""
+    origin: dict[Loc, str] = {}
+    for item in overrides:
+        parts, value = parse_override(item)
+        cur: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = cur.get(part) if isinstance(cur, dict) else None
+            if nxt is None:
+                nxt = cur[part] = {}
+            if not isinstance(nxt, dict):
+                raise UsageError(f"--set {item}: '{'.'.join(parts[: i + 1])}' is not a section")
+            cur = nxt
+        cur[parts[-1]] = value
+        origin[tuple(parts)] = item
+    return origin
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _dotted(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(schema: type[BaseModel], loc: Loc) -> list[str]:
+    cur: type[BaseModel] | None = schema
+    for part in loc:
+        if cur is None or part not in cur.model_fields:
+            return []
+        cur = _model_in(cur.model_fields[part].annotation)
+    return list(cur.model_fields) if cur is not None else []
+
+
+def _clean_loc(loc: Loc, data: Any) -> Loc:
+    """Drop pydantic's union/type tags (e.g. 'list[str]') so the path is the one in the file."""
+    out: list[Any] = []
+    cur = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(cur, dict) and part in cur:
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, dict) and last:
+            out.append(part)  # a missing field
+        # otherwise: a type tag of a union member; skip it
+    return tuple(out)
+
+
+def _describe(err: dict, schema: type[BaseModel], loc: Loc) -> str:
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        allowed = _fields_at(schema, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
+        if not close and ALIASES.get(str(loc[-1])) in allowed:
+            close = [ALIASES[str(loc[-1])]]
+        hint = f" (did you mean '{close[0]}'?)" if close else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        return "unknown field" + hint
+    if kind in ("value_error", "assertion_error"):
+        return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "literal_error":
+        expected = [e.strip(" '") for e in err.get("ctx", {}).get("expected", "").replace(" or ", ",").split(",")]
+        close = difflib.get_close_matches(str(err.get("input")), [e for e in expected if e], n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{msg}, got {err.get('input')!r}{hint}"
+    got = err.get("input")
+    if isinstance(got, (dict, list)):
+        return f"{msg}, got a {type(got).__name__}"
+    return f"{msg}, got {got!r}"
+
+
+def validate_data(data: dict, schema: type[RecipeBase], shown: str, lines: dict[Loc, int],
+                  origin: dict[Loc, str], base_dir: Path) -> RecipeBase:
+    try:
+        return schema.model_validate(data, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = _clean_loc(tuple(err["loc"]), data)
+            where = None
+            for n in range(len(loc), -1, -1):
+                if loc[:n] in origin:
+                    where = f"(--set {origin[loc[:n]]})"
+                    break
+                if loc[:n] in lines:
+                    where = f"{shown}:{lines[loc[:n]]}"
+                    break
+            field = _dotted(loc) or "(recipe)"
+            problems.append((lines.get(loc[:n], 0), f"{where or shown}: {field}: {_describe(err, schema, loc)}"))
+        raise RecipeError(shown, [p for _, p in sorted(problems, key=lambda t: t[0])]) from None
+
+
+def load_recipe(path: str | os.PathLike, command: str | None = None, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Read, override and validate a recipe. `command` is the invoking subcommand (None for
+    `prefcli validate`, which then needs the recipe's own `command:` key)."""
+    path = Path(path)
+    shown = str(path)
+    overrides = list(overrides or [])
+    data, lines = _read_yaml(path)
+    origin = apply_overrides(data, overrides)
+    declared = data.get("command")
+    if declared is not None and declared not in SCHEMAS:
+        close = difflib.get_close_matches(str(declared), list(SCHEMAS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        line = lines.get(("command",), 1)
+        raise RecipeError(shown, [f"{shown}:{line}: command: unknown command {declared!r}{hint}; "
+                                  f"one of: {', '.join(SCHEMAS)}"])
+    if command is not None and declared is not None and declared != command:
+        line = lines.get(("command",), 1)
+        raise RecipeError(shown, [f"{shown}:{line}: command: this recipe is for `prefcli {declared}`, "
+                                  f"not `prefcli {command}`"])
+    cmd = command or declared
+    if cmd is None:
+        raise RecipeError(shown, [f"{shown}:1: command: missing; add a line such as 'command: sft' "
+                                  f"(one of: {', '.join(SCHEMAS)})"])
+    data["command"] = cmd
+    recipe = validate_data(data, SCHEMAS[cmd], shown, lines, origin, path.resolve().parent)
+    return LoadedRecipe(recipe=recipe, path=path, overrides=overrides)
+
+
+def dump_recipe(recipe: RecipeBase) -> str:
+    """The fully resolved recipe (absolute paths, every default written out) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

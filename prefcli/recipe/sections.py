@@ -1,0 +1,161 @@
+"""Recipe sections shared by every command: model, data source, train, runtime, output, log.
+
+Rules (docs/recipes.md): every field has a description (the recipe reference is generated from
+them), unknown keys are errors, choices are Literals, units are in the names. Validators check;
+they never rewrite a value, except that relative paths are resolved against the recipe's folder.
+This module imports only pydantic: `prefcli validate` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .paths import OutputPath, PathOrHubId
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
+
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
+
+
+class ModelInit(Section):
+    """A randomly initialised model built from an architecture config: pretraining from scratch,
+    tests, and smoke runs."""
+
+    architecture: Literal["llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"] = Field(
+        description="Model family (a transformers `model_type`) whose config class builds the model."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the architecture's default config, e.g. hidden_size, "
+        "num_hidden_layers, num_attention_heads, intermediate_size, max_position_embeddings. "
+        "vocab_size and the special-token ids come from the tokenizer.",
+    )
+
+
+class LoraSection(Section):
+    """Low-rank adapters through peft. The base weights stay frozen; `final/` holds the merged model
+    (loadable without peft) and `final/adapter/` the adapter alone."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
+    )
+
+
+class ModelSection(Section):
+    path: PathOrHubId | None = Field(
+        None,
+        description="A local Hugging Face model folder (relative to the recipe) or a hub id such as "
+        "'Qwen/Qwen2.5-0.5B' (needs network or a filled cache). Exactly one of path and init.",
+    )
+    init: ModelInit | None = Field(None, description="Random initialisation from an architecture config instead of `path`.")
+    tokenizer: PathOrHubId | None = Field(
+        None,
+        description="Tokenizer folder, tokenizer.json file or hub id. Defaults to model.path; required with model.init.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(
+        False, description="Run model/tokenizer code shipped with a hub repo. Off unless you trust the repo."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel. 'sdpa' is PyTorch's fused attention and works everywhere."
+    )
+    pad_token: str | None = Field(
+        None,
+        description="Use this token for padding (added to the vocabulary, and the embeddings resized, if new). "
+        "Needed only when the tokenizer has no pad token; it must differ from the EOS token.",
+    )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template replacing the tokenizer's own, for chat-message data."
+    )
+    lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.init is None):
+            raise ValueError("set exactly one of model.path (a pretrained model) and model.init (a random init)")
+        if self.init is not None and self.tokenizer is None:
+            raise ValueError("model.init needs model.tokenizer (a tokenizer folder, tokenizer.json or hub id)")
+        return self
+
+
+class DataSource(Section):
+    """One dataset: a local file (JSONL, JSON, CSV, Parquet), a folder saved with
+    `datasets.save_to_disk`, a folder of such files, or a hub dataset name."""
+
+    path: PathOrHubId = Field(description="File, folder or hub dataset name; relative paths resolve against the recipe.")
+    split: str = Field("train", description="Split to read (files have a single 'train' split).")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column mapping {expected name: name in your data}, e.g. {prompt: question, completion: answer}.",
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows.")
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run. Overrides epochs when both are set.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data when max_steps is not set (default 1).")
+    batch_size: int = Field(8, gt=0, description="Examples per device per micro-batch.")
+    grad_accum_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step. Losses are token-weighted over the whole accumulated global batch."
+    )
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of max steps spent warming up linearly from 0.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup length in steps; overrides warmup_ratio.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr (linear/cosine).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null disables.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    seed: int = Field(0, description="Seed for initialisation, data order, dropout and sampling.")
+    eval_every_steps: int | None = Field(None, gt=0, description="Evaluate on held-out data every N steps (and at the end).")
+    eval_max_batches: int | None = Field(None, gt=0, description="Cap on held-out batches per evaluation.")
+    save_every_steps: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep only the newest N checkpoints.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+
+class RuntimeSection(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present, else CPU.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16", "fp16-mixed"] = Field(
+        "auto",
+        description="'auto' = bf16-mixed on a GPU with bf16 support, fp32 on CPU. 'bf16-mixed': fp32 master "
+        "weights, bf16 compute. 'bf16': weights and optimizer state in bf16 (fastest, least memory, "
+        "small updates can round away).",
+    )
+    compile: bool = Field(False, description="torch.compile the transformer body (GPU; first steps are slower).")
+    loss_chunk_tokens: int = Field(
+        4096, gt=0, description="Tokens per chunk when computing log-probs/cross-entropy from hidden states; "
+        "the full fp32 logits are never materialised."
+    )
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend under torchrun: 'auto' = nccl on GPU, gloo on CPU."
+    )
+
+
+class OutputSection(Section):
+    dir: OutputPath | None = Field(
+        None, description="Run folder (relative to the recipe). Default: runs/<command>-<recipe name> under the current directory."
+    )
+    save_final: bool = Field(True, description="Write final/ in Hugging Face format at the end.")
+    plot: bool = Field(True, description="Write curves.png (training curves) at the end.")
+
+
+class LogSection(Section):
+    every_steps: int = Field(10, gt=0, description="Write a progress line every N steps when stderr is not a terminal.")
+    metrics_every_steps: int = Field(1, gt=0, description="Append to metrics.jsonl every N steps.")

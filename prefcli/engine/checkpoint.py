@@ -1,0 +1,162 @@
+"""Atomic, exactly resumable checkpoints in safetensors + JSON (nothing is pickled).
+
+checkpoints/step-N/
+  state.json                 step, task state (data position, ...), optimizer hyper-parameters,
+                             python RNG, prefcli version
+  model-<group>.safetensors  trainable parameters of each trained module (LoRA: the adapters)
+  optim-<group>.safetensors  optimizer state tensors (exp_avg, exp_avg_sq, step)
+  rng-rank<r>.safetensors    torch CPU/CUDA generator states of every rank
+  extra.safetensors          task tensors (e.g. precomputed reference log-probs)
+
+A checkpoint is written into a temporary folder and renamed into place, so a crash mid-write
+never leaves a half checkpoint that resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _optim_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optim_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = t
+    for pid, d in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(d)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise RuntimeError(f"checkpoint {where} does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], list]:
+    t = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            t[f"torch_cuda_{i}"] = s
+    st = random.getstate()
+    return t, [st[0], list(st[1]), st[2]]
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], py_state) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    if py_state is not None:
+        random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "state.json").exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    cps = list_checkpoints(run_dir)
+    return cps[-1][1] if cps else None
+
+
+def save_checkpoint(run_dir: Path, step: int, groups: dict, task_state: dict, extra: dict[str, torch.Tensor],
+                    rank: int, world: int, keep: int, barrier) -> Path:
+    """Every rank calls this. Rank 0 writes model/optimizer/state; each rank writes its RNG."""
+    root = Path(run_dir) / "checkpoints"
+    tmp = root / f".tmp-step-{step}"
+    final = root / f"step-{step}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    rng_t, py_state = rng_state()
+    save_file(rng_t, str(tmp / f"rng-rank{rank}.safetensors"))
+    if rank == 0:
+        optim_meta = {}
+        for name, g in groups.items():
+            save_file(trainable_state(g.raw), str(tmp / f"model-{name}.safetensors"))
+            t, meta = _optim_to_flat(g.optimizer)
+            save_file(t, str(tmp / f"optim-{name}.safetensors"))
+            optim_meta[name] = meta
+        if extra:
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
+        state = {"step": step, "task": task_state, "optim": optim_meta, "python_rng": py_state,
+                 "world_size": world, "prefcli_version": __version__, "time": time.time()}
+        (tmp / "state.json").write_text(json.dumps(state))
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, groups: dict, rank: int) -> tuple[int, dict, dict[str, torch.Tensor]]:
+    """Restore modules and optimizers in place; returns (step, task state, extra tensors). Call
+    `restore_rng` last, after everything else that consumes random numbers has been built."""
+    state = json.loads((path / "state.json").read_text())
+    for name, g in groups.items():
+        load_trainable_state(g.raw, load_file(str(path / f"model-{name}.safetensors")), str(path))
+        _optim_from_flat(g.optimizer, load_file(str(path / f"optim-{name}.safetensors")), state["optim"][name])
+    extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
+    return int(state["step"]), state["task"], extra
+
+
+def restore_rng(path: Path, rank: int) -> None:
+    state = json.loads((path / "state.json").read_text())
+    f = path / f"rng-rank{rank}.safetensors"
+    if f.exists():
+        set_rng_state(load_file(str(f)), state.get("python_rng"))

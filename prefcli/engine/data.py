@@ -1,0 +1,345 @@
+"""Datasets to token batches: loading through `datasets`, column mapping, tokenization with a
+cache key, prompt masking, truncation counts, padding and packing, and the per-step schedule
+that makes resume exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..errors import DataError
+from ..recipe.paths import is_local
+from ..recipe.sections import DataSource
+from .logprobs import IGNORE
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
+CACHE_VERSION = "1"  # bump when tokenization output changes for the same inputs
+
+
+def _quiet_datasets():
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data"):
+    """A `datasets.Dataset` for one DataSource, columns renamed per `src.columns`, checked for the
+    `required` columns and for emptiness. Errors name the source and what was expected."""
+    _quiet_datasets()
+    import datasets
+
+    path = src.path
+    shown = path
+    try:
+        if is_local(path) and os.path.isfile(path):
+            name = path[:-3] if path.endswith(".gz") else path
+            builder = _BUILDERS.get(Path(name).suffix.lower())
+            if builder is None:
+                raise DataError(f"{what}: {shown}: unknown file type; use .jsonl, .json, .csv, .tsv, .parquet or .txt")
+            kw = {"delimiter": "\t"} if name.endswith(".tsv") else {}
+            ds = datasets.load_dataset(builder, data_files=path, split="train", **kw)
+        elif is_local(path) and (Path(path, "dataset_info.json").exists() or Path(path, "state.json").exists()
+                                 or Path(path, "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if src.split not in ds:
+                    raise DataError(f"{what}: {shown} has no split '{src.split}' (splits: {', '.join(ds)})")
+                ds = ds[src.split]
+        else:
+            ds = datasets.load_dataset(path, src.subset, split=src.split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; all mean "cannot read this"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "file" if is_local(path) else "hub dataset (needs network or a cache)"
+        raise DataError(f"{what}: could not read {where} {shown}: {msg}") from None
+    for want, have in src.columns.items():
+        if have not in ds.column_names:
+            raise DataError(f"{what}: {shown}: data.columns maps '{want}' to column '{have}', which is not in the "
+                            f"data (columns: {', '.join(ds.column_names)})")
+        if want != have:
+            if want in ds.column_names:
+                ds = ds.remove_columns(want)
+            ds = ds.rename_column(have, want)
+    missing = [c for c in required if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{what}: {shown}: missing column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)}); "
+                        "map yours with data.<split>.columns, e.g. {prompt: question}")
+    if src.max_rows is not None and len(ds) > src.max_rows:
+        ds = ds.select(range(src.max_rows))
+    if len(ds) == 0:
+        raise DataError(f"{what}: {shown} has no rows")
+    return ds
+
+
+def check_values(ds, columns: Sequence[str], source: str, what: str = "data") -> None:
+    """Every row has a non-empty value in each of `columns`; the first bad row is named."""
+    for col in columns:
+        for i, v in enumerate(ds[col]):
+            if v is None or (isinstance(v, (str, list)) and len(v) == 0):
+                raise DataError(f"{what}: {source}: row {i + 1} has an empty or missing '{col}'")
+
+
+def tokenizer_fingerprint(tok) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps([str(tok.chat_template), tok.eos_token, tok.pad_token, tok.bos_token,
+                         [str(t) for t in tok.all_special_tokens]]).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(ds, tok, *parts: Any) -> str:
+    """Tokenization cache key: the source rows, the tokenizer and every recipe field that changes
+    the tokens. Passed as the `datasets` fingerprint so its on-disk cache is reused exactly."""
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(str(ds._fingerprint).encode())
+    h.update(tokenizer_fingerprint(tok).encode())
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def split_eval(ds, fraction: float, seed: int):
+    if fraction <= 0:
+        return ds, None
+    n_eval = max(1, int(round(len(ds) * fraction)))
+    if n_eval >= len(ds):
+        raise DataError(f"data.eval_fraction {fraction} leaves no training rows ({len(ds)} rows)")
+    parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+# ------------------------------------------------------------------------------ SFT rows
+
+
+def detect_format(columns: Sequence[str], requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    if "text" in columns:
+        return "text"
+    raise DataError("cannot tell the row format from the columns "
+                    f"({', '.join(columns)}); expected 'text', 'prompt' + 'completion', or 'messages'. "
+                    "Map yours with data.train.columns or set data.format")
+
+
+FORMAT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"]}
+
+
+def _chat_ids(tok, messages, **kw) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_messages(tok, messages: list[dict], mask_prompt: bool) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a chat. With mask_prompt, only assistant turns carry labels: each
+    assistant span is found by rendering the conversation up to it (prefix rendering)."""
+    if not tok.chat_template:
+        raise DataError("chat 'messages' rows need a chat template: the tokenizer has none; "
+                        "set model.chat_template in the recipe")
+    ids = _chat_ids(tok, messages)
+    if not mask_prompt:
+        return ids, list(ids)
+    labels = [IGNORE] * len(ids)
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        start = len(_chat_ids(tok, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(_chat_ids(tok, messages[: i + 1]))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def sft_encoder(tok, fmt: str, max_length: int, mask_prompt: bool, add_eos: bool) -> Callable:
+    eos = tok.eos_token_id
+
+    def encode_one(row) -> tuple[list[int], list[int]]:
+        if fmt == "messages":
+            ids, labels = encode_messages(tok, row["messages"], mask_prompt)
+        elif fmt == "text":
+            ids = tok(row["text"], add_special_tokens=True)["input_ids"]
+            labels = list(ids)
+        else:
+            p = tok(row["prompt"], add_special_tokens=True)["input_ids"]
+            c = tok(row["completion"], add_special_tokens=False)["input_ids"]
+            ids = p + c
+            labels = ([IGNORE] * len(p) if mask_prompt else list(p)) + list(c)
+        if add_eos and fmt != "messages" and (not ids or ids[-1] != eos):  # chats: the template ends turns
+            ids = ids + [eos]
+            labels = labels + [eos]
+        return ids, labels
+
+    def encode(batch):
+        out = {"input_ids": [], "labels": [], "truncated": []}
+        n = len(next(iter(batch.values())))
+        for i in range(n):
+            ids, labels = encode_one({k: v[i] for k, v in batch.items()})
+            out["truncated"].append(len(ids) > max_length)
+            out["input_ids"].append(ids[:max_length])
+            out["labels"].append(labels[:max_length])
+        return out
+
+    return encode
+
+
+@dataclass
+class TokenizedSet:
+    """Tokenized examples in memory (lists of ids), with what tokenization dropped or cut."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    n_rows: int
+    n_truncated: int = 0
+    n_dropped: int = 0  # no label token left after truncation/masking
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def n_tokens(self) -> int:
+        return sum(len(x) for x in self.input_ids)
+
+
+def tokenize_sft(ds, tok, fmt: str, max_length: int, mask_prompt: bool, add_eos: bool, source: str) -> TokenizedSet:
+    check_values(ds, FORMAT_COLUMNS[fmt], source)
+    key = cache_key(ds, tok, "sft", fmt, max_length, mask_prompt, add_eos)
+    enc = ds.map(sft_encoder(tok, fmt, max_length, mask_prompt, add_eos), batched=True, batch_size=256,
+                 remove_columns=ds.column_names, new_fingerprint=key, desc="tokenizing")
+    ids, labels, trunc = enc["input_ids"], enc["labels"], enc["truncated"]
+    keep = [i for i, lab in enumerate(labels) if any(t != IGNORE for t in lab[1:])]
+    return TokenizedSet(input_ids=[ids[i] for i in keep], labels=[labels[i] for i in keep], n_rows=len(ds),
+                        n_truncated=int(sum(trunc)), n_dropped=len(ds) - len(keep))
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def pad_batch(seqs: list[list[int]], labels: list[list[int]], pad_id: int, pad_to_multiple: int = 1) -> dict:
+    """Right-padded tensors: input_ids, attention_mask, position_ids, targets (already shifted:
+    targets[t] is the label of token t+1; -100 where there is none)."""
+    T = max(len(s) for s in seqs)
+    T = int(math.ceil(T / pad_to_multiple) * pad_to_multiple)
+    B = len(seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(seqs, labels)):
+        n = len(s)
+        ids[i, :n] = torch.tensor(s)
+        mask[i, :n] = 1
+        if n > 1:
+            tgt[i, : n - 1] = torch.tensor(lab[1:])
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "targets": tgt}
+
+
+def pack_rows(order: Sequence[int], data: TokenizedSet, max_length: int) -> list[list[int]]:
+    """Greedy packing: consecutive examples (in `order`) share a row while they fit. Examples are
+    never split, so every example keeps its own positions 0..n-1."""
+    rows: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i in order:
+        n = len(data.input_ids[i])
+        if cur and used + n > max_length:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        rows.append(cur)
+    return rows
+
+
+def packed_batch(rows: list[list[int]], data: TokenizedSet, pad_id: int, max_length: int) -> dict:
+    """Packed tensors: position ids restart at every example, and there is no attention mask,
+    so transformers builds a block-diagonal causal mask from the position ids (no attention
+    across example boundaries). Targets never cross a boundary either."""
+    B = len(rows)
+    ids = torch.full((B, max_length), pad_id, dtype=torch.long)
+    tgt = torch.full((B, max_length), IGNORE, dtype=torch.long)
+    pos = torch.zeros((B, max_length), dtype=torch.long)
+    for r, members in enumerate(rows):
+        off = 0
+        for i in members:
+            s, lab = data.input_ids[i], data.labels[i]
+            n = len(s)
+            ids[r, off:off + n] = torch.tensor(s)
+            pos[r, off:off + n] = torch.arange(n)
+            if n > 1:
+                tgt[r, off:off + n - 1] = torch.tensor(lab[1:])
+            off += n
+        if off < max_length:  # trailing padding: a segment of its own, never attended to by real tokens
+            pos[r, off:] = torch.arange(max_length - off)
+    return {"input_ids": ids, "attention_mask": None, "position_ids": pos, "targets": tgt}
+
+
+@dataclass
+class StepSchedule:
+    """Which examples every optimizer step uses: a deterministic function of (seed, epoch), so a
+    resumed run recomputes the same order and skips to its position."""
+
+    n_examples: int
+    global_batch: int  # examples (or packed rows) per optimizer step across all ranks
+    seed: int
+    shuffle: bool = True
+
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.n_examples / self.global_batch))
+
+    def order(self, epoch: int) -> list[int]:
+        idx = list(range(self.n_examples))
+        if self.shuffle:
+            random.Random(self.seed * 100_003 + epoch).shuffle(idx)
+        return idx
+
+    def steps(self, epoch: int) -> list[list[int]]:
+        o = self.order(epoch)
+        return [o[s:s + self.global_batch] for s in range(0, len(o), self.global_batch)]
+
+
+def shard_for_rank(items: Sequence, rank: int, world: int) -> list:
+    """Contiguous, near-equal slices of one global step's items, one per rank."""
+    n = len(items)
+    lo = (n * rank) // world
+    hi = (n * (rank + 1)) // world
+    return list(items[lo:hi])
+
+
+def split_micro(items: Sequence, n_micro: int, lengths: Sequence[int] | None = None) -> list[list]:
+    """Split a rank's items into up to n_micro micro-batches. With lengths, items are sorted by
+    length first so each micro-batch pads less; the step's loss is token-weighted over the whole
+    step, so this changes no number, only the padding."""
+    items = list(items)
+    if lengths is not None:
+        items = [x for _, x in sorted(zip(lengths, items), key=lambda t: t[0])]
+    n_micro = max(1, min(n_micro, len(items)))
+    return [shard_for_rank(items, k, n_micro) for k in range(n_micro)]
+
+
+def move(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def iterate_eval(n: int, batch_size: int, rank: int, world: int, max_batches: int | None) -> Iterable[list[int]]:
+    """Sequential held-out batches, sharded across ranks (every rank gets the same count)."""
+    idx = list(range(n))
+    per = batch_size * world
+    batches = [idx[s:s + per] for s in range(0, n, per)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    for b in batches:
+        yield shard_for_rank(b, rank, world)

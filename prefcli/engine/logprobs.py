@@ -1,0 +1,172 @@
+"""Per-token log-probabilities and cross-entropy computed from hidden states in chunks.
+
+A language model's output layer turns N hidden states (N x d) into N x V logits. For a 152k
+vocabulary that is 2.4 GB of fp32 per 4,096 tokens, and autograd keeps it for backward. The two
+autograd functions here never hold more than one chunk of logits:
+
+- `cross_entropy_sum`: summed next-token cross-entropy (SFT). The loss is known in forward, so
+  its gradients w.r.t. hidden states and weights are computed there too, chunk by chunk, and
+  backward only scales them: 3 matmuls per chunk, as plain autograd would do, at a fraction of
+  the memory. (The same idea as Liger-Kernel's fused linear cross-entropy, in plain torch.)
+- `token_logprobs`: log p(target) per token for any downstream loss (DPO, PPO, ...). The
+  upstream gradient is unknown in forward, so backward recomputes each chunk's logits (one extra
+  matmul per chunk) instead of storing them.
+
+Both read targets already aligned with the hidden states (target t is the token that follows
+position t); -100 marks positions without a target (prompt, padding), whose log-prob is 0.
+Written by hand because no maintained library offers this for arbitrary Hugging Face models on
+CPU and GPU alike (Liger-Kernel needs Triton and a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _chunk_logits(h, w, b, temperature):
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    z = z.float()
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, targets, chunk, compute_dtype):
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]
+        wc = w.to(compute_dtype)
+        bc = b.to(compute_dtype) if b is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+        for s in range(0, h.shape[0], chunk):
+            y = targets[s:s + chunk]
+            valid = y != IGNORE
+            if not bool(valid.any()):
+                continue
+            hc = h[s:s + chunk].to(compute_dtype)
+            z = _chunk_logits(hc, wc, bc, 1.0)
+            y0 = y.clamp_min(0)
+            total += F.cross_entropy(z, y0, reduction="none")[valid].sum()
+            if need_h or need_w or need_b:
+                dz = torch.softmax(z, dim=-1)
+                dz[torch.arange(dz.shape[0], device=dz.device), y0] -= 1.0
+                dz *= valid.unsqueeze(1)
+                dzc = dz.to(compute_dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = (dzc @ wc).to(h.dtype)
+                if need_w:
+                    grad_w += (dzc.t() @ hc).float()
+                if need_b:
+                    grad_b += dz.sum(0)
+                del dz, dzc
+            del z
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (w.dtype, b.dtype if b is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        wdt, bdt = ctx.dtypes
+        gh = (grad_h * grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(wdt) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(bdt) if grad_b is not None else None
+        return gh, gw, gb, None, None, None
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, targets, chunk, compute_dtype, temperature):
+        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        ent = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        lse_all = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        wc = w.to(compute_dtype)
+        bc = b.to(compute_dtype) if b is not None else None
+        for s in range(0, h.shape[0], chunk):
+            y = targets[s:s + chunk]
+            z = _chunk_logits(h[s:s + chunk].to(compute_dtype), wc, bc, temperature)
+            lse = torch.logsumexp(z, dim=-1)
+            lse_all[s:s + chunk] = lse
+            p = torch.exp(z - lse.unsqueeze(1))
+            ent[s:s + chunk] = lse - (p * z).sum(-1)
+            valid = y != IGNORE
+            zy = z.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
+            out[s:s + chunk] = torch.where(valid, zy - lse, torch.zeros_like(lse))
+            del z, p
+        ctx.save_for_backward(h, w, b, targets, lse_all)
+        ctx.cfg = (chunk, compute_dtype, temperature)
+        ctx.mark_non_differentiable(ent)
+        return out, ent
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_ent):
+        h, w, b, targets, lse_all = ctx.saved_tensors
+        chunk, compute_dtype, temperature = ctx.cfg
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b is not None and ctx.needs_input_grad[2]
+        wc = w.to(compute_dtype)
+        bc = b.to(compute_dtype) if b is not None else None
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+        for s in range(0, h.shape[0], chunk):
+            y = targets[s:s + chunk]
+            valid = y != IGNORE
+            g = grad_out[s:s + chunk].float() * valid
+            if not bool((g != 0).any()):
+                continue
+            hc = h[s:s + chunk].to(compute_dtype)
+            z = _chunk_logits(hc, wc, bc, temperature)
+            # d logp_y / dz = (onehot_y - softmax(z)) / temperature
+            dz = torch.exp(z - lse_all[s:s + chunk].unsqueeze(1)).mul_(-g.unsqueeze(1))
+            dz[torch.arange(dz.shape[0], device=dz.device), y.clamp_min(0)] += g
+            if temperature != 1.0:
+                dz /= temperature
+            dzc = dz.to(compute_dtype)
+            if need_h:
+                grad_h[s:s + chunk] = (dzc @ wc).to(h.dtype)
+            if need_w:
+                grad_w += (dzc.t() @ hc).float()
+            if need_b:
+                grad_b += dz.sum(0)
+            del z, dz, dzc
+        return (grad_h, grad_w.to(w.dtype) if grad_w is not None else None,
+                grad_b.to(b.dtype) if grad_b is not None else None, None, None, None, None)
+
+
+def cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                      chunk: int = 2048, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum over positions with a target of -log softmax(h @ W^T + b)[target].
+
+    h: (..., d) hidden states; targets: (...) token ids or -100. Returns a float32 scalar."""
+    h2 = h.reshape(-1, h.shape[-1])
+    return _CrossEntropySum.apply(h2, weight, bias, targets.reshape(-1), chunk, compute_dtype or h.dtype)
+
+
+def token_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                   chunk: int = 2048, compute_dtype: torch.dtype | None = None, temperature: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target_t | h_t) for every position (0 where target is -100), and the entropy of the
+    full next-token distribution there (no gradient). `temperature` divides the logits first: use
+    the sampling temperature so that ratios and KL match what was sampled. Returns float32
+    tensors shaped like `targets`."""
+    shape = targets.shape
+    h2 = h.reshape(-1, h.shape[-1])
+    lp, ent = _TokenLogProbs.apply(h2, weight, bias, targets.reshape(-1), chunk, compute_dtype or h.dtype, temperature)
+    return lp.view(shape), ent.view(shape)
+
+
+def shift_targets(input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets aligned with positions: target[t] = labels[t+1] (or input_ids[t+1]); last = -100."""
+    src = input_ids if labels is None else labels
+    out = torch.full_like(src, IGNORE)
+    out[..., :-1] = src[..., 1:]
+    return out

@@ -1,0 +1,263 @@
+"""Load or initialise models and tokenizers; LoRA; the log-prob forward the loop trains through.
+
+Weights are read and written as safetensors only (`use_safetensors=True`); `trust_remote_code` is
+passed through from the recipe and is off by default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..recipe.paths import is_local
+from ..recipe.sections import ModelSection
+from .dist import Runtime
+from .logprobs import cross_entropy_sum, token_logprobs
+
+# Sizes of the random model `--smoke` swaps in: same family, same tokenizer, tiny dimensions.
+SMOKE_DIMS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128)
+
+
+def _quiet_transformers():
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not the user's
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _origin(value: str) -> str:
+    return f"local folder {value}" if is_local(value) else f"hub id '{value}'"
+
+
+# --------------------------------------------------------------------------------- tokenizer
+
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
+_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+
+
+def load_tokenizer(m: ModelSection):
+    """The tokenizer named by model.tokenizer (or model.path), with a pad token checked or added."""
+    _quiet_transformers()
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    src = m.tokenizer or m.path
+    try:
+        if src.endswith(".json") and os.path.isfile(src):
+            tok = PreTrainedTokenizerFast(tokenizer_file=src)
+            vocab = tok.get_vocab()
+            eos = next((t for t in _EOS_NAMES if t in vocab), None)
+            pad = next((t for t in _PAD_NAMES if t in vocab), None)
+            if eos:
+                tok.eos_token = eos
+            if pad:
+                tok.pad_token = pad
+        else:
+            tok = AutoTokenizer.from_pretrained(src, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load the tokenizer from {_origin(src)}: {str(e).splitlines()[0]}") from None
+    if tok.eos_token is None:
+        raise UsageError(f"the tokenizer from {_origin(src)} has no EOS token; training needs one so that the "
+                         "model learns to stop. Use a tokenizer folder whose tokenizer_config.json sets eos_token.")
+    if m.pad_token is not None:
+        if m.pad_token == tok.eos_token:
+            raise UsageError(f"model.pad_token '{m.pad_token}' is the EOS token; pick a different token")
+        if m.pad_token not in tok.get_vocab():
+            tok.add_special_tokens({"pad_token": m.pad_token})
+        else:
+            tok.pad_token = m.pad_token
+    if tok.pad_token is None:
+        raise UsageError(f"the tokenizer from {_origin(src)} has no pad token. Add `pad_token: \"<|pad|>\"` under "
+                         "`model:` in the recipe: the token is added and the embeddings resized.")
+    if m.chat_template is not None:
+        tok.chat_template = m.chat_template
+    return tok
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+def _check_config_keys(arch: str, overrides: dict) -> None:
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(arch)
+    known = set(base.to_dict()) | set(getattr(type(base), "attribute_map", {}))
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"model.init.config.{key}: not a field of the {arch} config{hint}")
+
+
+def init_config(arch: str, overrides: dict, tok):
+    from transformers import AutoConfig
+
+    _check_config_keys(arch, overrides)
+    kw = dict(overrides)
+    kw.setdefault("vocab_size", len(tok))
+    if kw["vocab_size"] < len(tok):
+        raise UsageError(f"model.init.config.vocab_size ({kw['vocab_size']}) is smaller than the tokenizer ({len(tok)} tokens)")
+    for name in ("bos", "eos", "pad"):
+        tid = getattr(tok, f"{name}_token_id")
+        if tid is not None:
+            kw.setdefault(f"{name}_token_id", tid)
+    return AutoConfig.for_model(arch, **kw)
+
+
+def shrink_config(cfg):
+    """A tiny config of the same family (for --smoke): same vocabulary, small dimensions."""
+    d = cfg.to_dict()
+    for k in ("layer_types", "head_dim", "n_inner", "architectures", "transformers_version"):
+        d.pop(k, None)
+    rev = {v: k for k, v in getattr(type(cfg), "attribute_map", {}).items()}
+    for k, v in SMOKE_DIMS.items():
+        name = rev.get(k, k) if k not in d else k
+        if k in d or name in d:
+            d[name] = v
+    if "num_key_value_heads" in d and d.get("num_key_value_heads") is None:
+        d["num_key_value_heads"] = SMOKE_DIMS["num_key_value_heads"]
+    new = type(cfg).from_dict(d)
+    if hasattr(new, "head_dim") and getattr(cfg, "head_dim", None) is not None:
+        new.head_dim = SMOKE_DIMS["hidden_size"] // SMOKE_DIMS["num_attention_heads"]
+    return new
+
+
+def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = False):
+    """The policy: loaded from model.path, or random from model.init (or, with smoke, random and
+    tiny of the same family as model.path). Returns a transformers PreTrainedModel on rt.device."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = rt.param_dtype
+    common = dict(attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    try:
+        if m.init is not None:
+            cfg = init_config(m.init.architecture, m.init.config, tok)
+            if smoke:
+                cfg = shrink_config(cfg)
+            torch.manual_seed(seed)
+            lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **common)
+        elif smoke:
+            cfg = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+            cfg = shrink_config(cfg)
+            cfg.vocab_size = max(cfg.vocab_size, len(tok))
+            torch.manual_seed(seed)
+            lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **common)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, dtype=dtype, use_safetensors=True,
+                                                      **common)
+    except UsageError:
+        raise
+    except (OSError, ValueError, ImportError) as e:
+        src = m.path or m.init.architecture
+        raise UsageError(f"could not load the model from {_origin(src) if m.path else src}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    if len(tok) > lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(len(tok))
+    for name in ("pad", "eos", "bos"):
+        tid = getattr(tok, f"{name}_token_id")
+        if tid is not None:
+            setattr(lm.config, f"{name}_token_id", tid)
+            if lm.generation_config is not None:
+                setattr(lm.generation_config, f"{name}_token_id", tid)
+    lm.to(rt.device)
+    return lm
+
+
+def apply_lora(lm, lora):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(lm, cfg)
+
+
+def is_peft(model) -> bool:
+    if not type(model).__module__.startswith("peft"):
+        return False  # avoids importing peft for plain models
+    from peft import PeftModel
+    return isinstance(model, PeftModel)
+
+
+def unwrap_lm(lm):
+    """The transformers CausalLM inside a peft wrapper (LoRA layers stay injected)."""
+    return lm.get_base_model() if is_peft(lm) else lm
+
+
+@contextmanager
+def reference_mode(lm):
+    """Run the frozen reference: with LoRA, the same weights with adapters off."""
+    if is_peft(lm):
+        with lm.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------- forward
+
+
+class PolicyLM(nn.Module):
+    """A causal LM as the training loop sees it: the forward pass returns per-token log-probs of
+    given targets (or the summed cross-entropy), computed in chunks from the hidden states.
+
+    Wrapping the whole computation in one module keeps DDP's gradient hooks on every parameter,
+    and `torch.compile` can take the transformer body alone."""
+
+    def __init__(self, lm, rt: Runtime):
+        super().__init__()
+        self.lm = lm
+        inner = unwrap_lm(lm)
+        self._head = inner.get_output_embeddings()
+        self._body = inner.base_model
+        if getattr(inner.config, "final_logit_softcapping", None):
+            raise UsageError(f"{inner.config.model_type} models cap their logits (final_logit_softcapping); "
+                             "prefcli's chunked log-prob kernels do not support that yet")
+        self.chunk = rt.loss_chunk_tokens
+        self.compute_dtype = rt.compute_dtype
+        self.autocast = rt.autocast
+        self.body_fn = torch.compile(self._body, dynamic=True) if rt.compile else self._body
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None):
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: lets SDPA take its fastest causal kernel
+        with self.autocast():
+            out = self.body_fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids, targets, attention_mask=None, position_ids=None, mode: str = "logprobs",
+                temperature: float = 1.0):
+        """mode 'ce': summed cross-entropy over targets != -100 (float32 scalar).
+        mode 'logprobs': (log p(target) per position, entropy per position), float32, 0 at ignored positions."""
+        h = self.hidden(input_ids, attention_mask, position_ids)
+        w, b = self._head.weight, getattr(self._head, "bias", None)
+        if mode == "ce":
+            return cross_entropy_sum(h, w, b, targets, self.chunk, self.compute_dtype)
+        return token_logprobs(h, w, b, targets, self.chunk, self.compute_dtype, temperature)
+
+
+def save_hf(lm, tok, out_dir: Path) -> None:
+    """Hugging Face format (`from_pretrained` loads it without prefcli). LoRA: the merged model in
+    out_dir, the adapter alone in out_dir/adapter."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = lm
+    if is_peft(lm):
+        lm.save_pretrained(out_dir / "adapter")
+        model = lm.merge_and_unload()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)

@@ -1,0 +1,81 @@
+"""Training curves from metrics.jsonl files (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# Panels in this order first; then anything else that is numeric, up to MAX_PANELS.
+PREFERRED = ("loss/", "eval/", "reward/", "kl/", "policy/", "disc/", "lr")
+SKIP = ("perf/", "step", "time_s")
+MAX_PANELS = 12
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+    return rows
+
+
+def choose_metrics(runs: dict[str, list[dict]], wanted: list[str] | None = None) -> list[str]:
+    keys: list[str] = []
+    for rows in runs.values():
+        for r in rows:
+            for k, v in r.items():
+                if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    keys.append(k)
+    if wanted:
+        return [k for k in keys if any(k == w or k.startswith(w.rstrip("/") + "/") for w in wanted)]
+    keys = [k for k in keys if not k.startswith(SKIP)]
+
+    def rank(k: str) -> tuple[int, str]:
+        for i, p in enumerate(PREFERRED):
+            if k.startswith(p):
+                return i, k
+        return len(PREFERRED), k
+
+    return sorted(keys, key=rank)[:MAX_PANELS]
+
+
+def plot_runs(runs: dict[str, list[dict]], out: Path, metrics: list[str] | None = None, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = choose_metrics(runs, metrics)
+    if not keys:
+        raise ValueError("no numeric metrics to plot")
+    n = len(keys)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for label, rows in runs.items():
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=label, linewidth=1.2, marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if len(runs) > 1:
+        axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,37 @@
+"""The command table (runner.TASKS), the recipe schemas, the CLI and the bundled recipes agree."""
+
+import importlib
+
+import yaml
+
+from prefcli.cli import app
+from prefcli.recipe import SCHEMAS, load_recipe
+from prefcli.runner import TASKS
+
+from .conftest import ROOT
+
+
+def cli_commands() -> set[str]:
+    import typer.main
+    return set(typer.main.get_command(app).commands)
+
+
+def test_every_schema_has_a_task_and_a_cli_command():
+    assert set(TASKS) == set(SCHEMAS)
+    assert set(SCHEMAS) <= cli_commands()
+    for command, module in TASKS.items():
+        assert callable(importlib.import_module(module).build), command
+
+
+def test_every_command_has_a_tiny_recipe_that_validates():
+    for command in SCHEMAS:
+        tiny = sorted((ROOT / "recipes" / "tiny").glob(f"{command}*.yaml"))
+        assert tiny, f"no recipes/tiny/{command}*.yaml"
+        for p in tiny:
+            assert load_recipe(p).command == command
+
+
+def test_bundled_recipes_name_their_command():
+    for p in sorted(ROOT.glob("recipes/**/*.yaml")):
+        data = yaml.safe_load(p.read_text())
+        assert data.get("command") in SCHEMAS, p

@@ -1,0 +1,26 @@
+"""The recipe reference is generated from the schemas and must not go stale."""
+
+from pydantic import BaseModel
+
+from prefcli.recipe import SCHEMAS
+from prefcli.recipe.docs import _models_in, render
+
+from .conftest import ROOT
+
+
+def test_recipe_reference_is_up_to_date():
+    committed = (ROOT / "docs" / "recipe-reference.md").read_text()
+    assert committed == render(), "docs/recipe-reference.md is stale: run `make docs`"
+
+
+def test_every_field_has_a_description():
+    models: list[type[BaseModel]] = []
+    for schema in SCHEMAS.values():
+        _models_in(schema, models)
+    missing = [f"{m.__name__}.{n}" for m in models for n, f in m.model_fields.items() if not f.description]
+    assert not missing, missing
+
+
+def test_every_command_has_a_doc_page():
+    for command in SCHEMAS:
+        assert (ROOT / "docs" / "commands" / f"{command}.md").exists(), command

@@ -1,0 +1,260 @@
+"""Reward sources at run time: score (prompt, completion) pairs, several sources summed by weight.
+
+    rs = build_rewards(recipe.rewards, base_dir=..., device=...)
+    total, parts = rs.score(prompts, completions)      # list[float], {name: list[float]}
+
+A source that raises, returns the wrong number of values, or returns NaN/inf stops the run with
+a TrainingError naming the source (the training loop keeps its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import DataError, TrainingError, UsageError
+from .recipe.rewards import (FunctionReward, HumanScoreReward, KeywordReward, LengthReward, ModelReward,
+                             SentimentReward)
+
+
+class RewardSource:
+    name: str
+    weight: float
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+
+def load_function(spec: str, base_dir: str | Path | None = None) -> Callable:
+    """'pkg.module:fn' or 'path/to/file.py:fn' (relative to base_dir)."""
+    mod_name, _, attr = spec.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_absolute() and base_dir is not None:
+                path = Path(base_dir) / path
+            if not path.exists():
+                raise UsageError(f"reward function '{spec}': no such file {path}")
+            unique = f"prefcli_user_{abs(hash(str(path.resolve())))}"
+            s = importlib.util.spec_from_file_location(unique, path)
+            module = importlib.util.module_from_spec(s)
+            sys.modules[unique] = module
+            s.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"reward function '{spec}': importing {mod_name} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UsageError(f"reward function '{spec}': {mod_name} has no callable '{attr}'")
+    return fn
+
+
+class FunctionSource(RewardSource):
+    def __init__(self, cfg: FunctionReward, base_dir=None):
+        self.fn = load_function(cfg.function, base_dir)
+        self.kwargs = cfg.kwargs
+        self.name = cfg.name or cfg.function.rpartition(":")[2]
+        self.label = cfg.function
+
+    def __call__(self, prompts, completions):
+        return list(self.fn(list(prompts), list(completions), **self.kwargs))
+
+
+class LengthSource(RewardSource):
+    def __init__(self, cfg: LengthReward, tokenizer=None):
+        self.cfg, self.tok = cfg, tokenizer
+        self.name = cfg.name or "length"
+        if cfg.unit == "tokens" and tokenizer is None:
+            raise UsageError("a length reward with unit: tokens needs the policy's tokenizer")
+
+    def _len(self, text: str) -> int:
+        if self.cfg.unit == "words":
+            return len(text.split())
+        if self.cfg.unit == "chars":
+            return len(text)
+        return len(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, prompts, completions):
+        t = self.cfg.target
+        return [-abs(self._len(c) - t) / t for c in completions]
+
+
+class KeywordSource(RewardSource):
+    def __init__(self, cfg: KeywordReward):
+        self.cfg = cfg
+        self.name = cfg.name or "keyword"
+        flags = 0 if cfg.case_sensitive else re.IGNORECASE
+        self.patterns = [re.compile(r"(?<!\w)" + re.escape(k) + r"(?!\w)", flags) for k in cfg.keywords]
+        self.regex = re.compile(cfg.regex, flags) if cfg.regex else None
+
+    def score_one(self, text: str) -> float:
+        parts = []
+        if self.patterns:
+            parts.append(sum(1 for p in self.patterns if p.search(text)) / len(self.patterns))
+        if self.regex is not None:
+            parts.append(1.0 if self.regex.search(text) else 0.0)
+        s = sum(parts) / len(parts)
+        return -s if self.cfg.mode == "penalty" else s
+
+    def __call__(self, prompts, completions):
+        return [self.score_one(c) for c in completions]
+
+
+_VADER = None
+
+
+def vader_compound(texts: Sequence[str]) -> list[float]:
+    """VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014)."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        _VADER = SentimentIntensityAnalyzer()
+    return [_VADER.polarity_scores(t)["compound"] for t in texts]
+
+
+class SentimentSource(RewardSource):
+    def __init__(self, cfg: SentimentReward):
+        self.sign = 1.0 if cfg.target == "positive" else -1.0
+        self.name = cfg.name or "sentiment"
+
+    def __call__(self, prompts, completions):
+        return [self.sign * s for s in vader_compound(completions)]
+
+
+class HumanScoreSource(RewardSource):
+    def __init__(self, cfg: HumanScoreReward):
+        from .engine.data import load_rows
+        from .recipe.sections import DataSource
+
+        ds = load_rows(DataSource(path=cfg.path, columns=cfg.columns), required=["prompt", "completion", "score"],
+                       what="human_scores")
+        self.table: dict[tuple[str, str], float] = {}
+        for i, (p, c, s) in enumerate(zip(ds["prompt"], ds["completion"], ds["score"])):
+            try:
+                self.table[(p, c)] = float(s)
+            except (TypeError, ValueError):
+                raise DataError(f"human_scores: {cfg.path}: row {i + 1}: score {s!r} is not a number") from None
+        self.cfg = cfg
+        self.name = cfg.name or "human_scores"
+
+    def __call__(self, prompts, completions):
+        out = []
+        for p, c in zip(prompts, completions):
+            v = self.table.get((p, c))
+            if v is None:
+                if self.cfg.missing == "error":
+                    raise TrainingError(f"human_scores: no score in {self.cfg.path} for the pair (prompt {p[:40]!r}, "
+                                        f"completion {c[:40]!r}); set missing: default to score unseen pairs")
+                v = self.cfg.default
+            out.append(v)
+        return out
+
+
+class ModelSource(RewardSource):
+    """A sequence-classification reward model; the score of prompt + completion at the last real token."""
+
+    def __init__(self, cfg: ModelReward, device=None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(cfg.path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=1, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"could not load the reward model {cfg.path}: {str(e).splitlines()[0]}") from None
+        if self.tok.pad_token is None:
+            raise UsageError(f"the reward model tokenizer at {cfg.path} has no pad token")
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.device = device or torch.device("cpu")
+        self.model.to(self.device).eval()
+        self.cfg = cfg
+        self.name = cfg.name or "model"
+
+    def __call__(self, prompts, completions):
+        import torch
+
+        scores: list[float] = []
+        tok = self.tok
+        side = tok.truncation_side
+        tok.padding_side, tok.truncation_side = "right", "left"
+        try:
+            for s in range(0, len(prompts), self.cfg.batch_size):
+                texts = [p + c for p, c in zip(prompts[s:s + self.cfg.batch_size], completions[s:s + self.cfg.batch_size])]
+                enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.cfg.max_length)
+                with torch.no_grad():
+                    out = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits[:, 0]
+                scores.extend(out.float().tolist())
+        finally:
+            tok.truncation_side = side
+        return scores
+
+
+class RewardSet:
+    """Weighted sum of sources, with the per-source values for logging."""
+
+    def __init__(self, sources: list[RewardSource]):
+        if not sources:
+            raise UsageError("no reward source given: add at least one entry under `rewards:`")
+        self.sources = sources
+        names = [s.name for s in sources]
+        for i, s in enumerate(sources):  # keep metric names unique
+            if names.count(s.name) > 1:
+                s.name = f"{s.name}{i}"
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
+        n = len(completions)
+        total = [0.0] * n
+        parts: dict[str, list[float]] = {}
+        for src in self.sources:
+            label = getattr(src, "label", src.name)
+            try:
+                vals = src(prompts, completions)
+            except (TrainingError, UsageError):
+                raise
+            except Exception as e:
+                raise TrainingError(f"reward '{label}' raised {type(e).__name__}: {e}") from None
+            if vals is None or len(vals) != n:
+                got = "None" if vals is None else f"{len(vals)} values"
+                raise TrainingError(f"reward '{label}' returned {got} for {n} completions")
+            clean = []
+            for i, v in enumerate(vals):
+                try:
+                    v = float(v)
+                except (TypeError, ValueError):
+                    raise TrainingError(f"reward '{label}' returned {v!r} (not a number) for completion #{i}") from None
+                if not math.isfinite(v):
+                    raise TrainingError(f"reward '{label}' returned {v} for completion #{i}: {completions[i][:60]!r}")
+                clean.append(v)
+            parts[src.name] = clean
+            total = [t + src.weight * v for t, v in zip(total, clean)]
+        return total, parts
+
+
+def build_rewards(specs, base_dir=None, tokenizer=None, device=None) -> RewardSet:
+    sources: list[RewardSource] = []
+    for cfg in specs:
+        if isinstance(cfg, ModelReward):
+            src = ModelSource(cfg, device)
+        elif isinstance(cfg, FunctionReward):
+            src = FunctionSource(cfg, base_dir)
+        elif isinstance(cfg, LengthReward):
+            src = LengthSource(cfg, tokenizer)
+        elif isinstance(cfg, KeywordReward):
+            src = KeywordSource(cfg)
+        elif isinstance(cfg, SentimentReward):
+            src = SentimentSource(cfg)
+        elif isinstance(cfg, HumanScoreReward):
+            src = HumanScoreSource(cfg)
+        else:  # pragma: no cover - the schema admits no other kind
+            raise UsageError(f"unknown reward kind {cfg!r}")
+        src.weight = cfg.weight
+        sources.append(src)
+    return RewardSet(sources)

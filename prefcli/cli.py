@@ -77,6 +77,14 @@ def sft(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resum
 
 
 @app.command()
+def rlhf(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
+         overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+    """Reinforcement learning from a reward (a reward model, human scores, a rule, your function): PPO, RLOO,
+    GRPO, REINFORCE++."""
+    _train("rlhf", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
+
+
+@app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     command: Annotated[Optional[str], typer.Option(

@@ -23,6 +23,7 @@ from .recipe import RecipeBase, dump_recipe, load_recipe
 # tests/test_command_table.py keeps it in sync with the recipe schemas and the CLI.
 TASKS: dict[str, str] = {
     "sft": "prefcli.algos.sft",
+    "rlhf": "prefcli.algos.rlhf",
 }
 
 # What a run folder holds; --overwrite removes exactly these, nothing else.

@@ -98,6 +98,13 @@ def main() -> None:
         chat.append({"messages": [{"role": "user", "content": f"Continue the verse: {p}"},
                                   {"role": "assistant", "content": c.strip()}]})
     write_jsonl(out / "tiny" / "chat.jsonl", chat)
+    # prompts for rlhf/gan: the opening words of verses (training prompts from the training split,
+    # held-out prompts from held-out chapters)
+    prompt_pool = [v for v in short if v not in pick]
+    write_jsonl(out / "tiny" / "prompts.jsonl",
+                [{"prompt": split_words(v["text"], rng)[0]} for v in rng.sample(prompt_pool, 200)])
+    write_jsonl(out / "tiny" / "prompts_eval.jsonl",
+                [{"prompt": split_words(v["text"], rng)[0]} for v in rng.sample([v for v in test if len(v["text"].split()) >= 8], 48)])
     print(f"train {len(train)} verses, test {len(test)} verses ({len(held)} held-out chapters) -> {out}")
 
 

@@ -203,6 +203,20 @@ def reference_mode(lm):
         yield
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (RL: log-probs at sampling and at update time must come from the same
+    function; TRL's disable_dropout)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
+            m.attention_dropout = 0.0
+    cfg = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, name, None), float):
+            setattr(cfg, name, 0.0)
+
+
 def trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -240,10 +254,21 @@ class PolicyLM(nn.Module):
         return out.last_hidden_state
 
     def forward(self, input_ids, targets, attention_mask=None, position_ids=None, mode: str = "logprobs",
-                temperature: float = 1.0):
+                temperature: float = 1.0, start: int = 0):
         """mode 'ce': summed cross-entropy over targets != -100 (float32 scalar).
-        mode 'logprobs': (log p(target) per position, entropy per position), float32, 0 at ignored positions."""
+        mode 'logprobs': (log p(target) per position, entropy per position), float32, 0 at ignored positions.
+        `start` skips the output layer for earlier positions (e.g. a prompt shared by the whole batch): the
+        results then cover positions start..T-1 and `targets` may be given for those positions only."""
         h = self.hidden(input_ids, attention_mask, position_ids)
+        return self.head_logprobs(h, targets, mode, temperature, start)
+
+    def head_logprobs(self, h, targets, mode: str = "logprobs", temperature: float = 1.0, start: int = 0):
+        """The output layer on hidden states (see forward). Targets either span every position, or
+        (narrower) the positions start .. start + targets.shape[1] - 1."""
+        if start or targets.shape[1] != h.shape[1]:
+            if targets.shape[1] == h.shape[1]:
+                targets = targets[:, start:]
+            h = h[:, start:start + targets.shape[1]]
         w, b = self._head.weight, getattr(self._head, "bias", None)
         if mode == "ce":
             return cross_entropy_sum(h, w, b, targets, self.chunk, self.compute_dtype)

@@ -1,0 +1,103 @@
+"""RL advantage estimators and losses against hand-worked numbers."""
+
+import math
+
+import pytest
+import torch
+
+from prefcli.algos.rlhf import (AGGREGATIONS, ALGORITHMS, AdvantageInputs, clipped_value_loss, discounted_returns, gae,
+                                group_normalised, kl_per_token, masked_whiten, ppo_clip_loss, rloo_advantages,
+                                token_rewards)
+from prefcli.recipe.commands import RLHFSection
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def test_gae_by_hand():
+    # gamma 1, lambda 0.5: delta_2 = 1 - 0.3 = 0.7; delta_1 = 0.3 - 0.4; A_1 = -0.1 + 0.5*0.7 = 0.25;
+    # A_0 = (0.4 - 0.5) + 0.5*0.25 = 0.025
+    adv, ret = gae(t([[0, 0, 1.0]]), t([[0.5, 0.4, 0.3]]), t([[1, 1, 1.0]]), gamma=1.0, lam=0.5)
+    assert adv.tolist()[0] == pytest.approx([0.025, 0.25, 0.7])
+    assert ret.tolist()[0] == pytest.approx([0.525, 0.65, 1.0])
+    # a completion of 2 tokens: the value after its last token is 0, the padded slot gets nothing
+    adv, ret = gae(t([[0, 1.0, 0]]), t([[0.5, 0.4, 9.0]]), t([[1, 1, 0.0]]), gamma=1.0, lam=0.5)
+    assert adv.tolist()[0] == pytest.approx([0.2, 0.6, 0.0])
+    assert ret.tolist()[0] == pytest.approx([0.7, 1.0, 0.0])
+    # gamma discounts the bootstrap: delta_0 = 0 + 0.9*0.4 - 0.5
+    adv, _ = gae(t([[0, 1.0]]), t([[0.5, 0.4]]), t([[1, 1.0]]), gamma=0.9, lam=0.0)
+    assert adv.tolist()[0] == pytest.approx([0.9 * 0.4 - 0.5, 0.6])
+
+
+def test_rloo_leave_one_out():
+    # returns 1,2,3,6 (one prompt, k=4): baselines (12 - R_i)/3
+    assert rloo_advantages(t([1, 2, 3, 6.0]), 4).tolist() == pytest.approx([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0])
+    # two prompts are independent
+    a = rloo_advantages(t([1, 3, 10, 20.0]), 2).tolist()
+    assert a == pytest.approx([-2, 2, -10, 10])
+
+
+def test_grpo_and_dr_grpo_advantages():
+    std = math.sqrt((4 + 1 + 0 + 9) / 3)  # unbiased std of 1,2,3,6
+    assert group_normalised(t([1, 2, 3, 6.0]), 4, scale=True).tolist() == pytest.approx(
+        [x / (std + 1e-4) for x in (-2, -1, 0, 3)])
+    assert group_normalised(t([1, 2, 3, 6.0]), 4, scale=False).tolist() == [-2, -1, 0, 3]
+    assert group_normalised(t([5, 5, 1, 2.0]), 2, scale=True).tolist()[:2] == [0.0, 0.0]  # zero variance: no NaN
+
+
+def test_reinforce_pp_returns_and_token_rewards():
+    r = token_rewards(t([1.0]), t([[1.0, 1.0, 1.0]]), t([[1, 1, 1.0]]), beta=0.1)
+    assert r.tolist()[0] == pytest.approx([-0.1, -0.1, 0.9])
+    assert discounted_returns(r, t([[1, 1, 1.0]]), 1.0).tolist()[0] == pytest.approx([0.7, 0.8, 0.9])
+    r2 = token_rewards(t([2.0]), t([[0.5, 0.5, 0.5]]), t([[1, 1, 0.0]]), beta=1.0)  # score lands on the last real token
+    assert r2.tolist()[0] == pytest.approx([-0.5, 1.5, 0.0])
+
+
+def test_whitening_ignores_padding():
+    w = masked_whiten(t([[1, 2, 3, 100.0]]), t([[1, 1, 1, 0.0]]))
+    assert w.tolist()[0][:3] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6) and w[0, 3] == 0
+
+
+def test_ppo_clip_by_hand():
+    lp, old = t([math.log(1.5)] * 2 + [math.log(0.5)] * 2), t([0.0] * 4)
+    loss, clipped = ppo_clip_loss(lp, old, t([1.0, -1.0, 1.0, -1.0]), 0.2, 0.2)
+    assert loss.tolist() == pytest.approx([-1.2, 1.5, -0.5, 0.8])
+    assert clipped.tolist() == [True, False, False, True]
+    loss_hi, _ = ppo_clip_loss(lp[:1], old[:1], t([1.0]), 0.2, 0.28)  # clip-higher lets the ratio rise to 1.28
+    assert loss_hi.tolist() == pytest.approx([-1.28])
+
+
+def test_value_loss_and_kl_estimators():
+    assert clipped_value_loss(t([1.0]), t([0.5]), t([0.0]), 0.2).tolist() == pytest.approx([0.5])
+    assert clipped_value_loss(t([0.6]), t([0.5]), t([1.0]), 0.2).tolist() == pytest.approx([0.5 * 0.4 ** 2])
+    lp, ref = t([0.1, -0.2]), t([0.0, 0.0])
+    assert kl_per_token(lp, ref, "k1").tolist() == pytest.approx([0.1, -0.2])
+    assert kl_per_token(lp, ref, "k2").tolist() == pytest.approx([0.005, 0.02])
+    assert kl_per_token(lp, ref, "k3").tolist() == pytest.approx([math.exp(-0.1) - 1 + 0.1, math.exp(0.2) - 1 - 0.2])
+
+
+def test_aggregations():
+    per_tok = t([[1, 2, 0.0], [3, 0, 0.0]])
+    mask = t([[1, 1, 0.0], [1, 0, 0.0]])
+    s, n = AGGREGATIONS["token_mean"](per_tok, mask, 3)
+    assert (s.item(), n.item()) == (6.0, 3.0)
+    s, n = AGGREGATIONS["sequence_mean"](per_tok, mask, 3)
+    assert (s.item(), n.item()) == (1.5 + 3.0, 2)
+    s, n = AGGREGATIONS["constant"](per_tok, mask, 3)
+    assert (s.item(), n.item()) == (6.0, 6.0)
+
+
+def test_registry_wires_each_algorithm():
+    scores = t([1.0, 0.0, 2.0, 2.0])
+    kl = t([[0.1, 0.1], [0.2, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    mask = t([[1, 1], [1, 0], [1, 1], [1, 1.0]])
+    cfg = RLHFSection(algorithm="rloo", num_generations=2)
+    x = AdvantageInputs(scores, kl, mask, None, 2, 0.5, cfg, None)
+    adv, _ = ALGORITHMS["rloo"].advantages(x)
+    # R = s - 0.5 * sum kl = [0.9, -0.1, 2, 2]: A = [1, -1, 0, 0] on every real token
+    assert torch.allclose(adv, t([[1, 1], [-1, 0], [0, 0], [0, 0]]))
+    adv, _ = ALGORITHMS["grpo"].advantages(AdvantageInputs(scores, kl, mask, None, 2, 0.5,
+                                                           RLHFSection(grpo_loss="dr_grpo"), None))
+    assert torch.allclose(adv, t([[0.5, 0.5], [-0.5, 0], [0, 0], [0, 0]]))
+    assert ALGORITHMS["grpo"].kl_in_reward is False and ALGORITHMS["ppo"].needs_value

@@ -1,0 +1,112 @@
+"""The static-KV-cache sampler against Hugging Face: greedy decoding token for token, the
+sampling distribution, stop tokens, min/max new tokens, LoRA weights and in-place weight sync."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad, sample_next, supports_fast_decoder
+
+from .conftest import TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def tiny(arch, tok, seed=0, **extra):
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def prompts(tok):
+    ids = [tok(t)["input_ids"] for t in ["In the beginning", "And God said, Let there be", "Jesus"]]
+    return left_pad(ids, tok.pad_token_id, "cpu")
+
+
+def hf_greedy(lm, tok, ids, mask, n):
+    out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("arch,extra", [("qwen2", {}), ("llama", {}), ("qwen3", {"head_dim": 8}), ("mistral", {})])
+def test_greedy_equals_hf_generate(tok, arch, extra):
+    lm = tiny(arch, tok, **extra)
+    ids, mask = prompts(tok)
+    dec = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 16, dtype=torch.float32)
+    r = dec.generate(ids, mask, SamplingConfig(max_new_tokens=16, temperature=0, stop_token_ids=[tok.eos_token_id],
+                                               pad_token_id=tok.pad_token_id))
+    ref = hf_greedy(lm, tok, ids, mask, 16)
+    assert torch.equal(r.completion_ids[:, :ref.shape[1]], ref)
+    assert dec.prefill(ids, mask).shape == (3, len(tok))
+
+
+def test_sampling_distribution_matches_softmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    for cfg, keep in ((SamplingConfig(temperature=0.7), 5), (SamplingConfig(temperature=1.0, top_k=2), 2),
+                      (SamplingConfig(temperature=1.0, top_p=0.8), 3)):
+        draws = sample_next(logits.clone(), cfg)
+        freq = torch.bincount(draws, minlength=5).float() / len(draws)
+        z = logits[0] / cfg.temperature
+        z[keep:] = float("-inf")
+        want = z.softmax(-1)
+        assert torch.allclose(freq, want, atol=0.015), (cfg, freq, want)
+
+
+class _EosLoving(FastDecoder):
+    def _logits(self, h):
+        z = super()._logits(h)
+        z[:, self.scfg.stop_token_ids[0]] += 1000.0
+        return z
+
+
+def test_stop_token_and_min_new_tokens(tok):
+    lm = tiny("qwen2", tok)
+    ids, mask = prompts(tok)
+    eos = tok.eos_token_id
+    dec = _EosLoving(lm, batch=3, max_len=ids.shape[1] + 10, dtype=torch.float32)
+    r = dec.generate(ids, mask, SamplingConfig(max_new_tokens=10, min_new_tokens=3, temperature=1.0,
+                                               stop_token_ids=[eos], pad_token_id=tok.pad_token_id))
+    assert r.completion_mask.sum(-1).tolist() == [4, 4, 4]  # 3 forced tokens, then the stop token
+    assert (r.completion_ids[:, :3] != eos).all() and (r.completion_ids[:, 3] == eos).all()
+    assert (r.completion_ids[:, 4:] == tok.pad_token_id).all() and r.finished.all()
+    plain = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 5, dtype=torch.float32)
+    r2 = plain.generate(ids, mask, SamplingConfig(max_new_tokens=5, temperature=0, stop_token_ids=[eos],
+                                                  pad_token_id=tok.pad_token_id))
+    assert r2.completion_mask.sum(-1).tolist() == [5, 5, 5] and not r2.finished.any()  # cut by max_new_tokens
+
+
+def test_lora_weights_and_in_place_sync(tok):
+    from peft import LoraConfig, get_peft_model
+    lm = get_peft_model(tiny("llama", tok), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a non-trivial adapter
+    ids, mask = prompts(tok)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    dec = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 8, dtype=torch.float32)
+    assert torch.equal(dec.generate(ids, mask, cfg).completion_ids, hf_greedy(lm, tok, ids, mask, 8))
+    with torch.no_grad():  # an "optimizer step": the decoder sees it after sync(), without being rebuilt
+        for n, p in lm.named_parameters():
+            if "lora_A" in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    stale = dec.generate(ids, mask, cfg).completion_ids
+    dec.sync()
+    fresh = dec.generate(ids, mask, cfg).completion_ids
+    want = hf_greedy(lm, tok, ids, mask, 8)
+    assert torch.equal(fresh, want) and not torch.equal(stale, want)
+
+
+def test_unsupported_architectures_are_named(tok):
+    ok, why = supports_fast_decoder(tiny("qwen2", tok))
+    assert ok and why == ""
+    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4)
+    ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
+    assert not ok and "gpt2" in why

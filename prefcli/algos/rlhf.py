@@ -375,6 +375,11 @@ class RLHFTask:
             raise UsageError(f"rlhf.minibatches_per_epoch ({c.minibatches_per_epoch}) must divide the rollout's "
                              f"{self.B} sequences (prompts_per_rollout x num_generations)")
         self.mb_size = self.B // c.minibatches_per_epoch
+        # One pass over a rollout whose advantages need no rollout-time log-probs (grpo): the old
+        # policy is the current one, so the training forward's own (detached) log-probs serve as
+        # pi_old and one no-grad forward per rollout is saved (as TRL does for num_iterations=1).
+        self.old_is_current = (not self.algo.kl_in_reward and not self.algo.needs_value
+                               and self.epochs * c.minibatches_per_epoch == 1)
         self.aggregation = aggregation_for(c)
         self.eps_high = c.clip_eps_high if c.clip_eps_high is not None else (0.28 if c.algorithm == "grpo" and
                                                                              c.grpo_loss == "dapo" else c.clip_eps)
@@ -507,19 +512,25 @@ class RLHFTask:
         mask = r.completion_mask.float()
         if c.mask_truncated_completions:
             mask = mask * r.finished.float()[:, None]
-        old_logp, old_values = self._score_logprobs(seq, reference=False)
-        if self.need_ref:
-            ref_logp, _ = self._score_logprobs(seq, reference=True)
+        ref_logp = self._score_logprobs(seq, reference=True)[0] if self.need_ref else None
+        if self.old_is_current:
+            old_logp, old_values = None, None
+            kl = torch.zeros_like(mask)  # measured in the update instead (kl/mean is logged there)
         else:
-            ref_logp = old_logp.clone()
+            old_logp, old_values = self._score_logprobs(seq, reference=False)
+            if ref_logp is None:
+                ref_logp = old_logp
+            kl = kl_per_token(old_logp, ref_logp, "k1") * r.completion_mask
         self.model.train()
-        kl = kl_per_token(old_logp, ref_logp, "k1") * r.completion_mask
         x = AdvantageInputs(scores=scores, kl=kl if self.algo.kl_in_reward else torch.zeros_like(kl),
                             mask=r.completion_mask.float(), values=old_values, k=self.k, beta=self.beta, cfg=c,
                             all_reduce=rt.all_reduce if rt.distributed else None)
         adv, returns = self.algo.advantages(x)
-        self.buffer = {**{k: v for k, v in seq.items()}, "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv,
-                       "mask": mask}
+        self.buffer = {**{k: v for k, v in seq.items()}, "adv": adv, "mask": mask}
+        if old_logp is not None:
+            self.buffer["old_logp"] = old_logp
+        if ref_logp is not None:
+            self.buffer["ref_logp"] = ref_logp
         if old_values is not None:
             self.buffer.update(old_values=old_values, returns=returns)
         self.queue = []
@@ -542,8 +553,10 @@ class RLHFTask:
         N = v[7]
         mean = v[0] / N
         m: dict[str, float] = {"reward/mean": mean, "reward/std": math.sqrt(max(v[1] / N - mean * mean, 0.0)),
-                               "kl/mean": v[2] / N, "kl/coef": self.beta, "length/mean": v[3] / N,
+                               "kl/coef": self.beta, "length/mean": v[3] / N,
                                "length/finished": v[4] / N, "reward/zero_var_groups": v[5] / v[6]}
+        if not self.old_is_current:
+            m["kl/mean"] = v[2] / N
         for i, name in enumerate(parts):
             m[f"reward/{name}"] = v[8 + i] / N
         dt = time.perf_counter() - t0
@@ -575,16 +588,21 @@ class RLHFTask:
         logp, ent, values = module(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["targets"],
                                    int(mb["start"]), self.cfg.generation.temperature)
         mask = mb["mask"]
-        pg, clipped = ppo_clip_loss(logp, mb["old_logp"], mb["adv"], c.clip_eps, self.eps_high)
+        old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()
+        pg, clipped = ppo_clip_loss(logp, old_logp, mb["adv"], c.clip_eps, self.eps_high)
         per_tok = pg
         tokens = mask.sum()
         metrics = {"policy/clipfrac": ((clipped.float() * mask).sum(), tokens),
                    "policy/entropy": ((ent * mask).sum(), tokens),
-                   "policy/approx_kl": ((kl_per_token(logp.detach(), mb["old_logp"], "k3") * mask).sum(), tokens)}
-        if not self.algo.kl_in_reward and self.beta > 0:
-            k3 = kl_per_token(logp, mb["ref_logp"], "k3")
-            per_tok = per_tok + self.beta * k3
-            metrics["kl/k3"] = ((k3.detach() * mask).sum(), tokens)
+                   "policy/approx_kl": ((kl_per_token(logp.detach(), old_logp, "k3") * mask).sum(), tokens)}
+        if "ref_logp" in mb:
+            if self.old_is_current:  # the rollout skipped its policy forward: measure the KL here
+                k1 = (kl_per_token(logp.detach(), mb["ref_logp"], "k1") * mask).sum()
+                metrics["kl/mean"] = (k1, (mask.sum(1) > 0).sum())
+            if not self.algo.kl_in_reward and self.beta > 0:
+                k3 = kl_per_token(logp, mb["ref_logp"], "k3")
+                per_tok = per_tok + self.beta * k3
+                metrics["kl/k3"] = ((k3.detach() * mask).sum(), tokens)
         loss_sum, _ = AGGREGATIONS[self.aggregation](per_tok, mask, self.cfg.generation.max_new_tokens)
         if values is not None:
             vl = clipped_value_loss(values, mb["old_values"], mb["returns"], c.value_clip_eps)

@@ -242,13 +242,29 @@ class FastDecoder:
             k = self._rope(k.transpose(1, 2), cos, sin)
             v = v.view(B, T, nkv, hd).transpose(1, 2)
             k_all, v_all = write(i, k, v)
-            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask, enable_gqa=nkv != nq)
+            o = self._attend(q, k_all, v_all, attn_mask)
             o = o.transpose(1, 2).reshape(B, T, nq * hd)
             h = h + F.linear(o, d["o_w"], d.get("o_b"))
             x = self._rms(h, d["ln2"], self.eps[i])
             g, u = F.linear(x, d["gu_w"], d.get("gu_b")).chunk(2, dim=-1)
             h = h + F.linear(self.act(g) * u, d["down_w"], d.get("down_b"))
         return self._rms(h, self.final_norm, self.eps[0])
+
+    def _attend(self, q, k, v, mask):
+        """Grouped-query attention without expanding the cache. With one new token per row, the
+        G = n_heads / n_kv query heads that share a key/value head are laid out as G query
+        positions of that head (same mask), so SDPA reads each cached key once; HF's repeat_kv
+        order (query head j uses kv head j // G) is kept. Prefill (T > 1) expands k/v once."""
+        B, H, T, hd = q.shape
+        G = H // self.n_kv
+        if G == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if T == 1:
+            o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, hd), k, v, attn_mask=mask)
+            return o.reshape(B, H, 1, hd)
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _logits(self, h):
         return F.linear(h, self.head_w, self.head_b).float()

@@ -420,9 +420,9 @@ class RLHFTask:
             if g.sampler == "auto":
                 self.ctx.warn(f"the fast sampler does not support {why}; sampling with transformers generate (slower)")
             return HFSampler(lm, self.rt)
-        dtype = self.rt.compute_dtype
-        return FastDecoder(lm, batch=self.B, max_len=self.max_prompt + g.max_new_tokens, dtype=dtype,
-                           use_graph=g.cuda_graphs and self.rt.device.type == "cuda")
+        cuda = self.rt.device.type == "cuda"
+        return FastDecoder(lm, batch=self.B, max_len=self.max_prompt + g.max_new_tokens, dtype=self.rt.compute_dtype,
+                           use_graph=g.cuda_graphs and cuda, compile=g.compile == "on" or (g.compile == "auto" and cuda))
 
     # ------------------------------------------------------------------ rollouts
     def total_steps(self) -> int:
@@ -489,6 +489,9 @@ class RLHFTask:
         rt.synchronize()
         t0 = time.perf_counter()
         r = self.sampler.generate(p_ids, p_mask, self.scfg)
+        if getattr(self.sampler, "compile_error", None) and not getattr(self, "_warned_compile", False):
+            self.ctx.warn(f"compiling the sampler failed ({self.sampler.compile_error}); decoding without it")
+            self._warned_compile = True
         rt.synchronize()
         gen_s = time.perf_counter() - t0
         r = apply_stop_strings(r, self.tok, self.cfg.generation.stop_strings, self.tok.pad_token_id)

@@ -20,7 +20,7 @@ import torch
 
 from ..engine.data import (FORMAT_COLUMNS, StepSchedule, TokenizedSet, detect_format, iterate_eval, load_rows,
                            move, pack_rows, packed_batch, pad_batch, shard_for_rank, split_eval, split_micro,
-                           tokenize_sft)
+                           tokenize_sft, unpad_if_full)
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import PolicyLM, apply_lora, build_causal_lm, load_tokenizer, save_hf, trainable_parameters
 from ..errors import DataError
@@ -116,13 +116,17 @@ class SFTTask:
                 "model": {"parameters": sum(p.numel() for p in self.lm.parameters()),
                           "trainable_parameters": trainable_parameters(self.lm)}}
 
-    def _collate(self, items: list[int]) -> dict:
+    def _collate(self, items: list[int]) -> tuple[dict, int, int]:
+        """A device batch and, counted on the host (no GPU sync), its target and token counts."""
         pad = self.tok.pad_token_id
         if self.rows is not None:
             batch = packed_batch([self.rows[i] for i in items], self.train_set, pad, self.cfg.data.max_length)
+            tokens = sum(len(self.train_set.input_ids[i]) for r in items for i in self.rows[r])
         else:
             batch = pad_batch([self.train_set.input_ids[i] for i in items], [self.train_set.labels[i] for i in items], pad)
-        return move(batch, self.rt.device)
+            tokens = int(batch["attention_mask"].sum())
+            batch = unpad_if_full(batch)
+        return move(batch, self.rt.device), count_targets(batch), tokens
 
     def _lengths(self, items: list[int]) -> list[int] | None:
         if self.rows is not None:
@@ -135,9 +139,8 @@ class SFTTask:
         n_micro = max(1, min(self.cfg.train.grad_accum_steps, len(items) // rt.world_size))
         micro = []
         for part in split_micro(mine, n_micro, self._lengths(mine)):
-            b = self._collate(part)
-            tokens = int(b["attention_mask"].sum()) if b["attention_mask"] is not None else int(b["input_ids"].numel())
-            micro.append(Micro(batch=b, n=count_targets(b), tokens=tokens))
+            b, n, tokens = self._collate(part)
+            micro.append(Micro(batch=b, n=n, tokens=tokens))
         return Plan(group="policy", micro=micro, loss_fn=self.loss_fn, name="sft")
 
     def plans(self, start_step: int) -> Iterator[Plan]:
@@ -173,11 +176,12 @@ class SFTTask:
         for items in iterate_eval(len(s), bs, rt.rank, rt.world_size, self.cfg.train.eval_max_batches):
             if not items:
                 continue
-            b = move(pad_batch([s.input_ids[i] for i in items], [s.labels[i] for i in items], self.tok.pad_token_id),
-                     rt.device)
+            cpu = unpad_if_full(pad_batch([s.input_ids[i] for i in items], [s.labels[i] for i in items],
+                                          self.tok.pad_token_id))
+            b = move(cpu, rt.device)
             loss_sum = self.policy(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"], mode="ce")
-            tot += torch.stack([loss_sum.double(), torch.tensor(float(count_targets(b)), dtype=torch.float64,
-                                                                 device=rt.device)])
+            tot[0] += loss_sum.double()
+            tot[1] += float(count_targets(cpu))
         rt.all_reduce(tot)
         nll, n = tot.tolist()
         if n == 0:

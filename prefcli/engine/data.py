@@ -330,6 +330,15 @@ def split_micro(items: Sequence, n_micro: int, lengths: Sequence[int] | None = N
     return [shard_for_rank(items, k, n_micro) for k in range(n_micro)]
 
 
+def unpad_if_full(batch: dict) -> dict:
+    """Drop attention_mask and position_ids of a right-padded batch without any padding (checked on
+    the host): the model then uses its plain causal path, with no mask to build or read."""
+    m = batch.get("attention_mask")
+    if m is not None and m.device.type == "cpu" and bool(m.all()):
+        batch = dict(batch, attention_mask=None, position_ids=None)
+    return batch
+
+
 def move(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 

@@ -46,27 +46,27 @@ class _CrossEntropySum(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
-        for s in range(0, h.shape[0], chunk):
+        for s in range(0, h.shape[0], chunk):  # no host sync inside: every chunk is processed
             y = targets[s:s + chunk]
-            valid = y != IGNORE
-            if not bool(valid.any()):
-                continue
+            valid = (y != IGNORE).unsqueeze(1)
+            y0 = y.clamp_min(0).unsqueeze(1)
             hc = h[s:s + chunk].to(compute_dtype)
-            z = _chunk_logits(hc, wc, bc, 1.0)
-            y0 = y.clamp_min(0)
-            total += F.cross_entropy(z, y0, reduction="none")[valid].sum()
+            z = _chunk_logits(hc, wc, bc, 1.0)  # float32 [c, V]
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            total += ((lse - z.gather(1, y0)) * valid).sum()
             if need_h or need_w or need_b:
-                dz = torch.softmax(z, dim=-1)
-                dz[torch.arange(dz.shape[0], device=dz.device), y0] -= 1.0
-                dz *= valid.unsqueeze(1)
+                # d(-log p_y)/dz = softmax(z) - onehot(y), built in place in z's memory
+                dz = z.sub_(lse).exp_()
+                dz.scatter_add_(1, y0, torch.full_like(lse, -1.0))
+                dz.mul_(valid)
                 dzc = dz.to(compute_dtype)
                 if need_h:
                     grad_h[s:s + chunk] = (dzc @ wc).to(h.dtype)
                 if need_w:
-                    grad_w += (dzc.t() @ hc).float()
+                    grad_w.add_(dzc.t() @ hc)
                 if need_b:
                     grad_b += dz.sum(0)
-                del dz, dzc
+                del dzc
             del z
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (w.dtype, b.dtype if b is not None else None)
@@ -95,11 +95,11 @@ class _TokenLogProbs(torch.autograd.Function):
             z = _chunk_logits(h[s:s + chunk].to(compute_dtype), wc, bc, temperature)
             lse = torch.logsumexp(z, dim=-1)
             lse_all[s:s + chunk] = lse
-            p = torch.exp(z - lse.unsqueeze(1))
-            ent[s:s + chunk] = lse - (p * z).sum(-1)
-            valid = y != IGNORE
             zy = z.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
-            out[s:s + chunk] = torch.where(valid, zy - lse, torch.zeros_like(lse))
+            out[s:s + chunk] = torch.where(y != IGNORE, zy - lse, torch.zeros_like(lse))
+            # entropy = lse - sum_v p_v z_v
+            p = torch.exp(z - lse.unsqueeze(1))
+            ent[s:s + chunk] = lse - p.mul_(z).sum(-1)
             del z, p
         ctx.save_for_backward(h, w, b, targets, lse_all)
         ctx.cfg = (chunk, compute_dtype, temperature)
@@ -119,22 +119,19 @@ class _TokenLogProbs(torch.autograd.Function):
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         for s in range(0, h.shape[0], chunk):
             y = targets[s:s + chunk]
-            valid = y != IGNORE
-            g = grad_out[s:s + chunk].float() * valid
-            if not bool((g != 0).any()):
-                continue
+            g = (grad_out[s:s + chunk].float() * (y != IGNORE)).unsqueeze(1)
             hc = h[s:s + chunk].to(compute_dtype)
             z = _chunk_logits(hc, wc, bc, temperature)
-            # d logp_y / dz = (onehot_y - softmax(z)) / temperature
-            dz = torch.exp(z - lse_all[s:s + chunk].unsqueeze(1)).mul_(-g.unsqueeze(1))
-            dz[torch.arange(dz.shape[0], device=dz.device), y.clamp_min(0)] += g
+            # d logp_y / dz = (onehot_y - softmax(z)) / temperature, scaled by the upstream gradient
+            dz = z.sub_(lse_all[s:s + chunk].unsqueeze(1)).exp_().mul_(-g)
+            dz.scatter_add_(1, y.clamp_min(0).unsqueeze(1), g)
             if temperature != 1.0:
-                dz /= temperature
+                dz.div_(temperature)
             dzc = dz.to(compute_dtype)
             if need_h:
                 grad_h[s:s + chunk] = (dzc @ wc).to(h.dtype)
             if need_w:
-                grad_w += (dzc.t() @ hc).float()
+                grad_w.add_(dzc.t() @ hc)
             if need_b:
                 grad_b += dz.sum(0)
             del z, dz, dzc

@@ -105,6 +105,7 @@ class Group:
             g.setdefault("lr_scale", 1.0)
             g["lr"] = self.peak_lr * g["lr_scale"]
         on_cuda = rt.device.type == "cuda"
+        self.fused = on_cuda
         self.optimizer = torch.optim.AdamW(param_groups, lr=self.peak_lr, betas=tuple(train.adam_betas),
                                            eps=train.adam_eps, fused=True if on_cuda else None,
                                            foreach=None if on_cuda else True)
@@ -250,10 +251,13 @@ class Engine:
                 step += 1
                 group = task.groups[plan.group]
                 lr = group.set_lr(step)
-                n_local = sum(m.n for m in plan.micro)
+                n_local = float(sum(float(m.n) for m in plan.micro))
                 tokens_local = sum(m.tokens for m in plan.micro)
-                head = rt.all_reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=rt.device))
-                n_global = float(head.item())
+                if rt.distributed:
+                    head = rt.all_reduce(torch.tensor([n_local], dtype=torch.float64, device=rt.device))
+                    n_global = float(head.item())
+                else:
+                    n_global = n_local  # no device round trip
                 if n_global <= 0:
                     raise TrainingError(f"step {step}: the batch has no units to train on (e.g. no completion tokens)")
                 scale = rt.world_size / n_global  # DDP averages gradients over ranks
@@ -270,10 +274,15 @@ class Engine:
                     gnorm = torch.nn.utils.clip_grad_norm_(group.params, group.train_cfg.max_grad_norm)
                 else:
                     gnorm = torch.nn.utils.get_total_norm([p.grad for p in group.params if p.grad is not None])
-                reduced, (loss_sum_g, tokens_g, stop_flag) = metrics.reduce(
-                    rt, [loss_local, float(tokens_local), float(sig.requested)])
+                if group.fused:
+                    # The fused AdamW kernel skips the update when found_inf is set, so the step can be
+                    # launched before the host reads the norm: a non-finite gradient never reaches the
+                    # weights, and the GPU need not drain first. (The norm is the same on every rank.)
+                    group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(1)
+                    group.optimizer.step()
+                reduced, (loss_sum_g, tokens_g, stop_flag, gn) = metrics.reduce(
+                    rt, [loss_local, float(tokens_local), float(sig.requested), gnorm.detach().double() / rt.world_size])
                 loss = loss_sum_g / n_global
-                gn = float(gnorm)
                 if not math.isfinite(loss) or not math.isfinite(gn):
                     what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
                     where = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else \
@@ -281,7 +290,8 @@ class Engine:
                     group.optimizer.zero_grad(set_to_none=True)
                     raise TrainingError(f"step {step}: {what}; stopped before the optimizer step{where}. "
                                         "Lower train.lr, set train.max_grad_norm, or check the data.")
-                group.optimizer.step()
+                if not group.fused:
+                    group.optimizer.step()
                 group.optimizer.zero_grad(set_to_none=True)
                 dt = time.perf_counter() - t0
                 name = plan.name or plan.group

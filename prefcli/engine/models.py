@@ -243,11 +243,19 @@ class PolicyLM(nn.Module):
         self.chunk = rt.loss_chunk_tokens
         self.compute_dtype = rt.compute_dtype
         self.autocast = rt.autocast
-        self.body_fn = torch.compile(self._body, dynamic=True) if rt.compile else self._body
+        self.body_fn = self._body
+        if rt.compile:
+            # one decoder layer at a time: every layer runs the same code on same-shaped weights, so
+            # one compiled graph serves all of them (compile time of one layer, not of the model)
+            for layer in getattr(self._body, "layers", []):
+                layer.compile(dynamic=False)
+            if not hasattr(self._body, "layers"):
+                self.body_fn = torch.compile(self._body, dynamic=False)
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None):
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: lets SDPA take its fastest causal kernel
+        """Last hidden states. Pass attention_mask=None (and position_ids=None) for batches without
+        padding: SDPA then takes its fastest causal kernel (callers decide on the host, so the
+        check costs no GPU sync)."""
         with self.autocast():
             out = self.body_fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False)

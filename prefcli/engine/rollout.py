@@ -118,7 +118,8 @@ def _effective_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
 class FastDecoder:
     """Static-KV-cache sampler for one batch size and one maximum length."""
 
-    def __init__(self, lm, batch: int, max_len: int, dtype: torch.dtype, use_graph: bool | None = None):
+    def __init__(self, lm, batch: int, max_len: int, dtype: torch.dtype, use_graph: bool | None = None,
+                 compile: bool = False, compile_backend: str = "inductor"):
         inner = unwrap_lm(lm)
         self.cfg = cfg = inner.config
         self.body = inner.base_model
@@ -135,6 +136,15 @@ class FastDecoder:
         self._alloc()
         self.sync()
         self.graph = None
+        # torch.compile fuses each layer's small ops (norms, rotary, activation, residuals) into a few
+        # kernels. The two halves take the weights as arguments, so one compiled graph serves every
+        # layer; the KV-cache write stays outside (no mutated inputs in the compiled code).
+        self._compiled = None
+        self.compile_error: str | None = None
+        self._compile_checked = not compile
+        if compile:
+            self._compiled = (torch.compile(self._attn_in, backend=compile_backend, dynamic=False, fullgraph=True),
+                              torch.compile(self._attn_out, backend=compile_backend, dynamic=False, fullgraph=True))
 
     # ----------------------------------------------------------------- weights
     def _alloc(self):
@@ -224,30 +234,43 @@ class FastDecoder:
         rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
         return x * cos + rot * sin
 
-    def _layers(self, h, cos, sin, write, attn_mask):
-        """h: [B, T, d]; cos/sin: [B, 1, T, hd]; write(i, k, v) stores the new keys/values and returns
-        the keys/values to attend to; attn_mask: bool [B, 1, T, S]."""
+    def _attn_in(self, h, cos, sin, ln1, qkv_w, qkv_b, q_norm, k_norm, eps: float):
+        """RMSNorm, fused QKV projection, (qk-norm,) rotary: q [B, H, T, hd], k/v [B, Hkv, T, hd]."""
         B, T, _ = h.shape
         nq, nkv, hd = self.n_heads, self.n_kv, self.hd
+        x = self._rms(h, ln1, eps)
+        qkv = F.linear(x, qkv_w, qkv_b)
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nq, hd)
+        k = k.view(B, T, nkv, hd)
+        if q_norm is not None:
+            q = self._rms(q, q_norm, eps)
+            k = self._rms(k, k_norm, eps)
+        q = self._rope(q.transpose(1, 2), cos, sin)
+        k = self._rope(k.transpose(1, 2), cos, sin)
+        return q, k, v.view(B, T, nkv, hd).transpose(1, 2)
+
+    def _attn_out(self, h, q, k_all, v_all, attn_mask, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b, eps: float):
+        """Attention over the given keys/values, output projection, residual, gated MLP, residual."""
+        B, T, _ = h.shape
+        o = self._attend(q, k_all, v_all, attn_mask)
+        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        h = h + F.linear(o, o_w, o_b)
+        x = self._rms(h, ln2, eps)
+        g, u = F.linear(x, gu_w, gu_b).chunk(2, dim=-1)
+        return h + F.linear(self.act(g) * u, down_w, down_b)
+
+    def _layers(self, h, cos, sin, write, attn_mask, fns=None):
+        """h: [B, T, d]; cos/sin: [B, 1, T, hd]; write(i, k, v) stores the new keys/values and returns
+        the keys/values to attend to; attn_mask: bool [B, 1, T, S]. `fns` = (attn_in, attn_out)
+        replaces the two per-layer halves (the compiled decode versions)."""
+        attn_in, attn_out = fns or (self._attn_in, self._attn_out)
         for i, d in enumerate(self.shadow):
-            x = self._rms(h, d["ln1"], self.eps[i])
-            qkv = F.linear(x, d["qkv_w"], d.get("qkv_b"))
-            q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-            q = q.view(B, T, nq, hd)
-            k = k.view(B, T, nkv, hd)
-            if self.qk_norm:
-                q = self._rms(q, d["q_norm"], self.eps[i])
-                k = self._rms(k, d["k_norm"], self.eps[i])
-            q = self._rope(q.transpose(1, 2), cos, sin)
-            k = self._rope(k.transpose(1, 2), cos, sin)
-            v = v.view(B, T, nkv, hd).transpose(1, 2)
+            q, k, v = attn_in(h, cos, sin, d["ln1"], d["qkv_w"], d.get("qkv_b"), d.get("q_norm"), d.get("k_norm"),
+                              self.eps[i])
             k_all, v_all = write(i, k, v)
-            o = self._attend(q, k_all, v_all, attn_mask)
-            o = o.transpose(1, 2).reshape(B, T, nq * hd)
-            h = h + F.linear(o, d["o_w"], d.get("o_b"))
-            x = self._rms(h, d["ln2"], self.eps[i])
-            g, u = F.linear(x, d["gu_w"], d.get("gu_b")).chunk(2, dim=-1)
-            h = h + F.linear(self.act(g) * u, d["down_w"], d.get("down_b"))
+            h = attn_out(h, q, k_all, v_all, attn_mask, d["o_w"], d.get("o_b"), d["ln2"], d["gu_w"], d.get("gu_b"),
+                         d["down_w"], d.get("down_b"), self.eps[i])
         return self._rms(h, self.final_norm, self.eps[0])
 
     def _attend(self, q, k, v, mask):
@@ -302,7 +325,7 @@ class FastDecoder:
             self.v_cache[i].index_copy_(2, idx.view(1), v)
             return self.k_cache[i], self.v_cache[i]
 
-        h = self._layers(self.embed[self.s_tok][:, None, :], cos, sin, write, attn)
+        h = self._layers(self.embed[self.s_tok][:, None, :], cos, sin, write, attn, self._compiled)
         self._choose(self._logits(h[:, 0]), idx - self.P + 1)
         self.s_idx.add_(1)
         self.s_pos.add_(1)
@@ -338,6 +361,17 @@ class FastDecoder:
         with torch.cuda.graph(self.graph):
             self._decode_step()
         self._restore(snap)
+
+    def _check_compile(self):
+        """Compile on a trial step; if compiling fails (no compiler, unsupported op), decode eagerly."""
+        snap = [t.clone() for t in self._state()]
+        try:
+            self._decode_step()
+        except Exception as e:  # torch.compile raises many types
+            self.compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            self._compiled = None
+        self._restore(snap)
+        self._compile_checked = True
 
     def _state(self):
         return [self.s_idx, self.s_tok, self.s_pos, self.s_valid, self.s_done, self.s_finished, self.out, self.out_mask,
@@ -377,6 +411,8 @@ class FastDecoder:
         self._choose(logits, torch.zeros((), dtype=torch.long, device=dev))  # new token 0, from the prefill
         self.s_idx.fill_(P)  # token 0 goes into cache slot P ...
         self.s_pos.copy_(prompt_mask.sum(-1))  # ... at position = number of real prompt tokens
+        if not self._compile_checked and cfg.max_new_tokens > 1:
+            self._check_compile()
         if self.use_graph and self.graph is None and cfg.max_new_tokens > 1:
             self._capture()
         # each decode step feeds the previous token (slot s_idx) and samples the next

@@ -109,6 +109,9 @@ class GenerationSection(Section):
         "auto", description="'fast': prefcli's static-KV-cache decoder (llama, mistral, qwen2, qwen3); 'hf': "
         "transformers generate; 'auto': fast where supported.")
     cuda_graphs: bool = Field(True, description="Capture the fast decoder's step in a CUDA graph (GPU only).")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the fast decoder's layer step (fuses its small ops; compiles once, on the "
+        "first rollout). 'auto': on a GPU only.")
 
     @model_validator(mode="after")
     def _check(self):

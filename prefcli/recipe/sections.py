@@ -140,7 +140,7 @@ class RuntimeSection(Section):
     )
     compile: bool = Field(False, description="torch.compile the transformer body (GPU; first steps are slower).")
     loss_chunk_tokens: int = Field(
-        4096, gt=0, description="Tokens per chunk when computing log-probs/cross-entropy from hidden states; "
+        2048, gt=0, description="Tokens per chunk when computing log-probs/cross-entropy from hidden states; "
         "the full fp32 logits are never materialised."
     )
     dist_backend: Literal["auto", "nccl", "gloo"] = Field(

@@ -35,12 +35,15 @@ def window_spans(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
 
     Method of Hugging Face's "Perplexity of fixed-length models": windows start every `stride`
     tokens and are at most `window` long; each window scores only the tokens no earlier window
-    scored. So every token 1..n-1 is scored exactly once (token 0 has no context), with up to
-    window - 1 tokens of context, and at least window - stride once past the first window.
-    (Their example counts `valid labels - 1` loss tokens per window, one too few for every window
-    after the first; here the count is exact.)
+    scored, and never its own first token (nothing in the window precedes it). With
+    stride < window every token 1..n-1 is scored exactly once, with up to window - 1 tokens of
+    context and at least window - stride once past the first window; with stride == window
+    (no overlap) the first token of each later window goes unscored, as in their loop. (Their
+    example counts `valid labels - 1` loss tokens per window, one too few for every overlapping
+    window after the first; here the count is exact.)
 
         window_spans(10, 4, 2) == [(0, 1, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+        window_spans(10, 4, 4) == [(0, 1, 4), (4, 5, 8), (8, 9, 10)]     # tokens 4 and 8 unscored
     """
     if window < 2:
         raise ValueError("window must be at least 2 tokens")
@@ -50,8 +53,9 @@ def window_spans(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
     scored_to = 1  # token 0 is never a target
     for begin in range(0, max(n_tokens, 1), stride):
         end = min(begin + window, n_tokens)
-        if end > scored_to:
-            spans.append((begin, scored_to, end))
+        start = max(scored_to, begin + 1)
+        if end > start:
+            spans.append((begin, start, end))
             scored_to = end
         if end >= n_tokens:
             break

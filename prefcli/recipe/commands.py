@@ -195,7 +195,8 @@ class PerplexityOptions(Section):
         "2048. Longer examples are scored in overlapping windows.")
     stride_tokens: int | None = Field(
         None, gt=0, description="Step between windows; each token is scored once, with at least window - stride "
-        "tokens of context once the first window is passed. Default: half the window.")
+        "tokens of context once the first window is passed (stride = window: no overlap, and the first token of "
+        "each later window goes unscored). Default: half the window.")
     batch_size: int = Field(8, gt=0, description="Windows per forward pass.")
 
     @model_validator(mode="after")

@@ -3,9 +3,6 @@ the committed tiny recipe, and bad input."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -157,12 +154,13 @@ def test_tiny_recipe_after_tiny_sft_real_entry_point(tmp_path, cli, monkeypatch)
     """The documented flow: `prefcli sft recipes/tiny/sft.yaml` then `prefcli eval recipes/tiny/eval.yaml`, from the
     same folder; eval finds the trained model through from_recipe. (Shortened with --set.)"""
     monkeypatch.chdir(tmp_path)
-    code, _, stderr = cli("sft", ROOT / "recipes" / "tiny" / "sft.yaml", "-q", "--set", "train.max_steps=3",
-                          "--set", "train.eval_every_steps=null", "--set", "train.save_every_steps=null")
+    code, stdout, stderr = cli("sft", ROOT / "recipes" / "tiny" / "sft.yaml", "-q", "--set", "train.max_steps=3",
+                               "--set", "train.eval_every_steps=null", "--set", "train.save_every_steps=null")
     assert code == 0, stderr
+    sft_ppl = last_json(stdout)["final"]["eval/ppl"]
     assert (tmp_path / "runs" / "sft-sft" / "final" / "config.json").exists()
     res = run_subprocess("eval", ROOT / "recipes" / "tiny" / "eval.yaml", "--set", "data.prompts.max_rows=6",
-                         "--set", "data.text.max_rows=6", "--set", "win_rate.bootstrap_samples=100",
+                         "--set", "win_rate.bootstrap_samples=100",
                          "--set", "generation.max_new_tokens=8", cwd=tmp_path,
                          env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr
@@ -171,15 +169,20 @@ def test_tiny_recipe_after_tiny_sft_real_entry_point(tmp_path, cli, monkeypatch)
     s = json.loads(lines[0])
     assert set(s["models"]) == {"sft", "init"} and s["models"]["sft"]["model"].endswith("runs/sft-sft/final")
     assert s["models"]["init"]["kl"]["k1"] == 0.0 and s["models"]["sft"]["kl"]["k3"] > 0  # init vs itself, sft moved
+    # the same held-out verses, EOS included: eval's perplexity is the number sft logged at its end
+    assert s["models"]["sft"]["perplexity"]["ppl"] == pytest.approx(sft_ppl, rel=1e-5)
+    assert s["models"]["sft"]["perplexity"]["ppl"] < s["models"]["init"]["perplexity"]["ppl"]
     assert s["output_dir"] == str(tmp_path / "runs" / "eval-eval")
     assert (tmp_path / "runs" / "eval-eval" / "examples.jsonl").exists()
     assert "perplexity" in res.stderr and "BLEU signature" in res.stderr
-    # generate --recipe: the eval recipe's first model with its generation settings
-    res = subprocess.run([sys.executable, "-m", "prefcli", "generate", "--recipe", str(ROOT / "recipes" / "tiny" /
-                          "eval.yaml"), "--max-new-tokens", "3"], input="And the\n", capture_output=True, text=True,
-                         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["tokens"] <= 3
+    # generate --recipe with a training recipe: the model it trained
+    from typer.testing import CliRunner
+
+    from prefcli.cli import app
+    r = CliRunner().invoke(app, ["generate", "--recipe", str(ROOT / "recipes" / "tiny" / "sft.yaml"),
+                                 "--max-new-tokens", "3", "-q"], input="And the\n")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] <= 3
 
 
 def test_generate_from_an_eval_recipe_model_by_name(tmp_path, write_recipe, tiny_model_dir):

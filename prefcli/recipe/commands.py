@@ -258,8 +258,7 @@ _NEEDS = {
 
 
 class EvalRecipe(Section):
-    """`prefcli eval`: measure one or more models (and an optional baseline) on held-out data: perplexity, BLEU, ROUGE,
-    reward, win rate over the baseline, KL to a reference, distinct-n, lengths, and the rewards' preference accuracy."""
+    """`prefcli eval`: measure models (and a baseline) on held-out data; see docs/commands/eval.md."""
 
     command: Literal["eval"] = Field("eval", description="Always 'eval' for this schema.")
     models: list[EvalModel] = Field(min_length=1, description="The models to evaluate.")

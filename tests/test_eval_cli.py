@@ -5,8 +5,18 @@ import json
 import math
 
 import pytest
+import torch
 
 from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, last_json, run_subprocess
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models are latency-bound: one thread is as fast, and far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 PAIRS = [
     {"prompt": "And God said,", "chosen": " Let there be light: and there was light.", "rejected": " Let there be dark."},

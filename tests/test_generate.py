@@ -10,7 +10,6 @@ import re
 import select
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 
 import pytest
@@ -25,6 +24,15 @@ from .conftest import ROOT, TINY_INIT, TOKENIZER
 
 CPU = torch.device("cpu")
 PROMPTS = ["And the", "Let there be", "In the beginning God", "", "For the LORD is", "Blessed are"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models are latency-bound: one thread is as fast, and far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,7 @@ def test_banned_word_never_appears_however_it_is_tokenized(lm_tok):
     # ' light' is one token; 'light', ' Light', ' li'+'ght', ' l'+'ight' are other ways to write it
     pieces = ids(tok, " light", "l", "ight", " L", " l", " li", "ght")
     boosts = dict(zip(pieces, [9.0, 6, 7, 6, 6, 6, 6]))
-    prompts = PROMPTS * 3
+    prompts = PROMPTS * 2
     with biased(lm, boosts):
         free = gen(lm, tok, prompts, max_new_tokens=12)
         banned = gen(lm, tok, prompts, max_new_tokens=12, ban=["light"])

@@ -26,6 +26,12 @@ TASKS: dict[str, str] = {
     "rlhf": "prefcli.algos.rlhf",
 }
 
+# Recipe commands that train nothing (no Task, no engine): `prefcli <command>` calls `<module>.run(recipe, opts)`.
+# Together with TASKS it covers every recipe schema (tests/test_command_table.py).
+RECIPE_TOOLS: dict[str, str] = {
+    "eval": "prefcli.evaluate.eval",
+}
+
 # What a run folder holds; --overwrite removes exactly these, nothing else.
 RUN_ARTIFACTS = ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoints", "final", "curves.png", "samples.jsonl")
 

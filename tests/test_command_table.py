@@ -1,12 +1,13 @@
-"""The command table (runner.TASKS), the recipe schemas, the CLI and the bundled recipes agree."""
+"""The command tables (runner.TASKS for training, runner.RECIPE_TOOLS for recipe commands that train
+nothing), the recipe schemas, the CLI and the bundled recipes agree."""
 
 import importlib
 
 import yaml
 
 from prefcli.cli import app
-from prefcli.recipe import SCHEMAS, load_recipe
-from prefcli.runner import TASKS
+from prefcli.recipe import SCHEMAS, RecipeBase, load_recipe
+from prefcli.runner import RECIPE_TOOLS, TASKS
 
 from .conftest import ROOT
 
@@ -16,11 +17,16 @@ def cli_commands() -> set[str]:
     return set(typer.main.get_command(app).commands)
 
 
-def test_every_schema_has_a_task_and_a_cli_command():
-    assert set(TASKS) == set(SCHEMAS)
+def test_every_schema_has_exactly_one_runner_and_a_cli_command():
+    assert not set(TASKS) & set(RECIPE_TOOLS), "a command either trains (TASKS) or not (RECIPE_TOOLS)"
+    assert set(TASKS) | set(RECIPE_TOOLS) == set(SCHEMAS)
     assert set(SCHEMAS) <= cli_commands()
     for command, module in TASKS.items():
         assert callable(importlib.import_module(module).build), command
+        assert issubclass(SCHEMAS[command], RecipeBase), f"training recipe {command} lacks the shared sections"
+    for command, module in RECIPE_TOOLS.items():
+        assert callable(importlib.import_module(module).run), command
+        assert not issubclass(SCHEMAS[command], RecipeBase), f"{command} trains nothing; it has no train section"
 
 
 def test_every_command_has_a_tiny_recipe_that_validates():

@@ -79,3 +79,34 @@ def plot_runs(runs: dict[str, list[dict]], out: Path, metrics: list[str] | None 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_run_dirs(run_dirs: list[Path], out: Path, metrics: list[str] | None = None, title: str | None = None) -> dict:
+    """`prefcli plot`: the curves of one or several run folders in one PNG, one line per run and
+    panel per metric. Raises ValueError with a message naming the problem (no metrics.jsonl, an
+    unknown metric). Returns what was drawn."""
+    runs: dict[str, list[dict]] = {}
+    for d in run_dirs:
+        d = Path(d)
+        f = d / "metrics.jsonl" if d.is_dir() else d
+        if not f.is_file():
+            raise ValueError(f"{d}: no metrics.jsonl (is it a prefcli run folder?)")
+        rows = read_metrics(f)
+        if not rows:
+            raise ValueError(f"{f} is empty: the run logged no step yet")
+        label = d.name if d.name != "metrics.jsonl" else d.parent.name
+        base, k = label, 2
+        while label in runs:  # same folder names in different places: runs/a/x, runs/b/x
+            label = f"{base} ({k})"
+            k += 1
+        runs[label] = rows
+    if metrics:
+        every = sorted({k for rows in runs.values() for r in rows for k, v in r.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
+        unknown = [w for w in metrics if not any(k == w or k.startswith(w.rstrip("/") + "/") for k in every)]
+        if unknown:
+            raise ValueError(f"no metric {', '.join(repr(u) for u in unknown)} in these runs "
+                             f"(available: {', '.join(every)})")
+    keys = choose_metrics(runs, metrics)
+    plot_runs(runs, out, metrics, title=title)
+    return {"runs": list(runs), "metrics": keys, "output": str(out)}

@@ -1,0 +1,472 @@
+"""`prefcli eval RECIPE.yaml`: measure one or more models (and a baseline) on held-out data.
+
+    prefcli eval recipes/tiny/eval.yaml                  # after `prefcli sft recipes/tiny/sft.yaml`
+    prefcli eval my.yaml --set data.prompts.max_rows=100 -o runs/eval-try | jq .models
+
+Order (the bad-input contract): the recipe is validated, the output folder checked, the data read
+and every model reference resolved *before* any model runs, so bad input exits 2 having written
+nothing. Then, one model at a time (the reference, when kl is asked for, stays loaded):
+perplexity over data.text, completions for data.prompts, the metrics on them; then the rewards
+score every model's completions (win rates against the baseline's) and the preference pairs.
+Output: a rich table on stderr, the summary as the one JSON line on stdout (and summary.json),
+one row per example and model in examples.jsonl, the resolved recipe.yaml.
+
+The formulas are in `metrics.py` (and docs/commands/eval.md); model scoring in `scoring.py`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, UsageError
+from ..recipe import dump_recipe, load_recipe
+from ..recipe.commands import EvalModel, EvalRecipe
+from . import metrics as M
+
+ARTIFACTS = ("recipe.yaml", "summary.json", "examples.jsonl")
+GENERATION_METRICS = ("bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length")
+
+
+@dataclass
+class EvalOptions:
+    overrides: list[str] = field(default_factory=list)
+    output_dir: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+
+class Log:
+    """Lines on stderr (none with --quiet, except warnings), and the final table."""
+
+    def __init__(self, quiet: bool):
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.console = Console(stderr=True, highlight=False)
+        self.warnings: list[str] = []
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+        self.console.print(f"warning: {text}", markup=False, highlight=False, style="yellow", soft_wrap=True)
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    role: str  # "model" | "baseline"
+    spec: EvalModel
+    section: Any  # ModelSection
+
+
+def run_dir_for(recipe: EvalRecipe, recipe_path: Path, opts: EvalOptions) -> Path:
+    if opts.output_dir:
+        return Path(opts.output_dir).resolve()
+    if recipe.output.dir:
+        return Path(recipe.output.dir)
+    return Path.cwd() / "runs" / f"eval-{recipe_path.stem}"
+
+
+def check_output(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"output dir {run_dir} exists and is not a folder")
+    held = [a for a in ARTIFACTS if (run_dir / a).exists()]
+    if held and not overwrite:
+        raise UsageError(f"output dir {run_dir} holds another evaluation ({', '.join(held)}). Use --overwrite to "
+                         "replace it, or --output-dir for a new folder.")
+
+
+# ------------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalInputs:
+    text_rows: Any = None
+    text_format: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    references: list[str] | None = None
+    pairs: Any = None
+
+
+def read_inputs(r: EvalRecipe) -> EvalInputs:
+    from ..engine.data import FORMAT_COLUMNS, check_values, detect_format, load_rows
+
+    out = EvalInputs()
+    d = r.data
+    if d.text is not None:
+        rows = load_rows(d.text, what="data.text")
+        fmt = detect_format(rows.column_names, d.text_format)
+        missing = [c for c in FORMAT_COLUMNS[fmt] if c not in rows.column_names]
+        if missing:
+            raise DataError(f"data.text: {d.text.path}: format '{fmt}' needs column(s) {', '.join(missing)} "
+                            f"(columns: {', '.join(rows.column_names)})")
+        out.text_rows, out.text_format = rows, fmt
+    if d.prompts is not None:
+        need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
+        cols = ["prompt"] + (["reference"] if need_ref else [])
+        rows = load_rows(d.prompts, required=cols, what="data.prompts")
+        check_values(rows, ["prompt"], d.prompts.path, what="data.prompts")
+        out.prompts = [str(p) for p in rows["prompt"]]
+        if need_ref:
+            check_values(rows, ["reference"], d.prompts.path, what="data.prompts")
+            out.references = [str(x) for x in rows["reference"]]
+    if d.pairs is not None:
+        rows = load_rows(d.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
+        check_values(rows, ["chosen", "rejected"], d.pairs.path, what="data.pairs")
+        out.pairs = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def perplexity_for(policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log,
+                   rows_out: list[dict]) -> dict:
+    from ..engine.data import tokenize_sft
+    from .scoring import NO_TRUNCATION, perplexity_nll
+
+    max_pos = getattr(lm.config, "max_position_embeddings", None)
+    window = r.perplexity.window_tokens or min(max_pos or 2048, 2048)
+    if max_pos is not None and window > max_pos:
+        raise UsageError(f"perplexity.window_tokens ({window}) exceeds the model's max_position_embeddings "
+                         f"({max_pos}) for model '{name}'")
+    stride = r.perplexity.stride_tokens or max(1, window // 2)
+    if stride > window:
+        raise UsageError(f"perplexity.stride_tokens ({stride}) exceeds the window ({window} tokens)")
+    fmt = inputs.text_format
+    data = tokenize_sft(inputs.text_rows, tok, fmt, NO_TRUNCATION, mask_prompt=fmt != "text", add_eos=r.data.add_eos,
+                        source=r.data.text.path)
+    if len(data) == 0:
+        raise DataError(f"data.text: {r.data.text.path}: no example has a token to score")
+    log.info(f"  perplexity: {len(data)} examples, {data.n_tokens()} tokens, window {window}, stride {stride}")
+    res = perplexity_nll(policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size,
+                         tok.pad_token_id, rt.device)
+    nll = sum(x.nll for x in res)
+    n = sum(x.tokens for x in res)
+    for i, x in enumerate(res):
+        rows_out.append({"kind": "perplexity", "model": name, "index": i, "tokens": x.tokens, "nll": x.nll,
+                         "ppl": M.perplexity(x.nll, x.tokens), "windows": x.windows})
+    return {"ppl": M.perplexity(nll, n), "nll_per_token": nll / n if n else math.nan, "tokens": n,
+            "examples": len(data), "dropped": data.n_dropped, "windows": sum(x.windows for x in res),
+            "window_tokens": window, "stride_tokens": stride}
+
+
+def resolve_models(r: EvalRecipe) -> tuple[list[ModelEntry], Any]:
+    from .loading import model_section
+
+    entries = []
+    for i, m in enumerate(r.models):
+        entries.append(ModelEntry(m.display_name(), "model", m, model_section(m, f"models[{i}]")))
+    if r.baseline is not None:
+        entries.append(ModelEntry(r.baseline.display_name(), "baseline", r.baseline, model_section(r.baseline, "baseline")))
+    ref = model_section(r.reference, "reference") if r.reference is not None and "kl" in r.metrics else None
+    return entries, ref
+
+
+def kl_warnings(r: EvalRecipe) -> list[str]:
+    g = r.generation
+    out = []
+    if not g.do_sample:
+        out.append("kl: generation.do_sample is false, so the completions are not samples of the policy and k1/k3 "
+                   "do not estimate KL")
+    changed = [n for n, on in (("top_p", g.top_p < 1), ("top_k", g.top_k > 0), ("ban", bool(g.ban)),
+                               ("require", bool(g.require)), ("min_new_tokens", g.min_new_tokens > 0)) if on]
+    if changed:
+        out.append(f"kl: sampling used {', '.join(changed)}, which change the sampled distribution; the log-probs are "
+                   "those of the full temperature-scaled policy, so KL is approximate")
+    return out
+
+
+def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
+    t0 = time.perf_counter()
+    recipe_path = Path(recipe_path)
+    loaded = load_recipe(recipe_path, "eval", opts.overrides)
+    r: EvalRecipe = loaded.recipe
+    run_dir = run_dir_for(r, recipe_path, opts)
+    check_output(run_dir, opts.overwrite)
+    log = Log(opts.quiet)
+    inputs = read_inputs(r)
+    entries, ref_section = resolve_models(r)
+    gen_wanted = any(m in r.metrics for m in GENERATION_METRICS)
+
+    import torch
+
+    from ..engine.models import PolicyLM, load_tokenizer
+    from ..rewards import build_rewards
+    from .generation import Generator
+    from .loading import load_lm, make_runtime
+    from .scoring import completion_logprobs
+
+    rt = make_runtime(r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens)
+    rewards = None
+    if r.rewards and any(m in r.metrics for m in ("reward", "win_rate", "preference_accuracy")):
+        rewards = build_rewards(r.rewards, base_dir=recipe_path.resolve().parent,
+                                tokenizer=load_tokenizer(entries[0].section), device=rt.device)
+    ref = None
+    if ref_section is not None:
+        log.info(f"reference: {r.reference.display_name()}")
+        ref_lm, ref_tok = load_lm(ref_section, rt, seed=r.reference.seed)
+        ref = (PolicyLM(ref_lm, rt), ref_tok)
+        for w in kl_warnings(r):
+            log.warn(w)
+
+    rows: list[dict] = []
+    results: dict[str, dict] = {}
+    gens: dict[str, list] = {}
+    for e in entries if ("perplexity" in r.metrics or gen_wanted) else []:
+        log.info(f"{e.role} {e.name}: {e.section.path or 'random init (' + e.section.init.architecture + ')'}")
+        lm, tok = load_lm(e.section, rt, seed=e.spec.seed)
+        policy = PolicyLM(lm, rt)
+        res: dict[str, Any] = {"role": e.role, "model": e.section.path or "init"}
+        if "perplexity" in r.metrics:
+            res["perplexity"] = perplexity_for(policy, lm, tok, inputs, r, rt, e.name, log, rows)
+        if gen_wanted:
+            torch.manual_seed(r.seed)  # every model samples from the same seed
+            gen = Generator(lm, tok, r.generation, rt.device, autocast=rt.autocast, warn=log.warn)
+            log.info(f"  generating {len(inputs.prompts)} completions (max {r.generation.max_new_tokens} new tokens)")
+            outs = gen.generate(inputs.prompts)
+            gens[e.name] = outs
+            if "kl" in r.metrics and ref is not None:
+                if ref[1].get_vocab() != tok.get_vocab():
+                    raise UsageError(f"kl: model '{e.name}' and the reference have different tokenizers; KL needs "
+                                     "both to score the same tokens")
+                T = r.generation.temperature
+                lp = completion_logprobs(policy, [g.prompt_ids for g in outs], [g.token_ids for g in outs], T,
+                                         r.generation.batch_size, tok.pad_token_id, rt.device)
+                lr = completion_logprobs(ref[0], [g.prompt_ids for g in outs], [g.token_ids for g in outs], T,
+                                         r.generation.batch_size, tok.pad_token_id, rt.device)
+                ks = [M.kl_estimates(a, b) for a, b in zip(lp, lr)]
+                res["kl"] = {"k1": _mean([k[0] for k in ks]), "k3": _mean([k[1] for k in ks]),
+                             "k1_per_token": sum(k[0] for k in ks) / max(1, sum(len(a) for a in lp)),
+                             "reference": r.reference.display_name(), "temperature": T, "samples": len(ks)}
+            res.update(text_metrics(outs, inputs, r, rows, e.name))
+            if "kl" in res:
+                for row, k in zip(_gen_rows(rows, e.name), ks):
+                    row["kl"], row["k3"] = k
+            del gen
+        results[e.name] = res
+        del policy, lm
+        _free_memory()
+
+    if rewards is not None and gen_wanted and any(m in r.metrics for m in ("reward", "win_rate")):
+        log.info("scoring completions with the rewards")
+        base_name = r.baseline.display_name() if r.baseline is not None else None
+        scored = {}
+        for name, outs in gens.items():
+            total, parts = rewards.score(inputs.prompts, [g.completion for g in outs])
+            scored[name] = total
+            if "reward" in r.metrics:
+                results[name]["reward"] = {"mean": _mean(total), "std": _std(total),
+                                           "parts": {k: _mean(v) for k, v in parts.items()}}
+            for row in _gen_rows(rows, name):
+                i = row["index"]
+                row["reward"] = total[i]
+                for k, v in parts.items():
+                    row[f"reward/{k}"] = v[i]
+        if "win_rate" in r.metrics:
+            for name in gens:
+                if name == base_name:
+                    continue
+                w = M.win_rate(scored[name], scored[base_name], r.win_rate.bootstrap_samples, r.win_rate.confidence,
+                               r.seed)
+                results[name]["win_rate"] = {**w, "baseline": base_name}
+                outcomes = M.win_outcomes(scored[name], scored[base_name])
+                for row in _gen_rows(rows, name):
+                    row["win"] = outcomes[row["index"]]
+
+    pref = None
+    if "preference_accuracy" in r.metrics:
+        log.info(f"preference accuracy on {len(inputs.pairs)} pairs")
+        pref = preference_for(rewards, inputs.pairs, rows)
+
+    summary: dict[str, Any] = {"command": "eval", "status": "completed", "exit_code": 0, "recipe": str(recipe_path),
+                               "output_dir": str(run_dir), "examples_file": str(run_dir / "examples.jsonl"),
+                               "metrics": list(r.metrics), "models": results}
+    if pref is not None:
+        summary["preference_accuracy"] = pref
+    summary.update({"seed": r.seed, "device": str(rt.device), "precision": rt.precision, "warnings": log.warnings,
+                    "wall_s": round(time.perf_counter() - t0, 3)})
+    write_outputs(run_dir, r, rows, summary, opts.overwrite)
+    if not opts.quiet:
+        print_table(log, summary)
+    return summary
+
+
+def _gen_rows(rows: list[dict], name: str):
+    return (row for row in rows if row["kind"] == "generation" and row["model"] == name)
+
+
+def _mean(v):
+    return sum(v) / len(v) if v else math.nan
+
+
+def _std(v):
+    if not v:
+        return math.nan
+    m = _mean(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / len(v))
+
+
+def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name: str) -> dict:
+    """BLEU, ROUGE, distinct-n and lengths of one model's completions; one examples.jsonl row each."""
+    res: dict[str, Any] = {}
+    hyps = [g.completion for g in outs]
+    per = [{"kind": "generation", "model": name, "index": i, "prompt": g.prompt, "completion": g.completion,
+            "finish_reason": g.finish_reason, "tokens": len(g.token_ids), "words": M.word_count(g.completion)}
+           for i, g in enumerate(outs)]
+    if r.generation.require:
+        for row, g in zip(per, outs):
+            row["missing"] = g.missing
+    if inputs.references is not None:
+        for row, ref in zip(per, inputs.references):
+            row["reference"] = ref
+    if "bleu" in r.metrics:
+        res["bleu"] = M.bleu(hyps, inputs.references)
+        for row, s in zip(per, M.sentence_bleu(hyps, inputs.references)):
+            row["bleu"] = s
+    if "rouge" in r.metrics:
+        rg = M.rouge(hyps, inputs.references, r.rouge.tokenizer)
+        res["rouge"] = {**rg["mean"], "tokenizer": r.rouge.tokenizer, "use_stemmer": False, "measure": "f"}
+        for row, s in zip(per, rg["per_example"]):
+            row.update(s)
+    if "distinct" in r.metrics:
+        res["distinct"] = {f"distinct-{n}": M.distinct_n(hyps, n) for n in r.distinct.n}
+    if "length" in r.metrics:
+        finish: dict[str, int] = {}
+        for g in outs:
+            finish[g.finish_reason] = finish.get(g.finish_reason, 0) + 1
+        res["length"] = {"tokens": M.length_stats([len(g.token_ids) for g in outs]),
+                         "words": M.length_stats([M.word_count(h) for h in hyps]), "finish_reason": finish}
+        if r.generation.require:
+            res["length"]["missing_keywords"] = sum(1 for g in outs if g.missing)
+    rows.extend(per)
+    return res
+
+
+def preference_for(rewards, pairs, rows: list[dict]) -> dict:
+    prompts = [str(p) for p in pairs["prompt"]]
+    chosen = [str(c) for c in pairs["chosen"]]
+    rejected = [str(c) for c in pairs["rejected"]]
+    tc, pc = rewards.score(prompts, chosen)
+    tr, pr = rewards.score(prompts, rejected)
+    out = {"total": M.preference_accuracy(tc, tr)}
+    if len(pc) > 1:
+        for k in pc:
+            out[k] = M.preference_accuracy(pc[k], pr[k])
+    for i in range(len(prompts)):
+        rows.append({"kind": "pair", "index": i, "prompt": prompts[i], "chosen": chosen[i], "rejected": rejected[i],
+                     "reward_chosen": tc[i], "reward_rejected": tr[i], "correct": tc[i] > tr[i]})
+    return out
+
+
+def write_outputs(run_dir: Path, r: EvalRecipe, rows: list[dict], summary: dict, overwrite: bool) -> None:
+    if overwrite:
+        for a in ARTIFACTS:
+            p = run_dir / a
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(r))
+    with open(run_dir / "examples.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(_clean(row), ensure_ascii=False) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+
+
+def _clean(v):
+    """JSON has no NaN/inf: they are written as strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+# ------------------------------------------------------------------------------ table
+
+TABLE_ROWS = (
+    ("perplexity", "ppl", "perplexity"),
+    ("bleu", "score", "BLEU"),
+    ("rouge", "rouge1", "ROUGE-1 F"),
+    ("rouge", "rouge2", "ROUGE-2 F"),
+    ("rouge", "rougeL", "ROUGE-L F"),
+    ("reward", "mean", "reward (mean)"),
+    ("win_rate", "win_rate", "win rate vs baseline"),
+    ("kl", "k1", "KL k1 (per completion)"),
+    ("kl", "k3", "KL k3 (per completion)"),
+)
+
+
+def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    models = summary["models"]
+    names = list(models)
+    body: list[list[str]] = []
+
+    def fmt(x) -> str:
+        return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    for metric, key, label in TABLE_ROWS:
+        if not any(metric in models[n] for n in names):
+            continue
+        cells = []
+        for n in names:
+            v = models[n].get(metric, {}).get(key)
+            if metric == "win_rate" and v is not None:
+                w = models[n][metric]
+                cells.append(f"{v:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]")
+            else:
+                cells.append("-" if v is None else fmt(v))
+        body.append([label] + cells)
+    for n0 in names[:1]:
+        for k in models[n0].get("distinct", {}):
+            body.append([k] + [fmt(models[n].get("distinct", {}).get(k, "-")) for n in names])
+    if any("length" in models[n] for n in names):
+        body.append(["tokens (mean)"] + [fmt(models[n]["length"]["tokens"]["mean"]) if "length" in models[n] else "-"
+                                         for n in names])
+        body.append(["words (mean)"] + [fmt(models[n]["length"]["words"]["mean"]) if "length" in models[n] else "-"
+                                        for n in names])
+    header = ["metric"] + [f"{n} ({models[n]['role']})" if models[n]["role"] != "model" else n for n in names]
+    return header, body
+
+
+def print_table(log: Log, summary: dict) -> None:
+    from rich.table import Table
+
+    header, body = table_rows(summary)
+    t = Table(title="prefcli eval")
+    for h in header:
+        t.add_column(h, overflow="fold")
+    for row in body:
+        t.add_row(*row)
+    log.console.print(t)
+    if "bleu" in summary["metrics"]:
+        first = next(iter(summary["models"].values()))
+        log.info(f"BLEU signature: {first['bleu']['signature']}")
+    pa = summary.get("preference_accuracy")
+    if pa:
+        for k, v in pa.items():
+            log.info(f"preference accuracy ({k}): {v['accuracy']:.3f} on {v['n']} pairs ({v['ties']} ties, "
+                     f"mean margin {v['margin_mean']:.4g})")
+    log.info(f"examples: {summary['examples_file']}")

@@ -1,0 +1,556 @@
+"""Batched sampling with output control, on Hugging Face `generate`.
+
+Prompts are left-padded (transformers derives the position ids from the attention mask and
+keeps a KV cache). What transformers offers is used as is:
+
+- length limits: `GenerationConfig(max_new_tokens, min_new_tokens)` (min_new_tokens blocks EOS);
+- stop strings: `StopStringCriteria` (`generate(stop_strings=..., tokenizer=...)`), the text then
+  cut before the first stop string;
+- control codes (Korbak et al. 2023, conditional training): the code is put before the prompt, and
+  when it is a token of the vocabulary it is banned from the output with `bad_words_ids`, as in
+  their code; the pad token is banned the same way (it is never a valid output);
+- sampling: temperature, top-k, top-p.
+
+Two controls are written here as `LogitsProcessor`s (transformers' own extension point), because
+what transformers has does not do the job:
+
+- **banned words** (`BannedWordsProcessor`). `bad_words_ids` bans exact token sequences, but a word
+  has many tokenizations ("dark"+"ness", " Dark", "DARK", " d"+"ark"), and banning the token
+  " dark" would also forbid "darkness". The processor checks text instead: at every step it bans
+  each token that would complete a banned word as a whole word (case-insensitive) in the
+  completion, whatever the tokenization, so a banned word never appears.
+- **required keywords** (`RequiredWordsProcessor`). Constrained beam search (`force_words_ids`,
+  `constraints`) left transformers 5 for the hub repo transformers-community/constrained-beam-search,
+  which needs network access and `trust_remote_code` (tested: transformers 5.24 raises
+  "Constrained Beam Search requires `trust_remote_code=True`"). The approach here works with
+  sampling and offline: sample freely; block EOS while a keyword is missing; and when the tokens
+  left equal the tokens the missing keywords need, write the next missing keyword out (its
+  tokens are forced one by one), followed by a word boundary. Stop strings wait for the keywords
+  (`KeywordGatedStop`). Keywords therefore appear late when the model does not produce them on
+  its own; a budget too small for them is reported per completion (`missing`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
+
+from ..errors import UsageError
+from ..recipe.commands import GenerationSection
+from .metrics import contains_word, word_pattern
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Generation:
+    prompt: str
+    completion: str  # decoded, cut before a stop string
+    prompt_ids: list[int]  # what the model was conditioned on (control code and chat template included)
+    token_ids: list[int]  # the sampled tokens, EOS included when generated, no padding
+    finish_reason: str  # "eos" | "stop" | "length"
+    missing: list[str] = field(default_factory=list)  # required keywords absent from the completion
+
+
+def token_strings(tok, vocab_size: int) -> list[str]:
+    """The text each token adds when it follows other text. Decoding a token alone loses a
+    SentencePiece-style leading space, so each is decoded after an anchor token and the anchor's
+    text removed. Special tokens (and ids past the tokenizer) give ''."""
+    anchor = tok("a", add_special_tokens=False)["input_ids"][:1]
+    base = tok.decode(anchor, skip_special_tokens=True)
+    special = set(tok.all_special_ids)
+    n = len(tok)
+    texts = tok.batch_decode([anchor + [i] for i in range(min(n, vocab_size))], skip_special_tokens=True)
+    out = []
+    for i, t in enumerate(texts):
+        out.append("" if i in special else (t[len(base):] if t.startswith(base) else t))
+    return out + [""] * max(0, vocab_size - n)
+
+
+def _finished(row: torch.Tensor, eos_ids: set[int], pad_id: int) -> bool:
+    if row.numel() == 0:
+        return False
+    last = int(row[-1])
+    return last in eos_ids or last == pad_id or any(int(t) in eos_ids for t in row.tolist())
+
+
+class BannedWordsProcessor(LogitsProcessor):
+    """Bans every token that would make a banned word appear as a whole word (any letter case) in
+    the completion.
+
+    With the completion text so far (`text`) and a candidate token's text (`s`), a violation is a
+    match of the word in `text + s` that involves `s` and is *confirmed*: followed by a non-word
+    character (on the last step, also a match at the very end, since nothing can follow). A match
+    left at the end of `text` ("...dark") is *pending*: then every token that starts with a
+    non-word character, and EOS, are banned, so it can only grow into another word ("darkness").
+    Only tokens that can take part in a match are checked one by one (tokens containing the word,
+    or starting with a suffix of it that `text` ends the beginning of), so a step costs a decode
+    of the completion and a few regex searches per row."""
+
+    def __init__(self, tok, words: Sequence[str], prompt_len: int, max_new_tokens: int, vocab_size: int,
+                 eos_ids: set[int], pad_id: int, strings: list[str] | None = None):
+        self.tok = tok
+        self.words = list(words)
+        self.prompt_len = prompt_len
+        self.max_new = max_new_tokens
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.strings = strings if strings is not None else token_strings(tok, vocab_size)
+        lower = [s.lower() for s in self.strings]
+        self.patterns = [word_pattern(w) for w in self.words]
+        self.end_patterns = [re.compile(p.pattern + r"\Z", re.IGNORECASE) for p in self.patterns]
+        self.nonword_start = torch.tensor([bool(s) and not re.match(r"\w", s) for s in self.strings])
+        self.contains: list[list[int]] = []
+        self.starts: list[dict[int, list[int]]] = []
+        for w in self.words:
+            wl = w.lower()
+            self.contains.append([i for i, s in enumerate(lower) if wl in s])
+            self.starts.append({k: [i for i, s in enumerate(lower) if s.startswith(wl[k:])] for k in range(1, len(wl))})
+
+    def banned_for(self, text: str, last_step: bool) -> tuple[set[int], bool]:
+        """Token ids to ban after `text`, and whether non-word starts and EOS are banned too."""
+        banned: set[int] = set()
+        block_boundary = False
+        low = text.lower()
+        for wi, w in enumerate(self.words):
+            L = len(w)
+            if self.end_patterns[wi].search(text):
+                block_boundary = True
+            ctx = text[-(L + 1):]
+            cands = set(self.contains[wi])
+            for k, ids in self.starts[wi].items():
+                if low.endswith(w[:k].lower()):
+                    cands.update(ids)
+            pat = self.patterns[wi]
+            for t in cands:
+                new = ctx + self.strings[t]
+                for m in pat.finditer(new):
+                    if m.end() > len(ctx) and (m.end() < len(new) or last_step):
+                        banned.add(t)
+                        break
+        return banned, block_boundary
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        gen = input_ids[:, self.prompt_len:]
+        last_step = gen.shape[1] + 1 >= self.max_new
+        for r in range(gen.shape[0]):
+            if _finished(gen[r], self.eos_ids, self.pad_id):
+                continue
+            text = self.tok.decode(gen[r].tolist(), skip_special_tokens=True)
+            banned, boundary = self.banned_for(text, last_step)
+            if banned:
+                scores[r, list(banned)] = NEG_INF
+            if boundary:
+                scores[r, :len(self.nonword_start)][self.nonword_start.to(scores.device)] = NEG_INF
+                for e in self.eos_ids:
+                    scores[r, e] = NEG_INF
+        return scores
+
+
+class RequiredWordsProcessor(LogitsProcessor):
+    """Makes every completion contain each required keyword (whole word, any case).
+
+    Per row: while a keyword is missing, EOS is banned. When the tokens left
+    (max_new_tokens - generated) are no more than the tokens the missing keywords need, the next
+    missing keyword is forced: its tokens (with a leading space unless the text ends in one) get
+    all the probability, one per step; the step after a forced keyword cannot start with a word
+    character, so the keyword stays a whole word. Put it last in the processor list: forcing
+    overrides every other processor."""
+
+    def __init__(self, tok, words: Sequence[str], prompt_len: int, max_new_tokens: int, eos_ids: set[int],
+                 pad_id: int, strings: list[str]):
+        self.tok = tok
+        self.words = list(words)
+        self.prompt_len = prompt_len
+        self.max_new = max_new_tokens
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.word_start = torch.tensor([bool(s) and re.match(r"\w", s) is not None for s in strings])
+        self.ids = {w: (tok(" " + w, add_special_tokens=False)["input_ids"], tok(w, add_special_tokens=False)["input_ids"])
+                    for w in self.words}
+        self.queue: dict[int, list[int]] = {}
+        self.after_forced: set[int] = set()
+
+    def need(self, w: str) -> int:
+        return max(len(x) for x in self.ids[w])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        gen = input_ids[:, self.prompt_len:]
+        remaining = self.max_new - gen.shape[1]
+        for r in range(gen.shape[0]):
+            if _finished(gen[r], self.eos_ids, self.pad_id):
+                continue
+            q = self.queue.get(r)
+            if q:
+                self._force(scores, r, q.pop(0))
+                if not q:
+                    self.after_forced.add(r)
+                continue
+            if r in self.after_forced:
+                self.after_forced.discard(r)
+                if remaining > 0:
+                    scores[r, :len(self.word_start)][self.word_start.to(scores.device)] = NEG_INF
+            text = self.tok.decode(gen[r].tolist(), skip_special_tokens=True)
+            missing = [w for w in self.words if not contains_word(text, w)]
+            if not missing:
+                continue
+            for e in self.eos_ids:
+                scores[r, e] = NEG_INF
+            if remaining <= sum(self.need(w) for w in missing):
+                spaced, bare = self.ids[missing[0]]
+                ids = list(bare if (not text or text[-1].isspace()) else spaced)
+                self._force(scores, r, ids.pop(0))
+                if ids:
+                    self.queue[r] = ids
+                else:
+                    self.after_forced.add(r)
+        return scores
+
+    @staticmethod
+    def _force(scores: torch.FloatTensor, r: int, token: int) -> None:
+        scores[r, :] = NEG_INF
+        scores[r, token] = 0.0
+
+
+class KeywordGatedStop(StoppingCriteria):
+    """Transformers' StopStringCriteria, firing only once the text before the stop string holds every
+    required keyword (so a stop string cannot cut a completion short of its keywords)."""
+
+    def __init__(self, inner, tok, words: Sequence[str], stops: Sequence[str], prompt_len: int):
+        self.inner, self.tok, self.words, self.stops, self.prompt_len = inner, tok, list(words), list(stops), prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        hit = self.inner(input_ids, scores, **kwargs)
+        for r in torch.nonzero(hit).flatten().tolist():
+            text = self.tok.decode(input_ids[r, self.prompt_len:].tolist(), skip_special_tokens=True)
+            cut = max((text.rfind(s) for s in self.stops), default=-1)
+            before = text[:cut] if cut >= 0 else text
+            if not all(contains_word(before, w) for w in self.words):
+                hit[r] = False
+        return hit
+
+
+def cut_at_stop(text: str, stops: Sequence[str], required: Sequence[str] = ()) -> tuple[str, bool]:
+    """The text before the first stop string whose preceding text holds every required keyword."""
+    best = None
+    for s in stops:
+        start = 0
+        while True:
+            p = text.find(s, start)
+            if p < 0:
+                break
+            if all(contains_word(text[:p], w) for w in required):
+                best = p if best is None else min(best, p)
+                break
+            start = p + 1
+    return (text[:best], True) if best is not None else (text, False)
+
+
+class Generator:
+    """Samples completions for batches of prompts with a GenerationSection's settings."""
+
+    def __init__(self, lm, tok, cfg: GenerationSection, device, autocast=None, warn=None):
+        self.lm, self.tok, self.cfg, self.device = lm, tok, cfg, device
+        self.autocast = autocast
+        self.warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+        self.eos_ids = {tok.eos_token_id}
+        gen_eos = getattr(lm.generation_config, "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            self.eos_ids.add(gen_eos)
+        elif isinstance(gen_eos, (list, tuple)):
+            self.eos_ids.update(gen_eos)
+        self.pad_id = tok.pad_token_id
+        # Sampling follows this recipe alone: a checkpoint's generation_config.json (e.g. top_p 0.8,
+        # repetition_penalty 1.05) would otherwise fill every setting left unset, and KL to the
+        # reference would no longer describe what was sampled.
+        lm.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+                                                bos_token_id=tok.bos_token_id)
+        self.vocab_size = lm.get_output_embeddings().weight.shape[0]
+        if cfg.chat and not tok.chat_template:
+            raise UsageError("generation.chat needs a chat template, and this tokenizer has none")
+        self.bad_words = [[self.pad_id]]
+        cc = cfg.control_code
+        if cc:
+            cc_ids = tok(cc, add_special_tokens=False)["input_ids"]
+            if len(cc_ids) == 1:
+                self.bad_words.append(cc_ids)
+            else:
+                self.warn(f"control code {cc!r} is not a single token of the tokenizer ({len(cc_ids)} tokens); it is "
+                          "put before each prompt as plain text. Conditional training adds control codes as "
+                          "special tokens.")
+        self._strings = token_strings(tok, self.vocab_size) if (cfg.ban or cfg.require) else None
+        if cfg.require:
+            need = sum(max(len(tok(" " + w, add_special_tokens=False)["input_ids"]),
+                           len(tok(w, add_special_tokens=False)["input_ids"])) for w in cfg.require)
+            if need > cfg.max_new_tokens:
+                self.warn(f"the required keywords need {need} tokens but max_new_tokens is {cfg.max_new_tokens}; "
+                          "some will be missing (reported per completion)")
+        self._stop_inner = None
+        if cfg.stop and cfg.require:
+            from transformers.generation.stopping_criteria import StopStringCriteria
+            self._stop_inner = StopStringCriteria(tokenizer=tok, stop_strings=list(cfg.stop))
+
+    def prompt_text(self, prompt: str) -> str:
+        text = prompt
+        if self.cfg.chat:
+            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+        return (self.cfg.control_code or "") + text
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tok(self.prompt_text(prompt), add_special_tokens=not self.cfg.chat)["input_ids"]
+        if not ids:  # an empty prompt: start from BOS (or EOS, the usual start-of-text of BOS-less models)
+            ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
+        return list(ids)
+
+    def _config(self) -> GenerationConfig:
+        c = self.cfg
+        kw = dict(max_new_tokens=c.max_new_tokens, min_new_tokens=c.min_new_tokens or None, do_sample=c.do_sample,
+                  pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), bad_words_ids=self.bad_words)
+        if c.do_sample:
+            kw.update(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
+        if c.stop and not c.require:
+            kw["stop_strings"] = list(c.stop)
+        return GenerationConfig(**kw)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str]) -> list[Generation]:
+        out: list[Generation] = []
+        for s in range(0, len(prompts), self.cfg.batch_size):
+            out.extend(self._batch(list(prompts[s:s + self.cfg.batch_size])))
+        return out
+
+    def _batch(self, prompts: list[str]) -> list[Generation]:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        c = self.cfg
+        enc = [self.encode(p) for p in prompts]
+        P = max(len(e) for e in enc)
+        ids = torch.full((len(enc), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), P), dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, P - len(e):] = torch.tensor(e)
+            mask[i, P - len(e):] = 1
+        procs = LogitsProcessorList()
+        if c.ban:
+            procs.append(BannedWordsProcessor(self.tok, c.ban, P, c.max_new_tokens, self.vocab_size, self.eos_ids,
+                                              self.pad_id, self._strings))
+        if c.require:
+            procs.append(RequiredWordsProcessor(self.tok, c.require, P, c.max_new_tokens, self.eos_ids, self.pad_id,
+                                                self._strings))
+        stops = StoppingCriteriaList()
+        if self._stop_inner is not None:
+            stops.append(KeywordGatedStop(self._stop_inner, self.tok, c.require, c.stop, P))
+        self.lm.eval()
+        ctx = self.autocast() if self.autocast is not None else _nullcontext()
+        with ctx:
+            seqs = self.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    generation_config=self._config(), logits_processor=procs,
+                                    stopping_criteria=stops, tokenizer=self.tok if c.stop else None)
+        results = []
+        for i, p in enumerate(prompts):
+            toks = seqs[i, P:].tolist()
+            finish = "length"
+            for k, t in enumerate(toks):
+                if t in self.eos_ids:
+                    toks = toks[:k + 1]
+                    finish = "eos"
+                    break
+            else:
+                while toks and toks[-1] == self.pad_id:
+                    toks.pop()
+            text = self.tok.decode(toks, skip_special_tokens=True)
+            if c.stop:
+                text, cut = cut_at_stop(text, c.stop, c.require)
+                if cut:
+                    finish = "stop"
+            missing = [w for w in c.require if not contains_word(text, w)]
+            results.append(Generation(prompt=p, completion=text, prompt_ids=enc[i], token_ids=toks,
+                                      finish_reason=finish, missing=missing))
+        return results
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ------------------------------------------------------------------- prompt streams
+
+
+def read_prompts(lines: Iterable[str], fmt: str, source: str) -> Iterator[tuple[str, dict]]:
+    """Prompts from text lines, lazily (so a pipeline answers as prompts arrive).
+
+    fmt 'lines': one prompt per line (the newline removed; blank lines skipped).
+    fmt 'jsonl': one JSON object per line with a 'prompt' string; its other fields are passed
+    through to the output row. Errors name the source and the line."""
+    import json
+
+    from ..errors import DataError
+
+    for n, line in enumerate(lines, 1):
+        raw = line.rstrip("\r\n")
+        if not raw.strip():
+            continue
+        if fmt == "lines":
+            yield raw, {}
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{n}: not valid JSON ({e.msg}); use --format lines for plain-text prompts") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise DataError(f"{source}:{n}: expected an object with a 'prompt' string")
+        extra = {k: v for k, v in obj.items() if k != "prompt"}
+        yield obj["prompt"], extra
+
+
+# ------------------------------------------------------------------ prefcli generate
+
+
+@dataclass
+class GenerateOptions:
+    model_dir: str | None = None
+    recipe: str | None = None
+    model_name: str | None = None
+    prompts: str | None = None  # a file; None reads stdin
+    fmt: str | None = None  # lines | jsonl; default: jsonl for a .jsonl file, else lines
+    settings: dict = field(default_factory=dict)  # GenerationSection fields given on the command line
+    seed: int | None = None
+    device: str = "auto"
+    quiet: bool = False
+
+
+def _settings(base: GenerationSection, given: dict) -> GenerationSection:
+    from pydantic import ValidationError
+
+    data = base.model_dump()
+    data.update({k: v for k, v in given.items() if v is not None and v != []})
+    try:
+        return GenerationSection.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msgs.append(f"{'--' + loc.replace('_', '-') + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}")
+        raise UsageError("invalid generation settings: " + "; ".join(msgs)) from None
+
+
+def resolve_generate_model(opts: GenerateOptions):
+    """(ModelSection, generation defaults, seed, runtime settings) from a model folder or a recipe."""
+    from pydantic import ValidationError
+
+    from ..recipe import load_recipe
+    from ..recipe.sections import ModelSection
+    from .loading import model_section, trained_model_dir
+
+    if (opts.model_dir is None) == (opts.recipe is None):
+        raise UsageError("give a model folder or --recipe RECIPE.yaml (one of them)")
+    if opts.model_dir is not None:
+        if opts.model_name:
+            raise UsageError("--model picks one of an eval recipe's models; it needs --recipe")
+        try:
+            return ModelSection(path=str(opts.model_dir)), GenerationSection(), 0, ("auto", "auto", 4096)
+        except ValidationError as e:
+            raise UsageError(f"model {opts.model_dir}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    loaded = load_recipe(opts.recipe)
+    r = loaded.recipe
+    if loaded.command == "eval":
+        candidates = list(r.models) + ([r.baseline] if r.baseline is not None else [])
+        if opts.model_name:
+            found = [m for m in candidates if m.display_name() == opts.model_name]
+            if not found:
+                raise UsageError(f"--model {opts.model_name}: {opts.recipe} has no model of that name (models: "
+                                 f"{', '.join(m.display_name() for m in candidates)})")
+            spec = found[0]
+        else:
+            spec = candidates[0]
+        rt = r.runtime
+        return model_section(spec, spec.display_name()), r.generation, r.seed, (rt.device, rt.precision,
+                                                                                rt.loss_chunk_tokens)
+    if opts.model_name:
+        raise UsageError("--model picks one of an eval recipe's models; a training recipe has one")
+    final = trained_model_dir(opts.recipe)
+    if not (final / "config.json").exists():
+        raise UsageError(f"{opts.recipe}: no trained model at {final}; run `prefcli {loaded.command} {opts.recipe}` "
+                         "first (from this folder)")
+    return ModelSection(path=str(final)), GenerationSection(), r.train.seed, (r.runtime.device, r.runtime.precision,
+                                                                             r.runtime.loss_chunk_tokens)
+
+
+def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
+    """Read prompts lazily, write one JSON object per prompt to `out` (stdout), flushed as each batch is
+    done. Returns the number of completions written."""
+    import json
+    import time
+
+    from .loading import load_lm, make_runtime
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    section, base, seed, (device, precision, chunk) = resolve_generate_model(opts)
+    cfg = _settings(base, opts.settings)
+    fmt = opts.fmt or ("jsonl" if opts.prompts and str(opts.prompts).endswith(".jsonl") else "lines")
+    if fmt not in ("lines", "jsonl"):
+        raise UsageError(f"--format must be 'lines' or 'jsonl', got {fmt!r}")
+    if opts.prompts is not None:
+        from pathlib import Path
+        if not Path(opts.prompts).is_file():
+            raise UsageError(f"--prompts: no such file: {opts.prompts}")
+        stream = open(opts.prompts, encoding="utf-8")
+        source = str(opts.prompts)
+    else:
+        stream = sys.stdin
+        source = "<stdin>"
+    rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
+    lm, tok = load_lm(section, rt)
+
+    def warn(text: str) -> None:
+        print(f"warning: {text}", file=err, flush=True)
+
+    gen = Generator(lm, tok, cfg, rt.device, autocast=rt.autocast, warn=warn)
+    torch.manual_seed(opts.seed if opts.seed is not None else seed)
+    t0 = time.perf_counter()
+    n = 0
+    batch: list[tuple[str, dict]] = []
+
+    def flush() -> None:
+        nonlocal n
+        for (prompt, extra), g in zip(batch, gen.generate([p for p, _ in batch])):
+            row = {**extra, "index": n, "prompt": prompt, "completion": g.completion, "finish_reason": g.finish_reason,
+                   "tokens": len(g.token_ids)}
+            if cfg.require:
+                row["missing"] = g.missing
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+        out.flush()
+        batch.clear()
+
+    from ..errors import DataError
+
+    try:
+        for item in read_prompts(iter(stream.readline, ""), fmt, source):
+            batch.append(item)
+            if len(batch) >= cfg.batch_size:
+                flush()
+        if batch:
+            flush()
+    except DataError:
+        if batch:  # answer what was read before the bad line, then report it
+            flush()
+        raise
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    if not opts.quiet:
+        print(f"generated {n} completion{'s' if n != 1 else ''} in {time.perf_counter() - t0:.1f} s", file=err,
+              flush=True)
+    return n

@@ -15,6 +15,7 @@ from .rewards import RewardSpec
 from .sections import (
     DataSource,
     LogSection,
+    ModelInit,
     ModelSection,
     OutputSection,
     RuntimeSection,

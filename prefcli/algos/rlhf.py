@@ -489,9 +489,12 @@ class RLHFTask:
         rt.synchronize()
         t0 = time.perf_counter()
         r = self.sampler.generate(p_ids, p_mask, self.scfg)
-        if getattr(self.sampler, "compile_error", None) and not getattr(self, "_warned_compile", False):
-            self.ctx.warn(f"compiling the sampler failed ({self.sampler.compile_error}); decoding without it")
-            self._warned_compile = True
+        if not getattr(self, "_warned_sampler", False):
+            for what, err in (("compiling", getattr(self.sampler, "compile_error", None)),
+                              ("capturing a CUDA graph of", getattr(self.sampler, "graph_error", None))):
+                if err:
+                    self.ctx.warn(f"{what} the sampler's decode step failed ({err}); decoding without it")
+            self._warned_sampler = True
         rt.synchronize()
         gen_s = time.perf_counter() - t0
         r = apply_stop_strings(r, self.tok, self.cfg.generation.stop_strings, self.tok.pad_token_id)

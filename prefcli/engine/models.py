@@ -140,18 +140,19 @@ def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = 
     dtype = rt.param_dtype
     common = dict(attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
     try:
-        if m.init is not None:
-            cfg = init_config(m.init.architecture, m.init.config, tok)
+        if m.init is not None or smoke:
+            if m.init is not None:
+                cfg = init_config(m.init.architecture, m.init.config, tok)
+            else:
+                cfg = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+                cfg.vocab_size = max(cfg.vocab_size, len(tok))
             if smoke:
                 cfg = shrink_config(cfg)
             torch.manual_seed(seed)
-            lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **common)
-        elif smoke:
-            cfg = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-            cfg = shrink_config(cfg)
-            cfg.vocab_size = max(cfg.vocab_size, len(tok))
-            torch.manual_seed(seed)
-            lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **common)
+            # initialise where the model will live: on a GPU a 0.5B model initialises in a moment,
+            # not in the tens of seconds the CPU takes (the random values differ between devices)
+            with torch.device(rt.device):
+                lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **common)
         else:
             lm = AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, dtype=dtype, use_safetensors=True,
                                                       **common)

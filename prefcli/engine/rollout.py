@@ -141,6 +141,7 @@ class FastDecoder:
         # layer; the KV-cache write stays outside (no mutated inputs in the compiled code).
         self._compiled = None
         self.compile_error: str | None = None
+        self.graph_error: str | None = None
         self._compile_checked = not compile
         if compile:
             self._compiled = (torch.compile(self._attn_in, backend=compile_backend, dynamic=False, fullgraph=True),
@@ -414,7 +415,14 @@ class FastDecoder:
         if not self._compile_checked and cfg.max_new_tokens > 1:
             self._check_compile()
         if self.use_graph and self.graph is None and cfg.max_new_tokens > 1:
-            self._capture()
+            snap = [t.clone() for t in self._state()]
+            try:
+                self._capture()
+            except Exception as e:  # a capture that fails (an op that syncs, a driver limit): decode eagerly
+                self.graph_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                self.use_graph, self.graph = False, None
+                torch.cuda.synchronize()
+                self._restore(snap)
         # each decode step feeds the previous token (slot s_idx) and samples the next
         for t in range(1, cfg.max_new_tokens):
             self._advance()

@@ -23,6 +23,8 @@ from .recipe import RecipeBase, dump_recipe, load_recipe
 # tests/test_command_table.py keeps it in sync with the recipe schemas and the CLI.
 TASKS: dict[str, str] = {
     "sft": "prefcli.algos.sft",
+    "reward": "prefcli.algos.reward",
+    "contrastive": "prefcli.algos.contrastive",
 }
 
 # What a run folder holds; --overwrite removes exactly these, nothing else.

@@ -441,6 +441,7 @@ class PreferenceTask(Scheduled):
     def has_eval(self) -> bool:
         return self.eval_set is not None and len(self.eval_set) > 0
 
+    @torch.no_grad()
     def evaluate(self) -> dict:
         rt, s = self.rt, self.eval_set
         self._ensure_ref()

@@ -219,6 +219,7 @@ class InfoNCETask(Scheduled):
     def has_eval(self) -> bool:
         return self.eval_set is not None and len(self.eval_set) > 0
 
+    @torch.no_grad()
     def evaluate(self) -> dict:
         rt, s = self.rt, self.eval_set
         names = ["loss", "reward/chosen", "retrieval/top1"] + (

@@ -410,6 +410,7 @@ class RewardTask(Scheduled):
     def has_eval(self) -> bool:
         return self.eval_set is not None and len(self.eval_set) > 0
 
+    @torch.no_grad()
     def evaluate(self) -> dict:
         rt, s = self.rt, self.eval_set
         dev = rt.device

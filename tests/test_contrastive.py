@@ -28,8 +28,8 @@ def pref_dict(objective: str = "dpo", **upd) -> dict:
     r = {"command": "contrastive",
          "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
          "data": {"train": {"path": str(DATA / "tiny" / ("pref_kto.jsonl" if kto else "pref_train.jsonl")),
-                            "max_rows": 64},
-                  "eval": None if kto else {"path": str(DATA / "tiny" / "pref_eval.jsonl"), "max_rows": 32},
+                            "max_rows": 48 if kto else 32},
+                  "eval": None if kto else {"path": str(DATA / "tiny" / "pref_eval.jsonl"), "max_rows": 16},
                   "eval_fraction": 0.25 if kto else 0.0, "max_length": 48},
          "contrastive": {"objective": objective},
          "train": {"max_steps": 3, "batch_size": 8, "lr": 3e-3, "seed": 0},
@@ -95,7 +95,7 @@ def test_first_dpo_loss_is_ln2_and_the_reference_is_checkpointed(tmp_path, write
     assert m[0]["loss/dpo"] == pytest.approx(LN2, abs=1e-6)
     assert m[0]["reward/accuracy"] == 0.5 and m[0]["reward/margin"] == pytest.approx(0.0, abs=1e-6)
     extra = load_file(str(out / "checkpoints" / "step-2" / "extra.safetensors"))
-    assert extra["train"].shape == (64, 2) and extra["eval"].shape == (32, 2)
+    assert extra["train"].shape == (32, 2) and extra["eval"].shape == (16, 2)
     assert s["objective"]["reference"] is True and s["objective"]["beta"] == 0.1
 
 
@@ -110,7 +110,8 @@ def test_reference_free_objectives_compute_no_reference(tmp_path, write_recipe):
 def test_reference_gets_no_gradient_and_stays_the_initial_model(tmp_path, write_recipe):
     """With LoRA the reference is the same weights with adapters off: after training, recomputing it
     gives the stored values exactly (nothing trained the reference), while the policy moved."""
-    d = pref_dict(model={"lora": {"r": 4, "alpha": 8}}, train={"max_steps": 4, "lr": 1e-2})
+    d = pref_dict(model={"lora": {"r": 4, "alpha": 8}}, data={"train": {"max_rows": 16}, "eval": None},
+                  train={"max_steps": 3, "lr": 1e-2})
     task, rt, recipe = make_task(write_recipe, d, tmp_path)
     task._ensure_ref()
     ref0 = task.ref["train"].clone()
@@ -121,7 +122,7 @@ def test_reference_gets_no_gradient_and_stays_the_initial_model(tmp_path, write_
     assert task.ref["train"].grad is None
     assert all(p.grad is None for n, p in task.lm.named_parameters() if "lora_" not in n)  # frozen base
     task.lm.zero_grad(set_to_none=True)
-    Engine(task, rt, recipe.train, Progress(False, 4, "t", None, quiet=True), tmp_path / "e").run()
+    Engine(task, rt, recipe.train, Progress(False, 3, "t", None, quiet=True), tmp_path / "e").run()
     assert torch.equal(task.ref["train"], ref0)
     task.ref = {}
     task._ensure_ref()  # recomputed now, adapters off
@@ -135,11 +136,12 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
     """Losses are normalised by the pairs (kto: rows) of the whole accumulated batch; KTO's KL estimate
     spans the whole step."""
     for obj in ("dpo", "kto"):
-        d = pref_dict(obj, data={"eval": None, "eval_fraction": 0.0}, train={"lr": 1e-2})
+        d = pref_dict(obj, data={"train": {"max_rows": 16}, "eval": None, "eval_fraction": 0.0},
+                      train={"lr": 1e-2, "max_steps": 2})
         _, a = run(tmp_path, write_recipe, f"{obj}8", d, "train.batch_size=8", "train.grad_accum_steps=1")
         _, b = run(tmp_path, write_recipe, f"{obj}2x4", d, "train.batch_size=2", "train.grad_accum_steps=4")
         la, lb = losses(a, f"loss/{obj}"), losses(b, f"loss/{obj}")
-        assert len(la) == 3
+        assert len(la) == 2
         for s in la:
             assert lb[s] == pytest.approx(la[s], abs=1e-5), (obj, s)
         wa = load_file(str(a / "final" / "model.safetensors"))
@@ -224,7 +226,9 @@ def test_bad_rows_are_counted_and_no_usable_row_exits_2(tmp_path, write_recipe, 
             "1 with a prompt of max_length=48 tokens or more") in stderr
     s = last_json(stdout)
     assert s["data"]["skipped"] == {"missing": 2, "identical": 1, "long_prompt": 1} and s["data"]["train_examples"] == 8
+    f = tmp_path / "bad.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    d["data"]["train"]["path"] = str(f)
     _bad(cli, tmp_path, write_recipe(d), "no usable row left of 4")
     d["data"]["train"]["columns"] = {"chosen": "better"}
     _bad(cli, tmp_path, write_recipe(d), "maps 'chosen' to column 'better', which is not in the data")
@@ -238,12 +242,16 @@ def test_bad_rows_are_counted_and_no_usable_row_exits_2(tmp_path, write_recipe, 
 def test_infonce_encoder_learns_and_reloads_as_a_scorer(tmp_path, write_recipe):
     from prefcli.algos.infonce import EncoderScorer
 
-    d = pref_dict("infonce", data={"train": {"max_rows": 128}}, train={"max_steps": 16, "eval_every_steps": 8,
-                                                                        "lr": 3e-3})
+    d = pref_dict("infonce", data={"train": {"max_rows": 64}, "eval": {"max_rows": 32}},
+                  train={"max_steps": 10, "eval_every_steps": 5, "lr": 3e-3})
+    task, *_ = make_task(write_recipe, d, tmp_path)
+    before = task.evaluate()
     s, out = run(tmp_path, write_recipe, "infonce", d)
     evals = [r for r in read_metrics(out) if "eval/accuracy" in r]
-    print("infonce held-out accuracy:", [(r["step"], round(r["eval/accuracy"], 3)) for r in evals])
-    assert s["final"]["eval/accuracy"] >= 0.8 and s["final"]["loss/infonce"] < evals[0]["eval/loss"] + 5
+    print("infonce held-out accuracy: (0, %.3f)" % before["eval/accuracy"],
+          [(r["step"], round(r["eval/accuracy"], 3)) for r in evals])
+    assert s["final"]["eval/accuracy"] >= 0.8 and s["final"]["eval/accuracy"] > before["eval/accuracy"] + 0.2
+    assert s["final"]["eval/loss"] < before["eval/loss"]
     assert json.loads((out / "final" / "config.json").read_text())["architectures"] == ["Qwen2Model"]
     AutoModel.from_pretrained(out / "final")  # transformers alone
     rows = [json.loads(x) for x in (DATA / "tiny" / "pref_eval.jsonl").read_text().splitlines()[:32]]
@@ -284,3 +292,28 @@ def test_every_tiny_contrastive_recipe_runs_with_smoke(tmp_path, cli):
         assert code == 0, (p, stderr)
         s = last_json(stdout)
         assert s["objective"]["name"] == p.stem.split("-", 1)[1] and s["steps"] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_for_kto(tmp_path, write_recipe):
+    """Reference tables computed in shards and all-reduced, and KTO's KL estimate reduced across
+    processes: 2 processes x 2 rows train like 1 process x 4 rows."""
+    import os
+    import subprocess
+    import sys
+
+    p = write_recipe(pref_dict("kto", train={"max_steps": 3, "eval_every_steps": 3}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29523", "-m", "prefcli", "contrastive", str(p), "-o", str(tmp_path / "ddp"), "-q",
+                          "--set", "train.batch_size=2"], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = last_json(res.stdout)
+    assert s["world_size"] == 2
+    single = run_subprocess("contrastive", p, "-o", tmp_path / "one", "-q", "--set", "train.batch_size=4")
+    assert single.returncode == 0, single.stderr
+    a, b = losses(tmp_path / "ddp", "loss/kto"), losses(tmp_path / "one", "loss/kto")
+    assert sorted(a) == [1, 2, 3] and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+    one = last_json(single.stdout)["final"]
+    for k in ("eval/loss", "eval/accuracy", "eval/kl_estimate", "kl/estimate"):
+        assert s["final"][k] == pytest.approx(one[k], abs=1e-5), k

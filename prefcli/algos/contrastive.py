@@ -191,6 +191,7 @@ class Objective:
     rows: str  # 'pairs' | 'unpaired' | 'encoder'
     default_beta: float = 0.1
     default_label_smoothing: float = 0.0
+    extra_metrics: tuple[str, ...] = ()  # per-example metrics the loss reports beyond the rewards
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -200,8 +201,9 @@ OBJECTIVES: dict[str, Objective] = {
     "ipo": Objective(ipo_loss, needs_ref=True, reduce="mean", rows="pairs"),
     "hinge": Objective(hinge_loss, needs_ref=True, reduce="sum", rows="pairs"),
     "simpo": Objective(simpo_loss, needs_ref=False, reduce="mean", rows="pairs", default_beta=2.0),
-    "cpo": Objective(cpo_loss, needs_ref=False, reduce="sum", rows="pairs"),
-    "orpo": Objective(orpo_loss, needs_ref=False, reduce="mean", rows="pairs"),
+    "cpo": Objective(cpo_loss, needs_ref=False, reduce="sum", rows="pairs", extra_metrics=("loss/nll",)),
+    "orpo": Objective(orpo_loss, needs_ref=False, reduce="mean", rows="pairs",
+                      extra_metrics=("loss/nll", "reward/log_odds")),
     "kto": Objective(kto_loss, needs_ref=True, reduce="sum", rows="unpaired"),
     "infonce": Objective(infonce_loss, needs_ref=False, reduce="mean", rows="encoder", default_beta=0.0),
 }
@@ -311,7 +313,8 @@ class PreferenceTask(Scheduled):
             b = self._batch(s, idx, partner)
             seq = self._reduce(*self._seq(self.policy, b))
             return torch.stack(seq.chunk(2), 1) if self.paired else seq
-        return sharded_fill(len(s), self.cfg.train.batch_size, self.rt, fn, width=2 if self.paired else 1)
+        # no activations are kept without gradients: twice the training micro-batch fits
+        return sharded_fill(len(s), 2 * self.cfg.train.batch_size, self.rt, fn, width=2 if self.paired else 1)
 
     @torch.no_grad()
     def _ensure_ref(self) -> None:
@@ -445,13 +448,18 @@ class PreferenceTask(Scheduled):
     def evaluate(self) -> dict:
         rt, s = self.rt, self.eval_set
         self._ensure_ref()
-        sums: dict[str, list[torch.Tensor]] = {}
         bs = self.cfg.train.batch_size
         kl = None
         if not self.paired:
             kl = self._kl_estimate(s, shard_for_rank(list(range(len(s))), rt.rank, rt.world_size), self.eval_partner,
                                    "eval_kl")
-        n_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
+            names = ["loss", "reward/chosen", "reward/rejected", "reward/accuracy", "logps/chosen", "logps/rejected",
+                     "kl/estimate"]
+        else:
+            names = ["loss", "reward/chosen", "reward/rejected", "reward/margin", "reward/accuracy", "logps/chosen",
+                     "logps/rejected", *self.obj.extra_metrics]
+        # the same names on every process (one all-reduce), whatever its share of the held-out set
+        tot = torch.zeros(2 * len(names), dtype=torch.float64, device=rt.device)
         for items in iterate_eval(len(s), bs, rt.rank, rt.world_size, self.cfg.train.eval_max_batches):
             if not items:
                 continue
@@ -462,21 +470,15 @@ class PreferenceTask(Scheduled):
                 b["kl"] = kl
                 loss, m = self._unpaired_loss(self.policy, b, "eval")
             m["loss"] = (loss, len(items))
-            for k, (v, c) in m.items():
-                acc = sums.setdefault(k, [torch.zeros((), dtype=torch.float64, device=rt.device)] * 2)
-                sums[k] = [acc[0] + torch.as_tensor(v, dtype=torch.float64, device=rt.device),
-                           acc[1] + torch.as_tensor(c, dtype=torch.float64, device=rt.device)]
-            n_loss += len(items)
-        names = sorted(sums)
-        if not names:
-            return {}
-        flat = rt.all_reduce(torch.stack([x for k in names for x in sums[k]]))
+            for i, k in enumerate(names):
+                tot[2 * i] += float(m[k][0])
+                tot[2 * i + 1] += float(m[k][1])
+        rt.all_reduce(tot)
         out = {}
         rename = {"reward/accuracy": "eval/accuracy", "reward/margin": "eval/margin", "loss": "eval/loss"}
         for i, k in enumerate(names):
-            s_, c_ = flat[2 * i].item(), flat[2 * i + 1].item()
-            if c_:
-                out[rename.get(k, "eval/" + k.replace("/", "_"))] = s_ / c_
+            if tot[2 * i + 1] > 0:
+                out[rename.get(k, "eval/" + k.replace("/", "_"))] = (tot[2 * i] / tot[2 * i + 1]).item()
         return out
 
     def save_final(self, out_dir: Path) -> None:

@@ -33,6 +33,7 @@ from .data import _chat_ids, cache_key, pad_batch
 from .logprobs import IGNORE
 
 PAIR_REQUIRED = ("chosen", "rejected")
+CACHE_VERSION = "1"  # bump when the encoders below change their output for the same inputs
 UNPAIRED_REQUIRED = ("prompt", "completion", "label")
 
 
@@ -103,7 +104,7 @@ def check_format(ds, columns, fmt: str, source: str, what: str) -> None:
 
 def _map(ds, tok, fn: Callable[[dict], dict], parts: tuple, desc: str):
     """Tokenize with `datasets`' cache keyed by the rows, the tokenizer and every field in `parts`."""
-    key = cache_key(ds, tok, *parts)
+    key = cache_key(ds, tok, "pairs-v" + CACHE_VERSION, *parts)
     return ds.map(fn, remove_columns=ds.column_names, new_fingerprint=key, desc=desc)
 
 

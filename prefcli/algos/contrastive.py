@@ -289,7 +289,11 @@ class PreferenceTask(Scheduled):
             b = pair_batch([s.prompt[i] for i in items], [s.chosen[i] for i in items], [s.rejected[i] for i in items],
                            pad)
         else:
-            comps = [s.completion[partner[i]] for i in items] if partner is not None else [s.completion[i] for i in items]
+            if partner is not None:  # KTO's mismatched pairs, cut to max_length like every row
+                room = self.cfg.data.max_length
+                comps = [s.completion[partner[i]][:max(1, room - len(s.prompt[i]))] for i in items]
+            else:
+                comps = [s.completion[i] for i in items]
             b = completion_batch([s.prompt[i] for i in items], comps, pad)
             b["label"] = torch.tensor([s.label[i] for i in items], dtype=torch.bool)
         b["idx"] = torch.tensor(items, dtype=torch.long)

@@ -229,6 +229,22 @@ def rlhf(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resu
 
 
 @app.command()
+def reward(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
+           overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+    """Reward model (a scalar head at the last real token) from preference pairs (Bradley-Terry), human
+    scores or rankings. Logs held-out pairwise accuracy, margin and calibration."""
+    _train("reward", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
+
+
+@app.command()
+def contrastive(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
+                overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+    """Policy from preferences (dpo, cdpo, robust, ipo, hinge, simpo, cpo, orpo, kto) or an InfoNCE
+    preference encoder (infonce). Logs preference accuracy, rewards, margins and log-probs."""
+    _train("contrastive", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
+
+
+@app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     command: Annotated[Optional[str], typer.Option(

@@ -24,6 +24,8 @@ from .recipe import RecipeBase, dump_recipe, load_recipe
 TASKS: dict[str, str] = {
     "sft": "prefcli.algos.sft",
     "rlhf": "prefcli.algos.rlhf",
+    "reward": "prefcli.algos.reward",
+    "contrastive": "prefcli.algos.contrastive",
 }
 
 # Recipe commands that train nothing (no Task, no engine): `prefcli <command>` calls `<module>.run(recipe, opts)`.

@@ -1,0 +1,111 @@
+"""Plumbing shared by the preference tasks (`reward`, `contrastive`, InfoNCE): reading the train and
+held-out splits, reporting skipped rows, the per-step data cursor, and dropout switched off."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..engine.data import StepSchedule, load_rows, shard_for_rank, split_eval, split_micro
+from ..engine.loop import Micro, Plan
+from ..errors import DataError
+
+
+def load_splits(d, required: Sequence[str], seed: int):
+    """(train rows, held-out rows or None) of a PreferenceData section."""
+    train = load_rows(d.train, required=required, what="data.train")
+    ev = None
+    if d.eval is not None:
+        ev = load_rows(d.eval, required=required, what="data.eval")
+    elif d.eval_fraction > 0:
+        train, ev = split_eval(train, d.eval_fraction, seed)
+    return train, ev
+
+
+def report(ctx, name: str, source: str, s, max_length: int, what: str, expected: str) -> None:
+    """Warn about skipped and truncated rows; refuse to start (exit 2) when no row is usable."""
+    if s is None:
+        return
+    if s.bad.total:
+        ctx.warn(f"{name}: {source}: skipped {s.bad.total} of {s.n_rows} rows: {s.bad.describe(max_length, what)}")
+    if getattr(s, "n_truncated", 0):
+        ctx.warn(f"{name}: {s.n_truncated} of {len(s)} usable rows were longer than max_length={max_length} tokens and "
+                 "were truncated")
+    if len(s) == 0:
+        why = f" ({s.bad.describe(max_length, what)})" if s.bad.total else ""
+        raise DataError(f"{name}: {source}: no usable row left of {s.n_rows}{why}; expected {expected}")
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Preference losses compare log-probs of two sequences and of policy vs. reference: dropout
+    noise would bias them (TRL's `disable_dropout`)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(module, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+
+
+class Scheduled:
+    """The data cursor of a task whose optimizer steps each take `global_batch` examples: exact
+    resume (epoch, index) and the split of a step into this rank's micro-batches."""
+
+    def setup_schedule(self, n: int, train, data_shuffle: bool, world: int) -> None:
+        self.global_batch = train.batch_size * train.grad_accum_steps * world
+        if n < world:
+            raise DataError(f"data.train: {n} usable rows cannot feed {world} processes")
+        self.schedule = StepSchedule(n, self.global_batch, train.seed, data_shuffle)
+        spe = self.schedule.steps_per_epoch()
+        self._total = train.max_steps if train.max_steps is not None else max(1, math.ceil((train.epochs or 1.0) * spe))
+        self.epoch = 0
+        self.index = 0
+
+    def total_steps(self) -> int:
+        return self._total
+
+    def micro_parts(self, items: list[int]) -> list[list[int]]:
+        rt = self.rt
+        mine = shard_for_rank(items, rt.rank, rt.world_size)
+        n_micro = max(1, min(self.cfg.train.grad_accum_steps, len(items) // rt.world_size))
+        return split_micro(mine, n_micro)
+
+    def step_items(self) -> Iterator[list[int]]:
+        while True:
+            steps = [s for s in self.schedule.steps(self.epoch) if len(s) >= self.rt.world_size]
+            while self.index < len(steps):
+                items = steps[self.index]
+                self.index += 1
+                yield items
+            self.epoch += 1
+            self.index = 0
+
+    def cursor_state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "n_units": self.schedule.n_examples,
+                "global_batch": self.global_batch}
+
+    def load_cursor(self, state: dict) -> None:
+        if state.get("n_units") != self.schedule.n_examples or state.get("global_batch") != self.global_batch:
+            self.ctx.warn("the data or batch size changed since the checkpoint; the data order will not match the "
+                          "interrupted run exactly")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def sharded_fill(n: int, batch_size: int, rt, fn: Callable[[list[int]], torch.Tensor], width: int = 1) -> torch.Tensor:
+    """Compute fn(indices) -> (len(indices), width) for all n examples, split across ranks, gathered
+    by an all-reduce (every rank ends with the whole table). Used for reference log-probs."""
+    out = torch.zeros(n, width, dtype=torch.float64, device=rt.device)
+    mine = shard_for_rank(list(range(n)), rt.rank, rt.world_size)
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s:s + batch_size]
+        out[idx] = fn(idx).double().reshape(len(idx), width)
+    rt.all_reduce(out)
+    return out.float().cpu()
+
+
+def make_plan(group: str, name: str, micro: list[Micro], loss_fn, metrics: dict | None = None) -> Plan:
+    return Plan(group=group, micro=micro, loss_fn=loss_fn, name=name, metrics=metrics or {})

@@ -1,0 +1,486 @@
+"""`prefcli reward`: a reward model, a scalar head on a causal LM or encoder, trained on human preferences.
+
+The model is `AutoModelForSequenceClassification` with one label: the score r(x, y) is the head's
+output at the last real token of `prompt + completion` (right padding; the config's pad_token_id
+tells transformers where the padding starts). The text is exactly the string `prompt + completion`
+tokenized with the tokenizer's own special tokens and nothing added, as `prefcli.rewards.ModelSource`
+scores it at RL time. A new head is initialised with std 1/sqrt(d+1) (Huang et al. 2023).
+
+Objectives (registry `OBJECTIVES`, chosen by `reward.objective`), each a pure function:
+
+- bradley_terry: L = -log σ(r_w - r_l - m) + η (r_w + r_l)²                per pair
+  (Bradley & Terry 1952; Ouyang et al. 2022 Eq. 1; margin m: Touvron et al. 2023 Eq. 2;
+  centering η: Eisenstein et al. 2023, TRL's center_rewards_coefficient)
+- regression: L = (r - s)² on rows of text and human score s               per row
+- ranking: Bradley-Terry on every ordered pair of a K-way ranking          per ordered pair
+  (Ouyang et al. 2022 Eq. 1, which averages the K(K-1)/2 comparisons of a prompt)
+
+Held-out metrics: pairwise accuracy (fraction of pairs with r_w > r_l, ties ½), mean margin, and
+the calibration of P(y_w ≻ y_l) = σ(r_w - r_l): expected and maximum calibration error over
+equal-width confidence bins (Guo et al. 2017; logged as APO does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.data import iterate_eval, move
+from ..engine.loop import Group, Micro, Plan
+from ..engine.models import (_origin, _quiet_transformers, init_config, load_tokenizer, save_hf, shrink_config,
+                             trainable_parameters)
+from ..engine.pairs import (BadRows, _empty, _map, check_format, detect_pair_format, encode_scored, scored_text,
+                            text_batch)
+from ..errors import DataError, UsageError
+from ..runner import RunContext
+from ._pref import Scheduled, disable_dropout, load_splits, make_plan, report
+
+
+# ----------------------------------------------------------------------------------- losses
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center: float = 0.0) -> torch.Tensor:
+    """Pairwise Bradley-Terry loss per pair (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022,
+    Eq. 1), with the Llama 2 margin (Touvron et al. 2023, Eq. 2) and reward centering
+    (Eisenstein et al. 2023, arXiv 2312.09244): -log σ(r_w - r_l - m) + η (r_w + r_l)²."""
+    d = r_chosen - r_rejected
+    if margin is not None:
+        d = d - margin
+    loss = -F.logsigmoid(d)
+    if center:
+        loss = loss + center * (r_chosen + r_rejected) ** 2
+    return loss
+
+
+def regression_loss(r: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Squared error to a human score per row: (r - s)²."""
+    return (r - score) ** 2
+
+
+def ranking_pairs(k_per_row: list[int]) -> tuple[list[int], list[int]]:
+    """Indices (better, worse) of every ordered pair of K-way rankings laid out row after row,
+    each row best first."""
+    better, worse = [], []
+    off = 0
+    for k in k_per_row:
+        for i in range(k):
+            for j in range(i + 1, k):
+                better.append(off + i)
+                worse.append(off + j)
+        off += k
+    return better, worse
+
+
+def ranking_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, center: float = 0.0) -> torch.Tensor:
+    """K-way rankings: the Bradley-Terry loss of every ordered pair (Ouyang et al. 2022, Eq. 1;
+    APO's ranking_loss), one loss per pair."""
+    return bradley_terry_loss(rewards[better], rewards[worse], None, center)
+
+
+def calibration(margins: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per-bin (count, summed confidence, summed correctness) of the predicted preference
+    P(y_w ≻ y_l) = σ(margin): confidence max(p, 1-p) in equal-width bins over [0.5, 1], correct
+    when the prediction picks the human choice (ties ½). Sums, so they add across batches and
+    processes; `calibration_errors` turns them into ECE and MCE (Guo et al. 2017)."""
+    p = torch.sigmoid(margins.double())
+    conf = torch.maximum(p, 1 - p)
+    correct = (margins > 0).double() + 0.5 * (margins == 0).double()
+    idx = ((conf - 0.5) / (0.5 / bins)).floor().clamp(0, bins - 1).long()
+    out = torch.zeros(bins, 3, dtype=torch.float64, device=margins.device)
+    out[:, 0].index_add_(0, idx, torch.ones_like(conf))
+    out[:, 1].index_add_(0, idx, conf)
+    out[:, 2].index_add_(0, idx, correct)
+    return out
+
+
+def calibration_errors(table: torch.Tensor) -> tuple[float, float]:
+    """ECE = Σ_b (n_b/N) |acc_b - conf_b|, MCE = max_b |acc_b - conf_b| over non-empty bins."""
+    n = table[:, 0]
+    used = n > 0
+    if not bool(used.any()):
+        return float("nan"), float("nan")
+    gap = (table[used, 2] / n[used] - table[used, 1] / n[used]).abs()
+    return float((n[used] / n.sum() * gap).sum()), float(gap.max())
+
+
+@dataclass(frozen=True)
+class RMObjective:
+    loss_fn: Callable
+    rows: str  # 'pairs' | 'scores' | 'rankings'
+    required: tuple[str, ...]
+
+
+OBJECTIVES: dict[str, RMObjective] = {
+    "bradley_terry": RMObjective(bradley_terry_loss, "pairs", ("chosen", "rejected")),
+    "regression": RMObjective(regression_loss, "scores", ("score",)),
+    "ranking": RMObjective(ranking_loss, "rankings", ("completions",)),
+}
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def init_reward_head(model) -> None:
+    """The scalar head ~ N(0, 1/(d+1)) (Huang et al. 2023, "The N Implementation Details of RLHF
+    with PPO": initial scores have unit-order variance), bias 0."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None or not hasattr(head, "weight"):
+        raise UsageError(f"{type(model).__name__} has no 'score' head to initialise")
+    d = head.weight.shape[-1]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
+
+
+def build_reward_model(m, tok, rt, seed: int, smoke: bool = False):
+    """AutoModelForSequenceClassification with num_labels=1: from model.path (a causal LM gets a new
+    head), or random from model.init (or, with smoke, tiny and random of model.path's family)."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    common = dict(attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    new_head = True
+    try:
+        if m.init is not None or smoke:
+            if m.init is not None:
+                cfg = init_config(m.init.architecture, m.init.config, tok)
+            else:
+                cfg = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+                cfg.vocab_size = max(cfg.vocab_size, len(tok))
+            if smoke:
+                cfg = shrink_config(cfg)
+            cfg.num_labels = 1
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_config(cfg, dtype=rt.param_dtype, **common)
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                m.path, revision=m.revision, num_labels=1, dtype=rt.param_dtype, use_safetensors=True,
+                output_loading_info=True, **common)
+            new_head = any(k.split(".")[0] in ("score", "classifier") for k in info.get("missing_keys", []))
+    except UsageError:
+        raise
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        src = m.path or m.init.architecture
+        raise UsageError(f"could not build a reward model from {_origin(src) if m.path else src}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id  # where the score is read: the last non-pad token
+    for name in ("eos", "bos"):
+        tid = getattr(tok, f"{name}_token_id")
+        if tid is not None:
+            setattr(model.config, f"{name}_token_id", tid)
+    if new_head:
+        torch.manual_seed(seed + 1)
+        init_reward_head(model)
+    return model.to(rt.device)
+
+
+def apply_reward_lora(model, lora):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules, task_type="SEQ_CLS")  # SEQ_CLS trains the head fully
+    return get_peft_model(model, cfg)
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+class ScoredSet:
+    """Reward-model token rows. pairs: seqs = [chosen, rejected] per example (+ margin);
+    scores: seqs = [text] (+ score); rankings: seqs = K texts, best first."""
+
+    def __init__(self, seqs, values, n_rows, bad, n_truncated):
+        self.seqs, self.values, self.n_rows, self.bad, self.n_truncated = seqs, values, n_rows, bad, n_truncated
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def n_tokens(self) -> int:
+        return sum(len(x) for s in self.seqs for x in s)
+
+
+def tokenize_scored(ds, tok, rows: str, fmt: str, max_length: int, use_margin: bool, source: str,
+                    what: str) -> ScoredSet:
+    cols = ds.column_names
+    has_prompt = "prompt" in cols
+    if rows == "scores" and "text" not in cols and "completion" not in cols:
+        raise DataError(f"{what}: {source}: human-score rows need a 'text' column (or 'prompt' and 'completion') "
+                        f"beside 'score' (columns: {', '.join(cols)})")
+    check_format(ds, ("prompt", "chosen", "rejected", "completion"), fmt, source, what)
+    has_margin = rows == "pairs" and use_margin and "margin" in cols
+    for i, v in enumerate(ds["score"] if rows == "scores" else ds["margin"] if has_margin else []):
+        if v is not None and not isinstance(v, (int, float)):
+            raise DataError(f"{what}: {source}: row {i + 1}: {'score' if rows == 'scores' else 'margin'} {v!r} is "
+                            "not a number")
+
+    def encode(row):
+        out = {"seqs": [], "value": 0.0, "bad": "", "trunc": False}
+        prompt = row["prompt"] if has_prompt else None
+        if rows == "pairs":
+            comps = [row["chosen"], row["rejected"]]
+            if any(_empty(c) for c in comps):
+                out["bad"] = "missing"
+                return out
+            if comps[0] == comps[1]:
+                out["bad"] = "identical"
+                return out
+            out["value"] = float(row["margin"]) if has_margin and row["margin"] is not None else 0.0
+        elif rows == "scores":
+            comps = [row["text"] if "text" in row else row["completion"]]
+            if _empty(comps[0]) or row["score"] is None:
+                out["bad"] = "missing"
+                return out
+            out["value"] = float(row["score"])
+        else:
+            comps = row["completions"] or []
+            if len(comps) < 2 or any(_empty(c) for c in comps):
+                out["bad"] = "missing"
+                return out
+            if len({str(c) for c in comps}) < len(comps):
+                out["bad"] = "identical"
+                return out
+        if prompt is not None:
+            p_text = scored_text(tok, fmt, prompt, comps[0])[0]
+            if len(tok(p_text, add_special_tokens=True)["input_ids"]) >= max_length:
+                out["bad"] = "long_prompt"
+                return out
+        seqs, trunc = [], False
+        for c in comps:
+            p, cs = scored_text(tok, fmt, prompt, c)
+            ids, t = encode_scored(tok, p + cs, max_length)
+            seqs.append(ids)
+            trunc = trunc or t
+        out.update(seqs=seqs, trunc=trunc)
+        return out
+
+    enc = _map(ds, tok, encode, ("reward", rows, fmt, max_length, has_margin, has_prompt), "tokenizing")
+    bad = BadRows()
+    keep = []
+    for i, reason in enumerate(enc["bad"]):
+        if reason:
+            bad.add(reason)
+        else:
+            keep.append(i)
+    S, V, T = enc["seqs"], enc["value"], enc["trunc"]
+    return ScoredSet([S[i] for i in keep], [V[i] for i in keep] if (rows != "pairs" or has_margin) else None,
+                     len(ds), bad, sum(1 for i in keep if T[i]))
+
+
+# ------------------------------------------------------------------------------------- task
+
+
+def _acc(diff: torch.Tensor) -> torch.Tensor:
+    return (diff > 0).double() + 0.5 * (diff == 0).double()
+
+
+class RewardTask(Scheduled):
+    def __init__(self, ctx: RunContext):
+        r = ctx.recipe
+        self.ctx, self.rt, self.cfg = ctx, ctx.rt, r
+        rc, d = r.reward, r.data
+        self.name = rc.objective
+        self.obj = OBJECTIVES[rc.objective]
+        self.rows = self.obj.rows
+        self.center = rc.center_rewards_coefficient
+        self.bins = rc.calibration_bins
+        self.tok = tok = load_tokenizer(r.model)
+        train_rows, eval_rows = load_splits(d, self.obj.required, r.train.seed)
+        probe = {"pairs": "chosen", "scores": "text" if "text" in train_rows.column_names else "completion",
+                 "rankings": "prompt" if "prompt" in train_rows.column_names else "completions"}[self.rows]
+        self.format = fmt = detect_pair_format(train_rows, probe, d.format) if probe != "completions" else \
+            ("plain" if d.format == "auto" else d.format)
+        what = {"pairs": "chosen/rejected", "scores": "text or score", "rankings": "completions (at least 2)"}[self.rows]
+        expected = {"pairs": "rows with a non-empty chosen and rejected that differ",
+                    "scores": "rows with a non-empty text and a numeric score",
+                    "rankings": "rows with a list of at least 2 different completions, best first"}[self.rows] + \
+            f", the prompt shorter than data.max_length={d.max_length} tokens"
+        enc = dict(rows=self.rows, fmt=fmt, max_length=d.max_length, use_margin=rc.use_margin)
+        self.train_set = tokenize_scored(train_rows, tok, source=d.train.path, what="data.train", **enc)
+        report(ctx, "data.train", d.train.path, self.train_set, d.max_length, what, expected)
+        self.eval_set = None
+        if eval_rows is not None:
+            src = d.eval.path if d.eval else d.train.path
+            self.eval_set = tokenize_scored(eval_rows, tok, source=src, what="data.eval", **enc)
+            report(ctx, "data.eval", src, self.eval_set, d.max_length, what, expected)
+
+        model = build_reward_model(r.model, tok, self.rt, r.train.seed, smoke=ctx.smoke)
+        disable_dropout(model)
+        if r.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if r.model.lora is not None:
+            model = apply_reward_lora(model, r.model.lora)
+        self.model = model
+        self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)
+        self.groups = {"reward": Group("reward", self.model, self.rt, r.train, self._total)}
+
+    # ------------------------------------------------------------------------ scoring
+
+    def _scores(self, module, b) -> torch.Tensor:
+        with self.rt.autocast():
+            out = module(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        return out.logits[:, 0].float()
+
+    def score_texts(self, prompts: list[str], completions: list[str], max_length: int | None = None) -> list[float]:
+        """Scores of (prompt, completion) pairs as training computes them (the text prompt + completion)."""
+        ml = max_length or self.cfg.data.max_length
+        seqs = [encode_scored(self.tok, p + c, ml)[0] for p, c in zip(prompts, completions)]
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            s = self._scores(self.model, move(text_batch(seqs, self.tok.pad_token_id), self.rt.device))
+        self.model.train(was)
+        return s.tolist()
+
+    def _batch(self, s: ScoredSet, items: list[int]) -> dict:
+        if self.rows == "pairs":  # chosen rows then rejected rows: one forward
+            seqs = [s.seqs[i][0] for i in items] + [s.seqs[i][1] for i in items]
+        else:
+            seqs = [x for i in items for x in s.seqs[i]]
+        b = text_batch(seqs, self.tok.pad_token_id)
+        b["B"] = len(items)
+        if s.values is not None:
+            b["value"] = torch.tensor([s.values[i] for i in items], dtype=torch.float32)
+        if self.rows == "rankings":
+            better, worse = ranking_pairs([len(s.seqs[i]) for i in items])
+            b["better"], b["worse"] = torch.tensor(better), torch.tensor(worse)
+        return move(b, self.rt.device)
+
+    def units(self, s: ScoredSet, items: list[int]) -> int:
+        if self.rows == "rankings":
+            return sum(len(s.seqs[i]) * (len(s.seqs[i]) - 1) // 2 for i in items)
+        return len(items)
+
+    def _loss(self, module, b) -> tuple[torch.Tensor, dict]:
+        r = self._scores(module, b)
+        B = b["B"]
+        if self.rows == "scores":
+            losses = self.obj.loss_fn(r, b["value"])
+            return losses.sum(), {"reward/mean": (r.detach().sum(), B),
+                                  "reward/abs_error": ((r.detach() - b["value"]).abs().sum(), B)}
+        if self.rows == "pairs":
+            rc, rr = r[:B], r[B:]
+            losses = self.obj.loss_fn(rc, rr, b.get("value"), self.center)
+        else:
+            rc, rr = r[b["better"]], r[b["worse"]]
+            losses = self.obj.loss_fn(r, b["better"], b["worse"], self.center)
+        n = rc.shape[0]
+        diff = (rc - rr).detach()
+        return losses.sum(), {"reward/chosen": (rc.detach().sum(), n), "reward/rejected": (rr.detach().sum(), n),
+                              "reward/margin": (diff.sum(), n), "reward/accuracy": (_acc(diff).sum(), n)}
+
+    # ----------------------------------------------------------------- Task protocol
+
+    def describe(self) -> dict:
+        s = self.train_set
+        return {"data": {"format": self.format, "rows": self.rows, "train_rows": s.n_rows, "train_examples": len(s),
+                         "skipped": s.bad.as_dict(), "truncated": s.n_truncated, "train_tokens": s.n_tokens(),
+                         "eval_examples": len(self.eval_set) if self.eval_set is not None else 0},
+                "model": {"parameters": sum(p.numel() for p in self.model.parameters()),
+                          "trainable_parameters": trainable_parameters(self.model)},
+                "objective": {"name": self.name, "center_rewards_coefficient": self.center,
+                              "margin_column": self.rows == "pairs" and s.values is not None}}
+
+    def plans(self, start_step: int) -> Iterator[Plan]:
+        for items in self.step_items():
+            micro = []
+            for part in self.micro_parts(items):
+                b = self._batch(self.train_set, part)
+                micro.append(Micro(batch=b, n=self.units(self.train_set, part), tokens=int(b["attention_mask"].sum())))
+            yield make_plan("reward", self.name, micro, self._loss)
+
+    def state_dict(self) -> dict:
+        return self.cursor_state()
+
+    def load_state_dict(self, state: dict, extra: dict) -> None:
+        self.load_cursor(state)
+
+    def extra_tensors(self) -> dict:
+        return {}
+
+    def has_eval(self) -> bool:
+        return self.eval_set is not None and len(self.eval_set) > 0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        rt, s = self.rt, self.eval_set
+        dev = rt.device
+        items_all = []
+        preds, values = [], []
+        # sums: loss, units, correct, margin, chosen, rejected ; + calibration table
+        tot = torch.zeros(6, dtype=torch.float64, device=dev)
+        cal = torch.zeros(self.bins, 3, dtype=torch.float64, device=dev)
+        for items in iterate_eval(len(s), self.cfg.train.batch_size, rt.rank, rt.world_size,
+                                  self.cfg.train.eval_max_batches):
+            if not items:
+                continue
+            b = self._batch(s, items)
+            loss, m = self._loss(self.model, b)
+            if self.rows == "scores":
+                preds.append(self._scores(self.model, b).double())
+                values.append(b["value"].double())
+                items_all += items
+                tot[0] += loss.double()
+                tot[1] += len(items)
+                continue
+            n = m["reward/accuracy"][1]
+            tot += torch.stack([loss.double(), torch.tensor(float(n), dtype=torch.float64, device=dev),
+                                m["reward/accuracy"][0].double(), m["reward/margin"][0].double(),
+                                m["reward/chosen"][0].double(), m["reward/rejected"][0].double()])
+            r = self._scores(self.model, b)
+            if self.rows == "pairs":
+                diff = r[:b["B"]] - r[b["B"]:]
+            else:
+                diff = r[b["better"]] - r[b["worse"]]
+            cal += calibration(diff, self.bins)
+        if self.rows == "scores":
+            return self._eval_scores(tot, preds, values)
+        rt.all_reduce(tot)
+        rt.all_reduce(cal)
+        n = tot[1].item()
+        if n == 0:
+            return {}
+        ece, mce = calibration_errors(cal)
+        return {"eval/loss": tot[0].item() / n, "eval/accuracy": tot[2].item() / n, "eval/margin": tot[3].item() / n,
+                "eval/reward_chosen": tot[4].item() / n, "eval/reward_rejected": tot[5].item() / n,
+                "eval/ece": ece, "eval/mce": mce, "eval/pairs": n}
+
+    def _eval_scores(self, tot, preds, values) -> dict:
+        """Human scores: mean squared error, Pearson correlation, and the pairwise accuracy over every
+        held-out pair of rows whose human scores differ (on this process's rows)."""
+        rt = self.rt
+        p = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.float64, device=rt.device)
+        v = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64, device=rt.device)
+        dp = p[:, None] - p[None, :]
+        dv = v[:, None] - v[None, :]
+        upper = dv > 0
+        pair_acc = _acc(dp[upper]).sum() if bool(upper.any()) else torch.zeros((), dtype=torch.float64, device=rt.device)
+        moments = torch.stack([p.sum(), v.sum(), (p * p).sum(), (v * v).sum(), (p * v).sum(),
+                               pair_acc, upper.sum().double()])
+        allv = rt.all_reduce(torch.cat([tot[:2], moments]))
+        loss, n, sp, sv, spp, svv, spv, acc, npairs = allv.tolist()
+        if n == 0:
+            return {}
+        cov = spv / n - sp * sv / n ** 2
+        var_p, var_v = spp / n - (sp / n) ** 2, svv / n - (sv / n) ** 2
+        out = {"eval/loss": loss / n, "eval/mse": loss / n, "eval/reward_mean": sp / n,
+               "eval/pearson": cov / math.sqrt(var_p * var_v) if var_p > 0 and var_v > 0 else float("nan")}
+        if npairs:
+            out["eval/accuracy"] = acc / npairs
+        return out
+
+    def save_final(self, out_dir: Path) -> None:
+        save_hf(self.model, self.tok, out_dir)
+
+
+def build(ctx: RunContext) -> RewardTask:
+    return RewardTask(ctx)

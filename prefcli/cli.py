@@ -245,6 +245,14 @@ def contrastive(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = Non
 
 
 @app.command()
+def gan(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+    """Adversarial training: a discriminator learns to tell human/gold completions from generated ones, the
+    generator learns by policy gradient to pass as human."""
+    _train("gan", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
+
+
+@app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     command: Annotated[Optional[str], typer.Option(

@@ -24,6 +24,7 @@ from .recipe import RecipeBase, dump_recipe, load_recipe
 TASKS: dict[str, str] = {
     "sft": "prefcli.algos.sft",
     "rlhf": "prefcli.algos.rlhf",
+    "gan": "prefcli.algos.gan",
     "reward": "prefcli.algos.reward",
     "contrastive": "prefcli.algos.contrastive",
 }

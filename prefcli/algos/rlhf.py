@@ -336,13 +336,14 @@ class RLHFTask:
         eval_rows = load_rows(r.data.eval, what="data.eval") if r.data.eval is not None else None
         if eval_rows is None and r.data.eval_fraction > 0:
             rows, eval_rows = split_eval(rows, r.data.eval_fraction, r.train.seed)
+        self.train_rows, self.eval_rows = rows, eval_rows
         self.prompt_text, self.prompt_ids, trunc = _prompt_rows(rows, tok, r.data.max_prompt_length)
         self.eval_text, self.eval_ids, _ = _prompt_rows(eval_rows, tok, r.data.max_prompt_length) if eval_rows else ([], [], 0)
         if trunc:
             ctx.warn(f"data.train: {trunc} of {len(self.prompt_ids)} prompts were longer than max_prompt_length="
                      f"{r.data.max_prompt_length} tokens and lost their beginning")
         self.n_truncated = trunc
-        self.rewards = build_rewards(r.rewards, tokenizer=tok, device=rt.device)
+        self.rewards = self._make_rewards(r)
 
         lm = build_causal_lm(r.model, tok, rt, seed=r.train.seed, smoke=ctx.smoke)
         disable_dropout(lm)  # old and new log-probs must come from the same function
@@ -411,6 +412,12 @@ class RLHFTask:
         self.queue: list[list[int]] = []  # remaining minibatches of the current rollout (row indices)
         self.rollout_metrics: dict[str, float] = {}
         self.examples_file = ctx.run_dir / "samples.jsonl"
+
+    def _make_rewards(self, r):
+        return build_rewards(r.rewards, tokenizer=self.tok, device=self.rt.device)
+
+    def _on_samples(self, rows: list[int], completions: list[str]) -> None:
+        """Called with every rollout's prompt indices and completions (the GAN's sample buffer)."""
 
     def _make_sampler(self, lm, g):
         ok, why = supports_fast_decoder(lm)
@@ -501,6 +508,7 @@ class RLHFTask:
         comp_text = [self.tok.decode(c[m.bool()].tolist(), skip_special_tokens=True)
                      for c, m in zip(r.completion_ids, r.completion_mask)]
         prompts = [texts[i] for i in rows]
+        self._last_rows = rows
         return r, prompts, comp_text, gen_s
 
     def _rollout(self) -> None:
@@ -509,6 +517,7 @@ class RLHFTask:
         self.sampler.sync()
         idx = self._next_prompts()
         r, prompts, completions, gen_s = self._sample(idx, self.prompt_text, self.prompt_ids, self.k)
+        self._on_samples(self._last_rows, completions)
         total, parts = self.rewards.score(prompts, completions)
         scores = torch.tensor(total, dtype=torch.float32, device=rt.device)
         raw_scores = scores.clone()
@@ -619,20 +628,23 @@ class RLHFTask:
 
     def plans(self, start_step: int) -> Iterator[Plan]:
         while True:
-            if not self.queue:
-                self._rollout()
-            rows = self.queue.pop(0)
-            idx = torch.tensor(rows, device=self.rt.device)
-            micro = []
-            bs = self.cfg.train.batch_size
-            for s in range(0, len(rows), bs):
-                sub = idx[s:s + bs]
-                mb = {k: (v[sub] if v.dim() else v) for k, v in self.buffer.items()}
-                _, units = AGGREGATIONS[self.aggregation](mb["mask"], mb["mask"], self.cfg.generation.max_new_tokens)
-                tokens = int(mb["attention_mask"].sum())
-                micro.append(Micro(batch=mb, n=float(units), tokens=tokens))
-            yield Plan(group="policy", micro=micro, loss_fn=self._loss, name=self.cfg.rlhf.algorithm,
-                       metrics=dict(self.rollout_metrics))
+            yield self._policy_plan()
+
+    def _policy_plan(self) -> Plan:
+        """The next policy update: a minibatch of the current rollout (a new rollout when it is used up)."""
+        if not self.queue:
+            self._rollout()
+        rows = self.queue.pop(0)
+        idx = torch.tensor(rows, device=self.rt.device)
+        micro = []
+        bs = self.cfg.train.batch_size
+        for s in range(0, len(rows), bs):
+            sub = idx[s:s + bs]
+            mb = {k: (v[sub] if v.dim() else v) for k, v in self.buffer.items()}
+            _, units = AGGREGATIONS[self.aggregation](mb["mask"], mb["mask"], self.cfg.generation.max_new_tokens)
+            micro.append(Micro(batch=mb, n=float(units), tokens=int(mb["attention_mask"].sum())))
+        return Plan(group="policy", micro=micro, loss_fn=self._loss, name=self.cfg.rlhf.algorithm,
+                    metrics=dict(self.rollout_metrics))
 
     # ------------------------------------------------------------------ protocol
     def state_dict(self) -> dict:

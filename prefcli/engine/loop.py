@@ -105,10 +105,13 @@ class Group:
             g.setdefault("lr_scale", 1.0)
             g["lr"] = self.peak_lr * g["lr_scale"]
         on_cuda = rt.device.type == "cuda"
-        self.fused = on_cuda
-        self.optimizer = torch.optim.AdamW(param_groups, lr=self.peak_lr, betas=tuple(train.adam_betas),
-                                           eps=train.adam_eps, fused=True if on_cuda else None,
-                                           foreach=None if on_cuda else True)
+        kw = dict(lr=self.peak_lr, betas=tuple(train.adam_betas), eps=train.adam_eps)
+        try:  # fused AdamW (CUDA and CPU): one kernel, and it honours found_inf (see the loop)
+            self.optimizer = torch.optim.AdamW(param_groups, fused=True, **kw)
+            self.fused = True
+        except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+            self.optimizer = torch.optim.AdamW(param_groups, foreach=True, **kw)
+            self.fused = False
         self.params = params
         self.warmup = train.warmup_steps if train.warmup_steps is not None else int(train.warmup_ratio * total_steps)
         self.module: nn.Module = module
@@ -242,6 +245,8 @@ class Engine:
         n_params = {n: sum(p.numel() for p in g.raw.parameters()) for n, g in task.groups.items()}
         t_run = time.perf_counter()
         with _Signals() as sig:
+            if train.eval_on_start and start == 0 and task.has_eval():
+                last.update(self._evaluate(0, history))
             while step < total:
                 t0 = time.perf_counter()
                 try:
@@ -278,7 +283,7 @@ class Engine:
                     # The fused AdamW kernel skips the update when found_inf is set, so the step can be
                     # launched before the host reads the norm: a non-finite gradient never reaches the
                     # weights, and the GPU need not drain first. (The norm is the same on every rank.)
-                    group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(1)
+                    group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(())  # 0-d, as GradScaler
                     group.optimizer.step()
                 reduced, (loss_sum_g, tokens_g, stop_flag, gn) = metrics.reduce(
                     rt, [loss_local, float(tokens_local), float(sig.requested), gnorm.detach().double() / rt.world_size])

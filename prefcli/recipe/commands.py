@@ -289,6 +289,85 @@ class RLHFRecipe(RecipeBase):
         return self
 
 
+# ----------------------------------------------------------------------------------------- gan
+
+
+class GANData(PromptData):
+    """Prompts with the human/gold completion the discriminator treats as real."""
+
+    train: DataSource = Field(description="Rows with 'prompt' (or 'messages') and 'completion': the human/gold answer.")
+    pairs: DataSource | None = Field(None, description="Optional preference pairs (prompt, chosen, rejected) mixed into "
+                                     "the discriminator's loss under Bradley-Terry (weight gan.bt_weight).")
+    max_length: int = Field(256, gt=1, description="Discriminator input tokens (prompt + completion), cut from the left.")
+
+
+class DiscriminatorSection(Section):
+    """The discriminator: a sequence classifier scoring prompt + completion (1 logit: real vs generated).
+    Default: the generator's architecture (model.init) or pretrained weights (model.path) with a new
+    score head; `path` can be a reward model from `prefcli reward`."""
+
+    path: PathOrHubId | None = Field(None, description="Start from this model folder or hub id (a reward model keeps "
+                                     "its head; a causal LM gets a new score head).")
+    init: ModelInit | None = Field(None, description="A random discriminator of this architecture instead.")
+    tokenizer: PathOrHubId | None = Field(None, description="Its tokenizer (default: path's, else the generator's).")
+    lr: float = Field(1e-4, gt=0, description="Discriminator learning rate (the generator uses train.lr).")
+    batch_size: int = Field(16, gt=0, description="Real/generated pairs per discriminator step.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.path is not None and self.init is not None:
+            raise ValueError("set discriminator.path or discriminator.init, not both")
+        return self
+
+
+class GANSection(Section):
+    disc_steps: int = Field(1, ge=0, description="Discriminator steps per generator rollout.")
+    disc_warmup_steps: int = Field(10, ge=0, description="Discriminator steps before the first generator update.")
+    buffer_size: int = Field(256, gt=0, description="The most recent generated completions kept for the discriminator.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="One-sided label smoothing: real targets 1 - epsilon "
+                                   "(Salimans et al. 2016); slows a discriminator that wins too early.")
+    generator_reward: Literal["log_sigmoid", "logit"] = Field(
+        "log_sigmoid", description="'log_sigmoid': log D(x, y), the non-saturating generator objective (Goodfellow et "
+        "al. 2014); 'logit': the raw logit (keeps a gradient when D is sure).")
+    reward_weight: float = Field(1.0, gt=0, description="Weight of the discriminator reward (summed with `rewards:`).")
+    bt_weight: float = Field(0.0, ge=0, description="Weight of the Bradley-Terry loss on data.pairs in the "
+                             "discriminator's loss (APO, Cheng et al. 2023).")
+    grad_penalty: float = Field(0.0, ge=0, description="R1 gradient penalty gamma/2 E||grad_emb D(real)||^2 (Mescheder "
+                                "et al. 2018), on the real texts' input embeddings.")
+    max_disc_accuracy: float = Field(1.0, gt=0.5, le=1.0, description="Skip discriminator steps while its recent "
+                                     "accuracy is above this (1.0: never skip).")
+    saturation_steps: int = Field(20, gt=0, description="Warn when the discriminator's accuracy stays >= 99% (the "
+                                  "generator gets no signal) or within 50 +- 5% (it is not learning) this many steps.")
+    stop_on_saturation: bool = Field(False, description="End the run (exit 0, reason in the summary) when the "
+                                     "discriminator has stayed saturated for saturation_steps.")
+    eval_rewards: list[RewardSpec] = Field(default_factory=list, description="Scores of held-out samples that the "
+                                           "generator never trains on (e.g. sentiment when the gold set is positive): "
+                                           "eval/<name>.")
+
+
+class GANRecipe(RecipeBase):
+    """`prefcli gan`: a discriminator learns to tell human/gold completions from generated ones; the generator learns, by
+    policy gradient (RLOO, GRPO, PPO), to be scored as human."""
+
+    command: Literal["gan"] = Field("gan", description="Always 'gan' for this schema.")
+    data: GANData = Field(description="Prompts with gold completions (and optional preference pairs).")
+    discriminator: DiscriminatorSection = Field(default_factory=DiscriminatorSection, description="The discriminator.")
+    gan: GANSection = Field(default_factory=GANSection, description="Alternation and balance.")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Extra reward sources added to the "
+                                      "discriminator's reward (optional).")
+    generation: RolloutGeneration = Field(default_factory=RolloutGeneration, description="Sampling settings.")
+    rlhf: RLHFSection = Field(default_factory=lambda: RLHFSection(algorithm="rloo"),
+                              description="The generator's policy-gradient algorithm (default rloo).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.train.grad_accum_steps != 1:
+            raise ValueError("train.grad_accum_steps does not apply to gan (see rlhf.minibatches_per_epoch)")
+        if self.gan.bt_weight > 0 and self.data.pairs is None:
+            raise ValueError("gan.bt_weight needs data.pairs (prompt, chosen, rejected rows)")
+        return self
+
+
 # ---------------------------------------------------------------------------------------- eval
 # `prefcli eval` trains nothing: its recipe has no model/train sections (it names several models), and
 # it runs through prefcli.evaluate.eval instead of the training runner (runner.RECIPE_TOOLS).
@@ -519,6 +598,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "sft": SFTRecipe,
     "reward": RewardRecipe,
     "rlhf": RLHFRecipe,
+    "gan": GANRecipe,
     "contrastive": ContrastiveRecipe,
     "eval": EvalRecipe,
 }

@@ -120,6 +120,8 @@ class TrainSection(Section):
     seed: int = Field(0, description="Seed for initialisation, data order, dropout and sampling.")
     eval_every_steps: int | None = Field(None, gt=0, description="Evaluate on held-out data every N steps (and at the end).")
     eval_max_batches: int | None = Field(None, gt=0, description="Cap on held-out batches per evaluation.")
+    eval_on_start: bool = Field(False, description="Also evaluate before the first step (step 0): the baseline the "
+                                "run's held-out metrics move from.")
     save_every_steps: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep only the newest N checkpoints.")
 

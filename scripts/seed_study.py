@@ -1,0 +1,73 @@
+"""Run one recipe under several seeds and report how held-out metrics move from step 0.
+
+    python scripts/seed_study.py rlhf recipes/tiny/rlhf-grpo.yaml --metrics eval/reward eval/kl --seeds 0 1 2
+    python scripts/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --seeds 0 1 2
+
+Each run is `prefcli <command> RECIPE --set train.seed=S --set train.eval_on_start=true`, in
+runs/seed-study/<recipe>-seed<S>/. Prints, and appends to --out (JSONL), the start and end value of
+every metric per seed and their mean and standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(command: str, recipe: Path, seed: int, out: Path, extra: list[str]) -> dict:
+    args = [sys.executable, "-m", "prefcli", command, str(recipe), "-o", str(out), "-q", "--overwrite",
+            "--set", f"train.seed={seed}", "--set", "train.eval_on_start=true"]
+    for e in extra:
+        args += ["--set", e]
+    res = subprocess.run(args, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"seed {seed} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command")
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--metrics", nargs="+", required=True)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--set", dest="extra", action="append", default=[])
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    rows = []
+    for seed in a.seeds:
+        out = ROOT / "runs" / "seed-study" / f"{a.recipe.stem}-seed{seed}"
+        summary = run(a.command, a.recipe, seed, out, a.extra)
+        evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if any(k.startswith("eval/") for k in e)]
+        start, end = evals[0], evals[-1]
+        rows.append({"seed": seed, "steps": summary["steps"], "wall_s": summary["wall_s"],
+                     **{f"{m}@start": start.get(m) for m in a.metrics}, **{f"{m}@end": end.get(m) for m in a.metrics}})
+        print(json.dumps(rows[-1]), flush=True)
+    report = {"date": datetime.date.today().isoformat(), "recipe": str(a.recipe), "command": a.command,
+              "sets": a.extra, "seeds": a.seeds, "runs": rows}
+    print(f"\n{a.recipe} over seeds {a.seeds}:")
+    for m in a.metrics:
+        s = [r[f"{m}@start"] for r in rows]
+        e = [r[f"{m}@end"] for r in rows]
+        d = [y - x for x, y in zip(s, e)]
+        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+        report[m] = {"start_mean": statistics.mean(s), "start_std": sd(s), "end_mean": statistics.mean(e),
+                     "end_std": sd(e), "rise_mean": statistics.mean(d), "rise_std": sd(d)}
+        print(f"  {m}: {statistics.mean(s):.4f} ± {sd(s):.4f} -> {statistics.mean(e):.4f} ± {sd(e):.4f} "
+              f"(change {statistics.mean(d):+.4f} ± {sd(d):.4f})")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()

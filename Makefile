@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch by default (CI, laptops). On a GPU machine: make install TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast quickstart docs bench-cpu clean
+.PHONY: install test test-fast quickstart demo docs bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test-fast: install
 
 quickstart: install
 	$(BIN)/prefcli sft recipes/tiny/sft.yaml --overwrite
+
+# The whole quickstart pipeline over 3 seeds, ending with the comparison table (~40 min on 2 CPU cores).
+demo: install
+	$(BIN)/python scripts/quickstart_demo.py
 
 docs: install
 	$(BIN)/python -m prefcli.recipe.docs > docs/recipe-reference.md

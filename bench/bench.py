@@ -296,7 +296,7 @@ def run_sampler(a) -> dict:
             t0 = time.perf_counter()
             dec = FastDecoder(model, batch=B, max_len=P + N, dtype=dt, use_graph=graphs, compile=comp)
             scfg = SamplingConfig(max_new_tokens=N, min_new_tokens=N, temperature=1.0, pad_token_id=0, stop_token_ids=[1])
-            r0 = dec.generate(ids[:B], mask[:B], scfg)  # warm-up: compiles, captures the graph
+            dec.generate(ids[:B], mask[:B], scfg)  # warm-up: compiles, captures the graph
             if cuda:
                 torch.cuda.synchronize()
             setup = time.perf_counter() - t0

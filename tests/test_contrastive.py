@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from prefcli.engine.dist import setup_runtime
 from prefcli.engine.loop import Engine
-from prefcli.engine.pairs import encode_completion, pair_batch, sequence_logps, tokenize_pairs
+from prefcli.engine.pairs import encode_completion, pair_batch, tokenize_pairs
 from prefcli.engine.progress import Progress
 from prefcli.recipe import load_recipe
 from prefcli.runner import RunContext, RunOptions, run_training

@@ -1,6 +1,5 @@
 """Two processes under torchrun (CPU, gloo) train exactly like one process with the same global batch."""
 
-import json
 import os
 import subprocess
 import sys

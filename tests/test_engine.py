@@ -4,7 +4,6 @@ checkpoints that are safetensors + JSON only."""
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

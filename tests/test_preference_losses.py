@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from prefcli.algos.contrastive import (OBJECTIVES, Hyper, PairLogps, UnpairedLogps, cdpo_loss, cpo_loss, dpo_loss,
                                        hinge_loss, ipo_loss, kto_loss, log1mexp, orpo_loss, robust_loss, simpo_loss)

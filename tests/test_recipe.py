@@ -8,7 +8,7 @@ import yaml
 from prefcli.errors import RecipeError, UsageError
 from prefcli.recipe import dump_recipe, load_recipe
 
-from .conftest import DATA, TOKENIZER, sft_recipe_dict
+from .conftest import TOKENIZER, sft_recipe_dict
 
 
 def problems(path, **kw) -> list[str]:

@@ -1,7 +1,6 @@
 """Reward sources: rules by hand, VADER, human-score lookup, user functions and their failures."""
 
 import json
-import math
 
 import pytest
 from pydantic import TypeAdapter

@@ -19,11 +19,9 @@ generator steps.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import deque
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -291,7 +289,7 @@ class GANTask(RLHFTask):
             return out
         rt = self.rt
         idx = list(range(len(self.eval_ids)))[: (self.cfg.train.eval_max_batches or 10 ** 9) * self.B]
-        texts_gen, prompts, completions = [], [], []
+        prompts, completions = [], []
         for s in range(0, len(idx), self.B):
             chunk = idx[s:s + self.B]
             real = len(chunk)

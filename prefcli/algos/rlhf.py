@@ -40,7 +40,7 @@ from torch import nn
 
 from ..engine.data import StepSchedule, load_rows, shard_for_rank, split_eval
 from ..engine.loop import Group, Micro, Plan
-from ..engine.models import (PolicyLM, apply_lora, build_causal_lm, disable_dropout, is_peft, load_tokenizer,
+from ..engine.models import (PolicyLM, apply_lora, build_causal_lm, disable_dropout, load_tokenizer,
                              reference_mode, save_hf, trainable_parameters)
 from ..engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
 from ..errors import DataError, UsageError

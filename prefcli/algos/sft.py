@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..engine.data import (FORMAT_COLUMNS, StepSchedule, TokenizedSet, detect_format, iterate_eval, load_rows,
+from ..engine.data import (FORMAT_COLUMNS, StepSchedule, detect_format, iterate_eval, load_rows,
                            move, pack_rows, packed_batch, pad_batch, shard_for_rank, split_eval, split_micro,
                            tokenize_sft, unpad_if_full)
 from ..engine.loop import Group, Micro, Plan

@@ -21,7 +21,6 @@ CPU and GPU alike (Liger-Kernel needs Triton and a GPU).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 IGNORE = -100
 

@@ -18,7 +18,6 @@ token (tests/test_rollout.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -1,6 +1,5 @@
 """Rule scores for the tiny recipes (used through `kind: function` reward entries)."""
 
-import json
 import re
 from functools import lru_cache
 from pathlib import Path

@@ -123,14 +123,19 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                          "--overwrite to replace it, or --output-dir for a new folder.")
 
 
+def clear_artifacts(run_dir: Path, names: tuple[str, ...]) -> None:
+    """--overwrite: remove exactly these files/folders of a previous run, nothing else."""
+    for a in names:
+        p = run_dir / a
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume_step: int | None) -> None:
     if overwrite:
-        for a in RUN_ARTIFACTS:
-            p = run_dir / a
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        clear_artifacts(run_dir, RUN_ARTIFACTS)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
     if resume_step is not None and metrics.exists():  # drop lines of steps after the checkpoint

@@ -7,9 +7,14 @@ import math
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch import nn
 
-from ..engine.data import StepSchedule, load_rows, shard_for_rank, split_eval, split_micro
+from ..engine.data import (
+    StepSchedule,
+    load_rows,
+    shard_for_rank,
+    split_eval,
+    split_micro,
+)
 from ..engine.loop import Micro, Plan
 from ..errors import DataError
 
@@ -37,18 +42,6 @@ def report(ctx, name: str, source: str, s, max_length: int, what: str, expected:
     if len(s) == 0:
         why = f" ({s.bad.describe(max_length, what)})" if s.bad.total else ""
         raise DataError(f"{name}: {source}: no usable row left of {s.n_rows}{why}; expected {expected}")
-
-
-def disable_dropout(module: nn.Module) -> None:
-    """Preference losses compare log-probs of two sequences and of policy vs. reference: dropout
-    noise would bias them (TRL's `disable_dropout`)."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    cfg = getattr(module, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if cfg is not None and isinstance(getattr(cfg, key, None), float):
-            setattr(cfg, key, 0.0)
 
 
 class Scheduled:

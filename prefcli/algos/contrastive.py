@@ -37,17 +37,32 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..engine.loop import Group, Micro, Plan
-from ..engine.models import PolicyLM, apply_lora, build_causal_lm, load_tokenizer, reference_mode, save_hf, \
-    trainable_parameters
-from ..engine.pairs import (PAIR_REQUIRED, UNPAIRED_REQUIRED, completion_batch, detect_pair_format, pair_batch,
-                            sequence_logps, tokenize_pairs, tokenize_unpaired)
 from ..engine.data import iterate_eval, move, shard_for_rank
+from ..engine.loop import Group, Micro, Plan
+from ..engine.models import (
+    PolicyLM,
+    apply_lora,
+    build_causal_lm,
+    disable_dropout,
+    load_tokenizer,
+    reference_mode,
+    save_hf,
+    trainable_parameters,
+)
+from ..engine.pairs import (
+    PAIR_REQUIRED,
+    UNPAIRED_REQUIRED,
+    completion_batch,
+    detect_pair_format,
+    pair_batch,
+    sequence_logps,
+    tokenize_pairs,
+    tokenize_unpaired,
+)
 from ..errors import UsageError
 from ..runner import RunContext
-from ._pref import Scheduled, disable_dropout, load_splits, make_plan, report, sharded_fill
+from ._pref import Scheduled, load_splits, make_plan, report, sharded_fill
 from .infonce import InfoNCETask, infonce_loss
-
 
 # ----------------------------------------------------------------------------------- inputs
 

@@ -29,10 +29,25 @@ from torch import nn
 
 from ..engine.data import _chat_ids, iterate_eval, move
 from ..engine.loop import Group, Micro, Plan
-from ..engine.models import apply_lora, build_causal_lm, is_peft, load_tokenizer, trainable_parameters, unwrap_lm
-from ..engine.pairs import BadRows, _empty, _map, check_format, detect_pair_format, text_batch
+from ..engine.models import (
+    apply_lora,
+    build_causal_lm,
+    disable_dropout,
+    is_peft,
+    load_tokenizer,
+    trainable_parameters,
+    unwrap_lm,
+)
+from ..engine.pairs import (
+    BadRows,
+    _empty,
+    _map,
+    check_format,
+    detect_pair_format,
+    text_batch,
+)
 from ..runner import RunContext
-from ._pref import Scheduled, disable_dropout, load_splits, make_plan, report
+from ._pref import Scheduled, load_splits, make_plan, report
 
 ENCODER_FILE = "prefcli_encoder.json"
 

@@ -32,14 +32,28 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move
 from ..engine.loop import Group, Micro, Plan
-from ..engine.models import (_origin, _quiet_transformers, init_config, load_tokenizer, save_hf, shrink_config,
-                             trainable_parameters)
-from ..engine.pairs import (BadRows, _empty, _map, check_format, detect_pair_format, encode_scored, scored_text,
-                            text_batch)
+from ..engine.models import (
+    _origin,
+    _quiet_transformers,
+    disable_dropout,
+    load_tokenizer,
+    random_init_config,
+    save_hf,
+    trainable_parameters,
+)
+from ..engine.pairs import (
+    BadRows,
+    _empty,
+    _map,
+    check_format,
+    detect_pair_format,
+    encode_scored,
+    scored_text,
+    text_batch,
+)
 from ..errors import DataError, UsageError
 from ..runner import RunContext
-from ._pref import Scheduled, disable_dropout, load_splits, make_plan, report
-
+from ._pref import Scheduled, load_splits, make_plan, report
 
 # ----------------------------------------------------------------------------------- losses
 
@@ -143,19 +157,13 @@ def build_reward_model(m, tok, rt, seed: int, smoke: bool = False):
     """AutoModelForSequenceClassification with num_labels=1: from model.path (a causal LM gets a new
     head), or random from model.init (or, with smoke, tiny and random of model.path's family)."""
     _quiet_transformers()
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     common = dict(attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
     new_head = True
     try:
         if m.init is not None or smoke:
-            if m.init is not None:
-                cfg = init_config(m.init.architecture, m.init.config, tok)
-            else:
-                cfg = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-                cfg.vocab_size = max(cfg.vocab_size, len(tok))
-            if smoke:
-                cfg = shrink_config(cfg)
+            cfg = random_init_config(m, tok, smoke)
             cfg.num_labels = 1
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_config(cfg, dtype=rt.param_dtype, **common)

@@ -131,23 +131,30 @@ def shrink_config(cfg):
     return new
 
 
+def random_init_config(m: ModelSection, tok, smoke: bool):
+    """The config a randomly initialised model is built from: model.init's architecture, or (smoke)
+    model.path's own config; with smoke, shrunk to a tiny model of the same family."""
+    from transformers import AutoConfig
+
+    if m.init is not None:
+        cfg = init_config(m.init.architecture, m.init.config, tok)
+    else:
+        cfg = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        cfg.vocab_size = max(cfg.vocab_size, len(tok))
+    return shrink_config(cfg) if smoke else cfg
+
+
 def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = False):
     """The policy: loaded from model.path, or random from model.init (or, with smoke, random and
     tiny of the same family as model.path). Returns a transformers PreTrainedModel on rt.device."""
     _quiet_transformers()
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     dtype = rt.param_dtype
     common = dict(attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
     try:
         if m.init is not None or smoke:
-            if m.init is not None:
-                cfg = init_config(m.init.architecture, m.init.config, tok)
-            else:
-                cfg = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-                cfg.vocab_size = max(cfg.vocab_size, len(tok))
-            if smoke:
-                cfg = shrink_config(cfg)
+            cfg = random_init_config(m, tok, smoke)
             torch.manual_seed(seed)
             # initialise where the model will live: on a GPU a 0.5B model initialises in a moment,
             # not in the tens of seconds the CPU takes (the random values differ between devices)
@@ -205,15 +212,15 @@ def reference_mode(lm):
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere (RL: log-probs at sampling and at update time must come from the same
-    function; TRL's disable_dropout)."""
+    """Dropout off everywhere (TRL's disable_dropout): RL compares log-probs at sampling and update time,
+    preference losses compare two sequences and policy vs. reference; dropout noise would bias both."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
         if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
             m.attention_dropout = 0.0
     cfg = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, name, None), float):
             setattr(cfg, name, 0.0)
 

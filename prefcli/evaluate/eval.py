@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,12 +378,8 @@ def preference_for(rewards, pairs, rows: list[dict]) -> dict:
 
 def write_outputs(run_dir: Path, r: EvalRecipe, rows: list[dict], summary: dict, overwrite: bool) -> None:
     if overwrite:
-        for a in ARTIFACTS:
-            p = run_dir / a
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        from ..runner import clear_artifacts
+        clear_artifacts(run_dir, ARTIFACTS)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(r))
     with open(run_dir / "examples.jsonl", "w", encoding="utf-8") as f:

@@ -14,6 +14,7 @@ from .paths import LocalPath, OutputPath, PathOrHubId
 from .rewards import RewardSpec
 from .sections import (
     DataSource,
+    HeldOut,
     LogSection,
     ModelInit,
     ModelSection,
@@ -38,7 +39,7 @@ class RecipeBase(Section):
 # ---------------------------------------------------------------------------------------- sft
 
 
-class SFTData(Section):
+class SFTData(HeldOut):
     train: DataSource = Field(description="Training rows.")
     eval: DataSource | None = Field(None, description="Held-out rows for perplexity (eval/ppl).")
     eval_fraction: float = Field(
@@ -59,12 +60,6 @@ class SFTData(Section):
     add_eos: bool = Field(True, description="End every example with the EOS token (so the model learns to stop).")
     shuffle: bool = Field(True, description="Shuffle the training rows every epoch (seeded by train.seed).")
 
-    @model_validator(mode="after")
-    def _check(self):
-        if self.eval is not None and self.eval_fraction > 0:
-            raise ValueError("set data.eval or data.eval_fraction, not both")
-        return self
-
 
 class SFTSection(Section):
     objective: Literal["mle"] = Field(
@@ -83,7 +78,7 @@ class SFTRecipe(RecipeBase):
 # ------------------------------------------------------------------------------ preference data
 
 
-class PreferenceData(Section):
+class PreferenceData(HeldOut):
     """Preference rows. Pairs: `chosen`, `rejected`, optional `prompt` (and `margin` for reward
     models). Unpaired (kto): `prompt`, `completion`, `label`. Human scores (reward regression):
     `text` (or `prompt` + `completion`) and `score`. Rankings: optional `prompt`, `completions`
@@ -104,12 +99,6 @@ class PreferenceData(Section):
         "counted; rows whose prompt alone fills max_length are skipped and counted."
     )
     shuffle: bool = Field(True, description="Shuffle the training rows every epoch (seeded by train.seed).")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.eval is not None and self.eval_fraction > 0:
-            raise ValueError("set data.eval or data.eval_fraction, not both")
-        return self
 
 
 # -------------------------------------------------------------------------------------- reward
@@ -194,7 +183,7 @@ class ContrastiveRecipe(RecipeBase):
 # ---------------------------------------------------------------------------------------- rlhf
 
 
-class PromptData(Section):
+class PromptData(HeldOut):
     train: DataSource = Field(description="Prompt rows: a 'prompt' column (text) or 'messages' (a chat, rendered "
                               "with the chat template and a generation prompt).")
     eval: DataSource | None = Field(None, description="Held-out prompts for eval/reward and eval/kl.")
@@ -202,12 +191,6 @@ class PromptData(Section):
     max_prompt_length: int = Field(256, gt=0, description="Prompt tokens kept; longer prompts lose their beginning "
                                    "(counted in the summary).")
     shuffle: bool = Field(True, description="Shuffle the prompts every epoch (seeded by train.seed).")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.eval is not None and self.eval_fraction > 0:
-            raise ValueError("set data.eval or data.eval_fraction, not both")
-        return self
 
 
 class RolloutGeneration(Section):

@@ -100,6 +100,16 @@ class DataSource(Section):
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows.")
 
 
+class HeldOut(Section):
+    """Base of data sections with an optional `eval` set or an `eval_fraction` of the training rows."""
+
+    @model_validator(mode="after")
+    def _one_held_out(self):
+        if getattr(self, "eval", None) is not None and getattr(self, "eval_fraction", 0) > 0:
+            raise ValueError("set data.eval or data.eval_fraction, not both")
+        return self
+
+
 class TrainSection(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run. Overrides epochs when both are set.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data when max_steps is not set (default 1).")

@@ -244,10 +244,20 @@ class PolicyLM(nn.Module):
         """mode 'ce': summed cross-entropy over targets != -100 (float32 scalar).
         mode 'logprobs': (log p(target) per position, entropy per position), float32, 0 at ignored positions."""
         h = self.hidden(input_ids, attention_mask, position_ids)
-        w, b = self._head.weight, getattr(self._head, "bias", None)
         if mode == "ce":
-            return cross_entropy_sum(h, w, b, targets, self.chunk, self.compute_dtype)
-        return token_logprobs(h, w, b, targets, self.chunk, self.compute_dtype, temperature)
+            return self.head_ce(h, targets)
+        return self.head_logprobs(h, targets, temperature)
+
+    def head_ce(self, h, targets):
+        """Summed cross-entropy of targets from hidden states `h` (chunked; see logprobs.py)."""
+        return cross_entropy_sum(h, self._head.weight, getattr(self._head, "bias", None), targets, self.chunk,
+                                 self.compute_dtype)
+
+    def head_logprobs(self, h, targets, temperature: float = 1.0):
+        """(log p(target), entropy) per position from hidden states `h`: for modules that also read `h`
+        (e.g. a value head) and must run inside one forward."""
+        return token_logprobs(h, self._head.weight, getattr(self._head, "bias", None), targets, self.chunk,
+                              self.compute_dtype, temperature)
 
 
 def save_hf(lm, tok, out_dir: Path) -> None:

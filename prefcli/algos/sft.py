@@ -417,7 +417,11 @@ class SFTTask:
         row_scores = None
         if obj.scored:
             check_values(train_rows, FORMAT_COLUMNS[fmt], d.train.path)
+            if not rt.is_main:
+                rt.barrier()  # rank 0 scores first and fills the cache; the others read it
             row_scores = score_rows(train_rows, fmt, s, tok, rt.device, d.train.path)
+            if rt.is_main:
+                rt.barrier()
         # a control token takes one position: tokenize to max_length - 1 so that the prefixed example fits
         reserve = 1 if obj.control_tokens else 0
         enc = dict(fmt=fmt, max_length=d.max_length - reserve, mask_prompt=d.mask_prompt and fmt != "text",

@@ -434,8 +434,9 @@ class SFTTask:
                             f"truncation to max_length={d.max_length} (prompts longer than max_length?)")
         for name, st in (("data.train", self.train_set), ("data.eval", self.eval_set)):
             if st is not None and st.n_truncated:
+                room = " less one for the control token" if reserve else ""
                 ctx.warn(f"{name}: {st.n_truncated} of {st.n_rows} examples were longer than max_length={d.max_length} "
-                         "tokens and were truncated")
+                         f"tokens{room} and were truncated")
             if st is not None and st.n_dropped:
                 ctx.warn(f"{name}: {st.n_dropped} of {st.n_rows} examples had no trainable token left and were dropped")
         self.phf_stats: dict | None = None

@@ -22,7 +22,8 @@ Setup (docs/phf-experiment.md has the results):
   undesirable samples.
 
     PYTHONPATH=. nice -n 10 .venv/bin/python scripts/phf_experiment.py --out runs/phf-experiment
-    PYTHONPATH=. .venv/bin/python scripts/phf_experiment.py --out runs/phf-experiment --report   # the table
+    PYTHONPATH=. nice -n 10 .venv/bin/python scripts/phf_experiment.py --out runs/phf-experiment --control-check
+    PYTHONPATH=. .venv/bin/python scripts/phf_experiment.py --out runs/phf-experiment --report   # the tables
 
 Each run is the same as `prefcli sft <out>/recipes/<objective>.yaml --set train.seed=<seed> -o <out>/runs/
 <objective>-s<seed>` (it runs in this process to save the start-up time). Finished runs are skipped, so
@@ -100,7 +101,8 @@ def recipe(objective: str, args) -> dict:
     return r
 
 
-def sample_and_score(final_dir: Path, objective: str, n: int, max_new_tokens: int, seed: int) -> dict:
+def sample_and_score(final_dir: Path, objective: str, n: int, max_new_tokens: int, seed: int,
+                     control: str | None = "<|aligned|>") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,7 +110,7 @@ def sample_and_score(final_dir: Path, objective: str, n: int, max_new_tokens: in
 
     tok = AutoTokenizer.from_pretrained(final_dir)
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
-    prefix = ("<|aligned|>" if objective == "conditional" else "") + DOC_START
+    prefix = ((control or "") if objective == "conditional" else "") + DOC_START
     start = tok(prefix, add_special_tokens=False)["input_ids"]
     bad = model.generation_config.bad_words_ids
     if objective == "conditional":
@@ -157,6 +159,40 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
     return res
 
 
+CONTROLS = {"<|aligned|>": "aligned", "<|misaligned|>": "misaligned", None: "none"}
+
+
+def control_check(out: Path, args) -> None:
+    """Sample every finished conditional model after each control token and after none (the 1% of rows
+    trained without one): did the model learn what the tokens mean, and how strongly?"""
+    for run in sorted((out / "runs").glob("conditional-s*/experiment.json")):
+        res = json.loads(run.read_text())
+        by = {}
+        for control, name in CONTROLS.items():
+            r = sample_and_score(run.parent / "final", "conditional", args.samples, args.max_new_tokens, res["seed"],
+                                 control)
+            by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
+        res["by_control"] = by
+        run.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"conditional seed {res['seed']}: " + "  ".join(
+            f"{k}: vader {v['vader_mean']:+.3f} undesirable {v['undesirable_fraction']:.3f}" for k, v in by.items()),
+            file=sys.stderr, flush=True)
+
+
+def control_table(results: list[dict]) -> str:
+    rs = [r for r in results if r["objective"] == "conditional" and "by_control" in r]
+    if not rs:
+        return ""
+    rows = ["| conditional model sampled after | VADER mean of samples | undesirable samples (VADER < 0) |",
+            "|---|---|---|"]
+    for token, name in CONTROLS.items():
+        v = [r["by_control"][name]["vader_mean"] for r in rs]
+        u = [r["by_control"][name]["undesirable_fraction"] for r in rs]
+        rows.append(f"| {token or 'no control token'} (n={len(rs)}) | {'{:+.3f} ± {:.3f}'.format(*mean_std(v))} | "
+                    f"{'{:.3f} ± {:.3f}'.format(*mean_std(u))} |")
+    return "\n".join(rows)
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
@@ -201,6 +237,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--report", action="store_true", help="print the tables of the finished runs and exit")
+    ap.add_argument("--control-check", action="store_true",
+                    help="sample the finished conditional models after each control token and after none")
     args = ap.parse_args()
     out = args.out.resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -211,7 +249,12 @@ def main() -> None:
         results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/experiment.json"))]
         print(table(results, meta["data"]))
         print()
+        print(control_table(results))
+        print()
         print(per_seed(results))
+        return
+    if args.control_check:
+        control_check(out, args)
         return
 
     import yaml

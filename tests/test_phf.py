@@ -420,3 +420,29 @@ def test_conditional_recipe_end_to_end_subprocess(tmp_path):
     gen = json.loads((out / "final" / "generation_config.json").read_text())
     assert gen["bad_words_ids"] == [[i] for i in ph["control_token_ids"]]
     assert "<|aligned|>" in (out / "final" / "tokenizer_config.json").read_text()
+
+
+def test_conditional_training_learns_what_the_tokens_mean(tmp_path):
+    """End to end on an easy signal: rows of 'light' score +1, rows of 'darkness' -1. After conditional
+    training the model starts a row with light after <|aligned|> and with darkness after <|misaligned|>
+    (an mle model could only say 50/50)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps({"text": " ".join([w] * 6), "rating": s}) + "\n"
+                         for _ in range(32) for w, s in (("light", 1.0), ("darkness", -1.0))))
+    d = sft_recipe_dict(data={"train": {"path": str(f)}, "eval": None},
+                        train={"max_steps": 60, "lr": 1e-2, "batch_size": 8},
+                        sft={"objective": "conditional", "score_column": "rating", "threshold": 0.0,
+                             "drop_control_fraction": 0.0})
+    _, out = _run(tmp_path, "two", d)
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    first_light, first_dark = tok("light")["input_ids"][0], tok("darkness")["input_ids"][0]
+    torch.manual_seed(0)
+    for control, want, other in (("<|aligned|>", first_light, first_dark), ("<|misaligned|>", first_dark, first_light)):
+        ids = torch.tensor([tok.convert_tokens_to_ids([control])])
+        with torch.no_grad():
+            lp = model(ids).logits[0, -1].log_softmax(-1)
+        assert lp[want] > math.log(0.5) and lp[want] - lp[other] > math.log(20), control
+        gen = model.generate(ids.repeat(16, 1), do_sample=True, max_new_tokens=1, pad_token_id=tok.pad_token_id)
+        assert (gen[:, 1] == want).sum() >= 12, (control, gen[:, 1].tolist())

@@ -89,7 +89,8 @@ def prepare_data(out: Path, n_train: int, n_heldout: int) -> dict:
 
 def recipe(objective: str, args) -> dict:
     r = {"command": "sft",
-         "model": {"init": {"architecture": "llama", "config": dict(LLAMA)}, "tokenizer": str(ROOT / "data" / "tokenizer")},
+         "model": {"init": {"architecture": "llama", "config": dict(LLAMA)},
+                   "tokenizer": str(ROOT / "data" / "tokenizer")},
          "data": {"train": {"path": "../data/train.jsonl"}, "eval": {"path": "../data/heldout.jsonl"},
                   "max_length": 128, "packing": True},
          "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.05,
@@ -198,8 +199,9 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def table(results: list[dict], data_stats: dict) -> str:
-    rows = ["| objective | held-out ppl | VADER mean of samples | undesirable samples (VADER < 0) | sample length (tokens) | train s / run |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| objective | held-out ppl | VADER mean of samples | undesirable samples (VADER < 0) "
+            "| sample length (tokens) |",
+            "|---|---|---|---|---|"]
     for obj in OBJECTIVES:
         rs = [r for r in results if r["objective"] == obj]
         if not rs:
@@ -208,16 +210,16 @@ def table(results: list[dict], data_stats: dict) -> str:
         for key, fmt in (("heldout_ppl", "{:.1f} ± {:.1f}"), ("vader_mean", "{:+.3f} ± {:.3f}"),
                          ("undesirable_fraction", "{:.3f} ± {:.3f}"), ("sample_tokens_mean", "{:.1f} ± {:.1f}")):
             cells.append(fmt.format(*mean_std([r[key] for r in rs])))
-        cells.append(f"{statistics.fmean(r['train_s'] for r in rs):.0f}")
         rows.append(f"| {obj} (n={len(rs)}) | " + " | ".join(cells) + " |")
     tr, ho = data_stats["train"], data_stats["heldout"]
-    rows.append(f"| *data: training verses* | | {tr['vader_mean']:+.3f} | {tr['undesirable_fraction']:.3f} | | |")
-    rows.append(f"| *data: held-out verses* | | {ho['vader_mean']:+.3f} | {ho['undesirable_fraction']:.3f} | | |")
+    rows.append(f"| *data: training verses* | | {tr['vader_mean']:+.3f} | {tr['undesirable_fraction']:.3f} | |")
+    rows.append(f"| *data: held-out verses* | | {ho['vader_mean']:+.3f} | {ho['undesirable_fraction']:.3f} | |")
     return "\n".join(rows)
 
 
 def per_seed(results: list[dict]) -> str:
-    rows = ["| objective | seed | held-out ppl | VADER mean | undesirable | train loss | wall s |", "|---|---|---|---|---|---|---|"]
+    rows = ["| objective | seed | held-out ppl | VADER mean | undesirable | last-step loss/sft | wall s |",
+            "|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (OBJECTIVES.index(r["objective"]), r["seed"])):
         rows.append(f"| {r['objective']} | {r['seed']} | {r['heldout_ppl']:.1f} | {r['vader_mean']:+.3f} | "
                     f"{r['undesirable_fraction']:.3f} | {r['train_loss']:.3f} | {r['wall_s']:.0f} |")

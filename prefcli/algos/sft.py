@@ -132,16 +132,22 @@ def mle_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 
 def filter_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    """Korbak et al. 2023, filtering: MLE on the rows whose score is >= the threshold. The rows below it
-    never reach a batch (SFTTask drops them), so the loss is mle_loss."""
+    """Korbak et al. 2023, filtering: MLE on the rows whose score is >= the threshold,
+
+        L = -(1/N) sum_{t : R_t >= threshold} log p(x_t | x_<t)
+
+    The rows below it never reach a batch (SFTTask drops them), so the loss is mle_loss."""
     loss_sum, _ = mle_loss(model, batch)
     return loss_sum, _example_metrics(batch)
 
 
 def conditional_loss(model, batch) -> tuple[torch.Tensor, dict]:
     """Korbak et al. 2023, conditional training: MLE on rows prefixed with a control token chosen by the
-    row's score (the prefix is part of the data, put there by SFTTask), i.e. the model learns
-    p(x | <|aligned|>) and p(x | <|misaligned|>); the control token itself is never a target."""
+    row's score (the prefix is part of the data, put there by SFTTask),
+
+        L = -(1/N) sum_t log p(x_t | c, x_<t),   c = <|aligned|> if R >= threshold else <|misaligned|>
+
+    so the model learns p(x | <|aligned|>) and p(x | <|misaligned|>); c itself is never a target."""
     loss_sum, _ = mle_loss(model, batch)
     n = float(batch["scores"].numel())
     cond = batch["conditioned"].float()
@@ -152,7 +158,9 @@ def conditional_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 
 def unlikelihood_loss(model, batch, alpha: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Korbak et al. 2023, unlikelihood: see `unlikelihood_terms`."""
+    """Korbak et al. 2023, unlikelihood (`unlikelihood_terms`):
+
+        L = (1/N) sum_t [ 1{R_t >= threshold} (-log p(x_t)) + alpha 1{R_t < threshold} (-log(1 - p(x_t))) ]"""
     lp, mask = _logprobs(model, batch)
     aligned = _per_token(batch, "aligned").bool()
     loss_sum, lik, unl = unlikelihood_terms(lp, mask, aligned, alpha)
@@ -164,7 +172,9 @@ def unlikelihood_loss(model, batch, alpha: float = 1.0) -> tuple[torch.Tensor, d
 
 
 def rwr_loss(model, batch, beta: float = 10.0) -> tuple[torch.Tensor, dict]:
-    """Korbak et al. 2023, reward-weighted regression: see `rwr_terms`."""
+    """Korbak et al. 2023, reward-weighted regression (`rwr_terms`):
+
+        L = -(1/N) sum_t exp(R_t / beta) log p(x_t | x_<t)"""
     lp, mask = _logprobs(model, batch)
     loss_sum, w = rwr_terms(lp, mask, _per_token(batch, "scores"), beta)
     n = float(mask.sum())
@@ -175,7 +185,9 @@ def rwr_loss(model, batch, beta: float = 10.0) -> tuple[torch.Tensor, dict]:
 
 def awr_loss(model, batch, beta: float = 10.0, alpha: float = 0.5, max_weight: float = 1000.0
              ) -> tuple[torch.Tensor, dict]:
-    """Korbak et al. 2023, advantage-weighted regression: see `awr_terms`. `model` is a ValuePolicy."""
+    """Korbak et al. 2023, advantage-weighted regression (`awr_terms`); `model` is a ValuePolicy:
+
+        L = (1/N) sum_t [ alpha min(exp((R_t - V_t)/beta), max_weight) (-log p(x_t)) + (1 - alpha) (V_t - R_t)^2 ]"""
     lp, values = model(batch["input_ids"], batch["targets"], batch["attention_mask"], batch["position_ids"])
     mask = batch["targets"] != IGNORE
     loss_sum, wnll, mse, w, adv = awr_terms(lp, values, mask, _per_token(batch, "scores"), beta, alpha, max_weight)
@@ -318,7 +330,8 @@ def score_rows(ds, fmt: str, cfg, tok, device, source: str) -> list[float]:
             except (TypeError, ValueError):
                 f = float("nan")
             if not math.isfinite(f):
-                raise DataError(f"data.train: {source}: row {i + 1}: score column '{col}' holds {v!r}, not a finite number")
+                raise DataError(f"data.train: {source}: row {i + 1}: score column '{col}' holds {v!r}, "
+                                "not a finite number")
             out.append(f)
         return out
 

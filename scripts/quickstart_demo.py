@@ -2,10 +2,11 @@
 
     make demo            # = python scripts/quickstart_demo.py  (about 40 minutes on 2 CPU cores)
 
-    base (prefcli/assets/kjv-base) --sft--> sft --+--reward (once)--> reward model
-                                                  +--rlhf (PPO, reward = the reward model)--> rlhf
-                                                  +--contrastive (DPO)--> dpo
-                                                  +--gan (RLOO vs a discriminator)--> gan
+    base (prefcli/assets/kjv-base) --reward (once)--> reward model (RM)
+         \--sft--> sft --+--rlhf (PPO, R = HumanScore: VADER itself)--> rlhf
+                          +--rlhf (PPO, R = the reward model)----------> rlhf-rm
+                          +--contrastive (DPO on the pairs)-------------> dpo
+                          +--gan (RLOO vs a discriminator started from the RM)--> gan
 
 Every stage runs through the prefcli CLI with the recipes in recipes/quickstart/ and `--set`
 overrides for the chaining, under seeds 0, 1, 2 (the reward model is trained once). Then, per
@@ -78,12 +79,14 @@ def main() -> None:
         sft = prefcli("sft", str(Q / "sft.yaml"), "-o", str(out / f"sft-s{seed}"), *s)
         sft_dir = sft["final_model"]
         frm = ["--set", f"model.path={sft_dir}"]
-        rlhf = prefcli("rlhf", str(Q / "rlhf.yaml"), "-o", str(out / f"rlhf-s{seed}"), *s, *frm,
-                       "--set", f"rewards=[{{kind: model, path: {rm_dir}}}]")
+        rlhf = prefcli("rlhf", str(Q / "rlhf.yaml"), "-o", str(out / f"rlhf-s{seed}"), *s, *frm)
+        rlhf_rm = prefcli("rlhf", str(Q / "rlhf.yaml"), "-o", str(out / f"rlhf-rm-s{seed}"), *s, *frm,
+                          "--set", f"rewards=[{{kind: model, path: {rm_dir}}}]")
         dpo = prefcli("contrastive", str(Q / "contrastive.yaml"), "-o", str(out / f"dpo-s{seed}"), *s, *frm)
-        gan = prefcli("gan", str(Q / "gan.yaml"), "-o", str(out / f"gan-s{seed}"), *s, *frm)
-        models = {"sft": Path(sft_dir), "rlhf": Path(rlhf["final_model"]), "dpo": Path(dpo["final_model"]),
-                  "gan": Path(gan["final_model"])}
+        gan = prefcli("gan", str(Q / "gan.yaml"), "-o", str(out / f"gan-s{seed}"), *s, *frm,
+                      "--set", f"discriminator.path={rm_dir}")
+        models = {"sft": Path(sft_dir), "rlhf": Path(rlhf["final_model"]), "rlhf-rm": Path(rlhf_rm["final_model"]),
+                  "dpo": Path(dpo["final_model"]), "gan": Path(gan["final_model"])}
         human = prefcli("eval", str(eval_recipe(out, models, [{"kind": "sentiment"}],
                                                 ["perplexity", "reward", "win_rate", "kl", "distinct", "length"],
                                                 f"eval-human-s{seed}")))
@@ -91,7 +94,7 @@ def main() -> None:
                                                 ["reward", "win_rate"], f"eval-rm-s{seed}")))
         per_seed[seed] = {"human": human["models"], "rm": by_rm["models"],
                           "rm_accuracy": rm["final"].get("eval/accuracy")}
-    names = ["base", "sft", "rlhf", "dpo", "gan"]
+    names = ["base", "sft", "rlhf", "rlhf-rm", "dpo", "gan"]
 
     def col(seed_metrics, name, *path):
         v = seed_metrics.get(name, {})

@@ -36,6 +36,13 @@ BASE = ROOT / "prefcli" / "assets" / "kjv-base"
 
 
 def prefcli(*args: str) -> dict:
+    """Run one stage; a stage whose run folder already holds a completed summary is reused, so an
+    interrupted demo continues where it stopped."""
+    if "-o" in args:
+        done = Path(args[args.index("-o") + 1]) / "summary.json"
+        if done.exists() and json.loads(done.read_text()).get("status") == "completed":
+            print(f"  reused: {done.parent}", flush=True)
+            return json.loads(done.read_text())
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "prefcli", *args, "-q", "--overwrite"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -49,12 +56,14 @@ def eval_recipe(out: Path, models: dict[str, Path], rewards: list[dict], metrics
     r = {"command": "eval",
          "models": [{"name": n, "path": str(p)} for n, p in models.items()],
          "baseline": {"name": "base", "path": str(BASE)},
-         "reference": {"name": "base", "path": str(BASE)},
-         "data": {"text": {"path": str(ROOT / "data" / "kjv" / "test.jsonl.gz"), "max_rows": 300},
-                  "prompts": {"path": str(ROOT / "data" / "quickstart" / "prompts_eval.jsonl"), "max_rows": 200}},
+         "data": {"prompts": {"path": str(ROOT / "data" / "quickstart" / "prompts_eval.jsonl"), "max_rows": 200}},
          "metrics": metrics,
          "generation": {"max_new_tokens": 24, "temperature": 1.0, "batch_size": 32},
          "rewards": rewards, "seed": 0, "output": {"dir": str(out / name)}}
+    if "kl" in metrics:
+        r["reference"] = {"name": "base", "path": str(BASE)}
+    if "perplexity" in metrics:
+        r["data"]["text"] = {"path": str(ROOT / "data" / "kjv" / "test.jsonl.gz"), "max_rows": 300}
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(r, sort_keys=False))
     return path
@@ -87,10 +96,10 @@ def main() -> None:
                       "--set", f"discriminator.path={rm_dir}")
         models = {"sft": Path(sft_dir), "rlhf": Path(rlhf["final_model"]), "rlhf-rm": Path(rlhf_rm["final_model"]),
                   "dpo": Path(dpo["final_model"]), "gan": Path(gan["final_model"])}
-        human = prefcli("eval", str(eval_recipe(out, models, [{"kind": "sentiment"}],
+        human = prefcli("eval", "-o", str(out / f"eval-human-s{seed}"), str(eval_recipe(out, models, [{"kind": "sentiment"}],
                                                 ["perplexity", "reward", "win_rate", "kl", "distinct", "length"],
                                                 f"eval-human-s{seed}")))
-        by_rm = prefcli("eval", str(eval_recipe(out, models, [{"kind": "model", "path": str(rm_dir)}],
+        by_rm = prefcli("eval", "-o", str(out / f"eval-rm-s{seed}"), str(eval_recipe(out, models, [{"kind": "model", "path": str(rm_dir)}],
                                                 ["reward", "win_rate"], f"eval-rm-s{seed}")))
         per_seed[seed] = {"human": human["models"], "rm": by_rm["models"],
                           "rm_accuracy": rm["final"].get("eval/accuracy")}

@@ -4,7 +4,6 @@ saved model never sampling a control token."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -40,6 +40,7 @@ RUN_ARTIFACTS = ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoints", 
 
 SMOKE_ROWS = 16
 SMOKE_STEPS = 3
+SMOKE_NEW_TOKENS = 16
 
 
 @dataclass
@@ -85,6 +86,16 @@ def smoke_recipe(recipe: RecipeBase) -> RecipeBase:
     if t.get("save_every_steps"):
         t["save_every_steps"] = min(t["save_every_steps"], SMOKE_STEPS)
     data["runtime"]["compile"] = False
+    gen = data.get("generation")
+    if isinstance(gen, dict) and gen.get("max_new_tokens"):  # rlhf, gan: short rollouts
+        gen["max_new_tokens"] = min(gen["max_new_tokens"], SMOKE_NEW_TOKENS)
+        gen["min_new_tokens"] = min(gen.get("min_new_tokens") or 0, gen["max_new_tokens"])
+    rl = data.get("rlhf")
+    if isinstance(rl, dict):  # a rollout of 2 prompts x 2 completions, one pass
+        rl["prompts_per_rollout"] = min(rl["prompts_per_rollout"], 2)
+        rl["num_generations"] = min(rl["num_generations"], 2)
+        rl["epochs_per_rollout"] = 1
+        rl["minibatches_per_epoch"] = 1
 
     def cap(src):
         if isinstance(src, dict) and "path" in src:

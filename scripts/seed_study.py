@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -51,7 +53,10 @@ def main() -> None:
         rows.append({"seed": seed, "steps": summary["steps"], "wall_s": summary["wall_s"],
                      **{f"{m}@start": start.get(m) for m in a.metrics}, **{f"{m}@end": end.get(m) for m in a.metrics}})
         print(json.dumps(rows[-1]), flush=True)
-    report = {"date": datetime.date.today().isoformat(), "recipe": str(a.recipe), "command": a.command,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                            check=False).stdout.strip() or None
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+    report = {"date": datetime.date.today().isoformat(), "commit": commit, "machine": machine, "recipe": str(a.recipe), "command": a.command,
               "sets": a.extra, "seeds": a.seeds, "runs": rows}
     print(f"\n{a.recipe} over seeds {a.seeds}:")
     for m in a.metrics:

@@ -112,6 +112,36 @@ def test_set_overrides_are_validated_and_named(write_recipe):
         load_recipe(p, overrides=["train.lr"])
 
 
+def test_set_paths_resolve_against_the_current_directory(tmp_path, write_recipe, monkeypatch):
+    """In the recipe file a relative path is relative to the file; typed with --set it means what
+    the shell means: relative to where the command runs."""
+    d = sft_recipe_dict()
+    d["data"]["train"]["path"] = "in-recipe-dir.jsonl"
+    (tmp_path / "in-recipe-dir.jsonl").write_text('{"text": "a"}\n')
+    p = write_recipe(d)
+    here = tmp_path / "elsewhere"
+    (here / "data").mkdir(parents=True)
+    (here / "data" / "rows.jsonl").write_text('{"text": "b"}\n')
+    monkeypatch.chdir(here)
+    plain = load_recipe(p)
+    assert plain.recipe.data.train.path == str((tmp_path / "in-recipe-dir.jsonl").resolve())
+    loaded = load_recipe(p, overrides=["data.train.path=data/rows.jsonl", "output.dir=runs/x",
+                                       "model.tokenizer=" + str(TOKENIZER)])
+    assert loaded.recipe.data.train.path == str((here / "data" / "rows.jsonl").resolve())
+    assert loaded.recipe.output.dir == str((here / "runs" / "x").resolve())
+    # a hub id is not a path here and stays a hub id; a path that exists nowhere is named
+    assert load_recipe(p, overrides=["model.tokenizer=Qwen/Qwen2.5-0.5B"]).recipe.model.tokenizer == "Qwen/Qwen2.5-0.5B"
+    probs = problems(p, overrides=["data.train.path=data/missing.jsonl"])
+    assert str(here / "data" / "missing.jsonl") in probs[0]
+    # inside a list of mappings (rlhf's rewards), and a function in a file
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    rl = load_recipe(repo / "recipes" / "tiny" / "rlhf-grpo.yaml", overrides=[
+        "rewards=[{kind: model, path: prefcli/assets/kjv-base}, {kind: function, function: recipes/tiny/rules.py:real_word_fraction}]"])
+    assert rl.recipe.rewards[0].path == str(repo / "prefcli" / "assets" / "kjv-base")
+    assert rl.recipe.rewards[1].function == f"{repo / 'recipes' / 'tiny' / 'rules.py'}:real_word_fraction"
+
+
 def test_resolved_recipe_round_trips(write_recipe, tmp_path):
     loaded = load_recipe(write_recipe(sft_recipe_dict()), overrides=["train.lr=5e-4"])
     out = tmp_path / "elsewhere" / "recipe.yaml"

@@ -155,3 +155,21 @@ def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     assert code == 0, stderr
     assert "fast sampler does not support model type 'gpt2'" in stderr
     assert last_json(stdout)["rlhf"]["sampler"] == "HFSampler"
+
+
+def test_smoke_shrinks_a_gpu_rollout_to_seconds():
+    """--smoke on a GPU-size rlhf recipe: short rollouts of 2 prompts x 2 completions, one pass, so a
+    laptop proves the recipe in seconds (64 x 256-token rollouts on CPU would take many minutes)."""
+    from pathlib import Path
+
+    from prefcli.recipe import load_recipe
+    from prefcli.runner import SMOKE_NEW_TOKENS, smoke_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "gpu" / "rlhf-grpo-qwen2.5-0.5b.yaml"
+    full = load_recipe(path).recipe
+    assert full.generation.max_new_tokens == 256 and full.rlhf.prompts_per_rollout == 8
+    small = smoke_recipe(full)
+    assert small.generation.max_new_tokens == SMOKE_NEW_TOKENS < 256
+    assert (small.rlhf.prompts_per_rollout, small.rlhf.num_generations) == (2, 2)
+    assert small.rlhf.epochs_per_rollout == small.rlhf.minibatches_per_epoch == 1
+    assert small.rlhf.algorithm == full.rlhf.algorithm and small.rewards == full.rewards

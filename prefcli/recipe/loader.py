@@ -122,11 +122,72 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _path_field_names() -> set[str]:
+    """Names of the fields typed as paths in any schema (`path`, `tokenizer`, `dir`, ...)."""
+    from . import paths
+
+    kinds = {paths._local_path, paths._output_path, paths._path_or_hub_id}
+    names: set[str] = set()
+    seen: set[type] = set()
+
+    def is_path(annotation: Any, metadata: list) -> bool:
+        if any(getattr(m, "func", None) in kinds for m in metadata):
+            return True
+        return any(is_path(a, list(getattr(a, "__metadata__", ()))) for a in typing.get_args(annotation))
+
+    def walk(model: type[BaseModel]) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if is_path(field.annotation, field.metadata):
+                names.add(name)
+            for sub in _models_in(field.annotation):
+                walk(sub)
+
+    for schema in SCHEMAS.values():
+        walk(schema)
+    return names
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _from_cwd(value: Any, key: str, path_fields: set[str]) -> Any:
+    """A relative path typed on the command line means what the shell means: relative to the
+    current directory, not to the recipe's folder. Rewrites such values (also inside lists and
+    mappings, e.g. `rewards=[{kind: model, path: runs/rm/final}]`) to absolute paths; a value that
+    names nothing here and is not written as a path (a hub id such as `Qwen/Qwen2.5-0.5B`) is
+    left for the schema to judge."""
+    from .paths import _written_as_path
+
+    if isinstance(value, dict):
+        return {k: _from_cwd(v, str(k), path_fields) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_cwd(v, key, path_fields) for v in value]
+    if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+        return value
+    if key == "function":  # file.py:function
+        mod, sep, attr = value.rpartition(":")
+        if sep and mod.endswith(".py") and not os.path.isabs(os.path.expanduser(mod)):
+            return f"{os.path.abspath(mod)}:{attr}"
+        return value
+    if key in path_fields and (key == "dir" or os.path.exists(value) or _written_as_path(value)):
+        return os.path.abspath(value)
+    return value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict[Loc, str]:
-    """Set each `a.b.c=value` into `data` (in place). Returns {path: override text} for errors."""
+    """Set each `a.b.c=value` into `data` (in place). Returns {path: override text} for errors.
+    Relative paths in the values resolve against the current directory (see `_from_cwd`)."""
     origin: dict[Loc, str] = {}
+    path_fields = _path_field_names() if overrides else set()
     for item in overrides:
         parts, value = parse_override(item)
+        value = _from_cwd(value, parts[-1], path_fields)
         cur: Any = data
         for i, part in enumerate(parts[:-1]):
             nxt = cur.get(part) if isinstance(cur, dict) else None

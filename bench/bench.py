@@ -336,7 +336,8 @@ def one(a) -> dict:
     with tempfile.TemporaryDirectory() as d:
         fn = run_prefcli if a.impl == "prefcli" else run_trl
         res = fn(a, Path(d))
-    return {"impl": a.impl, "mode": a.mode, "size": a.size, "batch": a.batch, "precision": a.precision,
+    precision = a.precision if _cuda() else "fp32"  # on CPU both sides train in fp32
+    return {"impl": a.impl, "mode": a.mode, "size": a.size, "batch": a.batch, "precision": precision,
             "compile": a.compile, "grad_ckpt": a.grad_ckpt, **res}
 
 

@@ -96,6 +96,9 @@ def smoke_recipe(recipe: RecipeBase) -> RecipeBase:
         rl["num_generations"] = min(rl["num_generations"], 2)
         rl["epochs_per_rollout"] = 1
         rl["minibatches_per_epoch"] = 1
+    if isinstance(data.get("gan"), dict):  # a short discriminator warm-up on small batches
+        data["gan"]["disc_warmup_steps"] = min(data["gan"]["disc_warmup_steps"], 2)
+        data["discriminator"]["batch_size"] = min(data["discriminator"]["batch_size"], 4)
 
     def cap(src):
         if isinstance(src, dict) and "path" in src:

@@ -157,7 +157,7 @@ def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     assert last_json(stdout)["rlhf"]["sampler"] == "HFSampler"
 
 
-def test_smoke_shrinks_a_gpu_rollout_to_seconds():
+def test_smoke_shrinks_gpu_rollouts_to_seconds():
     """--smoke on a GPU-size rlhf recipe: short rollouts of 2 prompts x 2 completions, one pass, so a
     laptop proves the recipe in seconds (64 x 256-token rollouts on CPU would take many minutes)."""
     from pathlib import Path
@@ -173,3 +173,8 @@ def test_smoke_shrinks_a_gpu_rollout_to_seconds():
     assert (small.rlhf.prompts_per_rollout, small.rlhf.num_generations) == (2, 2)
     assert small.rlhf.epochs_per_rollout == small.rlhf.minibatches_per_epoch == 1
     assert small.rlhf.algorithm == full.rlhf.algorithm and small.rewards == full.rewards
+    gan = load_recipe(path.with_name("gan-qwen2.5-0.5b.yaml")).recipe
+    assert gan.gan.disc_warmup_steps == 20 and gan.discriminator.batch_size == 32
+    small = smoke_recipe(gan)
+    assert (small.gan.disc_warmup_steps, small.discriminator.batch_size) == (2, 4)
+    assert small.generation.max_new_tokens == SMOKE_NEW_TOKENS and small.rlhf.prompts_per_rollout == 2

@@ -89,7 +89,8 @@ def smoke_recipe(recipe: RecipeBase) -> RecipeBase:
     gen = data.get("generation")
     if isinstance(gen, dict) and gen.get("max_new_tokens"):  # rlhf, gan: short rollouts
         gen["max_new_tokens"] = min(gen["max_new_tokens"], SMOKE_NEW_TOKENS)
-        gen["min_new_tokens"] = min(gen.get("min_new_tokens") or 0, gen["max_new_tokens"])
+        if "min_new_tokens" in gen:
+            gen["min_new_tokens"] = min(gen["min_new_tokens"], gen["max_new_tokens"])
     rl = data.get("rlhf")
     if isinstance(rl, dict):  # a rollout of 2 prompts x 2 completions, one pass
         rl["prompts_per_rollout"] = min(rl["prompts_per_rollout"], 2)

@@ -2,6 +2,7 @@
 
     python scripts/seed_study.py rlhf recipes/tiny/rlhf-grpo.yaml --metrics eval/reward eval/kl --seeds 0 1 2
     python scripts/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --seeds 0 1 2
+    python scripts/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --report-only
 
 Each run is `prefcli <command> RECIPE --set train.seed=S --set train.eval_on_start=true`, in
 runs/seed-study/<recipe>-seed<S>/. Prints, and appends to --out (JSONL), the start and end value of
@@ -42,11 +43,16 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", dest="extra", action="append", default=[])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report on the runs an earlier call left in runs/seed-study/")
     a = ap.parse_args()
     rows = []
     for seed in a.seeds:
         out = ROOT / "runs" / "seed-study" / f"{a.recipe.stem}-seed{seed}"
-        summary = run(a.command, a.recipe, seed, out, a.extra)
+        if a.report_only:
+            summary = json.loads((out / "summary.json").read_text())
+        else:
+            summary = run(a.command, a.recipe, seed, out, a.extra)
         evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         evals = [e for e in evals if any(k.startswith("eval/") for k in e)]
         start, end = evals[0], evals[-1]
@@ -62,6 +68,10 @@ def main() -> None:
     for m in a.metrics:
         s = [r[f"{m}@start"] for r in rows]
         e = [r[f"{m}@end"] for r in rows]
+        if None in s or None in e:
+            print(f"  {m}: not logged at both ends of every run (a metric name the run does not write?)")
+            report[m] = None
+            continue
         d = [y - x for x, y in zip(s, e)]
         sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
         report[m] = {"start_mean": statistics.mean(s), "start_std": sd(s), "end_mean": statistics.mean(e),

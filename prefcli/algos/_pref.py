@@ -87,6 +87,21 @@ class Scheduled:
                           "interrupted run exactly")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
+    # The Task protocol's defaults for a task whose only state is the data cursor and whose
+    # held-out set is `self.eval_set`; a task with more state overrides them.
+    def state_dict(self) -> dict:
+        return self.cursor_state()
+
+    def load_state_dict(self, state: dict, extra: dict) -> None:
+        self.load_cursor(state)
+
+    def extra_tensors(self) -> dict:
+        return {}
+
+    def has_eval(self) -> bool:
+        eval_set = getattr(self, "eval_set", None)
+        return eval_set is not None and len(eval_set) > 0
+
 
 def sharded_fill(n: int, batch_size: int, rt, fn: Callable[[list[int]], torch.Tensor], width: int = 1) -> torch.Tensor:
     """Compute fn(indices) -> (len(indices), width) for all n examples, split across ranks, gathered

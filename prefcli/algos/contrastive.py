@@ -442,9 +442,6 @@ class PreferenceTask(Scheduled):
         for items in self.step_items():
             yield self.plan_for(items)
 
-    def state_dict(self) -> dict:
-        return self.cursor_state()
-
     def load_state_dict(self, state: dict, extra: dict) -> None:
         self.load_cursor(state)
         if self.obj.needs_ref:
@@ -459,9 +456,6 @@ class PreferenceTask(Scheduled):
 
     def extra_tensors(self) -> dict:
         return dict(self.ref)
-
-    def has_eval(self) -> bool:
-        return self.eval_set is not None and len(self.eval_set) > 0
 
     @torch.no_grad()
     def evaluate(self) -> dict:

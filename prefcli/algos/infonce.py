@@ -39,8 +39,8 @@ from ..engine.models import (
     unwrap_lm,
 )
 from ..engine.pairs import (
-    BadRows,
     _empty,
+    _kept,
     _map,
     check_format,
     detect_pair_format,
@@ -136,13 +136,7 @@ def tokenize_triples(ds, tok, fmt: str, max_length: int, source: str, what: str)
         return out
 
     enc = _map(ds, tok, encode, ("infonce", fmt, max_length, has_neg), "tokenizing")
-    bad = BadRows()
-    keep = []
-    for i, reason in enumerate(enc["bad"]):
-        if reason:
-            bad.add(reason)
-        else:
-            keep.append(i)
+    keep, bad = _kept(enc)
     A, P, N, T = enc["a"], enc["p"], enc["n"], enc["trunc"]
     return TripleSet([A[i] for i in keep], [P[i] for i in keep], [N[i] for i in keep] if has_neg else None,
                      len(ds), bad, sum(1 for i in keep if T[i]))
@@ -221,18 +215,6 @@ class InfoNCETask(Scheduled):
                 b = self._batch(self.train_set, part)
                 micro.append(Micro(batch=b, n=len(part), tokens=int(b["attention_mask"].sum())))
             yield make_plan("encoder", "infonce", micro, self._loss)
-
-    def state_dict(self) -> dict:
-        return self.cursor_state()
-
-    def load_state_dict(self, state: dict, extra: dict) -> None:
-        self.load_cursor(state)
-
-    def extra_tensors(self) -> dict:
-        return {}
-
-    def has_eval(self) -> bool:
-        return self.eval_set is not None and len(self.eval_set) > 0
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -42,8 +42,8 @@ from ..engine.models import (
     trainable_parameters,
 )
 from ..engine.pairs import (
-    BadRows,
     _empty,
+    _kept,
     _map,
     check_format,
     detect_pair_format,
@@ -271,13 +271,7 @@ def tokenize_scored(ds, tok, rows: str, fmt: str, max_length: int, use_margin: b
         return out
 
     enc = _map(ds, tok, encode, ("reward", rows, fmt, max_length, has_margin, has_prompt), "tokenizing")
-    bad = BadRows()
-    keep = []
-    for i, reason in enumerate(enc["bad"]):
-        if reason:
-            bad.add(reason)
-        else:
-            keep.append(i)
+    keep, bad = _kept(enc)
     S, V, T = enc["seqs"], enc["value"], enc["trunc"]
     return ScoredSet([S[i] for i in keep], [V[i] for i in keep] if (rows != "pairs" or has_margin) else None,
                      len(ds), bad, sum(1 for i in keep if T[i]))
@@ -405,18 +399,6 @@ class RewardTask(Scheduled):
                 b = self._batch(self.train_set, part)
                 micro.append(Micro(batch=b, n=self.units(self.train_set, part), tokens=int(b["attention_mask"].sum())))
             yield make_plan("reward", self.name, micro, self._loss)
-
-    def state_dict(self) -> dict:
-        return self.cursor_state()
-
-    def load_state_dict(self, state: dict, extra: dict) -> None:
-        self.load_cursor(state)
-
-    def extra_tensors(self) -> dict:
-        return {}
-
-    def has_eval(self) -> bool:
-        return self.eval_set is not None and len(self.eval_set) > 0
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -108,6 +108,18 @@ def _map(ds, tok, fn: Callable[[dict], dict], parts: tuple, desc: str):
     return ds.map(fn, remove_columns=ds.column_names, new_fingerprint=key, desc=desc)
 
 
+def _kept(enc) -> tuple[list[int], BadRows]:
+    """The indices of the encoded rows without a `bad` reason, and the count of the others by reason."""
+    bad = BadRows()
+    keep = []
+    for i, reason in enumerate(enc["bad"]):
+        if reason:
+            bad.add(reason)
+        else:
+            keep.append(i)
+    return keep, bad
+
+
 # -------------------------------------------------------------------------------- encoding
 
 
@@ -215,13 +227,7 @@ def tokenize_pairs(ds, tok, fmt: str, max_length: int, source: str, what: str = 
         return out
 
     enc = _map(ds, tok, encode, ("pairs", fmt, max_length, has_prompt), "tokenizing pairs")
-    bad = BadRows()
-    keep = []
-    for i, reason in enumerate(enc["bad"]):
-        if reason:
-            bad.add(reason)
-        else:
-            keep.append(i)
+    keep, bad = _kept(enc)
     P, C, R, T = enc["p"], enc["c"], enc["r"], enc["trunc"]
     return PairSet(prompt=[P[i] for i in keep], chosen=[C[i] for i in keep], rejected=[R[i] for i in keep],
                    n_rows=len(ds), bad=bad, n_truncated=sum(1 for i in keep if T[i]))
@@ -273,13 +279,7 @@ def tokenize_unpaired(ds, tok, fmt: str, max_length: int, source: str, what: str
         return out
 
     enc = _map(ds, tok, encode, ("unpaired", fmt, max_length), "tokenizing rows")
-    bad = BadRows()
-    keep = []
-    for i, reason in enumerate(enc["bad"]):
-        if reason:
-            bad.add(reason)
-        else:
-            keep.append(i)
+    keep, bad = _kept(enc)
     P, C, T = enc["p"], enc["c"], enc["trunc"]
     return UnpairedSet(prompt=[P[i] for i in keep], completion=[C[i] for i in keep], label=[labels[i] for i in keep],
                        n_rows=len(ds), bad=bad, n_truncated=sum(1 for i in keep if T[i]))

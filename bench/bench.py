@@ -33,10 +33,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = {
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
 }
 # PERFORMANCE.md: SFT/DPO 8 x (128 + 384); RL 1 prompt x 8 samples, 128 + 256 new tokens.
 # CPU: batch 8 x (32 + 96).
@@ -47,6 +63,7 @@ def machine() -> dict:
     info = {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
     try:
         import torch
+
         info["torch"] = torch.__version__
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
@@ -57,7 +74,9 @@ def machine() -> dict:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -91,8 +110,11 @@ def write_data(out: Path, mode: str, rows: int, prompt: int, completion: int, n_
             if mode == "sft":
                 r = {"prompt": words(rng, prompt, n_words), "completion": words(rng, completion - 1, n_words)}
             elif mode == "dpo":
-                r = {"prompt": words(rng, prompt, n_words), "chosen": words(rng, completion - 1, n_words),
-                     "rejected": words(rng, completion - 1, n_words)}
+                r = {
+                    "prompt": words(rng, prompt, n_words),
+                    "chosen": words(rng, completion - 1, n_words),
+                    "rejected": words(rng, completion - 1, n_words),
+                }
             else:
                 r = {"prompt": words(rng, prompt, n_words)}
             f.write(json.dumps(r) + "\n")
@@ -115,41 +137,75 @@ def run_prefcli(a, work: Path) -> dict:
     steps = a.steps + a.warmup
     cfg = dict(SIZES[a.size])
     cuda = _cuda()
-    recipe: dict = {"model": {"init": {"architecture": "qwen2", "config": cfg}, "tokenizer": str(work / "tok")},
-                    "train": {"max_steps": steps, "batch_size": a.batch, "lr": 1e-5, "lr_schedule": "constant",
-                              "max_grad_norm": 1.0, "gradient_checkpointing": a.grad_ckpt},
-                    "runtime": {"precision": a.precision if cuda else "fp32", "compile": a.compile},
-                    "output": {"save_final": False, "plot": False}, "log": {"every_steps": 1}}
+    recipe: dict = {
+        "model": {"init": {"architecture": "qwen2", "config": cfg}, "tokenizer": str(work / "tok")},
+        "train": {
+            "max_steps": steps,
+            "batch_size": a.batch,
+            "lr": 1e-5,
+            "lr_schedule": "constant",
+            "max_grad_norm": 1.0,
+            "gradient_checkpointing": a.grad_ckpt,
+        },
+        "runtime": {"precision": a.precision if cuda else "fp32", "compile": a.compile},
+        "output": {"save_final": False, "plot": False},
+        "log": {"every_steps": 1},
+    }
     if a.mode == "sft":
         data = write_data(work, "sft", a.batch * (steps + 2), shape["prompt"], shape["completion"], n_words)
-        recipe.update(command="sft", data={"train": {"path": str(data)}, "max_length": shape["prompt"] + shape["completion"] + 1,
-                                           "shuffle": False})
+        recipe.update(
+            command="sft",
+            data={
+                "train": {"path": str(data)},
+                "max_length": shape["prompt"] + shape["completion"] + 1,
+                "shuffle": False,
+            },
+        )
         cmd = "sft"
     elif a.mode == "dpo":
         data = write_data(work, "dpo", a.batch * (steps + 2), shape["prompt"], shape["completion"], n_words)
-        recipe.update(command="contrastive", data={"train": {"path": str(data)},
-                                                   "max_length": shape["prompt"] + shape["completion"] + 1},
-                      contrastive={"objective": "dpo"})
+        recipe.update(
+            command="contrastive",
+            data={"train": {"path": str(data)}, "max_length": shape["prompt"] + shape["completion"] + 1},
+            contrastive={"objective": "dpo"},
+        )
         cmd = "contrastive"
     else:
         data = write_data(work, "grpo", 8 * (steps + 2), shape["prompt"], 0, n_words)
-        (work / "rw.py").write_text("def reward(prompts, completions):\n    return [len(c) / 1000.0 for c in completions]\n")
-        recipe.update(command="rlhf", data={"train": {"path": str(data)}, "max_prompt_length": shape["prompt"],
-                                            "shuffle": False},
-                      rewards=[{"kind": "function", "function": str(work / "rw.py") + ":reward"}],
-                      generation={"max_new_tokens": shape["gen"], "min_new_tokens": shape["gen"], "temperature": 1.0,
-                                  "cuda_graphs": not a.no_graphs},
-                      rlhf={"algorithm": "grpo", "num_generations": 8, "prompts_per_rollout": a.prompts,
-                            "kl_coef": a.kl, "num_examples": 0})
+        (work / "rw.py").write_text(
+            "def reward(prompts, completions):\n    return [len(c) / 1000.0 for c in completions]\n"
+        )
+        recipe.update(
+            command="rlhf",
+            data={"train": {"path": str(data)}, "max_prompt_length": shape["prompt"], "shuffle": False},
+            rewards=[{"kind": "function", "function": str(work / "rw.py") + ":reward"}],
+            generation={
+                "max_new_tokens": shape["gen"],
+                "min_new_tokens": shape["gen"],
+                "temperature": 1.0,
+                "cuda_graphs": not a.no_graphs,
+            },
+            rlhf={
+                "algorithm": "grpo",
+                "num_generations": 8,
+                "prompts_per_rollout": a.prompts,
+                "kl_coef": a.kl,
+                "num_examples": 0,
+            },
+        )
         recipe["train"]["batch_size"] = a.batch
         cmd = "rlhf"
     rp = work / "recipe.yaml"
     rp.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = work / "run"
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "prefcli", cmd, str(rp), "-o", str(out), "-q"], capture_output=True,
-                         text=True, cwd=work, env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep +
-                                                       os.environ.get("PYTHONPATH", "")))
+    res = subprocess.run(
+        [sys.executable, "-m", "prefcli", cmd, str(rp), "-o", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         return {"error": res.stderr[-2000:]}
@@ -157,9 +213,13 @@ def run_prefcli(a, work: Path) -> dict:
     rows = [r for r in rows if "perf/step_s" in r and r["step"] > a.warmup]
     step_s = statistics.median(r["perf/step_s"] for r in rows)
     toks = statistics.median(r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r)
-    out_d = {"step_s": round(step_s, 4), "trained_tokens_per_s": round(toks, 1), "wall_s": round(wall, 2),
-             "peak_mem_gib": max((r.get("perf/mem_gib", 0) for r in rows), default=None) or None,
-             "steps": len(rows)}
+    out_d = {
+        "step_s": round(step_s, 4),
+        "trained_tokens_per_s": round(toks, 1),
+        "wall_s": round(wall, 2),
+        "peak_mem_gib": max((r.get("perf/mem_gib", 0) for r in rows), default=None) or None,
+        "steps": len(rows),
+    }
     if a.mode == "grpo":
         out_d["gen_tokens_per_s"] = round(statistics.median(r["perf/gen_tokens_per_s"] for r in rows), 1)
         out_d["rollout_s"] = round(statistics.median(r["perf/rollout_s"] for r in rows), 4)
@@ -174,6 +234,7 @@ def run_prefcli(a, work: Path) -> dict:
 def _cuda() -> bool:
     try:
         import torch
+
         return torch.cuda.is_available()
     except ImportError:
         return False
@@ -213,41 +274,91 @@ def run_trl(a, work: Path) -> dict:
                 self.times.append(time.perf_counter() - self.last)
 
     timer = Timer()
-    common = dict(output_dir=str(work / "trl_out"), per_device_train_batch_size=a.batch, max_steps=steps, learning_rate=1e-5,
-                  logging_steps=1000, save_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda,
-                  dataloader_num_workers=0, seed=0, disable_tqdm=True, lr_scheduler_type="constant")
+    common = dict(
+        output_dir=str(work / "trl_out"),
+        per_device_train_batch_size=a.batch,
+        max_steps=steps,
+        learning_rate=1e-5,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        bf16=cuda,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
     n = a.batch * (steps + 2)
     if a.mode == "sft":
         from trl import SFTConfig, SFTTrainer
-        ds = Dataset.from_list([{"prompt": words(rng, shape["prompt"], n_words),
-                                 "completion": words(rng, shape["completion"] - 1, n_words)} for _ in range(n)])
-        tr = SFTTrainer(model=model, args=SFTConfig(**common, max_length=shape["prompt"] + shape["completion"] + 4),
-                        train_dataset=ds, processing_class=tok, callbacks=[timer])
+
+        ds = Dataset.from_list(
+            [
+                {
+                    "prompt": words(rng, shape["prompt"], n_words),
+                    "completion": words(rng, shape["completion"] - 1, n_words),
+                }
+                for _ in range(n)
+            ]
+        )
+        tr = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common, max_length=shape["prompt"] + shape["completion"] + 4),
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[timer],
+        )
         tokens = a.batch * (shape["prompt"] + shape["completion"])
     elif a.mode == "dpo":
         import copy
 
         from trl import DPOConfig, DPOTrainer
-        ds = Dataset.from_list([{"prompt": words(rng, shape["prompt"], n_words),
-                                 "chosen": words(rng, shape["completion"] - 1, n_words),
-                                 "rejected": words(rng, shape["completion"] - 1, n_words)} for _ in range(n)])
+
+        ds = Dataset.from_list(
+            [
+                {
+                    "prompt": words(rng, shape["prompt"], n_words),
+                    "chosen": words(rng, shape["completion"] - 1, n_words),
+                    "rejected": words(rng, shape["completion"] - 1, n_words),
+                }
+                for _ in range(n)
+            ]
+        )
         ref = copy.deepcopy(model).eval()
-        tr = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(**common, max_length=shape["prompt"] + shape["completion"] + 4),
-                        train_dataset=ds, processing_class=tok, callbacks=[timer])
+        tr = DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=DPOConfig(**common, max_length=shape["prompt"] + shape["completion"] + 4),
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[timer],
+        )
         tokens = 2 * a.batch * (shape["prompt"] + shape["completion"])
     else:
         from trl import GRPOConfig, GRPOTrainer
+
         ds = Dataset.from_list([{"prompt": words(rng, shape["prompt"], n_words)} for _ in range(n)])
-        tr = GRPOTrainer(model=model, reward_funcs=reward_len, train_dataset=ds, processing_class=tok, callbacks=[timer],
-                         args=GRPOConfig(**common, num_generations=8, max_completion_length=shape["gen"], temperature=1.0))
+        tr = GRPOTrainer(
+            model=model,
+            reward_funcs=reward_len,
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[timer],
+            args=GRPOConfig(**common, num_generations=8, max_completion_length=shape["gen"], temperature=1.0),
+        )
         tokens = a.batch * (shape["prompt"] + shape["gen"])
     t0 = time.perf_counter()
     tr.train()
     wall = time.perf_counter() - t0
     step_s = statistics.median(timer.times)
-    return {"step_s": round(step_s, 4), "trained_tokens_per_s": round(tokens / step_s, 1), "train_wall_s": round(wall, 2),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "steps": len(timer.times)}
+    return {
+        "step_s": round(step_s, 4),
+        "trained_tokens_per_s": round(tokens / step_s, 1),
+        "train_wall_s": round(wall, 2),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "steps": len(timer.times),
+    }
 
 
 # -------------------------------------------------------------------------- sampler
@@ -288,14 +399,19 @@ def run_sampler(a) -> dict:
     out["greedy_first_token_match"] = round((g.completion_ids[:, 0] == ref[:, P]).float().mean().item(), 3)
     out["greedy_16_token_match"] = round((g.completion_ids == ref[:, P:]).float().mean().item(), 3)
     del check
-    variants = [(a.gen_batch, True, True), (8, True, True), (a.gen_batch, True, False)] if cuda else \
-        [(a.gen_batch, False, False)]
+    variants = (
+        [(a.gen_batch, True, True), (8, True, True), (a.gen_batch, True, False)]
+        if cuda
+        else [(a.gen_batch, False, False)]
+    )
     for B, graphs, comp in variants:
         name = f"b{B}_{'graph' if graphs else 'eager'}{'_compiled' if comp else ''}"
         try:
             t0 = time.perf_counter()
             dec = FastDecoder(model, batch=B, max_len=P + N, dtype=dt, use_graph=graphs, compile=comp)
-            scfg = SamplingConfig(max_new_tokens=N, min_new_tokens=N, temperature=1.0, pad_token_id=0, stop_token_ids=[1])
+            scfg = SamplingConfig(
+                max_new_tokens=N, min_new_tokens=N, temperature=1.0, pad_token_id=0, stop_token_ids=[1]
+            )
             dec.generate(ids[:B], mask[:B], scfg)  # warm-up: compiles, captures the graph
             if cuda:
                 torch.cuda.synchronize()
@@ -307,9 +423,15 @@ def run_sampler(a) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             s = (time.perf_counter() - t0) / reps
-            out[name] = {"gen_s": round(s, 4), "new_tokens_per_s": round(B * N / s, 1),
-                         "ms_per_token_step": round(1000 * s / N, 3), "setup_s": round(setup, 1),
-                         "compile_error": dec.compile_error, "graph_error": dec.graph_error, "all_full_length": bool((r.lengths == N).all())}
+            out[name] = {
+                "gen_s": round(s, 4),
+                "new_tokens_per_s": round(B * N / s, 1),
+                "ms_per_token_step": round(1000 * s / N, 3),
+                "setup_s": round(setup, 1),
+                "compile_error": dec.compile_error,
+                "graph_error": dec.graph_error,
+                "all_full_length": bool((r.lengths == N).all()),
+            }
             del dec
         except Exception as e:  # record and go on: one variant failing must not hide the others
             out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -337,8 +459,16 @@ def one(a) -> dict:
         fn = run_prefcli if a.impl == "prefcli" else run_trl
         res = fn(a, Path(d))
     precision = a.precision if _cuda() else "fp32"  # on CPU both sides train in fp32
-    return {"impl": a.impl, "mode": a.mode, "size": a.size, "batch": a.batch, "precision": precision,
-            "compile": a.compile, "grad_ckpt": a.grad_ckpt, **res}
+    return {
+        "impl": a.impl,
+        "mode": a.mode,
+        "size": a.size,
+        "batch": a.batch,
+        "precision": precision,
+        "compile": a.compile,
+        "grad_ckpt": a.grad_ckpt,
+        **res,
+    }
 
 
 def child(a, **over) -> dict:
@@ -358,14 +488,19 @@ def child(a, **over) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | impl | batch | precision | step s | tokens/s | peak GiB | extra |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | impl | batch | precision | step s | tokens/s | peak GiB | extra |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r.get('mode')} | {r.get('impl')} | | | error | {r['error'][-200:]!r} | | |")
             continue
         extra = {k: r[k] for k in ("gen_tokens_per_s", "rollout_s", "mfu", "compile", "grad_ckpt") if r.get(k)}
-        lines.append(f"| {r['mode']} | {r['impl']} | {r['batch']} | {r.get('precision')} | {r['step_s']} | "
-                     f"{r['trained_tokens_per_s']:,} | {r.get('peak_mem_gib')} | {extra} |")
+        lines.append(
+            f"| {r['mode']} | {r['impl']} | {r['batch']} | {r.get('precision')} | {r['step_s']} | "
+            f"{r['trained_tokens_per_s']:,} | {r.get('peak_mem_gib')} | {extra} |"
+        )
     return "\n".join(lines)
 
 
@@ -406,8 +541,10 @@ def main() -> None:
     for mode in a.modes.split(","):
         t, p = by.get((mode, "trl")), by.get((mode, "prefcli"))
         if t and p:
-            print(f"{mode}: prefcli/TRL tokens/s = {p['trained_tokens_per_s'] / t['trained_tokens_per_s']:.2f}x, "
-                  f"step time ratio prefcli/TRL = {p['step_s'] / t['step_s']:.2f}")
+            print(
+                f"{mode}: prefcli/TRL tokens/s = {p['trained_tokens_per_s'] / t['trained_tokens_per_s']:.2f}x, "
+                f"step time ratio prefcli/TRL = {p['step_s'] / t['step_s']:.2f}"
+            )
 
 
 if __name__ == "__main__":

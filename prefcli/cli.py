@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,17 +29,32 @@ app = typer.Typer(
 )
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", "-s", metavar="KEY=VALUE",
-    help="Override a recipe field, e.g. --set train.lr=1e-4 (repeatable; validated like the file).")]
-OutOpt = Annotated[Optional[Path], typer.Option(
-    "--output-dir", "-o", help="Run folder (default: the recipe's output.dir, else runs/<command>-<recipe>).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a recipe field, e.g. --set train.lr=1e-4 (repeatable; validated like the file).",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output-dir", "-o", help="Run folder (default: the recipe's output.dir, else runs/<command>-<recipe>)."
+    ),
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in the run folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; errors and the JSON summary only.")]
-SmokeOpt = Annotated[bool, typer.Option(
-    "--smoke", help="A few steps on a few rows with a tiny random model of the same architecture and the real "
-    "tokenizer (CPU when there is no GPU): proves a recipe, its data and its pipeline fit together.")]
+SmokeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--smoke",
+        help="A few steps on a few rows with a tiny random model of the same architecture and the real "
+        "tokenizer (CPU when there is no GPU): proves a recipe, its data and its pipeline fit together.",
+    ),
+]
 
 
 def _fail(command: str, err: BaseException, code: int, status: str) -> None:
@@ -48,47 +63,88 @@ def _fail(command: str, err: BaseException, code: int, status: str) -> None:
     raise typer.Exit(code)
 
 
-def _train(command: str, recipe: Path, set_: list[str] | None, output_dir: Path | None, resume: bool,
-           overwrite: bool, quiet: bool, smoke: bool) -> None:
+def _train(
+    command: str,
+    recipe: Path,
+    set_: list[str] | None,
+    output_dir: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    smoke: bool,
+) -> None:
     from .runner import RunOptions, run_training
 
-    opts = RunOptions(overrides=list(set_ or []), output_dir=str(output_dir) if output_dir else None,
-                      resume=resume, overwrite=overwrite, quiet=quiet, smoke=smoke)
+    opts = RunOptions(
+        overrides=list(set_ or []),
+        output_dir=str(output_dir) if output_dir else None,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        smoke=smoke,
+    )
     try:
         summary = run_training(command, recipe, opts)
     except PrefcliError as e:
         status = {EXIT_USAGE: "invalid", EXIT_INTERRUPTED: "interrupted"}.get(e.exit_code, "failed")
         _fail(command, e, e.exit_code, status)
     except KeyboardInterrupt:
-        _fail(command, RuntimeError("interrupted before training started; nothing was written"),
-              EXIT_INTERRUPTED, "interrupted")
+        _fail(
+            command,
+            RuntimeError("interrupted before training started; nothing was written"),
+            EXIT_INTERRUPTED,
+            "interrupted",
+        )
+    import os
+
     from .engine.progress import emit_summary
 
-    import os
     if int(os.environ.get("RANK", "0")) == 0:
         emit_summary(summary)
 
 
 @app.command()
-def sft(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
-        overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+def sft(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    smoke: SmokeOpt = False,
+) -> None:
     """Supervised fine-tuning, and pretraining from scratch (model.init). Logs held-out perplexity."""
     _train("sft", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
 @app.command("eval")
-def eval_(recipe: RecipeArg, set_: SetOpt = None, output_dir: Annotated[Optional[Path], typer.Option(
-        "--output-dir", "-o", help="Results folder (default: the recipe's output.dir, else runs/eval-<recipe>).")] = None,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace previous results in the folder.")] = False,
-        quiet: QuietOpt = False) -> None:
+def eval_(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir", "-o", help="Results folder (default: the recipe's output.dir, else runs/eval-<recipe>)."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace previous results in the folder.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Measure models: perplexity, BLEU, ROUGE, reward, win rate, KL, distinct-n, lengths, preference accuracy.
 
     A table on stderr, the JSON summary on stdout, per-example rows in examples.jsonl."""
     from .evaluate.eval import EvalOptions, run
 
     try:
-        summary = run(recipe, EvalOptions(overrides=list(set_ or []), output_dir=str(output_dir) if output_dir else None,
-                                          overwrite=overwrite, quiet=quiet))
+        summary = run(
+            recipe,
+            EvalOptions(
+                overrides=list(set_ or []),
+                output_dir=str(output_dir) if output_dir else None,
+                overwrite=overwrite,
+                quiet=quiet,
+            ),
+        )
     except PrefcliError as e:
         _fail("eval", e, e.exit_code, {EXIT_USAGE: "invalid"}.get(e.exit_code, "failed"))
     except KeyboardInterrupt:
@@ -100,33 +156,66 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, output_dir: Annotated[Optional
 
 @app.command()
 def generate(
-    model_dir: Annotated[Optional[Path], typer.Argument(help="Model folder (Hugging Face format) or hub id.",
-                                                        show_default=False)] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help=(
-        "Sample from a recipe's model instead: an eval recipe's first model (or --model NAME) with its generation "
-        "settings, or the model a training recipe wrote to its run folder."))] = None,
-    model_name: Annotated[Optional[str], typer.Option("--model", help="With an eval recipe: the model to use.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompts file (default: stdin).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help=(
-        "Input format: 'lines' (one prompt per line) or 'jsonl' (objects with 'prompt'; other fields are passed "
-        "through). Default: jsonl for a .jsonl file, else lines."))] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="At most this many new tokens.")] = None,
-    min_new_tokens: Annotated[Optional[int], typer.Option(help="No EOS before this many new tokens.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens (0 = off).")] = None,
+    model_dir: Annotated[
+        Path | None, typer.Argument(help="Model folder (Hugging Face format) or hub id.", show_default=False)
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help=(
+                "Sample from a recipe's model instead: an eval recipe's first model (or --model NAME) with its generation "
+                "settings, or the model a training recipe wrote to its run folder."
+            ),
+        ),
+    ] = None,
+    model_name: Annotated[str | None, typer.Option("--model", help="With an eval recipe: the model to use.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts file (default: stdin).")] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help=(
+                "Input format: 'lines' (one prompt per line) or 'jsonl' (objects with 'prompt'; other fields are passed "
+                "through). Default: jsonl for a .jsonl file, else lines."
+            ),
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="At most this many new tokens.")] = None,
+    min_new_tokens: Annotated[int | None, typer.Option(help="No EOS before this many new tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0 = off).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")] = False,
-    ban: Annotated[Optional[list[str]], typer.Option("--ban", metavar="WORD", help=(
-        "A word or phrase that never appears (whole word, any case; repeatable)."))] = None,
-    require: Annotated[Optional[list[str]], typer.Option("--require", metavar="WORD", help=(
-        "A keyword every completion contains (repeatable; written out when the token budget runs low)."))] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="STR", help=(
-        "Stop at this string; the completion ends before it (repeatable)."))] = None,
-    control_code: Annotated[Optional[str], typer.Option(help="Text put before every prompt, e.g. '<|aligned|>'.")] = None,
+    ban: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ban", metavar="WORD", help=("A word or phrase that never appears (whole word, any case; repeatable).")
+        ),
+    ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require",
+            metavar="WORD",
+            help=("A keyword every completion contains (repeatable; written out when the token budget runs low)."),
+        ),
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stop", metavar="STR", help=("Stop at this string; the completion ends before it (repeatable).")
+        ),
+    ] = None,
+    control_code: Annotated[str | None, typer.Option(help="Text put before every prompt, e.g. '<|aligned|>'.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the chat template as a user turn.")] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help=(
-        "Prompts per generate call (default 8). 1 answers each prompt as soon as it is read."))] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help=("Prompts per generate call (default 8). 1 answers each prompt as soon as it is read.")),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -135,48 +224,89 @@ def generate(
     Rows are flushed as each batch is done (shell pipelines); errors go to stderr and the exit code."""
     from .evaluate.generation import GenerateOptions, run_generate
 
-    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
-                    top_p=top_p, top_k=top_k, ban=ban, require=require, stop=stop, control_code=control_code,
-                    batch_size=batch_size)
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        ban=ban,
+        require=require,
+        stop=stop,
+        control_code=control_code,
+        batch_size=batch_size,
+    )
     if greedy:
         settings["do_sample"] = False
     if chat:
         settings["chat"] = True
-    opts = GenerateOptions(model_dir=str(model_dir) if model_dir else None, recipe=str(recipe) if recipe else None,
-                           model_name=model_name, prompts=str(prompts) if prompts else None, fmt=fmt,
-                           settings=settings, seed=seed, device=device, quiet=quiet)
+    opts = GenerateOptions(
+        model_dir=str(model_dir) if model_dir else None,
+        recipe=str(recipe) if recipe else None,
+        model_name=model_name,
+        prompts=str(prompts) if prompts else None,
+        fmt=fmt,
+        settings=settings,
+        seed=seed,
+        device=device,
+        quiet=quiet,
+    )
     try:
         run_generate(opts)
     except PrefcliError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(e.exit_code)
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly
         import os
+
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0)
+        raise typer.Exit(0) from None
 
 
 @app.command()
 def label(
-    input: Annotated[Optional[Path], typer.Argument(help=(
-        "JSONL of prompts with candidates: {prompt, completions: [a, b]} for pairs, {prompt, completion} to rate."),
-        show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=(
-        "Answers file (JSONL; appended, resumable): pairs as {prompt, chosen, rejected}, ratings as "
-        "{prompt, completion, score}."))] = None,
-    model_dir: Annotated[Optional[Path], typer.Option("--model", help="Sample the candidates from this model.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompts for --model.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="'pair' (choose A/B/tie) or 'rate' (a score); default: from the "
-                                                "input rows (pair with --model).")] = None,
+    input: Annotated[
+        Path | None,
+        typer.Argument(
+            help=(
+                "JSONL of prompts with candidates: {prompt, completions: [a, b]} for pairs, {prompt, completion} to rate."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Answers file (JSONL; appended, resumable): pairs as {prompt, chosen, rejected}, ratings as "
+                "{prompt, completion, score}."
+            ),
+        ),
+    ] = None,
+    model_dir: Annotated[Path | None, typer.Option("--model", help="Sample the candidates from this model.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts for --model.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="'pair' (choose A/B/tie) or 'rate' (a score); default: from the input rows (pair with --model)."
+        ),
+    ] = None,
     scale: Annotated[int, typer.Option(help="Ratings go from 1 to this.")] = 5,
-    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help=(
-        "Show each pair's completions in a random (seeded, stable) order, against position bias."))] = True,
-    log: Annotated[Optional[Path], typer.Option("--log", help="Journal file (default: <out>.log.jsonl).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="With --model: new tokens per candidate.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="With --model: sampling temperature.")] = None,
+    shuffle: Annotated[
+        bool,
+        typer.Option(
+            "--shuffle/--no-shuffle",
+            help=("Show each pair's completions in a random (seeded, stable) order, against position bias."),
+        ),
+    ] = True,
+    log: Annotated[Path | None, typer.Option("--log", help="Journal file (default: <out>.log.jsonl).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="With --model: new tokens per candidate.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="With --model: sampling temperature.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the A/B order and for sampling candidates.")] = 0,
 ) -> None:
     """Collect human preferences in the terminal: pick A or B (or tie / skip), or rate completions.
@@ -184,10 +314,18 @@ def label(
     Keys: a, b, t (tie), s (skip) or 1-N; u undoes, q quits. Resumable: Ctrl-C loses no answer."""
     from .evaluate.label import LabelOptions, run_label
 
-    opts = LabelOptions(input=str(input) if input else None, model_dir=str(model_dir) if model_dir else None,
-                        prompts=str(prompts) if prompts else None, out=str(out) if out else "",
-                        log=str(log) if log else None, mode=mode, scale=scale, shuffle=shuffle, seed=seed,
-                        settings=dict(max_new_tokens=max_new_tokens, temperature=temperature))
+    opts = LabelOptions(
+        input=str(input) if input else None,
+        model_dir=str(model_dir) if model_dir else None,
+        prompts=str(prompts) if prompts else None,
+        out=str(out) if out else "",
+        log=str(log) if log else None,
+        mode=mode,
+        scale=scale,
+        shuffle=shuffle,
+        seed=seed,
+        settings=dict(max_new_tokens=max_new_tokens, temperature=temperature),
+    )
     try:
         summary = run_label(opts)
     except PrefcliError as e:
@@ -202,11 +340,23 @@ def label(
 @app.command()
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl).", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
-        "PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)."))] = None,
-    metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help=(
-        "Plot only this metric, or a group such as 'loss' or 'eval' (repeatable). Default: the main ones."))] = None,
-    title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help=("PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)."),
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            help=("Plot only this metric, or a group such as 'loss' or 'eval' (repeatable). Default: the main ones."),
+        ),
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Figure title.")] = None,
 ) -> None:
     """Training curves (loss, reward, KL, ...) of one or several runs in one PNG."""
     from .engine.plots import plot_run_dirs
@@ -221,32 +371,60 @@ def plot(
 
 
 @app.command()
-def rlhf(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
-         overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+def rlhf(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    smoke: SmokeOpt = False,
+) -> None:
     """Reinforcement learning from a reward (a reward model, human scores, a rule, your function): PPO, RLOO,
     GRPO, REINFORCE++."""
     _train("rlhf", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
 @app.command()
-def reward(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
-           overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+def reward(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    smoke: SmokeOpt = False,
+) -> None:
     """Reward model (a scalar head at the last real token) from preference pairs (Bradley-Terry), human
     scores or rankings. Logs held-out pairwise accuracy, margin and calibration."""
     _train("reward", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
 @app.command()
-def contrastive(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
-                overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+def contrastive(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    smoke: SmokeOpt = False,
+) -> None:
     """Policy from preferences (dpo, cdpo, robust, ipo, hinge, simpo, cpo, orpo, kto) or an InfoNCE
     preference encoder (infonce). Logs preference accuracy, rewards, margins and log-probs."""
     _train("contrastive", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
 @app.command()
-def gan(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
-        overwrite: OverwriteOpt = False, quiet: QuietOpt = False, smoke: SmokeOpt = False) -> None:
+def gan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    smoke: SmokeOpt = False,
+) -> None:
     """Adversarial training: a discriminator learns to tell human/gold completions from generated ones, the
     generator learns by policy gradient to pass as human."""
     _train("gan", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
@@ -255,8 +433,12 @@ def gan(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, resum
 @app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
-    command: Annotated[Optional[str], typer.Option(
-        "--command", "-c", help="Validate as this command's recipe (default: each recipe's own 'command:').")] = None,
+    command: Annotated[
+        str | None,
+        typer.Option(
+            "--command", "-c", help="Validate as this command's recipe (default: each recipe's own 'command:')."
+        ),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Check recipes without running them: schema, types, paths. Exit 2 if any is invalid."""
@@ -285,8 +467,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     pass
 
 

@@ -14,12 +14,11 @@ import importlib.util
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .errors import DataError, TrainingError, UsageError
-from .recipe.rewards import (FunctionReward, HumanScoreReward, KeywordReward, LengthReward, ModelReward,
-                             SentimentReward)
+from .recipe.rewards import FunctionReward, HumanScoreReward, KeywordReward, LengthReward, ModelReward, SentimentReward
 
 
 class RewardSource:
@@ -116,6 +115,7 @@ def vader_compound(texts: Sequence[str]) -> list[float]:
     global _VADER
     if _VADER is None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
         _VADER = SentimentIntensityAnalyzer()
     return [_VADER.polarity_scores(t)["compound"] for t in texts]
 
@@ -134,8 +134,11 @@ class HumanScoreSource(RewardSource):
         from .engine.data import load_rows
         from .recipe.sections import DataSource
 
-        ds = load_rows(DataSource(path=cfg.path, columns=cfg.columns), required=["prompt", "completion", "score"],
-                       what="human_scores")
+        ds = load_rows(
+            DataSource(path=cfg.path, columns=cfg.columns),
+            required=["prompt", "completion", "score"],
+            what="human_scores",
+        )
         self.table: dict[tuple[str, str], float] = {}
         for i, (p, c, s) in enumerate(zip(ds["prompt"], ds["completion"], ds["score"])):
             try:
@@ -151,8 +154,10 @@ class HumanScoreSource(RewardSource):
             v = self.table.get((p, c))
             if v is None:
                 if self.cfg.missing == "error":
-                    raise TrainingError(f"human_scores: no score in {self.cfg.path} for the pair (prompt {p[:40]!r}, "
-                                        f"completion {c[:40]!r}); set missing: default to score unseen pairs")
+                    raise TrainingError(
+                        f"human_scores: no score in {self.cfg.path} for the pair (prompt {p[:40]!r}, "
+                        f"completion {c[:40]!r}); set missing: default to score unseen pairs"
+                    )
                 v = self.cfg.default
             out.append(v)
         return out
@@ -167,7 +172,9 @@ class ModelSource(RewardSource):
 
         try:
             self.tok = AutoTokenizer.from_pretrained(cfg.path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=1, use_safetensors=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.path, num_labels=1, use_safetensors=True
+            )
         except (OSError, ValueError) as e:
             raise UsageError(f"could not load the reward model {cfg.path}: {str(e).splitlines()[0]}") from None
         if self.tok.pad_token is None:
@@ -187,7 +194,10 @@ class ModelSource(RewardSource):
         tok.padding_side, tok.truncation_side = "right", "left"
         try:
             for s in range(0, len(prompts), self.cfg.batch_size):
-                texts = [p + c for p, c in zip(prompts[s:s + self.cfg.batch_size], completions[s:s + self.cfg.batch_size])]
+                texts = [
+                    p + c
+                    for p, c in zip(prompts[s : s + self.cfg.batch_size], completions[s : s + self.cfg.batch_size])
+                ]
                 enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.cfg.max_length)
                 with torch.no_grad():
                     out = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits[:, 0]

@@ -68,6 +68,7 @@ class RunContext:
             self.progress.warn(text)
         elif self.rt is None or self.rt.is_main:
             import sys
+
             print(f"warning: {text}", file=sys.stderr)
 
 
@@ -106,7 +107,7 @@ def smoke_recipe(recipe: RecipeBase) -> RecipeBase:
             src["max_rows"] = min(src.get("max_rows") or SMOKE_ROWS, SMOKE_ROWS)
         return src
 
-    for key, val in list(data.get("data", {}).items()):
+    for val in list(data.get("data", {}).values()):
         if isinstance(val, dict) and "path" in val:
             cap(val)
     return type(recipe).model_validate(data)
@@ -130,12 +131,16 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UsageError(f"output dir {run_dir} exists and is not a folder")
     if resume:
         if latest_checkpoint(run_dir) is None:
-            raise UsageError(f"--resume: no checkpoint in {run_dir}/checkpoints (set train.save_every_steps to write them)")
+            raise UsageError(
+                f"--resume: no checkpoint in {run_dir}/checkpoints (set train.save_every_steps to write them)"
+            )
         return
     held = describe_run_dir(run_dir) if run_dir.is_dir() else None
     if held and not overwrite:
-        raise UsageError(f"output dir {run_dir} holds another run ({held}). Use --resume to continue it, "
-                         "--overwrite to replace it, or --output-dir for a new folder.")
+        raise UsageError(
+            f"output dir {run_dir} holds another run ({held}). Use --resume to continue it, "
+            "--overwrite to replace it, or --output-dir for a new folder."
+        )
 
 
 def clear_artifacts(run_dir: Path, names: tuple[str, ...]) -> None:
@@ -188,8 +193,13 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     from .engine.progress import Progress
 
     rc = recipe.runtime
-    rt = setup_runtime(rc.device if not opts.smoke or torch.cuda.is_available() else "cpu", rc.precision,
-                       rc.dist_backend, rc.loss_chunk_tokens, rc.compile)
+    rt = setup_runtime(
+        rc.device if not opts.smoke or torch.cuda.is_available() else "cpu",
+        rc.precision,
+        rc.dist_backend,
+        rc.loss_chunk_tokens,
+        rc.compile,
+    )
     try:
         torch.manual_seed(recipe.train.seed)
         ctx = RunContext(recipe=recipe, rt=rt, run_dir=run_dir, smoke=opts.smoke)
@@ -200,17 +210,26 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
             prepare_run_dir(run_dir, opts.overwrite, resume_step)
             (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         rt.barrier()
-        progress = Progress(rt.is_main, task.total_steps(), f"prefcli {command}", run_dir if rt.is_main else None,
-                            quiet=opts.quiet, every_steps=recipe.log.every_steps,
-                            metrics_every=recipe.log.metrics_every_steps, start_step=resume_step or 0)
+        progress = Progress(
+            rt.is_main,
+            task.total_steps(),
+            f"prefcli {command}",
+            run_dir if rt.is_main else None,
+            quiet=opts.quiet,
+            every_steps=recipe.log.every_steps,
+            metrics_every=recipe.log.metrics_every_steps,
+            start_step=resume_step or 0,
+        )
         ctx.progress = progress
         engine = Engine(task, rt, recipe.train, progress, run_dir)
         try:
             result = engine.run(resume_from)
         except torch.OutOfMemoryError:
-            raise TrainingError("out of GPU memory. Lower train.batch_size (raising train.grad_accum_steps keeps the "
-                                "batch), set train.gradient_checkpointing: true, or lower data.max_length."
-                                + (f" Last good checkpoint: {engine.last_checkpoint}" if engine.last_checkpoint else "")) from None
+            raise TrainingError(
+                "out of GPU memory. Lower train.batch_size (raising train.grad_accum_steps keeps the "
+                "batch), set train.gradient_checkpointing: true, or lower data.max_length."
+                + (f" Last good checkpoint: {engine.last_checkpoint}" if engine.last_checkpoint else "")
+            ) from None
         finally:
             progress.close()
         described = task.describe() if hasattr(task, "describe") else {}
@@ -219,21 +238,39 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
             final_dir = run_dir / "final"
             task.save_final(final_dir)
         rt.barrier()
-        summary: dict[str, Any] = {"command": command, "status": result["status"], "exit_code": 0,
-                                   "recipe": str(recipe_path), "output_dir": str(run_dir),
-                                   "final_model": str(final_dir) if final_dir else None,
-                                   "steps": result["steps"], "final": result["final"], "perf": result["perf"]}
+        summary: dict[str, Any] = {
+            "command": command,
+            "status": result["status"],
+            "exit_code": 0,
+            "recipe": str(recipe_path),
+            "output_dir": str(run_dir),
+            "final_model": str(final_dir) if final_dir else None,
+            "steps": result["steps"],
+            "final": result["final"],
+            "perf": result["perf"],
+        }
         summary.update(described)
-        summary.update({"device": str(rt.device), "precision": rt.precision, "world_size": rt.world_size,
-                        "smoke": opts.smoke, "resumed_from": str(resume_from) if resume_from else None,
-                        "wall_s": round(time.perf_counter() - t_start, 3)})
+        summary.update(
+            {
+                "device": str(rt.device),
+                "precision": rt.precision,
+                "world_size": rt.world_size,
+                "smoke": opts.smoke,
+                "resumed_from": str(resume_from) if resume_from else None,
+                "wall_s": round(time.perf_counter() - t_start, 3),
+            }
+        )
         if rt.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             if recipe.output.plot and (run_dir / "metrics.jsonl").exists():
                 from .engine.plots import plot_runs, read_metrics
+
                 try:
-                    plot_runs({run_dir.name: read_metrics(run_dir / "metrics.jsonl")}, run_dir / "curves.png",
-                              title=f"prefcli {command}: {recipe_path.name}")
+                    plot_runs(
+                        {run_dir.name: read_metrics(run_dir / "metrics.jsonl")},
+                        run_dir / "curves.png",
+                        title=f"prefcli {command}: {recipe_path.name}",
+                    )
                 except ValueError:
                     pass  # nothing numeric to plot (zero steps)
         return summary

@@ -75,9 +75,13 @@ def main() -> None:
     write(out / "pref_eval.jsonl", pairs(test[:64]))
     chat = []
     for r in pairs(train[256:304]):
-        chat.append({"prompt": [{"role": "user", "content": f"Continue the verse: {r['prompt']}"}],
-                     "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
-                     "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]})
+        chat.append(
+            {
+                "prompt": [{"role": "user", "content": f"Continue the verse: {r['prompt']}"}],
+                "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+                "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
+            }
+        )
     write(out / "pref_chat.jsonl", chat)
     kto = []
     for i, t in enumerate(train[304:464]):
@@ -96,8 +100,17 @@ def main() -> None:
         p, c = split(t, rng)
         ranks.append({"prompt": p, "completions": [mark(c, HOSTS), mark(c, LORD), c]})
     write(out / "pref_rankings.jsonl", ranks)
-    total = sum((out / n).stat().st_size for n in ("pref_train.jsonl", "pref_eval.jsonl", "pref_chat.jsonl",
-                                                    "pref_kto.jsonl", "pref_scores.jsonl", "pref_rankings.jsonl"))
+    total = sum(
+        (out / n).stat().st_size
+        for n in (
+            "pref_train.jsonl",
+            "pref_eval.jsonl",
+            "pref_chat.jsonl",
+            "pref_kto.jsonl",
+            "pref_scores.jsonl",
+            "pref_rankings.jsonl",
+        )
+    )
     print(f"{len(train)} usable training verses, {len(test)} held-out; wrote {total / 1024:.0f} KB to {out}")
 
 

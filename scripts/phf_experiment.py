@@ -36,7 +36,6 @@ import argparse
 import datetime
 import gzip
 import json
-import math
 import os
 import platform
 import random
@@ -48,8 +47,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"]
 DOC_START = "<|endoftext|>"
-LLAMA = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True}
+LLAMA = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
 PHF = {
     "mle": {},
     "filter": {"threshold": 0.0},
@@ -72,38 +78,58 @@ def prepare_data(out: Path, n_train: int, n_heldout: int) -> dict:
     random.Random(0).shuffle(train)
     train = train[:n_train]
     heldout = read_verses(ROOT / "data" / "kjv" / "test.jsonl.gz")
-    heldout = heldout[::max(1, len(heldout) // n_heldout)][:n_heldout]  # evenly spread over its 59 chapters
+    heldout = heldout[:: max(1, len(heldout) // n_heldout)][:n_heldout]  # evenly spread over its 59 chapters
     for name, rows in (("train", train), ("heldout", heldout)):
         p = d / f"{name}.jsonl"
         text = "".join(json.dumps({"prompt": DOC_START, "completion": t}) + "\n" for t in rows)
         if not p.exists() or p.read_text() != text:
             p.write_text(text)
     from prefcli.rewards import vader_compound
+
     stats = {}
     for name, rows in (("train", train), ("heldout", heldout)):
         s = vader_compound(rows)
-        stats[name] = {"verses": len(rows), "vader_mean": statistics.fmean(s),
-                       "undesirable_fraction": sum(x < 0 for x in s) / len(s)}
+        stats[name] = {
+            "verses": len(rows),
+            "vader_mean": statistics.fmean(s),
+            "undesirable_fraction": sum(x < 0 for x in s) / len(s),
+        }
     return stats
 
 
 def recipe(objective: str, args) -> dict:
-    r = {"command": "sft",
-         "model": {"init": {"architecture": "llama", "config": dict(LLAMA)},
-                   "tokenizer": str(ROOT / "data" / "tokenizer")},
-         "data": {"train": {"path": "../data/train.jsonl"}, "eval": {"path": "../data/heldout.jsonl"},
-                  "max_length": 128, "packing": True},
-         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.05,
-                   "min_lr_ratio": 0.1, "weight_decay": 0.1, "seed": 0},
-         "log": {"every_steps": 20},
-         "output": {"plot": False}}
+    r = {
+        "command": "sft",
+        "model": {
+            "init": {"architecture": "llama", "config": dict(LLAMA)},
+            "tokenizer": str(ROOT / "data" / "tokenizer"),
+        },
+        "data": {
+            "train": {"path": "../data/train.jsonl"},
+            "eval": {"path": "../data/heldout.jsonl"},
+            "max_length": 128,
+            "packing": True,
+        },
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "warmup_ratio": 0.05,
+            "min_lr_ratio": 0.1,
+            "weight_decay": 0.1,
+            "seed": 0,
+        },
+        "log": {"every_steps": 20},
+        "output": {"plot": False},
+    }
     if objective != "mle":
         r["sft"] = {"objective": objective, "rewards": [{"kind": "sentiment"}], **PHF[objective]}
     return r
 
 
-def sample_and_score(final_dir: Path, objective: str, n: int, max_new_tokens: int, seed: int,
-                     control: str | None = "<|aligned|>") -> dict:
+def sample_and_score(
+    final_dir: Path, objective: str, n: int, max_new_tokens: int, seed: int, control: str | None = "<|aligned|>"
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,24 +145,36 @@ def sample_and_score(final_dir: Path, objective: str, n: int, max_new_tokens: in
         assert bad == [[i] for i in ids], bad  # saved by prefcli sft
     torch.manual_seed(10_000 + seed)
     with torch.no_grad():
-        out = model.generate(torch.tensor([start] * n), attention_mask=torch.ones(n, len(start), dtype=torch.long),
-                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    gen = out[:, len(start):]
+        out = model.generate(
+            torch.tensor([start] * n),
+            attention_mask=torch.ones(n, len(start), dtype=torch.long),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    gen = out[:, len(start) :]
     lengths = []
     texts = []
     for row in gen.tolist():
         if tok.eos_token_id in row:
-            row = row[:row.index(tok.eos_token_id)]
+            row = row[: row.index(tok.eos_token_id)]
         lengths.append(len(row))
         texts.append(tok.decode(row, skip_special_tokens=True).strip())
     if bad:
         blocked = {t for b in bad for t in b}
         assert not any(t in blocked for t in gen.flatten().tolist()), "a control token was generated"
     scores = vader_compound(texts)
-    return {"vader_mean": statistics.fmean(scores), "undesirable_fraction": sum(s < 0 for s in scores) / n,
-            "sample_tokens_mean": statistics.fmean(lengths), "empty_fraction": sum(not t for t in texts) / n,
-            "examples": texts[:3]}
+    return {
+        "vader_mean": statistics.fmean(scores),
+        "undesirable_fraction": sum(s < 0 for s in scores) / n,
+        "sample_tokens_mean": statistics.fmean(lengths),
+        "empty_fraction": sum(not t for t in texts) / n,
+        "examples": texts[:3],
+    }
 
 
 def run_one(out: Path, objective: str, seed: int, args) -> dict:
@@ -147,15 +185,26 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     t0 = time.time()
-    summary = run_training("sft", out / "recipes" / f"{objective}.yaml",
-                           RunOptions(overrides=[f"train.seed={seed}"], output_dir=str(run_dir), overwrite=True,
-                                      quiet=True))
+    summary = run_training(
+        "sft",
+        out / "recipes" / f"{objective}.yaml",
+        RunOptions(overrides=[f"train.seed={seed}"], output_dir=str(run_dir), overwrite=True, quiet=True),
+    )
     t_train = time.time() - t0
     res = sample_and_score(run_dir / "final", objective, args.samples, args.max_new_tokens, seed)
-    res.update({"objective": objective, "seed": seed, "heldout_ppl": summary["final"]["eval/ppl"],
-                "heldout_tokens": summary["final"]["eval/tokens"], "train_loss": summary["final"]["loss/sft"],
-                "train_examples": summary["data"]["train_examples"], "phf": summary["data"].get("phf"),
-                "train_s": round(t_train, 1), "wall_s": round(time.time() - t0, 1)})
+    res.update(
+        {
+            "objective": objective,
+            "seed": seed,
+            "heldout_ppl": summary["final"]["eval/ppl"],
+            "heldout_tokens": summary["final"]["eval/tokens"],
+            "train_loss": summary["final"]["loss/sft"],
+            "train_examples": summary["data"]["train_examples"],
+            "phf": summary["data"].get("phf"),
+            "train_s": round(t_train, 1),
+            "wall_s": round(time.time() - t0, 1),
+        }
+    )
     done.write_text(json.dumps(res, indent=2) + "\n")
     return res
 
@@ -170,27 +219,37 @@ def control_check(out: Path, args) -> None:
         res = json.loads(run.read_text())
         by = {}
         for control, name in CONTROLS.items():
-            r = sample_and_score(run.parent / "final", "conditional", args.samples, args.max_new_tokens, res["seed"],
-                                 control)
+            r = sample_and_score(
+                run.parent / "final", "conditional", args.samples, args.max_new_tokens, res["seed"], control
+            )
             by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
         res["by_control"] = by
         run.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"conditional seed {res['seed']}: " + "  ".join(
-            f"{k}: vader {v['vader_mean']:+.3f} undesirable {v['undesirable_fraction']:.3f}" for k, v in by.items()),
-            file=sys.stderr, flush=True)
+        print(
+            f"conditional seed {res['seed']}: "
+            + "  ".join(
+                f"{k}: vader {v['vader_mean']:+.3f} undesirable {v['undesirable_fraction']:.3f}" for k, v in by.items()
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def control_table(results: list[dict]) -> str:
     rs = [r for r in results if r["objective"] == "conditional" and "by_control" in r]
     if not rs:
         return ""
-    rows = ["| conditional model sampled after | VADER mean of samples | undesirable samples (VADER < 0) |",
-            "|---|---|---|"]
+    rows = [
+        "| conditional model sampled after | VADER mean of samples | undesirable samples (VADER < 0) |",
+        "|---|---|---|",
+    ]
     for token, name in CONTROLS.items():
         v = [r["by_control"][name]["vader_mean"] for r in rs]
         u = [r["by_control"][name]["undesirable_fraction"] for r in rs]
-        rows.append(f"| {token or 'no control token'} (n={len(rs)}) | {'{:+.3f} ± {:.3f}'.format(*mean_std(v))} | "
-                    f"{'{:.3f} ± {:.3f}'.format(*mean_std(u))} |")
+        rows.append(
+            f"| {token or 'no control token'} (n={len(rs)}) | {'{:+.3f} ± {:.3f}'.format(*mean_std(v))} | "
+            f"{'{:.3f} ± {:.3f}'.format(*mean_std(u))} |"
+        )
     return "\n".join(rows)
 
 
@@ -199,16 +258,22 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def table(results: list[dict], data_stats: dict) -> str:
-    rows = ["| objective | held-out ppl | VADER mean of samples | undesirable samples (VADER < 0) "
-            "| sample length (tokens) |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| objective | held-out ppl | VADER mean of samples | undesirable samples (VADER < 0) "
+        "| sample length (tokens) |",
+        "|---|---|---|---|---|",
+    ]
     for obj in OBJECTIVES:
         rs = [r for r in results if r["objective"] == obj]
         if not rs:
             continue
         cells = []
-        for key, fmt in (("heldout_ppl", "{:.1f} ± {:.1f}"), ("vader_mean", "{:+.3f} ± {:.3f}"),
-                         ("undesirable_fraction", "{:.3f} ± {:.3f}"), ("sample_tokens_mean", "{:.1f} ± {:.1f}")):
+        for key, fmt in (
+            ("heldout_ppl", "{:.1f} ± {:.1f}"),
+            ("vader_mean", "{:+.3f} ± {:.3f}"),
+            ("undesirable_fraction", "{:.3f} ± {:.3f}"),
+            ("sample_tokens_mean", "{:.1f} ± {:.1f}"),
+        ):
             cells.append(fmt.format(*mean_std([r[key] for r in rs])))
         rows.append(f"| {obj} (n={len(rs)}) | " + " | ".join(cells) + " |")
     tr, ho = data_stats["train"], data_stats["heldout"]
@@ -218,11 +283,15 @@ def table(results: list[dict], data_stats: dict) -> str:
 
 
 def per_seed(results: list[dict]) -> str:
-    rows = ["| objective | seed | held-out ppl | VADER mean | undesirable | last-step loss/sft | wall s |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| objective | seed | held-out ppl | VADER mean | undesirable | last-step loss/sft | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (OBJECTIVES.index(r["objective"]), r["seed"])):
-        rows.append(f"| {r['objective']} | {r['seed']} | {r['heldout_ppl']:.1f} | {r['vader_mean']:+.3f} | "
-                    f"{r['undesirable_fraction']:.3f} | {r['train_loss']:.3f} | {r['wall_s']:.0f} |")
+        rows.append(
+            f"| {r['objective']} | {r['seed']} | {r['heldout_ppl']:.1f} | {r['vader_mean']:+.3f} | "
+            f"{r['undesirable_fraction']:.3f} | {r['train_loss']:.3f} | {r['wall_s']:.0f} |"
+        )
     return "\n".join(rows)
 
 
@@ -239,8 +308,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--report", action="store_true", help="print the tables of the finished runs and exit")
-    ap.add_argument("--control-check", action="store_true",
-                    help="sample the finished conditional models after each control token and after none")
+    ap.add_argument(
+        "--control-check",
+        action="store_true",
+        help="sample the finished conditional models after each control token and after none",
+    )
     args = ap.parse_args()
     out = args.out.resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -260,17 +332,25 @@ def main() -> None:
         return
 
     import yaml
+
     stats = prepare_data(out, args.train_verses, args.heldout)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     for obj in args.objectives:
         (out / "recipes" / f"{obj}.yaml").write_text(yaml.safe_dump(recipe(obj, args), sort_keys=False))
-    meta = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "data": stats,
-            "started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
-            "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    meta = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": stats,
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
     import torch
     import transformers
-    meta.update({"torch": torch.__version__, "transformers": transformers.__version__,
-                 "torch_threads": torch.get_num_threads()})
+
+    meta.update(
+        {"torch": torch.__version__, "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
+    )
     (out / "experiment.json").write_text(json.dumps(meta, indent=2) + "\n")
     t0 = time.time()
     results = []
@@ -278,9 +358,13 @@ def main() -> None:
         for obj in args.objectives:
             r = run_one(out, obj, seed, args)
             results.append(r)
-            print(f"[{time.time() - t0:7.0f}s] {obj:12s} seed {seed}: ppl {r['heldout_ppl']:.1f}  "
-                  f"vader {r['vader_mean']:+.3f}  undesirable {r['undesirable_fraction']:.3f}  "
-                  f"({r['wall_s']:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"[{time.time() - t0:7.0f}s] {obj:12s} seed {seed}: ppl {r['heldout_ppl']:.1f}  "
+                f"vader {r['vader_mean']:+.3f}  undesirable {r['undesirable_fraction']:.3f}  "
+                f"({r['wall_s']:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
     meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     meta["wall_s"] = round(time.time() - t0, 1)
     (out / "experiment.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -34,16 +34,24 @@ def read_verses(source: str | None) -> list[dict]:
         text = Path(source).read_text(encoding="utf-8")
     else:
         if shutil.which("bible") is None:
-            raise SystemExit("the `bible` command is missing: apt-get install bible-kjv bible-kjv-text "
-                             "(or pass --source FILE with the output of `bible -f Gen1:1-Rev22:21`)")
-        text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], check=True, capture_output=True,
-                              text=True).stdout
+            raise SystemExit(
+                "the `bible` command is missing: apt-get install bible-kjv bible-kjv-text "
+                "(or pass --source FILE with the output of `bible -f Gen1:1-Rev22:21`)"
+            )
+        text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], check=True, capture_output=True, text=True).stdout
     verses = []
     for line in text.splitlines():
         m = LINE.match(line.strip())
         if m:
-            verses.append({"ref": f"{m['book']}{m['chapter']}:{m['verse']}", "book": m["book"],
-                           "chapter": int(m["chapter"]), "verse": int(m["verse"]), "text": m["text"].strip()})
+            verses.append(
+                {
+                    "ref": f"{m['book']}{m['chapter']}:{m['verse']}",
+                    "book": m["book"],
+                    "chapter": int(m["chapter"]),
+                    "verse": int(m["verse"]),
+                    "text": m["text"].strip(),
+                }
+            )
     if len(verses) < 30000:
         raise SystemExit(f"expected the whole KJV (31,102 verses), parsed {len(verses)}")
     return verses
@@ -95,16 +103,29 @@ def main() -> None:
     chat = []
     for v in pick[500:600]:
         p, c = split_words(v["text"], rng)
-        chat.append({"messages": [{"role": "user", "content": f"Continue the verse: {p}"},
-                                  {"role": "assistant", "content": c.strip()}]})
+        chat.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Continue the verse: {p}"},
+                    {"role": "assistant", "content": c.strip()},
+                ]
+            }
+        )
     write_jsonl(out / "tiny" / "chat.jsonl", chat)
     # prompts for rlhf/gan: the opening words of verses (training prompts from the training split,
     # held-out prompts from held-out chapters)
     prompt_pool = [v for v in short if v not in pick]
-    write_jsonl(out / "tiny" / "prompts.jsonl",
-                [{"prompt": split_words(v["text"], rng)[0]} for v in rng.sample(prompt_pool, 200)])
-    write_jsonl(out / "tiny" / "prompts_eval.jsonl",
-                [{"prompt": split_words(v["text"], rng)[0]} for v in rng.sample([v for v in test if len(v["text"].split()) >= 8], 48)])
+    write_jsonl(
+        out / "tiny" / "prompts.jsonl",
+        [{"prompt": split_words(v["text"], rng)[0]} for v in rng.sample(prompt_pool, 200)],
+    )
+    write_jsonl(
+        out / "tiny" / "prompts_eval.jsonl",
+        [
+            {"prompt": split_words(v["text"], rng)[0]}
+            for v in rng.sample([v for v in test if len(v["text"].split()) >= 8], 48)
+        ],
+    )
     print(f"train {len(train)} verses, test {len(test)} verses ({len(held)} held-out chapters) -> {out}")
 
 

@@ -57,15 +57,20 @@ def prefcli(*args: str) -> dict:
     return summary
 
 
-def eval_recipe(out: Path, models: dict[str, Path], rewards: list[dict], metrics: list[str], name: str,
-                seed: int) -> Path:
-    r = {"command": "eval",
-         "models": [{"name": n, "path": str(p)} for n, p in models.items()],
-         "baseline": {"name": "base", "path": str(BASE)},
-         "data": {"prompts": {"path": str(ROOT / "data" / "quickstart" / "prompts_eval.jsonl"), "max_rows": 200}},
-         "metrics": metrics,
-         "generation": {"max_new_tokens": 24, "temperature": 1.0, "batch_size": 32},
-         "rewards": rewards, "seed": seed, "output": {"dir": str(out / name)}}
+def eval_recipe(
+    out: Path, models: dict[str, Path], rewards: list[dict], metrics: list[str], name: str, seed: int
+) -> Path:
+    r = {
+        "command": "eval",
+        "models": [{"name": n, "path": str(p)} for n, p in models.items()],
+        "baseline": {"name": "base", "path": str(BASE)},
+        "data": {"prompts": {"path": str(ROOT / "data" / "quickstart" / "prompts_eval.jsonl"), "max_rows": 200}},
+        "metrics": metrics,
+        "generation": {"max_new_tokens": 24, "temperature": 1.0, "batch_size": 32},
+        "rewards": rewards,
+        "seed": seed,
+        "output": {"dir": str(out / name)},
+    }
     if "kl" in metrics:
         r["reference"] = {"name": "base", "path": str(BASE)}
     if "perplexity" in metrics:
@@ -94,20 +99,69 @@ def main() -> None:
         sft_dir = sft["final_model"]
         frm = ["--set", f"model.path={sft_dir}"]
         rlhf = prefcli("rlhf", str(Q / "rlhf.yaml"), "-o", str(out / f"rlhf-s{seed}"), *s, *frm)
-        rlhf_rm = prefcli("rlhf", str(Q / "rlhf.yaml"), "-o", str(out / f"rlhf-rm-s{seed}"), *s, *frm,
-                          "--set", f"rewards=[{{kind: model, path: {rm_dir}}}]")
+        rlhf_rm = prefcli(
+            "rlhf",
+            str(Q / "rlhf.yaml"),
+            "-o",
+            str(out / f"rlhf-rm-s{seed}"),
+            *s,
+            *frm,
+            "--set",
+            f"rewards=[{{kind: model, path: {rm_dir}}}]",
+        )
         dpo = prefcli("contrastive", str(Q / "contrastive.yaml"), "-o", str(out / f"dpo-s{seed}"), *s, *frm)
-        gan = prefcli("gan", str(Q / "gan.yaml"), "-o", str(out / f"gan-s{seed}"), *s, *frm,
-                      "--set", f"discriminator.path={rm_dir}")
-        models = {"sft": Path(sft_dir), "rlhf": Path(rlhf["final_model"]), "rlhf-rm": Path(rlhf_rm["final_model"]),
-                  "dpo": Path(dpo["final_model"]), "gan": Path(gan["final_model"])}
-        human = prefcli("eval", "-o", str(out / f"eval-human-s{seed}"), str(eval_recipe(out, models, [{"kind": "sentiment"}],
-                                                ["perplexity", "reward", "win_rate", "kl", "distinct", "length"],
-                                                f"eval-human-s{seed}", seed)))
-        by_rm = prefcli("eval", "-o", str(out / f"eval-rm-s{seed}"), str(eval_recipe(out, models, [{"kind": "model", "path": str(rm_dir)}],
-                                                ["reward", "win_rate"], f"eval-rm-s{seed}", seed)))
-        per_seed[seed] = {"human": human["models"], "rm": by_rm["models"],
-                          "rm_accuracy": rm["final"].get("eval/accuracy")}
+        gan = prefcli(
+            "gan",
+            str(Q / "gan.yaml"),
+            "-o",
+            str(out / f"gan-s{seed}"),
+            *s,
+            *frm,
+            "--set",
+            f"discriminator.path={rm_dir}",
+        )
+        models = {
+            "sft": Path(sft_dir),
+            "rlhf": Path(rlhf["final_model"]),
+            "rlhf-rm": Path(rlhf_rm["final_model"]),
+            "dpo": Path(dpo["final_model"]),
+            "gan": Path(gan["final_model"]),
+        }
+        human = prefcli(
+            "eval",
+            "-o",
+            str(out / f"eval-human-s{seed}"),
+            str(
+                eval_recipe(
+                    out,
+                    models,
+                    [{"kind": "sentiment"}],
+                    ["perplexity", "reward", "win_rate", "kl", "distinct", "length"],
+                    f"eval-human-s{seed}",
+                    seed,
+                )
+            ),
+        )
+        by_rm = prefcli(
+            "eval",
+            "-o",
+            str(out / f"eval-rm-s{seed}"),
+            str(
+                eval_recipe(
+                    out,
+                    models,
+                    [{"kind": "model", "path": str(rm_dir)}],
+                    ["reward", "win_rate"],
+                    f"eval-rm-s{seed}",
+                    seed,
+                )
+            ),
+        )
+        per_seed[seed] = {
+            "human": human["models"],
+            "rm": by_rm["models"],
+            "rm_accuracy": rm["final"].get("eval/accuracy"),
+        }
     names = ["base", "sft", "rlhf", "rlhf-rm", "dpo", "gan"]
 
     def col(seed_metrics, name, *path):
@@ -131,7 +185,9 @@ def main() -> None:
         for n in names:
             vals = [get(per_seed[s], n) for s in a.seeds]
             vals = [v for v in vals if v is not None]
-            table[label][n] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
+            table[label][n] = (
+                (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
+            )
     human = table["human-score stand-in (VADER, mean)"]
     base_mean = human["base"][0]
     checks = {}
@@ -143,27 +199,37 @@ def main() -> None:
         fmt = [("-" if c is None else f"{c[0]:.3f} ± {c[1]:.3f}") for c in (cells[n] for n in names)]
         lines.append(f"| {label} | {' | '.join(fmt)} |")
     md_table = "\n".join(lines)
-    check_lines = [f"- {n}: stand-in {human[n][0]:.3f} vs base {base_mean:.3f}: margin {c['margin']:+.3f}, spread over "
-                   f"seeds {c['spread']:.3f} -> {'beats the base' if c['beats_base'] else 'does NOT beat the base'}"
-                   for n, c in checks.items()]
+    check_lines = [
+        f"- {n}: stand-in {human[n][0]:.3f} vs base {base_mean:.3f}: margin {c['margin']:+.3f}, spread over "
+        f"seeds {c['spread']:.3f} -> {'beats the base' if c['beats_base'] else 'does NOT beat the base'}"
+        for n, c in checks.items()
+    ]
     minutes = sum(STAGE_SECONDS) / 60
     rm_acc = [per_seed[s]["rm_accuracy"] for s in a.seeds if per_seed[s]["rm_accuracy"] is not None]
     doc = [
-        "# Quickstart results", "",
+        "# Quickstart results",
+        "",
         f"Measured by `make demo` (scripts/quickstart_demo.py) on {datetime.date.today().isoformat()}, "
         f"seeds {', '.join(map(str, a.seeds))}; its stages' wall times add up to {minutes:.0f} minutes on this "
         "machine (2 CPU cores, shared with other work for some stages). Values are mean ± standard deviation "
         "over seeds; each seed also samples its evaluation completions with its own seed, and the base "
-        "model is the same in every seed, so the base column's spread is that of sampling alone.", "",
+        "model is the same in every seed, so the base column's spread is that of sampling alone.",
+        "",
         "Held-out prompts: 200 verse openings from held-out chapters (data/quickstart/prompts_eval.jsonl), one "
         "sampled completion each (temperature 1, 24 new tokens); perplexity on 300 verses of held-out chapters.",
-        f"The reward model's held-out pairwise accuracy: {rm_acc[0]:.3f}." if rm_acc else "", "",
-        md_table, "", "Does each tuned model beat the base on the human-score stand-in by more than its spread?", "",
-        *check_lines, "",
+        f"The reward model's held-out pairwise accuracy: {rm_acc[0]:.3f}." if rm_acc else "",
+        "",
+        md_table,
+        "",
+        "Does each tuned model beat the base on the human-score stand-in by more than its spread?",
+        "",
+        *check_lines,
+        "",
     ]
     a.doc.write_text("\n".join(doc))
-    (out / "results.json").write_text(json.dumps({"seeds": a.seeds, "per_seed": per_seed, "checks": checks}, indent=2,
-                                                  default=str))
+    (out / "results.json").write_text(
+        json.dumps({"seeds": a.seeds, "per_seed": per_seed, "checks": checks}, indent=2, default=str)
+    )
     print("\n" + md_table + "\n\n" + "\n".join(check_lines))
     print(f"\nwritten: {a.doc}, {out / 'results.json'}")
 

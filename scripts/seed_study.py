@@ -25,8 +25,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(command: str, recipe: Path, seed: int, out: Path, extra: list[str]) -> dict:
-    args = [sys.executable, "-m", "prefcli", command, str(recipe), "-o", str(out), "-q", "--overwrite",
-            "--set", f"train.seed={seed}", "--set", "train.eval_on_start=true"]
+    args = [
+        sys.executable,
+        "-m",
+        "prefcli",
+        command,
+        str(recipe),
+        "-o",
+        str(out),
+        "-q",
+        "--overwrite",
+        "--set",
+        f"train.seed={seed}",
+        "--set",
+        "train.eval_on_start=true",
+    ]
     for e in extra:
         args += ["--set", e]
     res = subprocess.run(args, capture_output=True, text=True)
@@ -43,8 +56,11 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", dest="extra", action="append", default=[])
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: report on the runs an earlier call left in runs/seed-study/")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report on the runs an earlier call left in runs/seed-study/",
+    )
     a = ap.parse_args()
     rows = []
     for seed in a.seeds:
@@ -56,14 +72,33 @@ def main() -> None:
         evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         evals = [e for e in evals if any(k.startswith("eval/") for k in e)]
         start, end = evals[0], evals[-1]
-        rows.append({"seed": seed, "steps": summary["steps"], "wall_s": summary["wall_s"],
-                     **{f"{m}@start": start.get(m) for m in a.metrics}, **{f"{m}@end": end.get(m) for m in a.metrics}})
+        rows.append(
+            {
+                "seed": seed,
+                "steps": summary["steps"],
+                "wall_s": summary["wall_s"],
+                **{f"{m}@start": start.get(m) for m in a.metrics},
+                **{f"{m}@end": end.get(m) for m in a.metrics},
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                            check=False).stdout.strip() or None
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+        ).stdout.strip()
+        or None
+    )
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
-    report = {"date": datetime.date.today().isoformat(), "commit": commit, "machine": machine, "recipe": str(a.recipe), "command": a.command,
-              "sets": a.extra, "seeds": a.seeds, "runs": rows}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "machine": machine,
+        "recipe": str(a.recipe),
+        "command": a.command,
+        "sets": a.extra,
+        "seeds": a.seeds,
+        "runs": rows,
+    }
     print(f"\n{a.recipe} over seeds {a.seeds}:")
     for m in a.metrics:
         s = [r[f"{m}@start"] for r in rows]
@@ -73,11 +108,22 @@ def main() -> None:
             report[m] = None
             continue
         d = [y - x for x, y in zip(s, e)]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        report[m] = {"start_mean": statistics.mean(s), "start_std": sd(s), "end_mean": statistics.mean(e),
-                     "end_std": sd(e), "rise_mean": statistics.mean(d), "rise_std": sd(d)}
-        print(f"  {m}: {statistics.mean(s):.4f} ± {sd(s):.4f} -> {statistics.mean(e):.4f} ± {sd(e):.4f} "
-              f"(change {statistics.mean(d):+.4f} ± {sd(d):.4f})")
+
+        def sd(v):
+            return statistics.stdev(v) if len(v) > 1 else 0.0
+
+        report[m] = {
+            "start_mean": statistics.mean(s),
+            "start_std": sd(s),
+            "end_mean": statistics.mean(e),
+            "end_std": sd(e),
+            "rise_mean": statistics.mean(d),
+            "rise_std": sd(d),
+        }
+        print(
+            f"  {m}: {statistics.mean(s):.4f} ± {sd(s):.4f} -> {statistics.mean(e):.4f} ± {sd(e):.4f} "
+            f"(change {statistics.mean(d):+.4f} ± {sd(d):.4f})"
+        )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         with open(a.out, "a") as f:

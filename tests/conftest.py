@@ -20,9 +20,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY_INIT = {"architecture": "qwen2",
-             "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                        "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True}}
+TINY_INIT = {
+    "architecture": "qwen2",
+    "config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+}
 
 
 def deep_update(base: dict, upd: dict) -> dict:
@@ -35,13 +44,17 @@ def deep_update(base: dict, upd: dict) -> dict:
 
 
 def sft_recipe_dict(**upd) -> dict:
-    r = {"command": "sft",
-         "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
-         "data": {"train": {"path": str(DATA / "tiny" / "text.jsonl"), "max_rows": 64},
-                  "eval": {"path": str(DATA / "tiny" / "text_eval.jsonl"), "max_rows": 16},
-                  "max_length": 48},
-         "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "seed": 0},
-         "output": {"plot": False}}
+    r = {
+        "command": "sft",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
+        "data": {
+            "train": {"path": str(DATA / "tiny" / "text.jsonl"), "max_rows": 64},
+            "eval": {"path": str(DATA / "tiny" / "text_eval.jsonl"), "max_rows": 16},
+            "max_length": 48,
+        },
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "seed": 0},
+        "output": {"plot": False},
+    }
     return deep_update(r, upd)
 
 
@@ -51,6 +64,7 @@ def write_recipe(tmp_path):
         p = tmp_path / name
         p.write_text(yaml.safe_dump(d, sort_keys=False))
         return p
+
     return _write
 
 
@@ -64,6 +78,7 @@ def cli():
     def _run(*args: str):
         res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
         return res.exit_code, res.stdout, res.stderr
+
     return _run
 
 
@@ -71,8 +86,14 @@ def run_subprocess(*args: str, timeout: int = 300, env: dict | None = None, cwd:
     """The real `prefcli` entry point in a child process."""
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "prefcli", *[str(a) for a in args]], capture_output=True, text=True,
-                          timeout=timeout, env=e, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "prefcli", *[str(a) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+        cwd=cwd,
+    )
 
 
 def last_json(stdout: str) -> dict:
@@ -93,13 +114,18 @@ def losses(run_dir: Path, key: str = "loss/sft") -> dict[int, float]:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 model saved in Hugging Face format with the bundled tokenizer: stands in
     for a downloaded checkpoint (model.path) in tests."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-model")
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = AutoConfig.for_model("qwen2", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, **TINY_INIT["config"])
+    cfg = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_INIT["config"],
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)

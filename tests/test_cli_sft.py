@@ -29,8 +29,15 @@ def test_sft_end_to_end_subprocess(tmp_path, write_recipe):
     assert set(s["final"]) >= {"loss/sft", "eval/loss", "eval/ppl", "lr", "perf/tokens_per_s"}
     assert s["data"]["train_rows"] == 64 and s["data"]["eval_examples"] == 16
     assert "step 6/6" in res.stderr and "eval @ step 3" in res.stderr
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "final/config.json", "final/model.safetensors",
-                 "final/tokenizer.json", "curves.png"):
+    for name in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+        "curves.png",
+    ):
         assert (out / name).exists(), name
     assert json.loads((out / "summary.json").read_text())["final"] == s["final"]
     assert (out / "curves.png").stat().st_size > 5000
@@ -80,13 +87,16 @@ def test_smoke_swaps_in_a_tiny_model_of_the_same_family(tmp_path, write_recipe, 
 
 def test_gpt2_family_and_lora(tmp_path, write_recipe, cli):
     d = sft_recipe_dict()
-    d["model"]["init"] = {"architecture": "gpt2", "config": {"hidden_size": 32, "num_hidden_layers": 2,
-                                                              "num_attention_heads": 4, "max_position_embeddings": 128}}
+    d["model"]["init"] = {
+        "architecture": "gpt2",
+        "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128},
+    }
     code, stdout, stderr = cli("sft", write_recipe(d), "-o", tmp_path / "g", "-q")
     assert code == 0, stderr
     assert json.loads((tmp_path / "g" / "final" / "config.json").read_text())["model_type"] == "gpt2"
-    code, stdout, stderr = cli("sft", write_recipe(sft_recipe_dict()), "-o", tmp_path / "l", "-q",
-                               "--set", "model.lora.r=4")
+    code, stdout, stderr = cli(
+        "sft", write_recipe(sft_recipe_dict()), "-o", tmp_path / "l", "-q", "--set", "model.lora.r=4"
+    )
     assert code == 0, stderr
     s = last_json(stdout)
     assert 0 < s["model"]["trainable_parameters"] < s["model"]["parameters"] / 4
@@ -119,8 +129,12 @@ def test_bad_recipes_exit_2(tmp_path, write_recipe, cli):
     _bad(cli, tmp_path, write_recipe(d), match="no such file or folder")
     d = sft_recipe_dict()
     d["model"]["init"]["config"]["hidden_sise"] = 8
-    _bad(cli, tmp_path, write_recipe(d), match="model.init.config.hidden_sise: not a field of the qwen2 config "
-                                               "(did you mean 'hidden_size'?)")
+    _bad(
+        cli,
+        tmp_path,
+        write_recipe(d),
+        match="model.init.config.hidden_sise: not a field of the qwen2 config (did you mean 'hidden_size'?)",
+    )
     _bad(cli, tmp_path, tmp_path / "nope.yaml", match="recipe not found")
 
 
@@ -154,8 +168,9 @@ def test_tokenizer_without_pad_token(tmp_path, write_recipe, cli):
     d["model"]["tokenizer"] = str(tmp_path / "nopad")
     err = _bad(cli, tmp_path, write_recipe(d), match="has no pad token")
     assert "pad_token" in err
-    code, stdout, stderr = cli("sft", write_recipe(d), "-o", tmp_path / "fixed", "-q", "--set",
-                               "model.pad_token=<|newpad|>")
+    code, stdout, stderr = cli(
+        "sft", write_recipe(d), "-o", tmp_path / "fixed", "-q", "--set", "model.pad_token=<|newpad|>"
+    )
     assert code == 0, stderr
 
 
@@ -178,8 +193,13 @@ def test_sigint_writes_a_checkpoint_exits_130_and_resumes(tmp_path, write_recipe
     p = write_recipe(sft_recipe_dict(train={"max_steps": 100000, "eval_every_steps": None}, data={"eval": None}))
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "prefcli", "sft", str(p), "-o", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefcli", "sft", str(p), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)

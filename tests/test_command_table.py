@@ -14,6 +14,7 @@ from .conftest import ROOT
 
 def cli_commands() -> set[str]:
     import typer.main
+
     return set(typer.main.get_command(app).commands)
 
 

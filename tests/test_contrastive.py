@@ -25,23 +25,31 @@ LN2 = math.log(2)
 
 def pref_dict(objective: str = "dpo", **upd) -> dict:
     kto = objective == "kto"
-    r = {"command": "contrastive",
-         "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
-         "data": {"train": {"path": str(DATA / "tiny" / ("pref_kto.jsonl" if kto else "pref_train.jsonl")),
-                            "max_rows": 48 if kto else 32},
-                  "eval": None if kto else {"path": str(DATA / "tiny" / "pref_eval.jsonl"), "max_rows": 16},
-                  "eval_fraction": 0.25 if kto else 0.0, "max_length": 48},
-         "contrastive": {"objective": objective},
-         "train": {"max_steps": 3, "batch_size": 8, "lr": 3e-3, "seed": 0},
-         "output": {"plot": False}}
+    r = {
+        "command": "contrastive",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
+        "data": {
+            "train": {
+                "path": str(DATA / "tiny" / ("pref_kto.jsonl" if kto else "pref_train.jsonl")),
+                "max_rows": 48 if kto else 32,
+            },
+            "eval": None if kto else {"path": str(DATA / "tiny" / "pref_eval.jsonl"), "max_rows": 16},
+            "eval_fraction": 0.25 if kto else 0.0,
+            "max_length": 48,
+        },
+        "contrastive": {"objective": objective},
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 3e-3, "seed": 0},
+        "output": {"plot": False},
+    }
     return deep_update(r, upd)
 
 
 def run(tmp_path, write_recipe, name, d, *overrides, resume=False):
     p = write_recipe(d, name=f"{name}.yaml")
     out = tmp_path / name
-    s = run_training("contrastive", p, RunOptions(overrides=list(overrides), output_dir=str(out), quiet=True,
-                                                  resume=resume))
+    s = run_training(
+        "contrastive", p, RunOptions(overrides=list(overrides), output_dir=str(out), quiet=True, resume=resume)
+    )
     return s, out
 
 
@@ -69,9 +77,11 @@ def test_completion_mask_includes_eos_and_skips_prompt_and_padding():
     # targets (shifted by one): prompt tokens have none, every completion token has one, EOS included
     assert tgt[0].tolist() == [-100] * (len(p) - 1) + c + [-100]  # the last position has no next token
     assert tgt[1].tolist()[: len(p) - 1 + len(r)] == [-100] * (len(p) - 1) + r
-    assert (tgt[1, len(p) - 1 + len(r):] == -100).all() and (b["attention_mask"][1, len(p) + len(r):] == 0).all()
+    assert (tgt[1, len(p) - 1 + len(r) :] == -100).all() and (b["attention_mask"][1, len(p) + len(r) :] == 0).all()
     # chat rows: the completion is what the conversation adds after the generation prompt; EOS closes the turn
-    pc, cc = encode_completion(tok, "chat", [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yo"}])
+    pc, cc = encode_completion(
+        tok, "chat", [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yo"}]
+    )
     assert tok.decode(pc).endswith("<|im_start|>assistant\n") and tok.eos_token_id in cc
 
 
@@ -110,8 +120,11 @@ def test_reference_free_objectives_compute_no_reference(tmp_path, write_recipe):
 def test_reference_gets_no_gradient_and_stays_the_initial_model(tmp_path, write_recipe):
     """With LoRA the reference is the same weights with adapters off: after training, recomputing it
     gives the stored values exactly (nothing trained the reference), while the policy moved."""
-    d = pref_dict(model={"lora": {"r": 4, "alpha": 8}}, data={"train": {"max_rows": 16}, "eval": None},
-                  train={"max_steps": 3, "lr": 1e-2})
+    d = pref_dict(
+        model={"lora": {"r": 4, "alpha": 8}},
+        data={"train": {"max_rows": 16}, "eval": None},
+        train={"max_steps": 3, "lr": 1e-2},
+    )
     task, rt, recipe = make_task(write_recipe, d, tmp_path)
     task._ensure_ref()
     ref0 = task.ref["train"].clone()
@@ -136,8 +149,11 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
     """Losses are normalised by the pairs (kto: rows) of the whole accumulated batch; KTO's KL estimate
     spans the whole step."""
     for obj in ("dpo", "kto"):
-        d = pref_dict(obj, data={"train": {"max_rows": 16}, "eval": None, "eval_fraction": 0.0},
-                      train={"lr": 1e-2, "max_steps": 2})
+        d = pref_dict(
+            obj,
+            data={"train": {"max_rows": 16}, "eval": None, "eval_fraction": 0.0},
+            train={"lr": 1e-2, "max_steps": 2},
+        )
         _, a = run(tmp_path, write_recipe, f"{obj}8", d, "train.batch_size=8", "train.grad_accum_steps=1")
         _, b = run(tmp_path, write_recipe, f"{obj}2x4", d, "train.batch_size=2", "train.grad_accum_steps=4")
         la, lb = losses(a, f"loss/{obj}"), losses(b, f"loss/{obj}")
@@ -161,6 +177,7 @@ def test_resume_reuses_the_stored_reference(tmp_path, write_recipe, monkeypatch)
 
     def no_recompute(*a, **k):
         raise AssertionError("reference log-probs recomputed on resume")
+
     monkeypatch.setattr(PreferenceTask, "_ref_table", no_recompute)
     s, _ = run(tmp_path, write_recipe, "resumed", d, resume=True)
     lf, lr = losses(full, "loss/dpo"), losses(resumed, "loss/dpo")
@@ -192,15 +209,22 @@ def test_chat_pairs_with_explicit_and_implicit_prompts(tmp_path, write_recipe):
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     rows = [json.loads(x) for x in (DATA / "tiny" / "pref_chat.jsonl").read_text().splitlines()[:4]]
     implicit = tmp_path / "implicit.jsonl"
-    implicit.write_text("".join(json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]})
-                                + "\n" for r in rows))
+    implicit.write_text(
+        "".join(
+            json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}) + "\n"
+            for r in rows
+        )
+    )
     import datasets
+
     a = tokenize_pairs(datasets.Dataset.from_list(rows), tok, "chat", 96, "x")
     b = tokenize_pairs(datasets.load_dataset("json", data_files=str(implicit), split="train"), tok, "chat", 96, "y")
     assert a.prompt == b.prompt and a.chosen == b.chosen and a.rejected == b.rejected
     assert tok.decode(a.prompt[0]).startswith("<|im_start|>user\nContinue the verse:")
-    d = pref_dict(data={"train": {"path": str(DATA / "tiny" / "pref_chat.jsonl")}, "eval": None, "max_length": 96},
-                  train={"max_steps": 2})
+    d = pref_dict(
+        data={"train": {"path": str(DATA / "tiny" / "pref_chat.jsonl")}, "eval": None, "max_length": 96},
+        train={"max_steps": 2},
+    )
     s, _ = run(tmp_path, write_recipe, "chat", d)
     assert s["data"]["format"] == "chat" and s["steps"] == 2
 
@@ -214,16 +238,21 @@ def _bad(cli, tmp_path, recipe, match):
 
 def test_bad_rows_are_counted_and_no_usable_row_exits_2(tmp_path, write_recipe, cli):
     good = [json.loads(x) for x in (DATA / "tiny" / "pref_train.jsonl").read_text().splitlines()[:8]]
-    bad = [{"prompt": "a", "chosen": None, "rejected": "b"}, {"prompt": "a", "chosen": "b", "rejected": ""},
-           {"prompt": "a", "chosen": "same", "rejected": "same"},
-           {"prompt": "word " * 80, "chosen": "b", "rejected": "c"}]
+    bad = [
+        {"prompt": "a", "chosen": None, "rejected": "b"},
+        {"prompt": "a", "chosen": "b", "rejected": ""},
+        {"prompt": "a", "chosen": "same", "rejected": "same"},
+        {"prompt": "word " * 80, "chosen": "b", "rejected": "c"},
+    ]
     f = tmp_path / "mixed.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
     d = pref_dict(data={"train": {"path": str(f), "max_rows": None}, "eval": None}, train={"max_steps": 1})
     code, stdout, stderr = cli("contrastive", write_recipe(d), "-o", tmp_path / "ok", "-q")
     assert code == 0, stderr
-    assert ("skipped 4 of 12 rows: 2 with a missing or empty chosen/rejected, 1 with chosen identical to rejected, "
-            "1 with a prompt of max_length=48 tokens or more") in stderr
+    assert (
+        "skipped 4 of 12 rows: 2 with a missing or empty chosen/rejected, 1 with chosen identical to rejected, "
+        "1 with a prompt of max_length=48 tokens or more"
+    ) in stderr
     s = last_json(stdout)
     assert s["data"]["skipped"] == {"missing": 2, "identical": 1, "long_prompt": 1} and s["data"]["train_examples"] == 8
     f = tmp_path / "bad.jsonl"
@@ -242,14 +271,19 @@ def test_bad_rows_are_counted_and_no_usable_row_exits_2(tmp_path, write_recipe, 
 def test_infonce_encoder_learns_and_reloads_as_a_scorer(tmp_path, write_recipe):
     from prefcli.algos.infonce import EncoderScorer
 
-    d = pref_dict("infonce", data={"train": {"max_rows": 64}, "eval": {"max_rows": 32}},
-                  train={"max_steps": 10, "eval_every_steps": 5, "lr": 3e-3})
+    d = pref_dict(
+        "infonce",
+        data={"train": {"max_rows": 64}, "eval": {"max_rows": 32}},
+        train={"max_steps": 10, "eval_every_steps": 5, "lr": 3e-3},
+    )
     task, *_ = make_task(write_recipe, d, tmp_path)
     before = task.evaluate()
     s, out = run(tmp_path, write_recipe, "infonce", d)
     evals = [r for r in read_metrics(out) if "eval/accuracy" in r]
-    print("infonce held-out accuracy: (0, %.3f)" % before["eval/accuracy"],
-          [(r["step"], round(r["eval/accuracy"], 3)) for r in evals])
+    print(
+        f"infonce held-out accuracy: (0, {before['eval/accuracy']:.3f})",
+        [(r["step"], round(r["eval/accuracy"], 3)) for r in evals],
+    )
     assert s["final"]["eval/accuracy"] >= 0.8 and s["final"]["eval/accuracy"] > before["eval/accuracy"] + 0.2
     assert s["final"]["eval/loss"] < before["eval/loss"]
     assert json.loads((out / "final" / "config.json").read_text())["architectures"] == ["Qwen2Model"]
@@ -275,8 +309,18 @@ def test_contrastive_end_to_end_subprocess(tmp_path, write_recipe):
     assert len(lines) == 1
     s = json.loads(lines[0])
     assert s["command"] == "contrastive" and s["steps"] == 4
-    assert set(s["final"]) >= {"loss/dpo", "reward/chosen", "reward/rejected", "reward/margin", "reward/accuracy",
-                               "logps/chosen", "logps/rejected", "eval/accuracy", "eval/margin", "eval/loss"}
+    assert set(s["final"]) >= {
+        "loss/dpo",
+        "reward/chosen",
+        "reward/rejected",
+        "reward/margin",
+        "reward/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+        "eval/accuracy",
+        "eval/margin",
+        "eval/loss",
+    }
     assert "step 4/4" in res.stderr and "eval @ step 2" in res.stderr
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
@@ -286,6 +330,7 @@ def test_contrastive_end_to_end_subprocess(tmp_path, write_recipe):
 def test_every_tiny_contrastive_recipe_runs_with_smoke(tmp_path, cli):
     recipes = sorted((ROOT / "recipes" / "tiny").glob("contrastive-*.yaml"))
     from prefcli.recipe.commands import CONTRASTIVE_OBJECTIVES
+
     assert {p.stem.split("-", 1)[1] for p in recipes} == set(CONTRASTIVE_OBJECTIVES)
     for p in recipes:
         code, stdout, stderr = cli("contrastive", p, "--smoke", "-o", tmp_path / p.stem, "-q")
@@ -304,9 +349,30 @@ def test_torchrun_two_processes_equal_one_for_kto(tmp_path, write_recipe):
 
     p = write_recipe(pref_dict("kto", train={"max_steps": 3, "eval_every_steps": 3}))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29523", "-m", "prefcli", "contrastive", str(p), "-o", str(tmp_path / "ddp"), "-q",
-                          "--set", "train.batch_size=2"], capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29523",
+            "-m",
+            "prefcli",
+            "contrastive",
+            str(p),
+            "-o",
+            str(tmp_path / "ddp"),
+            "-q",
+            "--set",
+            "train.batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     s = last_json(res.stdout)
     assert s["world_size"] == 2

@@ -6,8 +6,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from prefcli.engine.data import (IGNORE, StepSchedule, encode_messages, load_rows, pack_rows, packed_batch, pad_batch,
-                                 split_micro, tokenize_sft)
+from prefcli.engine.data import (
+    IGNORE,
+    StepSchedule,
+    encode_messages,
+    load_rows,
+    pack_rows,
+    packed_batch,
+    pad_batch,
+    split_micro,
+    tokenize_sft,
+)
 from prefcli.engine.dist import Runtime
 from prefcli.engine.models import PolicyLM
 from prefcli.errors import DataError
@@ -32,6 +41,7 @@ def write_jsonl(path, rows):
 
 def test_formats_load_the_same_rows(tmp_path):
     import datasets
+
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
     write_jsonl(tmp_path / "a.jsonl", rows)
     ds = datasets.Dataset.from_list(rows)
@@ -45,8 +55,10 @@ def test_formats_load_the_same_rows(tmp_path):
 
 def test_column_mapping_and_errors(tmp_path):
     write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a"}])
-    ds = load_rows(src(tmp_path / "q.jsonl", columns={"prompt": "question", "completion": "answer"}),
-                   required=["prompt", "completion"])
+    ds = load_rows(
+        src(tmp_path / "q.jsonl", columns={"prompt": "question", "completion": "answer"}),
+        required=["prompt", "completion"],
+    )
     assert ds.column_names == ["prompt", "completion"]
     with pytest.raises(DataError, match="maps 'prompt' to column 'query', which is not in the data"):
         load_rows(src(tmp_path / "q.jsonl", columns={"prompt": "query"}))
@@ -75,8 +87,12 @@ def test_prompt_is_masked_and_eos_appended(tok, tmp_path):
 
 
 def test_chat_masking_keeps_only_assistant_turns(tok):
-    msgs = [{"role": "user", "content": "Say light"}, {"role": "assistant", "content": "Let there be light"},
-            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "And there was light"}]
+    msgs = [
+        {"role": "user", "content": "Say light"},
+        {"role": "assistant", "content": "Let there be light"},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "And there was light"},
+    ]
     ids, labels = encode_messages(tok, msgs, mask_prompt=True)
     trained = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
     assert trained == "Let there be light<|im_end|>\nAnd there was light<|im_end|>\n"
@@ -85,8 +101,14 @@ def test_chat_masking_keeps_only_assistant_turns(tok):
 
 def test_truncation_is_counted_and_unlabelled_rows_dropped(tok, tmp_path):
     long = " ".join(["light"] * 100)
-    write_jsonl(tmp_path / "t.jsonl", [{"prompt": long, "completion": " x"}, {"prompt": "a", "completion": long},
-                                       {"prompt": "a", "completion": " b"}])
+    write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"prompt": long, "completion": " x"},
+            {"prompt": "a", "completion": long},
+            {"prompt": "a", "completion": " b"},
+        ],
+    )
     s = tokenize_sft(load_rows(src(tmp_path / "t.jsonl")), tok, "prompt_completion", 16, True, True, "x")
     assert s.n_rows == 3 and s.n_truncated == 2 and s.n_dropped == 1 and len(s) == 2
     assert all(len(x) <= 16 for x in s.input_ids)
@@ -108,6 +130,7 @@ def test_padding_and_targets():
 
 def _tiny_policy(tok):
     from transformers import AutoConfig, AutoModelForCausalLM
+
     cfg = AutoConfig.for_model("qwen2", vocab_size=len(tok), **TINY_INIT["config"])
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
@@ -117,6 +140,7 @@ def _tiny_policy(tok):
 def test_packed_and_unpacked_give_the_same_per_example_losses(tok):
     texts = [json.loads(x)["text"] for x in (DATA / "tiny" / "text.jsonl").read_text().splitlines()[:7]]
     import datasets
+
     s = tokenize_sft(datasets.Dataset.from_list([{"text": t} for t in texts]), tok, "text", 64, False, True, "x")
     policy = _tiny_policy(tok)
     alone = []
@@ -133,7 +157,7 @@ def test_packed_and_unpacked_give_the_same_per_example_losses(tok):
         off = 0
         for i in members:
             n = len(s.input_ids[i])
-            packed.append(-lp[r, off:off + n].sum().item())
+            packed.append(-lp[r, off : off + n].sum().item())
             off += n
     order = [i for members in rows for i in members]
     for k, i in enumerate(order):
@@ -149,7 +173,7 @@ def test_padding_does_not_change_logprobs(tok):
         lp1, _ = policy(single["input_ids"], single["targets"], single["attention_mask"], single["position_ids"])
         both = pad_batch([a, b], [a, b], tok.pad_token_id)
         lp2, _ = policy(both["input_ids"], both["targets"], both["attention_mask"], both["position_ids"])
-    assert torch.allclose(lp1[0, :len(b)], lp2[1, :len(b)], atol=1e-5)
+    assert torch.allclose(lp1[0, : len(b)], lp2[1, : len(b)], atol=1e-5)
 
 
 def test_schedule_is_deterministic_and_covers_every_example():

@@ -14,10 +14,30 @@ def test_torchrun_two_processes_equal_one(tmp_path, write_recipe):
     d = sft_recipe_dict(train={"max_steps": 4, "eval_every_steps": 2})
     p = write_recipe(d)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", "-m", "prefcli", "sft", str(p), "-o", str(tmp_path / "ddp"), "-q",
-                          "--set", "train.batch_size=2"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "prefcli",
+            "sft",
+            str(p),
+            "-o",
+            str(tmp_path / "ddp"),
+            "-q",
+            "--set",
+            "train.batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     s = last_json(res.stdout)
     assert s["world_size"] == 2 and s["steps"] == 4

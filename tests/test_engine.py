@@ -50,6 +50,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
         assert lc[s] == pytest.approx(la[s], abs=1e-5)
     # and the weights they end with are the same
     from safetensors.torch import load_file
+
     wa, wc = load_file(str(a / "final" / "model.safetensors")), load_file(str(c / "final" / "model.safetensors"))
     assert max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-5
 
@@ -104,6 +105,7 @@ class _NaNTask:
             def loss_fn(model, batch, bad=bad):
                 out = model(batch).pow(2).sum()
                 return (out * float("nan") if bad else out), {"x/mean": (out.detach(), 8)}
+
             yield Plan(group="net", micro=[Micro(batch=x, n=8)], loss_fn=loss_fn)
 
     def state_dict(self):
@@ -149,9 +151,13 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
     def spy():
         orig_step()
         after_updates.append(task.net.weight.detach().clone())
+
     task.groups["net"].optimizer.step = spy
-    with pytest.raises(TrainingError, match=r"step 3: loss is nan; stopped before the optimizer step; "
-                                            r"last good checkpoint: .*step-2"):
+    with pytest.raises(
+        TrainingError,
+        match=r"step 3: loss is nan; stopped before the optimizer step; "
+        r"last good checkpoint: .*step-2",
+    ):
         engine.run()
     progress.close()
     # the weights are those left by step 2's update: the NaN step's update was never applied (the

@@ -18,8 +18,13 @@ def one_torch_thread():
     yield
     torch.set_num_threads(n)
 
+
 PAIRS = [
-    {"prompt": "And God said,", "chosen": " Let there be light: and there was light.", "rejected": " Let there be dark."},
+    {
+        "prompt": "And God said,",
+        "chosen": " Let there be light: and there was light.",
+        "rejected": " Let there be dark.",
+    },
     {"prompt": "The LORD is", "chosen": " my shepherd; I shall not want, in the light.", "rejected": " a rock."},
     {"prompt": "Blessed are", "chosen": " the meek: for they shall see light.", "rejected": " the proud."},
 ]
@@ -33,8 +38,14 @@ def reward_model_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-rm")
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = AutoConfig.for_model("qwen2", vocab_size=len(tok), num_labels=1, pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id, **TINY_INIT["config"])
+    cfg = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=len(tok),
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **TINY_INIT["config"],
+    )
     torch.manual_seed(1)
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -44,21 +55,37 @@ def reward_model_dir(tmp_path_factory):
 def eval_recipe(model_dir, tmp_path, **upd) -> dict:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    r = {"command": "eval",
-         "models": [{"name": "tiny", "path": str(model_dir)}],
-         "baseline": {"name": "init", "init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER), "seed": 3},
-         "reference": {"name": "same", "path": str(model_dir)},
-         "data": {"text": {"path": str(DATA / "tiny" / "text_eval.jsonl"), "max_rows": 6},
-                  "prompts": {"path": str(DATA / "tiny" / "prompt_completion.jsonl"), "max_rows": 8,
-                              "columns": {"reference": "completion"}},
-                  "pairs": {"path": str(pairs)}},
-         "metrics": ["perplexity", "bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length",
-                     "preference_accuracy"],
-         "generation": {"max_new_tokens": 8, "batch_size": 4},
-         "rewards": [{"kind": "keyword", "keywords": ["light"], "name": "light"}, {"kind": "sentiment"}],
-         "perplexity": {"window_tokens": 32, "stride_tokens": 16},
-         "win_rate": {"bootstrap_samples": 200},
-         "seed": 0}
+    r = {
+        "command": "eval",
+        "models": [{"name": "tiny", "path": str(model_dir)}],
+        "baseline": {"name": "init", "init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER), "seed": 3},
+        "reference": {"name": "same", "path": str(model_dir)},
+        "data": {
+            "text": {"path": str(DATA / "tiny" / "text_eval.jsonl"), "max_rows": 6},
+            "prompts": {
+                "path": str(DATA / "tiny" / "prompt_completion.jsonl"),
+                "max_rows": 8,
+                "columns": {"reference": "completion"},
+            },
+            "pairs": {"path": str(pairs)},
+        },
+        "metrics": [
+            "perplexity",
+            "bleu",
+            "rouge",
+            "reward",
+            "win_rate",
+            "kl",
+            "distinct",
+            "length",
+            "preference_accuracy",
+        ],
+        "generation": {"max_new_tokens": 8, "batch_size": 4},
+        "rewards": [{"kind": "keyword", "keywords": ["light"], "name": "light"}, {"kind": "sentiment"}],
+        "perplexity": {"window_tokens": 32, "stride_tokens": 16},
+        "win_rate": {"bootstrap_samples": 200},
+        "seed": 0,
+    }
     r.update(upd)
     return r
 
@@ -84,7 +111,8 @@ def test_eval_end_to_end(tmp_path, write_recipe, cli, tiny_model_dir, reward_mod
     # the summary agrees with the per-example rows and with the reference libraries
     ppl_rows = [r for r in rows if r["kind"] == "perplexity" and r["model"] == "tiny"]
     assert tiny["perplexity"]["ppl"] == pytest.approx(
-        math.exp(sum(r["nll"] for r in ppl_rows) / sum(r["tokens"] for r in ppl_rows)))
+        math.exp(sum(r["nll"] for r in ppl_rows) / sum(r["tokens"] for r in ppl_rows))
+    )
     want = sacrebleu.corpus_bleu([r["completion"] for r in gen], [[r["reference"] for r in gen]])
     assert tiny["bleu"]["score"] == pytest.approx(want.score) and tiny["bleu"]["signature"].startswith("nrefs:1|")
     assert tiny["win_rate"]["win_rate"] == pytest.approx(sum(r["win"] for r in gen) / 8)
@@ -105,8 +133,14 @@ def test_eval_end_to_end(tmp_path, write_recipe, cli, tiny_model_dir, reward_mod
 
 
 def test_eval_only_preference_accuracy_loads_no_policy(tmp_path, write_recipe, cli, tiny_model_dir):
-    d = eval_recipe(tiny_model_dir, tmp_path, metrics=["preference_accuracy"], baseline=None, reference=None,
-                    rewards=[{"kind": "keyword", "keywords": ["light"]}])
+    d = eval_recipe(
+        tiny_model_dir,
+        tmp_path,
+        metrics=["preference_accuracy"],
+        baseline=None,
+        reference=None,
+        rewards=[{"kind": "keyword", "keywords": ["light"]}],
+    )
     d["data"] = {"pairs": d["data"]["pairs"]}
     code, stdout, stderr = cli("eval", write_recipe(d), "-o", tmp_path / "ev", "-q")
     assert code == 0, stderr
@@ -164,15 +198,32 @@ def test_tiny_recipe_after_tiny_sft_real_entry_point(tmp_path, cli, monkeypatch)
     """The documented flow: `prefcli sft recipes/tiny/sft.yaml` then `prefcli eval recipes/tiny/eval.yaml`, from the
     same folder; eval finds the trained model through from_recipe. (Shortened with --set.)"""
     monkeypatch.chdir(tmp_path)
-    code, stdout, stderr = cli("sft", ROOT / "recipes" / "tiny" / "sft.yaml", "-q", "--set", "train.max_steps=3",
-                               "--set", "train.eval_every_steps=null", "--set", "train.save_every_steps=null")
+    code, stdout, stderr = cli(
+        "sft",
+        ROOT / "recipes" / "tiny" / "sft.yaml",
+        "-q",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.eval_every_steps=null",
+        "--set",
+        "train.save_every_steps=null",
+    )
     assert code == 0, stderr
     sft_ppl = last_json(stdout)["final"]["eval/ppl"]
     assert (tmp_path / "runs" / "sft-sft" / "final" / "config.json").exists()
-    res = run_subprocess("eval", ROOT / "recipes" / "tiny" / "eval.yaml", "--set", "data.prompts.max_rows=6",
-                         "--set", "win_rate.bootstrap_samples=100",
-                         "--set", "generation.max_new_tokens=8", cwd=tmp_path,
-                         env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    res = run_subprocess(
+        "eval",
+        ROOT / "recipes" / "tiny" / "eval.yaml",
+        "--set",
+        "data.prompts.max_rows=6",
+        "--set",
+        "win_rate.bootstrap_samples=100",
+        "--set",
+        "generation.max_new_tokens=8",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1  # stdout: exactly the summary
@@ -189,8 +240,12 @@ def test_tiny_recipe_after_tiny_sft_real_entry_point(tmp_path, cli, monkeypatch)
     from typer.testing import CliRunner
 
     from prefcli.cli import app
-    r = CliRunner().invoke(app, ["generate", "--recipe", str(ROOT / "recipes" / "tiny" / "sft.yaml"),
-                                 "--max-new-tokens", "3", "-q"], input="And the\n")
+
+    r = CliRunner().invoke(
+        app,
+        ["generate", "--recipe", str(ROOT / "recipes" / "tiny" / "sft.yaml"), "--max-new-tokens", "3", "-q"],
+        input="And the\n",
+    )
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] <= 3
 

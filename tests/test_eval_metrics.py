@@ -22,6 +22,7 @@ def one_torch_thread():
     yield
     torch.set_num_threads(n)
 
+
 # ------------------------------------------------------------------------------ perplexity
 
 
@@ -78,8 +79,9 @@ def test_perplexity_matches_transformers_full_logits(model_and_policy):
 
     tok, hf, policy, rt = model_and_policy
     ids = [tok(t)["input_ids"] + [tok.eos_token_id] for t in _texts()]
-    res = perplexity_nll(policy, ids, ids, window=256, stride=128, batch_size=5, pad_id=tok.pad_token_id,
-                         device=rt.device)
+    res = perplexity_nll(
+        policy, ids, ids, window=256, stride=128, batch_size=5, pad_id=tok.pad_token_id, device=rt.device
+    )
     nll, n = 0.0, 0
     with torch.no_grad():
         for x in ids:
@@ -93,8 +95,9 @@ def test_perplexity_matches_transformers_full_logits(model_and_policy):
     x = ids[3]
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor([x])).logits[0, :-1].double()
-    assert res[3].nll == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor(x[1:]),
-                                                                         reduction="sum").item(), rel=1e-5)
+    assert res[3].nll == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, torch.tensor(x[1:]), reduction="sum").item(), rel=1e-5
+    )
 
 
 def _hf_sliding_window_reference(hf, x, window, stride):
@@ -144,7 +147,7 @@ def test_masked_prompt_tokens_are_not_scored(model_and_policy):
     r = perplexity_nll(policy, [x], [lab], 8, 3, 2, tok.pad_token_id, rt.device)[0]
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor([x])).logits[0, :-1].double()
-    want = torch.nn.functional.cross_entropy(logits[len(p) - 1:], torch.tensor(c), reduction="sum").item()
+    want = torch.nn.functional.cross_entropy(logits[len(p) - 1 :], torch.tensor(c), reduction="sum").item()
     assert r.tokens == len(c) and r.nll == pytest.approx(want, rel=1e-5)  # x is shorter than the window
 
 
@@ -153,10 +156,13 @@ def test_completion_logprobs_at_a_temperature(model_and_policy):
 
     tok, hf, policy, rt = model_and_policy
     prompts = [tok("And the")["input_ids"], tok("In the beginning God")["input_ids"]]
-    comps = [tok(" LORD said", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
-             tok(" created", add_special_tokens=False)["input_ids"]]
-    got = completion_logprobs(policy, prompts, comps, temperature=0.7, batch_size=2, pad_id=tok.pad_token_id,
-                              device=rt.device)
+    comps = [
+        tok(" LORD said", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+        tok(" created", add_special_tokens=False)["input_ids"],
+    ]
+    got = completion_logprobs(
+        policy, prompts, comps, temperature=0.7, batch_size=2, pad_id=tok.pad_token_id, device=rt.device
+    )
     for p, c, g in zip(prompts, comps, got):
         with torch.no_grad():
             logits = hf(input_ids=torch.tensor([p + c])).logits[0].double() / 0.7
@@ -182,12 +188,12 @@ def test_bleu_is_sacrebleu_with_its_signature():
 def test_bleu_by_hand():
     # p1..p4 = 4/5, 3/4, 2/3, 1/2, equal lengths (BP = 1): BLEU = (0.8 * 0.75 * 2/3 * 0.5) ** (1/4) = 0.2 ** 0.25
     got = M.bleu(["a b c d e"], ["a b c d f"])
-    assert got["score"] == pytest.approx(100 * 0.2 ** 0.25, rel=1e-9)
+    assert got["score"] == pytest.approx(100 * 0.2**0.25, rel=1e-9)
     assert got["precisions"] == pytest.approx([80.0, 75.0, 200 / 3, 50.0])
     # shorter hypothesis: BP = exp(1 - r/c) = exp(1 - 6/5)
     short = M.bleu(["a b c d e"], ["a b c d e f"])
     assert short["brevity_penalty"] == pytest.approx(math.exp(1 - 6 / 5))
-    assert M.sentence_bleu(["a b c d e"], ["a b c d f"]) == [pytest.approx(100 * 0.2 ** 0.25)]
+    assert M.sentence_bleu(["a b c d e"], ["a b c d f"]) == [pytest.approx(100 * 0.2**0.25)]
 
 
 def test_rouge_is_rouge_score_and_by_hand():

@@ -29,22 +29,29 @@ def test_discriminator_loss_by_hand():
 
 
 def test_generator_reward_by_hand():
-    assert generator_reward(t([0.0, 2.0]), "log_sigmoid").tolist() == pytest.approx([math.log(0.5),
-                                                                                      -math.log1p(math.exp(-2))])
+    assert generator_reward(t([0.0, 2.0]), "log_sigmoid").tolist() == pytest.approx(
+        [math.log(0.5), -math.log1p(math.exp(-2))]
+    )
     assert generator_reward(t([0.0, 2.0]), "logit").tolist() == [0.0, 2.0]
 
 
 def gan_recipe(**upd):
-    r = {"command": "gan",
-         "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
-         "data": {"train": {"path": str(DATA / "tiny" / "prompt_completion.jsonl"), "max_rows": 24},
-                  "eval_fraction": 0.2, "max_prompt_length": 16, "max_length": 32},
-         "discriminator": {"batch_size": 4, "lr": 1e-3},
-         "gan": {"disc_warmup_steps": 2, "disc_steps": 1, "buffer_size": 16},
-         "generation": {"max_new_tokens": 6},
-         "rlhf": {"algorithm": "rloo", "num_generations": 2, "prompts_per_rollout": 2, "kl_coef": 0.05},
-         "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "eval_max_batches": 1},
-         "output": {"plot": False}}
+    r = {
+        "command": "gan",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
+        "data": {
+            "train": {"path": str(DATA / "tiny" / "prompt_completion.jsonl"), "max_rows": 24},
+            "eval_fraction": 0.2,
+            "max_prompt_length": 16,
+            "max_length": 32,
+        },
+        "discriminator": {"batch_size": 4, "lr": 1e-3},
+        "gan": {"disc_warmup_steps": 2, "disc_steps": 1, "buffer_size": 16},
+        "generation": {"max_new_tokens": 6},
+        "rlhf": {"algorithm": "rloo", "num_generations": 2, "prompts_per_rollout": 2, "kl_coef": 0.05},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "eval_max_batches": 1},
+        "output": {"plot": False},
+    }
     return deep_update(r, upd)
 
 
@@ -53,6 +60,7 @@ def _build(path, tmp_path):
     from prefcli.engine.dist import Runtime
     from prefcli.recipe import load_recipe
     from prefcli.runner import RunContext
+
     rt = Runtime(device=torch.device("cpu"), precision="fp32")
     return build(RunContext(recipe=load_recipe(path).recipe, rt=rt, run_dir=tmp_path))
 
@@ -68,6 +76,7 @@ def test_schedule_alternates_after_the_warmup(tmp_path, write_recipe):
 def test_each_player_update_leaves_the_other_untouched(tmp_path, write_recipe):
     from prefcli.engine.loop import Engine
     from prefcli.engine.progress import Progress
+
     task = _build(write_recipe(gan_recipe()), tmp_path)
     g0 = {n: p.detach().clone() for n, p in task.model.named_parameters()}
     d0 = {n: p.detach().clone() for n, p in task.disc.named_parameters()}
@@ -113,8 +122,18 @@ def test_gan_end_to_end_and_exact_resume(tmp_path, write_recipe, cli):
     assert code == 0, stderr
     s = last_json(stdout)
     assert s["gan"]["generator_steps"] == 3 and s["gan"]["discriminator_steps"] == 5 and s["steps"] == 8
-    for key in ("loss/disc", "disc/accuracy", "disc/real_prob", "disc/fake_prob", "loss/rloo", "reward/discriminator",
-                "kl/mean", "eval/disc_accuracy", "eval/len_rule", "eval/reward"):
+    for key in (
+        "loss/disc",
+        "disc/accuracy",
+        "disc/real_prob",
+        "disc/fake_prob",
+        "loss/rloo",
+        "reward/discriminator",
+        "kl/mean",
+        "eval/disc_accuracy",
+        "eval/len_rule",
+        "eval/reward",
+    ):
         assert key in s["final"], key
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and "eval/len_rule" in rows[0]  # eval_on_start: the baseline

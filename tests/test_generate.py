@@ -38,8 +38,13 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def lm_tok():
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = AutoConfig.for_model("qwen2", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, **TINY_INIT["config"])
+    cfg = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_INIT["config"],
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval(), tok
 
@@ -88,8 +93,15 @@ def test_banned_word_never_appears_however_it_is_tokenized(lm_tok):
 
 def test_banned_words_rule_by_hand(lm_tok):
     lm, tok = lm_tok
-    p = BannedWordsProcessor(tok, ["dark"], prompt_len=0, max_new_tokens=10, vocab_size=len(tok),
-                             eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id)
+    p = BannedWordsProcessor(
+        tok,
+        ["dark"],
+        prompt_len=0,
+        max_new_tokens=10,
+        vocab_size=len(tok),
+        eos_ids={tok.eos_token_id},
+        pad_id=tok.pad_token_id,
+    )
     k, dark, darkness, comma = ids(tok, "k", " dark", " darkness", ",")
     banned, boundary = p.banned_for("and the dar", last_step=False)
     assert k not in banned and not boundary  # "dark" could still become "darkn..."
@@ -177,6 +189,7 @@ def test_read_prompts_formats_and_errors():
     rows = list(read_prompts(['{"prompt": "p", "id": 7}\n'], "jsonl", "f.jsonl"))
     assert rows == [("p", {"id": 7})]
     from prefcli.errors import DataError
+
     with pytest.raises(DataError, match=r"f.jsonl:2: not valid JSON"):
         list(read_prompts(['{"prompt": "p"}', "not json"], "jsonl", "f.jsonl"))
     with pytest.raises(DataError, match=r"f.jsonl:1: expected an object with a 'prompt' string"):
@@ -191,11 +204,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + 
 @pytest.mark.slow
 def test_generate_in_a_real_shell_pipeline(tiny_model_dir, tmp_path):
     consumer = tmp_path / "consume.py"
-    consumer.write_text("import json, sys\nrows = [json.loads(l) for l in sys.stdin]\n"
-                        "print(len(rows), sum(len(r['completion']) > 0 for r in rows), rows[1]['prompt'], rows[0]['id'])\n")
-    cmd = (f"set -o pipefail; printf '{{\"prompt\": \"And the\", \"id\": 1}}\\n{{\"prompt\": \"Let there be\", \"id\": 2}}\\n'"
-           f" | {sys.executable} -m prefcli generate {tiny_model_dir} --format jsonl --max-new-tokens 8 --min-new-tokens 3"
-           f" --ban light --stop . | {sys.executable} {consumer}")
+    consumer.write_text(
+        "import json, sys\nrows = [json.loads(l) for l in sys.stdin]\n"
+        "print(len(rows), sum(len(r['completion']) > 0 for r in rows), rows[1]['prompt'], rows[0]['id'])\n"
+    )
+    cmd = (
+        f'set -o pipefail; printf \'{{"prompt": "And the", "id": 1}}\\n{{"prompt": "Let there be", "id": 2}}\\n\''
+        f" | {sys.executable} -m prefcli generate {tiny_model_dir} --format jsonl --max-new-tokens 8 --min-new-tokens 3"
+        f" --ban light --stop . | {sys.executable} {consumer}"
+    )
     res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["2", "2", "Let", "there", "be", "1"]
@@ -204,9 +221,24 @@ def test_generate_in_a_real_shell_pipeline(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_first_answer_comes_before_the_last_prompt_is_read(tiny_model_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "prefcli", "generate", str(tiny_model_dir), "--batch-size", "1",
-                             "--max-new-tokens", "4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefcli",
+            "generate",
+            str(tiny_model_dir),
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "4",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         proc.stdin.write("And the\n")
         proc.stdin.flush()
@@ -236,8 +268,9 @@ def test_generate_cli_options_and_bad_input(tiny_model_dir, tmp_path):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("And the\nLet there be\n")
-    code, out, err = run(tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "5", "--greedy", "--require", "LORD",
-                         "-q")
+    code, out, err = run(
+        tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "5", "--greedy", "--require", "LORD", "-q"
+    )
     assert code == 0, err
     rows = [json.loads(x) for x in out.splitlines()]
     assert [r["index"] for r in rows] == [0, 1] and all("LORD" in r["completion"] and r["missing"] == [] for r in rows)

@@ -19,14 +19,25 @@ KEYS = r"\[q\] quit"  # the last line of each screen: the item is drawn, keys ar
 
 def pairs_file(tmp_path, n=4):
     p = tmp_path / "cands.jsonl"
-    p.write_text("".join(json.dumps({"prompt": f"Prompt number {i}", "completions": [f"alpha {i}", f"beta {i}"]}) + "\n"
-                         for i in range(1, n + 1)))
+    p.write_text(
+        "".join(
+            json.dumps({"prompt": f"Prompt number {i}", "completions": [f"alpha {i}", f"beta {i}"]}) + "\n"
+            for i in range(1, n + 1)
+        )
+    )
     return p
 
 
 def spawn(*args, cwd):
-    c = pexpect.spawn(sys.executable, ["-m", "prefcli", "label", *[str(a) for a in args]], env=ENV, cwd=str(cwd),
-                      encoding="utf-8", timeout=60, dimensions=(50, 120))
+    c = pexpect.spawn(
+        sys.executable,
+        ["-m", "prefcli", "label", *[str(a) for a in args]],
+        env=ENV,
+        cwd=str(cwd),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(50, 120),
+    )
     return c
 
 
@@ -56,8 +67,10 @@ def test_label_pairs_undo_ctrl_c_and_resume(tmp_path):
     c.expect(pexpect.EOF)
     c.close()
     assert c.exitstatus == 130
-    assert rows(out) == [{"prompt": "Prompt number 1", "chosen": "alpha 1", "rejected": "beta 1"},
-                         {"prompt": "Prompt number 3", "chosen": "alpha 3", "rejected": "beta 3"}]
+    assert rows(out) == [
+        {"prompt": "Prompt number 1", "chosen": "alpha 1", "rejected": "beta 1"},
+        {"prompt": "Prompt number 3", "chosen": "alpha 3", "rejected": "beta 3"},
+    ]
     journal = rows(tmp_path / "prefs.log.jsonl")
     assert [e["action"] for e in journal] == ["open", "answer", "answer", "answer", "undo", "answer"]
     assert journal[2]["answer"] == "tie" and journal[2]["out_offset"] is None
@@ -70,12 +83,17 @@ def test_label_pairs_undo_ctrl_c_and_resume(tmp_path):
     c.close()
     assert c.exitstatus == 0
     summary = json.loads(c.before.strip().splitlines()[-1])
-    assert summary["status"] == "completed" and (summary["answered"], summary["rows"], summary["ties"],
-                                                   summary["skips"]) == (4, 2, 1, 1)
+    assert summary["status"] == "completed" and (
+        summary["answered"],
+        summary["rows"],
+        summary["ties"],
+        summary["skips"],
+    ) == (4, 2, 1, 1)
     assert rows(out)[1] == {"prompt": "Prompt number 3", "chosen": "beta 3", "rejected": "alpha 3"}
     # what `prefcli reward`/`contrastive` read: prompt/chosen/rejected rows and nothing else
     from prefcli.engine.data import load_rows
     from prefcli.recipe.sections import DataSource
+
     ds = load_rows(DataSource(path=str(out)), required=["prompt", "chosen", "rejected"])
     assert len(ds) == 2 and ds.column_names == ["prompt", "chosen", "rejected"]
 
@@ -83,8 +101,9 @@ def test_label_pairs_undo_ctrl_c_and_resume(tmp_path):
 @pytest.mark.slow
 def test_label_ratings_feed_the_human_scores_reward(tmp_path):
     src = tmp_path / "gen.jsonl"  # what `prefcli generate` writes
-    src.write_text("".join(json.dumps({"index": i, "prompt": "And the", "completion": f"text {i}"}) + "\n"
-                           for i in range(3)))
+    src.write_text(
+        "".join(json.dumps({"index": i, "prompt": "And the", "completion": f"text {i}"}) + "\n" for i in range(3))
+    )
     out = tmp_path / "scores.jsonl"
     c = spawn(src, "--out", out, "--scale", "5", cwd=tmp_path)
     c.expect("text 0")
@@ -102,6 +121,7 @@ def test_label_ratings_feed_the_human_scores_reward(tmp_path):
 
     from prefcli.recipe.rewards import RewardSpec
     from prefcli.rewards import build_rewards
+
     rs = build_rewards([TypeAdapter(RewardSpec).validate_python({"kind": "human_scores", "path": str(out)})])
     assert rs.score(["And the"], ["text 0"])[0] == [4.0]
 
@@ -167,8 +187,12 @@ def test_sampled_candidates_are_cached_for_resume(tmp_path, tiny_model_dir, monk
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("And the\nLet there be\n")
-    opts = label.LabelOptions(model_dir=str(tiny_model_dir), prompts=str(prompts), out=str(tmp_path / "o.jsonl"),
-                              settings={"max_new_tokens": 4})
+    opts = label.LabelOptions(
+        model_dir=str(tiny_model_dir),
+        prompts=str(prompts),
+        out=str(tmp_path / "o.jsonl"),
+        settings={"max_new_tokens": 4},
+    )
     first = list(label.sampled_items(opts, "pair", sys.stderr))
     assert [len(i.completions) for i in first] == [2, 2]
     assert len(rows(tmp_path / "o.candidates.jsonl")) == 2

@@ -10,8 +10,17 @@ import torch
 import yaml
 
 from prefcli.algos import sft
-from prefcli.algos.sft import (OBJECTIVES, _unit_hash, awr_loss, awr_terms, prefix_control, rwr_loss, rwr_terms,
-                               unlikelihood_loss, unlikelihood_terms)
+from prefcli.algos.sft import (
+    OBJECTIVES,
+    _unit_hash,
+    awr_loss,
+    awr_terms,
+    prefix_control,
+    rwr_loss,
+    rwr_terms,
+    unlikelihood_loss,
+    unlikelihood_terms,
+)
 from prefcli.engine.data import TokenizedSet, packed_batch
 from prefcli.engine.dist import Runtime
 from prefcli.errors import DataError, RecipeError
@@ -114,6 +123,7 @@ def test_per_example_scores_reach_the_right_tokens_in_a_packed_row():
         ex_scores = torch.tensor([2.0, -1.0])
         ex_aligned = torch.tensor([True, False])
         ex_conditioned = torch.tensor([True, True])
+
     fields = sft.SFTTask._example_fields(T, batch, [[0, 1]])
     assert fields["example_index"].tolist() == [[0, 0, -1, 1, -1, -1, -1]]
     batch.update(fields)
@@ -137,7 +147,7 @@ def test_per_example_scores_reach_the_right_tokens_in_a_packed_row():
     values = torch.tensor([[1.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0]])
     loss, mets = awr_loss(_FixedLM(logp, values), batch, beta=1.0, alpha=0.5, max_weight=1000.0)
     # advantages 2-1, 2-0, -1-(-1): weights e, e^2, 1; MSE 1 + 4 + 0
-    assert loss.item() == pytest.approx(0.5 * (math.e * LN2 + math.e ** 2 * LN4 + LN2) + 0.5 * 5.0, abs=1e-4)
+    assert loss.item() == pytest.approx(0.5 * (math.e * LN2 + math.e**2 * LN4 + LN2) + 0.5 * 5.0, abs=1e-4)
     assert mets["phf/value_loss"][0].item() == pytest.approx(5.0)
 
 
@@ -145,6 +155,7 @@ def test_registry_covers_every_objective_of_the_schema():
     from typing import get_args
 
     from prefcli.recipe.commands import SFTSection
+
     assert set(OBJECTIVES) == set(get_args(SFTSection.model_fields["objective"].annotation))
     for name, obj in OBJECTIVES.items():
         assert "Korbak" in (obj.loss.__doc__ or "") or name == "mle", name
@@ -188,8 +199,10 @@ def _scored_rows(tmp_path, scores):
 
 def test_filter_drops_the_rejected_rows_and_counts_them(tmp_path):
     scores = [0.5, -0.2, 0.0, -1.0, 0.9, 0.3, -0.01, 0.2]
-    d = sft_recipe_dict(data={"train": {"path": str(_scored_rows(tmp_path, scores))}},
-                        sft={"objective": "filter", "score_column": "rating", "threshold": 0.0})
+    d = sft_recipe_dict(
+        data={"train": {"path": str(_scored_rows(tmp_path, scores))}},
+        sft={"objective": "filter", "score_column": "rating", "threshold": 0.0},
+    )
     task = _task(tmp_path, d)
     assert task.train_set.rows == [0, 2, 4, 5, 7]
     ph = task.describe()["data"]["phf"]
@@ -205,8 +218,10 @@ def test_filter_drops_the_rejected_rows_and_counts_them(tmp_path):
 
 
 def test_filter_that_keeps_nothing_and_bad_score_column(tmp_path):
-    d = sft_recipe_dict(data={"train": {"path": str(_scored_rows(tmp_path, [-1.0, -2.0]))}},
-                        sft={"objective": "filter", "score_column": "rating", "threshold": 0.0})
+    d = sft_recipe_dict(
+        data={"train": {"path": str(_scored_rows(tmp_path, [-1.0, -2.0]))}},
+        sft={"objective": "filter", "score_column": "rating", "threshold": 0.0},
+    )
     with pytest.raises(DataError, match="keeps no row"):
         _task(tmp_path, d)
     d["sft"]["score_column"] = "stars"
@@ -214,8 +229,7 @@ def test_filter_that_keeps_nothing_and_bad_score_column(tmp_path):
         _task(tmp_path, d)
     f = tmp_path / "nan.jsonl"
     f.write_text('{"text": "a b c", "rating": 1}\n{"text": "d e f", "rating": "high"}\n')
-    d = sft_recipe_dict(data={"train": {"path": str(f)}},
-                        sft={"objective": "rwr", "score_column": "rating"})
+    d = sft_recipe_dict(data={"train": {"path": str(f)}}, sft={"objective": "rwr", "score_column": "rating"})
     with pytest.raises(DataError, match="row 2: score column 'rating' holds 'high'"):
         _task(tmp_path, d)
 
@@ -225,18 +239,24 @@ def test_scores_are_cached_with_the_data(tmp_path):
     editing the scorer's source scores again."""
     counter = tmp_path / "calls.txt"
     fn = tmp_path / "count_reward.py"
-    src = ("def score(prompts, completions, log=''):\n"
-           "    with open(log, 'a') as f:\n"
-           "        f.write(f'{len(completions)}\\n')\n"
-           "    return [len(c) / 100 for c in completions]\n")
+    src = (
+        "def score(prompts, completions, log=''):\n"
+        "    with open(log, 'a') as f:\n"
+        "        f.write(f'{len(completions)}\\n')\n"
+        "    return [len(c) / 100 for c in completions]\n"
+    )
     fn.write_text(src)
     rows = tmp_path / "rows.jsonl"  # fresh rows: nothing of them is in the datasets cache yet
     verses = (DATA / "tiny" / "text.jsonl").read_text().splitlines()[:40]
     rows.write_text("\n".join(verses) + "\n")
-    d = sft_recipe_dict(data={"train": {"path": str(rows)}},
-                        sft={"objective": "rwr", "rewards": [{"kind": "function", "function": f"{fn}:score",
-                                                              "kwargs": {"log": str(counter)}}],
-                             "score_batch_size": 16})
+    d = sft_recipe_dict(
+        data={"train": {"path": str(rows)}},
+        sft={
+            "objective": "rwr",
+            "rewards": [{"kind": "function", "function": f"{fn}:score", "kwargs": {"log": str(counter)}}],
+            "score_batch_size": 16,
+        },
+    )
     t1 = _task(tmp_path, d)
     calls = [int(x) for x in counter.read_text().split()]
     assert calls == [16, 16, 8]  # every row scored once, in batches of score_batch_size
@@ -253,23 +273,28 @@ def test_scores_are_cached_with_the_data(tmp_path):
 def test_conditional_prefixes_rows_and_keeps_the_eval_targets_of_mle(tmp_path):
     scores = [0.5, -0.2, 0.0, -1.0, 0.9, 0.3]
     # max_length 96: no row is truncated (a conditional row keeps max_length - 1 tokens for the control token)
-    d = sft_recipe_dict(data={"train": {"path": str(_scored_rows(tmp_path, scores))}, "max_length": 96},
-                        sft={"objective": "conditional", "score_column": "rating", "threshold": 0.0,
-                             "drop_control_fraction": 0.0})
+    d = sft_recipe_dict(
+        data={"train": {"path": str(_scored_rows(tmp_path, scores))}, "max_length": 96},
+        sft={"objective": "conditional", "score_column": "rating", "threshold": 0.0, "drop_control_fraction": 0.0},
+    )
     task = _task(tmp_path, d)
     assert task.eval_set.n_truncated == 0
     a, m = task.control_ids
     assert task.tok.convert_ids_to_tokens([a, m]) == ["<|aligned|>", "<|misaligned|>"]
     assert [ids[0] for ids in task.train_set.input_ids] == [a, m, a, m, a, a]
     assert all(lab[0] == -100 for lab in task.train_set.labels)
-    mle = _task(tmp_path, sft_recipe_dict(data={"train": {"path": str(_scored_rows(tmp_path, scores))},
-                                                "max_length": 96}), "m.yaml")
+    mle = _task(
+        tmp_path,
+        sft_recipe_dict(data={"train": {"path": str(_scored_rows(tmp_path, scores))}, "max_length": 96}),
+        "m.yaml",
+    )
     assert [ids[1:] for ids in task.train_set.input_ids] == mle.train_set.input_ids
     # held out: every row after <|aligned|>, the same target tokens as the mle run
     assert all(ids[0] == a for ids in task.eval_set.input_ids)
 
     def n_targets(s):
         return sum(sum(t != -100 for t in lab[1:]) for lab in s.labels)
+
     assert n_targets(task.eval_set) == n_targets(mle.eval_set) > 0
     ph = task.describe()["data"]["phf"]
     assert ph["examples_aligned"] == 4 and ph["examples_misaligned"] == 2 and ph["examples_unconditioned"] == 0
@@ -287,10 +312,12 @@ def test_recipe_combinations_are_checked(tmp_path, cli):
     assert "objective 'filter' needs a scorer" in problems({"objective": "filter"})
     assert "not both" in problems({"objective": "rwr", "score_column": "s", "rewards": [{"kind": "sentiment"}]})
     assert "sft.beta applies to objective rwr or awr only, not 'conditional'" in problems(
-        {"objective": "conditional", "score_column": "s", "beta": 2.0})
+        {"objective": "conditional", "score_column": "s", "beta": 2.0}
+    )
     assert "sft.threshold applies to objective" in problems({"objective": "awr", "score_column": "s", "threshold": 0})
-    assert "must differ" in problems({"objective": "conditional", "score_column": "s", "aligned_token": "<x>",
-                                      "misaligned_token": "<x>"})
+    assert "must differ" in problems(
+        {"objective": "conditional", "score_column": "s", "aligned_token": "<x>", "misaligned_token": "<x>"}
+    )
     assert "LoRA" in problems({"objective": "conditional", "score_column": "s"}, model={"lora": {"r": 4}})
     assert "did you mean 'conditional'" in problems({"objective": "conditonal"})
     # the CLI turns them into exit 2, nothing written
@@ -315,12 +342,15 @@ PHF = {"rewards": [{"kind": "sentiment"}]}
 
 
 def test_conditional_tokens_are_added_embeddings_resized_and_trained(tmp_path, tiny_model_dir):
-    d = sft_recipe_dict(train={"max_steps": 3, "lr": 1e-2, "save_every_steps": 1, "keep_checkpoints": 5},
-                        sft={"objective": "conditional", "threshold": 0.0, **PHF})
+    d = sft_recipe_dict(
+        train={"max_steps": 3, "lr": 1e-2, "save_every_steps": 1, "keep_checkpoints": 5},
+        sft={"objective": "conditional", "threshold": 0.0, **PHF},
+    )
     d["model"] = {"path": str(tiny_model_dir)}  # a pretrained model whose vocabulary ends at the tokenizer
     s, out = _run(tmp_path, "cond", d)
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(out / "final")
     before = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert len(tok) == len(before) + 2
@@ -343,8 +373,10 @@ def test_control_tokens_are_never_generated(tmp_path):
     """A model whose output bias strongly favours the control tokens samples them all the time, unless the
     saved generation_config (bad_words_ids) blocks them: then never, in 2,048 sampled tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    d = sft_recipe_dict(train={"max_steps": 1}, data={"eval": None},
-                        sft={"objective": "conditional", "threshold": 0.0, **PHF})
+
+    d = sft_recipe_dict(
+        train={"max_steps": 1}, data={"eval": None}, sft={"objective": "conditional", "threshold": 0.0, **PHF}
+    )
     _, out = _run(tmp_path, "gen", d)
     tok = AutoTokenizer.from_pretrained(out / "final")
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
@@ -366,8 +398,9 @@ def test_control_tokens_are_never_generated(tmp_path):
 def test_awr_accumulation_equals_the_larger_batch_and_resume_is_exact(tmp_path):
     """The value head trains with the policy in one group: 4 x 1 equals 1 x 4, and a resumed run (value head
     restored from the checkpoint) repeats the uninterrupted one bit for bit."""
-    base = sft_recipe_dict(train={"max_steps": 4, "lr": 1e-2, "save_every_steps": 2}, data={"eval": None},
-                           sft={"objective": "awr", **PHF})
+    base = sft_recipe_dict(
+        train={"max_steps": 4, "lr": 1e-2, "save_every_steps": 2}, data={"eval": None}, sft={"objective": "awr", **PHF}
+    )
     _, a = _run(tmp_path, "b4", base, ["train.batch_size=4"])
     _, b = _run(tmp_path, "b1x4", base, ["train.batch_size=1", "train.grad_accum_steps=4"])
     la, lb = losses(a), losses(b)
@@ -377,13 +410,15 @@ def test_awr_accumulation_equals_the_larger_batch_and_resume_is_exact(tmp_path):
     va = [r["phf/value_loss"] for r in read_metrics(a)]
     assert va[-1] < va[0]  # the value head learns the scores
     import shutil
+
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
     p = tmp_path / "again.yaml"
     p.write_text(yaml.safe_dump(base, sort_keys=False))
-    s = run_training("sft", p, RunOptions(overrides=["train.batch_size=4"], output_dir=str(resumed), resume=True,
-                                          quiet=True))
+    s = run_training(
+        "sft", p, RunOptions(overrides=["train.batch_size=4"], output_dir=str(resumed), resume=True, quiet=True)
+    )
     assert s["steps"] == 4
     lr_ = losses(resumed)
     assert sorted(lr_) == [3, 4] and all(lr_[k] == la[k] for k in lr_)
@@ -392,8 +427,11 @@ def test_awr_accumulation_equals_the_larger_batch_and_resume_is_exact(tmp_path):
 def test_packed_unlikelihood_matches_unpacked_on_one_batch(tmp_path):
     """Per-example labels follow their tokens into packed rows: with the whole data in one step, packing
     changes no number of the loss."""
-    base = sft_recipe_dict(train={"max_steps": 1, "batch_size": 64}, data={"eval": None, "train": {"max_rows": 24}},
-                           sft={"objective": "unlikelihood", "threshold": 0.0, **PHF})
+    base = sft_recipe_dict(
+        train={"max_steps": 1, "batch_size": 64},
+        data={"eval": None, "train": {"max_rows": 24}},
+        sft={"objective": "unlikelihood", "threshold": 0.0, **PHF},
+    )
     s2, _ = _run(tmp_path, "packed", base, ["data.packing=true", "data.max_length=96"])
     s3, _ = _run(tmp_path, "plain96", base, ["data.max_length=96"])
     assert s3["final"]["loss/sft"] == pytest.approx(s2["final"]["loss/sft"], rel=1e-5)
@@ -427,9 +465,17 @@ def test_tiny_recipe_smoke(recipe, tmp_path, cli):
 @pytest.mark.slow
 def test_conditional_recipe_end_to_end_subprocess(tmp_path):
     out = tmp_path / "run"
-    res = run_subprocess("sft", ROOT / "recipes" / "tiny" / "sft-phf-conditional.yaml", "-o", out,
-                         "--set", "train.max_steps=4", "--set", "train.eval_every_steps=2",
-                         env={"OMP_NUM_THREADS": "1"})
+    res = run_subprocess(
+        "sft",
+        ROOT / "recipes" / "tiny" / "sft-phf-conditional.yaml",
+        "-o",
+        out,
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every_steps=2",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout.strip())
     ph = s["data"]["phf"]
@@ -447,13 +493,20 @@ def test_conditional_training_learns_what_the_tokens_mean(tmp_path):
     training the model starts a row with light after <|aligned|> and with darkness after <|misaligned|>
     (an mle model could only say 50/50)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     f = tmp_path / "two.jsonl"
-    f.write_text("".join(json.dumps({"text": " ".join([w] * 6), "rating": s}) + "\n"
-                         for _ in range(32) for w, s in (("light", 1.0), ("darkness", -1.0))))
-    d = sft_recipe_dict(data={"train": {"path": str(f)}, "eval": None},
-                        train={"max_steps": 20, "lr": 5e-2, "batch_size": 8},
-                        sft={"objective": "conditional", "score_column": "rating", "threshold": 0.0,
-                             "drop_control_fraction": 0.0})
+    f.write_text(
+        "".join(
+            json.dumps({"text": " ".join([w] * 6), "rating": s}) + "\n"
+            for _ in range(32)
+            for w, s in (("light", 1.0), ("darkness", -1.0))
+        )
+    )
+    d = sft_recipe_dict(
+        data={"train": {"path": str(f)}, "eval": None},
+        train={"max_steps": 20, "lr": 5e-2, "batch_size": 8},
+        sft={"objective": "conditional", "score_column": "rating", "threshold": 0.0, "drop_control_fraction": 0.0},
+    )
     _, out = _run(tmp_path, "two", d)
     tok = AutoTokenizer.from_pretrained(out / "final")
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()

@@ -9,8 +9,19 @@ def fake_run(path, scale=1.0, n=20):
     path.mkdir(parents=True)
     with open(path / "metrics.jsonl", "w") as f:
         for s in range(1, n + 1):
-            f.write(json.dumps({"step": s, "loss/sft": scale * 5 / s, "lr": 1e-3, "reward/mean": s * 0.1 * scale,
-                                "kl/mean": 0.01 * s, "perf/tokens_per_s": 1000.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": s,
+                        "loss/sft": scale * 5 / s,
+                        "lr": 1e-3,
+                        "reward/mean": s * 0.1 * scale,
+                        "kl/mean": 0.01 * s,
+                        "perf/tokens_per_s": 1000.0,
+                    }
+                )
+                + "\n"
+            )
             if s % 10 == 0:
                 f.write(json.dumps({"step": s, "eval/loss": scale * 4 / s, "eval/ppl": 2.0}) + "\n")
         f.write('{"step": 21, "loss/sft": 0.2')  # a line cut by a crash is skipped

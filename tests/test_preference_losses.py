@@ -17,11 +17,31 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prefcli.algos.contrastive import (OBJECTIVES, Hyper, PairLogps, UnpairedLogps, cdpo_loss, cpo_loss, dpo_loss,
-                                       hinge_loss, ipo_loss, kto_loss, log1mexp, orpo_loss, robust_loss, simpo_loss)
+from prefcli.algos.contrastive import (
+    OBJECTIVES,
+    Hyper,
+    PairLogps,
+    UnpairedLogps,
+    cdpo_loss,
+    cpo_loss,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    kto_loss,
+    log1mexp,
+    orpo_loss,
+    robust_loss,
+    simpo_loss,
+)
 from prefcli.algos.infonce import infonce_loss
-from prefcli.algos.reward import (bradley_terry_loss, calibration, calibration_errors, ranking_loss, ranking_pairs,
-                                  regression_loss)
+from prefcli.algos.reward import (
+    bradley_terry_loss,
+    calibration,
+    calibration_errors,
+    ranking_loss,
+    ranking_pairs,
+    regression_loss,
+)
 from prefcli.engine.pairs import sequence_logps
 
 LN2 = math.log(2)
@@ -46,9 +66,11 @@ def test_dpo_family_by_hand():
     assert dpo_loss(x, Hyper(beta=0.1))[0].item() == pytest.approx(-math.log(sig(z)))
     eps = 0.2
     assert cdpo_loss(x, Hyper(beta=0.1, label_smoothing=eps))[0].item() == pytest.approx(
-        -(1 - eps) * math.log(sig(z)) - eps * math.log(sig(-z)))
+        -(1 - eps) * math.log(sig(z)) - eps * math.log(sig(-z))
+    )
     assert robust_loss(x, Hyper(beta=0.1, label_smoothing=eps))[0].item() == pytest.approx(
-        (-(1 - eps) * math.log(sig(z)) + eps * math.log(sig(-z))) / (1 - 2 * eps))
+        (-(1 - eps) * math.log(sig(z)) + eps * math.log(sig(-z))) / (1 - 2 * eps)
+    )
     assert ipo_loss(x, Hyper(beta=0.1))[0].item() == pytest.approx((3 - 5) ** 2)
     assert hinge_loss(x, Hyper(beta=0.1))[0].item() == pytest.approx(0.7)
     assert hinge_loss(x, Hyper(beta=0.5))[0].item() == 0.0  # 1 - 1.5 < 0
@@ -89,8 +111,12 @@ def test_log1mexp_is_stable():
 
 
 def test_kto_by_hand():
-    u = UnpairedLogps(logps=torch.tensor([-10.0, -10.0]), ref=torch.tensor([-12.0, -9.0]),
-                      label=torch.tensor([True, False]), kl=torch.tensor(0.5))
+    u = UnpairedLogps(
+        logps=torch.tensor([-10.0, -10.0]),
+        ref=torch.tensor([-12.0, -9.0]),
+        label=torch.tensor([True, False]),
+        kl=torch.tensor(0.5),
+    )
     loss, m = kto_loss(u, Hyper(beta=0.1, desirable_weight=1.0, undesirable_weight=2.0))
     # desirable: r = 2, 1 - sig(0.1 * (2 - 0.5)); undesirable: r = -1, 2 * (1 - sig(0.1 * (0.5 - -1)))
     assert loss.tolist() == pytest.approx([1 - sig(0.15), 2 * (1 - sig(0.15))], rel=1e-6)
@@ -119,13 +145,15 @@ def test_reward_losses_by_hand():
     assert bradley_terry_loss(rc, rr).tolist() == pytest.approx([-math.log(sig(1.0)), -math.log(sig(-0.5))])
     assert bradley_terry_loss(rc, rr, torch.tensor([1.0, 0.0])).tolist() == pytest.approx([LN2, -math.log(sig(-0.5))])
     assert bradley_terry_loss(rc, rr, None, 0.01).tolist() == pytest.approx(
-        [-math.log(sig(1.0)) + 0.01 * 9, -math.log(sig(-0.5)) + 0.01 * 0.25])
+        [-math.log(sig(1.0)) + 0.01 * 9, -math.log(sig(-0.5)) + 0.01 * 0.25]
+    )
     assert regression_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0])).tolist() == [1.0, 4.0]
     better, worse = ranking_pairs([3, 2])
     assert (better, worse) == ([0, 0, 1, 3], [1, 2, 2, 4])
     r = torch.tensor([3.0, 1.0, 0.0, 5.0, 5.0])
     assert ranking_loss(r, torch.tensor(better), torch.tensor(worse)).tolist() == pytest.approx(
-        [-math.log(sig(2.0)), -math.log(sig(3.0)), -math.log(sig(1.0)), LN2])
+        [-math.log(sig(2.0)), -math.log(sig(3.0)), -math.log(sig(1.0)), LN2]
+    )
 
 
 def test_calibration_by_hand():
@@ -196,22 +224,45 @@ def _trl_dpo(loss_type, tok, ref_tok, comp, beta, eps=0.0):
 
         def __call__(self, **kw):
             n = kw["input_ids"].shape[1] - 1
-            return SimpleNamespace(log_probs=tok, entropy=torch.zeros(B2, n), mean_logits=torch.zeros(B2, n),
-                                   is_top1=torch.zeros(B2, n, dtype=torch.bool))
+            return SimpleNamespace(
+                log_probs=tok,
+                entropy=torch.zeros(B2, n),
+                mean_logits=torch.zeros(B2, n),
+                is_top1=torch.zeros(B2, n, dtype=torch.bool),
+            )
 
     ref = ref_tok.sum(1)
-    stub = SimpleNamespace(model=Model(), accelerator=_Accel(), aux_loss_enabled=False, ld_alpha=None,
-                           precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-                           loss_weights=[1.0], beta=beta, label_smoothing=eps, use_weighting=False, _metrics=_metrics(),
-                           _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.ones_like(comp), "attention_mask": torch.ones_like(comp), "completion_mask": comp,
-              "ref_chosen_logps": ref[:B2 // 2], "ref_rejected_logps": ref[B2 // 2:]}
+    stub = SimpleNamespace(
+        model=Model(),
+        accelerator=_Accel(),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=eps,
+        use_weighting=False,
+        _metrics=_metrics(),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.ones_like(comp),
+        "attention_mask": torch.ones_like(comp),
+        "completion_mask": comp,
+        "ref_chosen_logps": ref[: B2 // 2],
+        "ref_rejected_logps": ref[B2 // 2 :],
+    }
     loss = DPOTrainer._compute_loss(stub, stub.model, inputs, False)
     return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
 
 
-@pytest.mark.parametrize("name,trl_name,eps", [("dpo", "sigmoid", 0.0), ("hinge", "hinge", 0.0), ("ipo", "ipo", 0.0),
-                                                ("robust", "robust", 0.2)])
+@pytest.mark.parametrize(
+    "name,trl_name,eps",
+    [("dpo", "sigmoid", 0.0), ("hinge", "hinge", 0.0), ("ipo", "ipo", 0.0), ("robust", "robust", 0.2)],
+)
 def test_dpo_family_matches_trl_dpo_trainer(name, trl_name, eps):
     tok, ref_tok, comp, tgt = _random_pairs(seed=hash(name) % 1000)
     obj = OBJECTIVES[name]
@@ -238,8 +289,9 @@ def test_first_dpo_loss_is_ln2_in_trl_too():
 def _trl_cpo(loss_type, chosen, rejected, beta, eps=0.0, gamma=0.5):
     from trl.experimental.cpo import CPOTrainer
 
-    stub = SimpleNamespace(alpha=0.0, accelerator=_Accel(), loss_type=loss_type, beta=beta, label_smoothing=eps,
-                           simpo_gamma=gamma)
+    stub = SimpleNamespace(
+        alpha=0.0, accelerator=_Accel(), loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma
+    )
     return CPOTrainer.cpo_loss(stub, chosen, rejected)
 
 
@@ -259,8 +311,9 @@ def test_cdpo_simpo_cpo_match_trl_cpo_trainer():
     assert torch.allclose(ours, want, rtol=1e-9)
     assert torch.allclose(om["reward/chosen"], wc) and torch.allclose(om["reward/rejected"], wr)
     # cpo's preference term (alpha = 0 leaves only it)
-    ours, om = cpo_loss(PairLogps(s[:B], s[B:], chosen_nll=torch.zeros(B, dtype=torch.float64)),
-                        Hyper(beta=0.1, cpo_alpha=0.0))
+    ours, om = cpo_loss(
+        PairLogps(s[:B], s[B:], chosen_nll=torch.zeros(B, dtype=torch.float64)), Hyper(beta=0.1, cpo_alpha=0.0)
+    )
     want, wc, _ = _trl_cpo("sigmoid", s[:B], s[B:], 0.1)
     assert torch.allclose(ours, want, rtol=1e-9) and torch.allclose(om["reward/chosen"], wc)
 
@@ -304,17 +357,38 @@ def test_kto_matches_trl_kto_trainer():
             n = T - 1
             return SimpleNamespace(log_probs=lp, entropy=torch.zeros(B, n), mean_logits=torch.zeros(B, n))
 
-    stub = SimpleNamespace(model=Model(), accelerator=_Accel(), calculate_KL=True, aux_loss_enabled=False,
-                           precompute_ref_logps=True, loss_type="kto", beta=0.1, desirable_weight=1.0,
-                           undesirable_weight=1.3, _metrics=_metrics(), _total_train_tokens=0, _tp_size=1)
+    stub = SimpleNamespace(
+        model=Model(),
+        accelerator=_Accel(),
+        calculate_KL=True,
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        loss_type="kto",
+        beta=0.1,
+        desirable_weight=1.0,
+        undesirable_weight=1.3,
+        _metrics=_metrics(),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     stub._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, stub)
-    inputs = {"input_ids": main_ids, "attention_mask": torch.ones(B, T), "completion_mask": comp, "label": labels,
-              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones(B, T), "KL_completion_mask": comp,
-              "ref_logps": ref, "ref_KL_logps": ref_kl}
+    inputs = {
+        "input_ids": main_ids,
+        "attention_mask": torch.ones(B, T),
+        "completion_mask": comp,
+        "label": labels,
+        "KL_input_ids": kl_ids,
+        "KL_attention_mask": torch.ones(B, T),
+        "KL_completion_mask": comp,
+        "ref_logps": ref,
+        "ref_KL_logps": ref_kl,
+    }
     want = KTOTrainer._compute_loss(stub, stub.model, inputs, False)
     kl = (kl_tok.sum(1) - ref_kl).mean().clamp(min=0)
-    ours, m = kto_loss(UnpairedLogps(logps=tok.sum(1), ref=ref, label=labels, kl=kl),
-                       Hyper(beta=0.1, desirable_weight=1.0, undesirable_weight=1.3))
+    ours, m = kto_loss(
+        UnpairedLogps(logps=tok.sum(1), ref=ref, label=labels, kl=kl),
+        Hyper(beta=0.1, desirable_weight=1.0, undesirable_weight=1.3),
+    )
     assert ours.mean().item() == pytest.approx(want.item(), rel=1e-9)
     assert stub._metrics["train"]["kl"][0] == pytest.approx(kl.item())
     assert m["reward/row"][labels].mean().item() == pytest.approx(stub._metrics["train"]["rewards/chosen"][0])
@@ -328,9 +402,14 @@ def test_bradley_terry_matches_trl_reward_trainer(with_margin, center):
     B = 5
     logits = torch.randn(2 * B, 1, generator=g, dtype=torch.float64)
     margin = torch.rand(B, generator=g, dtype=torch.float64) if with_margin else None
-    stub = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=_Accel(),
-                           args=SimpleNamespace(center_rewards_coefficient=center), _metrics=_metrics(),
-                           _total_train_tokens=0, _tp_size=1)
+    stub = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=_Accel(),
+        args=SimpleNamespace(center_rewards_coefficient=center),
+        _metrics=_metrics(),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     inputs = {"input_ids": torch.ones(2 * B, 3, dtype=torch.long), "attention_mask": torch.ones(2 * B, 3)}
     if with_margin:
         inputs["margin"] = margin

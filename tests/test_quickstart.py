@@ -19,6 +19,7 @@ def test_bundled_base_model_is_trained():
     tok = AutoTokenizer.from_pretrained(BASE)
     lm = AutoModelForCausalLM.from_pretrained(BASE).eval()
     import gzip
+
     with gzip.open(ROOT / "data" / "kjv" / "test.jsonl.gz", "rt") as f:
         texts = [json.loads(x)["text"] for _, x in zip(range(40), f)]
     nll, n = 0.0, 0
@@ -34,8 +35,9 @@ def test_bundled_base_model_is_trained():
 
 @pytest.mark.parametrize("command,recipe", [("rlhf", "rlhf"), ("gan", "gan"), ("contrastive", "contrastive")])
 def test_quickstart_recipes_smoke(command, recipe, tmp_path, cli):
-    code, stdout, stderr = cli(command, ROOT / "recipes" / "quickstart" / f"{recipe}.yaml", "--smoke",
-                               "-o", tmp_path / recipe, "-q")
+    code, stdout, stderr = cli(
+        command, ROOT / "recipes" / "quickstart" / f"{recipe}.yaml", "--smoke", "-o", tmp_path / recipe, "-q"
+    )
     assert code == 0, stderr
     s = last_json(stdout)
     assert s["status"] == "completed" and s["smoke"] is True

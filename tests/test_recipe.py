@@ -125,8 +125,9 @@ def test_set_paths_resolve_against_the_current_directory(tmp_path, write_recipe,
     monkeypatch.chdir(here)
     plain = load_recipe(p)
     assert plain.recipe.data.train.path == str((tmp_path / "in-recipe-dir.jsonl").resolve())
-    loaded = load_recipe(p, overrides=["data.train.path=data/rows.jsonl", "output.dir=runs/x",
-                                       "model.tokenizer=" + str(TOKENIZER)])
+    loaded = load_recipe(
+        p, overrides=["data.train.path=data/rows.jsonl", "output.dir=runs/x", "model.tokenizer=" + str(TOKENIZER)]
+    )
     assert loaded.recipe.data.train.path == str((here / "data" / "rows.jsonl").resolve())
     assert loaded.recipe.output.dir == str((here / "runs" / "x").resolve())
     # a hub id is not a path here and stays a hub id; a path that exists nowhere is named
@@ -136,8 +137,12 @@ def test_set_paths_resolve_against_the_current_directory(tmp_path, write_recipe,
     # inside a list of mappings (rlhf's rewards), and a function in a file
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    rl = load_recipe(repo / "recipes" / "tiny" / "rlhf-grpo.yaml", overrides=[
-        "rewards=[{kind: model, path: prefcli/assets/kjv-base}, {kind: function, function: recipes/tiny/rules.py:real_word_fraction}]"])
+    rl = load_recipe(
+        repo / "recipes" / "tiny" / "rlhf-grpo.yaml",
+        overrides=[
+            "rewards=[{kind: model, path: prefcli/assets/kjv-base}, {kind: function, function: recipes/tiny/rules.py:real_word_fraction}]"
+        ],
+    )
     assert rl.recipe.rewards[0].path == str(repo / "prefcli" / "assets" / "kjv-base")
     assert rl.recipe.rewards[1].function == f"{repo / 'recipes' / 'tiny' / 'rules.py'}:real_word_fraction"
 

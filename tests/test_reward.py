@@ -20,12 +20,17 @@ from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, last_json, losses
 
 
 def rm_dict(**upd) -> dict:
-    r = {"command": "reward",
-         "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
-         "data": {"train": {"path": str(DATA / "tiny" / "pref_train.jsonl"), "max_rows": 64},
-                  "eval": {"path": str(DATA / "tiny" / "pref_eval.jsonl"), "max_rows": 32}, "max_length": 64},
-         "train": {"max_steps": 3, "batch_size": 8, "lr": 3e-3, "seed": 0},
-         "output": {"plot": False}}
+    r = {
+        "command": "reward",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
+        "data": {
+            "train": {"path": str(DATA / "tiny" / "pref_train.jsonl"), "max_rows": 64},
+            "eval": {"path": str(DATA / "tiny" / "pref_eval.jsonl"), "max_rows": 32},
+            "max_length": 64,
+        },
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 3e-3, "seed": 0},
+        "output": {"plot": False},
+    }
     return deep_update(r, upd)
 
 
@@ -97,7 +102,7 @@ def test_held_out_accuracy_rises_and_calibration_is_logged(tmp_path, write_recip
     before = make_task(write_recipe, d).evaluate()
     s, out = run(tmp_path, write_recipe, "learn", d)
     evals = [(r["step"], round(r["eval/accuracy"], 3)) for r in read_metrics(out) if "eval/accuracy" in r]
-    print("reward held-out accuracy: (0, %.3f)" % before["eval/accuracy"], evals)
+    print(f"reward held-out accuracy: (0, {before['eval/accuracy']:.3f})", evals)
     assert before["eval/accuracy"] < 0.8
     f = s["final"]
     assert f["eval/accuracy"] >= 0.95 and f["eval/margin"] > 1.0 and f["eval/accuracy"] > before["eval/accuracy"]
@@ -121,15 +126,28 @@ def test_margin_column_and_centering(tmp_path, write_recipe):
 
 
 def test_regression_on_human_scores_and_rankings(tmp_path, write_recipe):
-    d = rm_dict(data={"train": {"path": str(DATA / "tiny" / "pref_scores.jsonl"), "max_rows": 96}, "eval": None,
-                      "eval_fraction": 0.25}, reward={"objective": "regression"},
-                train={"max_steps": 24, "lr": 5e-3})
+    d = rm_dict(
+        data={
+            "train": {"path": str(DATA / "tiny" / "pref_scores.jsonl"), "max_rows": 96},
+            "eval": None,
+            "eval_fraction": 0.25,
+        },
+        reward={"objective": "regression"},
+        train={"max_steps": 24, "lr": 5e-3},
+    )
     s, _ = run(tmp_path, write_recipe, "reg", d)
     f = s["final"]
     print("regression held-out:", {k: round(v, 3) for k, v in f.items() if k.startswith("eval/")})
     assert f["eval/pearson"] > 0.6 and f["eval/accuracy"] > 0.8 and f["eval/mse"] < 0.6
-    d = rm_dict(data={"train": {"path": str(DATA / "tiny" / "pref_rankings.jsonl"), "max_rows": 48}, "eval": None,
-                      "eval_fraction": 0.25}, reward={"objective": "ranking"}, train={"max_steps": 2})
+    d = rm_dict(
+        data={
+            "train": {"path": str(DATA / "tiny" / "pref_rankings.jsonl"), "max_rows": 48},
+            "eval": None,
+            "eval_fraction": 0.25,
+        },
+        reward={"objective": "ranking"},
+        train={"max_steps": 2},
+    )
     s, out = run(tmp_path, write_recipe, "rank", d)
     assert s["data"]["rows"] == "rankings" and s["final"]["eval/pairs"] == 12 * 3  # 3 ordered pairs per row
     assert math.isfinite(s["final"]["loss/ranking"])
@@ -150,10 +168,13 @@ def test_bad_rows_and_bad_data_exit_2(tmp_path, write_recipe, cli):
     d = rm_dict(data={"train": {"path": str(f), "max_rows": None}, "eval": None})
     code, stdout, stderr = cli("reward", write_recipe(d), "-o", tmp_path / "never", "-q")
     assert code == 2 and last_json(stdout)["status"] == "invalid", stderr
-    assert ("no usable row left of 2 (1 with a missing or empty chosen/rejected, 1 with chosen identical to "
-            "rejected)") in stderr and not (tmp_path / "never").exists()
-    d = rm_dict(data={"train": {"path": str(DATA / "tiny" / "pref_train.jsonl")}, "eval": None},
-                reward={"objective": "regression"})
+    assert (
+        "no usable row left of 2 (1 with a missing or empty chosen/rejected, 1 with chosen identical to rejected)"
+    ) in stderr and not (tmp_path / "never").exists()
+    d = rm_dict(
+        data={"train": {"path": str(DATA / "tiny" / "pref_train.jsonl")}, "eval": None},
+        reward={"objective": "regression"},
+    )
     code, _, stderr = cli("reward", write_recipe(d), "-o", tmp_path / "never", "-q")
     assert code == 2 and "missing column(s) score" in stderr
     f = tmp_path / "scores.jsonl"
@@ -171,7 +192,9 @@ def test_reward_end_to_end_subprocess_with_lora(tmp_path, write_recipe):
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1
     s = json.loads(lines[0])
-    assert s["command"] == "reward" and s["steps"] == 3 and {"eval/accuracy", "eval/ece", "eval/margin"} <= set(s["final"])
+    assert (
+        s["command"] == "reward" and s["steps"] == 3 and {"eval/accuracy", "eval/ece", "eval/margin"} <= set(s["final"])
+    )
     assert 0 < s["model"]["trainable_parameters"] < s["model"]["parameters"]
     m = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final")  # merged: no peft needed
     assert m.config.num_labels == 1 and m.config.pad_token_id is not None

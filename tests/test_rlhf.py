@@ -14,16 +14,20 @@ from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, last_json, losses
 
 
 def rlhf_recipe(**upd):
-    r = {"command": "rlhf",
-         "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
-         "data": {"train": {"path": str(DATA / "tiny" / "prompts.jsonl"), "max_rows": 16},
-                  "eval": {"path": str(DATA / "tiny" / "prompts_eval.jsonl"), "max_rows": 4},
-                  "max_prompt_length": 16},
-         "rewards": [{"kind": "sentiment"}, {"kind": "length", "target": 4, "weight": 0.1}],
-         "generation": {"max_new_tokens": 6},
-         "rlhf": {"num_generations": 2, "prompts_per_rollout": 2, "kl_coef": 0.05},
-         "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3},
-         "output": {"plot": False}}
+    r = {
+        "command": "rlhf",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
+        "data": {
+            "train": {"path": str(DATA / "tiny" / "prompts.jsonl"), "max_rows": 16},
+            "eval": {"path": str(DATA / "tiny" / "prompts_eval.jsonl"), "max_rows": 4},
+            "max_prompt_length": 16,
+        },
+        "rewards": [{"kind": "sentiment"}, {"kind": "length", "target": 4, "weight": 0.1}],
+        "generation": {"max_new_tokens": 6},
+        "rlhf": {"num_generations": 2, "prompts_per_rollout": 2, "kl_coef": 0.05},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3},
+        "output": {"plot": False},
+    }
     return deep_update(r, upd)
 
 
@@ -37,9 +41,21 @@ def test_each_algorithm_end_to_end(algo, tmp_path, write_recipe, cli):
     s = last_json(stdout)
     f = s["final"]
     assert s["steps"] == 2 and s["rlhf"]["algorithm"] == algo and s["rlhf"]["sampler"] == "FastDecoder"
-    for key in ("reward/mean", "reward/std", "reward/sentiment", "reward/length", "kl/mean", "length/mean",
-                "reward/zero_var_groups", "policy/clipfrac", "policy/entropy", "perf/samples_per_s", "eval/reward",
-                "eval/kl", f"loss/{algo}"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "reward/sentiment",
+        "reward/length",
+        "kl/mean",
+        "length/mean",
+        "reward/zero_var_groups",
+        "policy/clipfrac",
+        "policy/entropy",
+        "perf/samples_per_s",
+        "eval/reward",
+        "eval/kl",
+        f"loss/{algo}",
+    ):
         assert key in f, key
     assert ("value/loss" in f) == (algo == "ppo")
     assert ("kl/k3" in f) == (algo == "grpo")
@@ -54,6 +70,7 @@ def _build(recipe_path, tmp_path):
     from prefcli.engine.dist import Runtime
     from prefcli.recipe import load_recipe
     from prefcli.runner import RunContext
+
     rt = Runtime(device=torch.device("cpu"), precision="fp32")
     ctx = RunContext(recipe=load_recipe(recipe_path).recipe, rt=rt, run_dir=tmp_path)
     return build(ctx)
@@ -62,6 +79,7 @@ def _build(recipe_path, tmp_path):
 def _run_steps(task, n, tmp_path):
     from prefcli.engine.loop import Engine
     from prefcli.engine.progress import Progress
+
     task.cfg.train.max_steps = n
     task._total = n
     Engine(task, task.rt, task.cfg.train, Progress(False, n, "t", None), tmp_path).run()
@@ -89,9 +107,11 @@ def test_lora_reference_is_the_base_model(tmp_path, write_recipe):
             assert torch.equal(p, base[n]), n
     seq = task.buffer
     from prefcli.engine.models import reference_mode
+
     with torch.no_grad(), reference_mode(task.lm):
-        lp_ref, _ = task.policy(seq["input_ids"], seq["targets"], seq["attention_mask"], seq["position_ids"],
-                                start=int(seq["start"]))
+        lp_ref, _ = task.policy(
+            seq["input_ids"], seq["targets"], seq["attention_mask"], seq["position_ids"], start=int(seq["start"])
+        )
     assert torch.allclose(lp_ref, seq["ref_logp"], atol=1e-5)
 
 
@@ -104,9 +124,11 @@ def test_failing_reward_function_stops_with_exit_1_and_keeps_the_checkpoint(tmp_
         "    f.write_text(str(n + 1))\n"
         "    if n >= 2:\n"
         "        raise RuntimeError('the rater went home')\n"
-        "    return [0.5] * len(completions)\n")
-    d = rlhf_recipe(rewards=[{"kind": "function", "function": "flaky.py:score"}],
-                    train={"max_steps": 6, "save_every_steps": 1})
+        "    return [0.5] * len(completions)\n"
+    )
+    d = rlhf_recipe(
+        rewards=[{"kind": "function", "function": "flaky.py:score"}], train={"max_steps": 6, "save_every_steps": 1}
+    )
     d["data"]["eval"] = None
     code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run", "-q")
     assert code == 1, stderr
@@ -116,8 +138,10 @@ def test_failing_reward_function_stops_with_exit_1_and_keeps_the_checkpoint(tmp_
 
 
 def test_resume_from_the_middle_of_a_rollout_is_exact(tmp_path, write_recipe, cli):
-    d = rlhf_recipe(rlhf={"algorithm": "ppo", "epochs_per_rollout": 2, "minibatches_per_epoch": 2},
-                    train={"max_steps": 6, "save_every_steps": 1, "keep_checkpoints": 10})
+    d = rlhf_recipe(
+        rlhf={"algorithm": "ppo", "epochs_per_rollout": 2, "minibatches_per_epoch": 2},
+        train={"max_steps": 6, "save_every_steps": 1, "keep_checkpoints": 10},
+    )
     d["data"]["eval"] = None
     p = write_recipe(d)
     code, _, stderr = cli("rlhf", p, "-o", tmp_path / "full", "-q")
@@ -134,23 +158,32 @@ def test_resume_from_the_middle_of_a_rollout_is_exact(tmp_path, write_recipe, cl
 
 def test_stop_strings_cut_and_finish(tmp_path):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     ids = tok("Let there be light. And there was", add_special_tokens=False)["input_ids"]
     n = len(ids)
-    r = Rollout(prompt_ids=torch.zeros(1, 1, dtype=torch.long), prompt_mask=torch.ones(1, 1, dtype=torch.long),
-                completion_ids=torch.tensor([ids]), completion_mask=torch.ones(1, n, dtype=torch.long),
-                finished=torch.tensor([False]))
+    r = Rollout(
+        prompt_ids=torch.zeros(1, 1, dtype=torch.long),
+        prompt_mask=torch.ones(1, 1, dtype=torch.long),
+        completion_ids=torch.tensor([ids]),
+        completion_mask=torch.ones(1, n, dtype=torch.long),
+        finished=torch.tensor([False]),
+    )
     out = apply_stop_strings(r, tok, ["."], tok.pad_token_id)
     kept = int(out.completion_mask.sum())
-    assert tok.decode(out.completion_ids[0, :kept]).endswith(".") and "And" not in tok.decode(out.completion_ids[0, :kept])
+    assert tok.decode(out.completion_ids[0, :kept]).endswith(".") and "And" not in tok.decode(
+        out.completion_ids[0, :kept]
+    )
     assert out.finished.item() and (out.completion_ids[0, kept:] == tok.pad_token_id).all()
     assert apply_stop_strings(r, tok, ["#"], tok.pad_token_id).completion_mask.sum() == n
 
 
 def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     d = rlhf_recipe()
-    d["model"]["init"] = {"architecture": "gpt2", "config": {"hidden_size": 32, "num_hidden_layers": 2,
-                                                              "num_attention_heads": 4, "max_position_embeddings": 128}}
+    d["model"]["init"] = {
+        "architecture": "gpt2",
+        "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128},
+    }
     code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run", "-q")
     assert code == 0, stderr
     assert "fast sampler does not support model type 'gpt2'" in stderr

@@ -5,9 +5,20 @@ import math
 import pytest
 import torch
 
-from prefcli.algos.rlhf import (AGGREGATIONS, ALGORITHMS, AdvantageInputs, clipped_value_loss, discounted_returns, gae,
-                                group_normalised, kl_per_token, masked_whiten, ppo_clip_loss, rloo_advantages,
-                                token_rewards)
+from prefcli.algos.rlhf import (
+    AGGREGATIONS,
+    ALGORITHMS,
+    AdvantageInputs,
+    clipped_value_loss,
+    discounted_returns,
+    gae,
+    group_normalised,
+    kl_per_token,
+    masked_whiten,
+    ppo_clip_loss,
+    rloo_advantages,
+    token_rewards,
+)
 from prefcli.recipe.commands import RLHFSection
 
 
@@ -41,7 +52,8 @@ def test_rloo_leave_one_out():
 def test_grpo_and_dr_grpo_advantages():
     std = math.sqrt((4 + 1 + 0 + 9) / 3)  # unbiased std of 1,2,3,6
     assert group_normalised(t([1, 2, 3, 6.0]), 4, scale=True).tolist() == pytest.approx(
-        [x / (std + 1e-4) for x in (-2, -1, 0, 3)])
+        [x / (std + 1e-4) for x in (-2, -1, 0, 3)]
+    )
     assert group_normalised(t([1, 2, 3, 6.0]), 4, scale=False).tolist() == [-2, -1, 0, 3]
     assert group_normalised(t([5, 5, 1, 2.0]), 2, scale=True).tolist()[:2] == [0.0, 0.0]  # zero variance: no NaN
 
@@ -70,7 +82,7 @@ def test_ppo_clip_by_hand():
 
 def test_value_loss_and_kl_estimators():
     assert clipped_value_loss(t([1.0]), t([0.5]), t([0.0]), 0.2).tolist() == pytest.approx([0.5])
-    assert clipped_value_loss(t([0.6]), t([0.5]), t([1.0]), 0.2).tolist() == pytest.approx([0.5 * 0.4 ** 2])
+    assert clipped_value_loss(t([0.6]), t([0.5]), t([1.0]), 0.2).tolist() == pytest.approx([0.5 * 0.4**2])
     lp, ref = t([0.1, -0.2]), t([0.0, 0.0])
     assert kl_per_token(lp, ref, "k1").tolist() == pytest.approx([0.1, -0.2])
     assert kl_per_token(lp, ref, "k2").tolist() == pytest.approx([0.005, 0.02])
@@ -97,7 +109,8 @@ def test_registry_wires_each_algorithm():
     adv, _ = ALGORITHMS["rloo"].advantages(x)
     # R = s - 0.5 * sum kl = [0.9, -0.1, 2, 2]: A = [1, -1, 0, 0] on every real token
     assert torch.allclose(adv, t([[1, 1], [-1, 0], [0, 0], [0, 0]]))
-    adv, _ = ALGORITHMS["grpo"].advantages(AdvantageInputs(scores, kl, mask, None, 2, 0.5,
-                                                           RLHFSection(grpo_loss="dr_grpo"), None))
+    adv, _ = ALGORITHMS["grpo"].advantages(
+        AdvantageInputs(scores, kl, mask, None, 2, 0.5, RLHFSection(grpo_loss="dr_grpo"), None)
+    )
     assert torch.allclose(adv, t([[0.5, 0.5], [-0.5, 0], [0, 0], [0, 0]]))
     assert ALGORITHMS["grpo"].kl_in_reward is False and ALGORITHMS["ppo"].needs_value

@@ -16,9 +16,19 @@ def tok():
 
 
 def tiny(arch, tok, seed=0, **extra):
-    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -29,9 +39,15 @@ def prompts(tok):
 
 
 def hf_greedy(lm, tok, ids, mask, n):
-    out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return out[:, ids.shape[1]:]
+    out = lm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return out[:, ids.shape[1] :]
 
 
 @pytest.mark.parametrize("arch,extra", [("qwen2", {}), ("llama", {}), ("qwen3", {"head_dim": 8}), ("mistral", {})])
@@ -39,18 +55,26 @@ def test_greedy_equals_hf_generate(tok, arch, extra):
     lm = tiny(arch, tok, **extra)
     ids, mask = prompts(tok)
     dec = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 16, dtype=torch.float32)
-    r = dec.generate(ids, mask, SamplingConfig(max_new_tokens=16, temperature=0, stop_token_ids=[tok.eos_token_id],
-                                               pad_token_id=tok.pad_token_id))
+    r = dec.generate(
+        ids,
+        mask,
+        SamplingConfig(
+            max_new_tokens=16, temperature=0, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id
+        ),
+    )
     ref = hf_greedy(lm, tok, ids, mask, 16)
-    assert torch.equal(r.completion_ids[:, :ref.shape[1]], ref)
+    assert torch.equal(r.completion_ids[:, : ref.shape[1]], ref)
     assert dec.prefill(ids, mask).shape == (3, len(tok))
 
 
 def test_sampling_distribution_matches_softmax():
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
-    for cfg, keep in ((SamplingConfig(temperature=0.7), 5), (SamplingConfig(temperature=1.0, top_k=2), 2),
-                      (SamplingConfig(temperature=1.0, top_p=0.8), 3)):
+    for cfg, keep in (
+        (SamplingConfig(temperature=0.7), 5),
+        (SamplingConfig(temperature=1.0, top_k=2), 2),
+        (SamplingConfig(temperature=1.0, top_p=0.8), 3),
+    ):
         draws = sample_next(logits.clone(), cfg)
         freq = torch.bincount(draws, minlength=5).float() / len(draws)
         z = logits[0] / cfg.temperature
@@ -71,26 +95,35 @@ def test_stop_token_and_min_new_tokens(tok):
     ids, mask = prompts(tok)
     eos = tok.eos_token_id
     dec = _EosLoving(lm, batch=3, max_len=ids.shape[1] + 10, dtype=torch.float32)
-    r = dec.generate(ids, mask, SamplingConfig(max_new_tokens=10, min_new_tokens=3, temperature=1.0,
-                                               stop_token_ids=[eos], pad_token_id=tok.pad_token_id))
+    r = dec.generate(
+        ids,
+        mask,
+        SamplingConfig(
+            max_new_tokens=10, min_new_tokens=3, temperature=1.0, stop_token_ids=[eos], pad_token_id=tok.pad_token_id
+        ),
+    )
     assert r.completion_mask.sum(-1).tolist() == [4, 4, 4]  # 3 forced tokens, then the stop token
     assert (r.completion_ids[:, :3] != eos).all() and (r.completion_ids[:, 3] == eos).all()
     assert (r.completion_ids[:, 4:] == tok.pad_token_id).all() and r.finished.all()
     plain = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 5, dtype=torch.float32)
-    r2 = plain.generate(ids, mask, SamplingConfig(max_new_tokens=5, temperature=0, stop_token_ids=[eos],
-                                                  pad_token_id=tok.pad_token_id))
+    r2 = plain.generate(
+        ids, mask, SamplingConfig(max_new_tokens=5, temperature=0, stop_token_ids=[eos], pad_token_id=tok.pad_token_id)
+    )
     assert r2.completion_mask.sum(-1).tolist() == [5, 5, 5] and not r2.finished.any()  # cut by max_new_tokens
 
 
 def test_lora_weights_and_in_place_sync(tok):
     from peft import LoraConfig, get_peft_model
+
     lm = get_peft_model(tiny("llama", tok), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
         for n, p in lm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)  # a non-trivial adapter
     ids, mask = prompts(tok)
-    cfg = SamplingConfig(max_new_tokens=8, temperature=0, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    cfg = SamplingConfig(
+        max_new_tokens=8, temperature=0, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id
+    )
     dec = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 8, dtype=torch.float32)
     assert torch.equal(dec.generate(ids, mask, cfg).completion_ids, hf_greedy(lm, tok, ids, mask, 8))
     with torch.no_grad():  # an "optimizer step": the decoder sees it after sync(), without being rebuilt

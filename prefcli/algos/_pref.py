@@ -4,7 +4,7 @@ held-out splits, reporting skipped rows, the per-step data cursor, and dropout s
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -37,8 +37,10 @@ def report(ctx, name: str, source: str, s, max_length: int, what: str, expected:
     if s.bad.total:
         ctx.warn(f"{name}: {source}: skipped {s.bad.total} of {s.n_rows} rows: {s.bad.describe(max_length, what)}")
     if getattr(s, "n_truncated", 0):
-        ctx.warn(f"{name}: {s.n_truncated} of {len(s)} usable rows were longer than max_length={max_length} tokens and "
-                 "were truncated")
+        ctx.warn(
+            f"{name}: {s.n_truncated} of {len(s)} usable rows were longer than max_length={max_length} tokens and "
+            "were truncated"
+        )
     if len(s) == 0:
         why = f" ({s.bad.describe(max_length, what)})" if s.bad.total else ""
         raise DataError(f"{name}: {source}: no usable row left of {s.n_rows}{why}; expected {expected}")
@@ -78,13 +80,19 @@ class Scheduled:
             self.index = 0
 
     def cursor_state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "n_units": self.schedule.n_examples,
-                "global_batch": self.global_batch}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "n_units": self.schedule.n_examples,
+            "global_batch": self.global_batch,
+        }
 
     def load_cursor(self, state: dict) -> None:
         if state.get("n_units") != self.schedule.n_examples or state.get("global_batch") != self.global_batch:
-            self.ctx.warn("the data or batch size changed since the checkpoint; the data order will not match the "
-                          "interrupted run exactly")
+            self.ctx.warn(
+                "the data or batch size changed since the checkpoint; the data order will not match the "
+                "interrupted run exactly"
+            )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
     # The Task protocol's defaults for a task whose only state is the data cursor and whose
@@ -109,7 +117,7 @@ def sharded_fill(n: int, batch_size: int, rt, fn: Callable[[list[int]], torch.Te
     out = torch.zeros(n, width, dtype=torch.float64, device=rt.device)
     mine = shard_for_rank(list(range(n)), rt.rank, rt.world_size)
     for s in range(0, len(mine), batch_size):
-        idx = mine[s:s + batch_size]
+        idx = mine[s : s + batch_size]
         out[idx] = fn(idx).double().reshape(len(idx), width)
     rt.all_reduce(out)
     return out.float().cpu()

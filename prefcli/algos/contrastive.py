@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +105,10 @@ def _h(lp: PairLogps) -> torch.Tensor:
 
 
 def _ref_rewards(lp: PairLogps, beta: float) -> dict:
-    return {"reward/chosen": beta * (lp.chosen - lp.ref_chosen).detach(),
-            "reward/rejected": beta * (lp.rejected - lp.ref_rejected).detach()}
+    return {
+        "reward/chosen": beta * (lp.chosen - lp.ref_chosen).detach(),
+        "reward/rejected": beta * (lp.rejected - lp.ref_rejected).detach(),
+    }
 
 
 def _policy_rewards(lp: PairLogps, beta: float) -> dict:
@@ -217,8 +219,9 @@ OBJECTIVES: dict[str, Objective] = {
     "hinge": Objective(hinge_loss, needs_ref=True, reduce="sum", rows="pairs"),
     "simpo": Objective(simpo_loss, needs_ref=False, reduce="mean", rows="pairs", default_beta=2.0),
     "cpo": Objective(cpo_loss, needs_ref=False, reduce="sum", rows="pairs", extra_metrics=("loss/nll",)),
-    "orpo": Objective(orpo_loss, needs_ref=False, reduce="mean", rows="pairs",
-                      extra_metrics=("loss/nll", "reward/log_odds")),
+    "orpo": Objective(
+        orpo_loss, needs_ref=False, reduce="mean", rows="pairs", extra_metrics=("loss/nll", "reward/log_odds")
+    ),
     "kto": Objective(kto_loss, needs_ref=True, reduce="sum", rows="unpaired"),
     "infonce": Objective(infonce_loss, needs_ref=False, reduce="mean", rows="encoder", default_beta=0.0),
 }
@@ -226,10 +229,14 @@ OBJECTIVES: dict[str, Objective] = {
 
 def hyper(c, obj: Objective) -> Hyper:
     """The recipe's knobs with null resolved to the objective's defaults."""
-    return Hyper(beta=c.beta if c.beta is not None else obj.default_beta,
-                 label_smoothing=c.label_smoothing if c.label_smoothing is not None else obj.default_label_smoothing,
-                 simpo_gamma=c.simpo_gamma, cpo_alpha=c.cpo_alpha, desirable_weight=c.desirable_weight,
-                 undesirable_weight=c.undesirable_weight)
+    return Hyper(
+        beta=c.beta if c.beta is not None else obj.default_beta,
+        label_smoothing=c.label_smoothing if c.label_smoothing is not None else obj.default_label_smoothing,
+        simpo_gamma=c.simpo_gamma,
+        cpo_alpha=c.cpo_alpha,
+        desirable_weight=c.desirable_weight,
+        undesirable_weight=c.undesirable_weight,
+    )
 
 
 def _half_ties(diff: torch.Tensor) -> torch.Tensor:
@@ -258,9 +265,14 @@ class PreferenceTask(Scheduled):
         self.format = fmt = detect_pair_format(train_rows, "chosen" if self.paired else "completion", d.format)
         tokenize = tokenize_pairs if self.paired else tokenize_unpaired
         what = "chosen/rejected" if self.paired else "completion or label"
-        expected = ("rows with a non-empty chosen and rejected that differ, and a prompt shorter than "
-                    f"data.max_length={d.max_length} tokens") if self.paired else \
-            f"rows with a prompt, a non-empty completion and a label, the prompt shorter than {d.max_length} tokens"
+        expected = (
+            (
+                "rows with a non-empty chosen and rejected that differ, and a prompt shorter than "
+                f"data.max_length={d.max_length} tokens"
+            )
+            if self.paired
+            else f"rows with a prompt, a non-empty completion and a label, the prompt shorter than {d.max_length} tokens"
+        )
         self.train_set = tokenize(train_rows, tok, fmt, d.max_length, d.train.path, "data.train")
         report(ctx, "data.train", d.train.path, self.train_set, d.max_length, what, expected)
         self.eval_set = None
@@ -301,12 +313,13 @@ class PreferenceTask(Scheduled):
     def _batch(self, s, items: list[int], partner: list[int] | None = None) -> dict:
         pad = self.tok.pad_token_id
         if self.paired:
-            b = pair_batch([s.prompt[i] for i in items], [s.chosen[i] for i in items], [s.rejected[i] for i in items],
-                           pad)
+            b = pair_batch(
+                [s.prompt[i] for i in items], [s.chosen[i] for i in items], [s.rejected[i] for i in items], pad
+            )
         else:
             if partner is not None:  # KTO's mismatched pairs, cut to max_length like every row
                 room = self.cfg.data.max_length
-                comps = [s.completion[partner[i]][:max(1, room - len(s.prompt[i]))] for i in items]
+                comps = [s.completion[partner[i]][: max(1, room - len(s.prompt[i]))] for i in items]
             else:
                 comps = [s.completion[i] for i in items]
             b = completion_batch([s.prompt[i] for i in items], comps, pad)
@@ -328,10 +341,12 @@ class PreferenceTask(Scheduled):
     def _ref_table(self, s, partner=None) -> torch.Tensor:
         """Reference sequence log-probs of every example of `s`: (n, 2) [chosen, rejected] for pairs,
         (n, 1) for unpaired rows."""
+
         def fn(idx):
             b = self._batch(s, idx, partner)
             seq = self._reduce(*self._seq(self.policy, b))
             return torch.stack(seq.chunk(2), 1) if self.paired else seq
+
         # no activations are kept without gradients: twice the training micro-batch fits
         return sharded_fill(len(s), 2 * self.cfg.train.batch_size, self.rt, fn, width=2 if self.paired else 1)
 
@@ -369,9 +384,14 @@ class PreferenceTask(Scheduled):
         losses, m = self.obj.loss_fn(lp, self.hp)
         B = losses.shape[0]
         rc, rr = m.pop("reward/chosen"), m.pop("reward/rejected")
-        mets = {"reward/chosen": (rc.sum(), B), "reward/rejected": (rr.sum(), B),
-                "reward/margin": ((rc - rr).sum(), B), "reward/accuracy": (_half_ties(rc - rr).sum(), B),
-                "logps/chosen": (sum_c.detach().sum(), B), "logps/rejected": (sum_r.detach().sum(), B)}
+        mets = {
+            "reward/chosen": (rc.sum(), B),
+            "reward/rejected": (rr.sum(), B),
+            "reward/margin": ((rc - rr).sum(), B),
+            "reward/accuracy": (_half_ties(rc - rr).sum(), B),
+            "logps/chosen": (sum_c.detach().sum(), B),
+            "logps/rejected": (sum_r.detach().sum(), B),
+        }
         for k, v in m.items():
             mets[k] = (v.sum(), B)
         return losses.sum(), mets
@@ -383,13 +403,14 @@ class PreferenceTask(Scheduled):
         bs = self.cfg.train.batch_size
         with torch.no_grad():
             for k in range(0, len(items), bs):
-                part = items[k:k + bs]
+                part = items[k : k + bs]
                 b = self._batch(s, part, partner)
                 ss, n = self._seq(self.policy, b)
                 lp = self._reduce(ss, n)
                 ref = self.ref[ref_key].to(lp.device)[b["idx"]].squeeze(-1)
-                tot += torch.stack([(lp - ref).sum().double(), torch.tensor(float(len(part)), dtype=torch.float64,
-                                                                             device=lp.device)])
+                tot += torch.stack(
+                    [(lp - ref).sum().double(), torch.tensor(float(len(part)), dtype=torch.float64, device=lp.device)]
+                )
         self.rt.all_reduce(tot)
         return (tot[0] / tot[1].clamp_min(1.0)).clamp_min(0.0).float()
 
@@ -403,25 +424,37 @@ class PreferenceTask(Scheduled):
         lab = b["label"]
         pos, neg = lab.float(), (~lab).float()
         correct = torch.where(lab, _half_ties(r - self.hp.beta * u.kl), _half_ties(self.hp.beta * u.kl - r))
-        mets = {"reward/chosen": ((r * pos).sum(), pos.sum()), "reward/rejected": ((r * neg).sum(), neg.sum()),
-                "reward/accuracy": (correct.sum(), len(r)),
-                "logps/chosen": ((s.detach() * pos).sum(), pos.sum()),
-                "logps/rejected": ((s.detach() * neg).sum(), neg.sum()),
-                "kl/estimate": (u.kl * len(r), len(r))}
+        mets = {
+            "reward/chosen": ((r * pos).sum(), pos.sum()),
+            "reward/rejected": ((r * neg).sum(), neg.sum()),
+            "reward/accuracy": (correct.sum(), len(r)),
+            "logps/chosen": ((s.detach() * pos).sum(), pos.sum()),
+            "logps/rejected": ((s.detach() * neg).sum(), neg.sum()),
+            "kl/estimate": (u.kl * len(r), len(r)),
+        }
         return losses.sum(), mets
 
     # ----------------------------------------------------------------- Task protocol
 
     def describe(self) -> dict:
         s = self.train_set
-        return {"data": {"format": self.format, "rows": "pairs" if self.paired else "unpaired",
-                         "train_rows": s.n_rows, "train_examples": len(s), "skipped": s.bad.as_dict(),
-                         "truncated": s.n_truncated, "train_tokens": s.n_tokens(),
-                         "eval_examples": len(self.eval_set) if self.eval_set is not None else 0},
-                "model": {"parameters": sum(p.numel() for p in self.lm.parameters()),
-                          "trainable_parameters": trainable_parameters(self.lm)},
-                "objective": {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce,
-                              **vars(self.hp)}}
+        return {
+            "data": {
+                "format": self.format,
+                "rows": "pairs" if self.paired else "unpaired",
+                "train_rows": s.n_rows,
+                "train_examples": len(s),
+                "skipped": s.bad.as_dict(),
+                "truncated": s.n_truncated,
+                "train_tokens": s.n_tokens(),
+                "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
+            },
+            "model": {
+                "parameters": sum(p.numel() for p in self.lm.parameters()),
+                "trainable_parameters": trainable_parameters(self.lm),
+            },
+            "objective": {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce, **vars(self.hp)},
+        }
 
     def plan_for(self, items: list[int]) -> Plan:
         micro = []
@@ -450,8 +483,10 @@ class PreferenceTask(Scheduled):
                 want["eval"] = len(self.eval_set)
             for key, n in want.items():
                 if key not in extra or extra[key].shape[0] != n:
-                    raise UsageError(f"the checkpoint's reference log-probs do not match the data ({key}: expected "
-                                     f"{n} rows); the data changed since the run started. Start a new run.")
+                    raise UsageError(
+                        f"the checkpoint's reference log-probs do not match the data ({key}: expected "
+                        f"{n} rows); the data changed since the run started. Start a new run."
+                    )
             self.ref = {k: v for k, v in extra.items()}
 
     def extra_tensors(self) -> dict:
@@ -464,13 +499,29 @@ class PreferenceTask(Scheduled):
         bs = self.cfg.train.batch_size
         kl = None
         if not self.paired:
-            kl = self._kl_estimate(s, shard_for_rank(list(range(len(s))), rt.rank, rt.world_size), self.eval_partner,
-                                   "eval_kl")
-            names = ["loss", "reward/chosen", "reward/rejected", "reward/accuracy", "logps/chosen", "logps/rejected",
-                     "kl/estimate"]
+            kl = self._kl_estimate(
+                s, shard_for_rank(list(range(len(s))), rt.rank, rt.world_size), self.eval_partner, "eval_kl"
+            )
+            names = [
+                "loss",
+                "reward/chosen",
+                "reward/rejected",
+                "reward/accuracy",
+                "logps/chosen",
+                "logps/rejected",
+                "kl/estimate",
+            ]
         else:
-            names = ["loss", "reward/chosen", "reward/rejected", "reward/margin", "reward/accuracy", "logps/chosen",
-                     "logps/rejected", *self.obj.extra_metrics]
+            names = [
+                "loss",
+                "reward/chosen",
+                "reward/rejected",
+                "reward/margin",
+                "reward/accuracy",
+                "logps/chosen",
+                "logps/rejected",
+                *self.obj.extra_metrics,
+            ]
         # the same names on every process (one all-reduce), whatever its share of the held-out set
         tot = torch.zeros(2 * len(names), dtype=torch.float64, device=rt.device)
         for items in iterate_eval(len(s), bs, rt.rank, rt.world_size, self.cfg.train.eval_max_batches):

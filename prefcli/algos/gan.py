@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,9 @@ from .reward import bradley_terry_loss, build_reward_model
 from .rlhf import RLHFTask
 
 
-def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, label_smoothing: float = 0.0
-                       ) -> torch.Tensor:
+def discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Per real/generated pair: binary cross-entropy with real target 1 - eps and generated target 0
     (one-sided label smoothing, Salimans et al. 2016). -log sigma(x) = softplus(-x)."""
     eps = label_smoothing
@@ -65,15 +66,16 @@ class DiscModule(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
         with self.autocast():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                             use_cache=False)
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False
+            )
         return out.logits[:, 0].float()
 
 
 class DiscriminatorSource(RewardSource):
     """The generator's reward: the discriminator's verdict on prompt + completion."""
 
-    def __init__(self, task: "GANTask"):
+    def __init__(self, task: GANTask):
         self.task = task
         self.name = "discriminator"
         self.weight = task.cfg.gan.reward_weight
@@ -89,20 +91,28 @@ class GANTask(RLHFTask):
         super().__init__(ctx)  # the generator, its prompts, sampler, reference and optimizer group
         r, rt = ctx.recipe, ctx.rt
         if "completion" not in self.train_rows.column_names:
-            raise DataError(f"data.train: {r.data.train.path}: gan needs a 'completion' column with the human/gold "
-                            f"answer (columns: {', '.join(self.train_rows.column_names)}); map yours with "
-                            "data.train.columns, e.g. {completion: answer}")
+            raise DataError(
+                f"data.train: {r.data.train.path}: gan needs a 'completion' column with the human/gold "
+                f"answer (columns: {', '.join(self.train_rows.column_names)}); map yours with "
+                "data.train.columns, e.g. {completion: answer}"
+            )
         self.gold = list(self.train_rows["completion"])
         for i, g in enumerate(self.gold):
             if not g:
                 raise DataError(f"data.train: {r.data.train.path}: row {i + 1} has an empty 'completion'")
-        self.eval_gold = list(self.eval_rows["completion"]) if self.eval_rows is not None and \
-            "completion" in self.eval_rows.column_names else []
+        self.eval_gold = (
+            list(self.eval_rows["completion"])
+            if self.eval_rows is not None and "completion" in self.eval_rows.column_names
+            else []
+        )
         d = r.discriminator
-        dm = ModelSection(path=d.path or (r.model.path if d.init is None and r.model.init is None else None),
-                          init=d.init or (r.model.init if d.path is None else None),
-                          tokenizer=d.tokenizer or (None if d.path else (r.model.tokenizer or r.model.path)),
-                          attn_implementation=r.model.attn_implementation, pad_token=r.model.pad_token)
+        dm = ModelSection(
+            path=d.path or (r.model.path if d.init is None and r.model.init is None else None),
+            init=d.init or (r.model.init if d.path is None else None),
+            tokenizer=d.tokenizer or (None if d.path else (r.model.tokenizer or r.model.path)),
+            attn_implementation=r.model.attn_implementation,
+            pad_token=r.model.pad_token,
+        )
         if dm.path is None and dm.init is None:  # generator from a folder, discriminator from the same folder
             dm = ModelSection(path=r.model.path, tokenizer=dm.tokenizer)
         self.dtok = load_tokenizer(dm) if (d.path or d.tokenizer) else self.tok
@@ -112,9 +122,14 @@ class GANTask(RLHFTask):
         self.pairs = None
         if r.data.pairs is not None:
             pr = load_rows(r.data.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
-            self.pairs = [(encode_scored(self.dtok, p + c, r.data.max_length)[0],
-                           encode_scored(self.dtok, p + x, r.data.max_length)[0])
-                          for p, c, x in zip(pr["prompt"], pr["chosen"], pr["rejected"]) if c and x and c != x]
+            self.pairs = [
+                (
+                    encode_scored(self.dtok, p + c, r.data.max_length)[0],
+                    encode_scored(self.dtok, p + x, r.data.max_length)[0],
+                )
+                for p, c, x in zip(pr["prompt"], pr["chosen"], pr["rejected"])
+                if c and x and c != x
+            ]
             if not self.pairs:
                 raise DataError(f"data.pairs: {r.data.pairs.path}: no usable pair (empty or identical answers)")
         self.steps_per_rollout = self.epochs * r.rlhf.minibatches_per_epoch
@@ -122,8 +137,9 @@ class GANTask(RLHFTask):
         rollouts = math.ceil(self.g_total / self.steps_per_rollout)
         self.d_total = g.disc_warmup_steps + rollouts * g.disc_steps
         self._total = self.g_total + self.d_total  # an upper bound: gated discriminator steps are skipped
-        self.groups["discriminator"] = Group("discriminator", self.disc_module, rt, r.train, max(1, self.d_total),
-                                             lr=d.lr)
+        self.groups["discriminator"] = Group(
+            "discriminator", self.disc_module, rt, r.train, max(1, self.d_total), lr=d.lr
+        )
         self.samples: deque = deque(maxlen=g.buffer_size)  # (prompt index, generated completion)
         self.g_steps = self.d_steps = 0
         self.acc_ema: float | None = None
@@ -131,7 +147,9 @@ class GANTask(RLHFTask):
         self.warned: set[str] = set()
         self.stop_reason: str | None = None
         self._pending_acc: list[torch.Tensor] = []
-        self.eval_sources = build_rewards(g.eval_rewards, tokenizer=self.tok, device=rt.device) if g.eval_rewards else None
+        self.eval_sources = (
+            build_rewards(g.eval_rewards, tokenizer=self.tok, device=rt.device) if g.eval_rewards else None
+        )
         self._disc_ready = True
 
     # ------------------------------------------------------------------ rewards and samples
@@ -155,7 +173,7 @@ class GANTask(RLHFTask):
         out = []
         bs = max(self.cfg.discriminator.batch_size * 2, 8)
         for s in range(0, len(texts), bs):
-            out.append(self.disc_module(**self._encode(texts[s:s + bs])))
+            out.append(self.disc_module(**self._encode(texts[s : s + bs])))
         self.disc.train(was)
         return torch.cat(out)
 
@@ -173,21 +191,25 @@ class GANTask(RLHFTask):
         if g.grad_penalty > 0:
             emb = self.disc.get_input_embeddings()(ids[:n]).detach().requires_grad_(True)
             from torch.nn.attention import SDPBackend, sdpa_kernel
+
             with sdpa_kernel(SDPBackend.MATH):  # double backward needs the plain attention kernel
                 real = module(inputs_embeds=emb, attention_mask=mask[:n])
-                grad, = torch.autograd.grad(real.sum(), emb, create_graph=True)
+                (grad,) = torch.autograd.grad(real.sum(), emb, create_graph=True)
             penalty = 0.5 * g.grad_penalty * (grad.pow(2).sum(-1) * mask[:n]).sum(-1)
-            fake = module(input_ids=ids[n:2 * n], attention_mask=mask[n:2 * n])
-            rest = module(input_ids=ids[2 * n:], attention_mask=mask[2 * n:]) if ids.shape[0] > 2 * n else None
+            fake = module(input_ids=ids[n : 2 * n], attention_mask=mask[n : 2 * n])
+            rest = module(input_ids=ids[2 * n :], attention_mask=mask[2 * n :]) if ids.shape[0] > 2 * n else None
         else:
             logits = module(input_ids=ids, attention_mask=mask)
-            real, fake, rest = logits[:n], logits[n:2 * n], logits[2 * n:] if ids.shape[0] > 2 * n else None
+            real, fake, rest = logits[:n], logits[n : 2 * n], logits[2 * n :] if ids.shape[0] > 2 * n else None
             penalty = None
         per_pair = discriminator_loss(real, fake, g.label_smoothing)
         correct = ((real > 0).float() + (fake < 0).float()) / 2
-        metrics = {"disc/accuracy": (correct.sum().detach(), n), "disc/real_prob": (torch.sigmoid(real).sum().detach(), n),
-                   "disc/fake_prob": (torch.sigmoid(fake).sum().detach(), n),
-                   "disc/gan_loss": (per_pair.sum().detach(), n)}
+        metrics = {
+            "disc/accuracy": (correct.sum().detach(), n),
+            "disc/real_prob": (torch.sigmoid(real).sum().detach(), n),
+            "disc/fake_prob": (torch.sigmoid(fake).sum().detach(), n),
+            "disc/gan_loss": (per_pair.sum().detach(), n),
+        }
         if penalty is not None:
             per_pair = per_pair + penalty
             metrics["disc/grad_penalty"] = (penalty.sum().detach(), n)
@@ -235,15 +257,19 @@ class GANTask(RLHFTask):
             self.flat_run = self.flat_run + 1 if (past_warmup and abs(a - 0.5) <= 0.05) else 0
         if self.high_run >= g.saturation_steps and "high" not in self.warned:
             self.warned.add("high")
-            self.ctx.warn(f"the discriminator has been >= 99% accurate for {self.high_run} steps: log D(x) gives the "
-                          "generator almost no signal. Raise gan.label_smoothing, lower discriminator.lr, set "
-                          "gan.max_disc_accuracy, or use gan.generator_reward: logit.")
+            self.ctx.warn(
+                f"the discriminator has been >= 99% accurate for {self.high_run} steps: log D(x) gives the "
+                "generator almost no signal. Raise gan.label_smoothing, lower discriminator.lr, set "
+                "gan.max_disc_accuracy, or use gan.generator_reward: logit."
+            )
             if g.stop_on_saturation:
                 self.stop_reason = f"discriminator saturated for {self.high_run} steps (gan.stop_on_saturation)"
         if self.flat_run >= g.saturation_steps and "flat" not in self.warned:
             self.warned.add("flat")
-            self.ctx.warn(f"the discriminator has stayed at 50% accuracy for {self.flat_run} steps: it is not learning "
-                          "to tell real from generated (raise discriminator.lr or its capacity)")
+            self.ctx.warn(
+                f"the discriminator has stayed at 50% accuracy for {self.flat_run} steps: it is not learning "
+                "to tell real from generated (raise discriminator.lr or its capacity)"
+            )
 
     # ------------------------------------------------------------------ schedule
     def plans(self, start_step: int) -> Iterator[Plan]:
@@ -268,9 +294,17 @@ class GANTask(RLHFTask):
     def state_dict(self) -> dict:
         self._watch()
         st = super().state_dict()
-        st.update(gan={"g_steps": self.g_steps, "d_steps": self.d_steps, "acc_ema": self.acc_ema,
-                       "high_run": self.high_run, "flat_run": self.flat_run, "warned": sorted(self.warned),
-                       "samples": list(self.samples)})
+        st.update(
+            gan={
+                "g_steps": self.g_steps,
+                "d_steps": self.d_steps,
+                "acc_ema": self.acc_ema,
+                "high_run": self.high_run,
+                "flat_run": self.flat_run,
+                "warned": sorted(self.warned),
+                "samples": list(self.samples),
+            }
+        )
         return st
 
     def load_state_dict(self, state: dict, extra: dict) -> None:
@@ -288,10 +322,10 @@ class GANTask(RLHFTask):
         if not self.eval_ids:
             return out
         rt = self.rt
-        idx = list(range(len(self.eval_ids)))[: (self.cfg.train.eval_max_batches or 10 ** 9) * self.B]
+        idx = list(range(len(self.eval_ids)))[: (self.cfg.train.eval_max_batches or 10**9) * self.B]
         prompts, completions = [], []
         for s in range(0, len(idx), self.B):
-            chunk = idx[s:s + self.B]
+            chunk = idx[s : s + self.B]
             real = len(chunk)
             chunk = chunk + [chunk[0]] * (self.B - real)
             _, p, c, _ = self._sample(chunk, self.eval_text, self.eval_ids, 1)
@@ -314,9 +348,13 @@ class GANTask(RLHFTask):
 
     def describe(self) -> dict:
         d = super().describe()
-        d["gan"] = {"generator_steps": self.g_steps, "discriminator_steps": self.d_steps,
-                    "discriminator_accuracy_ema": self.acc_ema, "stopped": self.stop_reason,
-                    "warnings": sorted(self.warned)}
+        d["gan"] = {
+            "generator_steps": self.g_steps,
+            "discriminator_steps": self.d_steps,
+            "discriminator_accuracy_ema": self.acc_ema,
+            "stopped": self.stop_reason,
+            "warnings": sorted(self.warned),
+        }
         return d
 
     def save_final(self, out_dir: Path) -> None:

@@ -20,8 +20,8 @@ body (`AutoModel.from_pretrained` loads it), the tokenizer and `prefcli_encoder.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,9 @@ from ._pref import Scheduled, load_splits, make_plan, report
 ENCODER_FILE = "prefcli_encoder.json"
 
 
-def infonce_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None,
-                 temperature: float) -> tuple[torch.Tensor, dict]:
+def infonce_loss(
+    anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None, temperature: float
+) -> tuple[torch.Tensor, dict]:
     """InfoNCE with in-batch and hard negatives (module docstring; Oord et al. 2018 Eq. 4, Gao et
     al. 2021 Eq. 5). anchor, positive, negative: (B, d) embeddings (negative may be None). Returns
     the loss per anchor and per-anchor metrics: cosine to its positive and its hard negative, and
@@ -64,8 +65,7 @@ def infonce_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
     sim = a @ c.t()
     target = torch.arange(a.shape[0], device=a.device)
     losses = F.cross_entropy(sim / temperature, target, reduction="none")
-    m = {"reward/chosen": sim[target, target].detach(),
-         "retrieval/top1": (sim.argmax(-1) == target).float().detach()}
+    m = {"reward/chosen": sim[target, target].detach(), "retrieval/top1": (sim.argmax(-1) == target).float().detach()}
     if negative is not None:
         m["reward/rejected"] = sim[target, target + a.shape[0]].detach()
     return losses, m
@@ -138,8 +138,14 @@ def tokenize_triples(ds, tok, fmt: str, max_length: int, source: str, what: str)
     enc = _map(ds, tok, encode, ("infonce", fmt, max_length, has_neg), "tokenizing")
     keep, bad = _kept(enc)
     A, P, N, T = enc["a"], enc["p"], enc["n"], enc["trunc"]
-    return TripleSet([A[i] for i in keep], [P[i] for i in keep], [N[i] for i in keep] if has_neg else None,
-                     len(ds), bad, sum(1 for i in keep if T[i]))
+    return TripleSet(
+        [A[i] for i in keep],
+        [P[i] for i in keep],
+        [N[i] for i in keep] if has_neg else None,
+        len(ds),
+        bad,
+        sum(1 for i in keep if T[i]),
+    )
 
 
 class InfoNCETask(Scheduled):
@@ -155,8 +161,10 @@ class InfoNCETask(Scheduled):
             if eval_rows is not None and "rejected" in eval_rows.column_names:
                 eval_rows = eval_rows.remove_columns("rejected")
         self.format = fmt = detect_pair_format(train_rows, "chosen", d.format)
-        expected = f"rows with a non-empty prompt and chosen (and rejected, differing from chosen), the prompt " \
-                   f"shorter than data.max_length={d.max_length} tokens"
+        expected = (
+            f"rows with a non-empty prompt and chosen (and rejected, differing from chosen), the prompt "
+            f"shorter than data.max_length={d.max_length} tokens"
+        )
         self.train_set = tokenize_triples(train_rows, tok, fmt, d.max_length, d.train.path, "data.train")
         report(ctx, "data.train", d.train.path, self.train_set, d.max_length, "prompt/chosen/rejected", expected)
         self.eval_set = None
@@ -188,25 +196,44 @@ class InfoNCETask(Scheduled):
     def _loss(self, module, b) -> tuple[torch.Tensor, dict]:
         e = module(b["input_ids"], b["attention_mask"])  # anchors, positives, negatives: one forward
         B = b["B"]
-        neg = e[2 * B:] if e.shape[0] > 2 * B else None
-        losses, m = infonce_loss(e[:B], e[B:2 * B], neg, self.temperature)
+        neg = e[2 * B :] if e.shape[0] > 2 * B else None
+        losses, m = infonce_loss(e[:B], e[B : 2 * B], neg, self.temperature)
         mets = {"reward/chosen": (m["reward/chosen"].sum(), B), "retrieval/top1": (m["retrieval/top1"].sum(), B)}
         if neg is not None:
             diff = m["reward/chosen"] - m["reward/rejected"]
-            mets.update({"reward/rejected": (m["reward/rejected"].sum(), B), "reward/margin": (diff.sum(), B),
-                         "reward/accuracy": ((diff > 0).float().sum() + 0.5 * (diff == 0).float().sum(), B)})
+            mets.update(
+                {
+                    "reward/rejected": (m["reward/rejected"].sum(), B),
+                    "reward/margin": (diff.sum(), B),
+                    "reward/accuracy": ((diff > 0).float().sum() + 0.5 * (diff == 0).float().sum(), B),
+                }
+            )
         return losses.sum(), mets
 
     def describe(self) -> dict:
         s = self.train_set
-        return {"data": {"format": self.format, "rows": "triples" if s.negative is not None else "pairs",
-                         "train_rows": s.n_rows, "train_examples": len(s), "skipped": s.bad.as_dict(),
-                         "truncated": s.n_truncated,
-                         "eval_examples": len(self.eval_set) if self.eval_set is not None else 0},
-                "model": {"parameters": sum(p.numel() for p in self.encoder.parameters()),
-                          "trainable_parameters": trainable_parameters(self.encoder)},
-                "objective": {"name": "infonce", "reference": False, "temperature": self.temperature,
-                              "pooling": self.pooling, "hard_negatives": s.negative is not None}}
+        return {
+            "data": {
+                "format": self.format,
+                "rows": "triples" if s.negative is not None else "pairs",
+                "train_rows": s.n_rows,
+                "train_examples": len(s),
+                "skipped": s.bad.as_dict(),
+                "truncated": s.n_truncated,
+                "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
+            },
+            "model": {
+                "parameters": sum(p.numel() for p in self.encoder.parameters()),
+                "trainable_parameters": trainable_parameters(self.encoder),
+            },
+            "objective": {
+                "name": "infonce",
+                "reference": False,
+                "temperature": self.temperature,
+                "pooling": self.pooling,
+                "hard_negatives": s.negative is not None,
+            },
+        }
 
     def plans(self, start_step: int) -> Iterator[Plan]:
         for items in self.step_items():
@@ -220,10 +247,12 @@ class InfoNCETask(Scheduled):
     def evaluate(self) -> dict:
         rt, s = self.rt, self.eval_set
         names = ["loss", "reward/chosen", "retrieval/top1"] + (
-            ["reward/rejected", "reward/margin", "reward/accuracy"] if s.negative is not None else [])
+            ["reward/rejected", "reward/margin", "reward/accuracy"] if s.negative is not None else []
+        )
         tot = torch.zeros(2 * len(names), dtype=torch.float64, device=rt.device)
-        for items in iterate_eval(len(s), self.cfg.train.batch_size, rt.rank, rt.world_size,
-                                  self.cfg.train.eval_max_batches):
+        for items in iterate_eval(
+            len(s), self.cfg.train.batch_size, rt.rank, rt.world_size, self.cfg.train.eval_max_batches
+        ):
             if not items:
                 continue
             loss, m = self._loss(self.encoder, self._batch(s, items))
@@ -233,9 +262,14 @@ class InfoNCETask(Scheduled):
                 tot[2 * i + 1] += float(m[k][1])
         rt.all_reduce(tot)
         out = {}
-        rename = {"loss": "eval/loss", "reward/accuracy": "eval/accuracy", "reward/margin": "eval/margin",
-                  "reward/chosen": "eval/cos_chosen", "reward/rejected": "eval/cos_rejected",
-                  "retrieval/top1": "eval/top1"}
+        rename = {
+            "loss": "eval/loss",
+            "reward/accuracy": "eval/accuracy",
+            "reward/margin": "eval/margin",
+            "reward/chosen": "eval/cos_chosen",
+            "reward/rejected": "eval/cos_rejected",
+            "retrieval/top1": "eval/top1",
+        }
         for i, k in enumerate(names):
             if tot[2 * i + 1] > 0:
                 out[rename[k]] = (tot[2 * i] / tot[2 * i + 1]).item()
@@ -250,8 +284,13 @@ class InfoNCETask(Scheduled):
             lm = lm.merge_and_unload()
         lm.base_model.save_pretrained(out_dir)
         self.tok.save_pretrained(out_dir)
-        (out_dir / ENCODER_FILE).write_text(json.dumps({"pooling": self.pooling, "temperature": self.temperature,
-                                                        "format": self.format, "add_eos": True}, indent=2) + "\n")
+        (out_dir / ENCODER_FILE).write_text(
+            json.dumps(
+                {"pooling": self.pooling, "temperature": self.temperature, "format": self.format, "add_eos": True},
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 class EncoderScorer:

@@ -23,9 +23,9 @@ equal-width confidence bins (Guo et al. 2017; logged as APO does).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +58,9 @@ from ._pref import Scheduled, load_splits, make_plan, report
 # ----------------------------------------------------------------------------------- losses
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                       center: float = 0.0) -> torch.Tensor:
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None, center: float = 0.0
+) -> torch.Tensor:
     """Pairwise Bradley-Terry loss per pair (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022,
     Eq. 1), with the Llama 2 margin (Touvron et al. 2023, Eq. 2) and reward centering
     (Eisenstein et al. 2023, arXiv 2312.09244): -log σ(r_w - r_l - m) + η (r_w + r_l)²."""
@@ -169,15 +170,22 @@ def build_reward_model(m, tok, rt, seed: int, smoke: bool = False):
             model = AutoModelForSequenceClassification.from_config(cfg, dtype=rt.param_dtype, **common)
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                m.path, revision=m.revision, num_labels=1, dtype=rt.param_dtype, use_safetensors=True,
-                output_loading_info=True, **common)
+                m.path,
+                revision=m.revision,
+                num_labels=1,
+                dtype=rt.param_dtype,
+                use_safetensors=True,
+                output_loading_info=True,
+                **common,
+            )
             new_head = any(k.split(".")[0] in ("score", "classifier") for k in info.get("missing_keys", []))
     except UsageError:
         raise
     except (OSError, ValueError, ImportError, KeyError) as e:
         src = m.path or m.init.architecture
-        raise UsageError(f"could not build a reward model from {_origin(src) if m.path else src}: "
-                         f"{str(e).strip().splitlines()[0]}") from None
+        raise UsageError(
+            f"could not build a reward model from {_origin(src) if m.path else src}: {str(e).strip().splitlines()[0]}"
+        ) from None
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id  # where the score is read: the last non-pad token
@@ -194,8 +202,13 @@ def build_reward_model(m, tok, rt, seed: int, smoke: bool = False):
 def apply_reward_lora(model, lora):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=lora.target_modules, task_type="SEQ_CLS")  # SEQ_CLS trains the head fully
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="SEQ_CLS",
+    )  # SEQ_CLS trains the head fully
     return get_peft_model(model, cfg)
 
 
@@ -216,19 +229,23 @@ class ScoredSet:
         return sum(len(x) for s in self.seqs for x in s)
 
 
-def tokenize_scored(ds, tok, rows: str, fmt: str, max_length: int, use_margin: bool, source: str,
-                    what: str) -> ScoredSet:
+def tokenize_scored(
+    ds, tok, rows: str, fmt: str, max_length: int, use_margin: bool, source: str, what: str
+) -> ScoredSet:
     cols = ds.column_names
     has_prompt = "prompt" in cols
     if rows == "scores" and "text" not in cols and "completion" not in cols:
-        raise DataError(f"{what}: {source}: human-score rows need a 'text' column (or 'prompt' and 'completion') "
-                        f"beside 'score' (columns: {', '.join(cols)})")
+        raise DataError(
+            f"{what}: {source}: human-score rows need a 'text' column (or 'prompt' and 'completion') "
+            f"beside 'score' (columns: {', '.join(cols)})"
+        )
     check_format(ds, ("prompt", "chosen", "rejected", "completion"), fmt, source, what)
     has_margin = rows == "pairs" and use_margin and "margin" in cols
     for i, v in enumerate(ds["score"] if rows == "scores" else ds["margin"] if has_margin else []):
         if v is not None and not isinstance(v, (int, float)):
-            raise DataError(f"{what}: {source}: row {i + 1}: {'score' if rows == 'scores' else 'margin'} {v!r} is "
-                            "not a number")
+            raise DataError(
+                f"{what}: {source}: row {i + 1}: {'score' if rows == 'scores' else 'margin'} {v!r} is not a number"
+            )
 
     def encode(row):
         out = {"seqs": [], "value": 0.0, "bad": "", "trunc": False}
@@ -273,8 +290,13 @@ def tokenize_scored(ds, tok, rows: str, fmt: str, max_length: int, use_margin: b
     enc = _map(ds, tok, encode, ("reward", rows, fmt, max_length, has_margin, has_prompt), "tokenizing")
     keep, bad = _kept(enc)
     S, V, T = enc["seqs"], enc["value"], enc["trunc"]
-    return ScoredSet([S[i] for i in keep], [V[i] for i in keep] if (rows != "pairs" or has_margin) else None,
-                     len(ds), bad, sum(1 for i in keep if T[i]))
+    return ScoredSet(
+        [S[i] for i in keep],
+        [V[i] for i in keep] if (rows != "pairs" or has_margin) else None,
+        len(ds),
+        bad,
+        sum(1 for i in keep if T[i]),
+    )
 
 
 # ------------------------------------------------------------------------------------- task
@@ -296,15 +318,24 @@ class RewardTask(Scheduled):
         self.bins = rc.calibration_bins
         self.tok = tok = load_tokenizer(r.model)
         train_rows, eval_rows = load_splits(d, self.obj.required, r.train.seed)
-        probe = {"pairs": "chosen", "scores": "text" if "text" in train_rows.column_names else "completion",
-                 "rankings": "prompt" if "prompt" in train_rows.column_names else "completions"}[self.rows]
-        self.format = fmt = detect_pair_format(train_rows, probe, d.format) if probe != "completions" else \
-            ("plain" if d.format == "auto" else d.format)
-        what = {"pairs": "chosen/rejected", "scores": "text or score", "rankings": "completions (at least 2)"}[self.rows]
-        expected = {"pairs": "rows with a non-empty chosen and rejected that differ",
-                    "scores": "rows with a non-empty text and a numeric score",
-                    "rankings": "rows with a list of at least 2 different completions, best first"}[self.rows] + \
-            f", the prompt shorter than data.max_length={d.max_length} tokens"
+        probe = {
+            "pairs": "chosen",
+            "scores": "text" if "text" in train_rows.column_names else "completion",
+            "rankings": "prompt" if "prompt" in train_rows.column_names else "completions",
+        }[self.rows]
+        self.format = fmt = (
+            detect_pair_format(train_rows, probe, d.format)
+            if probe != "completions"
+            else ("plain" if d.format == "auto" else d.format)
+        )
+        what = {"pairs": "chosen/rejected", "scores": "text or score", "rankings": "completions (at least 2)"}[
+            self.rows
+        ]
+        expected = {
+            "pairs": "rows with a non-empty chosen and rejected that differ",
+            "scores": "rows with a non-empty text and a numeric score",
+            "rankings": "rows with a list of at least 2 different completions, best first",
+        }[self.rows] + f", the prompt shorter than data.max_length={d.max_length} tokens"
         enc = dict(rows=self.rows, fmt=fmt, max_length=d.max_length, use_margin=rc.use_margin)
         self.train_set = tokenize_scored(train_rows, tok, source=d.train.path, what="data.train", **enc)
         report(ctx, "data.train", d.train.path, self.train_set, d.max_length, what, expected)
@@ -367,8 +398,10 @@ class RewardTask(Scheduled):
         B = b["B"]
         if self.rows == "scores":
             losses = self.obj.loss_fn(r, b["value"])
-            return losses.sum(), {"reward/mean": (r.detach().sum(), B),
-                                  "reward/abs_error": ((r.detach() - b["value"]).abs().sum(), B)}
+            return losses.sum(), {
+                "reward/mean": (r.detach().sum(), B),
+                "reward/abs_error": ((r.detach() - b["value"]).abs().sum(), B),
+            }
         if self.rows == "pairs":
             rc, rr = r[:B], r[B:]
             losses = self.obj.loss_fn(rc, rr, b.get("value"), self.center)
@@ -377,20 +410,38 @@ class RewardTask(Scheduled):
             losses = self.obj.loss_fn(r, b["better"], b["worse"], self.center)
         n = rc.shape[0]
         diff = (rc - rr).detach()
-        return losses.sum(), {"reward/chosen": (rc.detach().sum(), n), "reward/rejected": (rr.detach().sum(), n),
-                              "reward/margin": (diff.sum(), n), "reward/accuracy": (_acc(diff).sum(), n)}
+        return losses.sum(), {
+            "reward/chosen": (rc.detach().sum(), n),
+            "reward/rejected": (rr.detach().sum(), n),
+            "reward/margin": (diff.sum(), n),
+            "reward/accuracy": (_acc(diff).sum(), n),
+        }
 
     # ----------------------------------------------------------------- Task protocol
 
     def describe(self) -> dict:
         s = self.train_set
-        return {"data": {"format": self.format, "rows": self.rows, "train_rows": s.n_rows, "train_examples": len(s),
-                         "skipped": s.bad.as_dict(), "truncated": s.n_truncated, "train_tokens": s.n_tokens(),
-                         "eval_examples": len(self.eval_set) if self.eval_set is not None else 0},
-                "model": {"parameters": sum(p.numel() for p in self.model.parameters()),
-                          "trainable_parameters": trainable_parameters(self.model)},
-                "objective": {"name": self.name, "center_rewards_coefficient": self.center,
-                              "margin_column": self.rows == "pairs" and s.values is not None}}
+        return {
+            "data": {
+                "format": self.format,
+                "rows": self.rows,
+                "train_rows": s.n_rows,
+                "train_examples": len(s),
+                "skipped": s.bad.as_dict(),
+                "truncated": s.n_truncated,
+                "train_tokens": s.n_tokens(),
+                "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
+            },
+            "model": {
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "trainable_parameters": trainable_parameters(self.model),
+            },
+            "objective": {
+                "name": self.name,
+                "center_rewards_coefficient": self.center,
+                "margin_column": self.rows == "pairs" and s.values is not None,
+            },
+        }
 
     def plans(self, start_step: int) -> Iterator[Plan]:
         for items in self.step_items():
@@ -409,8 +460,9 @@ class RewardTask(Scheduled):
         # sums: loss, units, correct, margin, chosen, rejected ; + calibration table
         tot = torch.zeros(6, dtype=torch.float64, device=dev)
         cal = torch.zeros(self.bins, 3, dtype=torch.float64, device=dev)
-        for items in iterate_eval(len(s), self.cfg.train.batch_size, rt.rank, rt.world_size,
-                                  self.cfg.train.eval_max_batches):
+        for items in iterate_eval(
+            len(s), self.cfg.train.batch_size, rt.rank, rt.world_size, self.cfg.train.eval_max_batches
+        ):
             if not items:
                 continue
             b = self._batch(s, items)
@@ -423,12 +475,19 @@ class RewardTask(Scheduled):
                 tot[1] += len(items)
                 continue
             n = m["reward/accuracy"][1]
-            tot += torch.stack([loss.double(), torch.tensor(float(n), dtype=torch.float64, device=dev),
-                                m["reward/accuracy"][0].double(), m["reward/margin"][0].double(),
-                                m["reward/chosen"][0].double(), m["reward/rejected"][0].double()])
+            tot += torch.stack(
+                [
+                    loss.double(),
+                    torch.tensor(float(n), dtype=torch.float64, device=dev),
+                    m["reward/accuracy"][0].double(),
+                    m["reward/margin"][0].double(),
+                    m["reward/chosen"][0].double(),
+                    m["reward/rejected"][0].double(),
+                ]
+            )
             r = self._scores(self.model, b)
             if self.rows == "pairs":
-                diff = r[:b["B"]] - r[b["B"]:]
+                diff = r[: b["B"]] - r[b["B"] :]
             else:
                 diff = r[b["better"]] - r[b["worse"]]
             cal += calibration(diff, self.bins)
@@ -440,9 +499,16 @@ class RewardTask(Scheduled):
         if n == 0:
             return {}
         ece, mce = calibration_errors(cal)
-        return {"eval/loss": tot[0].item() / n, "eval/accuracy": tot[2].item() / n, "eval/margin": tot[3].item() / n,
-                "eval/reward_chosen": tot[4].item() / n, "eval/reward_rejected": tot[5].item() / n,
-                "eval/ece": ece, "eval/mce": mce, "eval/pairs": n}
+        return {
+            "eval/loss": tot[0].item() / n,
+            "eval/accuracy": tot[2].item() / n,
+            "eval/margin": tot[3].item() / n,
+            "eval/reward_chosen": tot[4].item() / n,
+            "eval/reward_rejected": tot[5].item() / n,
+            "eval/ece": ece,
+            "eval/mce": mce,
+            "eval/pairs": n,
+        }
 
     def _eval_scores(self, tot, preds, values) -> dict:
         """Human scores: mean squared error, Pearson correlation, and the pairwise accuracy over every
@@ -453,17 +519,24 @@ class RewardTask(Scheduled):
         dp = p[:, None] - p[None, :]
         dv = v[:, None] - v[None, :]
         upper = dv > 0
-        pair_acc = _acc(dp[upper]).sum() if bool(upper.any()) else torch.zeros((), dtype=torch.float64, device=rt.device)
-        moments = torch.stack([p.sum(), v.sum(), (p * p).sum(), (v * v).sum(), (p * v).sum(),
-                               pair_acc, upper.sum().double()])
+        pair_acc = (
+            _acc(dp[upper]).sum() if bool(upper.any()) else torch.zeros((), dtype=torch.float64, device=rt.device)
+        )
+        moments = torch.stack(
+            [p.sum(), v.sum(), (p * p).sum(), (v * v).sum(), (p * v).sum(), pair_acc, upper.sum().double()]
+        )
         allv = rt.all_reduce(torch.cat([tot[:2], moments]))
         loss, n, sp, sv, spp, svv, spv, acc, npairs = allv.tolist()
         if n == 0:
             return {}
-        cov = spv / n - sp * sv / n ** 2
+        cov = spv / n - sp * sv / n**2
         var_p, var_v = spp / n - (sp / n) ** 2, svv / n - (sv / n) ** 2
-        out = {"eval/loss": loss / n, "eval/mse": loss / n, "eval/reward_mean": sp / n,
-               "eval/pearson": cov / math.sqrt(var_p * var_v) if var_p > 0 and var_v > 0 else float("nan")}
+        out = {
+            "eval/loss": loss / n,
+            "eval/mse": loss / n,
+            "eval/reward_mean": sp / n,
+            "eval/pearson": cov / math.sqrt(var_p * var_v) if var_p > 0 and var_v > 0 else float("nan"),
+        }
         if npairs:
             out["eval/accuracy"] = acc / npairs
         return out

@@ -31,17 +31,25 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..engine.data import StepSchedule, load_rows, shard_for_rank, split_eval
 from ..engine.loop import Group, Micro, Plan
-from ..engine.models import (PolicyLM, apply_lora, build_causal_lm, disable_dropout, load_tokenizer,
-                             reference_mode, save_hf, trainable_parameters)
+from ..engine.models import (
+    PolicyLM,
+    apply_lora,
+    build_causal_lm,
+    disable_dropout,
+    load_tokenizer,
+    reference_mode,
+    save_hf,
+    trainable_parameters,
+)
 from ..engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
 from ..errors import DataError, UsageError
 from ..rewards import build_rewards
@@ -54,8 +62,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, all_reduce: Callable | None = None,
-                  shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, all_reduce: Callable | None = None, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """(x - mean) / std over masked entries; statistics summed across processes when all_reduce is given."""
     m = mask.to(x.dtype)
     stats = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double()
@@ -82,8 +91,9 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -
     return torch.expm1(-d) + d
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over completion-aligned [B, N] tensors whose mask is a
     prefix (tokens 0..len-1). V after the last token is 0. Returns (advantages, returns)."""
     B, N = rewards.shape
@@ -207,8 +217,10 @@ ALGORITHMS: dict[str, RLAlgorithm] = {
 # How token losses become one number: name -> (units of a micro-batch, summed loss of a micro-batch)
 AGGREGATIONS = {
     "token_mean": lambda per_tok, mask, n_max: ((per_tok * mask).sum(), mask.sum()),
-    "sequence_mean": lambda per_tok, mask, n_max: (((per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)).sum(),
-                                                   (mask.sum(1) > 0).sum()),
+    "sequence_mean": lambda per_tok, mask, n_max: (
+        ((per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)).sum(),
+        (mask.sum(1) > 0).sum(),
+    ),
     "constant": lambda per_tok, mask, n_max: ((per_tok * mask).sum(), torch.tensor(float(mask.shape[0] * n_max))),
 }
 
@@ -236,7 +248,7 @@ class ActorCritic(nn.Module):
         logp, ent = self.policy.head_logprobs(h, targets, "logprobs", temperature, start)
         values = None
         if self.value_head is not None:
-            hv = h[:, start:start + targets.shape[1]]
+            hv = h[:, start : start + targets.shape[1]]
             values = self.value_head(hv.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logp, ent, values
 
@@ -252,24 +264,32 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, ids, mask, cfg: SamplingConfig) -> Rollout:
-        kw = dict(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, pad_token_id=cfg.pad_token_id,
-                  eos_token_id=cfg.stop_token_ids or None)
+        kw = dict(
+            max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.min_new_tokens,
+            pad_token_id=cfg.pad_token_id,
+            eos_token_id=cfg.stop_token_ids or None,
+        )
         if cfg.temperature > 0:
             kw.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
         else:
             kw.update(do_sample=False)
         with self.rt.autocast():
             out = self.lm.generate(input_ids=ids, attention_mask=mask, **kw)
-        comp = out[:, ids.shape[1]:]
+        comp = out[:, ids.shape[1] :]
         B, N = comp.shape[0], cfg.max_new_tokens
         full = torch.full((B, N), cfg.pad_token_id, dtype=torch.long, device=ids.device)
-        full[:, :comp.shape[1]] = comp
+        full[:, : comp.shape[1]] = comp
         stop = torch.isin(full, torch.tensor(cfg.stop_token_ids or [-1], device=ids.device))
         has = stop.any(1)
-        length = torch.where(has, stop.float().argmax(1).long() + 1, torch.full_like(has, comp.shape[1], dtype=torch.long))
+        length = torch.where(
+            has, stop.float().argmax(1).long() + 1, torch.full_like(has, comp.shape[1], dtype=torch.long)
+        )
         cmask = torch.arange(N, device=ids.device)[None] < length[:, None]
         full = torch.where(cmask, full, torch.full_like(full, cfg.pad_token_id))
-        return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=full, completion_mask=cmask.long(), finished=has)
+        return Rollout(
+            prompt_ids=ids, prompt_mask=mask, completion_ids=full, completion_mask=cmask.long(), finished=has
+        )
 
 
 def apply_stop_strings(r: Rollout, tok, stop_strings: list[str], pad_id: int) -> Rollout:
@@ -301,8 +321,10 @@ def _prompt_rows(ds, tok, max_len: int):
     texts, ids, n_trunc = [], [], 0
     has_messages = "messages" in ds.column_names
     if not has_messages and "prompt" not in ds.column_names:
-        raise DataError(f"prompt data needs a 'prompt' or 'messages' column (columns: {', '.join(ds.column_names)}); "
-                        "map yours with data.train.columns, e.g. {prompt: question}")
+        raise DataError(
+            f"prompt data needs a 'prompt' or 'messages' column (columns: {', '.join(ds.column_names)}); "
+            "map yours with data.train.columns, e.g. {prompt: question}"
+        )
     for i, row in enumerate(ds):
         if has_messages:
             msgs = row["messages"]
@@ -338,10 +360,14 @@ class RLHFTask:
             rows, eval_rows = split_eval(rows, r.data.eval_fraction, r.train.seed)
         self.train_rows, self.eval_rows = rows, eval_rows
         self.prompt_text, self.prompt_ids, trunc = _prompt_rows(rows, tok, r.data.max_prompt_length)
-        self.eval_text, self.eval_ids, _ = _prompt_rows(eval_rows, tok, r.data.max_prompt_length) if eval_rows else ([], [], 0)
+        self.eval_text, self.eval_ids, _ = (
+            _prompt_rows(eval_rows, tok, r.data.max_prompt_length) if eval_rows else ([], [], 0)
+        )
         if trunc:
-            ctx.warn(f"data.train: {trunc} of {len(self.prompt_ids)} prompts were longer than max_prompt_length="
-                     f"{r.data.max_prompt_length} tokens and lost their beginning")
+            ctx.warn(
+                f"data.train: {trunc} of {len(self.prompt_ids)} prompts were longer than max_prompt_length="
+                f"{r.data.max_prompt_length} tokens and lost their beginning"
+            )
         self.n_truncated = trunc
         self.rewards = self._make_rewards(r)
 
@@ -373,28 +399,43 @@ class RLHFTask:
         self.B = c.prompts_per_rollout * self.k
         self.epochs = c.epochs_per_rollout or self.algo.default_epochs
         if self.B % c.minibatches_per_epoch:
-            raise UsageError(f"rlhf.minibatches_per_epoch ({c.minibatches_per_epoch}) must divide the rollout's "
-                             f"{self.B} sequences (prompts_per_rollout x num_generations)")
+            raise UsageError(
+                f"rlhf.minibatches_per_epoch ({c.minibatches_per_epoch}) must divide the rollout's "
+                f"{self.B} sequences (prompts_per_rollout x num_generations)"
+            )
         self.mb_size = self.B // c.minibatches_per_epoch
         # One pass over a rollout whose advantages need no rollout-time log-probs (grpo): the old
         # policy is the current one, so the training forward's own (detached) log-probs serve as
         # pi_old and one no-grad forward per rollout is saved (as TRL does for num_iterations=1).
-        self.old_is_current = (not self.algo.kl_in_reward and not self.algo.needs_value
-                               and self.epochs * c.minibatches_per_epoch == 1)
+        self.old_is_current = (
+            not self.algo.kl_in_reward and not self.algo.needs_value and self.epochs * c.minibatches_per_epoch == 1
+        )
         self.aggregation = aggregation_for(c)
-        self.eps_high = c.clip_eps_high if c.clip_eps_high is not None else (0.28 if c.algorithm == "grpo" and
-                                                                             c.grpo_loss == "dapo" else c.clip_eps)
+        self.eps_high = (
+            c.clip_eps_high
+            if c.clip_eps_high is not None
+            else (0.28 if c.algorithm == "grpo" and c.grpo_loss == "dapo" else c.clip_eps)
+        )
         self.beta = c.kl_coef
         self.max_prompt = max(len(p) for p in self.prompt_ids + self.eval_ids)
         self.sampler = self._make_sampler(lm, g)
-        self.scfg = SamplingConfig(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
-                                   temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                   stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+        self.scfg = SamplingConfig(
+            max_new_tokens=g.max_new_tokens,
+            min_new_tokens=g.min_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            stop_token_ids=[tok.eos_token_id],
+            pad_token_id=tok.pad_token_id,
+        )
         if len(self.prompt_ids) < c.prompts_per_rollout * rt.world_size:
-            raise DataError(f"data.train has {len(self.prompt_ids)} prompts; a rollout needs "
-                            f"{c.prompts_per_rollout * rt.world_size} (rlhf.prompts_per_rollout x processes)")
-        self.schedule = StepSchedule(len(self.prompt_ids), c.prompts_per_rollout * rt.world_size, r.train.seed,
-                                     r.data.shuffle)
+            raise DataError(
+                f"data.train has {len(self.prompt_ids)} prompts; a rollout needs "
+                f"{c.prompts_per_rollout * rt.world_size} (rlhf.prompts_per_rollout x processes)"
+            )
+        self.schedule = StepSchedule(
+            len(self.prompt_ids), c.prompts_per_rollout * rt.world_size, r.train.seed, r.data.shuffle
+        )
         steps_per_rollout = self.epochs * c.minibatches_per_epoch
         t = r.train
         if t.max_steps is not None:
@@ -403,8 +444,13 @@ class RLHFTask:
             self._total = max(1, math.ceil((t.epochs or 1.0) * self.schedule.steps_per_epoch() * steps_per_rollout))
         params = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
         if value_head is not None:
-            params.append({"params": list(value_head.parameters()), "weight_decay": 0.0,
-                           "lr_scale": (c.value_lr / t.lr) if c.value_lr else 1.0})
+            params.append(
+                {
+                    "params": list(value_head.parameters()),
+                    "weight_decay": 0.0,
+                    "lr_scale": (c.value_lr / t.lr) if c.value_lr else 1.0,
+                }
+            )
         self.groups = {"policy": Group("policy", self.model, rt, t, self._total, param_groups=params)}
         # position: prompt epoch/index, rollouts done, and where we are inside the current rollout
         self.epoch, self.index, self.rollouts = 0, 0, 0
@@ -428,8 +474,14 @@ class RLHFTask:
                 self.ctx.warn(f"the fast sampler does not support {why}; sampling with transformers generate (slower)")
             return HFSampler(lm, self.rt)
         cuda = self.rt.device.type == "cuda"
-        return FastDecoder(lm, batch=self.B, max_len=self.max_prompt + g.max_new_tokens, dtype=self.rt.compute_dtype,
-                           use_graph=g.cuda_graphs and cuda, compile=g.compile == "on" or (g.compile == "auto" and cuda))
+        return FastDecoder(
+            lm,
+            batch=self.B,
+            max_len=self.max_prompt + g.max_new_tokens,
+            dtype=self.rt.compute_dtype,
+            use_graph=g.cuda_graphs and cuda,
+            compile=g.compile == "on" or (g.compile == "auto" and cuda),
+        )
 
     # ------------------------------------------------------------------ rollouts
     def total_steps(self) -> int:
@@ -454,8 +506,13 @@ class RLHFTask:
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         P = r.prompt_ids.shape[1]
         targets = torch.where(r.completion_mask.bool(), r.completion_ids, torch.full_like(r.completion_ids, -100))
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "targets": targets,
-                "start": torch.tensor(P - 1)}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": pos,
+            "targets": targets,
+            "start": torch.tensor(P - 1),
+        }
 
     @torch.no_grad()
     def _score_logprobs(self, seq: dict, reference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -465,16 +522,28 @@ class RLHFTask:
         start = int(seq["start"])
         temp = self.cfg.generation.temperature
         for s in range(0, seq["input_ids"].shape[0], bs):
-            sl = {k: (v[s:s + bs] if v.dim() else v) for k, v in seq.items()}
+            sl = {k: (v[s : s + bs] if v.dim() else v) for k, v in seq.items()}
             args = (sl["input_ids"], sl["attention_mask"], sl["position_ids"])
             if reference:
                 if self.ref_policy is not None:
-                    lp, _ = self.ref_policy(sl["input_ids"], sl["targets"], sl["attention_mask"], sl["position_ids"],
-                                            temperature=temp, start=start)
+                    lp, _ = self.ref_policy(
+                        sl["input_ids"],
+                        sl["targets"],
+                        sl["attention_mask"],
+                        sl["position_ids"],
+                        temperature=temp,
+                        start=start,
+                    )
                 else:
                     with reference_mode(self.lm):
-                        lp, _ = self.policy(sl["input_ids"], sl["targets"], sl["attention_mask"], sl["position_ids"],
-                                            temperature=temp, start=start)
+                        lp, _ = self.policy(
+                            sl["input_ids"],
+                            sl["targets"],
+                            sl["attention_mask"],
+                            sl["position_ids"],
+                            temperature=temp,
+                            start=start,
+                        )
                 out_lp.append(lp)
             else:
                 lp, _, v = self.model(*args, sl["targets"], start, temp)
@@ -497,16 +566,20 @@ class RLHFTask:
         t0 = time.perf_counter()
         r = self.sampler.generate(p_ids, p_mask, self.scfg)
         if not getattr(self, "_warned_sampler", False):
-            for what, err in (("compiling", getattr(self.sampler, "compile_error", None)),
-                              ("capturing a CUDA graph of", getattr(self.sampler, "graph_error", None))):
+            for what, err in (
+                ("compiling", getattr(self.sampler, "compile_error", None)),
+                ("capturing a CUDA graph of", getattr(self.sampler, "graph_error", None)),
+            ):
                 if err:
                     self.ctx.warn(f"{what} the sampler's decode step failed ({err}); decoding without it")
             self._warned_sampler = True
         rt.synchronize()
         gen_s = time.perf_counter() - t0
         r = apply_stop_strings(r, self.tok, self.cfg.generation.stop_strings, self.tok.pad_token_id)
-        comp_text = [self.tok.decode(c[m.bool()].tolist(), skip_special_tokens=True)
-                     for c, m in zip(r.completion_ids, r.completion_mask)]
+        comp_text = [
+            self.tok.decode(c[m.bool()].tolist(), skip_special_tokens=True)
+            for c, m in zip(r.completion_ids, r.completion_mask)
+        ]
         prompts = [texts[i] for i in rows]
         self._last_rows = rows
         return r, prompts, comp_text, gen_s
@@ -537,9 +610,16 @@ class RLHFTask:
                 ref_logp = old_logp
             kl = kl_per_token(old_logp, ref_logp, "k1") * r.completion_mask
         self.model.train()
-        x = AdvantageInputs(scores=scores, kl=kl if self.algo.kl_in_reward else torch.zeros_like(kl),
-                            mask=r.completion_mask.float(), values=old_values, k=self.k, beta=self.beta, cfg=c,
-                            all_reduce=rt.all_reduce if rt.distributed else None)
+        x = AdvantageInputs(
+            scores=scores,
+            kl=kl if self.algo.kl_in_reward else torch.zeros_like(kl),
+            mask=r.completion_mask.float(),
+            values=old_values,
+            k=self.k,
+            beta=self.beta,
+            cfg=c,
+            all_reduce=rt.all_reduce if rt.distributed else None,
+        )
         adv, returns = self.algo.advantages(x)
         self.buffer = {**{k: v for k, v in seq.items()}, "adv": adv, "mask": mask}
         if old_logp is not None:
@@ -553,23 +633,35 @@ class RLHFTask:
         for e in range(self.epochs):
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.rollouts * 101 + e)
             perm = torch.randperm(B, generator=gen).tolist()
-            self.queue += [perm[s:s + self.mb_size] for s in range(0, B, self.mb_size)]
+            self.queue += [perm[s : s + self.mb_size] for s in range(0, B, self.mb_size)]
         # ---- statistics of this rollout, summed across processes
         seq_kl = kl.sum(1)
         groups = raw_scores.view(-1, self.k)
         zero_var = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
         n = float(B)
-        sums = [raw_scores.sum(), (raw_scores ** 2).sum(), seq_kl.sum(), r.completion_mask.sum().float(),
-                r.finished.float().sum(), zero_var.float().sum(), torch.tensor(float(groups.shape[0])),
-                torch.tensor(n)] + [torch.tensor(float(sum(v))) for v in parts.values()]
+        sums = [
+            raw_scores.sum(),
+            (raw_scores**2).sum(),
+            seq_kl.sum(),
+            r.completion_mask.sum().float(),
+            r.finished.float().sum(),
+            zero_var.float().sum(),
+            torch.tensor(float(groups.shape[0])),
+            torch.tensor(n),
+        ] + [torch.tensor(float(sum(v))) for v in parts.values()]
         stats = torch.stack([torch.as_tensor(s, dtype=torch.float64, device=rt.device) for s in sums])
         rt.all_reduce(stats)
         v = stats.tolist()
         N = v[7]
         mean = v[0] / N
-        m: dict[str, float] = {"reward/mean": mean, "reward/std": math.sqrt(max(v[1] / N - mean * mean, 0.0)),
-                               "kl/coef": self.beta, "length/mean": v[3] / N,
-                               "length/finished": v[4] / N, "reward/zero_var_groups": v[5] / v[6]}
+        m: dict[str, float] = {
+            "reward/mean": mean,
+            "reward/std": math.sqrt(max(v[1] / N - mean * mean, 0.0)),
+            "kl/coef": self.beta,
+            "length/mean": v[3] / N,
+            "length/finished": v[4] / N,
+            "reward/zero_var_groups": v[5] / v[6],
+        }
         if not self.old_is_current:
             m["kl/mean"] = v[2] / N
         for i, name in enumerate(parts):
@@ -594,22 +686,39 @@ class RLHFTask:
             self.ctx.progress.table(f"rollout {self.rollouts}: examples", ["prompt", "completion", "reward"], rows)
         with open(self.examples_file, "a", encoding="utf-8") as f:
             for i in pick:
-                f.write(json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],
-                                    "reward": total[i]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "rollout": self.rollouts,
+                            "prompt": prompts[i],
+                            "completion": completions[i],
+                            "reward": total[i],
+                        }
+                    )
+                    + "\n"
+                )
 
     # ------------------------------------------------------------------ the loss
     def _loss(self, module, mb) -> tuple[torch.Tensor, dict]:
         c = self.cfg.rlhf
-        logp, ent, values = module(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["targets"],
-                                   int(mb["start"]), self.cfg.generation.temperature)
+        logp, ent, values = module(
+            mb["input_ids"],
+            mb["attention_mask"],
+            mb["position_ids"],
+            mb["targets"],
+            int(mb["start"]),
+            self.cfg.generation.temperature,
+        )
         mask = mb["mask"]
         old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()
         pg, clipped = ppo_clip_loss(logp, old_logp, mb["adv"], c.clip_eps, self.eps_high)
         per_tok = pg
         tokens = mask.sum()
-        metrics = {"policy/clipfrac": ((clipped.float() * mask).sum(), tokens),
-                   "policy/entropy": ((ent * mask).sum(), tokens),
-                   "policy/approx_kl": ((kl_per_token(logp.detach(), old_logp, "k3") * mask).sum(), tokens)}
+        metrics = {
+            "policy/clipfrac": ((clipped.float() * mask).sum(), tokens),
+            "policy/entropy": ((ent * mask).sum(), tokens),
+            "policy/approx_kl": ((kl_per_token(logp.detach(), old_logp, "k3") * mask).sum(), tokens),
+        }
         if "ref_logp" in mb:
             if self.old_is_current:  # the rollout skipped its policy forward: measure the KL here
                 k1 = (kl_per_token(logp.detach(), mb["ref_logp"], "k1") * mask).sum()
@@ -639,23 +748,36 @@ class RLHFTask:
         micro = []
         bs = self.cfg.train.batch_size
         for s in range(0, len(rows), bs):
-            sub = idx[s:s + bs]
+            sub = idx[s : s + bs]
             mb = {k: (v[sub] if v.dim() else v) for k, v in self.buffer.items()}
             _, units = AGGREGATIONS[self.aggregation](mb["mask"], mb["mask"], self.cfg.generation.max_new_tokens)
             micro.append(Micro(batch=mb, n=float(units), tokens=int(mb["attention_mask"].sum())))
-        return Plan(group="policy", micro=micro, loss_fn=self._loss, name=self.cfg.rlhf.algorithm,
-                    metrics=dict(self.rollout_metrics))
+        return Plan(
+            group="policy",
+            micro=micro,
+            loss_fn=self._loss,
+            name=self.cfg.rlhf.algorithm,
+            metrics=dict(self.rollout_metrics),
+        )
 
     # ------------------------------------------------------------------ protocol
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "rollouts": self.rollouts, "beta": self.beta,
-                "queue": self.queue, "rollout_metrics": self.rollout_metrics}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "rollouts": self.rollouts,
+            "beta": self.beta,
+            "queue": self.queue,
+            "rollout_metrics": self.rollout_metrics,
+        }
 
     def load_state_dict(self, state: dict, extra: dict) -> None:
         self.epoch, self.index, self.rollouts = state["epoch"], state["index"], state["rollouts"]
         self.beta, self.queue = state["beta"], [list(q) for q in state["queue"]]
         self.rollout_metrics = state.get("rollout_metrics", {})
-        self.buffer = {k[len("buffer."):]: v.to(self.rt.device) for k, v in extra.items() if k.startswith("buffer.")} or None
+        self.buffer = {
+            k[len("buffer.") :]: v.to(self.rt.device) for k, v in extra.items() if k.startswith("buffer.")
+        } or None
         if self.queue and self.buffer is None:
             self.queue = []
 
@@ -677,7 +799,7 @@ class RLHFTask:
             idx = idx[: self.cfg.train.eval_max_batches * self.B]
         sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
         for s in range(0, len(idx), self.B):
-            chunk = idx[s:s + self.B]
+            chunk = idx[s : s + self.B]
             real = len(chunk)
             chunk = chunk + [chunk[0]] * (self.B - real)
             r, prompts, completions, _ = self._sample(chunk, self.eval_text, self.eval_ids, 1)
@@ -686,8 +808,11 @@ class RLHFTask:
             lp, _ = self._score_logprobs(seq, reference=False)
             ref = self._score_logprobs(seq, reference=True)[0] if self.need_ref else lp
             kl = (kl_per_token(lp, ref, "k1") * r.completion_mask).sum(1)[:real]
-            sums += torch.tensor([sum(total), float(kl.sum()), float(r.completion_mask[:real].sum()), real],
-                                 dtype=torch.float64, device=rt.device)
+            sums += torch.tensor(
+                [sum(total), float(kl.sum()), float(r.completion_mask[:real].sum()), real],
+                dtype=torch.float64,
+                device=rt.device,
+            )
         rt.all_reduce(sums)
         tot, kl, length, n = sums.tolist()
         if n == 0:
@@ -695,20 +820,34 @@ class RLHFTask:
         return {"eval/reward": tot / n, "eval/kl": kl / n, "eval/length": length / n}
 
     def describe(self) -> dict:
-        return {"data": {"prompts": len(self.prompt_ids), "eval_prompts": len(self.eval_ids),
-                         "truncated_prompts": self.n_truncated},
-                "model": {"parameters": sum(p.numel() for p in self.lm.parameters()),
-                          "trainable_parameters": trainable_parameters(self.model)},
-                "rlhf": {"algorithm": self.cfg.rlhf.algorithm, "rollouts": self.rollouts,
-                         "sequences_per_rollout": self.B * self.rt.world_size,
-                         "sampler": type(self.sampler).__name__, "final_kl_coef": self.beta}}
+        return {
+            "data": {
+                "prompts": len(self.prompt_ids),
+                "eval_prompts": len(self.eval_ids),
+                "truncated_prompts": self.n_truncated,
+            },
+            "model": {
+                "parameters": sum(p.numel() for p in self.lm.parameters()),
+                "trainable_parameters": trainable_parameters(self.model),
+            },
+            "rlhf": {
+                "algorithm": self.cfg.rlhf.algorithm,
+                "rollouts": self.rollouts,
+                "sequences_per_rollout": self.B * self.rt.world_size,
+                "sampler": type(self.sampler).__name__,
+                "final_kl_coef": self.beta,
+            },
+        }
 
     def save_final(self, out_dir: Path) -> None:
         save_hf(self.lm, self.tok, out_dir)
         if self.model.value_head is not None:
             from safetensors.torch import save_file
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()},
-                      str(Path(out_dir) / "value_head.safetensors"))
+
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()},
+                str(Path(out_dir) / "value_head.safetensors"),
+            )
 
 
 def build(ctx: RunContext) -> RLHFTask:

@@ -35,10 +35,10 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -108,8 +108,15 @@ def rwr_terms(logp: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor, beta
     return -(w * logp).sum(), w
 
 
-def awr_terms(logp: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor, beta: float,
-              alpha: float, max_weight: float):
+def awr_terms(
+    logp: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    reward: torch.Tensor,
+    beta: float,
+    alpha: float,
+    max_weight: float,
+):
     """Korbak et al. 2023, advantage-weighted regression (Peng et al. 2019), summed over targets:
 
         sum_t [ alpha w_t (-log p_t) + (1 - alpha) (V_t - R_t)^2 ],  w_t = min(exp((R_t - V_t)/beta), max_weight)
@@ -144,8 +151,7 @@ def _example_metrics(batch: dict) -> dict:
 
 
 def _logprobs(model, batch):
-    lp, _ = model(batch["input_ids"], batch["targets"], batch["attention_mask"], batch["position_ids"],
-                  mode="logprobs")
+    lp, _ = model(batch["input_ids"], batch["targets"], batch["attention_mask"], batch["position_ids"], mode="logprobs")
     return lp, batch["targets"] != IGNORE
 
 
@@ -184,21 +190,26 @@ def conditional_loss(model, batch) -> tuple[torch.Tensor, dict]:
 def unlikelihood_loss(model, batch, alpha: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Korbak et al. 2023, unlikelihood (`unlikelihood_terms`):
 
-        L = (1/N) sum_t [ 1{R_t >= threshold} (-log p(x_t)) + alpha 1{R_t < threshold} (-log(1 - p(x_t))) ]"""
+    L = (1/N) sum_t [ 1{R_t >= threshold} (-log p(x_t)) + alpha 1{R_t < threshold} (-log(1 - p(x_t))) ]"""
     lp, mask = _logprobs(model, batch)
     aligned = _per_token(batch, "aligned").bool()
     loss_sum, lik, unl = unlikelihood_terms(lp, mask, aligned, alpha)
     n = float(mask.sum())
     mets = _example_metrics(batch)
-    mets.update({"phf/likelihood_loss": (lik.detach(), n), "phf/unlikelihood_loss": (unl.detach(), n),
-                 "phf/aligned_token_fraction": ((aligned & mask).sum(), n)})
+    mets.update(
+        {
+            "phf/likelihood_loss": (lik.detach(), n),
+            "phf/unlikelihood_loss": (unl.detach(), n),
+            "phf/aligned_token_fraction": ((aligned & mask).sum(), n),
+        }
+    )
     return loss_sum, mets
 
 
 def rwr_loss(model, batch, beta: float = 10.0) -> tuple[torch.Tensor, dict]:
     """Korbak et al. 2023, reward-weighted regression (`rwr_terms`):
 
-        L = -(1/N) sum_t exp(R_t / beta) log p(x_t | x_<t)"""
+    L = -(1/N) sum_t exp(R_t / beta) log p(x_t | x_<t)"""
     lp, mask = _logprobs(model, batch)
     loss_sum, w = rwr_terms(lp, mask, _per_token(batch, "scores"), beta)
     n = float(mask.sum())
@@ -207,20 +218,28 @@ def rwr_loss(model, batch, beta: float = 10.0) -> tuple[torch.Tensor, dict]:
     return loss_sum, mets
 
 
-def awr_loss(model, batch, beta: float = 10.0, alpha: float = 0.5, max_weight: float = 1000.0
-             ) -> tuple[torch.Tensor, dict]:
+def awr_loss(
+    model, batch, beta: float = 10.0, alpha: float = 0.5, max_weight: float = 1000.0
+) -> tuple[torch.Tensor, dict]:
     """Korbak et al. 2023, advantage-weighted regression (`awr_terms`); `model` is a ValuePolicy:
 
-        L = (1/N) sum_t [ alpha min(exp((R_t - V_t)/beta), max_weight) (-log p(x_t)) + (1 - alpha) (V_t - R_t)^2 ]"""
+    L = (1/N) sum_t [ alpha min(exp((R_t - V_t)/beta), max_weight) (-log p(x_t)) + (1 - alpha) (V_t - R_t)^2 ]"""
     lp, values = model(batch["input_ids"], batch["targets"], batch["attention_mask"], batch["position_ids"])
     mask = batch["targets"] != IGNORE
     loss_sum, wnll, mse, w, adv = awr_terms(lp, values, mask, _per_token(batch, "scores"), beta, alpha, max_weight)
     n = float(mask.sum())
     m = mask.to(values.dtype)
     mets = _example_metrics(batch)
-    mets.update({"phf/weight_mean": (w.sum(), n), "phf/clipped_fraction": (((w >= max_weight) & mask).sum(), n),
-                 "phf/value_loss": (mse.detach(), n), "phf/value_mean": ((values.detach() * m).sum(), n),
-                 "phf/advantage_mean": (adv.sum(), n), "phf/nll": (-(lp * mask).sum().detach(), n)})
+    mets.update(
+        {
+            "phf/weight_mean": (w.sum(), n),
+            "phf/clipped_fraction": (((w >= max_weight) & mask).sum(), n),
+            "phf/value_loss": (mse.detach(), n),
+            "phf/value_mean": ((values.detach() * m).sum(), n),
+            "phf/advantage_mean": (adv.sum(), n),
+            "phf/nll": (-(lp * mask).sum().detach(), n),
+        }
+    )
     return loss_sum, mets
 
 
@@ -243,8 +262,9 @@ OBJECTIVES: dict[str, Objective] = {
     "conditional": Objective(conditional_loss, scored=True, thresholded=True, control_tokens=True),
     "unlikelihood": Objective(unlikelihood_loss, {"alpha": "unlikelihood_alpha"}, scored=True, thresholded=True),
     "rwr": Objective(rwr_loss, {"beta": "beta"}, scored=True),
-    "awr": Objective(awr_loss, {"beta": "beta", "alpha": "awr_alpha", "max_weight": "awr_max_weight"}, scored=True,
-                     value_head=True),
+    "awr": Objective(
+        awr_loss, {"beta": "beta", "alpha": "awr_alpha", "max_weight": "awr_max_weight"}, scored=True, value_head=True
+    ),
 }
 
 
@@ -331,6 +351,7 @@ def scorer_fingerprint(specs) -> str:
             h.update(_file_digest(spec.path, content=False).encode())
         elif kind == "sentiment":
             from importlib.metadata import PackageNotFoundError, version
+
             try:
                 h.update(version("vaderSentiment").encode())
             except PackageNotFoundError:
@@ -345,8 +366,10 @@ def score_rows(ds, fmt: str, cfg, tok, device, source: str) -> list[float]:
     if cfg.score_column is not None:
         col = cfg.score_column
         if col not in ds.column_names:
-            raise DataError(f"data.train: {source}: sft.score_column '{col}' is not a column of the data "
-                            f"(columns: {', '.join(ds.column_names)})")
+            raise DataError(
+                f"data.train: {source}: sft.score_column '{col}' is not a column of the data "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
         out = []
         for i, v in enumerate(ds[col]):
             try:
@@ -354,8 +377,9 @@ def score_rows(ds, fmt: str, cfg, tok, device, source: str) -> list[float]:
             except (TypeError, ValueError):
                 f = float("nan")
             if not math.isfinite(f):
-                raise DataError(f"data.train: {source}: row {i + 1}: score column '{col}' holds {v!r}, "
-                                "not a finite number")
+                raise DataError(
+                    f"data.train: {source}: row {i + 1}: score column '{col}' holds {v!r}, not a finite number"
+                )
             out.append(f)
         return out
 
@@ -375,8 +399,9 @@ def score_rows(ds, fmt: str, cfg, tok, device, source: str) -> list[float]:
         total, _ = holder["rs"].score(prompts, completions)
         return {SCORE_COLUMN: [float(x) for x in total]}
 
-    scored = ds.map(score, batched=True, batch_size=cfg.score_batch_size, new_fingerprint=h.hexdigest()[:32],
-                    desc="scoring")
+    scored = ds.map(
+        score, batched=True, batch_size=cfg.score_batch_size, new_fingerprint=h.hexdigest()[:32], desc="scoring"
+    )
     return list(scored[SCORE_COLUMN])
 
 
@@ -392,7 +417,7 @@ def pick_threshold(scores: list[float], cfg) -> tuple[float, str]:
 def _unit_hash(seed: int, row: int) -> float:
     """A uniform number in [0, 1) fixed by (seed, row): which rows lose their control token."""
     d = hashlib.sha256(f"prefcli-phf-drop/{seed}/{row}".encode()).digest()
-    return int.from_bytes(d[:8], "big") / 2.0 ** 64
+    return int.from_bytes(d[:8], "big") / 2.0**64
 
 
 def add_control_tokens(tok, aligned: str, misaligned: str) -> tuple[int, int]:
@@ -409,8 +434,9 @@ def add_control_tokens(tok, aligned: str, misaligned: str) -> tuple[int, int]:
     return int(ids[0]), int(ids[1])
 
 
-def prefix_control(ids: list[int], labels: list[int], ctrl: int, bos: int | None, mask_next: bool
-                   ) -> tuple[list[int], list[int]]:
+def prefix_control(
+    ids: list[int], labels: list[int], ctrl: int, bos: int | None, mask_next: bool
+) -> tuple[list[int], list[int]]:
     """Insert the control token at the start of an example (after a leading BOS). The control token is
     never a target. With mask_next, the token after it keeps the status it had without the prefix (the
     first token of an example is no target), so that the targets are exactly those of an mle run."""
@@ -423,8 +449,9 @@ def prefix_control(ids: list[int], labels: list[int], ctrl: int, bos: int | None
 
 
 def _subset(s: TokenizedSet, keep: list[int]) -> TokenizedSet:
-    return replace(s, input_ids=[s.input_ids[i] for i in keep], labels=[s.labels[i] for i in keep],
-                   rows=[s.rows[i] for i in keep])
+    return replace(
+        s, input_ids=[s.input_ids[i] for i in keep], labels=[s.labels[i] for i in keep], rows=[s.rows[i] for i in keep]
+    )
 
 
 class SFTTask:
@@ -444,8 +471,10 @@ class SFTTask:
         self.format = fmt = detect_format(train_rows.column_names, d.format)
         missing = [c for c in FORMAT_COLUMNS[fmt] if c not in train_rows.column_names]
         if missing:
-            raise DataError(f"data.train: {d.train.path}: format '{fmt}' needs column(s) {', '.join(missing)} "
-                            f"(columns: {', '.join(train_rows.column_names)})")
+            raise DataError(
+                f"data.train: {d.train.path}: format '{fmt}' needs column(s) {', '.join(missing)} "
+                f"(columns: {', '.join(train_rows.column_names)})"
+            )
         eval_rows = None
         if d.eval is not None:
             eval_rows = load_rows(d.eval, required=FORMAT_COLUMNS[fmt], what="data.eval")
@@ -461,19 +490,27 @@ class SFTTask:
                 rt.barrier()
         # a control token takes one position: tokenize to max_length - 1 so that the prefixed example fits
         reserve = 1 if obj.control_tokens else 0
-        enc = dict(fmt=fmt, max_length=d.max_length - reserve, mask_prompt=d.mask_prompt and fmt != "text",
-                   add_eos=d.add_eos)
+        enc = dict(
+            fmt=fmt, max_length=d.max_length - reserve, mask_prompt=d.mask_prompt and fmt != "text", add_eos=d.add_eos
+        )
         self.train_set = tokenize_sft(train_rows, tok, source=d.train.path, **enc)
-        self.eval_set = tokenize_sft(eval_rows, tok, source=(d.eval.path if d.eval else d.train.path), **enc) \
-            if eval_rows is not None else None
+        self.eval_set = (
+            tokenize_sft(eval_rows, tok, source=(d.eval.path if d.eval else d.train.path), **enc)
+            if eval_rows is not None
+            else None
+        )
         if len(self.train_set) == 0:
-            raise DataError(f"data.train: {d.train.path}: no example has a token to train on after masking and "
-                            f"truncation to max_length={d.max_length} (prompts longer than max_length?)")
+            raise DataError(
+                f"data.train: {d.train.path}: no example has a token to train on after masking and "
+                f"truncation to max_length={d.max_length} (prompts longer than max_length?)"
+            )
         for name, st in (("data.train", self.train_set), ("data.eval", self.eval_set)):
             if st is not None and st.n_truncated:
                 room = " less one for the control token" if reserve else ""
-                ctx.warn(f"{name}: {st.n_truncated} of {st.n_rows} examples were longer than max_length={d.max_length} "
-                         f"tokens{room} and were truncated")
+                ctx.warn(
+                    f"{name}: {st.n_truncated} of {st.n_rows} examples were longer than max_length={d.max_length} "
+                    f"tokens{room} and were truncated"
+                )
             if st is not None and st.n_dropped:
                 ctx.warn(f"{name}: {st.n_dropped} of {st.n_rows} examples had no trainable token left and were dropped")
         self.phf_stats: dict | None = None
@@ -520,27 +557,42 @@ class SFTTask:
             return
         n_ex = len(self.train_set)
         scores = [row_scores[i] for i in self.train_set.rows]
-        stats: dict = {"objective": s.objective,
-                       "scorer": f"column {s.score_column}" if s.score_column is not None else
-                       " + ".join(f"{x.weight:g}*{x.name or x.kind}" for x in s.rewards),
-                       "rows_scored": len(row_scores), "score_mean": statistics.fmean(row_scores),
-                       "score_std": statistics.pstdev(row_scores), "score_min": min(row_scores),
-                       "score_max": max(row_scores)}
+        stats: dict = {
+            "objective": s.objective,
+            "scorer": f"column {s.score_column}"
+            if s.score_column is not None
+            else " + ".join(f"{x.weight:g}*{x.name or x.kind}" for x in s.rewards),
+            "rows_scored": len(row_scores),
+            "score_mean": statistics.fmean(row_scores),
+            "score_std": statistics.pstdev(row_scores),
+            "score_min": min(row_scores),
+            "score_max": max(row_scores),
+        }
         aligned = [True] * n_ex
         if obj.thresholded:
             t, rule = pick_threshold(row_scores, s)
             aligned = [x >= t for x in scores]
             n_al = sum(x >= t for x in row_scores)
-            stats.update({"threshold": t, "threshold_rule": rule, "rows_aligned": n_al,
-                          "rows_misaligned": len(row_scores) - n_al})
+            stats.update(
+                {
+                    "threshold": t,
+                    "threshold_rule": rule,
+                    "rows_aligned": n_al,
+                    "rows_misaligned": len(row_scores) - n_al,
+                }
+            )
             if n_al in (0, len(row_scores)):
-                self.ctx.warn(f"sft: all {len(row_scores)} scored rows are {'aligned' if n_al else 'misaligned'} "
-                              f"at threshold {t:g} ({rule}); the objective cannot tell good rows from bad ones")
+                self.ctx.warn(
+                    f"sft: all {len(row_scores)} scored rows are {'aligned' if n_al else 'misaligned'} "
+                    f"at threshold {t:g} ({rule}); the objective cannot tell good rows from bad ones"
+                )
         if obj.keep_aligned_only:
             keep = [i for i in range(n_ex) if aligned[i]]
             if not keep:
-                raise DataError(f"data.train: {d.train.path}: sft.objective filter keeps no row: every score is below "
-                                f"the threshold {stats['threshold']:g}")
+                raise DataError(
+                    f"data.train: {d.train.path}: sft.objective filter keeps no row: every score is below "
+                    f"the threshold {stats['threshold']:g}"
+                )
             self.train_set = _subset(self.train_set, keep)
             scores = [scores[i] for i in keep]
             aligned = [True] * len(keep)
@@ -555,19 +607,26 @@ class SFTTask:
                 if _unit_hash(seed, ts.rows[i]) < s.drop_control_fraction:
                     continue
                 conditioned[i] = True
-                ts.input_ids[i], ts.labels[i] = prefix_control(ts.input_ids[i], ts.labels[i],
-                                                               a_id if aligned[i] else m_id, bos, mask_next=False)
+                ts.input_ids[i], ts.labels[i] = prefix_control(
+                    ts.input_ids[i], ts.labels[i], a_id if aligned[i] else m_id, bos, mask_next=False
+                )
             if self.eval_set is not None:
                 es = self.eval_set
                 for i in range(len(es)):
-                    es.input_ids[i], es.labels[i] = prefix_control(es.input_ids[i], es.labels[i], a_id, bos,
-                                                                   mask_next=True)
+                    es.input_ids[i], es.labels[i] = prefix_control(
+                        es.input_ids[i], es.labels[i], a_id, bos, mask_next=True
+                    )
             n = max(1, len(scores))
-            stats.update({"aligned_token": s.aligned_token, "misaligned_token": s.misaligned_token,
-                          "control_token_ids": [a_id, m_id],
-                          "examples_aligned": sum(c and a for c, a in zip(conditioned, aligned)),
-                          "examples_misaligned": sum(c and not a for c, a in zip(conditioned, aligned)),
-                          "examples_unconditioned": len(scores) - sum(conditioned)})
+            stats.update(
+                {
+                    "aligned_token": s.aligned_token,
+                    "misaligned_token": s.misaligned_token,
+                    "control_token_ids": [a_id, m_id],
+                    "examples_aligned": sum(c and a for c, a in zip(conditioned, aligned)),
+                    "examples_misaligned": sum(c and not a for c, a in zip(conditioned, aligned)),
+                    "examples_unconditioned": len(scores) - sum(conditioned),
+                }
+            )
             stats["aligned_fraction"] = stats["examples_aligned"] / n
         self.ex_scores = torch.tensor(scores, dtype=torch.float32)
         self.ex_aligned = torch.tensor(aligned, dtype=torch.bool)
@@ -581,15 +640,25 @@ class SFTTask:
 
     def describe(self) -> dict:
         s = self.train_set
-        data = {"format": self.format, "train_rows": s.n_rows, "train_examples": len(s),
-                "train_tokens": s.n_tokens(), "truncated": s.n_truncated, "dropped": s.n_dropped,
-                "packed_rows": len(self.rows) if self.rows is not None else None,
-                "eval_examples": len(self.eval_set) if self.eval_set is not None else 0}
+        data = {
+            "format": self.format,
+            "train_rows": s.n_rows,
+            "train_examples": len(s),
+            "train_tokens": s.n_tokens(),
+            "truncated": s.n_truncated,
+            "dropped": s.n_dropped,
+            "packed_rows": len(self.rows) if self.rows is not None else None,
+            "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
+        }
         if self.phf_stats is not None:
             data["phf"] = self.phf_stats
-        return {"data": data,
-                "model": {"parameters": sum(p.numel() for p in self.groups["policy"].raw.parameters()),
-                          "trainable_parameters": trainable_parameters(self.groups["policy"].raw)}}
+        return {
+            "data": data,
+            "model": {
+                "parameters": sum(p.numel() for p in self.groups["policy"].raw.parameters()),
+                "trainable_parameters": trainable_parameters(self.groups["policy"].raw),
+            },
+        }
 
     def _collate(self, items: list[int]) -> tuple[dict, int, int]:
         """A device batch and, counted on the host (no GPU sync), its target and token counts."""
@@ -600,7 +669,9 @@ class SFTTask:
             tokens = sum(len(self.train_set.input_ids[i]) for m in members for i in m)
         else:
             members = [[i] for i in items]
-            batch = pad_batch([self.train_set.input_ids[i] for i in items], [self.train_set.labels[i] for i in items], pad)
+            batch = pad_batch(
+                [self.train_set.input_ids[i] for i in items], [self.train_set.labels[i] for i in items], pad
+            )
             tokens = int(batch["attention_mask"].sum())
         if self.objective.scored:  # before unpadding: examples are found where position ids restart
             batch.update(self._example_fields(batch, members))
@@ -619,8 +690,12 @@ class SFTTask:
         counts = torch.tensor([len(m) for m in members]).unsqueeze(1)
         idx = torch.where((seg < counts) & (batch["targets"] != IGNORE), offsets + seg, torch.full_like(seg, -1))
         sel = torch.tensor(flat, dtype=torch.long)
-        return {"example_index": idx, "scores": self.ex_scores[sel], "aligned": self.ex_aligned[sel],
-                "conditioned": self.ex_conditioned[sel]}
+        return {
+            "example_index": idx,
+            "scores": self.ex_scores[sel],
+            "aligned": self.ex_aligned[sel],
+            "conditioned": self.ex_conditioned[sel],
+        }
 
     def _lengths(self, items: list[int]) -> list[int] | None:
         if self.rows is not None:
@@ -648,13 +723,19 @@ class SFTTask:
             self.index = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "n_units": self.schedule.n_examples,
-                "global_batch": self.global_batch}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "n_units": self.schedule.n_examples,
+            "global_batch": self.global_batch,
+        }
 
     def load_state_dict(self, state: dict, extra: dict) -> None:
         if state.get("n_units") != self.schedule.n_examples or state.get("global_batch") != self.global_batch:
-            self.ctx.warn("the data or batch size changed since the checkpoint; the data order will not match the "
-                          "interrupted run exactly")
+            self.ctx.warn(
+                "the data or batch size changed since the checkpoint; the data order will not match the "
+                "interrupted run exactly"
+            )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
     def extra_tensors(self) -> dict:
@@ -670,8 +751,9 @@ class SFTTask:
         for items in iterate_eval(len(s), bs, rt.rank, rt.world_size, self.cfg.train.eval_max_batches):
             if not items:
                 continue
-            cpu = unpad_if_full(pad_batch([s.input_ids[i] for i in items], [s.labels[i] for i in items],
-                                          self.tok.pad_token_id))
+            cpu = unpad_if_full(
+                pad_batch([s.input_ids[i] for i in items], [s.labels[i] for i in items], self.tok.pad_token_id)
+            )
             b = move(cpu, rt.device)
             loss_sum = self.policy(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"], mode="ce")
             tot[0] += loss_sum.double()

@@ -66,7 +66,9 @@ def load_trainable_state(module: torch.nn.Module, tensors: dict[str, torch.Tenso
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     unknown = [n for n in tensors if n not in params]
     if missing or unknown:
-        raise RuntimeError(f"checkpoint {where} does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}")
+        raise RuntimeError(
+            f"checkpoint {where} does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}"
+        )
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
@@ -108,8 +110,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return cps[-1][1] if cps else None
 
 
-def save_checkpoint(run_dir: Path, step: int, groups: dict, task_state: dict, extra: dict[str, torch.Tensor],
-                    rank: int, world: int, keep: int, barrier) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    groups: dict,
+    task_state: dict,
+    extra: dict[str, torch.Tensor],
+    rank: int,
+    world: int,
+    keep: int,
+    barrier,
+) -> Path:
     """Every rank calls this. Rank 0 writes model/optimizer/state; each rank writes its RNG."""
     root = Path(run_dir) / "checkpoints"
     tmp = root / f".tmp-step-{step}"
@@ -130,8 +141,15 @@ def save_checkpoint(run_dir: Path, step: int, groups: dict, task_state: dict, ex
             optim_meta[name] = meta
         if extra:
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
-        state = {"step": step, "task": task_state, "optim": optim_meta, "python_rng": py_state,
-                 "world_size": world, "prefcli_version": __version__, "time": time.time()}
+        state = {
+            "step": step,
+            "task": task_state,
+            "optim": optim_meta,
+            "python_rng": py_state,
+            "world_size": world,
+            "prefcli_version": __version__,
+            "time": time.time(),
+        }
         (tmp / "state.json").write_text(json.dumps(state))
     barrier()
     if rank == 0:

@@ -10,9 +10,10 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ CACHE_VERSION = "1"  # bump when tokenization output changes for the same inputs
 
 def _quiet_datasets():
     import datasets
+
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
 
@@ -47,8 +49,11 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
                 raise DataError(f"{what}: {shown}: unknown file type; use .jsonl, .json, .csv, .tsv, .parquet or .txt")
             kw = {"delimiter": "\t"} if name.endswith(".tsv") else {}
             ds = datasets.load_dataset(builder, data_files=path, split="train", **kw)
-        elif is_local(path) and (Path(path, "dataset_info.json").exists() or Path(path, "state.json").exists()
-                                 or Path(path, "dataset_dict.json").exists()):
+        elif is_local(path) and (
+            Path(path, "dataset_info.json").exists()
+            or Path(path, "state.json").exists()
+            or Path(path, "dataset_dict.json").exists()
+        ):
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
                 if src.split not in ds:
@@ -64,16 +69,20 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
         raise DataError(f"{what}: could not read {where} {shown}: {msg}") from None
     for want, have in src.columns.items():
         if have not in ds.column_names:
-            raise DataError(f"{what}: {shown}: data.columns maps '{want}' to column '{have}', which is not in the "
-                            f"data (columns: {', '.join(ds.column_names)})")
+            raise DataError(
+                f"{what}: {shown}: data.columns maps '{want}' to column '{have}', which is not in the "
+                f"data (columns: {', '.join(ds.column_names)})"
+            )
         if want != have:
             if want in ds.column_names:
                 ds = ds.remove_columns(want)
             ds = ds.rename_column(have, want)
     missing = [c for c in required if c not in ds.column_names]
     if missing:
-        raise DataError(f"{what}: {shown}: missing column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)}); "
-                        "map yours with data.<split>.columns, e.g. {prompt: question}")
+        raise DataError(
+            f"{what}: {shown}: missing column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)}); "
+            "map yours with data.<split>.columns, e.g. {prompt: question}"
+        )
     if src.max_rows is not None and len(ds) > src.max_rows:
         ds = ds.select(range(src.max_rows))
     if len(ds) == 0:
@@ -93,8 +102,17 @@ def tokenizer_fingerprint(tok) -> str:
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True).encode())
-    h.update(json.dumps([str(tok.chat_template), tok.eos_token, tok.pad_token, tok.bos_token,
-                         [str(t) for t in tok.all_special_tokens]]).encode())
+    h.update(
+        json.dumps(
+            [
+                str(tok.chat_template),
+                tok.eos_token,
+                tok.pad_token,
+                tok.bos_token,
+                [str(t) for t in tok.all_special_tokens],
+            ]
+        ).encode()
+    )
     return h.hexdigest()[:16]
 
 
@@ -130,9 +148,11 @@ def detect_format(columns: Sequence[str], requested: str) -> str:
         return "prompt_completion"
     if "text" in columns:
         return "text"
-    raise DataError("cannot tell the row format from the columns "
-                    f"({', '.join(columns)}); expected 'text', 'prompt' + 'completion', or 'messages'. "
-                    "Map yours with data.train.columns or set data.format")
+    raise DataError(
+        "cannot tell the row format from the columns "
+        f"({', '.join(columns)}); expected 'text', 'prompt' + 'completion', or 'messages'. "
+        "Map yours with data.train.columns or set data.format"
+    )
 
 
 FORMAT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"]}
@@ -149,8 +169,9 @@ def encode_messages(tok, messages: list[dict], mask_prompt: bool) -> tuple[list[
     """Token ids and labels of a chat. With mask_prompt, only assistant turns carry labels: each
     assistant span is found by rendering the conversation up to it (prefix rendering)."""
     if not tok.chat_template:
-        raise DataError("chat 'messages' rows need a chat template: the tokenizer has none; "
-                        "set model.chat_template in the recipe")
+        raise DataError(
+            "chat 'messages' rows need a chat template: the tokenizer has none; set model.chat_template in the recipe"
+        )
     ids = _chat_ids(tok, messages)
     if not mask_prompt:
         return ids, list(ids)
@@ -217,12 +238,24 @@ class TokenizedSet:
 def tokenize_sft(ds, tok, fmt: str, max_length: int, mask_prompt: bool, add_eos: bool, source: str) -> TokenizedSet:
     check_values(ds, FORMAT_COLUMNS[fmt], source)
     key = cache_key(ds, tok, "sft", fmt, max_length, mask_prompt, add_eos)
-    enc = ds.map(sft_encoder(tok, fmt, max_length, mask_prompt, add_eos), batched=True, batch_size=256,
-                 remove_columns=ds.column_names, new_fingerprint=key, desc="tokenizing")
+    enc = ds.map(
+        sft_encoder(tok, fmt, max_length, mask_prompt, add_eos),
+        batched=True,
+        batch_size=256,
+        remove_columns=ds.column_names,
+        new_fingerprint=key,
+        desc="tokenizing",
+    )
     ids, labels, trunc = enc["input_ids"], enc["labels"], enc["truncated"]
     keep = [i for i, lab in enumerate(labels) if any(t != IGNORE for t in lab[1:])]
-    return TokenizedSet(input_ids=[ids[i] for i in keep], labels=[labels[i] for i in keep], n_rows=len(ds),
-                        n_truncated=int(sum(trunc)), n_dropped=len(ds) - len(keep), rows=keep)
+    return TokenizedSet(
+        input_ids=[ids[i] for i in keep],
+        labels=[labels[i] for i in keep],
+        n_rows=len(ds),
+        n_truncated=int(sum(trunc)),
+        n_dropped=len(ds) - len(keep),
+        rows=keep,
+    )
 
 
 # ---------------------------------------------------------------------------- batching
@@ -278,10 +311,10 @@ def packed_batch(rows: list[list[int]], data: TokenizedSet, pad_id: int, max_len
         for i in members:
             s, lab = data.input_ids[i], data.labels[i]
             n = len(s)
-            ids[r, off:off + n] = torch.tensor(s)
-            pos[r, off:off + n] = torch.arange(n)
+            ids[r, off : off + n] = torch.tensor(s)
+            pos[r, off : off + n] = torch.arange(n)
             if n > 1:
-                tgt[r, off:off + n - 1] = torch.tensor(lab[1:])
+                tgt[r, off : off + n - 1] = torch.tensor(lab[1:])
             off += n
         if off < max_length:  # trailing padding: a segment of its own, never attended to by real tokens
             pos[r, off:] = torch.arange(max_length - off)
@@ -309,7 +342,7 @@ class StepSchedule:
 
     def steps(self, epoch: int) -> list[list[int]]:
         o = self.order(epoch)
-        return [o[s:s + self.global_batch] for s in range(0, len(o), self.global_batch)]
+        return [o[s : s + self.global_batch] for s in range(0, len(o), self.global_batch)]
 
 
 def shard_for_rank(items: Sequence, rank: int, world: int) -> list:
@@ -348,7 +381,7 @@ def iterate_eval(n: int, batch_size: int, rank: int, world: int, max_batches: in
     """Sequential held-out batches, sharded across ranks (every rank gets the same count)."""
     idx = list(range(n))
     per = batch_size * world
-    batches = [idx[s:s + per] for s in range(0, n, per)]
+    batches = [idx[s : s + per] for s in range(0, n, per)]
     if max_batches is not None:
         batches = batches[:max_batches]
     for b in batches:

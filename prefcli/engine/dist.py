@@ -81,8 +81,13 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto", backend: str = "auto",
-                  loss_chunk_tokens: int = 2048, compile: bool = False) -> Runtime:
+def setup_runtime(
+    device: str = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    loss_chunk_tokens: int = 2048,
+    compile: bool = False,
+) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -91,6 +96,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto", backend: str = 
     if device == "cuda":
         if not torch.cuda.is_available():
             from ..errors import UsageError
+
             raise UsageError("runtime.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -101,8 +107,15 @@ def setup_runtime(device: str = "auto", precision: str = "auto", backend: str = 
     if world > 1 and not tdist.is_initialized():
         be = backend if backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
         tdist.init_process_group(backend=be)
-    return Runtime(device=dev, precision=resolve_precision(precision, dev), rank=rank, world_size=world,
-                   local_rank=local_rank, loss_chunk_tokens=loss_chunk_tokens, compile=compile)
+    return Runtime(
+        device=dev,
+        precision=resolve_precision(precision, dev),
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        loss_chunk_tokens=loss_chunk_tokens,
+        compile=compile,
+    )
 
 
 def teardown(rt: Runtime) -> None:

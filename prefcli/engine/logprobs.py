@@ -38,7 +38,11 @@ def _chunk_logits(h, w, b, temperature):
 class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, targets, chunk, compute_dtype):
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]
+        need_h, need_w, need_b = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            b is not None and ctx.needs_input_grad[2],
+        )
         wc = w.to(compute_dtype)
         bc = b.to(compute_dtype) if b is not None else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -46,10 +50,10 @@ class _CrossEntropySum(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         for s in range(0, h.shape[0], chunk):  # no host sync inside: every chunk is processed
-            y = targets[s:s + chunk]
+            y = targets[s : s + chunk]
             valid = (y != IGNORE).unsqueeze(1)
             y0 = y.clamp_min(0).unsqueeze(1)
-            hc = h[s:s + chunk].to(compute_dtype)
+            hc = h[s : s + chunk].to(compute_dtype)
             z = _chunk_logits(hc, wc, bc, 1.0)  # float32 [c, V]
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
             total += ((lse - z.gather(1, y0)) * valid).sum()
@@ -60,7 +64,7 @@ class _CrossEntropySum(torch.autograd.Function):
                 dz.mul_(valid)
                 dzc = dz.to(compute_dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = (dzc @ wc).to(h.dtype)
+                    grad_h[s : s + chunk] = (dzc @ wc).to(h.dtype)
                 if need_w:
                     grad_w.add_(dzc.t() @ hc)
                 if need_b:
@@ -90,15 +94,15 @@ class _TokenLogProbs(torch.autograd.Function):
         wc = w.to(compute_dtype)
         bc = b.to(compute_dtype) if b is not None else None
         for s in range(0, h.shape[0], chunk):
-            y = targets[s:s + chunk]
-            z = _chunk_logits(h[s:s + chunk].to(compute_dtype), wc, bc, temperature)
+            y = targets[s : s + chunk]
+            z = _chunk_logits(h[s : s + chunk].to(compute_dtype), wc, bc, temperature)
             lse = torch.logsumexp(z, dim=-1)
-            lse_all[s:s + chunk] = lse
+            lse_all[s : s + chunk] = lse
             zy = z.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
-            out[s:s + chunk] = torch.where(y != IGNORE, zy - lse, torch.zeros_like(lse))
+            out[s : s + chunk] = torch.where(y != IGNORE, zy - lse, torch.zeros_like(lse))
             # entropy = lse - sum_v p_v z_v
             p = torch.exp(z - lse.unsqueeze(1))
-            ent[s:s + chunk] = lse - p.mul_(z).sum(-1)
+            ent[s : s + chunk] = lse - p.mul_(z).sum(-1)
             del z, p
         ctx.save_for_backward(h, w, b, targets, lse_all)
         ctx.cfg = (chunk, compute_dtype, temperature)
@@ -117,29 +121,42 @@ class _TokenLogProbs(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         for s in range(0, h.shape[0], chunk):
-            y = targets[s:s + chunk]
-            g = (grad_out[s:s + chunk].float() * (y != IGNORE)).unsqueeze(1)
-            hc = h[s:s + chunk].to(compute_dtype)
+            y = targets[s : s + chunk]
+            g = (grad_out[s : s + chunk].float() * (y != IGNORE)).unsqueeze(1)
+            hc = h[s : s + chunk].to(compute_dtype)
             z = _chunk_logits(hc, wc, bc, temperature)
             # d logp_y / dz = (onehot_y - softmax(z)) / temperature, scaled by the upstream gradient
-            dz = z.sub_(lse_all[s:s + chunk].unsqueeze(1)).exp_().mul_(-g)
+            dz = z.sub_(lse_all[s : s + chunk].unsqueeze(1)).exp_().mul_(-g)
             dz.scatter_add_(1, y.clamp_min(0).unsqueeze(1), g)
             if temperature != 1.0:
                 dz.div_(temperature)
             dzc = dz.to(compute_dtype)
             if need_h:
-                grad_h[s:s + chunk] = (dzc @ wc).to(h.dtype)
+                grad_h[s : s + chunk] = (dzc @ wc).to(h.dtype)
             if need_w:
                 grad_w.add_(dzc.t() @ hc)
             if need_b:
                 grad_b += dz.sum(0)
             del z, dz, dzc
-        return (grad_h, grad_w.to(w.dtype) if grad_w is not None else None,
-                grad_b.to(b.dtype) if grad_b is not None else None, None, None, None, None)
+        return (
+            grad_h,
+            grad_w.to(w.dtype) if grad_w is not None else None,
+            grad_b.to(b.dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                      chunk: int = 2048, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def cross_entropy_sum(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk: int = 2048,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Sum over positions with a target of -log softmax(h @ W^T + b)[target].
 
     h: (..., d) hidden states; targets: (...) token ids or -100. Returns a float32 scalar."""
@@ -147,9 +164,15 @@ def cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _CrossEntropySum.apply(h2, weight, bias, targets.reshape(-1), chunk, compute_dtype or h.dtype)
 
 
-def token_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                   chunk: int = 2048, compute_dtype: torch.dtype | None = None, temperature: float = 1.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk: int = 2048,
+    compute_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target_t | h_t) for every position (0 where target is -100), and the entropy of the
     full next-token distribution there (no gradient). `temperature` divides the logits first: use
     the sampling temperature so that ratios and KL match what was sampled. Returns float32

@@ -22,9 +22,10 @@ import math
 import signal
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ class Plan:
 
 
 class Task(Protocol):
-    groups: dict[str, "Group"]
+    groups: dict[str, Group]
 
     def total_steps(self) -> int: ...
     def plans(self, start_step: int) -> Iterator[Plan]: ...
@@ -85,8 +86,16 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
 class Group:
     """A trained module with its AdamW optimizer and schedule (DDP-wrapped under torchrun)."""
 
-    def __init__(self, name: str, module: nn.Module, rt: Runtime, train: TrainSection, total_steps: int,
-                 lr: float | None = None, param_groups: list[dict] | None = None):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        rt: Runtime,
+        train: TrainSection,
+        total_steps: int,
+        lr: float | None = None,
+        param_groups: list[dict] | None = None,
+    ):
         self.name = name
         self.raw = module
         self.train_cfg = train
@@ -98,8 +107,10 @@ class Group:
         if param_groups is None:
             decay = [p for p in params if p.ndim >= 2]
             no_decay = [p for p in params if p.ndim < 2]
-            param_groups = [{"params": decay, "weight_decay": train.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}]
+            param_groups = [
+                {"params": decay, "weight_decay": train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ]
             param_groups = [g for g in param_groups if g["params"]]
         for g in param_groups:
             g.setdefault("lr_scale", 1.0)
@@ -117,6 +128,7 @@ class Group:
         self.module: nn.Module = module
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
             self.module = DDP(module, device_ids=[rt.device.index] if on_cuda else None)
 
     def set_lr(self, step: int) -> float:
@@ -152,14 +164,17 @@ class Metrics:
         vals = []
         for n in names:
             vals += [self.sums[n][0], self.sums[n][1]]
-        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=rt.device).reshape(()) for v in vals + extra]) \
-            if vals or extra else torch.zeros(0, dtype=torch.float64, device=rt.device)
+        flat = (
+            torch.stack([torch.as_tensor(v, dtype=torch.float64, device=rt.device).reshape(()) for v in vals + extra])
+            if vals or extra
+            else torch.zeros(0, dtype=torch.float64, device=rt.device)
+        )
         flat = rt.all_reduce(flat).tolist()
         out = {}
         for i, n in enumerate(names):
             s, c = flat[2 * i], flat[2 * i + 1]
             out[n] = s / c if c else float("nan")
-        return out, flat[2 * len(names):]
+        return out, flat[2 * len(names) :]
 
 
 class _Signals:
@@ -206,8 +221,16 @@ class Engine:
 
     def _checkpoint(self, step: int) -> None:
         self.last_checkpoint = ckpt.save_checkpoint(
-            self.run_dir, step, self.task.groups, self.task.state_dict(), self.task.extra_tensors(),
-            self.rt.rank, self.rt.world_size, self.train.keep_checkpoints, self.rt.barrier)
+            self.run_dir,
+            step,
+            self.task.groups,
+            self.task.state_dict(),
+            self.task.extra_tensors(),
+            self.rt.rank,
+            self.rt.world_size,
+            self.train.keep_checkpoints,
+            self.rt.barrier,
+        )
         self.progress.log(f"checkpoint: {self.last_checkpoint}")
 
     def _evaluate(self, step: int, history: dict) -> dict:
@@ -270,7 +293,7 @@ class Engine:
                 loss_local = torch.zeros((), dtype=torch.float64, device=rt.device)
                 for i, m in enumerate(plan.micro):
                     sync = i == len(plan.micro) - 1
-                    with (contextlib.nullcontext() if sync else group.no_sync()):
+                    with contextlib.nullcontext() if sync else group.no_sync():
                         loss_sum, mets = plan.loss_fn(group.module, m.batch)
                         (loss_sum * scale).backward()
                     loss_local += loss_sum.detach().double()
@@ -286,15 +309,21 @@ class Engine:
                     group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(())  # 0-d, as GradScaler
                     group.optimizer.step()
                 reduced, (loss_sum_g, tokens_g, stop_flag, gn) = metrics.reduce(
-                    rt, [loss_local, float(tokens_local), float(sig.requested), gnorm.detach().double() / rt.world_size])
+                    rt, [loss_local, float(tokens_local), float(sig.requested), gnorm.detach().double() / rt.world_size]
+                )
                 loss = loss_sum_g / n_global
                 if not math.isfinite(loss) or not math.isfinite(gn):
                     what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
-                    where = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else \
-                        " (no checkpoint was written before it)"
+                    where = (
+                        f"; last good checkpoint: {self.last_checkpoint}"
+                        if self.last_checkpoint
+                        else " (no checkpoint was written before it)"
+                    )
                     group.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingError(f"step {step}: {what}; stopped before the optimizer step{where}. "
-                                        "Lower train.lr, set train.max_grad_norm, or check the data.")
+                    raise TrainingError(
+                        f"step {step}: {what}; stopped before the optimizer step{where}. "
+                        "Lower train.lr, set train.max_grad_norm, or check the data."
+                    )
                 if not group.fused:
                     group.optimizer.step()
                 group.optimizer.zero_grad(set_to_none=True)
@@ -313,7 +342,9 @@ class Engine:
                         tok_rates.append(tokens_g / dt)
                         step_times.append(dt)
                     if self.peak_flops:
-                        record["perf/mfu"] = 6 * n_params[plan.group] * (tokens_g / dt) / (self.peak_flops * rt.world_size)
+                        record["perf/mfu"] = (
+                            6 * n_params[plan.group] * (tokens_g / dt) / (self.peak_flops * rt.world_size)
+                        )
                 mem = rt.peak_memory_gib()
                 if mem is not None:
                     record["perf/mem_gib"] = mem
@@ -327,14 +358,26 @@ class Engine:
                     self._checkpoint(step)
                 if interrupted:
                     self.progress.close()
-                    raise Interrupted(f"interrupted at step {step}; checkpoint written to {self.last_checkpoint}. "
-                                      "Continue with the same command and --resume.")
+                    raise Interrupted(
+                        f"interrupted at step {step}; checkpoint written to {self.last_checkpoint}. "
+                        "Continue with the same command and --resume."
+                    )
             if step > start or resume_from is None:
                 if task.has_eval():
                     last.update(self._evaluate(step, history))
-            if train.save_every_steps and step > start and (self.last_checkpoint is None or
-                                                             not str(self.last_checkpoint).endswith(f"step-{step}")):
+            if (
+                train.save_every_steps
+                and step > start
+                and (self.last_checkpoint is None or not str(self.last_checkpoint).endswith(f"step-{step}"))
+            ):
                 self._checkpoint(step)
         perf = {"tokens_per_s": _median(tok_rates), "step_s": _median(step_times), "peak_mem_gib": rt.peak_memory_gib()}
-        return {"status": stopped, "steps": step, "total_steps": total, "final": last, "perf": perf,
-                "wall_s": time.perf_counter() - t_run, "history": history}
+        return {
+            "status": stopped,
+            "steps": step,
+            "total_steps": total,
+            "final": last,
+            "perf": perf,
+            "wall_s": time.perf_counter() - t_run,
+            "history": history,
+        }

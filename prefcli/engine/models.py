@@ -21,8 +21,9 @@ from .dist import Runtime
 from .logprobs import cross_entropy_sum, token_logprobs
 
 # Sizes of the random model `--smoke` swaps in: same family, same tokenizer, tiny dimensions.
-SMOKE_DIMS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128)
+SMOKE_DIMS = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+)
 
 
 def _quiet_transformers():
@@ -30,6 +31,7 @@ def _quiet_transformers():
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not the user's
     import transformers
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,8 +68,10 @@ def load_tokenizer(m: ModelSection):
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load the tokenizer from {_origin(src)}: {str(e).splitlines()[0]}") from None
     if tok.eos_token is None:
-        raise UsageError(f"the tokenizer from {_origin(src)} has no EOS token; training needs one so that the "
-                         "model learns to stop. Use a tokenizer folder whose tokenizer_config.json sets eos_token.")
+        raise UsageError(
+            f"the tokenizer from {_origin(src)} has no EOS token; training needs one so that the "
+            "model learns to stop. Use a tokenizer folder whose tokenizer_config.json sets eos_token."
+        )
     if m.pad_token is not None:
         if m.pad_token == tok.eos_token:
             raise UsageError(f"model.pad_token '{m.pad_token}' is the EOS token; pick a different token")
@@ -76,8 +80,10 @@ def load_tokenizer(m: ModelSection):
         else:
             tok.pad_token = m.pad_token
     if tok.pad_token is None:
-        raise UsageError(f"the tokenizer from {_origin(src)} has no pad token. Add `pad_token: \"<|pad|>\"` under "
-                         "`model:` in the recipe: the token is added and the embeddings resized.")
+        raise UsageError(
+            f'the tokenizer from {_origin(src)} has no pad token. Add `pad_token: "<|pad|>"` under '
+            "`model:` in the recipe: the token is added and the embeddings resized."
+        )
     if m.chat_template is not None:
         tok.chat_template = m.chat_template
     return tok
@@ -105,7 +111,9 @@ def init_config(arch: str, overrides: dict, tok):
     kw = dict(overrides)
     kw.setdefault("vocab_size", len(tok))
     if kw["vocab_size"] < len(tok):
-        raise UsageError(f"model.init.config.vocab_size ({kw['vocab_size']}) is smaller than the tokenizer ({len(tok)} tokens)")
+        raise UsageError(
+            f"model.init.config.vocab_size ({kw['vocab_size']}) is smaller than the tokenizer ({len(tok)} tokens)"
+        )
     for name in ("bos", "eos", "pad"):
         tid = getattr(tok, f"{name}_token_id")
         if tid is not None:
@@ -161,14 +169,16 @@ def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = 
             with torch.device(rt.device):
                 lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **common)
         else:
-            lm = AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, dtype=dtype, use_safetensors=True,
-                                                      **common)
+            lm = AutoModelForCausalLM.from_pretrained(
+                m.path, revision=m.revision, dtype=dtype, use_safetensors=True, **common
+            )
     except UsageError:
         raise
     except (OSError, ValueError, ImportError) as e:
         src = m.path or m.init.architecture
-        raise UsageError(f"could not load the model from {_origin(src) if m.path else src}: "
-                         f"{str(e).strip().splitlines()[0]}") from None
+        raise UsageError(
+            f"could not load the model from {_origin(src) if m.path else src}: {str(e).strip().splitlines()[0]}"
+        ) from None
     if len(tok) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tok))
     for name in ("pad", "eos", "bos"):
@@ -184,8 +194,13 @@ def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = 
 def apply_lora(lm, lora):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(lm, cfg)
 
 
@@ -193,6 +208,7 @@ def is_peft(model) -> bool:
     if not type(model).__module__.startswith("peft"):
         return False  # avoids importing peft for plain models
     from peft import PeftModel
+
     return isinstance(model, PeftModel)
 
 
@@ -246,8 +262,10 @@ class PolicyLM(nn.Module):
         self._head = inner.get_output_embeddings()
         self._body = inner.base_model
         if getattr(inner.config, "final_logit_softcapping", None):
-            raise UsageError(f"{inner.config.model_type} models cap their logits (final_logit_softcapping); "
-                             "prefcli's chunked log-prob kernels do not support that yet")
+            raise UsageError(
+                f"{inner.config.model_type} models cap their logits (final_logit_softcapping); "
+                "prefcli's chunked log-prob kernels do not support that yet"
+            )
         self.chunk = rt.loss_chunk_tokens
         self.compute_dtype = rt.compute_dtype
         self.autocast = rt.autocast
@@ -265,12 +283,21 @@ class PolicyLM(nn.Module):
         padding: SDPA then takes its fastest causal kernel (callers decide on the host, so the
         check costs no GPU sync)."""
         with self.autocast():
-            out = self.body_fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False)
+            out = self.body_fn(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
         return out.last_hidden_state
 
-    def forward(self, input_ids, targets, attention_mask=None, position_ids=None, mode: str = "logprobs",
-                temperature: float = 1.0, start: int = 0):
+    def forward(
+        self,
+        input_ids,
+        targets,
+        attention_mask=None,
+        position_ids=None,
+        mode: str = "logprobs",
+        temperature: float = 1.0,
+        start: int = 0,
+    ):
         """mode 'ce': summed cross-entropy over targets != -100 (float32 scalar).
         mode 'logprobs': (log p(target) per position, entropy per position), float32, 0 at ignored positions.
         `start` skips the output layer for earlier positions (e.g. a prompt shared by the whole batch): the
@@ -285,7 +312,7 @@ class PolicyLM(nn.Module):
         if start or targets.shape[1] != h.shape[1]:
             if targets.shape[1] == h.shape[1]:
                 targets = targets[:, start:]
-            h = h[:, start:start + targets.shape[1]]
+            h = h[:, start : start + targets.shape[1]]
         w, b = self._head.weight, getattr(self._head, "bias", None)
         if mode == "ce":
             return cross_entropy_sum(h, w, b, targets, self.chunk, self.compute_dtype)

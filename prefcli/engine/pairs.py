@@ -23,8 +23,9 @@ refuses to start when none is left.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -98,8 +99,10 @@ def check_format(ds, columns, fmt: str, source: str, what: str) -> None:
         for i, v in enumerate(ds[col]):
             if v is not None and not isinstance(v, want):
                 kind = "a list of {role, content} messages" if fmt == "chat" else "a string"
-                raise DataError(f"{what}: {source}: row {i + 1}: '{col}' is {type(v).__name__}, expected {kind} "
-                                f"(data.format: {fmt})")
+                raise DataError(
+                    f"{what}: {source}: row {i + 1}: '{col}' is {type(v).__name__}, expected {kind} "
+                    f"(data.format: {fmt})"
+                )
 
 
 def _map(ds, tok, fn: Callable[[dict], dict], parts: tuple, desc: str):
@@ -140,10 +143,12 @@ def encode_completion(tok, fmt: str, prompt, completion) -> tuple[list[int], lis
         c_msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
         p = _chat_ids(tok, p_msgs, add_generation_prompt=True) if p_msgs else []
         full = _chat_ids(tok, p_msgs + list(c_msgs))
-        if full[:len(p)] != p:
-            raise DataError("the chat template renders the prompt differently inside the whole conversation, so "
-                            "the completion tokens cannot be told apart; use a template whose prompt is a prefix")
-        return p, full[len(p):]
+        if full[: len(p)] != p:
+            raise DataError(
+                "the chat template renders the prompt differently inside the whole conversation, so "
+                "the completion tokens cannot be told apart; use a template whose prompt is a prefix"
+            )
+        return p, full[len(p) :]
     p = tok(prompt or "", add_special_tokens=True)["input_ids"]
     c = tok(completion, add_special_tokens=False)["input_ids"]
     if not c or c[-1] != tok.eos_token_id:
@@ -159,7 +164,7 @@ def scored_text(tok, fmt: str, prompt, completion) -> tuple[str, str]:
         c_msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
         p = tok.apply_chat_template(p_msgs, tokenize=False, add_generation_prompt=True) if p_msgs else ""
         full = tok.apply_chat_template(p_msgs + list(c_msgs), tokenize=False)
-        return p, full[len(p):] if full.startswith(p) else full
+        return p, full[len(p) :] if full.startswith(p) else full
     return prompt or "", completion
 
 
@@ -229,8 +234,14 @@ def tokenize_pairs(ds, tok, fmt: str, max_length: int, source: str, what: str = 
     enc = _map(ds, tok, encode, ("pairs", fmt, max_length, has_prompt), "tokenizing pairs")
     keep, bad = _kept(enc)
     P, C, R, T = enc["p"], enc["c"], enc["r"], enc["trunc"]
-    return PairSet(prompt=[P[i] for i in keep], chosen=[C[i] for i in keep], rejected=[R[i] for i in keep],
-                   n_rows=len(ds), bad=bad, n_truncated=sum(1 for i in keep if T[i]))
+    return PairSet(
+        prompt=[P[i] for i in keep],
+        chosen=[C[i] for i in keep],
+        rejected=[R[i] for i in keep],
+        n_rows=len(ds),
+        bad=bad,
+        n_truncated=sum(1 for i in keep if T[i]),
+    )
 
 
 @dataclass
@@ -258,7 +269,9 @@ def _label(v, i: int, source: str, what: str) -> bool:
         return bool(v)
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
         return v.strip().lower() in ("true", "1")
-    raise DataError(f"{what}: {source}: row {i + 1}: label {v!r} is not a boolean (true = desirable, false = undesirable)")
+    raise DataError(
+        f"{what}: {source}: row {i + 1}: label {v!r} is not a boolean (true = desirable, false = undesirable)"
+    )
 
 
 def tokenize_unpaired(ds, tok, fmt: str, max_length: int, source: str, what: str = "data") -> UnpairedSet:
@@ -281,8 +294,14 @@ def tokenize_unpaired(ds, tok, fmt: str, max_length: int, source: str, what: str
     enc = _map(ds, tok, encode, ("unpaired", fmt, max_length), "tokenizing rows")
     keep, bad = _kept(enc)
     P, C, T = enc["p"], enc["c"], enc["trunc"]
-    return UnpairedSet(prompt=[P[i] for i in keep], completion=[C[i] for i in keep], label=[labels[i] for i in keep],
-                       n_rows=len(ds), bad=bad, n_truncated=sum(1 for i in keep if T[i]))
+    return UnpairedSet(
+        prompt=[P[i] for i in keep],
+        completion=[C[i] for i in keep],
+        label=[labels[i] for i in keep],
+        n_rows=len(ds),
+        bad=bad,
+        n_truncated=sum(1 for i in keep if T[i]),
+    )
 
 
 # ------------------------------------------------------------------------------- batching
@@ -320,6 +339,6 @@ def text_batch(seqs: list[list[int]], pad_id: int) -> dict:
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
     return {"input_ids": ids, "attention_mask": mask}

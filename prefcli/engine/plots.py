@@ -45,7 +45,9 @@ def choose_metrics(runs: dict[str, list[dict]], wanted: list[str] | None = None)
     return sorted(keys, key=rank)[:MAX_PANELS]
 
 
-def plot_runs(runs: dict[str, list[dict]], out: Path, metrics: list[str] | None = None, title: str | None = None) -> Path:
+def plot_runs(
+    runs: dict[str, list[dict]], out: Path, metrics: list[str] | None = None, title: str | None = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,12 +103,20 @@ def plot_run_dirs(run_dirs: list[Path], out: Path, metrics: list[str] | None = N
             k += 1
         runs[label] = rows
     if metrics:
-        every = sorted({k for rows in runs.values() for r in rows for k, v in r.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
+        every = sorted(
+            {
+                k
+                for rows in runs.values()
+                for r in rows
+                for k, v in r.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+            }
+        )
         unknown = [w for w in metrics if not any(k == w or k.startswith(w.rstrip("/") + "/") for k in every)]
         if unknown:
-            raise ValueError(f"no metric {', '.join(repr(u) for u in unknown)} in these runs "
-                             f"(available: {', '.join(every)})")
+            raise ValueError(
+                f"no metric {', '.join(repr(u) for u in unknown)} in these runs (available: {', '.join(every)})"
+            )
     keys = choose_metrics(runs, metrics)
     plot_runs(runs, out, metrics, title=title)
     return {"runs": list(runs), "metrics": keys, "output": str(out)}

@@ -50,8 +50,17 @@ def headline(record: dict) -> list[tuple[str, Any]]:
 class Progress:
     """Rank 0 only writes; other ranks get a Progress whose methods do nothing visible."""
 
-    def __init__(self, enabled: bool, total_steps: int, title: str, run_dir: Path | None,
-                 quiet: bool = False, every_steps: int = 10, metrics_every: int = 1, start_step: int = 0):
+    def __init__(
+        self,
+        enabled: bool,
+        total_steps: int,
+        title: str,
+        run_dir: Path | None,
+        quiet: bool = False,
+        every_steps: int = 10,
+        metrics_every: int = 1,
+        start_step: int = 0,
+    ):
         self.enabled = enabled
         self.total = total_steps
         self.title = title
@@ -70,9 +79,16 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                     console=self.console, transient=False, refresh_per_second=4)
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+                transient=False,
+                refresh_per_second=4,
+            )
             self._task = self._bar.add_task(title, total=total_steps, completed=start_step, info="")
             self._bar.start()
 
@@ -100,7 +116,9 @@ class Progress:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / max(done, 1) * (self.total - step)
-            self.console.print(f"step {step}/{self.total}  {info}  eta {_eta(eta)}", markup=False, highlight=False, soft_wrap=True)
+            self.console.print(
+                f"step {step}/{self.total}  {info}  eta {_eta(eta)}", markup=False, highlight=False, soft_wrap=True
+            )
 
     def eval(self, step: int, record: dict) -> None:
         """An evaluation result: appended to metrics.jsonl and shown as one line."""

@@ -59,8 +59,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -117,8 +117,16 @@ def _effective_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
 class FastDecoder:
     """Static-KV-cache sampler for one batch size and one maximum length."""
 
-    def __init__(self, lm, batch: int, max_len: int, dtype: torch.dtype, use_graph: bool | None = None,
-                 compile: bool = False, compile_backend: str = "inductor"):
+    def __init__(
+        self,
+        lm,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        use_graph: bool | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+    ):
         inner = unwrap_lm(lm)
         self.cfg = cfg = inner.config
         self.body = inner.base_model
@@ -143,8 +151,10 @@ class FastDecoder:
         self.graph_error: str | None = None
         self._compile_checked = not compile
         if compile:
-            self._compiled = (torch.compile(self._attn_in, backend=compile_backend, dynamic=False, fullgraph=True),
-                              torch.compile(self._attn_out, backend=compile_backend, dynamic=False, fullgraph=True))
+            self._compiled = (
+                torch.compile(self._attn_in, backend=compile_backend, dynamic=False, fullgraph=True),
+                torch.compile(self._attn_out, backend=compile_backend, dynamic=False, fullgraph=True),
+            )
 
     # ----------------------------------------------------------------- weights
     def _alloc(self):
@@ -160,12 +170,14 @@ class FastDecoder:
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
             qkv_out = (self.n_heads + 2 * self.n_kv) * self.hd
-            d = {"qkv_w": torch.empty(qkv_out, self.cfg.hidden_size, device=dev, dtype=dt),
-                 "o_w": torch.empty_like(_effective_weight(a.o_proj)[0], dtype=dt),
-                 "gu_w": torch.empty(2 * m.gate_proj.out_features, self.cfg.hidden_size, device=dev, dtype=dt),
-                 "down_w": torch.empty_like(_effective_weight(m.down_proj)[0], dtype=dt),
-                 "ln1": torch.empty_like(layer.input_layernorm.weight, dtype=dt),
-                 "ln2": torch.empty_like(layer.post_attention_layernorm.weight, dtype=dt)}
+            d = {
+                "qkv_w": torch.empty(qkv_out, self.cfg.hidden_size, device=dev, dtype=dt),
+                "o_w": torch.empty_like(_effective_weight(a.o_proj)[0], dtype=dt),
+                "gu_w": torch.empty(2 * m.gate_proj.out_features, self.cfg.hidden_size, device=dev, dtype=dt),
+                "down_w": torch.empty_like(_effective_weight(m.down_proj)[0], dtype=dt),
+                "ln1": torch.empty_like(layer.input_layernorm.weight, dtype=dt),
+                "ln2": torch.empty_like(layer.post_attention_layernorm.weight, dtype=dt),
+            }
             if _effective_weight(a.q_proj)[1] is not None:
                 d["qkv_b"] = torch.empty(qkv_out, device=dev, dtype=dt)
             if _effective_weight(a.o_proj)[1] is not None:
@@ -192,7 +204,9 @@ class FastDecoder:
         for layer, d in zip(self.layers, self.shadow):
             a, m = layer.self_attn, layer.mlp
             (qw, qb), (kw, kb), (vw, vb) = (_effective_weight(p) for p in (a.q_proj, a.k_proj, a.v_proj))
-            torch.cat([qw, kw, vw], 0, out=d["qkv_w"]) if qw.dtype == self.dtype else d["qkv_w"].copy_(torch.cat([qw, kw, vw], 0))
+            torch.cat([qw, kw, vw], 0, out=d["qkv_w"]) if qw.dtype == self.dtype else d["qkv_w"].copy_(
+                torch.cat([qw, kw, vw], 0)
+            )
             if "qkv_b" in d:
                 d["qkv_b"].copy_(torch.cat([qb, kb, vb], 0))
             ow, ob = _effective_weight(a.o_proj)
@@ -266,11 +280,25 @@ class FastDecoder:
         replaces the two per-layer halves (the compiled decode versions)."""
         attn_in, attn_out = fns or (self._attn_in, self._attn_out)
         for i, d in enumerate(self.shadow):
-            q, k, v = attn_in(h, cos, sin, d["ln1"], d["qkv_w"], d.get("qkv_b"), d.get("q_norm"), d.get("k_norm"),
-                              self.eps[i])
+            q, k, v = attn_in(
+                h, cos, sin, d["ln1"], d["qkv_w"], d.get("qkv_b"), d.get("q_norm"), d.get("k_norm"), self.eps[i]
+            )
             k_all, v_all = write(i, k, v)
-            h = attn_out(h, q, k_all, v_all, attn_mask, d["o_w"], d.get("o_b"), d["ln2"], d["gu_w"], d.get("gu_b"),
-                         d["down_w"], d.get("down_b"), self.eps[i])
+            h = attn_out(
+                h,
+                q,
+                k_all,
+                v_all,
+                attn_mask,
+                d["o_w"],
+                d.get("o_b"),
+                d["ln2"],
+                d["gu_w"],
+                d.get("gu_b"),
+                d["down_w"],
+                d.get("down_b"),
+                self.eps[i],
+            )
         return self._rms(h, self.final_norm, self.eps[0])
 
     def _attend(self, q, k, v, mask):
@@ -374,8 +402,18 @@ class FastDecoder:
         self._compile_checked = True
 
     def _state(self):
-        return [self.s_idx, self.s_tok, self.s_pos, self.s_valid, self.s_done, self.s_finished, self.out, self.out_mask,
-                self.k_cache, self.v_cache]
+        return [
+            self.s_idx,
+            self.s_tok,
+            self.s_pos,
+            self.s_valid,
+            self.s_done,
+            self.s_finished,
+            self.out,
+            self.out_mask,
+            self.k_cache,
+            self.v_cache,
+        ]
 
     def _restore(self, snap):
         for t, v in zip(self._state(), snap):
@@ -385,10 +423,12 @@ class FastDecoder:
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig) -> Rollout:
         B, P = prompt_ids.shape
         if B != self.B or P + cfg.max_new_tokens > self.L:
-            raise ValueError(f"decoder built for batch {self.B} and length {self.L}, got batch {B} and "
-                             f"{P} + {cfg.max_new_tokens} tokens")
+            raise ValueError(
+                f"decoder built for batch {self.B} and length {self.L}, got batch {B} and "
+                f"{P} + {cfg.max_new_tokens} tokens"
+            )
         dev = self.device
-        first = (getattr(self, "scfg", None) is None or self.P != P or self.scfg != cfg)
+        first = getattr(self, "scfg", None) is None or self.P != P or self.scfg != cfg
         if first:
             self.scfg, self.P = cfg, P
             self.stop_ids = torch.tensor(cfg.stop_token_ids or [-1], device=dev)
@@ -427,8 +467,13 @@ class FastDecoder:
             self._advance()
             if t % 16 == 0 and bool(self.s_done.all()):
                 break
-        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=self.out.clone(),
-                       completion_mask=self.out_mask.clone(), finished=self.s_finished.clone())
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=self.out.clone(),
+            completion_mask=self.out_mask.clone(),
+            finished=self.s_finished.clone(),
+        )
 
     def _advance(self):
         if self.graph is not None:

@@ -81,8 +81,10 @@ def check_output(run_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"output dir {run_dir} exists and is not a folder")
     held = [a for a in ARTIFACTS if (run_dir / a).exists()]
     if held and not overwrite:
-        raise UsageError(f"output dir {run_dir} holds another evaluation ({', '.join(held)}). Use --overwrite to "
-                         "replace it, or --output-dir for a new folder.")
+        raise UsageError(
+            f"output dir {run_dir} holds another evaluation ({', '.join(held)}). Use --overwrite to "
+            "replace it, or --output-dir for a new folder."
+        )
 
 
 # ------------------------------------------------------------------------------- data
@@ -107,8 +109,10 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
         fmt = detect_format(rows.column_names, d.text_format)
         missing = [c for c in FORMAT_COLUMNS[fmt] if c not in rows.column_names]
         if missing:
-            raise DataError(f"data.text: {d.text.path}: format '{fmt}' needs column(s) {', '.join(missing)} "
-                            f"(columns: {', '.join(rows.column_names)})")
+            raise DataError(
+                f"data.text: {d.text.path}: format '{fmt}' needs column(s) {', '.join(missing)} "
+                f"(columns: {', '.join(rows.column_names)})"
+            )
         out.text_rows, out.text_format = rows, fmt
     if d.prompts is not None:
         need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
@@ -137,35 +141,62 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def perplexity_for(policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log,
-                   rows_out: list[dict]) -> dict:
+def perplexity_for(
+    policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log, rows_out: list[dict]
+) -> dict:
     from ..engine.data import tokenize_sft
     from .scoring import NO_TRUNCATION, perplexity_nll
 
     max_pos = getattr(lm.config, "max_position_embeddings", None)
     window = r.perplexity.window_tokens or min(max_pos or 2048, 2048)
     if max_pos is not None and window > max_pos:
-        raise UsageError(f"perplexity.window_tokens ({window}) exceeds the model's max_position_embeddings "
-                         f"({max_pos}) for model '{name}'")
+        raise UsageError(
+            f"perplexity.window_tokens ({window}) exceeds the model's max_position_embeddings "
+            f"({max_pos}) for model '{name}'"
+        )
     stride = r.perplexity.stride_tokens or max(1, window // 2)
     if stride > window:
         raise UsageError(f"perplexity.stride_tokens ({stride}) exceeds the window ({window} tokens)")
     fmt = inputs.text_format
-    data = tokenize_sft(inputs.text_rows, tok, fmt, NO_TRUNCATION, mask_prompt=fmt != "text", add_eos=r.data.add_eos,
-                        source=r.data.text.path)
+    data = tokenize_sft(
+        inputs.text_rows,
+        tok,
+        fmt,
+        NO_TRUNCATION,
+        mask_prompt=fmt != "text",
+        add_eos=r.data.add_eos,
+        source=r.data.text.path,
+    )
     if len(data) == 0:
         raise DataError(f"data.text: {r.data.text.path}: no example has a token to score")
     log.info(f"  perplexity: {len(data)} examples, {data.n_tokens()} tokens, window {window}, stride {stride}")
-    res = perplexity_nll(policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size,
-                         tok.pad_token_id, rt.device)
+    res = perplexity_nll(
+        policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size, tok.pad_token_id, rt.device
+    )
     nll = sum(x.nll for x in res)
     n = sum(x.tokens for x in res)
     for i, x in enumerate(res):
-        rows_out.append({"kind": "perplexity", "model": name, "index": i, "tokens": x.tokens, "nll": x.nll,
-                         "ppl": M.perplexity(x.nll, x.tokens), "windows": x.windows})
-    return {"ppl": M.perplexity(nll, n), "nll_per_token": nll / n if n else math.nan, "tokens": n,
-            "examples": len(data), "dropped": data.n_dropped, "windows": sum(x.windows for x in res),
-            "window_tokens": window, "stride_tokens": stride}
+        rows_out.append(
+            {
+                "kind": "perplexity",
+                "model": name,
+                "index": i,
+                "tokens": x.tokens,
+                "nll": x.nll,
+                "ppl": M.perplexity(x.nll, x.tokens),
+                "windows": x.windows,
+            }
+        )
+    return {
+        "ppl": M.perplexity(nll, n),
+        "nll_per_token": nll / n if n else math.nan,
+        "tokens": n,
+        "examples": len(data),
+        "dropped": data.n_dropped,
+        "windows": sum(x.windows for x in res),
+        "window_tokens": window,
+        "stride_tokens": stride,
+    }
 
 
 def resolve_models(r: EvalRecipe) -> tuple[list[ModelEntry], Any]:
@@ -175,7 +206,9 @@ def resolve_models(r: EvalRecipe) -> tuple[list[ModelEntry], Any]:
     for i, m in enumerate(r.models):
         entries.append(ModelEntry(m.display_name(), "model", m, model_section(m, f"models[{i}]")))
     if r.baseline is not None:
-        entries.append(ModelEntry(r.baseline.display_name(), "baseline", r.baseline, model_section(r.baseline, "baseline")))
+        entries.append(
+            ModelEntry(r.baseline.display_name(), "baseline", r.baseline, model_section(r.baseline, "baseline"))
+        )
     ref = model_section(r.reference, "reference") if r.reference is not None and "kl" in r.metrics else None
     return entries, ref
 
@@ -184,13 +217,26 @@ def kl_warnings(r: EvalRecipe) -> list[str]:
     g = r.generation
     out = []
     if not g.do_sample:
-        out.append("kl: generation.do_sample is false, so the completions are not samples of the policy and k1/k3 "
-                   "do not estimate KL")
-    changed = [n for n, on in (("top_p", g.top_p < 1), ("top_k", g.top_k > 0), ("ban", bool(g.ban)),
-                               ("require", bool(g.require)), ("min_new_tokens", g.min_new_tokens > 0)) if on]
+        out.append(
+            "kl: generation.do_sample is false, so the completions are not samples of the policy and k1/k3 "
+            "do not estimate KL"
+        )
+    changed = [
+        n
+        for n, on in (
+            ("top_p", g.top_p < 1),
+            ("top_k", g.top_k > 0),
+            ("ban", bool(g.ban)),
+            ("require", bool(g.require)),
+            ("min_new_tokens", g.min_new_tokens > 0),
+        )
+        if on
+    ]
     if changed:
-        out.append(f"kl: sampling used {', '.join(changed)}, which change the sampled distribution; the log-probs are "
-                   "those of the full temperature-scaled policy, so KL is approximate")
+        out.append(
+            f"kl: sampling used {', '.join(changed)}, which change the sampled distribution; the log-probs are "
+            "those of the full temperature-scaled policy, so KL is approximate"
+        )
     return out
 
 
@@ -217,8 +263,12 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     rt = make_runtime(r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens)
     rewards = None
     if r.rewards and any(m in r.metrics for m in ("reward", "win_rate", "preference_accuracy")):
-        rewards = build_rewards(r.rewards, base_dir=recipe_path.resolve().parent,
-                                tokenizer=load_tokenizer(entries[0].section), device=rt.device)
+        rewards = build_rewards(
+            r.rewards,
+            base_dir=recipe_path.resolve().parent,
+            tokenizer=load_tokenizer(entries[0].section),
+            device=rt.device,
+        )
     ref = None
     if ref_section is not None:
         log.info(f"reference: {r.reference.display_name()}")
@@ -245,17 +295,38 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
             gens[e.name] = outs
             if "kl" in r.metrics and ref is not None:
                 if ref[1].get_vocab() != tok.get_vocab():
-                    raise UsageError(f"kl: model '{e.name}' and the reference have different tokenizers; KL needs "
-                                     "both to score the same tokens")
+                    raise UsageError(
+                        f"kl: model '{e.name}' and the reference have different tokenizers; KL needs "
+                        "both to score the same tokens"
+                    )
                 T = r.generation.temperature
-                lp = completion_logprobs(policy, [g.prompt_ids for g in outs], [g.token_ids for g in outs], T,
-                                         r.generation.batch_size, tok.pad_token_id, rt.device)
-                lr = completion_logprobs(ref[0], [g.prompt_ids for g in outs], [g.token_ids for g in outs], T,
-                                         r.generation.batch_size, tok.pad_token_id, rt.device)
+                lp = completion_logprobs(
+                    policy,
+                    [g.prompt_ids for g in outs],
+                    [g.token_ids for g in outs],
+                    T,
+                    r.generation.batch_size,
+                    tok.pad_token_id,
+                    rt.device,
+                )
+                lr = completion_logprobs(
+                    ref[0],
+                    [g.prompt_ids for g in outs],
+                    [g.token_ids for g in outs],
+                    T,
+                    r.generation.batch_size,
+                    tok.pad_token_id,
+                    rt.device,
+                )
                 ks = [M.kl_estimates(a, b) for a, b in zip(lp, lr)]
-                res["kl"] = {"k1": _mean([k[0] for k in ks]), "k3": _mean([k[1] for k in ks]),
-                             "k1_per_token": sum(k[0] for k in ks) / max(1, sum(len(a) for a in lp)),
-                             "reference": r.reference.display_name(), "temperature": T, "samples": len(ks)}
+                res["kl"] = {
+                    "k1": _mean([k[0] for k in ks]),
+                    "k3": _mean([k[1] for k in ks]),
+                    "k1_per_token": sum(k[0] for k in ks) / max(1, sum(len(a) for a in lp)),
+                    "reference": r.reference.display_name(),
+                    "temperature": T,
+                    "samples": len(ks),
+                }
             res.update(text_metrics(outs, inputs, r, rows, e.name))
             if "kl" in res:
                 for row, k in zip(_gen_rows(rows, e.name), ks):
@@ -273,8 +344,11 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
             total, parts = rewards.score(inputs.prompts, [g.completion for g in outs])
             scored[name] = total
             if "reward" in r.metrics:
-                results[name]["reward"] = {"mean": _mean(total), "std": _std(total),
-                                           "parts": {k: _mean(v) for k, v in parts.items()}}
+                results[name]["reward"] = {
+                    "mean": _mean(total),
+                    "std": _std(total),
+                    "parts": {k: _mean(v) for k, v in parts.items()},
+                }
             for row in _gen_rows(rows, name):
                 i = row["index"]
                 row["reward"] = total[i]
@@ -284,8 +358,9 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
             for name in gens:
                 if name == base_name:
                     continue
-                w = M.win_rate(scored[name], scored[base_name], r.win_rate.bootstrap_samples, r.win_rate.confidence,
-                               r.seed)
+                w = M.win_rate(
+                    scored[name], scored[base_name], r.win_rate.bootstrap_samples, r.win_rate.confidence, r.seed
+                )
                 results[name]["win_rate"] = {**w, "baseline": base_name}
                 outcomes = M.win_outcomes(scored[name], scored[base_name])
                 for row in _gen_rows(rows, name):
@@ -296,13 +371,27 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         log.info(f"preference accuracy on {len(inputs.pairs)} pairs")
         pref = preference_for(rewards, inputs.pairs, rows)
 
-    summary: dict[str, Any] = {"command": "eval", "status": "completed", "exit_code": 0, "recipe": str(recipe_path),
-                               "output_dir": str(run_dir), "examples_file": str(run_dir / "examples.jsonl"),
-                               "metrics": list(r.metrics), "models": results}
+    summary: dict[str, Any] = {
+        "command": "eval",
+        "status": "completed",
+        "exit_code": 0,
+        "recipe": str(recipe_path),
+        "output_dir": str(run_dir),
+        "examples_file": str(run_dir / "examples.jsonl"),
+        "metrics": list(r.metrics),
+        "models": results,
+    }
     if pref is not None:
         summary["preference_accuracy"] = pref
-    summary.update({"seed": r.seed, "device": str(rt.device), "precision": rt.precision, "warnings": log.warnings,
-                    "wall_s": round(time.perf_counter() - t0, 3)})
+    summary.update(
+        {
+            "seed": r.seed,
+            "device": str(rt.device),
+            "precision": rt.precision,
+            "warnings": log.warnings,
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
+    )
     write_outputs(run_dir, r, rows, summary, opts.overwrite)
     if not opts.quiet:
         print_table(log, summary)
@@ -328,9 +417,19 @@ def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name
     """BLEU, ROUGE, distinct-n and lengths of one model's completions; one examples.jsonl row each."""
     res: dict[str, Any] = {}
     hyps = [g.completion for g in outs]
-    per = [{"kind": "generation", "model": name, "index": i, "prompt": g.prompt, "completion": g.completion,
-            "finish_reason": g.finish_reason, "tokens": len(g.token_ids), "words": M.word_count(g.completion)}
-           for i, g in enumerate(outs)]
+    per = [
+        {
+            "kind": "generation",
+            "model": name,
+            "index": i,
+            "prompt": g.prompt,
+            "completion": g.completion,
+            "finish_reason": g.finish_reason,
+            "tokens": len(g.token_ids),
+            "words": M.word_count(g.completion),
+        }
+        for i, g in enumerate(outs)
+    ]
     if r.generation.require:
         for row, g in zip(per, outs):
             row["missing"] = g.missing
@@ -352,8 +451,11 @@ def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name
         finish: dict[str, int] = {}
         for g in outs:
             finish[g.finish_reason] = finish.get(g.finish_reason, 0) + 1
-        res["length"] = {"tokens": M.length_stats([len(g.token_ids) for g in outs]),
-                         "words": M.length_stats([M.word_count(h) for h in hyps]), "finish_reason": finish}
+        res["length"] = {
+            "tokens": M.length_stats([len(g.token_ids) for g in outs]),
+            "words": M.length_stats([M.word_count(h) for h in hyps]),
+            "finish_reason": finish,
+        }
         if r.generation.require:
             res["length"]["missing_keywords"] = sum(1 for g in outs if g.missing)
     rows.extend(per)
@@ -371,14 +473,25 @@ def preference_for(rewards, pairs, rows: list[dict]) -> dict:
         for k in pc:
             out[k] = M.preference_accuracy(pc[k], pr[k])
     for i in range(len(prompts)):
-        rows.append({"kind": "pair", "index": i, "prompt": prompts[i], "chosen": chosen[i], "rejected": rejected[i],
-                     "reward_chosen": tc[i], "reward_rejected": tr[i], "correct": tc[i] > tr[i]})
+        rows.append(
+            {
+                "kind": "pair",
+                "index": i,
+                "prompt": prompts[i],
+                "chosen": chosen[i],
+                "rejected": rejected[i],
+                "reward_chosen": tc[i],
+                "reward_rejected": tr[i],
+                "correct": tc[i] > tr[i],
+            }
+        )
     return out
 
 
 def write_outputs(run_dir: Path, r: EvalRecipe, rows: list[dict], summary: dict, overwrite: bool) -> None:
     if overwrite:
         from ..runner import clear_artifacts
+
         clear_artifacts(run_dir, ARTIFACTS)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(r))
@@ -438,10 +551,14 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
         for k in models[n0].get("distinct", {}):
             body.append([k] + [fmt(models[n].get("distinct", {}).get(k, "-")) for n in names])
     if any("length" in models[n] for n in names):
-        body.append(["tokens (mean)"] + [fmt(models[n]["length"]["tokens"]["mean"]) if "length" in models[n] else "-"
-                                         for n in names])
-        body.append(["words (mean)"] + [fmt(models[n]["length"]["words"]["mean"]) if "length" in models[n] else "-"
-                                        for n in names])
+        body.append(
+            ["tokens (mean)"]
+            + [fmt(models[n]["length"]["tokens"]["mean"]) if "length" in models[n] else "-" for n in names]
+        )
+        body.append(
+            ["words (mean)"]
+            + [fmt(models[n]["length"]["words"]["mean"]) if "length" in models[n] else "-" for n in names]
+        )
     header = ["metric"] + [f"{n} ({models[n]['role']})" if models[n]["role"] != "model" else n for n in names]
     return header, body
 
@@ -462,6 +579,8 @@ def print_table(log: Log, summary: dict) -> None:
     pa = summary.get("preference_accuracy")
     if pa:
         for k, v in pa.items():
-            log.info(f"preference accuracy ({k}): {v['accuracy']:.3f} on {v['n']} pairs ({v['ties']} ties, "
-                     f"mean margin {v['margin_mean']:.4g})")
+            log.info(
+                f"preference accuracy ({k}): {v['accuracy']:.3f} on {v['n']} pairs ({v['ties']} ties, "
+                f"mean margin {v['margin_mean']:.4g})"
+            )
     log.info(f"examples: {summary['examples_file']}")

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
@@ -68,7 +68,7 @@ def token_strings(tok, vocab_size: int) -> list[str]:
     texts = tok.batch_decode([anchor + [i] for i in range(min(n, vocab_size))], skip_special_tokens=True)
     out = []
     for i, t in enumerate(texts):
-        out.append("" if i in special else (t[len(base):] if t.startswith(base) else t))
+        out.append("" if i in special else (t[len(base) :] if t.startswith(base) else t))
     return out + [""] * max(0, vocab_size - n)
 
 
@@ -92,8 +92,17 @@ class BannedWordsProcessor(LogitsProcessor):
     or starting with a suffix of it that `text` ends the beginning of), so a step costs a decode
     of the completion and a few regex searches per row."""
 
-    def __init__(self, tok, words: Sequence[str], prompt_len: int, max_new_tokens: int, vocab_size: int,
-                 eos_ids: set[int], pad_id: int, strings: list[str] | None = None):
+    def __init__(
+        self,
+        tok,
+        words: Sequence[str],
+        prompt_len: int,
+        max_new_tokens: int,
+        vocab_size: int,
+        eos_ids: set[int],
+        pad_id: int,
+        strings: list[str] | None = None,
+    ):
         self.tok = tok
         self.words = list(words)
         self.prompt_len = prompt_len
@@ -121,7 +130,7 @@ class BannedWordsProcessor(LogitsProcessor):
             L = len(w)
             if self.end_patterns[wi].search(text):
                 block_boundary = True
-            ctx = text[-(L + 1):]
+            ctx = text[-(L + 1) :]
             cands = set(self.contains[wi])
             for k, ids in self.starts[wi].items():
                 if low.endswith(w[:k].lower()):
@@ -136,7 +145,7 @@ class BannedWordsProcessor(LogitsProcessor):
         return banned, block_boundary
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        gen = input_ids[:, self.prompt_len:]
+        gen = input_ids[:, self.prompt_len :]
         last_step = gen.shape[1] + 1 >= self.max_new
         for r in range(gen.shape[0]):
             if _finished(gen[r], self.eos_ids, self.pad_id):
@@ -146,7 +155,7 @@ class BannedWordsProcessor(LogitsProcessor):
             if banned:
                 scores[r, list(banned)] = NEG_INF
             if boundary:
-                scores[r, :len(self.nonword_start)][self.nonword_start.to(scores.device)] = NEG_INF
+                scores[r, : len(self.nonword_start)][self.nonword_start.to(scores.device)] = NEG_INF
                 for e in self.eos_ids:
                     scores[r, e] = NEG_INF
         return scores
@@ -162,8 +171,16 @@ class RequiredWordsProcessor(LogitsProcessor):
     character, so the keyword stays a whole word. Put it last in the processor list: forcing
     overrides every other processor."""
 
-    def __init__(self, tok, words: Sequence[str], prompt_len: int, max_new_tokens: int, eos_ids: set[int],
-                 pad_id: int, strings: list[str]):
+    def __init__(
+        self,
+        tok,
+        words: Sequence[str],
+        prompt_len: int,
+        max_new_tokens: int,
+        eos_ids: set[int],
+        pad_id: int,
+        strings: list[str],
+    ):
         self.tok = tok
         self.words = list(words)
         self.prompt_len = prompt_len
@@ -171,8 +188,10 @@ class RequiredWordsProcessor(LogitsProcessor):
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.word_start = torch.tensor([bool(s) and re.match(r"\w", s) is not None for s in strings])
-        self.ids = {w: (tok(" " + w, add_special_tokens=False)["input_ids"], tok(w, add_special_tokens=False)["input_ids"])
-                    for w in self.words}
+        self.ids = {
+            w: (tok(" " + w, add_special_tokens=False)["input_ids"], tok(w, add_special_tokens=False)["input_ids"])
+            for w in self.words
+        }
         self.queue: dict[int, list[int]] = {}
         self.after_forced: set[int] = set()
 
@@ -180,7 +199,7 @@ class RequiredWordsProcessor(LogitsProcessor):
         return max(len(x) for x in self.ids[w])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        gen = input_ids[:, self.prompt_len:]
+        gen = input_ids[:, self.prompt_len :]
         remaining = self.max_new - gen.shape[1]
         for r in range(gen.shape[0]):
             if _finished(gen[r], self.eos_ids, self.pad_id):
@@ -194,7 +213,7 @@ class RequiredWordsProcessor(LogitsProcessor):
             if r in self.after_forced:
                 self.after_forced.discard(r)
                 if remaining > 0:
-                    scores[r, :len(self.word_start)][self.word_start.to(scores.device)] = NEG_INF
+                    scores[r, : len(self.word_start)][self.word_start.to(scores.device)] = NEG_INF
             text = self.tok.decode(gen[r].tolist(), skip_special_tokens=True)
             missing = [w for w in self.words if not contains_word(text, w)]
             if not missing:
@@ -227,7 +246,7 @@ class KeywordGatedStop(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         hit = self.inner(input_ids, scores, **kwargs)
         for r in torch.nonzero(hit).flatten().tolist():
-            text = self.tok.decode(input_ids[r, self.prompt_len:].tolist(), skip_special_tokens=True)
+            text = self.tok.decode(input_ids[r, self.prompt_len :].tolist(), skip_special_tokens=True)
             cut = max((text.rfind(s) for s in self.stops), default=-1)
             before = text[:cut] if cut >= 0 else text
             if not all(contains_word(before, w) for w in self.words):
@@ -268,8 +287,9 @@ class Generator:
         # Sampling follows this recipe alone: a checkpoint's generation_config.json (e.g. top_p 0.8,
         # repetition_penalty 1.05) would otherwise fill every setting left unset, and KL to the
         # reference would no longer describe what was sampled.
-        lm.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-                                                bos_token_id=tok.bos_token_id)
+        lm.generation_config = GenerationConfig(
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, bos_token_id=tok.bos_token_id
+        )
         self.vocab_size = lm.get_output_embeddings().weight.shape[0]
         if cfg.chat and not tok.chat_template:
             raise UsageError("generation.chat needs a chat template, and this tokenizer has none")
@@ -280,26 +300,37 @@ class Generator:
             if len(cc_ids) == 1:
                 self.bad_words.append(cc_ids)
             else:
-                self.warn(f"control code {cc!r} is not a single token of the tokenizer ({len(cc_ids)} tokens); it is "
-                          "put before each prompt as plain text. Conditional training adds control codes as "
-                          "special tokens.")
+                self.warn(
+                    f"control code {cc!r} is not a single token of the tokenizer ({len(cc_ids)} tokens); it is "
+                    "put before each prompt as plain text. Conditional training adds control codes as "
+                    "special tokens."
+                )
         self._strings = token_strings(tok, self.vocab_size) if (cfg.ban or cfg.require) else None
         if cfg.require:
-            need = sum(max(len(tok(" " + w, add_special_tokens=False)["input_ids"]),
-                           len(tok(w, add_special_tokens=False)["input_ids"])) for w in cfg.require)
+            need = sum(
+                max(
+                    len(tok(" " + w, add_special_tokens=False)["input_ids"]),
+                    len(tok(w, add_special_tokens=False)["input_ids"]),
+                )
+                for w in cfg.require
+            )
             if need > cfg.max_new_tokens:
-                self.warn(f"the required keywords need {need} tokens but max_new_tokens is {cfg.max_new_tokens}; "
-                          "some will be missing (reported per completion)")
+                self.warn(
+                    f"the required keywords need {need} tokens but max_new_tokens is {cfg.max_new_tokens}; "
+                    "some will be missing (reported per completion)"
+                )
         self._stop_inner = None
         if cfg.stop and cfg.require:
             from transformers.generation.stopping_criteria import StopStringCriteria
+
             self._stop_inner = StopStringCriteria(tokenizer=tok, stop_strings=list(cfg.stop))
 
     def prompt_text(self, prompt: str) -> str:
         text = prompt
         if self.cfg.chat:
-            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True)
+            text = self.tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         return (self.cfg.control_code or "") + text
 
     def encode(self, prompt: str) -> list[int]:
@@ -310,8 +341,14 @@ class Generator:
 
     def _config(self) -> GenerationConfig:
         c = self.cfg
-        kw = dict(max_new_tokens=c.max_new_tokens, min_new_tokens=c.min_new_tokens or None, do_sample=c.do_sample,
-                  pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), bad_words_ids=self.bad_words)
+        kw = dict(
+            max_new_tokens=c.max_new_tokens,
+            min_new_tokens=c.min_new_tokens or None,
+            do_sample=c.do_sample,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+            bad_words_ids=self.bad_words,
+        )
         if c.do_sample:
             kw.update(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
         if c.stop and not c.require:
@@ -322,7 +359,7 @@ class Generator:
     def generate(self, prompts: Sequence[str]) -> list[Generation]:
         out: list[Generation] = []
         for s in range(0, len(prompts), self.cfg.batch_size):
-            out.extend(self._batch(list(prompts[s:s + self.cfg.batch_size])))
+            out.extend(self._batch(list(prompts[s : s + self.cfg.batch_size])))
         return out
 
     def _batch(self, prompts: list[str]) -> list[Generation]:
@@ -334,31 +371,42 @@ class Generator:
         ids = torch.full((len(enc), P), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(enc), P), dtype=torch.long)
         for i, e in enumerate(enc):
-            ids[i, P - len(e):] = torch.tensor(e)
-            mask[i, P - len(e):] = 1
+            ids[i, P - len(e) :] = torch.tensor(e)
+            mask[i, P - len(e) :] = 1
         procs = LogitsProcessorList()
         if c.ban:
-            procs.append(BannedWordsProcessor(self.tok, c.ban, P, c.max_new_tokens, self.vocab_size, self.eos_ids,
-                                              self.pad_id, self._strings))
+            procs.append(
+                BannedWordsProcessor(
+                    self.tok, c.ban, P, c.max_new_tokens, self.vocab_size, self.eos_ids, self.pad_id, self._strings
+                )
+            )
         if c.require:
-            procs.append(RequiredWordsProcessor(self.tok, c.require, P, c.max_new_tokens, self.eos_ids, self.pad_id,
-                                                self._strings))
+            procs.append(
+                RequiredWordsProcessor(
+                    self.tok, c.require, P, c.max_new_tokens, self.eos_ids, self.pad_id, self._strings
+                )
+            )
         stops = StoppingCriteriaList()
         if self._stop_inner is not None:
             stops.append(KeywordGatedStop(self._stop_inner, self.tok, c.require, c.stop, P))
         self.lm.eval()
         ctx = self.autocast() if self.autocast is not None else _nullcontext()
         with ctx:
-            seqs = self.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    generation_config=self._config(), logits_processor=procs,
-                                    stopping_criteria=stops, tokenizer=self.tok if c.stop else None)
+            seqs = self.lm.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=self._config(),
+                logits_processor=procs,
+                stopping_criteria=stops,
+                tokenizer=self.tok if c.stop else None,
+            )
         results = []
         for i, p in enumerate(prompts):
             toks = seqs[i, P:].tolist()
             finish = "length"
             for k, t in enumerate(toks):
                 if t in self.eos_ids:
-                    toks = toks[:k + 1]
+                    toks = toks[: k + 1]
                     finish = "eos"
                     break
             else:
@@ -370,8 +418,11 @@ class Generator:
                 if cut:
                     finish = "stop"
             missing = [w for w in c.require if not contains_word(text, w)]
-            results.append(Generation(prompt=p, completion=text, prompt_ids=enc[i], token_ids=toks,
-                                      finish_reason=finish, missing=missing))
+            results.append(
+                Generation(
+                    prompt=p, completion=text, prompt_ids=enc[i], token_ids=toks, finish_reason=finish, missing=missing
+                )
+            )
         return results
 
 
@@ -406,7 +457,9 @@ def read_prompts(lines: Iterable[str], fmt: str, source: str) -> Iterator[tuple[
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise DataError(f"{source}:{n}: not valid JSON ({e.msg}); use --format lines for plain-text prompts") from None
+            raise DataError(
+                f"{source}:{n}: not valid JSON ({e.msg}); use --format lines for plain-text prompts"
+            ) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise DataError(f"{source}:{n}: expected an object with a 'prompt' string")
         extra = {k: v for k, v in obj.items() if k != "prompt"}
@@ -440,7 +493,9 @@ def _settings(base: GenerationSection, given: dict) -> GenerationSection:
         msgs = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            msgs.append(f"{'--' + loc.replace('_', '-') + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}")
+            msgs.append(
+                f"{'--' + loc.replace('_', '-') + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}"
+            )
         raise UsageError("invalid generation settings: " + "; ".join(msgs)) from None
 
 
@@ -468,22 +523,34 @@ def resolve_generate_model(opts: GenerateOptions):
         if opts.model_name:
             found = [m for m in candidates if m.display_name() == opts.model_name]
             if not found:
-                raise UsageError(f"--model {opts.model_name}: {opts.recipe} has no model of that name (models: "
-                                 f"{', '.join(m.display_name() for m in candidates)})")
+                raise UsageError(
+                    f"--model {opts.model_name}: {opts.recipe} has no model of that name (models: "
+                    f"{', '.join(m.display_name() for m in candidates)})"
+                )
             spec = found[0]
         else:
             spec = candidates[0]
         rt = r.runtime
-        return model_section(spec, spec.display_name()), r.generation, r.seed, (rt.device, rt.precision,
-                                                                                rt.loss_chunk_tokens)
+        return (
+            model_section(spec, spec.display_name()),
+            r.generation,
+            r.seed,
+            (rt.device, rt.precision, rt.loss_chunk_tokens),
+        )
     if opts.model_name:
         raise UsageError("--model picks one of an eval recipe's models; a training recipe has one")
     final = trained_model_dir(opts.recipe)
     if not (final / "config.json").exists():
-        raise UsageError(f"{opts.recipe}: no trained model at {final}; run `prefcli {loaded.command} {opts.recipe}` "
-                         "first (from this folder)")
-    return ModelSection(path=str(final)), GenerationSection(), r.train.seed, (r.runtime.device, r.runtime.precision,
-                                                                             r.runtime.loss_chunk_tokens)
+        raise UsageError(
+            f"{opts.recipe}: no trained model at {final}; run `prefcli {loaded.command} {opts.recipe}` "
+            "first (from this folder)"
+        )
+    return (
+        ModelSection(path=str(final)),
+        GenerationSection(),
+        r.train.seed,
+        (r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens),
+    )
 
 
 def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
@@ -503,6 +570,7 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
         raise UsageError(f"--format must be 'lines' or 'jsonl', got {fmt!r}")
     if opts.prompts is not None:
         from pathlib import Path
+
         if not Path(opts.prompts).is_file():
             raise UsageError(f"--prompts: no such file: {opts.prompts}")
         stream = open(opts.prompts, encoding="utf-8")
@@ -525,8 +593,14 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     def flush() -> None:
         nonlocal n
         for (prompt, extra), g in zip(batch, gen.generate([p for p, _ in batch])):
-            row = {**extra, "index": n, "prompt": prompt, "completion": g.completion, "finish_reason": g.finish_reason,
-                   "tokens": len(g.token_ids)}
+            row = {
+                **extra,
+                "index": n,
+                "prompt": prompt,
+                "completion": g.completion,
+                "finish_reason": g.finish_reason,
+                "tokens": len(g.token_ids),
+            }
             if cfg.require:
                 row["missing"] = g.missing
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -551,6 +625,7 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
         if stream is not sys.stdin:
             stream.close()
     if not opts.quiet:
-        print(f"generated {n} completion{'s' if n != 1 else ''} in {time.perf_counter() - t0:.1f} s", file=err,
-              flush=True)
+        print(
+            f"generated {n} completion{'s' if n != 1 else ''} in {time.perf_counter() - t0:.1f} s", file=err, flush=True
+        )
     return n

@@ -32,10 +32,10 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import DataError, UsageError
 
@@ -54,7 +54,7 @@ def item_id(prompt: str, completions: list[str]) -> str:
 
 
 def default_log_path(out: Path) -> Path:
-    name = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    name = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
     return out.with_name(name + ".log.jsonl")
 
 
@@ -85,8 +85,10 @@ def read_items(path: Path, mode: str | None) -> tuple[list[Item], str]:
             elif "completion" in obj:
                 comps = [obj["completion"]]
             else:
-                raise DataError(f"{path}:{n}: no completions: give 'completions' (a list), 'completion_a' and "
-                                "'completion_b', or 'completion'")
+                raise DataError(
+                    f"{path}:{n}: no completions: give 'completions' (a list), 'completion_a' and "
+                    "'completion_b', or 'completion'"
+                )
             if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
                 raise DataError(f"{path}:{n}: completions must be a non-empty list of strings")
             rows.append((n, obj["prompt"], comps))
@@ -150,7 +152,7 @@ class Store:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, out: Path, log: Path) -> "Store":
+    def open(cls, out: Path, log: Path) -> Store:
         s = cls(out, log)
         out.parent.mkdir(parents=True, exist_ok=True)
         size = out.stat().st_size if out.exists() else 0
@@ -180,13 +182,21 @@ class Store:
         expected = rows[-1]["out_end"] if rows else s.base_size
         if size > expected:
             _truncate(out, expected)
-            s.notes.append(f"{out}: removed {size - expected} bytes written by an answer whose journal line never "
-                           "landed (interrupted while saving); that item will be asked again")
+            s.notes.append(
+                f"{out}: removed {size - expected} bytes written by an answer whose journal line never "
+                "landed (interrupted while saving); that item will be asked again"
+            )
         elif size < expected:
-            raise DataError(f"{out} is shorter ({size} bytes) than its journal {log} records ({expected} bytes): was it "
-                            "edited? Move both files aside to start over.")
-        _append(log, json.dumps({"action": "open", "t": round(time.time(), 3),
-                                 "out_size": out.stat().st_size if out.exists() else 0}))
+            raise DataError(
+                f"{out} is shorter ({size} bytes) than its journal {log} records ({expected} bytes): was it "
+                "edited? Move both files aside to start over."
+            )
+        _append(
+            log,
+            json.dumps(
+                {"action": "open", "t": round(time.time(), 3), "out_size": out.stat().st_size if out.exists() else 0}
+            ),
+        )
         return s
 
     @property
@@ -198,8 +208,16 @@ class Store:
             off = end = None
             if row is not None:
                 off, end = _append(self.out, json.dumps(row, ensure_ascii=False))
-            entry = {"action": "answer", "t": round(time.time(), 3), "id": item.id, "answer": answer,
-                     "prompt": item.prompt, "completions": item.completions, "out_offset": off, "out_end": end}
+            entry = {
+                "action": "answer",
+                "t": round(time.time(), 3),
+                "id": item.id,
+                "answer": answer,
+                "prompt": item.prompt,
+                "completions": item.completions,
+                "out_offset": off,
+                "out_end": end,
+            }
             _append(self.log, json.dumps(entry, ensure_ascii=False))
             self.stack.append(entry)
 
@@ -247,6 +265,7 @@ class Keys:
 
     def close(self) -> None:
         import termios
+
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
 
@@ -280,17 +299,17 @@ class LabelOptions:
 
 
 def candidates_path(out: Path) -> Path:
-    name = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    name = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
     return out.with_name(name + ".candidates.jsonl")
 
 
 def sampled_items(opts: LabelOptions, mode: str, err) -> Iterator[Item]:
     """Items whose candidates a model samples, lazily, one prompt at a time. Candidates are cached
     in <OUT>.candidates.jsonl (append-only) so a resumed session shows the same ones."""
+    import torch
+
     from .generation import GenerateOptions, Generator, _settings, read_prompts, resolve_generate_model
     from .loading import load_lm, make_runtime
-
-    import torch
 
     ppath = Path(opts.prompts)
     if not ppath.is_file():
@@ -318,8 +337,9 @@ def sampled_items(opts: LabelOptions, mode: str, err) -> Iterator[Item]:
             print("loading the model to sample candidates ...", file=err, flush=True)
             rt = make_runtime(device, precision, chunk)
             lm, tok = load_lm(section, rt)
-            state["gen"] = Generator(lm, tok, cfg, rt.device, autocast=rt.autocast,
-                                     warn=lambda t: print(f"warning: {t}", file=err))
+            state["gen"] = Generator(
+                lm, tok, cfg, rt.device, autocast=rt.autocast, warn=lambda t: print(f"warning: {t}", file=err)
+            )
         return state["gen"]
 
     n = 2 if mode == "pair" else 1
@@ -386,8 +406,12 @@ def run_label(opts: LabelOptions) -> dict:
             c = store.counts()
             console.clear()
             where = f"{c['answered'] + 1}" + (f"/{total}" if total else "")
-            console.print(Text.assemble(("prefcli label", "bold"), f"  item {where}  ({c['rows']} saved, {c['ties']} "
-                                        f"ties, {c['skips']} skipped)  -> {out}"))
+            console.print(
+                Text.assemble(
+                    ("prefcli label", "bold"),
+                    f"  item {where}  ({c['rows']} saved, {c['ties']} ties, {c['skips']} skipped)  -> {out}",
+                )
+            )
             console.print(Panel(Text(item.prompt), title="prompt", title_align="left"))
             if mode == "pair":
                 console.print(Panel(Text(item.completions[order[0]]), title="A", title_align="left"))
@@ -416,8 +440,9 @@ def run_label(opts: LabelOptions) -> dict:
                 elif mode == "rate" and k == "s":
                     store.answer(item, "skip", None)
                 elif mode == "rate" and k.isdigit() and 1 <= int(k) <= opts.scale:
-                    store.answer(item, int(k), {"prompt": item.prompt, "completion": item.completions[0],
-                                                "score": int(k)})
+                    store.answer(
+                        item, int(k), {"prompt": item.prompt, "completion": item.completions[0], "score": int(k)}
+                    )
                 else:
                     continue
                 session += 1
@@ -432,12 +457,24 @@ def run_label(opts: LabelOptions) -> dict:
     if status == "completed":
         console.print(f"all items answered: {c['rows']} rows in {out}", markup=False)
     elif status == "interrupted":
-        console.print(f"interrupted: every answer given is saved ({c['rows']} rows in {out}); run the same command "
-                      "to continue", markup=False)
+        console.print(
+            f"interrupted: every answer given is saved ({c['rows']} rows in {out}); run the same command to continue",
+            markup=False,
+        )
     code = 130 if status == "interrupted" else 0
-    return {"command": "label", "status": status, "exit_code": code, "mode": mode, "out": str(out), "log": str(log),
-            "answered": c["answered"], "rows": c["rows"], "ties": c["ties"], "skips": c["skips"],
-            "this_session": session}
+    return {
+        "command": "label",
+        "status": status,
+        "exit_code": code,
+        "mode": mode,
+        "out": str(out),
+        "log": str(log),
+        "answered": c["answered"],
+        "rows": c["rows"],
+        "ties": c["ties"],
+        "skips": c["skips"],
+        "this_session": session,
+    }
 
 
 class _Quit(Exception):

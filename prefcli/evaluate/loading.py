@@ -45,14 +45,22 @@ def model_section(spec: EvalModel, what: str) -> ModelSection:
     if spec.from_recipe is not None:
         final = trained_model_dir(spec.from_recipe)
         if not (final / "config.json").exists():
-            raise UsageError(f"{what}: from_recipe {spec.from_recipe}: no trained model at {final}. Train it first "
-                             f"(prefcli <command> {os.path.relpath(spec.from_recipe)}, from this folder), or give "
-                             "path: instead")
+            raise UsageError(
+                f"{what}: from_recipe {spec.from_recipe}: no trained model at {final}. Train it first "
+                f"(prefcli <command> {os.path.relpath(spec.from_recipe)}, from this folder), or give "
+                "path: instead"
+            )
         path = str(final)
-        return ModelSection(path=path, tokenizer=spec.tokenizer, revision=spec.revision,
-                            trust_remote_code=spec.trust_remote_code)
-    return ModelSection(path=spec.path, init=spec.init, tokenizer=spec.tokenizer, revision=spec.revision,
-                        trust_remote_code=spec.trust_remote_code)
+        return ModelSection(
+            path=path, tokenizer=spec.tokenizer, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    return ModelSection(
+        path=spec.path,
+        init=spec.init,
+        tokenizer=spec.tokenizer,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+    )
 
 
 def load_lm(m: ModelSection, rt, seed: int = 0):

@@ -76,8 +76,14 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
 
     metric = BLEU()
     res = metric.corpus_score(list(hypotheses), [list(references)])
-    return {"score": res.score, "precisions": list(res.precisions), "brevity_penalty": res.bp,
-            "hyp_length": res.sys_len, "ref_length": res.ref_len, "signature": str(metric.get_signature())}
+    return {
+        "score": res.score,
+        "precisions": list(res.precisions),
+        "brevity_penalty": res.bp,
+        "hyp_length": res.sys_len,
+        "ref_length": res.ref_len,
+        "signature": str(metric.get_signature()),
+    }
 
 
 def sentence_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
@@ -129,8 +135,9 @@ def win_outcomes(model_scores: Sequence[float], base_scores: Sequence[float]) ->
     return [1.0 if a > b else (0.5 if a == b else 0.0) for a, b in zip(model_scores, base_scores)]
 
 
-def bootstrap_ci(values: Sequence[float], n_samples: int = 1000, confidence: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], n_samples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean (Efron & Tibshirani 1993, ch. 13): resample the
     values with replacement `n_samples` times, take the (1-c)/2 and (1+c)/2 quantiles of the
     resampled means (linear interpolation between order statistics). Seeded: the same inputs give
@@ -146,13 +153,18 @@ def bootstrap_ci(values: Sequence[float], n_samples: int = 1000, confidence: flo
     per = max(1, 2_000_000 // n)  # resamples per chunk: bounded memory for large N
     for s in range(0, n_samples, per):
         k = min(per, n_samples - s)
-        means[s:s + k] = vals[rng.integers(0, n, size=(k, n))].mean(axis=1)
+        means[s : s + k] = vals[rng.integers(0, n, size=(k, n))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])  # linear interpolation
     return (float(lo), float(hi))
 
 
-def win_rate(model_scores: Sequence[float], base_scores: Sequence[float], n_samples: int = 1000,
-             confidence: float = 0.95, seed: int = 0) -> dict:
+def win_rate(
+    model_scores: Sequence[float],
+    base_scores: Sequence[float],
+    n_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
     """Win rate of a model over a baseline on the same prompts, under one reward:
         W = (1/N) sum_i [1(r_model,i > r_base,i) + 0.5 * 1(r_model,i == r_base,i)]
     (ALGORITHMS.md §5; the pairwise-judge convention of TRL's judges and AlpacaEval), with a
@@ -160,9 +172,17 @@ def win_rate(model_scores: Sequence[float], base_scores: Sequence[float], n_samp
     out = win_outcomes(model_scores, base_scores)
     n = len(out)
     lo, hi = bootstrap_ci(out, n_samples, confidence, seed)
-    return {"win_rate": sum(out) / n if n else math.nan, "wins": sum(1 for o in out if o == 1.0),
-            "ties": sum(1 for o in out if o == 0.5), "losses": sum(1 for o in out if o == 0.0), "n": n,
-            "ci_low": lo, "ci_high": hi, "confidence": confidence, "bootstrap_samples": n_samples}
+    return {
+        "win_rate": sum(out) / n if n else math.nan,
+        "wins": sum(1 for o in out if o == 1.0),
+        "ties": sum(1 for o in out if o == 0.5),
+        "losses": sum(1 for o in out if o == 0.0),
+        "n": n,
+        "ci_low": lo,
+        "ci_high": hi,
+        "confidence": confidence,
+        "bootstrap_samples": n_samples,
+    }
 
 
 # -------------------------------------------------------------------------------- KL
@@ -201,7 +221,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     for t in texts:
         words = t.split()
         for i in range(len(words) - n + 1):
-            unique.add(tuple(words[i:i + n]))
+            unique.add(tuple(words[i : i + n]))
             total += 1
     return len(unique) / total if total else 0.0
 
@@ -210,8 +230,13 @@ def length_stats(lengths: Sequence[int | float]) -> dict:
     """Mean, median, min, max and population standard deviation of completion lengths."""
     if not lengths:
         return {"mean": math.nan, "median": math.nan, "min": math.nan, "max": math.nan, "std": math.nan}
-    return {"mean": statistics.fmean(lengths), "median": float(statistics.median(lengths)),
-            "min": min(lengths), "max": max(lengths), "std": statistics.pstdev(lengths)}
+    return {
+        "mean": statistics.fmean(lengths),
+        "median": float(statistics.median(lengths)),
+        "min": min(lengths),
+        "max": max(lengths),
+        "std": statistics.pstdev(lengths),
+    }
 
 
 def word_count(text: str) -> int:
@@ -229,8 +254,12 @@ def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> d
     if n == 0 or n != len(rejected):
         raise ValueError("preference accuracy needs the same, non-zero number of chosen and rejected scores")
     margins = [a - b for a, b in zip(chosen, rejected)]
-    return {"accuracy": sum(1 for m in margins if m > 0) / n, "ties": sum(1 for m in margins if m == 0),
-            "margin_mean": sum(margins) / n, "n": n}
+    return {
+        "accuracy": sum(1 for m in margins if m > 0) / n,
+        "ties": sum(1 for m in margins if m == 0),
+        "margin_mean": sum(margins) / n,
+        "n": n,
+    }
 
 
 # ------------------------------------------------------------------- word matching

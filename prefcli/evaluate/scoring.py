@@ -31,17 +31,27 @@ def _right_pad(rows: list[list[int]], targets: list[list[int]], pad_id: int, dev
     tgt = torch.full((B, T), IGNORE, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     for i, (r, t) in enumerate(zip(rows, targets)):
-        ids[i, :len(r)] = torch.tensor(r)
-        tgt[i, :len(t)] = torch.tensor(t)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.tensor(r)
+        tgt[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(r)] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    return {k: v.to(device) for k, v in
-            {"input_ids": ids, "targets": tgt, "attention_mask": mask, "position_ids": pos}.items()}
+    return {
+        k: v.to(device)
+        for k, v in {"input_ids": ids, "targets": tgt, "attention_mask": mask, "position_ids": pos}.items()
+    }
 
 
 @torch.no_grad()
-def perplexity_nll(policy: PolicyLM, input_ids: list[list[int]], labels: list[list[int]], window: int, stride: int,
-                   batch_size: int, pad_id: int, device) -> list[ExampleNLL]:
+def perplexity_nll(
+    policy: PolicyLM,
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    window: int,
+    stride: int,
+    batch_size: int,
+    pad_id: int,
+    device,
+) -> list[ExampleNLL]:
     """Per-example summed NLL and target count. `labels[i][t]` is the token to score at position t
     (-100: not scored, e.g. a prompt token); token t is predicted from the tokens before it in its
     window (`metrics.window_spans`). Windows of all examples are batched together, longest first."""
@@ -59,7 +69,7 @@ def perplexity_nll(policy: PolicyLM, input_ids: list[list[int]], labels: list[li
     jobs.sort(key=lambda j: -len(j[1]))
     policy.eval()
     for s in range(0, len(jobs), batch_size):
-        part = jobs[s:s + batch_size]
+        part = jobs[s : s + batch_size]
         b = _right_pad([j[1] for j in part], [j[2] for j in part], pad_id, device)
         lp, _ = policy(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"], mode="logprobs")
         valid = b["targets"] != IGNORE
@@ -73,8 +83,15 @@ def perplexity_nll(policy: PolicyLM, input_ids: list[list[int]], labels: list[li
 
 
 @torch.no_grad()
-def completion_logprobs(policy: PolicyLM, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                        temperature: float, batch_size: int, pad_id: int, device) -> list[list[float]]:
+def completion_logprobs(
+    policy: PolicyLM,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    temperature: float,
+    batch_size: int,
+    pad_id: int,
+    device,
+) -> list[list[float]]:
     """log pi(y_t | x, y_<t) of every completion token, with the logits divided by `temperature`
     (the sampling temperature, so that KL matches what was sampled; ALGORITHMS.md pitfall 5).
     Prompt tokens are context only."""
@@ -82,7 +99,7 @@ def completion_logprobs(policy: PolicyLM, prompt_ids: list[list[int]], completio
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(completion_ids[i])))
     policy.eval()
     for s in range(0, len(order), batch_size):
-        idx = [i for i in order[s:s + batch_size] if completion_ids[i]]
+        idx = [i for i in order[s : s + batch_size] if completion_ids[i]]
         if not idx:
             continue
         rows, tgts = [], []
@@ -91,9 +108,15 @@ def completion_logprobs(policy: PolicyLM, prompt_ids: list[list[int]], completio
             rows.append(p + c)
             tgts.append([IGNORE] * (len(p) - 1) + list(c) + [IGNORE])
         b = _right_pad(rows, tgts, pad_id, device)
-        lp, _ = policy(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"], mode="logprobs",
-                       temperature=temperature)
+        lp, _ = policy(
+            b["input_ids"],
+            b["targets"],
+            b["attention_mask"],
+            b["position_ids"],
+            mode="logprobs",
+            temperature=temperature,
+        )
         for k, i in enumerate(idx):
             p, c = prompt_ids[i], completion_ids[i]
-            out[i] = lp[k, len(p) - 1:len(p) - 1 + len(c)].double().tolist()
+            out[i] = lp[k, len(p) - 1 : len(p) - 1 + len(c)].double().tolist()
     return out

@@ -68,9 +68,13 @@ def _table(model: type[BaseModel]) -> list[str]:
 
 
 def render() -> str:
-    out = ["# Recipe reference", "",
-           "Generated from the recipe schemas by `make docs`; do not edit by hand.",
-           "Every section rejects unknown keys. Paths resolve relative to the recipe file.", ""]
+    out = [
+        "# Recipe reference",
+        "",
+        "Generated from the recipe schemas by `make docs`; do not edit by hand.",
+        "Every section rejects unknown keys. Paths resolve relative to the recipe file.",
+        "",
+    ]
     sections: list[type[BaseModel]] = []
     for command, schema in SCHEMAS.items():
         out += [f"## `prefcli {command}`", "", (schema.__doc__ or "").strip(), ""]

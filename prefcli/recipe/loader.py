@@ -273,8 +273,9 @@ def _describe(err: dict, schema: type[BaseModel], loc: Loc) -> str:
     return f"{msg}, got {got!r}"
 
 
-def validate_data(data: dict, schema: type[RecipeBase], shown: str, lines: dict[Loc, int],
-                  origin: dict[Loc, str], base_dir: Path) -> RecipeBase:
+def validate_data(
+    data: dict, schema: type[RecipeBase], shown: str, lines: dict[Loc, int], origin: dict[Loc, str], base_dir: Path
+) -> RecipeBase:
     try:
         return schema.model_validate(data, context={"base_dir": str(base_dir)})
     except ValidationError as exc:
@@ -294,7 +295,9 @@ def validate_data(data: dict, schema: type[RecipeBase], shown: str, lines: dict[
         raise RecipeError(shown, [p for _, p in sorted(problems, key=lambda t: t[0])]) from None
 
 
-def load_recipe(path: str | os.PathLike, command: str | None = None, overrides: list[str] | None = None) -> LoadedRecipe:
+def load_recipe(
+    path: str | os.PathLike, command: str | None = None, overrides: list[str] | None = None
+) -> LoadedRecipe:
     """Read, override and validate a recipe. `command` is the invoking subcommand (None for
     `prefcli validate`, which then needs the recipe's own `command:` key)."""
     path = Path(path)
@@ -307,16 +310,19 @@ def load_recipe(path: str | os.PathLike, command: str | None = None, overrides: 
         close = difflib.get_close_matches(str(declared), list(SCHEMAS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         line = lines.get(("command",), 1)
-        raise RecipeError(shown, [f"{shown}:{line}: command: unknown command {declared!r}{hint}; "
-                                  f"one of: {', '.join(SCHEMAS)}"])
+        raise RecipeError(
+            shown, [f"{shown}:{line}: command: unknown command {declared!r}{hint}; one of: {', '.join(SCHEMAS)}"]
+        )
     if command is not None and declared is not None and declared != command:
         line = lines.get(("command",), 1)
-        raise RecipeError(shown, [f"{shown}:{line}: command: this recipe is for `prefcli {declared}`, "
-                                  f"not `prefcli {command}`"])
+        raise RecipeError(
+            shown, [f"{shown}:{line}: command: this recipe is for `prefcli {declared}`, not `prefcli {command}`"]
+        )
     cmd = command or declared
     if cmd is None:
-        raise RecipeError(shown, [f"{shown}:1: command: missing; add a line such as 'command: sft' "
-                                  f"(one of: {', '.join(SCHEMAS)})"])
+        raise RecipeError(
+            shown, [f"{shown}:1: command: missing; add a line such as 'command: sft' (one of: {', '.join(SCHEMAS)})"]
+        )
     data["command"] = cmd
     recipe = validate_data(data, SCHEMAS[cmd], shown, lines, origin, path.resolve().parent)
     return LoadedRecipe(recipe=recipe, path=path, overrides=overrides)

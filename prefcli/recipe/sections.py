@@ -55,7 +55,9 @@ class ModelSection(Section):
         description="A local Hugging Face model folder (relative to the recipe) or a hub id such as "
         "'Qwen/Qwen2.5-0.5B' (needs network or a filled cache). Exactly one of path and init.",
     )
-    init: ModelInit | None = Field(None, description="Random initialisation from an architecture config instead of `path`.")
+    init: ModelInit | None = Field(
+        None, description="Random initialisation from an architecture config instead of `path`."
+    )
     tokenizer: PathOrHubId | None = Field(
         None,
         description="Tokenizer folder, tokenizer.json file or hub id. Defaults to model.path; required with model.init.",
@@ -90,7 +92,9 @@ class DataSource(Section):
     """One dataset: a local file (JSONL, JSON, CSV, Parquet), a folder saved with
     `datasets.save_to_disk`, a folder of such files, or a hub dataset name."""
 
-    path: PathOrHubId = Field(description="File, folder or hub dataset name; relative paths resolve against the recipe.")
+    path: PathOrHubId = Field(
+        description="File, folder or hub dataset name; relative paths resolve against the recipe."
+    )
     split: str = Field("train", description="Split to read (files have a single 'train' split).")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
     columns: dict[str, str] = Field(
@@ -112,10 +116,14 @@ class HeldOut(Section):
 
 class TrainSection(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run. Overrides epochs when both are set.")
-    epochs: float | None = Field(None, gt=0, description="Passes over the training data when max_steps is not set (default 1).")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training data when max_steps is not set (default 1)."
+    )
     batch_size: int = Field(8, gt=0, description="Examples per device per micro-batch.")
     grad_accum_steps: int = Field(
-        1, gt=0, description="Micro-batches per optimizer step. Losses are token-weighted over the whole accumulated global batch."
+        1,
+        gt=0,
+        description="Micro-batches per optimizer step. Losses are token-weighted over the whole accumulated global batch.",
     )
     lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
@@ -126,12 +134,18 @@ class TrainSection(Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null disables.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
     seed: int = Field(0, description="Seed for initialisation, data order, dropout and sampling.")
-    eval_every_steps: int | None = Field(None, gt=0, description="Evaluate on held-out data every N steps (and at the end).")
+    eval_every_steps: int | None = Field(
+        None, gt=0, description="Evaluate on held-out data every N steps (and at the end)."
+    )
     eval_max_batches: int | None = Field(None, gt=0, description="Cap on held-out batches per evaluation.")
-    eval_on_start: bool = Field(False, description="Also evaluate before the first step (step 0): the baseline the "
-                                "run's held-out metrics move from.")
+    eval_on_start: bool = Field(
+        False,
+        description="Also evaluate before the first step (step 0): the baseline the run's held-out metrics move from.",
+    )
     save_every_steps: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep only the newest N checkpoints.")
 
@@ -152,8 +166,10 @@ class RuntimeSection(Section):
     )
     compile: bool = Field(False, description="torch.compile the transformer body (GPU; first steps are slower).")
     loss_chunk_tokens: int = Field(
-        2048, gt=0, description="Tokens per chunk when computing log-probs/cross-entropy from hidden states; "
-        "the full fp32 logits are never materialised."
+        2048,
+        gt=0,
+        description="Tokens per chunk when computing log-probs/cross-entropy from hidden states; "
+        "the full fp32 logits are never materialised.",
     )
     dist_backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend under torchrun: 'auto' = nccl on GPU, gloo on CPU."
@@ -162,7 +178,8 @@ class RuntimeSection(Section):
 
 class OutputSection(Section):
     dir: OutputPath | None = Field(
-        None, description="Run folder (relative to the recipe). Default: runs/<command>-<recipe name> under the current directory."
+        None,
+        description="Run folder (relative to the recipe). Default: runs/<command>-<recipe name> under the current directory.",
     )
     save_final: bool = Field(True, description="Write final/ in Hugging Face format at the end.")
     plot: bool = Field(True, description="Write curves.png (training curves) at the end.")

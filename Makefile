@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch by default (CI, laptops). On a GPU machine: make install TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast quickstart demo docs bench-cpu clean
+.PHONY: install test test-fast lint format quickstart demo docs bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,15 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15
+
+# ruff: lint rules and format in pyproject.toml; CI runs this before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -152,3 +152,31 @@ def test_gold_column_is_required(tmp_path, write_recipe, cli):
     d["data"]["train"] = {"path": str(DATA / "tiny" / "prompts.jsonl")}
     code, stdout, stderr = cli("gan", write_recipe(d), "-o", tmp_path / "x", "-q")
     assert code == 2 and "gan needs a 'completion' column" in stderr
+
+
+def test_each_player_follows_its_own_lr_schedule(tmp_path, write_recipe, cli):
+    """The generator and the discriminator alternate; each group's cosine schedule counts its own updates
+    (a schedule on the loop's step ran both ahead: the generator's LR reached 0 from its third update)."""
+    from prefcli.engine.loop import lr_factor
+
+    d = gan_recipe(
+        train={
+            "max_steps": 4,
+            "lr": 1e-3,
+            "lr_schedule": "cosine",
+            "min_lr_ratio": 0.0,
+            "save_every_steps": 3,
+            "keep_checkpoints": 10,
+        }
+    )
+    code, stdout, stderr = cli("gan", write_recipe(d), "-o", tmp_path / "run", "-q")
+    assert code == 0, stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    gen = [r["lr/policy"] for r in rows if "lr/policy" in r]
+    disc = [r["lr/discriminator"] for r in rows if "lr/discriminator" in r]
+    assert len(gen) == 4 and len(disc) == 2 + 4  # warm-up 2, then 1 per rollout
+    assert gen == pytest.approx([1e-3 * lr_factor(i, 4, 0, "cosine", 0.0) for i in range(1, 5)])
+    assert disc == pytest.approx([1e-3 * lr_factor(i, 6, 0, "cosine", 0.0) for i in range(1, 7)])
+    assert gen[1] > 0.5e-3 and gen[2] > 0  # the bug had the generator at LR 0 from its third update
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-3" / "state.json").read_text())
+    assert state["updates"] == {"policy": 0, "discriminator": 3}  # step 3 = warm-up 2 + the first rollout's D step

@@ -2,6 +2,7 @@
 
 checkpoints/step-N/
   state.json                 step, task state (data position, ...), optimizer hyper-parameters,
+                             each group's update count (its LR schedule's clock),
                              python RNG, prefcli version
   model-<group>.safetensors  trainable parameters of each trained module (LoRA: the adapters)
   optim-<group>.safetensors  optimizer state tensors (exp_avg, exp_avg_sq, step)
@@ -145,6 +146,7 @@ def save_checkpoint(
             "step": step,
             "task": task_state,
             "optim": optim_meta,
+            "updates": {name: g.updates for name, g in groups.items()},
             "python_rng": py_state,
             "world_size": world,
             "prefcli_version": __version__,
@@ -169,6 +171,8 @@ def load_checkpoint(path: Path, groups: dict, rank: int) -> tuple[int, dict, dic
     for name, g in groups.items():
         load_trainable_state(g.raw, load_file(str(path / f"model-{name}.safetensors")), str(path))
         _optim_from_flat(g.optimizer, load_file(str(path / f"optim-{name}.safetensors")), state["optim"][name])
+        # each group's own update count drives its LR schedule (older checkpoints: the loop's step)
+        g.updates = int(state.get("updates", {}).get(name, state["step"]))
     extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
     return int(state["step"]), state["task"], extra
 

@@ -99,7 +99,8 @@ class Group:
         self.name = name
         self.raw = module
         self.train_cfg = train
-        self.total_steps = total_steps
+        self.total_steps = total_steps  # of this group's own updates (its schedule's length)
+        self.updates = 0  # optimizer steps taken by this group; saved in checkpoints
         self.peak_lr = lr if lr is not None else train.lr
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -131,7 +132,10 @@ class Group:
 
             self.module = DDP(module, device_ids=[rt.device.index] if on_cuda else None)
 
-    def set_lr(self, step: int) -> float:
+    def set_lr(self) -> float:
+        """Set the LR of this group's next update from its own update count: in a task with several groups
+        (the GAN's generator and discriminator alternate), each schedule runs on its own clock, not the loop's."""
+        step = self.updates + 1
         f = lr_factor(step, self.total_steps, self.warmup, self.train_cfg.lr_schedule, self.train_cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = self.peak_lr * g.get("lr_scale", 1.0) * f
@@ -278,7 +282,7 @@ class Engine:
                     break
                 step += 1
                 group = task.groups[plan.group]
-                lr = group.set_lr(step)
+                lr = group.set_lr()
                 n_local = float(sum(float(m.n) for m in plan.micro))
                 tokens_local = sum(m.tokens for m in plan.micro)
                 if rt.distributed:
@@ -327,6 +331,7 @@ class Engine:
                 if not group.fused:
                     group.optimizer.step()
                 group.optimizer.zero_grad(set_to_none=True)
+                group.updates += 1
                 dt = time.perf_counter() - t0
                 name = plan.name or plan.group
                 multi = len(task.groups) > 1

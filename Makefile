@@ -38,7 +38,7 @@ quickstart: install
 
 # The whole quickstart pipeline over 3 seeds, ending with the comparison table (~40 min on 2 CPU cores).
 demo: install
-	$(BIN)/python scripts/quickstart_demo.py
+	$(BIN)/python experiments/quickstart_demo.py
 
 docs: install
 	$(BIN)/python -m prefcli.recipe.docs > docs/recipe-reference.md

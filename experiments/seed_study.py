@@ -1,8 +1,8 @@
 """Run one recipe under several seeds and report how held-out metrics move from step 0.
 
-    python scripts/seed_study.py rlhf recipes/tiny/rlhf-grpo.yaml --metrics eval/reward eval/kl --seeds 0 1 2
-    python scripts/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --seeds 0 1 2
-    python scripts/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --report-only
+    python experiments/seed_study.py rlhf recipes/tiny/rlhf-grpo.yaml --metrics eval/reward eval/kl --seeds 0 1 2
+    python experiments/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --seeds 0 1 2
+    python experiments/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --report-only
 
 Each run is `prefcli <command> RECIPE --set train.seed=S --set train.eval_on_start=true`, in
 runs/seed-study/<recipe>-seed<S>/. Prints, and appends to --out (JSONL), the start and end value of

@@ -1,6 +1,6 @@
 r"""The quickstart pipeline end to end, over several seeds, ending with a comparison table.
 
-    make demo            # = python scripts/quickstart_demo.py  (about 40 minutes on 2 CPU cores)
+    make demo            # = python experiments/quickstart_demo.py  (about 40 minutes on 2 CPU cores)
 
     base (prefcli/assets/kjv-base) --reward (once)--> reward model (RM)
          \--sft--> sft --+--rlhf (PPO, R = HumanScore: VADER itself)--> rlhf
@@ -209,7 +209,7 @@ def main() -> None:
     doc = [
         "# Quickstart results",
         "",
-        f"Measured by `make demo` (scripts/quickstart_demo.py) on {datetime.date.today().isoformat()}, "
+        f"Measured by `make demo` (experiments/quickstart_demo.py) on {datetime.date.today().isoformat()}, "
         f"seeds {', '.join(map(str, a.seeds))}; its stages' wall times add up to {minutes:.0f} minutes on this "
         "machine (2 CPU cores, shared with other work for some stages). Values are mean ± standard deviation "
         "over seeds; each seed also samples its evaluation completions with its own seed, and the base "

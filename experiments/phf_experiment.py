@@ -21,9 +21,9 @@ Setup (docs/phf-experiment.md has the results):
   the saved generation_config blocking control tokens), the mean VADER score and the fraction of
   undesirable samples.
 
-    PYTHONPATH=. nice -n 10 .venv/bin/python scripts/phf_experiment.py --out runs/phf-experiment
-    PYTHONPATH=. nice -n 10 .venv/bin/python scripts/phf_experiment.py --out runs/phf-experiment --control-check
-    PYTHONPATH=. .venv/bin/python scripts/phf_experiment.py --out runs/phf-experiment --report   # the tables
+    PYTHONPATH=. nice -n 10 .venv/bin/python experiments/phf_experiment.py --out runs/phf-experiment
+    PYTHONPATH=. nice -n 10 .venv/bin/python experiments/phf_experiment.py --out runs/phf-experiment --control-check
+    PYTHONPATH=. .venv/bin/python experiments/phf_experiment.py --out runs/phf-experiment --report   # the tables
 
 Each run is the same as `prefcli sft <out>/recipes/<objective>.yaml --set train.seed=<seed> -o <out>/runs/
 <objective>-s<seed>` (it runs in this process to save the start-up time). Finished runs are skipped, so

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from prefcli.algos.reward import build, init_reward_head
+from prefcli.algos.reward import build
 from prefcli.engine.dist import setup_runtime
+from prefcli.engine.models import init_score_head
 from prefcli.recipe import load_recipe
 from prefcli.recipe.rewards import ModelReward
 from prefcli.rewards import ModelSource
@@ -68,7 +69,7 @@ def test_new_head_is_initialised_with_std_one_over_sqrt_d_plus_1():
     head = torch.nn.Linear(4095, 1, bias=False)
     model = type("M", (), {"score": head})()
     torch.manual_seed(0)
-    init_reward_head(model)
+    init_score_head(model)
     assert head.weight.std().item() == pytest.approx(1 / math.sqrt(4096), rel=0.05)
 
 

@@ -41,9 +41,7 @@ from ..engine.data import iterate_eval, move, shard_for_rank
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     PolicyLM,
-    apply_lora,
-    build_causal_lm,
-    disable_dropout,
+    build_trained_model,
     load_tokenizer,
     reference_mode,
     save_hf,
@@ -284,15 +282,8 @@ class PreferenceTask(Scheduled):
             self.kl_partner = self._partners(len(self.train_set), r.train.seed)
             self.eval_partner = self._partners(len(self.eval_set), r.train.seed) if self.eval_set else None
 
-        lm = build_causal_lm(r.model, tok, self.rt, seed=r.train.seed, smoke=ctx.smoke)
-        disable_dropout(lm)
-        if r.train.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            lm.config.use_cache = False
-        if r.model.lora is not None:
-            lm = apply_lora(lm, r.model.lora)
-        self.lm = lm
-        self.policy = PolicyLM(lm, self.rt)
+        self.lm = build_trained_model(r.model, tok, self.rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke)
+        self.policy = PolicyLM(self.lm, self.rt)
         self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)
         self.groups = {"policy": Group("policy", self.policy, self.rt, r.train, self._total)}
         self.ref: dict[str, torch.Tensor] = {}

@@ -30,20 +30,18 @@ from torch import nn
 from ..engine.data import _chat_ids, iterate_eval, move
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
-    apply_lora,
-    build_causal_lm,
-    disable_dropout,
+    build_trained_model,
     is_peft,
     load_tokenizer,
     trainable_parameters,
     unwrap_lm,
 )
 from ..engine.pairs import (
-    _empty,
-    _kept,
-    _map,
     check_format,
     detect_pair_format,
+    is_empty,
+    kept_rows,
+    map_cached,
     text_batch,
 )
 from ..runner import RunContext
@@ -120,7 +118,7 @@ def tokenize_triples(ds, tok, fmt: str, max_length: int, source: str, what: str)
     def encode(row):
         out = {"a": [], "p": [], "n": [], "bad": "", "trunc": False}
         neg = row["rejected"] if has_neg else None
-        if _empty(row["prompt"]) or _empty(row["chosen"]) or (has_neg and _empty(neg)):
+        if is_empty(row["prompt"]) or is_empty(row["chosen"]) or (has_neg and is_empty(neg)):
             out["bad"] = "missing"
             return out
         if has_neg and row["chosen"] == neg:
@@ -135,8 +133,8 @@ def tokenize_triples(ds, tok, fmt: str, max_length: int, source: str, what: str)
         out.update(a=a, p=p[:max_length], n=n[:max_length], trunc=len(p) > max_length or len(n) > max_length)
         return out
 
-    enc = _map(ds, tok, encode, ("infonce", fmt, max_length, has_neg), "tokenizing")
-    keep, bad = _kept(enc)
+    enc = map_cached(ds, tok, encode, ("infonce", fmt, max_length, has_neg), "tokenizing")
+    keep, bad = kept_rows(enc)
     A, P, N, T = enc["a"], enc["p"], enc["n"], enc["trunc"]
     return TripleSet(
         [A[i] for i in keep],
@@ -173,13 +171,9 @@ class InfoNCETask(Scheduled):
             self.eval_set = tokenize_triples(eval_rows, tok, fmt, d.max_length, src, "data.eval")
             report(ctx, "data.eval", src, self.eval_set, d.max_length, "prompt/chosen/rejected", expected)
 
-        lm = build_causal_lm(r.model, tok, self.rt, seed=r.train.seed, smoke=ctx.smoke)
-        disable_dropout(lm)
-        if r.train.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if r.model.lora is not None:
-            lm = apply_lora(lm, r.model.lora)
-        self.lm = lm
+        self.lm = lm = build_trained_model(
+            r.model, tok, self.rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke
+        )
         # the encoder is the transformer body: the LM head plays no part (and is not trained)
         self.encoder = Encoder(unwrap_lm(lm).base_model, self.pooling, self.rt)
         self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)

@@ -32,26 +32,18 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move
 from ..engine.loop import Group, Micro, Plan
-from ..engine.models import (
-    _origin,
-    _quiet_transformers,
-    disable_dropout,
-    load_tokenizer,
-    random_init_config,
-    save_hf,
-    trainable_parameters,
-)
+from ..engine.models import build_trained_model, load_tokenizer, save_hf, trainable_parameters
 from ..engine.pairs import (
-    _empty,
-    _kept,
-    _map,
     check_format,
     detect_pair_format,
     encode_scored,
+    is_empty,
+    kept_rows,
+    map_cached,
     scored_text,
     text_batch,
 )
-from ..errors import DataError, UsageError
+from ..errors import DataError
 from ..runner import RunContext
 from ._pref import Scheduled, load_splits, make_plan, report
 
@@ -138,80 +130,6 @@ OBJECTIVES: dict[str, RMObjective] = {
 }
 
 
-# ------------------------------------------------------------------------------------ model
-
-
-def init_reward_head(model) -> None:
-    """The scalar head ~ N(0, 1/(d+1)) (Huang et al. 2023, "The N Implementation Details of RLHF
-    with PPO": initial scores have unit-order variance), bias 0."""
-    head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    if head is None or not hasattr(head, "weight"):
-        raise UsageError(f"{type(model).__name__} has no 'score' head to initialise")
-    d = head.weight.shape[-1]
-    with torch.no_grad():
-        head.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
-        if getattr(head, "bias", None) is not None:
-            head.bias.zero_()
-
-
-def build_reward_model(m, tok, rt, seed: int, smoke: bool = False):
-    """AutoModelForSequenceClassification with num_labels=1: from model.path (a causal LM gets a new
-    head), or random from model.init (or, with smoke, tiny and random of model.path's family)."""
-    _quiet_transformers()
-    from transformers import AutoModelForSequenceClassification
-
-    common = dict(attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
-    new_head = True
-    try:
-        if m.init is not None or smoke:
-            cfg = random_init_config(m, tok, smoke)
-            cfg.num_labels = 1
-            torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_config(cfg, dtype=rt.param_dtype, **common)
-        else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                m.path,
-                revision=m.revision,
-                num_labels=1,
-                dtype=rt.param_dtype,
-                use_safetensors=True,
-                output_loading_info=True,
-                **common,
-            )
-            new_head = any(k.split(".")[0] in ("score", "classifier") for k in info.get("missing_keys", []))
-    except UsageError:
-        raise
-    except (OSError, ValueError, ImportError, KeyError) as e:
-        src = m.path or m.init.architecture
-        raise UsageError(
-            f"could not build a reward model from {_origin(src) if m.path else src}: {str(e).strip().splitlines()[0]}"
-        ) from None
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id = tok.pad_token_id  # where the score is read: the last non-pad token
-    for name in ("eos", "bos"):
-        tid = getattr(tok, f"{name}_token_id")
-        if tid is not None:
-            setattr(model.config, f"{name}_token_id", tid)
-    if new_head:
-        torch.manual_seed(seed + 1)
-        init_reward_head(model)
-    return model.to(rt.device)
-
-
-def apply_reward_lora(model, lora):
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="SEQ_CLS",
-    )  # SEQ_CLS trains the head fully
-    return get_peft_model(model, cfg)
-
-
 # ------------------------------------------------------------------------------------- data
 
 
@@ -252,7 +170,7 @@ def tokenize_scored(
         prompt = row["prompt"] if has_prompt else None
         if rows == "pairs":
             comps = [row["chosen"], row["rejected"]]
-            if any(_empty(c) for c in comps):
+            if any(is_empty(c) for c in comps):
                 out["bad"] = "missing"
                 return out
             if comps[0] == comps[1]:
@@ -261,13 +179,13 @@ def tokenize_scored(
             out["value"] = float(row["margin"]) if has_margin and row["margin"] is not None else 0.0
         elif rows == "scores":
             comps = [row["text"] if "text" in row else row["completion"]]
-            if _empty(comps[0]) or row["score"] is None:
+            if is_empty(comps[0]) or row["score"] is None:
                 out["bad"] = "missing"
                 return out
             out["value"] = float(row["score"])
         else:
             comps = row["completions"] or []
-            if len(comps) < 2 or any(_empty(c) for c in comps):
+            if len(comps) < 2 or any(is_empty(c) for c in comps):
                 out["bad"] = "missing"
                 return out
             if len({str(c) for c in comps}) < len(comps):
@@ -287,8 +205,8 @@ def tokenize_scored(
         out.update(seqs=seqs, trunc=trunc)
         return out
 
-    enc = _map(ds, tok, encode, ("reward", rows, fmt, max_length, has_margin, has_prompt), "tokenizing")
-    keep, bad = _kept(enc)
+    enc = map_cached(ds, tok, encode, ("reward", rows, fmt, max_length, has_margin, has_prompt), "tokenizing")
+    keep, bad = kept_rows(enc)
     S, V, T = enc["seqs"], enc["value"], enc["trunc"]
     return ScoredSet(
         [S[i] for i in keep],
@@ -345,14 +263,9 @@ class RewardTask(Scheduled):
             self.eval_set = tokenize_scored(eval_rows, tok, source=src, what="data.eval", **enc)
             report(ctx, "data.eval", src, self.eval_set, d.max_length, what, expected)
 
-        model = build_reward_model(r.model, tok, self.rt, r.train.seed, smoke=ctx.smoke)
-        disable_dropout(model)
-        if r.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        if r.model.lora is not None:
-            model = apply_reward_lora(model, r.model.lora)
-        self.model = model
+        self.model = build_trained_model(
+            r.model, tok, self.rt, r.train.gradient_checkpointing, r.train.seed, smoke=ctx.smoke, head="score"
+        )
         self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)
         self.groups = {"reward": Group("reward", self.model, self.rt, r.train, self._total)}
 

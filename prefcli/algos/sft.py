@@ -67,8 +67,7 @@ from ..engine.logprobs import IGNORE
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     PolicyLM,
-    apply_lora,
-    build_causal_lm,
+    build_trained_model,
     load_tokenizer,
     save_hf,
     trainable_parameters,
@@ -516,13 +515,10 @@ class SFTTask:
         self.phf_stats: dict | None = None
         self._prepare_phf(row_scores)
 
-        lm = build_causal_lm(r.model, tok, rt, seed=r.train.seed, smoke=ctx.smoke)
-        if r.train.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            lm.config.use_cache = False
-        if r.model.lora is not None:
-            lm = apply_lora(lm, r.model.lora)
-        self.lm = lm
+        # SFT keeps the model's dropout (a regulariser here: no two log-probs of the same text are compared)
+        self.lm = lm = build_trained_model(
+            r.model, tok, rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke, dropout=True
+        )
         self.policy = PolicyLM(lm, rt)
         trained: nn.Module = self.policy
         if obj.value_head:

@@ -6,7 +6,9 @@ passed through from the recipe and is off by default.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +28,7 @@ SMOKE_DIMS = dict(
 )
 
 
-def _quiet_transformers():
+def quiet_transformers():
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not the user's
@@ -37,7 +39,7 @@ def _quiet_transformers():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _origin(value: str) -> str:
+def origin(value: str) -> str:
     return f"local folder {value}" if is_local(value) else f"hub id '{value}'"
 
 
@@ -49,7 +51,7 @@ _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 def load_tokenizer(m: ModelSection):
     """The tokenizer named by model.tokenizer (or model.path), with a pad token checked or added."""
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     src = m.tokenizer or m.path
@@ -66,10 +68,10 @@ def load_tokenizer(m: ModelSection):
         else:
             tok = AutoTokenizer.from_pretrained(src, revision=m.revision, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UsageError(f"could not load the tokenizer from {_origin(src)}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"could not load the tokenizer from {origin(src)}: {str(e).splitlines()[0]}") from None
     if tok.eos_token is None:
         raise UsageError(
-            f"the tokenizer from {_origin(src)} has no EOS token; training needs one so that the "
+            f"the tokenizer from {origin(src)} has no EOS token; training needs one so that the "
             "model learns to stop. Use a tokenizer folder whose tokenizer_config.json sets eos_token."
         )
     if m.pad_token is not None:
@@ -81,7 +83,7 @@ def load_tokenizer(m: ModelSection):
             tok.pad_token = m.pad_token
     if tok.pad_token is None:
         raise UsageError(
-            f'the tokenizer from {_origin(src)} has no pad token. Add `pad_token: "<|pad|>"` under '
+            f'the tokenizer from {origin(src)} has no pad token. Add `pad_token: "<|pad|>"` under '
             "`model:` in the recipe: the token is added and the embeddings resized."
         )
     if m.chat_template is not None:
@@ -155,7 +157,7 @@ def random_init_config(m: ModelSection, tok, smoke: bool):
 def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = False):
     """The policy: loaded from model.path, or random from model.init (or, with smoke, random and
     tiny of the same family as model.path). Returns a transformers PreTrainedModel on rt.device."""
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoModelForCausalLM
 
     dtype = rt.param_dtype
@@ -177,7 +179,7 @@ def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = 
     except (OSError, ValueError, ImportError) as e:
         src = m.path or m.init.architecture
         raise UsageError(
-            f"could not load the model from {_origin(src) if m.path else src}: {str(e).strip().splitlines()[0]}"
+            f"could not load the model from {origin(src) if m.path else src}: {str(e).strip().splitlines()[0]}"
         ) from None
     if len(tok) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tok))
@@ -191,7 +193,67 @@ def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = 
     return lm
 
 
-def apply_lora(lm, lora):
+def init_score_head(model) -> None:
+    """The scalar head ~ N(0, 1/(d+1)) (Huang et al. 2023, "The N Implementation Details of RLHF
+    with PPO": initial scores have unit-order variance), bias 0."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None or not hasattr(head, "weight"):
+        raise UsageError(f"{type(model).__name__} has no 'score' head to initialise")
+    d = head.weight.shape[-1]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
+
+
+def build_score_model(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = False):
+    """A reward model or discriminator: AutoModelForSequenceClassification with one label, read at the
+    last real token. From model.path (a causal LM gets a new head, initialised by `init_score_head`), or
+    random from model.init (or, with smoke, tiny and random of model.path's family)."""
+    quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+
+    common = dict(attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    new_head = True
+    try:
+        if m.init is not None or smoke:
+            cfg = random_init_config(m, tok, smoke)
+            cfg.num_labels = 1
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_config(cfg, dtype=rt.param_dtype, **common)
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                m.path,
+                revision=m.revision,
+                num_labels=1,
+                dtype=rt.param_dtype,
+                use_safetensors=True,
+                output_loading_info=True,
+                **common,
+            )
+            new_head = any(k.split(".")[0] in ("score", "classifier") for k in info.get("missing_keys", []))
+    except UsageError:
+        raise
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        src = m.path or m.init.architecture
+        raise UsageError(
+            f"could not build a reward model from {origin(src) if m.path else src}: {str(e).strip().splitlines()[0]}"
+        ) from None
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id  # where the score is read: the last non-pad token
+    for name in ("eos", "bos"):
+        tid = getattr(tok, f"{name}_token_id")
+        if tid is not None:
+            setattr(model.config, f"{name}_token_id", tid)
+    if new_head:
+        torch.manual_seed(seed + 1)
+        init_score_head(model)
+    return model.to(rt.device)
+
+
+def apply_lora(model, lora, task_type: str = "CAUSAL_LM"):
+    """LoRA adapters through peft. task_type SEQ_CLS also trains a score head fully."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
@@ -199,9 +261,53 @@ def apply_lora(lm, lora):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
-    return get_peft_model(lm, cfg)
+    return get_peft_model(model, cfg)
+
+
+def build_trained_model(
+    m: ModelSection,
+    tok,
+    rt: Runtime,
+    gradient_checkpointing: bool,
+    seed: int,
+    smoke: bool = False,
+    head: str = "lm",
+    dropout: bool = False,
+):
+    """The one place a model that will be trained is made, for every command:
+
+    1. loaded from model.path or initialised from model.init (--smoke: tiny and random, same family);
+       head 'lm' gives a causal LM, head 'score' a one-label sequence classifier (reward model,
+       discriminator);
+    2. dropout off (TRL's disable_dropout) unless `dropout`: RL compares log-probs of the same function at
+       sampling and update time, preference losses compare the policy with its reference;
+    3. the KV cache off (training forwards never reuse it; `save_hf` turns it back on for the saved model);
+    4. gradient checkpointing (non-reentrant) when asked;
+    5. LoRA adapters when model.lora is set."""
+    if head == "lm":
+        model = build_causal_lm(m, tok, rt, seed=seed, smoke=smoke)
+    elif head == "score":
+        model = build_score_model(m, tok, rt, seed=seed, smoke=smoke)
+    else:  # pragma: no cover - callers pass a literal
+        raise ValueError(f"unknown head {head!r}")
+    if not dropout:
+        disable_dropout(model)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora is not None:
+        model = apply_lora(model, m.lora, "CAUSAL_LM" if head == "lm" else "SEQ_CLS")
+    return model
+
+
+def frozen_copy(model, dtype: torch.dtype):
+    """A copy that is never trained (the RL reference): eval mode, no gradients, in `dtype`."""
+    ref = copy.deepcopy(model).to(dtype).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
 
 
 def is_peft(model) -> bool:
@@ -328,5 +434,7 @@ def save_hf(lm, tok, out_dir: Path) -> None:
     if is_peft(lm):
         lm.save_pretrained(out_dir / "adapter")
         model = lm.merge_and_unload()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = True  # off while training; on for whoever generates with the saved model
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)

@@ -70,13 +70,13 @@ class BadRows:
         return {"missing": self.missing, "identical": self.identical, "long_prompt": self.long_prompt}
 
 
-def _empty(v: Any) -> bool:
+def is_empty(v: Any) -> bool:
     if v is None:
         return True
     if isinstance(v, str):
         return not v.strip()
     if isinstance(v, list):
-        return len(v) == 0 or all(_empty(m.get("content") if isinstance(m, dict) else m) for m in v)
+        return len(v) == 0 or all(is_empty(m.get("content") if isinstance(m, dict) else m) for m in v)
     return False
 
 
@@ -105,13 +105,13 @@ def check_format(ds, columns, fmt: str, source: str, what: str) -> None:
                 )
 
 
-def _map(ds, tok, fn: Callable[[dict], dict], parts: tuple, desc: str):
+def map_cached(ds, tok, fn: Callable[[dict], dict], parts: tuple, desc: str):
     """Tokenize with `datasets`' cache keyed by the rows, the tokenizer and every field in `parts`."""
     key = cache_key(ds, tok, "pairs-v" + CACHE_VERSION, *parts)
     return ds.map(fn, remove_columns=ds.column_names, new_fingerprint=key, desc=desc)
 
 
-def _kept(enc) -> tuple[list[int], BadRows]:
+def kept_rows(enc) -> tuple[list[int], BadRows]:
     """The indices of the encoded rows without a `bad` reason, and the count of the others by reason."""
     bad = BadRows()
     keep = []
@@ -210,7 +210,7 @@ def tokenize_pairs(ds, tok, fmt: str, max_length: int, source: str, what: str = 
         out = {"p": [], "c": [], "r": [], "bad": "", "trunc": False}
         prompt = row["prompt"] if has_prompt else None
         chosen, rejected = row["chosen"], row["rejected"]
-        if _empty(chosen) or _empty(rejected):
+        if is_empty(chosen) or is_empty(rejected):
             out["bad"] = "missing"
             return out
         if chosen == rejected:
@@ -231,8 +231,8 @@ def tokenize_pairs(ds, tok, fmt: str, max_length: int, source: str, what: str = 
         out.update(p=p, c=c, r=r, trunc=tc or tr)
         return out
 
-    enc = _map(ds, tok, encode, ("pairs", fmt, max_length, has_prompt), "tokenizing pairs")
-    keep, bad = _kept(enc)
+    enc = map_cached(ds, tok, encode, ("pairs", fmt, max_length, has_prompt), "tokenizing pairs")
+    keep, bad = kept_rows(enc)
     P, C, R, T = enc["p"], enc["c"], enc["r"], enc["trunc"]
     return PairSet(
         prompt=[P[i] for i in keep],
@@ -280,7 +280,7 @@ def tokenize_unpaired(ds, tok, fmt: str, max_length: int, source: str, what: str
 
     def encode(row):
         out = {"p": [], "c": [], "bad": "", "trunc": False}
-        if _empty(row["completion"]) or row["label"] is None:
+        if is_empty(row["completion"]) or row["label"] is None:
             out["bad"] = "missing"
             return out
         p, c = encode_completion(tok, fmt, row["prompt"], row["completion"])
@@ -291,8 +291,8 @@ def tokenize_unpaired(ds, tok, fmt: str, max_length: int, source: str, what: str
         out.update(p=p, c=c, trunc=t)
         return out
 
-    enc = _map(ds, tok, encode, ("unpaired", fmt, max_length), "tokenizing rows")
-    keep, bad = _kept(enc)
+    enc = map_cached(ds, tok, encode, ("unpaired", fmt, max_length), "tokenizing rows")
+    keep, bad = kept_rows(enc)
     P, C, T = enc["p"], enc["c"], enc["trunc"]
     return UnpairedSet(
         prompt=[P[i] for i in keep],

@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: TRL 1.x and prefcli on the same workload, in one run.
 
-The workload is PERFORMANCE.md's: a Qwen2-0.5B-shaped causal LM (random weights: the same compute
+The workload is docs/performance.md's: a Qwen2-0.5B-shaped causal LM (random weights: the same compute
 as real ones) on synthetic word data, one token per word, so both tools see identical token
 counts. prefcli is measured through its real entry point (`python -m prefcli <command> recipe`),
 reading its own metrics.jsonl; TRL through its trainers with a timing callback. Each run is a
@@ -54,7 +54,7 @@ SIZES = {
         max_position_embeddings=4096,
     ),
 }
-# PERFORMANCE.md: SFT/DPO 8 x (128 + 384); RL 1 prompt x 8 samples, 128 + 256 new tokens.
+# docs/performance.md: SFT/DPO 8 x (128 + 384); RL 1 prompt x 8 samples, 128 + 256 new tokens.
 # CPU: batch 8 x (32 + 96).
 SHAPES = {"0.5b": dict(prompt=128, completion=384, gen=256), "tiny": dict(prompt=32, completion=96, gen=32)}
 
@@ -365,7 +365,7 @@ def run_trl(a, work: Path) -> dict:
 
 
 def run_sampler(a) -> dict:
-    """The rollout sampler alone at PERFORMANCE.md's 64 x 256 (GPU; 32 x 32 on CPU) and at the RL
+    """The rollout sampler alone at docs/performance.md's 64 x 256 (GPU; 32 x 32 on CPU) and at the RL
     step's batch 8, with CUDA graphs and with/without torch.compile; plus agreement with HF."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM

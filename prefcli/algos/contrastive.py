@@ -171,7 +171,7 @@ def cpo_loss(lp: PairLogps, hp: Hyper) -> tuple[torch.Tensor, dict]:
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable at both ends (Mächler 2012)."""
-    x = x.clamp(max=-1e-7)  # ALGORITHMS.md pitfall 10: keep log p < 0
+    x = x.clamp(max=-1e-7)  # docs/algorithms.md, Pitfalls: ORPO numerics; keep log p < 0
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 

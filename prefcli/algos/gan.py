@@ -3,8 +3,8 @@
 A discriminator D (a sequence classifier on prompt + completion) learns to tell human/gold
 completions from the generator's samples for the same prompts; the generator G learns, by policy
 gradient with a KL penalty to its frozen start, to be scored as human. Tokens are discrete, so
-G's update cannot back-propagate through D: D's output is G's reward (ALGORITHMS.md §3, the
-APO-style alternation recommended there; Cheng et al. 2023).
+G's update cannot back-propagate through D: D's output is G's reward (docs/algorithms.md, section
+gan: the APO-style alternation of Cheng et al. 2023).
 
 Losses (ell = D's logit, sigma the logistic function; Goodfellow et al. 2014):
   L_D = -E_real[(1 - eps) log sigma(ell) + eps log(1 - sigma(ell))] - E_gen[log(1 - sigma(ell))]

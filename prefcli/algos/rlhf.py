@@ -7,7 +7,7 @@ optimizer steps with the clipped policy-gradient loss. Tensors are completion-al
 with N = max_new_tokens and a mask over generated tokens (the stop token included).
 
 Equations (x prompt, y completion, s(x, y) the summed reward, beta the KL weight; sources in
-ALGORITHMS.md §1):
+docs/algorithms.md, section rlhf):
   KL estimators per token (Schulman 2020): k1 = log pi - log pi_ref, k2 = (k1)^2 / 2,
     k3 = exp(-k1) - (-k1) - 1 >= 0.
   PPO (Ouyang et al. 2022; Huang et al. 2023 "N implementation details"): token rewards

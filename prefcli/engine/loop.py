@@ -36,7 +36,7 @@ from . import checkpoint as ckpt
 from .dist import Runtime
 from .progress import Progress
 
-# bf16 dense matmul rate measured on the device (PERFORMANCE.md) or the vendor's dense figure,
+# bf16 dense matmul rate measured on the device (docs/performance.md) or the vendor's dense figure,
 # used as the MFU denominator. Unknown devices report no MFU.
 PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 

@@ -3,7 +3,7 @@ step captured once in a CUDA graph and replayed, so a decode step costs one grap
 instead of hundreds of kernel launches from Python.
 
 Why by hand: Hugging Face `generate` re-enters Python for every layer of every step (518 new
-tokens/s at batch 8 on an H200 for a 0.5B model, PERFORMANCE.md), and its static-cache path
+tokens/s at batch 8 on an H200 for a 0.5B model, docs/performance.md), and its static-cache path
 needs torch.compile; vLLM is not available on every machine. The decoder below reuses the
 policy's own modules and weights (no second model), covers the Llama family (llama, mistral,
 qwen2, qwen3: RMSNorm, rotary, grouped-query attention, gated MLP), and falls back to HF

@@ -4,7 +4,7 @@ BLEU and ROUGE call the reference libraries (sacrebleu, rouge-score) and are nev
 Written by hand, because no maintained library offers exactly these on plain lists: perplexity
 from accumulated sums and its sliding-window plan, KL estimators, win rate with a bootstrap
 interval, distinct-n, length statistics and preference accuracy. Each docstring gives the formula
-and its source (see also ALGORITHMS.md §5).
+and its source (see also docs/algorithms.md, section eval).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def win_rate(
 ) -> dict:
     """Win rate of a model over a baseline on the same prompts, under one reward:
         W = (1/N) sum_i [1(r_model,i > r_base,i) + 0.5 * 1(r_model,i == r_base,i)]
-    (ALGORITHMS.md §5; the pairwise-judge convention of TRL's judges and AlpacaEval), with a
+    (docs/algorithms.md, section eval; the pairwise-judge convention of TRL's judges and AlpacaEval), with a
     seeded percentile-bootstrap confidence interval over prompts."""
     out = win_outcomes(model_scores, base_scores)
     n = len(out)
@@ -249,7 +249,7 @@ def word_count(text: str) -> int:
 def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
     """How often a reward ranks the preferred completion first: accuracy = (1/N) sum 1(r_w > r_l),
     ties counting as wrong (TRL's `rewards/accuracies`), with the tie count and the mean margin
-    r_w - r_l reported beside it (ALGORITHMS.md §2)."""
+    r_w - r_l reported beside it (docs/algorithms.md, section reward)."""
     n = len(chosen)
     if n == 0 or n != len(rejected):
         raise ValueError("preference accuracy needs the same, non-zero number of chosen and rejected scores")

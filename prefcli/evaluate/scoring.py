@@ -93,7 +93,7 @@ def completion_logprobs(
     device,
 ) -> list[list[float]]:
     """log pi(y_t | x, y_<t) of every completion token, with the logits divided by `temperature`
-    (the sampling temperature, so that KL matches what was sampled; ALGORITHMS.md pitfall 5).
+    (the sampling temperature, so that KL matches what was sampled; docs/algorithms.md, Pitfalls).
     Prompt tokens are context only."""
     out: list[list[float]] = [[] for _ in prompt_ids]
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(completion_ids[i])))

@@ -9,18 +9,18 @@ import pytest
 import torch
 import yaml
 
-from prefcli.algos import sft
-from prefcli.algos.sft import (
-    OBJECTIVES,
-    _unit_hash,
+from prefcli.algos import phf, sft
+from prefcli.algos.phf import (
     awr_loss,
     awr_terms,
     prefix_control,
     rwr_loss,
     rwr_terms,
+    unit_hash,
     unlikelihood_loss,
     unlikelihood_terms,
 )
+from prefcli.algos.sft import OBJECTIVES
 from prefcli.engine.data import TokenizedSet, packed_batch
 from prefcli.engine.dist import Runtime
 from prefcli.errors import DataError, RecipeError
@@ -137,10 +137,10 @@ def test_per_example_scores_reach_the_right_tokens_in_a_packed_row():
     assert loss.item() == pytest.approx(LN2 + LN4 + LN2, abs=1e-5)
     assert mets["phf/aligned_token_fraction"][0].item() == 2 and mets["phf/aligned_token_fraction"][1] == 3
     # filter and conditional are MLE on their (filtered / prefixed) rows: ln 2 + ln 4 + ln 2
-    loss, mets = sft.filter_loss(_FixedLM(logp), batch)
+    loss, mets = phf.filter_loss(_FixedLM(logp), batch)
     assert loss.item() == pytest.approx(2 * LN2 + LN4, abs=1e-5)
     batch["conditioned"] = torch.tensor([True, False])
-    loss, mets = sft.conditional_loss(_FixedLM(logp), batch)
+    loss, mets = phf.conditional_loss(_FixedLM(logp), batch)
     assert loss.item() == pytest.approx(2 * LN2 + LN4, abs=1e-5)
     assert mets["phf/aligned_fraction"][0].item() == 1 and mets["phf/aligned_fraction"][1] == 2
     assert mets["phf/unconditioned_fraction"][0].item() == 1
@@ -171,11 +171,11 @@ def test_control_token_prefix():
 
 
 def test_dropped_control_tokens_are_a_seeded_one_percent():
-    draws = [_unit_hash(0, r) for r in range(20000)]
-    assert draws == [_unit_hash(0, r) for r in range(20000)]
+    draws = [unit_hash(0, r) for r in range(20000)]
+    assert draws == [unit_hash(0, r) for r in range(20000)]
     frac = sum(d < 0.01 for d in draws) / len(draws)
     assert 0.008 < frac < 0.012
-    assert [_unit_hash(1, r) for r in range(50)] != draws[:50]
+    assert [unit_hash(1, r) for r in range(50)] != draws[:50]
 
 
 # ----------------------------------------------------------------------------- the data side

@@ -59,7 +59,7 @@ from ..engine.pairs import (
 )
 from ..errors import UsageError
 from ..runner import RunContext
-from ._pref import Scheduled, load_splits, make_plan, report, sharded_fill
+from .common import Scheduled, load_splits, make_plan, report, sharded_fill
 from .infonce import InfoNCETask, infonce_loss
 
 # ----------------------------------------------------------------------------------- inputs
@@ -467,7 +467,7 @@ class PreferenceTask(Scheduled):
             yield self.plan_for(items)
 
     def load_state_dict(self, state: dict, extra: dict) -> None:
-        self.load_cursor(state)
+        self.cursor.load(state, self.ctx.warn)
         if self.obj.needs_ref:
             want = {"train": len(self.train_set)}
             if self.eval_set is not None:

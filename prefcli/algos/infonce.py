@@ -45,7 +45,7 @@ from ..engine.pairs import (
     text_batch,
 )
 from ..runner import RunContext
-from ._pref import Scheduled, load_splits, make_plan, report
+from .common import Scheduled, load_splits, make_plan, report
 
 ENCODER_FILE = "prefcli_encoder.json"
 

@@ -345,6 +345,53 @@ class StepSchedule:
         return [o[s : s + self.global_batch] for s in range(0, len(o), self.global_batch)]
 
 
+class DataCursor:
+    """Where a task is in its data: the (epoch, index) of the next optimizer step of a StepSchedule.
+    Every task reads its steps through one of these, so resume is exact for all of them.
+
+    Steps with fewer than `min_items` items (a short last step that cannot give every rank an
+    example) are skipped."""
+
+    def __init__(self, n_examples: int, global_batch: int, seed: int, shuffle: bool, min_items: int = 1):
+        self.schedule = StepSchedule(n_examples, global_batch, seed, shuffle)
+        self.min_items = min_items
+        self.epoch = 0
+        self.index = 0
+        self._cached: tuple[int, list[list[int]]] | None = None  # one epoch's steps, computed once
+
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch()
+
+    def _steps(self, epoch: int) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, [s for s in self.schedule.steps(epoch) if len(s) >= self.min_items])
+        return self._cached[1]
+
+    def next(self) -> list[int]:
+        """The global items of the next optimizer step (all ranks); moves on to the next epoch as needed."""
+        while self.index >= len(self._steps(self.epoch)):
+            self.epoch, self.index = self.epoch + 1, 0
+        items = self._steps(self.epoch)[self.index]
+        self.index += 1
+        return items
+
+    def state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "n_units": self.schedule.n_examples,
+            "global_batch": self.schedule.global_batch,
+        }
+
+    def load(self, state: dict, warn) -> None:
+        if state.get("n_units") != self.schedule.n_examples or state.get("global_batch") != self.schedule.global_batch:
+            warn(
+                "the data or batch size changed since the checkpoint; the data order will not match the "
+                "interrupted run exactly"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
 def shard_for_rank(items: Sequence, rank: int, world: int) -> list:
     """Contiguous, near-equal slices of one global step's items, one per rank."""
     n = len(items)

@@ -1,5 +1,5 @@
-"""Plumbing shared by the preference tasks (`reward`, `contrastive`, InfoNCE): reading the train and
-held-out splits, reporting skipped rows, the per-step data cursor, and dropout switched off."""
+"""Plumbing shared by the training tasks: reading the train and held-out splits, reporting skipped rows,
+the per-step data cursor (`Scheduled`), reference log-probs computed once across ranks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ..engine.data import (
-    StepSchedule,
+    DataCursor,
     load_rows,
     shard_for_rank,
     split_eval,
@@ -47,61 +47,38 @@ def report(ctx, name: str, source: str, s, max_length: int, what: str, expected:
 
 
 class Scheduled:
-    """The data cursor of a task whose optimizer steps each take `global_batch` examples: exact
-    resume (epoch, index) and the split of a step into this rank's micro-batches."""
+    """A task whose optimizer steps each take `global_batch` examples of one training set: its data
+    cursor (exact resume), the split of a step into this rank's micro-batches, and the Task protocol's
+    defaults for a task whose only state is that cursor and whose held-out set is `self.eval_set`."""
 
     def setup_schedule(self, n: int, train, data_shuffle: bool, world: int) -> None:
         self.global_batch = train.batch_size * train.grad_accum_steps * world
         if n < world:
             raise DataError(f"data.train: {n} usable rows cannot feed {world} processes")
-        self.schedule = StepSchedule(n, self.global_batch, train.seed, data_shuffle)
-        spe = self.schedule.steps_per_epoch()
+        self.cursor = DataCursor(n, self.global_batch, train.seed, data_shuffle, min_items=world)
+        spe = self.cursor.steps_per_epoch()
         self._total = train.max_steps if train.max_steps is not None else max(1, math.ceil((train.epochs or 1.0) * spe))
-        self.epoch = 0
-        self.index = 0
 
     def total_steps(self) -> int:
         return self._total
 
-    def micro_parts(self, items: list[int]) -> list[list[int]]:
+    def micro_parts(self, items: list[int], lengths: Callable[[list[int]], list[int]] | None = None) -> list[list[int]]:
+        """This rank's share of a step's items in up to grad_accum_steps micro-batches (sorted by length
+        first when `lengths` gives each item's length, so that micro-batches pad less)."""
         rt = self.rt
         mine = shard_for_rank(items, rt.rank, rt.world_size)
         n_micro = max(1, min(self.cfg.train.grad_accum_steps, len(items) // rt.world_size))
-        return split_micro(mine, n_micro)
+        return split_micro(mine, n_micro, lengths(mine) if lengths is not None else None)
 
     def step_items(self) -> Iterator[list[int]]:
         while True:
-            steps = [s for s in self.schedule.steps(self.epoch) if len(s) >= self.rt.world_size]
-            while self.index < len(steps):
-                items = steps[self.index]
-                self.index += 1
-                yield items
-            self.epoch += 1
-            self.index = 0
+            yield self.cursor.next()
 
-    def cursor_state(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "index": self.index,
-            "n_units": self.schedule.n_examples,
-            "global_batch": self.global_batch,
-        }
-
-    def load_cursor(self, state: dict) -> None:
-        if state.get("n_units") != self.schedule.n_examples or state.get("global_batch") != self.global_batch:
-            self.ctx.warn(
-                "the data or batch size changed since the checkpoint; the data order will not match the "
-                "interrupted run exactly"
-            )
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    # The Task protocol's defaults for a task whose only state is the data cursor and whose
-    # held-out set is `self.eval_set`; a task with more state overrides them.
     def state_dict(self) -> dict:
-        return self.cursor_state()
+        return self.cursor.state()
 
     def load_state_dict(self, state: dict, extra: dict) -> None:
-        self.load_cursor(state)
+        self.cursor.load(state, self.ctx.warn)
 
     def extra_tensors(self) -> dict:
         return {}

@@ -78,8 +78,8 @@ def test_each_player_update_leaves_the_other_untouched(tmp_path, write_recipe):
     from prefcli.engine.progress import Progress
 
     task = _build(write_recipe(gan_recipe()), tmp_path)
-    g0 = {n: p.detach().clone() for n, p in task.model.named_parameters()}
-    d0 = {n: p.detach().clone() for n, p in task.disc.named_parameters()}
+    g0 = {n: p.detach().clone() for n, p in task.gen.model.named_parameters()}
+    d0 = {n: p.detach().clone() for n, p in task.disc.model.named_parameters()}
     plans = task.plans(0)
     engine = Engine(task, task.rt, task.cfg.train, Progress(False, 8, "t", None), tmp_path)
 
@@ -90,28 +90,28 @@ def test_each_player_update_leaves_the_other_untouched(tmp_path, write_recipe):
         engine.run()
 
     step_once()  # a discriminator step
-    assert all(torch.equal(p, g0[n]) for n, p in task.model.named_parameters())
-    assert any(not torch.equal(p, d0[n]) for n, p in task.disc.named_parameters())
+    assert all(torch.equal(p, g0[n]) for n, p in task.gen.model.named_parameters())
+    assert any(not torch.equal(p, d0[n]) for n, p in task.disc.model.named_parameters())
     next(plans)  # the second warm-up discriminator step (not run), then the rollout's own
     next(plans)
-    d1 = {n: p.detach().clone() for n, p in task.disc.named_parameters()}
+    d1 = {n: p.detach().clone() for n, p in task.disc.model.named_parameters()}
     step_once()  # the generator step
-    assert all(torch.equal(p, d1[n]) for n, p in task.disc.named_parameters())
-    assert any(not torch.equal(p, g0[n]) for n, p in task.model.named_parameters())
+    assert all(torch.equal(p, d1[n]) for n, p in task.disc.model.named_parameters())
+    assert any(not torch.equal(p, g0[n]) for n, p in task.gen.model.named_parameters())
 
 
 def test_balance_warnings(tmp_path, write_recipe):
     task = _build(write_recipe(gan_recipe(gan={"saturation_steps": 3, "stop_on_saturation": True})), tmp_path)
     seen = []
     task.ctx.warn = seen.append
-    task.d_steps = 10  # past the warm-up
-    task._pending_acc = [torch.tensor(0.5)] * 3
-    task._watch()
-    assert any("not learning" in w for w in seen) and task.stop_reason is None
-    task._pending_acc = [torch.tensor(1.0)] * 3
-    task._watch()
+    task.disc.steps = 10  # past the warm-up
+    task.disc._pending_acc = [torch.tensor(0.5)] * 3
+    task.disc.watch()
+    assert any("not learning" in w for w in seen) and task.disc.stop_reason is None
+    task.disc._pending_acc = [torch.tensor(1.0)] * 3
+    task.disc.watch()
     assert any(">= 99% accurate for 3 steps" in w for w in seen)
-    assert task.stop_reason and list(task.plans(0)) == []  # stop_on_saturation ends the run
+    assert task.disc.stop_reason and list(task.plans(0)) == []  # stop_on_saturation ends the run
 
 
 def test_gan_end_to_end_and_exact_resume(tmp_path, write_recipe, cli):

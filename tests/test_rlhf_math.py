@@ -5,20 +5,20 @@ import math
 import pytest
 import torch
 
-from prefcli.algos.rlhf import (
-    AGGREGATIONS,
+from prefcli.algos.rlhf.advantages import (
     ALGORITHMS,
     AdvantageInputs,
-    clipped_value_loss,
+    algorithm_key,
     discounted_returns,
     gae,
     group_normalised,
     kl_per_token,
     masked_whiten,
-    ppo_clip_loss,
     rloo_advantages,
     token_rewards,
 )
+from prefcli.algos.rlhf.loss import NORMALISERS as AGGREGATIONS
+from prefcli.algos.rlhf.loss import clipped_value_loss, ppo_clip_loss
 from prefcli.recipe.commands import RLHFSection
 
 
@@ -109,8 +109,7 @@ def test_registry_wires_each_algorithm():
     adv, _ = ALGORITHMS["rloo"].advantages(x)
     # R = s - 0.5 * sum kl = [0.9, -0.1, 2, 2]: A = [1, -1, 0, 0] on every real token
     assert torch.allclose(adv, t([[1, 1], [-1, 0], [0, 0], [0, 0]]))
-    adv, _ = ALGORITHMS["grpo"].advantages(
-        AdvantageInputs(scores, kl, mask, None, 2, 0.5, RLHFSection(grpo_loss="dr_grpo"), None)
-    )
+    dr = RLHFSection(grpo_loss="dr_grpo")
+    adv, _ = ALGORITHMS[algorithm_key(dr)].advantages(AdvantageInputs(scores, kl, mask, None, 2, 0.5, dr, None))
     assert torch.allclose(adv, t([[0.5, 0.5], [-0.5, 0], [0, 0], [0, 0]]))
     assert ALGORITHMS["grpo"].kl_in_reward is False and ALGORITHMS["ppo"].needs_value

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,14 +31,14 @@ from torch import nn
 
 from ..engine.data import load_rows, move
 from ..engine.loop import Group, Micro, Plan
-from ..engine.models import load_tokenizer
+from ..engine.models import build_trained_model, load_tokenizer, save_hf
 from ..engine.pairs import encode_scored, text_batch
 from ..errors import DataError
 from ..recipe.sections import ModelSection
-from ..rewards import RewardSet, RewardSource, build_rewards
+from ..rewards import RewardSource, build_rewards
 from ..runner import RunContext
-from .reward import bradley_terry_loss, build_reward_model
-from .rlhf import RLHFTask
+from .reward import bradley_terry_loss
+from .rlhf import PolicyLearner
 
 
 def discriminator_loss(
@@ -75,121 +75,94 @@ class DiscModule(nn.Module):
 class DiscriminatorSource(RewardSource):
     """The generator's reward: the discriminator's verdict on prompt + completion."""
 
-    def __init__(self, task: GANTask):
-        self.task = task
+    def __init__(self, logits: Callable[[list[str]], torch.Tensor], kind: str, weight: float):
+        self.logits, self.kind = logits, kind
         self.name = "discriminator"
-        self.weight = task.cfg.gan.reward_weight
+        self.weight = weight
 
     def __call__(self, prompts, completions):
-        logits = self.task.disc_logits([p + c for p, c in zip(prompts, completions)])
-        return generator_reward(logits, self.task.cfg.gan.generator_reward).tolist()
+        return generator_reward(self.logits([p + c for p, c in zip(prompts, completions)]), self.kind).tolist()
 
 
-class GANTask(RLHFTask):
-    def __init__(self, ctx: RunContext):
-        self._disc_ready = False
-        super().__init__(ctx)  # the generator, its prompts, sampler, reference and optimizer group
+def discriminator_model_section(r) -> ModelSection:
+    """What the discriminator is built from: discriminator.path / .init, else the generator's architecture
+    (model.init) or pretrained weights (model.path), with a new score head."""
+    d = r.discriminator
+    dm = ModelSection(
+        path=d.path or (r.model.path if d.init is None and r.model.init is None else None),
+        init=d.init or (r.model.init if d.path is None else None),
+        tokenizer=d.tokenizer or (None if d.path else (r.model.tokenizer or r.model.path)),
+        attn_implementation=r.model.attn_implementation,
+        pad_token=r.model.pad_token,
+    )
+    if dm.path is None and dm.init is None:  # generator from a folder, discriminator from the same folder
+        dm = ModelSection(path=r.model.path, tokenizer=dm.tokenizer)
+    return dm
+
+
+class Discriminator:
+    """The discriminator side of the game: a score model on prompt + completion, the buffer of the
+    generator's recent samples, optional preference pairs, its optimizer group and its balance watch."""
+
+    def __init__(self, ctx: RunContext, gen_tok, prompt_text: list[str], gold: list[str], total_updates: int):
         r, rt = ctx.recipe, ctx.rt
-        if "completion" not in self.train_rows.column_names:
-            raise DataError(
-                f"data.train: {r.data.train.path}: gan needs a 'completion' column with the human/gold "
-                f"answer (columns: {', '.join(self.train_rows.column_names)}); map yours with "
-                "data.train.columns, e.g. {completion: answer}"
-            )
-        self.gold = list(self.train_rows["completion"])
-        for i, g in enumerate(self.gold):
-            if not g:
-                raise DataError(f"data.train: {r.data.train.path}: row {i + 1} has an empty 'completion'")
-        self.eval_gold = (
-            list(self.eval_rows["completion"])
-            if self.eval_rows is not None and "completion" in self.eval_rows.column_names
-            else []
+        self.ctx, self.rt, self.cfg = ctx, rt, r
+        self.prompt_text, self.gold = prompt_text, gold
+        d, g = r.discriminator, r.gan
+        dm = discriminator_model_section(r)
+        self.tok = load_tokenizer(dm) if (d.path or d.tokenizer) else gen_tok
+        # dropout kept: the discriminator is a classifier; no two log-probs of it are compared
+        self.model = build_trained_model(
+            dm, self.tok, rt, r.train.gradient_checkpointing, r.train.seed + 7, ctx.smoke, head="score", dropout=True
         )
-        d = r.discriminator
-        dm = ModelSection(
-            path=d.path or (r.model.path if d.init is None and r.model.init is None else None),
-            init=d.init or (r.model.init if d.path is None else None),
-            tokenizer=d.tokenizer or (None if d.path else (r.model.tokenizer or r.model.path)),
-            attn_implementation=r.model.attn_implementation,
-            pad_token=r.model.pad_token,
-        )
-        if dm.path is None and dm.init is None:  # generator from a folder, discriminator from the same folder
-            dm = ModelSection(path=r.model.path, tokenizer=dm.tokenizer)
-        self.dtok = load_tokenizer(dm) if (d.path or d.tokenizer) else self.tok
-        self.disc = build_reward_model(dm, self.dtok, rt, seed=r.train.seed + 7, smoke=ctx.smoke)
-        self.disc_module = DiscModule(self.disc, rt.autocast)
-        g = r.gan
+        self.module = DiscModule(self.model, rt.autocast)
         self.pairs = None
         if r.data.pairs is not None:
             pr = load_rows(r.data.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
             self.pairs = [
                 (
-                    encode_scored(self.dtok, p + c, r.data.max_length)[0],
-                    encode_scored(self.dtok, p + x, r.data.max_length)[0],
+                    encode_scored(self.tok, p + c, r.data.max_length)[0],
+                    encode_scored(self.tok, p + x, r.data.max_length)[0],
                 )
                 for p, c, x in zip(pr["prompt"], pr["chosen"], pr["rejected"])
                 if c and x and c != x
             ]
             if not self.pairs:
                 raise DataError(f"data.pairs: {r.data.pairs.path}: no usable pair (empty or identical answers)")
-        self.steps_per_rollout = self.epochs * r.rlhf.minibatches_per_epoch
-        self.g_total = self._total
-        rollouts = math.ceil(self.g_total / self.steps_per_rollout)
-        self.d_total = g.disc_warmup_steps + rollouts * g.disc_steps
-        self._total = self.g_total + self.d_total  # an upper bound: gated discriminator steps are skipped
-        self.groups["discriminator"] = Group(
-            "discriminator", self.disc_module, rt, r.train, max(1, self.d_total), lr=d.lr
-        )
+        self.group = Group("discriminator", self.module, rt, r.train, max(1, total_updates), lr=d.lr)
         self.samples: deque = deque(maxlen=g.buffer_size)  # (prompt index, generated completion)
-        self.g_steps = self.d_steps = 0
+        self.steps = 0
         self.acc_ema: float | None = None
         self.high_run = self.flat_run = 0
         self.warned: set[str] = set()
         self.stop_reason: str | None = None
         self._pending_acc: list[torch.Tensor] = []
-        self.eval_sources = (
-            build_rewards(g.eval_rewards, tokenizer=self.tok, device=rt.device) if g.eval_rewards else None
-        )
-        self._disc_ready = True
 
-    # ------------------------------------------------------------------ rewards and samples
-    def _make_rewards(self, r):
-        sources = [DiscriminatorSource(self)]
-        if r.rewards:
-            sources += build_rewards(r.rewards, tokenizer=self.tok, device=self.rt.device).sources
-        return RewardSet(sources)
-
-    def _on_samples(self, rows, completions):
+    def add_samples(self, rows: list[int], completions: list[str]) -> None:
         self.samples.extend(zip(rows, completions))
 
     def _encode(self, texts: list[str]) -> dict:
-        seqs = [encode_scored(self.dtok, t, self.cfg.data.max_length)[0] for t in texts]
-        return move(text_batch(seqs, self.dtok.pad_token_id), self.rt.device)
+        seqs = [encode_scored(self.tok, t, self.cfg.data.max_length)[0] for t in texts]
+        return move(text_batch(seqs, self.tok.pad_token_id), self.rt.device)
 
     @torch.no_grad()
-    def disc_logits(self, texts: list[str]) -> torch.Tensor:
-        was = self.disc.training
-        self.disc.eval()
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        was = self.model.training
+        self.model.eval()
         out = []
         bs = max(self.cfg.discriminator.batch_size * 2, 8)
         for s in range(0, len(texts), bs):
-            out.append(self.disc_module(**self._encode(texts[s : s + bs])))
-        self.disc.train(was)
+            out.append(self.module(**self._encode(texts[s : s + bs])))
+        self.model.train(was)
         return torch.cat(out)
 
-    def _fill_buffer(self) -> None:
-        """Samples of the current generator for the discriminator (warm-up: no generator update)."""
-        idx = self._next_prompts()
-        _, _, completions, _ = self._sample(idx, self.prompt_text, self.prompt_ids, self.k)
-        self._on_samples(self._last_rows, completions)
-
-    # ------------------------------------------------------------------ discriminator step
-    def _disc_loss(self, module, b) -> tuple[torch.Tensor, dict]:
+    # ------------------------------------------------------------------ its step
+    def loss(self, module, b) -> tuple[torch.Tensor, dict]:
         g = self.cfg.gan
         n = b["n_pairs"]
         ids, mask = b["input_ids"], b["attention_mask"]
         if g.grad_penalty > 0:
-            emb = self.disc.get_input_embeddings()(ids[:n]).detach().requires_grad_(True)
+            emb = self.model.get_input_embeddings()(ids[:n]).detach().requires_grad_(True)
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel(SDPBackend.MATH):  # double backward needs the plain attention kernel
@@ -222,28 +195,28 @@ class GANTask(RLHFTask):
         self._pending_acc.append(correct.detach().mean())
         return per_pair.sum(), metrics
 
-    def _disc_plan(self) -> Plan:
+    def next_plan(self) -> Plan:
+        """One step: real texts, generated ones for the same prompts, then preference pairs (one micro-batch)."""
         g, d = self.cfg.gan, self.cfg.discriminator
-        rng = random.Random(self.cfg.train.seed * 7919 + self.d_steps)
+        rng = random.Random(self.cfg.train.seed * 7919 + self.steps)
         pool = list(self.samples)
         picks = [pool[i] for i in rng.sample(range(len(pool)), min(d.batch_size, len(pool)))]
         micro = []
-        # one micro-batch: real texts, then generated ones for the same prompts, then preference pairs
         real = [self.prompt_text[i] + self.gold[i] for i, _ in picks]
         fake = [self.prompt_text[i] + c for i, c in picks]
         texts = real + fake
         pairs = []
         if self.pairs is not None and g.bt_weight > 0:
             pairs = [self.pairs[rng.randrange(len(self.pairs))] for _ in picks]
-        seqs = [encode_scored(self.dtok, t, self.cfg.data.max_length)[0] for t in texts]
+        seqs = [encode_scored(self.tok, t, self.cfg.data.max_length)[0] for t in texts]
         seqs += [c for c, _ in pairs] + [x for _, x in pairs]
-        b = move(text_batch(seqs, self.dtok.pad_token_id), self.rt.device)
+        b = move(text_batch(seqs, self.tok.pad_token_id), self.rt.device)
         b["n_pairs"] = len(picks)
         micro.append(Micro(batch=b, n=len(picks), tokens=int(b["attention_mask"].sum())))
-        self.d_steps += 1
-        return Plan(group="discriminator", micro=micro, loss_fn=self._disc_loss, name="disc")
+        self.steps += 1
+        return Plan(group="discriminator", micro=micro, loss_fn=self.loss, name="disc")
 
-    def _watch(self) -> None:
+    def watch(self) -> None:
         """Read the last discriminator steps' accuracy (one sync) and warn about a broken balance."""
         if not self._pending_acc:
             return
@@ -253,7 +226,7 @@ class GANTask(RLHFTask):
         for a in accs:
             self.acc_ema = a if self.acc_ema is None else 0.8 * self.acc_ema + 0.2 * a
             self.high_run = self.high_run + 1 if a >= 0.99 else 0
-            past_warmup = self.d_steps > g.disc_warmup_steps
+            past_warmup = self.steps > g.disc_warmup_steps
             self.flat_run = self.flat_run + 1 if (past_warmup and abs(a - 0.5) <= 0.05) else 0
         if self.high_run >= g.saturation_steps and "high" not in self.warned:
             self.warned.add("high")
@@ -271,71 +244,120 @@ class GANTask(RLHFTask):
                 "to tell real from generated (raise discriminator.lr or its capacity)"
             )
 
-    # ------------------------------------------------------------------ schedule
-    def plans(self, start_step: int) -> Iterator[Plan]:
-        g = self.cfg.gan
-        while self.g_steps < self.g_total and self.stop_reason is None:
-            self._watch()
-            if self.stop_reason is not None:
-                break
-            if self.d_steps < g.disc_warmup_steps:
-                if len(self.samples) < min(self.cfg.discriminator.batch_size, g.buffer_size):
-                    self._fill_buffer()
-                yield self._disc_plan()
-                continue
-            if not self.queue:
-                self._rollout()  # rewards from the current discriminator; the samples join its buffer
-                gated = self.acc_ema is not None and self.acc_ema > g.max_disc_accuracy
-                for _ in range(0 if gated else g.disc_steps):
-                    yield self._disc_plan()
-            self.g_steps += 1
-            yield self._policy_plan()
+    def gated(self) -> bool:
+        """Skip this rollout's discriminator steps: its recent accuracy is above gan.max_disc_accuracy."""
+        return self.acc_ema is not None and self.acc_ema > self.cfg.gan.max_disc_accuracy
 
     def state_dict(self) -> dict:
-        self._watch()
-        st = super().state_dict()
-        st.update(
-            gan={
-                "g_steps": self.g_steps,
-                "d_steps": self.d_steps,
-                "acc_ema": self.acc_ema,
-                "high_run": self.high_run,
-                "flat_run": self.flat_run,
-                "warned": sorted(self.warned),
-                "samples": list(self.samples),
-            }
-        )
-        return st
+        return {
+            "d_steps": self.steps,
+            "acc_ema": self.acc_ema,
+            "high_run": self.high_run,
+            "flat_run": self.flat_run,
+            "warned": sorted(self.warned),
+            "samples": list(self.samples),
+        }
 
-    def load_state_dict(self, state: dict, extra: dict) -> None:
-        super().load_state_dict(state, extra)
-        s = state["gan"]
-        self.g_steps, self.d_steps, self.acc_ema = s["g_steps"], s["d_steps"], s["acc_ema"]
+    def load_state_dict(self, s: dict) -> None:
+        self.steps, self.acc_ema = s["d_steps"], s["acc_ema"]
         self.high_run, self.flat_run, self.warned = s["high_run"], s["flat_run"], set(s["warned"])
         self.samples.clear()
         self.samples.extend((int(i), c) for i, c in s["samples"])
 
-    # ------------------------------------------------------------------ evaluation and output
+    def save(self, out_dir: Path) -> None:
+        save_hf(self.model, self.tok, out_dir)
+
+
+# --------------------------------------------------------------------------------- the game
+
+
+class GANTask:
+    """The Task the engine runs for `prefcli gan`: a generator (a PolicyLearner whose reward is the
+    discriminator's verdict) and a Discriminator, alternating as the module docstring says."""
+
+    def __init__(self, ctx: RunContext):
+        r, rt = ctx.recipe, ctx.rt
+        self.ctx, self.rt, self.cfg = ctx, rt, r
+        g = r.gan
+        # the generator's reward asks the discriminator, built just below, at rollout time
+        verdict = DiscriminatorSource(lambda texts: self.disc.logits(texts), g.generator_reward, g.reward_weight)
+        self.gen = gen = PolicyLearner(ctx, extra_rewards=[verdict])
+        if "completion" not in gen.train_rows.column_names:
+            raise DataError(
+                f"data.train: {r.data.train.path}: gan needs a 'completion' column with the human/gold "
+                f"answer (columns: {', '.join(gen.train_rows.column_names)}); map yours with "
+                "data.train.columns, e.g. {completion: answer}"
+            )
+        gold = list(gen.train_rows["completion"])
+        for i, text in enumerate(gold):
+            if not text:
+                raise DataError(f"data.train: {r.data.train.path}: row {i + 1} has an empty 'completion'")
+        self.eval_gold = (
+            list(gen.eval_rows["completion"])
+            if gen.eval_rows is not None and "completion" in gen.eval_rows.column_names
+            else []
+        )
+        self.g_total = gen.total_updates
+        rollouts = math.ceil(self.g_total / gen.steps_per_rollout)
+        d_total = g.disc_warmup_steps + rollouts * g.disc_steps
+        self.disc = Discriminator(ctx, gen.tok, gen.prompt_text, gold, d_total)
+        self._total = self.g_total + d_total  # an upper bound: gated discriminator steps are skipped
+        self.groups = {"policy": gen.group, "discriminator": self.disc.group}
+        self.g_steps = 0
+        self.eval_sources = (
+            build_rewards(g.eval_rewards, tokenizer=gen.tok, device=rt.device) if g.eval_rewards else None
+        )
+
+    def total_steps(self) -> int:
+        return self._total
+
+    def plans(self, start_step: int) -> Iterator[Plan]:
+        g, gen, disc = self.cfg.gan, self.gen, self.disc
+        while self.g_steps < self.g_total and disc.stop_reason is None:
+            disc.watch()
+            if disc.stop_reason is not None:
+                break
+            if disc.steps < g.disc_warmup_steps:  # warm-up: samples of the initial generator, no generator update
+                if len(disc.samples) < min(self.cfg.discriminator.batch_size, g.buffer_size):
+                    smp = gen.sample_train()
+                    disc.add_samples(smp.rows, smp.completions)
+                yield disc.next_plan()
+                continue
+            if gen.needs_rollout():
+                exp = gen.rollout()  # rewards from the current discriminator; the samples join its buffer
+                disc.add_samples(exp.rows, exp.completions)
+                for _ in range(0 if disc.gated() else g.disc_steps):
+                    yield disc.next_plan()
+            self.g_steps += 1
+            yield gen.next_plan()
+
+    def state_dict(self) -> dict:
+        self.disc.watch()
+        return {**self.gen.state_dict(), "gan": {"g_steps": self.g_steps, **self.disc.state_dict()}}
+
+    def load_state_dict(self, state: dict, extra: dict) -> None:
+        self.gen.load_state_dict(state, extra)
+        self.g_steps = state["gan"]["g_steps"]
+        self.disc.load_state_dict(state["gan"])
+
+    def extra_tensors(self) -> dict:
+        return self.gen.extra_tensors()
+
+    def has_eval(self) -> bool:
+        return self.gen.has_eval()
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        out = super().evaluate()  # eval/reward (discriminator + extra rewards), eval/kl, eval/length
-        if not self.eval_ids:
+        out = self.gen.evaluate()  # eval/reward (discriminator + extra rewards), eval/kl, eval/length
+        if not self.gen.eval_ids:
             return out
         rt = self.rt
-        idx = list(range(len(self.eval_ids)))[: (self.cfg.train.eval_max_batches or 10**9) * self.B]
-        prompts, completions = [], []
-        for s in range(0, len(idx), self.B):
-            chunk = idx[s : s + self.B]
-            real = len(chunk)
-            chunk = chunk + [chunk[0]] * (self.B - real)
-            _, p, c, _ = self._sample(chunk, self.eval_text, self.eval_ids, 1)
-            prompts += p[:real]
-            completions += c[:real]
-        fake = self.disc_logits([p + c for p, c in zip(prompts, completions)])
+        idx, prompts, completions = self.gen.eval_samples()
+        fake = self.disc.logits([p + c for p, c in zip(prompts, completions)])
         sums = {"eval/disc_fake_prob": float(torch.sigmoid(fake).sum())}
         n = float(len(prompts))
         if self.eval_gold:
-            real = self.disc_logits([self.eval_text[i] + self.eval_gold[i] for i in idx])
+            real = self.disc.logits([self.gen.eval_text[i] + self.eval_gold[i] for i in idx])
             sums["eval/disc_accuracy"] = float(((real > 0).float().sum() + (fake < 0).float().sum()) / 2)
         if self.eval_sources is not None:
             _, parts = self.eval_sources.score(prompts, completions)
@@ -347,21 +369,19 @@ class GANTask(RLHFTask):
         return out
 
     def describe(self) -> dict:
-        d = super().describe()
+        d = self.gen.describe()
         d["gan"] = {
             "generator_steps": self.g_steps,
-            "discriminator_steps": self.d_steps,
-            "discriminator_accuracy_ema": self.acc_ema,
-            "stopped": self.stop_reason,
-            "warnings": sorted(self.warned),
+            "discriminator_steps": self.disc.steps,
+            "discriminator_accuracy_ema": self.disc.acc_ema,
+            "stopped": self.disc.stop_reason,
+            "warnings": sorted(self.disc.warned),
         }
         return d
 
     def save_final(self, out_dir: Path) -> None:
-        super().save_final(out_dir)  # the generator, in Hugging Face format
-        disc_dir = Path(out_dir) / "discriminator"
-        self.disc.save_pretrained(disc_dir)
-        self.dtok.save_pretrained(disc_dir)
+        self.gen.save_final(out_dir)  # the generator, in Hugging Face format
+        self.disc.save(Path(out_dir) / "discriminator")
 
 
 def build(ctx: RunContext) -> GANTask:

@@ -1,0 +1,675 @@
+"""The policy side of RL training, shared by `prefcli rlhf` and the generator of `prefcli gan`.
+
+`PolicyLearner` owns the prompts, the policy (with a value head for PPO), the frozen reference, the
+sampler and the reward sources. One rollout: prompts -> k completions each (the fast sampler) -> scores
+-> log-probs of the policy at sampling time and of the reference -> advantages (`advantages.ALGORITHMS`)
+-> `epochs_per_rollout` passes of `minibatches_per_epoch` optimizer steps, each a `Plan` whose loss is
+`loss.policy_loss`. `rollout()` returns what it sampled (`Experience`), so a caller (the GAN) can use the
+completions without hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...engine.data import DataCursor, load_rows, shard_for_rank, split_eval
+from ...engine.loop import Group, Micro, Plan
+from ...engine.models import (
+    PolicyLM,
+    build_trained_model,
+    frozen_copy,
+    load_tokenizer,
+    reference_mode,
+    save_hf,
+    trainable_parameters,
+)
+from ...engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
+from ...errors import DataError, UsageError
+from ...rewards import RewardSet, RewardSource, build_rewards
+from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token
+from .loss import NORMALISERS, LossParams, policy_loss
+
+# ---------------------------------------------------------------------------- modules
+
+
+class ActorCritic(nn.Module):
+    """The policy (and, for PPO, a linear value head on the same hidden states): one forward
+    gives log-probs, entropies and values over the completion positions."""
+
+    def __init__(self, policy: PolicyLM, value_head: nn.Linear | None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(self, input_ids, attention_mask, position_ids, targets, start: int, temperature: float):
+        h = self.policy.hidden(input_ids, attention_mask, position_ids)
+        logp, ent = self.policy.head_logprobs(h, targets, "logprobs", temperature, start)
+        values = None
+        if self.value_head is not None:
+            hv = h[:, start : start + targets.shape[1]]
+            values = self.value_head(hv.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return logp, ent, values
+
+
+class HFSampler:
+    """transformers `generate`, for architectures the fast decoder does not cover."""
+
+    def __init__(self, lm, rt):
+        self.lm, self.rt = lm, rt
+
+    def sync(self):
+        pass
+
+    @torch.no_grad()
+    def generate(self, ids, mask, cfg: SamplingConfig) -> Rollout:
+        kw = dict(
+            max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.min_new_tokens,
+            pad_token_id=cfg.pad_token_id,
+            eos_token_id=cfg.stop_token_ids or None,
+        )
+        if cfg.temperature > 0:
+            kw.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+        else:
+            kw.update(do_sample=False)
+        with self.rt.autocast():
+            out = self.lm.generate(input_ids=ids, attention_mask=mask, **kw)
+        comp = out[:, ids.shape[1] :]
+        B, N = comp.shape[0], cfg.max_new_tokens
+        full = torch.full((B, N), cfg.pad_token_id, dtype=torch.long, device=ids.device)
+        full[:, : comp.shape[1]] = comp
+        stop = torch.isin(full, torch.tensor(cfg.stop_token_ids or [-1], device=ids.device))
+        has = stop.any(1)
+        length = torch.where(
+            has, stop.float().argmax(1).long() + 1, torch.full_like(has, comp.shape[1], dtype=torch.long)
+        )
+        cmask = torch.arange(N, device=ids.device)[None] < length[:, None]
+        full = torch.where(cmask, full, torch.full_like(full, cfg.pad_token_id))
+        return Rollout(
+            prompt_ids=ids, prompt_mask=mask, completion_ids=full, completion_mask=cmask.long(), finished=has
+        )
+
+
+def apply_stop_strings(r: Rollout, tok, stop_strings: list[str], pad_id: int) -> Rollout:
+    """End each completion at the first stop string: keep the shortest token prefix whose text
+    contains it, mask the rest, and count the completion as finished."""
+    if not stop_strings:
+        return r
+    ids, mask = r.completion_ids.clone(), r.completion_mask.clone()
+    finished = r.finished.clone()
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        toks = ids[i, :n].tolist()
+        text = tok.decode(toks, skip_special_tokens=True)
+        if not any(s in text for s in stop_strings):
+            continue
+        for k in range(1, n + 1):
+            if any(s in tok.decode(toks[:k], skip_special_tokens=True) for s in stop_strings):
+                ids[i, k:] = pad_id
+                mask[i, k:] = 0
+                finished[i] = True
+                break
+    return Rollout(r.prompt_ids, r.prompt_mask, ids, mask, finished)
+
+
+def prompt_rows(ds, tok, max_len: int) -> tuple[list[str], list[list[int]], int]:
+    """(prompt texts, token ids, how many were cut to their last max_len tokens) of prompt rows."""
+    texts, ids, n_trunc = [], [], 0
+    has_messages = "messages" in ds.column_names
+    if not has_messages and "prompt" not in ds.column_names:
+        raise DataError(
+            f"prompt data needs a 'prompt' or 'messages' column (columns: {', '.join(ds.column_names)}); "
+            "map yours with data.train.columns, e.g. {prompt: question}"
+        )
+    for i, row in enumerate(ds):
+        if has_messages:
+            msgs = row["messages"]
+            if not msgs:
+                raise DataError(f"prompt row {i + 1} has no messages")
+            if not tok.chat_template:
+                raise DataError("chat 'messages' prompts need a chat template: set model.chat_template")
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            t = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            text = row["prompt"]
+            if text is None or text == "":
+                raise DataError(f"prompt row {i + 1} has an empty prompt")
+            t = tok(text, add_special_tokens=True)["input_ids"]
+        if len(t) > max_len:
+            t = t[-max_len:]
+            n_trunc += 1
+        texts.append(text)
+        ids.append(t)
+    return texts, ids, n_trunc
+
+
+@dataclass
+class Samples:
+    """Completions sampled for a list of prompt rows (k per prompt, consecutive)."""
+
+    rollout: Rollout
+    rows: list[int]  # the prompt index of every completion
+    prompts: list[str]
+    completions: list[str]
+    gen_s: float  # seconds spent in the sampler
+
+
+@dataclass
+class Experience:
+    """What one rollout sampled and how it scored (its training tensors stay in the learner's buffer)."""
+
+    rows: list[int]
+    prompts: list[str]
+    completions: list[str]
+    rewards: list[float]  # summed reward before the missing-EOS penalty
+
+
+# ------------------------------------------------------------------------------ learner
+
+
+class PolicyLearner:
+    """The policy being trained by RL: see the module docstring. `extra_rewards` come before the recipe's
+    `rewards:` in the summed reward (the GAN's discriminator)."""
+
+    def __init__(self, ctx, extra_rewards: list[RewardSource] = ()):
+        r = ctx.recipe
+        self.ctx, self.rt, self.cfg = ctx, ctx.rt, r
+        rt, c, g = self.rt, r.rlhf, r.generation
+        self.key = algorithm_key(c)
+        self.algo = ALGORITHMS[self.key]
+        self.tok = tok = load_tokenizer(r.model)
+        rows = load_rows(r.data.train, what="data.train")
+        eval_rows = load_rows(r.data.eval, what="data.eval") if r.data.eval is not None else None
+        if eval_rows is None and r.data.eval_fraction > 0:
+            rows, eval_rows = split_eval(rows, r.data.eval_fraction, r.train.seed)
+        self.train_rows, self.eval_rows = rows, eval_rows
+        self.prompt_text, self.prompt_ids, trunc = prompt_rows(rows, tok, r.data.max_prompt_length)
+        self.eval_text, self.eval_ids, _ = (
+            prompt_rows(eval_rows, tok, r.data.max_prompt_length) if eval_rows else ([], [], 0)
+        )
+        if trunc:
+            ctx.warn(
+                f"data.train: {trunc} of {len(self.prompt_ids)} prompts were longer than max_prompt_length="
+                f"{r.data.max_prompt_length} tokens and lost their beginning"
+            )
+        self.n_truncated = trunc
+        extra = list(extra_rewards)
+        if extra:
+            self.rewards = RewardSet(
+                extra + (build_rewards(r.rewards, tokenizer=tok, device=rt.device).sources if r.rewards else [])
+            )
+        else:
+            self.rewards = build_rewards(r.rewards, tokenizer=tok, device=rt.device)
+
+        # old and new log-probs must come from the same function: dropout off (the builder's default)
+        lm = build_trained_model(r.model, tok, rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke)
+        self.need_ref = c.kl_coef > 0 or c.kl_target is not None
+        self.ref_policy = None
+        if r.model.lora is None and self.need_ref:
+            # a frozen copy in the compute dtype (with LoRA: the same weights with the adapters off)
+            self.ref_policy = PolicyLM(
+                frozen_copy(lm, rt.compute_dtype if rt.device.type == "cuda" else rt.param_dtype), rt
+            )
+        self.lm = lm
+        self.policy = PolicyLM(lm, rt)
+        value_head = None
+        if self.algo.needs_value:
+            value_head = nn.Linear(lm.config.hidden_size, 1).to(rt.device, rt.param_dtype)
+            nn.init.zeros_(value_head.weight)  # std 0 (Huang et al. 2023)
+            nn.init.zeros_(value_head.bias)
+        self.model = ActorCritic(self.policy, value_head)
+
+        self.k = c.num_generations
+        self.B = c.prompts_per_rollout * self.k
+        self.epochs = c.epochs_per_rollout or self.algo.default_epochs
+        if self.B % c.minibatches_per_epoch:
+            raise UsageError(
+                f"rlhf.minibatches_per_epoch ({c.minibatches_per_epoch}) must divide the rollout's "
+                f"{self.B} sequences (prompts_per_rollout x num_generations)"
+            )
+        self.mb_size = self.B // c.minibatches_per_epoch
+        # One pass over a rollout whose advantages need no rollout-time log-probs (grpo): the old
+        # policy is the current one, so the training forward's own (detached) log-probs serve as
+        # pi_old and one no-grad forward per rollout is saved (as TRL does for num_iterations=1).
+        # The adaptive KL controller reads the rollout's KL, so it keeps the forward.
+        self.old_is_current = (
+            not self.algo.kl_in_reward
+            and not self.algo.needs_value
+            and self.epochs * c.minibatches_per_epoch == 1
+            and c.kl_target is None
+        )
+        self.eps_high = c.clip_eps_high if c.clip_eps_high is not None else (self.algo.default_clip_high or c.clip_eps)
+        self.beta = c.kl_coef
+        self.max_prompt = max(len(p) for p in self.prompt_ids + self.eval_ids)
+        self.sampler = self._make_sampler(lm, g)
+        self.scfg = SamplingConfig(
+            max_new_tokens=g.max_new_tokens,
+            min_new_tokens=g.min_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            stop_token_ids=[tok.eos_token_id],
+            pad_token_id=tok.pad_token_id,
+        )
+        if len(self.prompt_ids) < c.prompts_per_rollout * rt.world_size:
+            raise DataError(
+                f"data.train has {len(self.prompt_ids)} prompts; a rollout needs "
+                f"{c.prompts_per_rollout * rt.world_size} (rlhf.prompts_per_rollout x processes)"
+            )
+        self.cursor = DataCursor(
+            len(self.prompt_ids), c.prompts_per_rollout * rt.world_size, r.train.seed, r.data.shuffle
+        )
+        self.steps_per_rollout = self.epochs * c.minibatches_per_epoch
+        t = r.train
+        if t.max_steps is not None:
+            self.total_updates = t.max_steps
+        else:
+            self.total_updates = max(
+                1, math.ceil((t.epochs or 1.0) * self.cursor.steps_per_epoch() * self.steps_per_rollout)
+            )
+        params = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
+        if value_head is not None:
+            params.append(
+                {
+                    "params": list(value_head.parameters()),
+                    "weight_decay": 0.0,
+                    "lr_scale": (c.value_lr / t.lr) if c.value_lr else 1.0,
+                }
+            )
+        self.group = Group("policy", self.model, rt, t, self.total_updates, param_groups=params)
+        # position: rollouts done, and where we are inside the current rollout (the prompt cursor above)
+        self.rollouts = 0
+        self.buffer: dict[str, torch.Tensor] | None = None
+        self.queue: list[list[int]] = []  # remaining minibatches of the current rollout (row indices)
+        self.rollout_metrics: dict[str, float] = {}
+        self.examples_file = ctx.run_dir / "samples.jsonl"
+        self._warned_sampler = False
+
+    def _make_sampler(self, lm, g):
+        ok, why = supports_fast_decoder(lm)
+        if g.sampler == "fast" and not ok:
+            raise UsageError(f"generation.sampler: fast does not support {why}; use 'auto' or 'hf'")
+        if g.sampler == "hf" or not ok:
+            if g.sampler == "auto":
+                self.ctx.warn(f"the fast sampler does not support {why}; sampling with transformers generate (slower)")
+            return HFSampler(lm, self.rt)
+        cuda = self.rt.device.type == "cuda"
+        return FastDecoder(
+            lm,
+            batch=self.B,
+            max_len=self.max_prompt + g.max_new_tokens,
+            dtype=self.rt.compute_dtype,
+            use_graph=g.cuda_graphs and cuda,
+            compile=g.compile == "on" or (g.compile == "auto" and cuda),
+        )
+
+    # ------------------------------------------------------------------ sampling
+    def next_prompts(self) -> list[int]:
+        """This rank's prompts of the next rollout."""
+        items = self.cursor.next()
+        mine = shard_for_rank(items, self.rt.rank, self.rt.world_size)
+        while len(mine) < self.cfg.rlhf.prompts_per_rollout:  # a short last step: repeat prompts to fill the batch
+            mine.append(mine[len(mine) % max(1, len(mine))] if mine else items[0])
+        return mine
+
+    def sample(self, prompt_idx: list[int], texts: list[str], ids: list[list[int]], k: int) -> Samples:
+        """k completions for each prompt index, from the current policy."""
+        rt = self.rt
+        rows = [i for i in prompt_idx for _ in range(k)]
+        p_ids, p_mask = left_pad([ids[i] for i in rows], self.tok.pad_token_id, rt.device)
+        P = p_ids.shape[1]
+        if P < self.max_prompt:  # a fixed prompt width keeps the decoder's buffers (and CUDA graph) reusable
+            pad = self.max_prompt - P
+            p_ids = torch.cat([torch.full((len(rows), pad), self.tok.pad_token_id, device=rt.device), p_ids], 1)
+            p_mask = torch.cat([torch.zeros((len(rows), pad), dtype=p_mask.dtype, device=rt.device), p_mask], 1)
+        self.model.eval()
+        rt.synchronize()
+        t0 = time.perf_counter()
+        r = self.sampler.generate(p_ids, p_mask, self.scfg)
+        if not self._warned_sampler:
+            for what, err in (
+                ("compiling", getattr(self.sampler, "compile_error", None)),
+                ("capturing a CUDA graph of", getattr(self.sampler, "graph_error", None)),
+            ):
+                if err:
+                    self.ctx.warn(f"{what} the sampler's decode step failed ({err}); decoding without it")
+            self._warned_sampler = True
+        rt.synchronize()
+        gen_s = time.perf_counter() - t0
+        r = apply_stop_strings(r, self.tok, self.cfg.generation.stop_strings, self.tok.pad_token_id)
+        comp_text = [
+            self.tok.decode(c[m.bool()].tolist(), skip_special_tokens=True)
+            for c, m in zip(r.completion_ids, r.completion_mask)
+        ]
+        return Samples(r, rows, [texts[i] for i in rows], comp_text, gen_s)
+
+    def sample_train(self) -> Samples:
+        """Completions of the policy for the next prompts, with no update (the GAN's discriminator warm-up)."""
+        return self.sample(self.next_prompts(), self.prompt_text, self.prompt_ids, self.k)
+
+    @staticmethod
+    def sequences(r: Rollout) -> dict[str, torch.Tensor]:
+        """Full sequences for the training forward: left-padded prompt + completion."""
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+        mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        P = r.prompt_ids.shape[1]
+        targets = torch.where(r.completion_mask.bool(), r.completion_ids, torch.full_like(r.completion_ids, -100))
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": pos,
+            "targets": targets,
+            "start": torch.tensor(P - 1),
+        }
+
+    @torch.no_grad()
+    def score_logprobs(self, seq: dict, reference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs [B, N] at the sampling temperature (and values, for the policy), micro-batched."""
+        out_lp, out_v = [], []
+        bs = self.cfg.train.batch_size
+        start = int(seq["start"])
+        temp = self.cfg.generation.temperature
+        for s in range(0, seq["input_ids"].shape[0], bs):
+            sl = {k: (v[s : s + bs] if v.dim() else v) for k, v in seq.items()}
+            lm_args = (sl["input_ids"], sl["targets"], sl["attention_mask"], sl["position_ids"])
+            if reference and self.ref_policy is not None:
+                lp, _ = self.ref_policy(*lm_args, temperature=temp, start=start)
+            elif reference:
+                with reference_mode(self.lm):
+                    lp, _ = self.policy(*lm_args, temperature=temp, start=start)
+            else:
+                lp, _, v = self.model(
+                    sl["input_ids"], sl["attention_mask"], sl["position_ids"], sl["targets"], start, temp
+                )
+                if v is not None:
+                    out_v.append(v)
+            out_lp.append(lp)
+        return torch.cat(out_lp), (torch.cat(out_v) if out_v else None)
+
+    # ------------------------------------------------------------------ rollout
+    def rollout(self) -> Experience:
+        """Sample, score and compute advantages for the next prompts; queue the minibatches of its updates."""
+        rt, c = self.rt, self.cfg.rlhf
+        t0 = time.perf_counter()
+        self.sampler.sync()
+        smp = self.sample(self.next_prompts(), self.prompt_text, self.prompt_ids, self.k)
+        r, prompts, completions = smp.rollout, smp.prompts, smp.completions
+        total, parts = self.rewards.score(prompts, completions)
+        scores = torch.tensor(total, dtype=torch.float32, device=rt.device)
+        raw_scores = scores.clone()
+        if c.missing_eos_penalty is not None:
+            scores = scores - c.missing_eos_penalty * (~r.finished).float()
+        seq = self.sequences(r)
+        mask = r.completion_mask.float()
+        if c.mask_truncated_completions:
+            mask = mask * r.finished.float()[:, None]
+        ref_logp = self.score_logprobs(seq, reference=True)[0] if self.need_ref else None
+        if self.old_is_current:
+            old_logp, old_values = None, None
+            kl = torch.zeros_like(mask)  # measured in the update instead (kl/mean is logged there)
+        else:
+            old_logp, old_values = self.score_logprobs(seq, reference=False)
+            if ref_logp is None:
+                ref_logp = old_logp
+            kl = kl_per_token(old_logp, ref_logp, "k1") * r.completion_mask
+        self.model.train()
+        x = AdvantageInputs(
+            scores=scores,
+            kl=kl if self.algo.kl_in_reward else torch.zeros_like(kl),
+            mask=r.completion_mask.float(),
+            values=old_values,
+            k=self.k,
+            beta=self.beta,
+            cfg=c,
+            all_reduce=rt.all_reduce if rt.distributed else None,
+        )
+        adv, returns = self.algo.advantages(x)
+        self.buffer = {**seq, "adv": adv, "mask": mask}
+        if old_logp is not None:
+            self.buffer["old_logp"] = old_logp
+        if ref_logp is not None:
+            self.buffer["ref_logp"] = ref_logp
+        if old_values is not None:
+            self.buffer.update(old_values=old_values, returns=returns)
+        self.queue = []
+        B = self.B
+        for e in range(self.epochs):
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.rollouts * 101 + e)
+            perm = torch.randperm(B, generator=gen).tolist()
+            self.queue += [perm[s : s + self.mb_size] for s in range(0, B, self.mb_size)]
+        self.rollout_metrics, n = self._rollout_stats(r, raw_scores, kl, parts, smp.gen_s, t0)
+        if c.kl_target is not None:  # adaptive KL controller (Ziegler et al. 2019); n: sequences, all ranks
+            err = max(-0.2, min(0.2, self.rollout_metrics["kl/mean"] / c.kl_target - 1.0))
+            self.beta *= 1.0 + err * n / c.kl_horizon
+        if c.num_examples and self.rollouts % c.log_examples_every_steps == 0 and rt.is_main:
+            self._show_examples(prompts, completions, total)
+        self.rollouts += 1
+        return Experience(smp.rows, prompts, completions, total)
+
+    def _rollout_stats(
+        self, r: Rollout, raw_scores, kl, parts: dict, gen_s: float, t0: float
+    ) -> tuple[dict[str, float], float]:
+        """The rollout's metrics, from sums across processes in one all-reduce, and its sequence count."""
+        groups = raw_scores.view(-1, self.k)
+        zero_var = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
+        sums = {
+            "score": raw_scores.sum(),
+            "score_sq": (raw_scores**2).sum(),
+            "kl": kl.sum(1).sum(),
+            "tokens": r.completion_mask.sum().float(),
+            "finished": r.finished.float().sum(),
+            "zero_var_groups": zero_var.float().sum(),
+            "groups": float(groups.shape[0]),
+            "sequences": float(raw_scores.shape[0]),
+            **{f"part/{name}": float(sum(v)) for name, v in parts.items()},
+        }
+        names = list(sums)
+        flat = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.rt.device) for k in names])
+        self.rt.all_reduce(flat)
+        v = dict(zip(names, flat.tolist()))
+        n = v["sequences"]
+        mean = v["score"] / n
+        m: dict[str, float] = {
+            "reward/mean": mean,
+            "reward/std": math.sqrt(max(v["score_sq"] / n - mean * mean, 0.0)),
+            "kl/coef": self.beta,
+            "length/mean": v["tokens"] / n,
+            "length/finished": v["finished"] / n,
+            "reward/zero_var_groups": v["zero_var_groups"] / v["groups"],
+        }
+        if not self.old_is_current:
+            m["kl/mean"] = v["kl"] / n
+        for name in parts:
+            m[f"reward/{name}"] = v[f"part/{name}"] / n
+        dt = time.perf_counter() - t0
+        m["perf/rollout_s"] = dt
+        m["perf/samples_per_s"] = n / dt
+        m["perf/gen_tokens_per_s"] = v["tokens"] / max(gen_s, 1e-9)
+        return m, n
+
+    def _show_examples(self, prompts, completions, total):
+        n = min(self.cfg.rlhf.num_examples, len(prompts))
+        pick = list(range(0, len(prompts), max(1, len(prompts) // max(n, 1))))[:n]
+        rows = [[prompts[i][-60:], completions[i][:100], f"{total[i]:.3f}"] for i in pick]
+        if self.ctx.progress is not None:
+            self.ctx.progress.table(f"rollout {self.rollouts}: examples", ["prompt", "completion", "reward"], rows)
+        with open(self.examples_file, "a", encoding="utf-8") as f:
+            for i in pick:
+                row = {"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i], "reward": total[i]}
+                f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ updates
+    def loss_params(self) -> LossParams:
+        c = self.cfg.rlhf
+        return LossParams(
+            eps_low=c.clip_eps,
+            eps_high=self.eps_high,
+            beta=self.beta,
+            kl_in_loss=not self.algo.kl_in_reward,
+            normaliser=self.algo.normaliser,
+            max_new_tokens=self.cfg.generation.max_new_tokens,
+            vf_coef=c.vf_coef,
+            value_clip_eps=c.value_clip_eps,
+        )
+
+    def loss(self, module, mb) -> tuple[torch.Tensor, dict]:
+        """One micro-batch of a rollout through the policy: `loss.policy_loss` plus what only the forward
+        knows (entropy; the KL to the reference when the rollout skipped its policy forward)."""
+        temp = self.cfg.generation.temperature
+        logp, ent, values = module(
+            mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["targets"], int(mb["start"]), temp
+        )
+        mask = mb["mask"]
+        old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()
+        loss_sum, metrics = policy_loss(
+            logp,
+            old_logp,
+            mb["adv"],
+            mask,
+            self.loss_params(),
+            ref_logp=mb.get("ref_logp"),
+            values=values,
+            old_values=mb.get("old_values"),
+            returns=mb.get("returns"),
+        )
+        metrics["policy/entropy"] = ((ent * mask).sum(), mask.sum())
+        if self.old_is_current and "ref_logp" in mb:
+            k1 = (kl_per_token(logp.detach(), mb["ref_logp"], "k1") * mask).sum()
+            metrics["kl/mean"] = (k1, (mask.sum(1) > 0).sum())
+        return loss_sum, metrics
+
+    def needs_rollout(self) -> bool:
+        return not self.queue
+
+    def next_plan(self) -> Plan:
+        """The next policy update: a minibatch of the current rollout (call `rollout()` first when
+        `needs_rollout()`)."""
+        rows = self.queue.pop(0)
+        idx = torch.tensor(rows, device=self.rt.device)
+        micro = []
+        bs = self.cfg.train.batch_size
+        norm = NORMALISERS[self.algo.normaliser]
+        for s in range(0, len(rows), bs):
+            sub = idx[s : s + bs]
+            mb = {k: (v[sub] if v.dim() else v) for k, v in self.buffer.items()}
+            _, units = norm(mb["mask"], mb["mask"], self.cfg.generation.max_new_tokens)
+            micro.append(Micro(batch=mb, n=float(units), tokens=int(mb["attention_mask"].sum())))
+        return Plan(
+            group="policy",
+            micro=micro,
+            loss_fn=self.loss,
+            name=self.cfg.rlhf.algorithm,
+            metrics=dict(self.rollout_metrics),
+        )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            **self.cursor.state(),
+            "rollouts": self.rollouts,
+            "beta": self.beta,
+            "queue": self.queue,
+            "rollout_metrics": self.rollout_metrics,
+        }
+
+    def load_state_dict(self, state: dict, extra: dict) -> None:
+        self.cursor.load(state, self.ctx.warn)
+        self.rollouts, self.beta = state["rollouts"], state["beta"]
+        self.queue = [list(q) for q in state["queue"]]
+        self.rollout_metrics = state.get("rollout_metrics", {})
+        self.buffer = {
+            k[len("buffer.") :]: v.to(self.rt.device) for k, v in extra.items() if k.startswith("buffer.")
+        } or None
+        if self.queue and self.buffer is None:
+            self.queue = []
+
+    def extra_tensors(self) -> dict:
+        if not self.buffer or not self.queue:
+            return {}
+        return {f"buffer.{k}": v for k, v in self.buffer.items()}
+
+    # ------------------------------------------------------------------ evaluation and output
+    def has_eval(self) -> bool:
+        return bool(self.eval_ids)
+
+    def eval_samples(self) -> tuple[list[int], list[str], list[str]]:
+        """One completion per held-out prompt of this rank (capped by train.eval_max_batches): (prompt
+        indices, prompts, completions)."""
+        idx = list(range(len(self.eval_ids)))[: (self.cfg.train.eval_max_batches or 10**9) * self.B]
+        prompts, completions = [], []
+        for s in range(0, len(idx), self.B):
+            chunk = idx[s : s + self.B]
+            real = len(chunk)
+            smp = self.sample(chunk + [chunk[0]] * (self.B - real), self.eval_text, self.eval_ids, 1)
+            prompts += smp.prompts[:real]
+            completions += smp.completions[:real]
+        return idx, prompts, completions
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean reward, KL to the reference and length of one sampled completion per held-out prompt."""
+        rt = self.rt
+        self.sampler.sync()
+        idx = shard_for_rank(list(range(len(self.eval_ids))), rt.rank, rt.world_size)
+        if self.cfg.train.eval_max_batches:
+            idx = idx[: self.cfg.train.eval_max_batches * self.B]
+        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
+        for s in range(0, len(idx), self.B):
+            chunk = idx[s : s + self.B]
+            real = len(chunk)
+            smp = self.sample(chunk + [chunk[0]] * (self.B - real), self.eval_text, self.eval_ids, 1)
+            r = smp.rollout
+            total, _ = self.rewards.score(smp.prompts[:real], smp.completions[:real])
+            seq = self.sequences(r)
+            lp, _ = self.score_logprobs(seq, reference=False)
+            ref = self.score_logprobs(seq, reference=True)[0] if self.need_ref else lp
+            kl = (kl_per_token(lp, ref, "k1") * r.completion_mask).sum(1)[:real]
+            sums += torch.tensor(
+                [sum(total), float(kl.sum()), float(r.completion_mask[:real].sum()), real],
+                dtype=torch.float64,
+                device=rt.device,
+            )
+        rt.all_reduce(sums)
+        tot, kl, length, n = sums.tolist()
+        if n == 0:
+            return {}
+        return {"eval/reward": tot / n, "eval/kl": kl / n, "eval/length": length / n}
+
+    def describe(self) -> dict:
+        return {
+            "data": {
+                "prompts": len(self.prompt_ids),
+                "eval_prompts": len(self.eval_ids),
+                "truncated_prompts": self.n_truncated,
+            },
+            "model": {
+                "parameters": sum(p.numel() for p in self.lm.parameters()),
+                "trainable_parameters": trainable_parameters(self.model),
+            },
+            "rlhf": {
+                "algorithm": self.cfg.rlhf.algorithm,
+                "rollouts": self.rollouts,
+                "sequences_per_rollout": self.B * self.rt.world_size,
+                "sampler": type(self.sampler).__name__,
+                "final_kl_coef": self.beta,
+            },
+        }
+
+    def save_final(self, out_dir) -> None:
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        save_hf(self.lm, self.tok, out_dir)
+        if self.model.value_head is not None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()},
+                str(Path(out_dir) / "value_head.safetensors"),
+            )

@@ -211,3 +211,15 @@ def test_smoke_shrinks_gpu_rollouts_to_seconds():
     small = smoke_recipe(gan)
     assert (small.gan.disc_warmup_steps, small.discriminator.batch_size) == (2, 4)
     assert small.generation.max_new_tokens == SMOKE_NEW_TOKENS and small.rlhf.prompts_per_rollout == 2
+
+
+def test_grpo_with_the_adaptive_kl_controller(tmp_path, write_recipe, cli):
+    """GRPO's one-pass shortcut skips the rollout's policy forward; the adaptive KL controller needs the
+    rollout's KL, so with kl_target the forward stays (this crashed with KeyError 'kl/mean')."""
+    d = rlhf_recipe(rlhf={"algorithm": "grpo", "kl_target": 1.0, "kl_horizon": 10})
+    code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run", "-q")
+    assert code == 0, stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    coefs = [r["kl/coef"] for r in rows if "kl/coef" in r]
+    assert len(coefs) == 2 and coefs[0] == 0.05 and coefs[1] != 0.05  # the controller moved beta
+    assert all("kl/mean" in r for r in rows if "kl/coef" in r)

@@ -113,3 +113,14 @@ def test_registry_wires_each_algorithm():
     adv, _ = ALGORITHMS[algorithm_key(dr)].advantages(AdvantageInputs(scores, kl, mask, None, 2, 0.5, dr, None))
     assert torch.allclose(adv, t([[0.5, 0.5], [-0.5, 0], [0, 0], [0, 0]]))
     assert ALGORITHMS["grpo"].kl_in_reward is False and ALGORITHMS["ppo"].needs_value
+
+
+def test_reinforce_pp_whitens_only_when_asked():
+    scores = t([1.0, 0.0])
+    mask = t([[1, 1], [1, 0]])
+    x = AdvantageInputs(scores, torch.zeros_like(mask), mask, None, 2, 0.0, RLHFSection(whiten_advantages=False), None)
+    adv, _ = ALGORITHMS["reinforce_pp"].advantages(x)
+    assert torch.allclose(adv, t([[1, 1], [0, 0]]))  # the returns themselves (gamma 1, no KL)
+    x.cfg = RLHFSection()
+    adv, _ = ALGORITHMS["reinforce_pp"].advantages(x)
+    assert torch.allclose(adv, masked_whiten(t([[1, 1], [0, 0]]), mask))

@@ -84,7 +84,7 @@ def prepare_data(out: Path, n_train: int, n_heldout: int) -> dict:
         text = "".join(json.dumps({"prompt": DOC_START, "completion": t}) + "\n" for t in rows)
         if not p.exists() or p.read_text() != text:
             p.write_text(text)
-    from prefcli.rewards import vader_compound
+    from prefcli.reward_sources import vader_compound
 
     stats = {}
     for name, rows in (("train", train), ("heldout", heldout)):
@@ -133,7 +133,7 @@ def sample_and_score(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefcli.rewards import vader_compound
+    from prefcli.reward_sources import vader_compound
 
     tok = AutoTokenizer.from_pretrained(final_dir)
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()

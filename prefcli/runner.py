@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TrainingError, UsageError
-from .recipe import RecipeBase, dump_recipe, load_recipe
+from .recipe import dump_recipe, load_recipe
 
 # The command table: `prefcli <command>` builds its Task with `<module>.build(ctx)`.
 # tests/test_command_table.py keeps it in sync with the recipe schemas and the CLI.
@@ -25,7 +25,7 @@ TASKS: dict[str, str] = {
     "sft": "prefcli.algos.sft",
     "rlhf": "prefcli.algos.rlhf",
     "gan": "prefcli.algos.gan",
-    "reward": "prefcli.algos.reward",
+    "reward": "prefcli.algos.reward_model",
     "contrastive": "prefcli.algos.contrastive",
 }
 
@@ -37,10 +37,6 @@ RECIPE_TOOLS: dict[str, str] = {
 
 # What a run folder holds; --overwrite removes exactly these, nothing else.
 RUN_ARTIFACTS = ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoints", "final", "curves.png", "samples.jsonl")
-
-SMOKE_ROWS = 16
-SMOKE_STEPS = 3
-SMOKE_NEW_TOKENS = 16
 
 
 @dataclass
@@ -70,47 +66,6 @@ class RunContext:
             import sys
 
             print(f"warning: {text}", file=sys.stderr)
-
-
-def smoke_recipe(recipe: RecipeBase) -> RecipeBase:
-    """--smoke: the same recipe on a few rows for a few steps, CPU when there is no GPU, no compile.
-    (The model is swapped for a tiny random one of the same family when the task builds it.)"""
-    data = recipe.model_dump()
-    t = data["train"]
-    t["max_steps"] = min(t.get("max_steps") or SMOKE_STEPS, SMOKE_STEPS)
-    t["batch_size"] = min(t["batch_size"], 2)
-    t["grad_accum_steps"] = 1
-    t["eval_max_batches"] = 2
-    t["warmup_steps"] = 0
-    if t.get("eval_every_steps"):
-        t["eval_every_steps"] = min(t["eval_every_steps"], SMOKE_STEPS)
-    if t.get("save_every_steps"):
-        t["save_every_steps"] = min(t["save_every_steps"], SMOKE_STEPS)
-    data["runtime"]["compile"] = False
-    gen = data.get("generation")
-    if isinstance(gen, dict) and gen.get("max_new_tokens"):  # rlhf, gan: short rollouts
-        gen["max_new_tokens"] = min(gen["max_new_tokens"], SMOKE_NEW_TOKENS)
-        if "min_new_tokens" in gen:
-            gen["min_new_tokens"] = min(gen["min_new_tokens"], gen["max_new_tokens"])
-    rl = data.get("rlhf")
-    if isinstance(rl, dict):  # a rollout of 2 prompts x 2 completions, one pass
-        rl["prompts_per_rollout"] = min(rl["prompts_per_rollout"], 2)
-        rl["num_generations"] = min(rl["num_generations"], 2)
-        rl["epochs_per_rollout"] = 1
-        rl["minibatches_per_epoch"] = 1
-    if isinstance(data.get("gan"), dict):  # a short discriminator warm-up on small batches
-        data["gan"]["disc_warmup_steps"] = min(data["gan"]["disc_warmup_steps"], 2)
-        data["discriminator"]["batch_size"] = min(data["discriminator"]["batch_size"], 4)
-
-    def cap(src):
-        if isinstance(src, dict) and "path" in src:
-            src["max_rows"] = min(src.get("max_rows") or SMOKE_ROWS, SMOKE_ROWS)
-        return src
-
-    for val in list(data.get("data", {}).values()):
-        if isinstance(val, dict) and "path" in val:
-            cap(val)
-    return type(recipe).model_validate(data)
 
 
 def default_run_dir(command: str, recipe_path: Path) -> Path:
@@ -176,7 +131,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     loaded = load_recipe(recipe_path, command, opts.overrides)
     recipe = loaded.recipe
     if opts.smoke:
-        recipe = smoke_recipe(recipe)
+        recipe = recipe.smoke()
     if opts.output_dir:
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:

@@ -93,7 +93,7 @@ def sample_pairs(model_dir: Path, prompts: list[str], seed: int, max_new_tokens:
 
 
 def main() -> None:
-    from prefcli.rewards import vader_compound
+    from prefcli.reward_sources import vader_compound
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "prefcli" / "assets" / "kjv-base"))

@@ -42,3 +42,22 @@ def test_bundled_recipes_name_their_command():
     for p in sorted(ROOT.glob("recipes/**/*.yaml")):
         data = yaml.safe_load(p.read_text())
         assert data.get("command") in SCHEMAS, p
+
+
+def test_each_registry_has_exactly_the_names_the_schema_offers():
+    """The names of objectives and algorithms are written once (prefcli/recipe/commands/names.py): every
+    name a recipe accepts has an implementation, and every implementation can be chosen in a recipe."""
+    from prefcli.algos.contrastive import OBJECTIVES as CONTRASTIVE
+    from prefcli.algos.reward_model import OBJECTIVES as REWARD
+    from prefcli.algos.rlhf.advantages import ALGORITHMS, algorithm_key
+    from prefcli.algos.sft import OBJECTIVES as SFT
+    from prefcli.recipe.commands import names
+    from prefcli.recipe.commands.rl import RLHFSection
+
+    assert set(SFT) == set(names.SFT_OBJECTIVES)
+    assert set(REWARD) == set(names.REWARD_OBJECTIVES)
+    assert set(CONTRASTIVE) == set(names.CONTRASTIVE_OBJECTIVES)
+    keys = {
+        algorithm_key(RLHFSection(algorithm=a, grpo_loss=g)) for a in names.RL_ALGORITHMS for g in names.GRPO_LOSSES
+    }
+    assert keys == set(ALGORITHMS)

@@ -283,7 +283,8 @@ def test_length_stats_and_preference_accuracy():
     s = M.length_stats([1, 2, 3, 10])
     assert s == {"mean": 4.0, "median": 2.5, "min": 1, "max": 10, "std": pytest.approx(math.sqrt(12.5))}
     acc = M.preference_accuracy([1.0, 0.5, 2.0, 0.0], [0.0, 0.5, 3.0, -1.0])
-    assert acc == {"accuracy": 0.5, "ties": 1, "margin_mean": pytest.approx((1 + 0 - 1 + 1) / 4), "n": 4}
+    # margins 1, 0, -1, 1: a tie counts 1/2 (pair_correct, the rule training uses too)
+    assert acc == {"accuracy": 0.625, "ties": 1, "margin_mean": pytest.approx((1 + 0 - 1 + 1) / 4), "n": 4}
 
 
 def test_word_matching_is_whole_word_and_case_insensitive():

@@ -119,8 +119,8 @@ def test_label_ratings_feed_the_human_scores_reward(tmp_path):
     assert rows(out) == [{"prompt": "And the", "completion": "text 0", "score": 4}]
     from pydantic import TypeAdapter
 
-    from prefcli.recipe.rewards import RewardSpec
-    from prefcli.rewards import build_rewards
+    from prefcli.recipe.reward_specs import RewardSpec
+    from prefcli.reward_sources import build_rewards
 
     rs = build_rewards([TypeAdapter(RewardSpec).validate_python({"kind": "human_scores", "path": str(out)})])
     assert rs.score(["And the"], ["text 0"])[0] == [4.0]

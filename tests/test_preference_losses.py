@@ -34,7 +34,7 @@ from prefcli.algos.contrastive import (
     simpo_loss,
 )
 from prefcli.algos.infonce import infonce_loss
-from prefcli.algos.reward import (
+from prefcli.algos.reward_model import (
     bradley_terry_loss,
     calibration,
     calibration_errors,

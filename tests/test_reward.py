@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from prefcli.algos.reward import build
+from prefcli.algos.reward_model import build
 from prefcli.engine.dist import setup_runtime
 from prefcli.engine.models import init_score_head
 from prefcli.recipe import load_recipe
-from prefcli.recipe.rewards import ModelReward
-from prefcli.rewards import ModelSource
+from prefcli.recipe.reward_specs import ModelReward
+from prefcli.reward_sources import ModelSource
 from prefcli.runner import RunContext, RunOptions, run_training
 
 from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics, run_subprocess
@@ -81,7 +81,7 @@ def test_a_causal_lm_checkpoint_gets_a_new_head(write_recipe, tiny_model_dir):
 
 
 def test_modelsource_reproduces_training_time_scores(tmp_path, write_recipe):
-    """The RL-time scorer (prefcli.rewards.ModelSource) on final/ gives the scores training computed:
+    """The RL-time scorer (prefcli.reward_sources.ModelSource) on final/ gives the scores training computed:
     the held-out mean reward logged at the end, and the task's own scoring of each text."""
     s, out = run(tmp_path, write_recipe, "rm", rm_dict(train={"max_steps": 4}))
     final = out / "final"

@@ -6,8 +6,8 @@ import pytest
 from pydantic import TypeAdapter
 
 from prefcli.errors import TrainingError, UsageError
-from prefcli.recipe.rewards import RewardSpec
-from prefcli.rewards import build_rewards
+from prefcli.recipe.reward_specs import RewardSpec
+from prefcli.reward_sources import build_rewards
 
 
 def specs(*items, base_dir=None):

@@ -196,19 +196,19 @@ def test_smoke_shrinks_gpu_rollouts_to_seconds():
     from pathlib import Path
 
     from prefcli.recipe import load_recipe
-    from prefcli.runner import SMOKE_NEW_TOKENS, smoke_recipe
+    from prefcli.recipe.commands.rl import SMOKE_NEW_TOKENS
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "gpu" / "rlhf-grpo-qwen2.5-0.5b.yaml"
     full = load_recipe(path).recipe
     assert full.generation.max_new_tokens == 256 and full.rlhf.prompts_per_rollout == 8
-    small = smoke_recipe(full)
+    small = full.smoke()
     assert small.generation.max_new_tokens == SMOKE_NEW_TOKENS < 256
     assert (small.rlhf.prompts_per_rollout, small.rlhf.num_generations) == (2, 2)
     assert small.rlhf.epochs_per_rollout == small.rlhf.minibatches_per_epoch == 1
     assert small.rlhf.algorithm == full.rlhf.algorithm and small.rewards == full.rewards
     gan = load_recipe(path.with_name("gan-qwen2.5-0.5b.yaml")).recipe
     assert gan.gan.disc_warmup_steps == 20 and gan.discriminator.batch_size == 32
-    small = smoke_recipe(gan)
+    small = gan.smoke()
     assert (small.gan.disc_warmup_steps, small.discriminator.batch_size) == (2, 4)
     assert small.generation.max_new_tokens == SMOKE_NEW_TOKENS and small.rlhf.prompts_per_rollout == 2
 

@@ -58,6 +58,7 @@ from ..engine.pairs import (
     tokenize_unpaired,
 )
 from ..errors import UsageError
+from ..evaluate.metrics import pair_correct
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report, sharded_fill
 from .infonce import InfoNCETask, infonce_loss
@@ -237,11 +238,6 @@ def hyper(c, obj: Objective) -> Hyper:
     )
 
 
-def _half_ties(diff: torch.Tensor) -> torch.Tensor:
-    """1 where diff > 0, 0 where diff < 0, ½ for ties (before training, when policy = reference)."""
-    return (diff > 0).float() + 0.5 * (diff == 0).float()
-
-
 # ------------------------------------------------------------------------------------- task
 
 
@@ -379,7 +375,7 @@ class PreferenceTask(Scheduled):
             "reward/chosen": (rc.sum(), B),
             "reward/rejected": (rr.sum(), B),
             "reward/margin": ((rc - rr).sum(), B),
-            "reward/accuracy": (_half_ties(rc - rr).sum(), B),
+            "reward/accuracy": (pair_correct(rc - rr).sum(), B),
             "logps/chosen": (sum_c.detach().sum(), B),
             "logps/rejected": (sum_r.detach().sum(), B),
         }
@@ -414,7 +410,7 @@ class PreferenceTask(Scheduled):
         r = m["reward/row"]
         lab = b["label"]
         pos, neg = lab.float(), (~lab).float()
-        correct = torch.where(lab, _half_ties(r - self.hp.beta * u.kl), _half_ties(self.hp.beta * u.kl - r))
+        correct = torch.where(lab, pair_correct(r - self.hp.beta * u.kl), pair_correct(self.hp.beta * u.kl - r))
         mets = {
             "reward/chosen": ((r * pos).sum(), pos.sum()),
             "reward/rejected": ((r * neg).sum(), neg.sum()),

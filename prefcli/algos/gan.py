@@ -35,9 +35,9 @@ from ..engine.models import build_trained_model, load_tokenizer, save_hf
 from ..engine.pairs import encode_scored, text_batch
 from ..errors import DataError
 from ..recipe.sections import ModelSection
-from ..rewards import RewardSource, build_rewards
+from ..reward_sources import RewardSource, build_rewards
 from ..runner import RunContext
-from .reward import bradley_terry_loss
+from .reward_model import bradley_terry_loss
 from .rlhf import PolicyLearner
 
 

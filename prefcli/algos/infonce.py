@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.data import _chat_ids, iterate_eval, move
+from ..engine.data import chat_ids, iterate_eval, move
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     build_trained_model,
@@ -44,6 +44,7 @@ from ..engine.pairs import (
     map_cached,
     text_batch,
 )
+from ..evaluate.metrics import pair_correct
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 
@@ -96,7 +97,7 @@ def pool(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
 def encode_text(tok, value, fmt: str, max_length: int) -> list[int]:
     """Encoder tokens of one text: the tokenizer's special tokens, then EOS (chat: the template)."""
     if fmt == "chat":
-        ids = _chat_ids(tok, list(value))
+        ids = chat_ids(tok, list(value))
     else:
         ids = tok(value, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
     return list(ids[:max_length])
@@ -199,7 +200,7 @@ class InfoNCETask(Scheduled):
                 {
                     "reward/rejected": (m["reward/rejected"].sum(), B),
                     "reward/margin": (diff.sum(), B),
-                    "reward/accuracy": ((diff > 0).float().sum() + 0.5 * (diff == 0).float().sum(), B),
+                    "reward/accuracy": (pair_correct(diff).sum(), B),
                 }
             )
         return losses.sum(), mets

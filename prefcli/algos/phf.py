@@ -341,7 +341,7 @@ def score_rows(ds, fmt: str, cfg, tok, device, source: str) -> list[float]:
             out.append(f)
         return out
 
-    from ..rewards import build_rewards
+    from ..reward_sources import build_rewards
 
     specs = cfg.rewards
     uses_tokens = any(getattr(s, "unit", None) == "tokens" for s in specs)

@@ -158,7 +158,7 @@ def detect_format(columns: Sequence[str], requested: str) -> str:
 FORMAT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"]}
 
 
-def _chat_ids(tok, messages, **kw) -> list[int]:
+def chat_ids(tok, messages, **kw) -> list[int]:
     out = tok.apply_chat_template(messages, tokenize=True, **kw)
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
@@ -172,15 +172,15 @@ def encode_messages(tok, messages: list[dict], mask_prompt: bool) -> tuple[list[
         raise DataError(
             "chat 'messages' rows need a chat template: the tokenizer has none; set model.chat_template in the recipe"
         )
-    ids = _chat_ids(tok, messages)
+    ids = chat_ids(tok, messages)
     if not mask_prompt:
         return ids, list(ids)
     labels = [IGNORE] * len(ids)
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":
             continue
-        start = len(_chat_ids(tok, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(_chat_ids(tok, messages[: i + 1]))
+        start = len(chat_ids(tok, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(chat_ids(tok, messages[: i + 1]))
         labels[start:end] = ids[start:end]
     return ids, labels
 

@@ -268,7 +268,6 @@ class Engine:
         step_times: list[float] = []
         tok_rates: list[float] = []
         step = start
-        stopped = "completed"
         n_params = {n: sum(p.numel() for p in g.raw.parameters()) for n, g in task.groups.items()}
         t_run = time.perf_counter()
         with _Signals() as sig:
@@ -378,7 +377,7 @@ class Engine:
                 self._checkpoint(step)
         perf = {"tokens_per_s": _median(tok_rates), "step_s": _median(step_times), "peak_mem_gib": rt.peak_memory_gib()}
         return {
-            "status": stopped,
+            "status": "completed",
             "steps": step,
             "total_steps": total,
             "final": last,

@@ -9,7 +9,7 @@ Row shapes (column names after `data.<split>.columns` mapping):
 - unpaired: `prompt`, `completion`, `label` (true = desirable), for KTO.
 - scored texts for reward models: the exact string `prompt + completion` (chat rows rendered
   with the template), tokenized with the tokenizer's own special tokens and nothing added:
-  `prefcli.rewards.ModelSource` scores a reward model's output that way at RL time, so training
+  `prefcli.reward_sources.ModelSource` scores a reward model's output that way at RL time, so training
   and use see the same tokens.
 
 Policy sequences are prompt tokens (`add_special_tokens=True`) + completion tokens + EOS; only
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from .data import _chat_ids, cache_key, pad_batch
+from .data import cache_key, chat_ids, pad_batch
 from .logprobs import IGNORE
 
 PAIR_REQUIRED = ("chosen", "rejected")
@@ -141,8 +141,8 @@ def encode_completion(tok, fmt: str, prompt, completion) -> tuple[list[int], lis
     if fmt == "chat":
         p_msgs = list(prompt or [])
         c_msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-        p = _chat_ids(tok, p_msgs, add_generation_prompt=True) if p_msgs else []
-        full = _chat_ids(tok, p_msgs + list(c_msgs))
+        p = chat_ids(tok, p_msgs, add_generation_prompt=True) if p_msgs else []
+        full = chat_ids(tok, p_msgs + list(c_msgs))
         if full[: len(p)] != p:
             raise DataError(
                 "the chat template renders the prompt differently inside the whole conversation, so "

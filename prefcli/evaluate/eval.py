@@ -255,7 +255,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     import torch
 
     from ..engine.models import PolicyLM, load_tokenizer
-    from ..rewards import build_rewards
+    from ..reward_sources import build_rewards
     from .generation import Generator
     from .loading import load_lm, make_runtime
     from .scoring import completion_logprobs

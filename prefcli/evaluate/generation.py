@@ -482,7 +482,7 @@ class GenerateOptions:
     quiet: bool = False
 
 
-def _settings(base: GenerationSection, given: dict) -> GenerationSection:
+def generation_settings(base: GenerationSection, given: dict) -> GenerationSection:
     from pydantic import ValidationError
 
     data = base.model_dump()
@@ -564,7 +564,7 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     section, base, seed, (device, precision, chunk) = resolve_generate_model(opts)
-    cfg = _settings(base, opts.settings)
+    cfg = generation_settings(base, opts.settings)
     fmt = opts.fmt or ("jsonl" if opts.prompts and str(opts.prompts).endswith(".jsonl") else "lines")
     if fmt not in ("lines", "jsonl"):
         raise UsageError(f"--format must be 'lines' or 'jsonl', got {fmt!r}")

@@ -308,7 +308,7 @@ def sampled_items(opts: LabelOptions, mode: str, err) -> Iterator[Item]:
     in <OUT>.candidates.jsonl (append-only) so a resumed session shows the same ones."""
     import torch
 
-    from .generation import GenerateOptions, Generator, _settings, read_prompts, resolve_generate_model
+    from .generation import GenerateOptions, Generator, generation_settings, read_prompts, resolve_generate_model
     from .loading import load_lm, make_runtime
 
     ppath = Path(opts.prompts)
@@ -329,7 +329,7 @@ def sampled_items(opts: LabelOptions, mode: str, err) -> Iterator[Item]:
             except (json.JSONDecodeError, KeyError):
                 continue
     section, base, seed, (device, precision, chunk) = resolve_generate_model(GenerateOptions(model_dir=opts.model_dir))
-    cfg = _settings(base, opts.settings)
+    cfg = generation_settings(base, opts.settings)
     state: dict = {}
 
     def generator():

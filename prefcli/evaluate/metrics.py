@@ -246,16 +246,24 @@ def word_count(text: str) -> int:
 # ------------------------------------------------------------- preference accuracy
 
 
+def pair_correct(margin):
+    """prefcli's one rule for pairwise accuracy (training and `prefcli eval`) and win rate: 1 when the
+    preferred side scores higher (margin > 0), 0 when it scores lower, 1/2 for a tie. Ties are common
+    before training (a policy equal to its reference gives every pair margin 0): with them at 1/2 an
+    untrained model reads 0.5, chance, rather than 0. Works on floats and, elementwise, on tensors."""
+    return (margin > 0) * 1.0 + (margin == 0) * 0.5
+
+
 def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
-    """How often a reward ranks the preferred completion first: accuracy = (1/N) sum 1(r_w > r_l),
-    ties counting as wrong (TRL's `rewards/accuracies`), with the tie count and the mean margin
-    r_w - r_l reported beside it (docs/algorithms.md, section reward)."""
+    """How often a reward ranks the preferred completion first: accuracy = (1/N) sum pair_correct(r_w - r_l)
+    (a tie counts 1/2), with the tie count and the mean margin r_w - r_l reported beside it
+    (docs/algorithms.md, section reward)."""
     n = len(chosen)
     if n == 0 or n != len(rejected):
         raise ValueError("preference accuracy needs the same, non-zero number of chosen and rejected scores")
     margins = [a - b for a, b in zip(chosen, rejected)]
     return {
-        "accuracy": sum(1 for m in margins if m > 0) / n,
+        "accuracy": sum(pair_correct(m) for m in margins) / n,
         "ties": sum(1 for m in margins if m == 0),
         "margin_mean": sum(margins) / n,
         "n": n,

@@ -162,7 +162,7 @@ def _from_cwd(value: Any, key: str, path_fields: set[str]) -> Any:
     mappings, e.g. `rewards=[{kind: model, path: runs/rm/final}]`) to absolute paths; a value that
     names nothing here and is not written as a path (a hub id such as `Qwen/Qwen2.5-0.5B`) is
     left for the schema to judge."""
-    from .paths import _written_as_path
+    from .paths import written_as_path
 
     if isinstance(value, dict):
         return {k: _from_cwd(v, str(k), path_fields) for k, v in value.items()}
@@ -175,7 +175,7 @@ def _from_cwd(value: Any, key: str, path_fields: set[str]) -> Any:
         if sep and mod.endswith(".py") and not os.path.isabs(os.path.expanduser(mod)):
             return f"{os.path.abspath(mod)}:{attr}"
         return value
-    if key in path_fields and (key == "dir" or os.path.exists(value) or _written_as_path(value)):
+    if key in path_fields and (key == "dir" or os.path.exists(value) or written_as_path(value)):
         return os.path.abspath(value)
     return value
 

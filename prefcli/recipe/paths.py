@@ -29,7 +29,7 @@ def _base_dir(info: ValidationInfo) -> Path:
     return Path(ctx.get("base_dir") or os.getcwd())
 
 
-def _written_as_path(value: str) -> bool:
+def written_as_path(value: str) -> bool:
     return value.startswith(("./", "../", "/", "~")) or value in (".", "..") or value.endswith(DATA_FILE_SUFFIXES)
 
 
@@ -56,7 +56,7 @@ def _path_or_hub_id(value: str, info: ValidationInfo) -> str:
     p = _resolve(value, info)
     if p.exists():
         return str(p.resolve())
-    if _written_as_path(value):
+    if written_as_path(value):
         raise ValueError(f"no such file or folder: {p}")
     if not _HUB_ID.match(value):
         raise ValueError(f"no such file or folder: {p} (and '{value}' is not a hub id of the form 'org/name')")

@@ -31,7 +31,7 @@ from ...engine.models import (
 )
 from ...engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
 from ...errors import DataError, UsageError
-from ...rewards import RewardSet, RewardSource, build_rewards
+from ...reward_sources import RewardSet, RewardSource, build_rewards
 from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token
 from .loss import NORMALISERS, LossParams, policy_loss
 

@@ -18,7 +18,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import DataError, TrainingError, UsageError
-from .recipe.rewards import FunctionReward, HumanScoreReward, KeywordReward, LengthReward, ModelReward, SentimentReward
+from .recipe.reward_specs import (
+    FunctionReward,
+    HumanScoreReward,
+    KeywordReward,
+    LengthReward,
+    ModelReward,
+    SentimentReward,
+)
 
 
 class RewardSource:

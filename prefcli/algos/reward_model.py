@@ -3,7 +3,7 @@
 The model is `AutoModelForSequenceClassification` with one label: the score r(x, y) is the head's
 output at the last real token of `prompt + completion` (right padding; the config's pad_token_id
 tells transformers where the padding starts). The text is exactly the string `prompt + completion`
-tokenized with the tokenizer's own special tokens and nothing added, as `prefcli.rewards.ModelSource`
+tokenized with the tokenizer's own special tokens and nothing added, as `prefcli.reward_sources.ModelSource`
 scores it at RL time. A new head is initialised with std 1/sqrt(d+1) (Huang et al. 2023).
 
 Objectives (registry `OBJECTIVES`, chosen by `reward.objective`), each a pure function:
@@ -44,6 +44,7 @@ from ..engine.pairs import (
     text_batch,
 )
 from ..errors import DataError
+from ..evaluate.metrics import pair_correct
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 
@@ -97,7 +98,7 @@ def calibration(margins: torch.Tensor, bins: int) -> torch.Tensor:
     processes; `calibration_errors` turns them into ECE and MCE (Guo et al. 2017)."""
     p = torch.sigmoid(margins.double())
     conf = torch.maximum(p, 1 - p)
-    correct = (margins > 0).double() + 0.5 * (margins == 0).double()
+    correct = pair_correct(margins).double()
     idx = ((conf - 0.5) / (0.5 / bins)).floor().clamp(0, bins - 1).long()
     out = torch.zeros(bins, 3, dtype=torch.float64, device=margins.device)
     out[:, 0].index_add_(0, idx, torch.ones_like(conf))
@@ -220,10 +221,6 @@ def tokenize_scored(
 # ------------------------------------------------------------------------------------- task
 
 
-def _acc(diff: torch.Tensor) -> torch.Tensor:
-    return (diff > 0).double() + 0.5 * (diff == 0).double()
-
-
 class RewardTask(Scheduled):
     def __init__(self, ctx: RunContext):
         r = ctx.recipe
@@ -327,7 +324,7 @@ class RewardTask(Scheduled):
             "reward/chosen": (rc.detach().sum(), n),
             "reward/rejected": (rr.detach().sum(), n),
             "reward/margin": (diff.sum(), n),
-            "reward/accuracy": (_acc(diff).sum(), n),
+            "reward/accuracy": (pair_correct(diff).sum(), n),
         }
 
     # ----------------------------------------------------------------- Task protocol
@@ -433,7 +430,9 @@ class RewardTask(Scheduled):
         dv = v[:, None] - v[None, :]
         upper = dv > 0
         pair_acc = (
-            _acc(dp[upper]).sum() if bool(upper.any()) else torch.zeros((), dtype=torch.float64, device=rt.device)
+            pair_correct(dp[upper]).double().sum()
+            if bool(upper.any())
+            else torch.zeros((), dtype=torch.float64, device=rt.device)
         )
         moments = torch.stack(
             [p.sum(), v.sum(), (p * p).sum(), (v * v).sum(), (p * v).sum(), pair_acc, upper.sum().double()]

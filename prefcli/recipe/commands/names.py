@@ -1,0 +1,10 @@
+"""The names every choice in a recipe can take, written once: the schemas' Literals, the algorithm
+registries (tests/test_command_table.py checks that each registry has exactly these keys) and the
+generated recipe reference all read them from here."""
+
+SFT_OBJECTIVES = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
+REWARD_OBJECTIVES = ("bradley_terry", "regression", "ranking")
+CONTRASTIVE_OBJECTIVES = ("dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo", "kto", "infonce")
+RL_ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce_pp")
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")  # grpo's loss variants; dr_grpo and dapo are registry entries of their own
+EVAL_METRICS = ("perplexity", "bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length", "preference_accuracy")

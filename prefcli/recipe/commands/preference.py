@@ -1,0 +1,128 @@
+"""`prefcli reward` and `prefcli contrastive` recipes: preference data and each objective's section."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..sections import (
+    DataSource,
+    HeldOut,
+    Section,
+)
+from .base import RecipeBase
+from .names import CONTRASTIVE_OBJECTIVES, REWARD_OBJECTIVES
+
+
+class PreferenceData(HeldOut):
+    """Preference rows. Pairs: `chosen`, `rejected`, optional `prompt` (and `margin` for reward
+    models). Unpaired (kto): `prompt`, `completion`, `label`. Human scores (reward regression):
+    `text` (or `prompt` + `completion`) and `score`. Rankings: optional `prompt`, `completions`
+    (a list, best first). Map your column names with `columns`."""
+
+    train: DataSource = Field(description="Training rows.")
+    eval: DataSource | None = Field(None, description="Held-out rows for the eval/ metrics.")
+    eval_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Hold out this fraction of the training rows for evaluation when no eval set is given.",
+    )
+    format: Literal["auto", "plain", "chat"] = Field(
+        "auto",
+        description="'plain': text values; 'chat': lists of {role, content} messages rendered with the chat template "
+        "(with no `prompt` column, the messages both conversations share are the prompt). 'auto' looks at the values.",
+    )
+    max_length: int = Field(
+        1024,
+        gt=1,
+        description="Tokens per sequence (prompt + completion). Longer completions are truncated and "
+        "counted; rows whose prompt alone fills max_length are skipped and counted.",
+    )
+    shuffle: bool = Field(True, description="Shuffle the training rows every epoch (seeded by train.seed).")
+
+
+# -------------------------------------------------------------------------------------- reward
+
+
+class RewardSection(Section):
+    objective: Literal[REWARD_OBJECTIVES] = Field(
+        "bradley_terry",
+        description="'bradley_terry': pairwise loss -log sigmoid(r_chosen - r_rejected - margin) on chosen/rejected "
+        "rows; 'regression': squared error to human scores on text/score rows; 'ranking': Bradley-Terry on every "
+        "ordered pair of a K-way ranking (rows with `completions`, best first).",
+    )
+    use_margin: bool = Field(
+        True, description="Subtract the row's `margin` column inside the Bradley-Terry loss when the data has one."
+    )
+    center_rewards_coefficient: float = Field(
+        0.0,
+        ge=0,
+        description="eta of the reward-centering term eta * (r_chosen + r_rejected)^2 (Eisenstein et al. "
+        "2023); 0 = off, ~0.01 is typical.",
+    )
+    calibration_bins: int = Field(10, gt=0, description="Equal-width confidence bins for eval/ece and eval/mce.")
+
+
+class RewardRecipe(RecipeBase):
+    """`prefcli reward`: a reward model (a scalar head read at the last real token) from preference pairs,
+    human scores or rankings."""
+
+    command: Literal["reward"] = Field("reward", description="Always 'reward' for this schema.")
+    data: PreferenceData = Field(description="Training and held-out preference data.")
+    reward: RewardSection = Field(default_factory=RewardSection, description="The reward-model objective.")
+
+
+# --------------------------------------------------------------------------------- contrastive
+
+
+class ContrastiveSection(Section):
+    objective: Literal[CONTRASTIVE_OBJECTIVES] = Field(
+        "dpo",
+        description="Preference objective: dpo, cdpo (label smoothing), robust, ipo, hinge (SLiC), simpo, cpo, orpo "
+        "(paired rows); kto (unpaired prompt/completion/label rows); infonce (an encoder trained with in-batch "
+        "negatives; chosen = positive, rejected = hard negative). See docs/commands/contrastive.md.",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="Temperature of the implicit reward (orpo: lambda, the weight of the odds-ratio term). "
+        "null = the objective's default: 0.1 (dpo, cdpo, robust, ipo, hinge, cpo, orpo, kto), 2.0 (simpo).",
+    )
+    label_smoothing: float | None = Field(
+        None,
+        ge=0,
+        lt=0.5,
+        description="cdpo/robust: the assumed probability epsilon that a pair's label is flipped. null = 0.1 for cdpo "
+        "and robust (ignored by the other objectives).",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma.")
+    cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on the chosen completion.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: lambda_D, weight of desirable rows.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: lambda_U, weight of undesirable rows.")
+    reduce: Literal["auto", "sum", "mean"] = Field(
+        "auto",
+        description="How token log-probs become a sequence log-prob: 'sum' over completion tokens, or their 'mean'. "
+        "'auto' = the objective's own choice (mean for ipo, simpo, orpo; sum otherwise).",
+    )
+    temperature: float = Field(
+        0.05, gt=0, description="infonce: tau dividing the cosine similarities (0.05 = scale 20)."
+    )
+    pooling: Literal["mean", "last"] = Field(
+        "mean",
+        description="infonce: sentence embedding = mean of the last hidden states over real tokens, or the "
+        "hidden state of the last real token (EOS).",
+    )
+    hard_negatives: bool = Field(
+        True, description="infonce: add each row's `rejected` text as a hard negative (when the data has it)."
+    )
+
+
+class ContrastiveRecipe(RecipeBase):
+    """`prefcli contrastive`: a policy trained directly from preferences (DPO family, KTO), or an InfoNCE
+    preference encoder."""
+
+    command: Literal["contrastive"] = Field("contrastive", description="Always 'contrastive' for this schema.")
+    data: PreferenceData = Field(description="Training and held-out preference data.")
+    contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection, description="The objective.")

@@ -1,0 +1,290 @@
+"""`prefcli rlhf` and `prefcli gan` recipes: prompts, rollout sampling, the RL algorithm, the discriminator."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..paths import PathOrHubId
+from ..reward_specs import RewardSpec
+from ..sections import (
+    DataSource,
+    HeldOut,
+    ModelInit,
+    Section,
+)
+from .base import RecipeBase
+from .names import GRPO_LOSSES, RL_ALGORITHMS
+
+
+class PromptData(HeldOut):
+    train: DataSource = Field(
+        description="Prompt rows: a 'prompt' column (text) or 'messages' (a chat, rendered "
+        "with the chat template and a generation prompt)."
+    )
+    eval: DataSource | None = Field(None, description="Held-out prompts for eval/reward and eval/kl.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Hold out this fraction of the prompts when no eval set is given."
+    )
+    max_prompt_length: int = Field(
+        256, gt=0, description="Prompt tokens kept; longer prompts lose their beginning (counted in the summary)."
+    )
+    shuffle: bool = Field(True, description="Shuffle the prompts every epoch (seeded by train.seed).")
+
+
+class RolloutGeneration(Section):
+    max_new_tokens: int = Field(64, gt=0, description="Most tokens sampled per completion.")
+    min_new_tokens: int = Field(0, ge=0, description="The stop token is blocked until this many tokens exist.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs in the update use the same one.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0: all).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    stop_strings: list[str] = Field(
+        default_factory=list,
+        description="A completion ends at the first of these (it counts as finished, like the stop token).",
+    )
+    sampler: Literal["auto", "fast", "hf"] = Field(
+        "auto",
+        description="'fast': prefcli's static-KV-cache decoder (llama, mistral, qwen2, qwen3); 'hf': "
+        "transformers generate; 'auto': fast where supported.",
+    )
+    cuda_graphs: bool = Field(True, description="Capture the fast decoder's step in a CUDA graph (GPU only).")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the fast decoder's layer step (fuses its small ops; compiles once, on the "
+        "first rollout). 'auto': on a GPU only.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
+class RLHFSection(Section):
+    algorithm: Literal[RL_ALGORITHMS] = Field(
+        "grpo",
+        description="ppo: value head + GAE (Ouyang et al. 2022); rloo: leave-one-out baseline (Ahmadian et al. "
+        "2024); grpo: group-normalised advantages (Shao et al. 2024); reinforce_pp: REINFORCE++ (Hu et al. 2025).",
+    )
+    grpo_loss: Literal[GRPO_LOSSES] = Field(
+        "grpo",
+        description="GRPO variant: 'grpo' (std-normalised advantages, per-sequence token mean), 'dr_grpo' (no "
+        "std, token sums over a constant), 'dapo' (token mean over the batch, clip_eps_high 0.28 by default).",
+    )
+    num_generations: int = Field(4, gt=0, description="Completions sampled per prompt (the group size G / k).")
+    prompts_per_rollout: int = Field(8, gt=0, description="Prompts per rollout per process.")
+    epochs_per_rollout: int | None = Field(
+        None, gt=0, description="Passes over each rollout (default 4 for ppo, 1 otherwise)."
+    )
+    minibatches_per_epoch: int = Field(1, gt=0, description="Optimizer steps per pass over a rollout.")
+    kl_coef: float = Field(
+        0.05, ge=0, description="Weight beta of the KL penalty to the frozen reference (0: no reference)."
+    )
+    kl_target: float | None = Field(
+        None,
+        gt=0,
+        description="Adaptive KL: steer the per-sequence KL to this value "
+        "(Ziegler et al. 2019); null keeps kl_coef fixed.",
+    )
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive-KL horizon (in sequences).")
+    clip_eps: float = Field(
+        0.2, gt=0, description="PPO ratio clip epsilon (lower side, and upper unless clip_eps_high)."
+    )
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip epsilon (DAPO 'clip-higher'); default clip_eps (0.28 for grpo_loss: dapo)."
+    )
+    value_clip_eps: float = Field(0.2, gt=0, description="PPO value clip epsilon.")
+    vf_coef: float = Field(0.1, ge=0, description="PPO value-loss weight c_v.")
+    value_lr: float | None = Field(None, gt=0, description="Learning rate of the value head (default train.lr).")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo).")
+    whiten_advantages: bool = Field(
+        True, description="Normalise advantages to mean 0, std 1 over the batch (ppo, reinforce_pp)."
+    )
+    reinforce_baseline: bool = Field(False, description="REINFORCE++-Baseline: subtract the group's mean score first.")
+    missing_eos_penalty: float | None = Field(
+        None,
+        ge=0,
+        description="Subtracted from the score of completions cut by "
+        "max_new_tokens before their stop token (TRL's missing_eos_penalty).",
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions without a stop token out of the loss (DAPO)."
+    )
+    log_examples_every_steps: int = Field(
+        10,
+        gt=0,
+        description="Show (and append to samples.jsonl) a few prompt/completion/reward examples every N steps.",
+    )
+    num_examples: int = Field(3, ge=0, description="Examples shown each time.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.algorithm in ("rloo", "grpo") and self.num_generations < 2:
+            raise ValueError(f"{self.algorithm} compares completions of the same prompt: num_generations must be >= 2")
+        return self
+
+
+SMOKE_NEW_TOKENS = 16
+
+
+def shrink_rollouts(data: dict) -> None:
+    """--smoke for a recipe that samples: short rollouts of 2 prompts x 2 completions, one pass."""
+    gen = data["generation"]
+    gen["max_new_tokens"] = min(gen["max_new_tokens"], SMOKE_NEW_TOKENS)
+    gen["min_new_tokens"] = min(gen["min_new_tokens"], gen["max_new_tokens"])
+    rl = data["rlhf"]
+    rl["prompts_per_rollout"] = min(rl["prompts_per_rollout"], 2)
+    rl["num_generations"] = min(rl["num_generations"], 2)
+    rl["epochs_per_rollout"] = 1
+    rl["minibatches_per_epoch"] = 1
+
+
+class RLHFRecipe(RecipeBase):
+    """`prefcli rlhf`: reinforcement learning from a reward, R(s, a) = HumanScore(a): PPO, RLOO, GRPO, REINFORCE++."""
+
+    command: Literal["rlhf"] = Field("rlhf", description="Always 'rlhf' for this schema.")
+    data: PromptData = Field(description="Prompts to sample completions for.")
+    rewards: list[RewardSpec] = Field(min_length=1, description="Reward sources, summed with their weights.")
+    generation: RolloutGeneration = Field(default_factory=RolloutGeneration, description="Sampling settings.")
+    rlhf: RLHFSection = Field(default_factory=RLHFSection, description="The algorithm and its knobs.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.train.grad_accum_steps != 1:
+            raise ValueError(
+                "train.grad_accum_steps does not apply to rlhf: each optimizer step takes a minibatch of "
+                "the rollout (see rlhf.minibatches_per_epoch), split into micro-batches of train.batch_size"
+            )
+        return self
+
+    def _shrink(self, data: dict) -> None:
+        super()._shrink(data)
+        shrink_rollouts(data)
+
+
+# ----------------------------------------------------------------------------------------- gan
+
+
+class GANData(PromptData):
+    """Prompts with the human/gold completion the discriminator treats as real."""
+
+    train: DataSource = Field(description="Rows with 'prompt' (or 'messages') and 'completion': the human/gold answer.")
+    pairs: DataSource | None = Field(
+        None,
+        description="Optional preference pairs (prompt, chosen, rejected) mixed into "
+        "the discriminator's loss under Bradley-Terry (weight gan.bt_weight).",
+    )
+    max_length: int = Field(
+        256, gt=1, description="Discriminator input tokens (prompt + completion), cut from the left."
+    )
+
+
+class DiscriminatorSection(Section):
+    """The discriminator: a sequence classifier scoring prompt + completion (1 logit: real vs generated).
+    Default: the generator's architecture (model.init) or pretrained weights (model.path) with a new
+    score head; `path` can be a reward model from `prefcli reward`."""
+
+    path: PathOrHubId | None = Field(
+        None,
+        description="Start from this model folder or hub id (a reward model keeps "
+        "its head; a causal LM gets a new score head).",
+    )
+    init: ModelInit | None = Field(None, description="A random discriminator of this architecture instead.")
+    tokenizer: PathOrHubId | None = Field(None, description="Its tokenizer (default: path's, else the generator's).")
+    lr: float = Field(1e-4, gt=0, description="Discriminator learning rate (the generator uses train.lr).")
+    batch_size: int = Field(16, gt=0, description="Real/generated pairs per discriminator step.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.path is not None and self.init is not None:
+            raise ValueError("set discriminator.path or discriminator.init, not both")
+        return self
+
+
+class GANSection(Section):
+    disc_steps: int = Field(1, ge=0, description="Discriminator steps per generator rollout.")
+    disc_warmup_steps: int = Field(10, ge=0, description="Discriminator steps before the first generator update.")
+    buffer_size: int = Field(256, gt=0, description="The most recent generated completions kept for the discriminator.")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="One-sided label smoothing: real targets 1 - epsilon "
+        "(Salimans et al. 2016); slows a discriminator that wins too early.",
+    )
+    generator_reward: Literal["log_sigmoid", "logit"] = Field(
+        "log_sigmoid",
+        description="'log_sigmoid': log D(x, y), the non-saturating generator objective (Goodfellow et "
+        "al. 2014); 'logit': the raw logit (keeps a gradient when D is sure).",
+    )
+    reward_weight: float = Field(1.0, gt=0, description="Weight of the discriminator reward (summed with `rewards:`).")
+    bt_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the Bradley-Terry loss on data.pairs in the "
+        "discriminator's loss (APO, Cheng et al. 2023).",
+    )
+    grad_penalty: float = Field(
+        0.0,
+        ge=0,
+        description="R1 gradient penalty gamma/2 E||grad_emb D(real)||^2 (Mescheder "
+        "et al. 2018), on the real texts' input embeddings.",
+    )
+    max_disc_accuracy: float = Field(
+        1.0,
+        gt=0.5,
+        le=1.0,
+        description="Skip discriminator steps while its recent accuracy is above this (1.0: never skip).",
+    )
+    saturation_steps: int = Field(
+        20,
+        gt=0,
+        description="Warn when the discriminator's accuracy stays >= 99% (the "
+        "generator gets no signal) or within 50 +- 5% (it is not learning) this many steps.",
+    )
+    stop_on_saturation: bool = Field(
+        False,
+        description="End the run (exit 0, reason in the summary) when the "
+        "discriminator has stayed saturated for saturation_steps.",
+    )
+    eval_rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="Scores of held-out samples that the "
+        "generator never trains on (e.g. sentiment when the gold set is positive): "
+        "eval/<name>.",
+    )
+
+
+class GANRecipe(RecipeBase):
+    """`prefcli gan`: a discriminator learns to tell human/gold completions from generated ones; the generator learns, by
+    policy gradient (RLOO, GRPO, PPO), to be scored as human."""
+
+    command: Literal["gan"] = Field("gan", description="Always 'gan' for this schema.")
+    data: GANData = Field(description="Prompts with gold completions (and optional preference pairs).")
+    discriminator: DiscriminatorSection = Field(default_factory=DiscriminatorSection, description="The discriminator.")
+    gan: GANSection = Field(default_factory=GANSection, description="Alternation and balance.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list, description="Extra reward sources added to the discriminator's reward (optional)."
+    )
+    generation: RolloutGeneration = Field(default_factory=RolloutGeneration, description="Sampling settings.")
+    rlhf: RLHFSection = Field(
+        default_factory=lambda: RLHFSection(algorithm="rloo"),
+        description="The generator's policy-gradient algorithm (default rloo).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.train.grad_accum_steps != 1:
+            raise ValueError("train.grad_accum_steps does not apply to gan (see rlhf.minibatches_per_epoch)")
+        if self.gan.bt_weight > 0 and self.data.pairs is None:
+            raise ValueError("gan.bt_weight needs data.pairs (prompt, chosen, rejected rows)")
+        return self
+
+    def _shrink(self, data: dict) -> None:
+        super()._shrink(data)
+        shrink_rollouts(data)  # the generator's rollouts, as rlhf shrinks them
+        data["gan"]["disc_warmup_steps"] = min(data["gan"]["disc_warmup_steps"], 2)  # a short warm-up
+        data["discriminator"]["batch_size"] = min(data["discriminator"]["batch_size"], 4)

@@ -1,0 +1,174 @@
+"""`prefcli sft` recipes: data, and the objective with its knobs (PHF_KNOBS: which objective reads which)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..reward_specs import RewardSpec
+from ..sections import (
+    DataSource,
+    HeldOut,
+    Section,
+)
+from .base import RecipeBase
+from .names import SFT_OBJECTIVES
+
+
+class SFTData(HeldOut):
+    train: DataSource = Field(description="Training rows.")
+    eval: DataSource | None = Field(None, description="Held-out rows for perplexity (eval/ppl).")
+    eval_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Hold out this fraction of the training rows for evaluation when no eval set is given.",
+    )
+    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+        "auto",
+        description="Row shape: 'text' (column text), 'prompt_completion' (prompt, completion), 'messages' "
+        "(a list of {role, content}, rendered with the chat template). 'auto' picks by the columns present.",
+    )
+    max_length: int = Field(1024, gt=1, description="Tokens per example; longer examples are truncated and counted.")
+    mask_prompt: bool = Field(
+        True,
+        description="Train only on completion/assistant tokens (prompt tokens get no loss). 'text' rows have no prompt.",
+    )
+    packing: bool = Field(
+        False, description="Pack several examples into each max_length row; attention never crosses example boundaries."
+    )
+    add_eos: bool = Field(True, description="End every example with the EOS token (so the model learns to stop).")
+    shuffle: bool = Field(True, description="Shuffle the training rows every epoch (seeded by train.seed).")
+
+
+# Which objectives read which knob of SFTSection (a knob changed from its default under an objective that
+# ignores it is an error: it would silently do nothing).
+PHF_KNOBS: dict[str, tuple[str, ...]] = {
+    "rewards": ("filter", "conditional", "unlikelihood", "rwr", "awr"),
+    "score_column": ("filter", "conditional", "unlikelihood", "rwr", "awr"),
+    "score_batch_size": ("filter", "conditional", "unlikelihood", "rwr", "awr"),
+    "threshold": ("filter", "conditional", "unlikelihood"),
+    "threshold_quantile": ("filter", "conditional", "unlikelihood"),
+    "aligned_token": ("conditional",),
+    "misaligned_token": ("conditional",),
+    "drop_control_fraction": ("conditional",),
+    "unlikelihood_alpha": ("unlikelihood",),
+    "beta": ("rwr", "awr"),
+    "awr_alpha": ("awr",),
+    "awr_max_weight": ("awr",),
+}
+
+
+class SFTSection(Section):
+    """The SFT objective. Beside plain maximum likelihood (`mle`), the objectives of pretraining with human
+    preferences (Korbak et al. 2023): every training row is a segment, scored once before training by a
+    scorer (`rewards` or `score_column`); see docs/commands/sft.md."""
+
+    objective: Literal[SFT_OBJECTIVES] = Field(
+        "mle",
+        description="Training objective. 'mle': next-token cross-entropy. With a scorer: 'filter' (MLE on the rows "
+        "scoring >= the threshold only), 'conditional' (each row prefixed with aligned_token or misaligned_token by "
+        "its score; generate after aligned_token), 'unlikelihood' (MLE on rows >= the threshold, -log(1-p) on the "
+        "others), 'rwr' (NLL weighted by exp(score/beta)), 'awr' (NLL weighted by exp((score - V)/beta) with a "
+        "learned value head V).",
+    )
+    rewards: list[RewardSpec] | None = Field(
+        None,
+        description="Scorer: reward sources (summed by weight) that score every training row once, before training; "
+        "the scores are cached with the tokenized data. A 'text' row is scored as the completion with an empty prompt; "
+        "a 'messages' row as its last assistant turn after the earlier turns. One of rewards and score_column is "
+        "needed by every objective but mle.",
+    )
+    score_column: str | None = Field(
+        None,
+        description="Scorer alternative: a numeric column of the training data holding each row's score "
+        "(e.g. human ratings); higher is better.",
+    )
+    score_batch_size: int = Field(256, gt=0, description="Rows per call to the reward sources when scoring.")
+    threshold: float | None = Field(
+        None,
+        description="Fixed score threshold: a row is aligned (desirable) when its score >= threshold, misaligned "
+        "otherwise. When null, the threshold is the threshold_quantile quantile of the training rows' scores.",
+    )
+    threshold_quantile: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="When threshold is null: the threshold is this quantile of the training rows' scores (about "
+        "this fraction of rows is misaligned; fewer when scores tie at the threshold).",
+    )
+    aligned_token: str = Field(
+        "<|aligned|>",
+        min_length=1,
+        description="Control token of aligned rows (conditional); "
+        "added to the tokenizer as a special token and the embeddings resized.",
+    )
+    misaligned_token: str = Field(
+        "<|misaligned|>", min_length=1, description="Control token of misaligned rows (conditional)."
+    )
+    drop_control_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Fraction of training rows given no control token (conditional), chosen by a hash of "
+        "(train.seed, row) so that resume and reruns see the same rows.",
+    )
+    unlikelihood_alpha: float = Field(
+        1.0, ge=0, description="Weight of the unlikelihood term -log(1-p) on misaligned rows (unlikelihood)."
+    )
+    beta: float = Field(
+        10.0,
+        gt=0,
+        description="Temperature of the weights exp(score/beta) (rwr) and exp(advantage/beta) (awr), in score units.",
+    )
+    awr_alpha: float = Field(
+        0.5, gt=0, le=1, description="AWR loss = awr_alpha * weighted NLL + (1 - awr_alpha) * value MSE."
+    )
+    awr_max_weight: float = Field(1000.0, gt=0, description="AWR weights exp(advantage/beta) are clipped to this.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        o = self.objective
+        for name, users in PHF_KNOBS.items():
+            if name not in self.model_fields_set or o in users:
+                continue
+            default = type(self).model_fields[name].get_default(call_default_factory=True)
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"sft.{name} applies to objective {' or '.join(users)} only, not '{o}'; remove "
+                    "it or change sft.objective"
+                )
+        if self.rewards is not None and self.score_column is not None:
+            raise ValueError("give one scorer: sft.rewards or sft.score_column, not both")
+        if o != "mle" and not self.rewards and self.score_column is None:
+            raise ValueError(
+                f"objective '{o}' needs a scorer: sft.rewards (e.g. [{{kind: sentiment}}]) or "
+                "sft.score_column (a numeric column of the data)"
+            )
+        if (
+            self.threshold is not None
+            and "threshold_quantile" in self.model_fields_set
+            and self.threshold_quantile != type(self).model_fields["threshold_quantile"].default
+        ):
+            raise ValueError("set sft.threshold (a fixed value) or sft.threshold_quantile, not both")
+        if self.aligned_token == self.misaligned_token:
+            raise ValueError("sft.aligned_token and sft.misaligned_token must differ")
+        return self
+
+
+class SFTRecipe(RecipeBase):
+    """`prefcli sft`: supervised fine-tuning, and pretraining from scratch with model.init."""
+
+    command: Literal["sft"] = Field("sft", description="Always 'sft' for this schema.")
+    data: SFTData = Field(description="Training and held-out data.")
+    sft: SFTSection = Field(default_factory=SFTSection, description="The SFT objective.")
+
+    @model_validator(mode="after")
+    def _check_objective(self):
+        if self.sft.objective == "conditional" and self.model.lora is not None:
+            raise ValueError(
+                "sft.objective 'conditional' adds control tokens whose embeddings must train; LoRA "
+                "freezes the embeddings. Remove model.lora or pick another objective"
+            )
+        return self

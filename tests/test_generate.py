@@ -16,7 +16,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from prefcli.evaluate.generation import BannedWordsProcessor, Generator, cut_at_stop, read_prompts, token_strings
+from prefcli.evaluate.control import BannedWordsProcessor, cut_at_stop, token_strings
+from prefcli.evaluate.generation import Generator, read_prompts
 from prefcli.evaluate.metrics import contains_word
 from prefcli.recipe.commands import GenerationSection
 

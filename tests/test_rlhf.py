@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from prefcli.algos.rlhf.policy import apply_stop_strings
+from prefcli.algos.rlhf.sampling import apply_stop_strings
 from prefcli.engine.rollout import Rollout
 
 from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, last_json, losses

@@ -6,7 +6,8 @@ Where things are:
                  and defaults;
 - loss.py        the policy update on one screen: ratio, clipping, KL term, value loss, normaliser;
 - policy.py      `PolicyLearner`: prompts, policy, reference, sampler, rewards, rollouts, minibatch plans,
-                 evaluation (also the generator of `prefcli gan`).
+                 evaluation (also the generator of `prefcli gan`);
+- sampling.py    prompt rows, the transformers-generate fallback sampler, stop strings.
 Equations and sources: docs/algorithms.md, section rlhf.
 """
 

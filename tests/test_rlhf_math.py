@@ -124,3 +124,39 @@ def test_reinforce_pp_whitens_only_when_asked():
     x.cfg = RLHFSection()
     adv, _ = ALGORITHMS["reinforce_pp"].advantages(x)
     assert torch.allclose(adv, masked_whiten(t([[1, 1], [0, 0]]), mask))
+
+
+def test_assembled_ppo_loss_on_a_fixed_buffer():
+    """policy_loss as PPO uses it (token_mean, value loss), worked by hand. ratio = [1.25, 0.5], A = [1, -1]:
+    -A rho = [-1.25, 0.5], -A clip(rho, 0.8, 1.2) = [-1.2, 0.8] -> max [-1.2, 0.8] (both clipped), sum -0.4.
+    Value: V [0.5, 0], V_old [0.2, 0.1], R [1, -0.5], eps 0.2: clipped V [0.4, 0]; 1/2 max((V-R)^2,
+    (Vc-R)^2) = [0.18, 0.125], sum 0.305, times c_v 0.1. Total -0.4 + 0.0305."""
+    from prefcli.algos.rlhf.loss import LossParams, policy_loss
+
+    p = LossParams(eps_low=0.2, eps_high=0.2, beta=0.0, kl_in_loss=False, normaliser="token_mean",
+                   max_new_tokens=2, vf_coef=0.1, value_clip_eps=0.2)  # fmt: skip
+    loss, m = policy_loss(
+        torch.log(t([[0.5, 0.25]])), torch.log(t([[0.4, 0.5]])), t([[1.0, -1.0]]), t([[1.0, 1.0]]), p,
+        values=t([[0.5, 0.0]]), old_values=t([[0.2, 0.1]]), returns=t([[1.0, -0.5]]),
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(-0.4 + 0.1 * 0.305)
+    assert m["policy/clipfrac"][0].item() == 2 and m["value/loss"][0].item() == pytest.approx(0.305)
+    assert "kl/k3" not in m
+
+
+def test_assembled_grpo_loss_on_a_fixed_buffer():
+    """policy_loss as GRPO uses it (sequence_mean, beta k3 in the loss), worked by hand. ratio 1, so
+    pg = -A; log pi - log pi_ref = d = [[0, ln 2], [-ln 2, .]], k3 = e^-d + d - 1 = [[0, 0.19315], [0.30685, .]].
+    Rows: (-0.5 + 0) and (-0.5 + 0.1 * 0.19315) averaged = -0.4903425; the second row has one token:
+    0.5 + 0.1 * 0.30685. Summed over the 2 completions (the loop divides by them)."""
+    from prefcli.algos.rlhf.loss import LossParams, policy_loss
+
+    p = LossParams(eps_low=0.2, eps_high=0.2, beta=0.1, kl_in_loss=True, normaliser="sequence_mean",
+                   max_new_tokens=2, vf_coef=0.1, value_clip_eps=0.2)  # fmt: skip
+    logp = t([[-1.0, -2.0], [-1.5, -3.0]])
+    d = t([[0.0, math.log(2)], [-math.log(2), 0.0]])
+    mask = t([[1.0, 1.0], [1.0, 0.0]])
+    loss, m = policy_loss(logp, logp.clone(), t([[0.5, 0.5], [-0.5, -0.5]]), mask, p, ref_logp=logp - d)
+    k3 = [0.5 + math.log(2) - 1, 2 - math.log(2) - 1]
+    assert loss.item() == pytest.approx((-0.5 + (-0.5 + 0.1 * k3[0])) / 2 + (0.5 + 0.1 * k3[1]))
+    assert m["kl/k3"][0].item() == pytest.approx(k3[0] + k3[1]) and m["kl/k3"][1].item() == 3

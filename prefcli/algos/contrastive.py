@@ -53,12 +53,12 @@ from ..engine.pairs import (
     completion_batch,
     detect_pair_format,
     pair_batch,
+    pair_correct,
     sequence_logps,
     tokenize_pairs,
     tokenize_unpaired,
 )
 from ..errors import UsageError
-from ..evaluate.metrics import pair_correct
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report, sharded_fill
 from .infonce import InfoNCETask, infonce_loss

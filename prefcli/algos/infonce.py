@@ -42,9 +42,9 @@ from ..engine.pairs import (
     is_empty,
     kept_rows,
     map_cached,
+    pair_correct,
     text_batch,
 )
-from ..evaluate.metrics import pair_correct
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 

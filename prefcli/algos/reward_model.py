@@ -40,11 +40,11 @@ from ..engine.pairs import (
     is_empty,
     kept_rows,
     map_cached,
+    pair_correct,
     scored_text,
     text_batch,
 )
 from ..errors import DataError
-from ..evaluate.metrics import pair_correct
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 

@@ -342,3 +342,11 @@ def text_batch(seqs: list[list[int]], pad_id: int) -> dict:
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def pair_correct(margin):
+    """prefcli's one rule for pairwise accuracy (training and `prefcli eval`) and win rate: 1 when the
+    preferred side scores higher (margin > 0), 0 when it scores lower, 1/2 for a tie. Ties are common
+    before training (a policy equal to its reference gives every pair margin 0): with them at 1/2 an
+    untrained model reads 0.5, chance, rather than 0. Works on floats and, elementwise, on tensors."""
+    return (margin > 0) * 1.0 + (margin == 0) * 0.5

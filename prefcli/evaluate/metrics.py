@@ -14,6 +14,8 @@ import re
 import statistics
 from collections.abc import Sequence
 
+from ..engine.pairs import pair_correct
+
 # ------------------------------------------------------------------------------ perplexity
 
 
@@ -244,14 +246,6 @@ def word_count(text: str) -> int:
 
 
 # ------------------------------------------------------------- preference accuracy
-
-
-def pair_correct(margin):
-    """prefcli's one rule for pairwise accuracy (training and `prefcli eval`) and win rate: 1 when the
-    preferred side scores higher (margin > 0), 0 when it scores lower, 1/2 for a tie. Ties are common
-    before training (a policy equal to its reference gives every pair margin 0): with them at 1/2 an
-    untrained model reads 0.5, chance, rather than 0. Works on floats and, elementwise, on tensors."""
-    return (margin > 0) * 1.0 + (margin == 0) * 0.5
 
 
 def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> dict:

@@ -10,6 +10,7 @@ separate process (clean memory statistics).
     python bench/bench.py all --size 0.5b            # GPU: the anchor workload
     python bench/bench.py run --impl prefcli --mode sft --size 0.5b --batch 32
     python bench/bench.py sampler --size 0.5b        # the rollout sampler alone (+ a check against HF)
+    python bench/bench.py startup                    # whole-process start-up: --help and validate
 
 Results: one JSON object per measurement appended to --out (bench/results/*.jsonl), with the
 date, git commit and machine; a table at the end.
@@ -441,6 +442,37 @@ def run_sampler(a) -> dict:
     return out
 
 
+# -------------------------------------------------------------------------- startup
+
+STARTUP = {
+    "help": ["--help"],
+    "validate": ["validate", "recipes/tiny/sft.yaml"],
+}
+
+
+def run_startup(a) -> dict:
+    """Whole-process start-up of the real entry point (`python -m prefcli ...`): one warm-up run, then the
+    median of --repeats runs, for `--help` and for `validate recipes/tiny/sft.yaml` (neither imports torch;
+    tests/test_startup.py asserts that, this measures how long it takes)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out: dict = {"repeats": a.repeats}
+    for name, args in STARTUP.items():
+        times = []
+        for i in range(a.repeats + 1):
+            t0 = time.perf_counter()
+            res = subprocess.run(
+                [sys.executable, "-m", "prefcli", *args], capture_output=True, text=True, cwd=ROOT, env=env
+            )
+            dt = time.perf_counter() - t0
+            if res.returncode != 0:
+                return {"error": f"prefcli {' '.join(args)} exited {res.returncode}: {res.stderr[-1000:]}"}
+            if i:  # the first run warms the file cache
+                times.append(dt)
+        out[f"{name}_s"] = round(statistics.median(times), 3)
+        out[f"{name}_runs_s"] = [round(t, 3) for t in times]
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -506,7 +538,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["run", "all", "sampler"])
+    ap.add_argument("what", choices=["run", "all", "sampler", "startup"])
     ap.add_argument("--impl", choices=["prefcli", "trl"], default="prefcli")
     ap.add_argument("--mode", choices=["sft", "dpo", "grpo"], default="sft")
     ap.add_argument("--modes", default="sft,grpo", help="for 'all': comma-separated modes")
@@ -521,11 +553,22 @@ def main() -> None:
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--gen-batch", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=5, help="startup: timed runs per command (median)")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.what == "run":
         record(a, one(a))
+        return
+    if a.what == "startup":
+        res = run_startup(a)
+        if "error" in res:
+            sys.exit(res["error"])
+        record(a, {"mode": "startup", **res})
+        print(
+            f"prefcli --help {res['help_s']} s, prefcli validate recipes/tiny/sft.yaml {res['validate_s']} s "
+            f"(median of {a.repeats} whole-process runs after a warm-up)"
+        )
         return
     if a.what == "sampler":
         a.gen_batch = a.gen_batch or (64 if _cuda() else 32)

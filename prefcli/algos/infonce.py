@@ -33,7 +33,6 @@ from ..engine.models import (
     build_trained_model,
     is_peft,
     load_tokenizer,
-    trainable_parameters,
     unwrap_lm,
 )
 from ..engine.pairs import (
@@ -207,28 +206,14 @@ class InfoNCETask(Scheduled):
 
     def describe(self) -> dict:
         s = self.train_set
-        return {
-            "data": {
-                "format": self.format,
-                "rows": "triples" if s.negative is not None else "pairs",
-                "train_rows": s.n_rows,
-                "train_examples": len(s),
-                "skipped": s.bad.as_dict(),
-                "truncated": s.n_truncated,
-                "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
-            },
-            "model": {
-                "parameters": sum(p.numel() for p in self.encoder.parameters()),
-                "trainable_parameters": trainable_parameters(self.encoder),
-            },
-            "objective": {
-                "name": "infonce",
-                "reference": False,
-                "temperature": self.temperature,
-                "pooling": self.pooling,
-                "hard_negatives": s.negative is not None,
-            },
+        objective = {
+            "name": "infonce",
+            "reference": False,
+            "temperature": self.temperature,
+            "pooling": self.pooling,
+            "hard_negatives": s.negative is not None,
         }
+        return self.describe_data("triples" if s.negative is not None else "pairs", self.encoder, objective)
 
     def plans(self, start_step: int) -> Iterator[Plan]:
         for items in self.step_items():

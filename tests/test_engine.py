@@ -76,7 +76,9 @@ def test_checkpoint_holds_only_safetensors_and_json(tmp_path, write_recipe):
     cps = ckpt.list_checkpoints(out)
     assert [s for s, _ in cps] == [2]  # keep_checkpoints=1 pruned step-1
     files = sorted(p.name for p in cps[0][1].iterdir())
-    assert files == ["model-policy.safetensors", "optim-policy.safetensors", "rng-rank0.safetensors", "state.json"]
+    assert files == ["model-policy", "optim-policy", "rng-rank0.safetensors", "state.json"]
+    for part in ("model-policy", "optim-policy"):  # one safetensors file per writing process, nothing else
+        assert [p.suffix for p in (cps[0][1] / part).iterdir()] == [".safetensors"]
     state = json.loads((cps[0][1] / "state.json").read_text())
     assert state["step"] == 2 and state["task"]["index"] >= 1
     assert not list(out.glob("checkpoints/.tmp-*"))

@@ -460,11 +460,12 @@ class Engine:
             if not (rt.distributed and is_comm_failure(e)):
                 raise
             where = (
-                f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+                f"Last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "No checkpoint was written"
             )
+            cause = str(e).strip().splitlines()[0].split(". This is typically")[0][:300]  # gloo appends advice
             raise TrainingError(
                 f"step {running}: a collective operation across the {rt.world_size} processes failed: "
-                f"{str(e).strip().splitlines()[0][:300]}. Another process died, lost its network or stalled for "
+                f"{cause}. Another process died, lost its network or stalled for "
                 f"longer than runtime.timeout_s={rt.timeout_s:g} s; this one stops instead of waiting. {where}. "
                 "Once every node is up again, continue with the same command and --resume."
             ) from None

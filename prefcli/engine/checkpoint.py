@@ -39,8 +39,6 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from .dist import reshard
 
-# DCP warns on every save/load in one process without a process group that it assumes one process: it does
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = "prefcli-sharded-1"  # state.json "format": model/optimizer state in per-process safetensors (DCP)
 
@@ -67,6 +65,14 @@ def _no_dist() -> bool:
     return not torch.distributed.is_initialized()
 
 
+def _dcp_call(fn, *args, **kw):
+    """A DCP save/load; in one process without a process group DCP warns on every call that it assumes one
+    process, which it correctly does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        return fn(*args, **kw)
+
+
 def save_model_state(folder: Path, groups: dict) -> dict:
     """Every rank calls this: the trainable parameters and the optimizer state of each group into
     `folder`/model-<group>/ and optim-<group>/, each rank writing what it holds. Returns what state.json
@@ -77,10 +83,10 @@ def save_model_state(folder: Path, groups: dict) -> dict:
     meta = {}
     for name, g in groups.items():
         w = Writer(str(folder / f"model-{name}"), save_distributed=True)
-        dcp.save(_trainable(g.raw), storage_writer=w, no_dist=_no_dist())
+        _dcp_call(dcp.save, _trainable(g.raw), storage_writer=w, no_dist=_no_dist())
         osd = get_optimizer_state_dict(g.raw, g.optimizer)
         w = Writer(str(folder / f"optim-{name}"), save_distributed=True)
-        dcp.save({"state": osd["state"]}, storage_writer=w, no_dist=_no_dist())
+        _dcp_call(dcp.save, {"state": osd["state"]}, storage_writer=w, no_dist=_no_dist())
         meta[name] = {"param_groups": osd["param_groups"]}
     return meta
 
@@ -92,9 +98,11 @@ def load_model_state(folder: Path, groups: dict, meta: dict) -> None:
 
     dcp, Reader, _ = _dcp()
     for name, g in groups.items():
-        dcp.load(_trainable(g.raw), storage_reader=Reader(str(folder / f"model-{name}")), no_dist=_no_dist())
+        _dcp_call(dcp.load, _trainable(g.raw), storage_reader=Reader(str(folder / f"model-{name}")), no_dist=_no_dist())
         osd = get_optimizer_state_dict(g.raw, g.optimizer)  # a fresh optimizer's state is initialised first
-        dcp.load({"state": osd["state"]}, storage_reader=Reader(str(folder / f"optim-{name}")), no_dist=_no_dist())
+        _dcp_call(
+            dcp.load, {"state": osd["state"]}, storage_reader=Reader(str(folder / f"optim-{name}")), no_dist=_no_dist()
+        )
         groups_meta = meta[name]["param_groups"]
         for pg in groups_meta:
             if "betas" in pg:
@@ -118,7 +126,7 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     reader = Reader(str(folder))
     md = reader.read_metadata()
     out = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()}
-    dcp.load(out, storage_reader=Reader(str(folder)), no_dist=True)
+    _dcp_call(dcp.load, out, storage_reader=Reader(str(folder)), no_dist=True)
     return out
 
 
@@ -282,19 +290,27 @@ def check_resume(path: Path, groups: dict, task_state: dict, world: int) -> None
                 f"--resume: {path} does not match the model '{name}' (missing {missing}, unexpected {unexpected}); "
                 "the recipe's model or LoRA settings changed since the checkpoint"
             )
-    old_world = int(state.get("world_size", 1))
     old_batch, new_batch = _find(state["task"], "global_batch"), _find(task_state, "global_batch")
-    if old_world != world and old_batch is not None and new_batch is not None and old_batch != new_batch:
-        per = old_batch // world if old_batch % world == 0 else None
+    problem = world_change_problem(int(state.get("world_size", 1)), old_batch, world, new_batch)
+    if problem:
+        raise UsageError(f"--resume: {path} {problem}")
+
+
+def world_change_problem(old_world: int, old_batch: int | None, world: int, new_batch: int | None) -> str | None:
+    """Why a checkpoint written by `old_world` processes with `old_batch` examples per step cannot continue on
+    `world` processes whose steps take `new_batch`, with what to change; None when it can."""
+    if old_world == world or old_batch is None or new_batch is None or old_batch == new_batch:
+        return None
+    if old_batch % world == 0:
+        per = old_batch // world
         fix = (
             f"To keep {old_batch} per step, set train.batch_size x train.grad_accum_steps to {per} (rlhf and gan: "
             f"rlhf.prompts_per_rollout to {per})"
-            if per
-            else f"{old_batch} does not split evenly over {world} processes: resume on a number of processes that "
-            f"divides {old_batch}"
         )
-        raise UsageError(
-            f"--resume: {path} was written by {old_world} process(es) whose steps took {old_batch} examples (the "
-            f"global batch); with {world} process(es) this recipe's steps take {new_batch}, so the saved data "
-            f"position would point at other examples. {fix}."
-        )
+    else:
+        fix = f"{old_batch} does not split evenly over {world} processes: resume on a number of processes that divides {old_batch}"
+    return (
+        f"was written by {old_world} process(es) whose steps took {old_batch} examples (the global batch); with "
+        f"{world} process(es) this recipe's steps take {new_batch}, so the saved data position would point at "
+        f"other examples. {fix}."
+    )

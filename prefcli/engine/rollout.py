@@ -212,6 +212,17 @@ class FastDecoder:
             d["k_norm"] = torch.empty_like(a.k_norm.weight, dtype=dt)
         return d
 
+    def nbytes(self) -> dict[str, int]:
+        """Memory the sampler keeps between rollouts: its whole-weight shadows and its KV cache."""
+        seen: set[int] = set()
+        weights = 0
+        for t in [*(v for d in self.shadow for v in d.values()), self.final_norm, self.embed, self.head_w, self.head_b]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                weights += t.numel() * t.element_size()
+        kv = 2 * self.k_cache.numel() * self.k_cache.element_size()
+        return {"weights": weights, "kv_cache": kv}
+
     @torch.no_grad()
     def sync(self) -> None:
         """Copy the live (possibly updated, possibly LoRA-adapted) weights into the shadows, in place."""

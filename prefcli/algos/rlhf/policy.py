@@ -560,6 +560,7 @@ class PolicyLearner:
                 "rollouts": self.rollouts,
                 "sequences_per_rollout": self.B * self.rt.world_size,
                 "sampler": type(self.sampler).__name__,
+                "sampler_bytes": self.sampler.nbytes(),  # per process, kept between rollouts
                 "final_kl_coef": self.beta,
             },
         }

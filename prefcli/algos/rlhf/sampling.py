@@ -24,6 +24,9 @@ class HFSampler:
     def sync(self):
         pass
 
+    def nbytes(self) -> dict[str, int]:
+        return {"weights": 0, "kv_cache": 0}  # generate's cache lives only while it samples
+
     @torch.no_grad()
     def generate(self, ids, mask, cfg: SamplingConfig) -> Rollout:
         kw = dict(

@@ -79,9 +79,10 @@ class Runtime:
         process holds 1/N of it, gathered layer by layer in its forward), a whole copy per process under ddp."""
         if self.sharded:
             shard(module, self)
-            # FSDP2 keeps its root's weights whole after forward, for the backward that follows; a frozen
-            # module has none, so it frees them like every other unit
-            module.set_reshard_after_forward(True, recurse=False)
+            # FSDP2 keeps its root's weights whole after forward for the backward that follows (and every
+            # unit's with reshard_after_forward: false); a frozen module has no backward: every unit frees
+            # its weights after its forward
+            module.set_reshard_after_forward(True)
         return module
 
     @property
@@ -301,6 +302,10 @@ def is_comm_failure(e: BaseException) -> bool:
     network: torch raises DistError subclasses, and gloo plain RuntimeErrors naming the transport."""
     if isinstance(e, getattr(tdist, "DistError", ())):
         return True
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException):  # a sharded checkpoint save/load: one of the ranks' failures
+        return any(is_comm_failure(exc) for exc, _trace in e.failures.values())
     text = str(e)
     return isinstance(e, RuntimeError) and any(
         k in text for k in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")

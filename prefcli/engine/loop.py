@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from ..errors import Interrupted, TrainingError
@@ -456,12 +457,14 @@ class Engine:
                     and (self.last_checkpoint is None or not str(self.last_checkpoint).endswith(f"step-{step}"))
                 ):
                     self._checkpoint(step)
-        except RuntimeError as e:
+        except (RuntimeError, CheckpointException) as e:  # DCP reports a peer's failure as CheckpointException
             if not (rt.distributed and is_comm_failure(e)):
                 raise
             where = (
                 f"Last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "No checkpoint was written"
             )
+            if isinstance(e, CheckpointException):  # the first rank's own error
+                e = next(exc for exc, _trace in e.failures.values() if is_comm_failure(exc))
             cause = str(e).strip().splitlines()[0].split(". This is typically")[0][:300]  # gloo appends advice
             raise TrainingError(
                 f"step {running}: a collective operation across the {rt.world_size} processes failed: "

@@ -126,20 +126,31 @@ class _NaNTask:
         return {}
 
 
-def test_fused_optimizer_skips_the_update_when_found_inf_is_set():
-    """The mechanism the loop relies on to launch the step before reading the gradient norm."""
-    rt = Runtime(device=torch.device("cpu"), precision="fp32")
-    net = nn.Linear(3, 1)
-    g = Group("g", net, rt, TrainSection(lr=0.1), 10)
-    assert g.fused
-    net(torch.ones(1, 3)).sum().backward()
-    before = net.weight.detach().clone()
-    g.optimizer.found_inf = torch.ones(())
-    g.optimizer.step()
-    assert torch.equal(before, net.weight.detach())
-    g.optimizer.found_inf = torch.zeros(())
-    g.optimizer.step()
-    assert not torch.equal(before, net.weight.detach())
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_fused_optimizer_skips_the_update_when_found_inf_is_set(parallel):
+    """The mechanism the loop relies on to launch the step before reading the gradient norm; under fsdp the
+    parameters are DTensors (a single-process shard here) and fused AdamW must honour found_inf on them too."""
+    from torch.distributed.tensor import DTensor
+
+    from prefcli.engine.dist import setup_runtime, teardown
+
+    rt = setup_runtime("cpu", "fp32", parallel=parallel)
+    try:
+        net = nn.Linear(3, 1)
+        g = Group("g", net, rt, TrainSection(lr=0.1), 10)
+        assert g.fused and isinstance(net.weight, DTensor) == (parallel == "fsdp")
+        g.module(torch.ones(1, 3)).sum().backward()
+        before = (net.weight.detach().full_tensor() if parallel == "fsdp" else net.weight.detach()).clone()
+        g.optimizer.found_inf = torch.ones(())
+        g.optimizer.step()
+        after = net.weight.detach()
+        assert torch.equal(before, after.full_tensor() if parallel == "fsdp" else after)
+        g.optimizer.found_inf = torch.zeros(())
+        g.optimizer.step()
+        after = net.weight.detach()
+        assert not torch.equal(before, after.full_tensor() if parallel == "fsdp" else after)
+    finally:
+        teardown(rt)
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):

@@ -146,9 +146,11 @@ def runs(tmp_path_factory):
         env=env(),
     )
     assert res.returncode == 0, res.stderr[-5000:]
-    # back to one process: the two-node run's step-2 shards resumed by a single-process shard
+    # back to one process: the two-node run's step-2 shards resumed by a single-process shard, and by ddp
     copy_checkpoint(d / "sft_2node", 2, d / "resume21")
     train("sft", rec["sft"], d / "resume21", fsdp, resume=True)
+    copy_checkpoint(d / "sft_2node", 2, d / "resume21_ddp")
+    train("sft", rec["sft"], d / "resume21_ddp", resume=True)
     return d, rec, two_node_summary
 
 
@@ -189,7 +191,7 @@ def test_sharded_checkpoints_resume_exactly_and_at_another_world_size(runs):
     assert sorted(r22) == [3, 4] and all(r22[k] == full[k] for k in r22)  # same processes: bit-identical
     assert metric(d / "resume22", "eval/loss")[4] == metric(d / "sft_2node", "eval/loss")[4]
     one = metric(d / "sft_one", "loss/sft")
-    for run in ("resume21", "resume12"):  # 2 -> 1 and 1 -> 2 (the latter also ddp -> fsdp)
+    for run in ("resume21", "resume21_ddp", "resume12"):  # 2 -> 1 (fsdp -> fsdp, fsdp -> ddp), 1 -> 2 (ddp -> fsdp)
         got = metric(d / run, "loss/sft")
         assert sorted(got) == [3, 4] and all(near(got[k], one[k]) for k in got), run
     # the shards read back whole equal the one-process checkpoint of the same step
@@ -283,3 +285,15 @@ def test_a_dead_or_stalled_rank_stops_the_survivor(tmp_path, write_recipe, how):
     assert f"runtime.timeout_s={timeout_s}" in err["error"] and "--resume" in err["error"]
     assert "Last good checkpoint: " in err["error"] and str(out / "checkpoints" / "step-") in err["error"]
     assert err["error"].startswith("step ")
+
+
+def test_cpu_offload_refuses_what_it_cannot_serve(tmp_path, write_recipe, cli):
+    p = write_recipe(sft_recipe_dict())
+    for sets, expected in (
+        (["runtime.fsdp.cpu_offload=true"], "runtime.parallel is 'ddp'"),  # offloading needs sharding
+        (["runtime.parallel=fsdp", "runtime.fsdp.cpu_offload=true"], "nothing to offload"),  # CPU device
+    ):
+        out = tmp_path / "x"
+        code, stdout, _ = cli("sft", p, "-o", out, "-q", *[a for s in sets for a in ("--set", s)])
+        assert code == 2 and expected in last_json(stdout)["error"], stdout
+        assert not out.exists()

@@ -28,7 +28,7 @@ def test_every_command_has_a_doc_page():
 
 def test_every_documented_torchrun_form_is_a_tested_one():
     """`torchrun ... prefcli` hands torchrun a script path (no such file outside a checkout). The docs use the
-    two forms the distributed tests run: `-m prefcli` (tests/test_distributed.py, tests/test_fsdp.py) and the
+    two forms the distributed tests run: `-m prefcli` (tests/test_fsdp.py, tests/test_contrastive.py) and the
     installed script through `--no-python prefcli` (tests/test_fsdp.py, node 1 of the two-node run)."""
     import re
 

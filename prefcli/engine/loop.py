@@ -262,6 +262,7 @@ class Engine:
         self.run_dir = Path(run_dir)
         self.last_checkpoint: Path | None = None
         self.memory: dict[str, dict[str, int]] = {}  # per group, measured at its first step of this run
+        self.step_in_progress = 1  # named in the message when a collective fails
         self.peak_flops = None
         if rt.device.type == "cuda":
             name = torch.cuda.get_device_name(rt.device)
@@ -310,6 +311,28 @@ class Engine:
         return ev
 
     def run(self, resume_from: Path | None = None) -> dict:
+        """Train to the end (or to an interruption); a collective that fails because another process died
+        or stalled past runtime.timeout_s stops this one with exit 1, naming the step and the last checkpoint."""
+        rt = self.rt
+        try:
+            return self._run(resume_from)
+        except (RuntimeError, CheckpointException) as e:  # DCP reports a peer's failure as CheckpointException
+            if not (rt.distributed and is_comm_failure(e)):
+                raise
+            where = (
+                f"Last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "No checkpoint was written"
+            )
+            if isinstance(e, CheckpointException):  # the first rank's own error
+                e = next(exc for exc, _trace in e.failures.values() if is_comm_failure(exc))
+            cause = str(e).strip().splitlines()[0].split(". This is typically")[0][:300]  # gloo appends advice
+            raise TrainingError(
+                f"step {self.step_in_progress}: a collective operation across the {rt.world_size} processes failed: "
+                f"{cause}. Another process died, lost its network or stalled for "
+                f"longer than runtime.timeout_s={rt.timeout_s:g} s; this one stops instead of waiting. {where}. "
+                "Once every node is up again, continue with the same command and --resume."
+            ) from None
+
+    def _run(self, resume_from: Path | None) -> dict:
         rt, task, train = self.rt, self.task, self.train
         total = task.total_steps()
         start = 0
@@ -328,7 +351,7 @@ class Engine:
         step_times: list[float] = []
         tok_rates: list[float] = []
         step = start
-        running = start + 1
+        self.step_in_progress = start + 1
         n_params = {n: sum(p.numel() for p in g.raw.parameters()) for n, g in task.groups.items()}
         for name, g in task.groups.items():
             m = g.memory()
@@ -337,141 +360,118 @@ class Engine:
                 f"{_mib(m['params'])}, gradients {_mib(m['grads'])}, optimizer state {_mib(m['optim'])} (rank 0)"
             )
         t_run = time.perf_counter()
-        try:
-            with _Signals() as sig:
-                if train.eval_on_start and start == 0 and task.has_eval():
-                    last.update(self._evaluate(0, history))
-                while step < total:
-                    running = step + 1  # the step being prepared or trained (named if a collective fails)
-                    t0 = time.perf_counter()
-                    try:
-                        plan = next(plans)
-                    except StopIteration:
-                        break
-                    step += 1
-                    group = task.groups[plan.group]
-                    lr = group.set_lr()
-                    n_local = float(sum(float(m.n) for m in plan.micro))
-                    tokens_local = sum(m.tokens for m in plan.micro)
-                    if rt.distributed:
-                        head = rt.all_reduce(torch.tensor([n_local], dtype=torch.float64, device=rt.device))
-                        n_global = float(head.item())
-                    else:
-                        n_global = n_local  # no device round trip
-                    if n_global <= 0:
-                        raise TrainingError(
-                            f"step {step}: the batch has no units to train on (e.g. no completion tokens)"
-                        )
-                    scale = rt.world_size / n_global  # DDP averages gradients over ranks
-                    metrics = Metrics()
-                    loss_local = torch.zeros((), dtype=torch.float64, device=rt.device)
-                    for i, m in enumerate(plan.micro):
-                        sync = i == len(plan.micro) - 1
-                        with contextlib.nullcontext() if sync else group.no_sync():
-                            loss_sum, mets = plan.loss_fn(group.module, m.batch)
-                            (loss_sum * scale).backward()
-                        loss_local += loss_sum.detach().double()
-                        metrics.merge(mets)
-                    gnorm = group.grad_norm()
-                    if group.fused:
-                        # The fused AdamW kernel skips the update when found_inf is set, so the step can be
-                        # launched before the host reads the norm: a non-finite gradient never reaches the
-                        # weights, and the GPU need not drain first. (The norm is the same on every rank.)
-                        group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(())  # 0-d, as GradScaler
-                        group.optimizer.step()
-                    reduced, (loss_sum_g, tokens_g, stop_flag, gn) = metrics.reduce(
-                        rt,
-                        [
-                            loss_local,
-                            float(tokens_local),
-                            float(sig.requested),
-                            gnorm.detach().double() / rt.world_size,
-                        ],
+        with _Signals() as sig:
+            if train.eval_on_start and start == 0 and task.has_eval():
+                last.update(self._evaluate(0, history))
+            while step < total:
+                self.step_in_progress = step + 1  # being prepared or trained (named if a collective fails)
+                t0 = time.perf_counter()
+                try:
+                    plan = next(plans)
+                except StopIteration:
+                    break
+                step += 1
+                group = task.groups[plan.group]
+                lr = group.set_lr()
+                n_local = float(sum(float(m.n) for m in plan.micro))
+                tokens_local = sum(m.tokens for m in plan.micro)
+                if rt.distributed:
+                    head = rt.all_reduce(torch.tensor([n_local], dtype=torch.float64, device=rt.device))
+                    n_global = float(head.item())
+                else:
+                    n_global = n_local  # no device round trip
+                if n_global <= 0:
+                    raise TrainingError(f"step {step}: the batch has no units to train on (e.g. no completion tokens)")
+                scale = rt.world_size / n_global  # DDP averages gradients over ranks
+                metrics = Metrics()
+                loss_local = torch.zeros((), dtype=torch.float64, device=rt.device)
+                for i, m in enumerate(plan.micro):
+                    sync = i == len(plan.micro) - 1
+                    with contextlib.nullcontext() if sync else group.no_sync():
+                        loss_sum, mets = plan.loss_fn(group.module, m.batch)
+                        (loss_sum * scale).backward()
+                    loss_local += loss_sum.detach().double()
+                    metrics.merge(mets)
+                gnorm = group.grad_norm()
+                if group.fused:
+                    # The fused AdamW kernel skips the update when found_inf is set, so the step can be
+                    # launched before the host reads the norm: a non-finite gradient never reaches the
+                    # weights, and the GPU need not drain first. (The norm is the same on every rank.)
+                    group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(())  # 0-d, as GradScaler
+                    group.optimizer.step()
+                reduced, (loss_sum_g, tokens_g, stop_flag, gn) = metrics.reduce(
+                    rt,
+                    [
+                        loss_local,
+                        float(tokens_local),
+                        float(sig.requested),
+                        gnorm.detach().double() / rt.world_size,
+                    ],
+                )
+                loss = loss_sum_g / n_global
+                if not math.isfinite(loss) or not math.isfinite(gn):
+                    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
+                    where = (
+                        f"; last good checkpoint: {self.last_checkpoint}"
+                        if self.last_checkpoint
+                        else " (no checkpoint was written before it)"
                     )
-                    loss = loss_sum_g / n_global
-                    if not math.isfinite(loss) or not math.isfinite(gn):
-                        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
-                        where = (
-                            f"; last good checkpoint: {self.last_checkpoint}"
-                            if self.last_checkpoint
-                            else " (no checkpoint was written before it)"
-                        )
-                        group.optimizer.zero_grad(set_to_none=True)
-                        raise TrainingError(
-                            f"step {step}: {what}; stopped before the optimizer step{where}. "
-                            "Lower train.lr, set train.max_grad_norm, or check the data."
-                        )
-                    if not group.fused:
-                        group.optimizer.step()
-                    if plan.group not in self.memory:  # gradients and optimizer state exist now: measure them
-                        self.memory[plan.group] = group.memory()
                     group.optimizer.zero_grad(set_to_none=True)
-                    group.updates += 1
-                    dt = time.perf_counter() - t0
-                    name = plan.name or plan.group
-                    multi = len(task.groups) > 1
-                    record: dict[str, Any] = {f"loss/{name}": loss}
-                    record.update(reduced)
-                    record.update(plan.metrics)
-                    record[f"lr/{plan.group}" if multi else "lr"] = lr
-                    record[f"grad_norm/{plan.group}" if multi else "grad_norm"] = gn
-                    record["perf/step_s"] = dt
-                    if tokens_g:
-                        record["perf/tokens_per_s"] = tokens_g / dt
-                        if step > start + 2:  # skip warm-up steps in the summary medians
-                            tok_rates.append(tokens_g / dt)
-                            step_times.append(dt)
-                        if self.peak_flops:
-                            record["perf/mfu"] = (
-                                6 * n_params[plan.group] * (tokens_g / dt) / (self.peak_flops * rt.world_size)
-                            )
-                    mem = rt.peak_memory_gib()
-                    if mem is not None:
-                        record["perf/mem_gib"] = mem
-                    record["time_s"] = time.perf_counter() - t_run
-                    last.update(record)
-                    self.progress.step(step, record)
-                    if (
-                        train.eval_every_steps
-                        and step % train.eval_every_steps == 0
-                        and step < total
-                        and task.has_eval()
-                    ):
-                        last.update(self._evaluate(step, history))
-                    interrupted = stop_flag > 0
-                    if (train.save_every_steps and step % train.save_every_steps == 0) or interrupted:
-                        self._checkpoint(step)
-                    if interrupted:
-                        self.progress.close()
-                        raise Interrupted(
-                            f"interrupted at step {step}; checkpoint written to {self.last_checkpoint}. "
-                            "Continue with the same command and --resume."
+                    raise TrainingError(
+                        f"step {step}: {what}; stopped before the optimizer step{where}. "
+                        "Lower train.lr, set train.max_grad_norm, or check the data."
+                    )
+                if not group.fused:
+                    group.optimizer.step()
+                if plan.group not in self.memory:  # gradients and optimizer state exist now: measure them
+                    self.memory[plan.group] = group.memory()
+                group.optimizer.zero_grad(set_to_none=True)
+                group.updates += 1
+                dt = time.perf_counter() - t0
+                name = plan.name or plan.group
+                multi = len(task.groups) > 1
+                record: dict[str, Any] = {f"loss/{name}": loss}
+                record.update(reduced)
+                record.update(plan.metrics)
+                record[f"lr/{plan.group}" if multi else "lr"] = lr
+                record[f"grad_norm/{plan.group}" if multi else "grad_norm"] = gn
+                record["perf/step_s"] = dt
+                if tokens_g:
+                    record["perf/tokens_per_s"] = tokens_g / dt
+                    if step > start + 2:  # skip warm-up steps in the summary medians
+                        tok_rates.append(tokens_g / dt)
+                        step_times.append(dt)
+                    if self.peak_flops:
+                        record["perf/mfu"] = (
+                            6 * n_params[plan.group] * (tokens_g / dt) / (self.peak_flops * rt.world_size)
                         )
-                running = step
-                if step > start or resume_from is None:
-                    if task.has_eval():
-                        last.update(self._evaluate(step, history))
-                if (
-                    train.save_every_steps
-                    and step > start
-                    and (self.last_checkpoint is None or not str(self.last_checkpoint).endswith(f"step-{step}"))
-                ):
+                mem = rt.peak_memory_gib()
+                if mem is not None:
+                    record["perf/mem_gib"] = mem
+                record["time_s"] = time.perf_counter() - t_run
+                last.update(record)
+                self.progress.step(step, record)
+                if train.eval_every_steps and step % train.eval_every_steps == 0 and step < total and task.has_eval():
+                    last.update(self._evaluate(step, history))
+                interrupted = stop_flag > 0
+                if (train.save_every_steps and step % train.save_every_steps == 0) or interrupted:
                     self._checkpoint(step)
-        except (RuntimeError, CheckpointException) as e:  # DCP reports a peer's failure as CheckpointException
-            if not (rt.distributed and is_comm_failure(e)):
-                raise
-            where = (
-                f"Last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "No checkpoint was written"
-            )
-            if isinstance(e, CheckpointException):  # the first rank's own error
-                e = next(exc for exc, _trace in e.failures.values() if is_comm_failure(exc))
-            cause = str(e).strip().splitlines()[0].split(". This is typically")[0][:300]  # gloo appends advice
-            raise TrainingError(
-                f"step {running}: a collective operation across the {rt.world_size} processes failed: "
-                f"{cause}. Another process died, lost its network or stalled for "
-                f"longer than runtime.timeout_s={rt.timeout_s:g} s; this one stops instead of waiting. {where}. "
-                "Once every node is up again, continue with the same command and --resume."
-            ) from None
+                if interrupted:
+                    self.progress.close()
+                    raise Interrupted(
+                        f"interrupted at step {step}; checkpoint written to {self.last_checkpoint}. "
+                        "Continue with the same command and --resume."
+                    )
+            self.step_in_progress = step
+            if step > start or resume_from is None:
+                if task.has_eval():
+                    last.update(self._evaluate(step, history))
+            if (
+                train.save_every_steps
+                and step > start
+                and (self.last_checkpoint is None or not str(self.last_checkpoint).endswith(f"step-{step}"))
+            ):
+                self._checkpoint(step)
         memory = self._memory_summary()
         perf = {"tokens_per_s": _median(tok_rates), "step_s": _median(step_times), "peak_mem_gib": rt.peak_memory_gib()}
         return {

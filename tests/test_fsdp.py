@@ -297,3 +297,42 @@ def test_cpu_offload_refuses_what_it_cannot_serve(tmp_path, write_recipe, cli):
         code, stdout, _ = cli("sft", p, "-o", out, "-q", *[a for s in sets for a in ("--set", s)])
         assert code == 2 and expected in last_json(stdout)["error"], stdout
         assert not out.exists()
+
+
+def test_a_sharded_lora_root_saves_like_the_plain_model(tmp_path):
+    """A reward model with LoRA is itself the FSDP root: FSDP2 turns its class into a subclass of its own, and
+    final/ must still hold the merged model and the adapter, equal to what the unsharded model saves."""
+    import copy
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from prefcli.engine.dist import setup_runtime, teardown
+    from prefcli.engine.models import apply_lora, is_peft, save_hf
+    from prefcli.recipe.sections import LoraSection
+
+    from .conftest import TINY_INIT, TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    cfg = AutoConfig.for_model("qwen2", vocab_size=len(tok), num_labels=1, **TINY_INIT["config"])
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    model = apply_lora(AutoModelForSequenceClassification.from_config(cfg), LoraSection(r=4), "SEQ_CLS")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # a non-zero adapter, so that merging changes the weights
+    plain = copy.deepcopy(model)
+    rt = setup_runtime("cpu", "fp32", parallel="fsdp")
+    try:
+        rt.wrap(model)
+        assert is_peft(model) and type(model).__name__.startswith("FSDP")
+        save_hf(model, tok, tmp_path / "sharded", rt)
+    finally:
+        teardown(rt)
+    save_hf(plain, tok, tmp_path / "plain", setup_runtime("cpu", "fp32"))
+    for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "sharded" / f)), load_file(str(tmp_path / "plain" / f))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), f
+    cfg_a = json.loads((tmp_path / "sharded" / "config.json").read_text())
+    assert cfg_a["architectures"] == ["Qwen2ForSequenceClassification"]

@@ -313,7 +313,8 @@ def frozen_copy(model, dtype: torch.dtype):
 
 
 def is_peft(model) -> bool:
-    if not type(model).__module__.startswith("peft"):
+    # any class of the MRO: FSDP2 turns a sharded root into a subclass of its own (FSDPPeftModel...)
+    if not any(c.__module__.startswith("peft") for c in type(model).__mro__):
         return False  # avoids importing peft for plain models
     from peft import PeftModel
 

@@ -516,7 +516,7 @@ class PreferenceTask(Scheduled):
         return out
 
     def save_final(self, out_dir: Path) -> None:
-        save_hf(self.lm, self.tok, out_dir)
+        save_hf(self.lm, self.tok, out_dir, self.rt)
 
 
 def build(ctx: RunContext):

@@ -31,8 +31,8 @@ from ..engine.data import chat_ids, iterate_eval, move
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     build_trained_model,
-    is_peft,
     load_tokenizer,
+    save_hf,
     unwrap_lm,
 )
 from ..engine.pairs import (
@@ -257,13 +257,9 @@ class InfoNCETask(Scheduled):
 
     def save_final(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lm = self.lm
-        if is_peft(lm):
-            lm.save_pretrained(out_dir / "adapter")
-            lm = lm.merge_and_unload()
-        lm.base_model.save_pretrained(out_dir)
-        self.tok.save_pretrained(out_dir)
+        save_hf(self.lm, self.tok, out_dir, self.rt, select=lambda m: m.base_model)  # the body: an encoder
+        if not self.rt.is_main:
+            return
         (out_dir / ENCODER_FILE).write_text(
             json.dumps(
                 {"pooling": self.pooling, "temperature": self.temperature, "format": self.format, "add_eos": True},

@@ -438,7 +438,7 @@ class RewardTask(Scheduled):
         return out
 
     def save_final(self, out_dir: Path) -> None:
-        save_hf(self.model, self.tok, out_dir)
+        save_hf(self.model, self.tok, out_dir, self.rt)
 
 
 def build(ctx: RunContext) -> RewardTask:

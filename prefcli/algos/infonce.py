@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.data import _chat_ids, iterate_eval, move
+from ..engine.debias import apply_debias
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     apply_lora,
@@ -161,6 +162,9 @@ class InfoNCETask(Scheduled):
             if eval_rows is not None and "rejected" in eval_rows.column_names:
                 eval_rows = eval_rows.remove_columns("rejected")
         self.format = fmt = detect_pair_format(train_rows, "chosen", d.format)
+        train_rows, eval_rows, self.debias = apply_debias(
+            train_rows, eval_rows, d.debias, tok=tok, fmt=fmt, pairs=False, seed=r.train.seed, warn=ctx.warn
+        )
         expected = (
             f"rows with a non-empty prompt and chosen (and rejected, differing from chosen), the prompt "
             f"shorter than data.max_length={d.max_length} tokens"
@@ -221,6 +225,7 @@ class InfoNCETask(Scheduled):
                 "skipped": s.bad.as_dict(),
                 "truncated": s.n_truncated,
                 "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
+                "debias": self.debias,
             },
             "model": {
                 "parameters": sum(p.numel() for p in self.encoder.parameters()),

@@ -68,8 +68,20 @@ def test_label_pairs_undo_ctrl_c_and_resume(tmp_path):
     c.close()
     assert c.exitstatus == 130
     assert rows(out) == [  # who chose, and where the chosen completion was shown (position bias)
-        {"prompt": "Prompt number 1", "chosen": "alpha 1", "rejected": "beta 1", "chosen_position": "A", "rater": "ann"},
-        {"prompt": "Prompt number 3", "chosen": "alpha 3", "rejected": "beta 3", "chosen_position": "A", "rater": "ann"},
+        {
+            "prompt": "Prompt number 1",
+            "chosen": "alpha 1",
+            "rejected": "beta 1",
+            "chosen_position": "A",
+            "rater": "ann",
+        },
+        {
+            "prompt": "Prompt number 3",
+            "chosen": "alpha 3",
+            "rejected": "beta 3",
+            "chosen_position": "A",
+            "rater": "ann",
+        },
     ]
     journal = rows(tmp_path / "prefs.log.jsonl")
     assert [e["action"] for e in journal] == ["open", "answer", "answer", "answer", "undo", "answer"]

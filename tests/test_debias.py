@@ -242,3 +242,19 @@ def test_debias_recipe_errors(tmp_path, write_recipe, cli):
     code, out, err = cli("contrastive", write_recipe(d), "-o", tmp_path / "kto-run")
     assert code == 2 and "length_balance needs chosen/rejected pair rows" in last_json(out)["error"]
     assert not (tmp_path / "kto-run").exists()
+
+
+@pytest.mark.slow
+def test_tiny_debias_recipes_run(tmp_path, cli):
+    from .conftest import ROOT
+
+    code, out, err = cli("reward", ROOT / "recipes/tiny/reward-debias.yaml", "--smoke", "-o", tmp_path / "rm", "-q")
+    assert code == 0, err
+    db = last_json(out)["data"]["debias"]
+    assert db["length_balance"]["mode"] == "subsample" and db["train_rows_after"] <= 16
+    code, out, err = cli(
+        "contrastive", ROOT / "recipes/tiny/contrastive-dpo-length.yaml", "--smoke", "-o", tmp_path / "dpo", "-q"
+    )
+    assert code == 0, err
+    s = last_json(out)
+    assert s["objective"]["length_alpha"] == 0.02 and s["data"]["debias"]["length_balance"]["mode"] == "reweight"

@@ -24,3 +24,17 @@ def test_every_field_has_a_description():
 def test_every_command_has_a_doc_page():
     for command in SCHEMAS:
         assert (ROOT / "docs" / "commands" / f"{command}.md").exists(), command
+
+
+def test_every_cli_command_has_a_doc_page_and_is_listed():
+    import typer.main
+
+    from prefcli.cli import app
+
+    commands = set(typer.main.get_command(app).commands)
+    assert {"data", "explain"} <= commands
+    cli_md = (ROOT / "docs" / "cli.md").read_text()
+    index = (ROOT / "docs" / "index.md").read_text()
+    for command in commands:
+        assert (ROOT / "docs" / "commands" / f"{command}.md").exists(), command
+        assert f"prefcli {command}" in cli_md and f"(commands/{command}.md)" in index, command

@@ -26,6 +26,9 @@ def probe(*args):
 def test_help_and_validate_import_no_torch():
     code, heavy, secs = probe("--help")
     assert code == 0 and heavy == "-"
+    for sub in (["data", "inspect", "--help"], ["explain", "--help"]):  # their heavy imports wait for the work
+        code, heavy, secs = probe(*sub)
+        assert code == 0 and heavy == "-", sub
     code, heavy, secs = probe("validate", str(ROOT / "recipes" / "tiny" / "sft.yaml"))
     assert code == 0 and heavy == "-"
     assert secs < 1.0

@@ -61,6 +61,11 @@ def test_normalize_dedup_and_leak():
     assert duplicate_rows(rows, cols, normalized=True) == [1, 2]
     held = [{"prompt": "p1", "chosen": "z", "rejected": "w"}]
     assert leaked_rows(rows, held, cols) == [0, 1, 2, 3]
+    from prefcli.engine.debias import prompt_of
+
+    user = {"role": "user", "content": "hi"}
+    assert prompt_of({"messages": [user]}) == [user]  # a prompt-only chat (rlhf) is all prompt
+    assert prompt_of({"messages": [user, {"role": "assistant", "content": "yo"}]}) == [user]
     no_prompt = [{"chosen": "a", "rejected": "b"}, {"chosen": "c", "rejected": "d"}]
     assert leaked_rows(no_prompt, [{"chosen": "A!", "rejected": "b"}], ["chosen", "rejected"]) == [0]
 

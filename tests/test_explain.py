@@ -296,6 +296,10 @@ def test_bad_input_exits_2_naming_the_problem(phrase_rm, tiny_model_dir, cli, tm
     assert code == 2 and "needs its reference" in last_json(out)["error"] and "--reference" in last_json(out)["error"]
     code, out, err = cli("explain", model, "--text", " house" * 300)
     assert code == 2 and "300 tokens, longer than the model's context of 256 tokens" in last_json(out)["error"]
+    code, out, err = cli(
+        "explain", tiny_model_dir, "--reference", tiny_model_dir, "--prompt", "A", "--text", " house" * 300
+    )
+    assert code == 2 and "longer than the model's context of 256 tokens" in last_json(out)["error"]
     code, out, err = cli("explain", model)
     assert code == 2 and "nothing to explain" in last_json(out)["error"]
     code, out, err = cli("explain", tmp_path, "--text", "x")

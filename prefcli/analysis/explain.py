@@ -665,8 +665,11 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
         )
 
         def explain_side(prompt: str, text: str, what: str) -> Explained:
+            from ..engine.pairs import encode_completion
+
+            p, c = encode_completion(tok, "plain", prompt, text)
+            _check_length(p + c, limit, what)
             e = implicit_rewards(lm, ref_lm, rt, tok, prompt, text, beta)
-            _check_length(e.ids, limit, what)
             if e.info["tokens_scored"] == 0:
                 raise UsageError(f"{what}: no completion token can be scored (give a prompt)")
             e.info["tokens"] = len(e.ids)

@@ -78,8 +78,8 @@ def prompt_of(row: dict) -> Any:
         return p
     msgs = row.get("messages")
     if isinstance(msgs, list) and msgs:
-        last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"), default=0)
-        return msgs[:last] or None
+        turns = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"]
+        return (msgs[: turns[-1]] if turns else msgs) or None  # no assistant turn: a prompt-only chat
     c, r = row.get("chosen"), row.get("rejected")
     if isinstance(c, list) and isinstance(r, list):
         k = 0

@@ -241,3 +241,18 @@ def test_inspect_bad_input_exits_2(tmp_path, cli):
     assert code == 2 and "--kind pairs needs column(s) chosen, rejected" in last_json(out)["error"]
     code, out, err = cli("data", "inspect", bad, "--columns", "oops")
     assert code == 2 and "NAME=COLUMN" in last_json(out)["error"]
+
+
+def test_loud_findings_bar():
+    from prefcli.analysis.inspect import loud_findings
+
+    def summary(kind, **b):
+        h = {"rows": 10, "duplicates_exact": 0, "duplicates_near": 0, "empty": 0, "lengths": {}}
+        return {"kind": kind, "train": h, "baselines": {"method": "held-out rows", **b}}
+
+    # unpaired rows, 70% desirable: a baseline must beat always answering "desirable" by 10 points
+    assert loud_findings(summary("unpaired", majority=0.7, length_only=0.72, bag_of_words=0.75)) == []
+    loud = loud_findings(summary("unpaired", majority=0.7, length_only=0.81, bag_of_words=0.9))
+    assert len(loud) == 2 and "desirable vs undesirable on 81.0%" in loud[0] and "bag-of-words" in loud[1]
+    loud = loud_findings(summary("pairs", length_only=0.6, length_direction="shorter", bag_of_words=0.55))
+    assert len(loud) == 1 and "picking the shorter answer is right on 60.0%" in loud[0]

@@ -1065,24 +1065,26 @@ def loud_findings(s: dict) -> list[str]:
     """The findings a user must not miss, worded as advice."""
     out = []
     b = s.get("baselines") or {}
-    if b.get("length_only") is not None and b["length_only"] >= LOUD:
-        side = "longer" if b.get("length_direction", "longer") == "longer" else "shorter"
-        out.append(
-            f"length alone predicts the label: picking the {side} answer is right on {b['length_only']:.1%} of "
-            f"held-out pairs ({b['method']}); a model can reach that without learning the preference. Consider "
-            "data.debias.length_balance, or contrastive.length_alpha (R-DPO)"
-        )
-    if b.get("bag_of_words") is not None and b["bag_of_words"] >= LOUD:
+    # the bar: LOUD, and for unpaired rows also 10 points above always answering the majority label
+    bar = max(LOUD, b["majority"] + 0.1) if "majority" in b else LOUD
+    if b.get("length_only") is not None and b["length_only"] >= bar:
+        if s["kind"] == "unpaired":
+            out.append(
+                f"length alone predicts desirable vs undesirable on {b['length_only']:.1%} of held-out rows "
+                f"({b['method']}; the majority label: {b['majority']:.1%}): a model can learn length instead"
+            )
+        else:
+            side = "longer" if b.get("length_direction", "longer") == "longer" else "shorter"
+            out.append(
+                f"length alone predicts the label: picking the {side} answer is right on {b['length_only']:.1%} "
+                f"of held-out pairs ({b['method']}); a model can reach that without learning the preference. "
+                "Consider data.debias.length_balance, or contrastive.length_alpha (R-DPO)"
+            )
+    if b.get("bag_of_words") is not None and b["bag_of_words"] >= bar:
         out.append(
             f"a bag-of-words baseline predicts the label on {b['bag_of_words']:.1%} of held-out rows: single words "
             "give the answer away (see the word lists)"
         )
-    if (
-        s["kind"] == "unpaired"
-        and b.get("length_only") is not None
-        and b["length_only"] >= max(LOUD, b["majority"] + 0.1)
-    ):
-        out.append(f"length alone predicts desirable vs undesirable on {b['length_only']:.1%} of held-out rows")
     pos = s.get("position")
     if pos and pos["pairs"] >= 20 and pos["p_value"] < 0.01:
         out.append(

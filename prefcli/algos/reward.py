@@ -351,9 +351,7 @@ class RewardTask(Scheduled):
         self.train_set = tokenize_scored(train_rows, tok, source=d.train.path, what="data.train", **enc)
         report(ctx, "data.train", d.train.path, self.train_set, d.max_length, what, expected)
         self.weights = None
-        if (
-            self.rows == "pairs"
-        ):  # length_balance 'reweight'; the prompt is shared, so the difference is the completions'
+        if self.rows == "pairs":  # length_balance 'reweight': the prompt is shared, the lengths differ by completion
             lens = [len(x[0]) for x in self.train_set.seqs], [len(x[1]) for x in self.train_set.seqs]
             self.weights = pair_weights(d.debias, *lens, self.debias, ctx.warn)
         self.eval_set = None

@@ -680,12 +680,8 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
     out_items = []
     blocks = []
     plots: list[str] = []
-    explained: list[tuple[int, Item, dict[str, Explained]]] = []
-    for k, it in enumerate(items):
+    for k, it in enumerate(items):  # each item's rows go out as soon as it is done (pipelines)
         sides = {side: explain_side(it.prompt, t, f"item {k} ({side})") for side, t in it.sides.items()}
-        explained.append((k, it, sides))
-    scale_all = _scale([e for _, _, s in explained for e in s.values()])
-    for k, it, sides in explained:
         rec: dict[str, Any] = {"item": k, "kind": it.kind}
         if it.row is not None:
             rec["row"] = it.row
@@ -732,6 +728,7 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
                 plots += [str(d / f"tokens-{stem}.png"), str(d / f"attention-{stem}.png")]
         out_items.append(rec)
         blocks.append(({"title": title}, [(side, e, shared[side]) for side, e in sides.items()]))
+    scale_all = _scale([e for _, sides_ in blocks for _, e, _ in sides_])
     summary["items"] = out_items
     summary["plots"] = plots
     warnings = []

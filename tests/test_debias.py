@@ -201,7 +201,8 @@ def test_contrastive_reweight_weights_the_pair_loss(tmp_path, write_recipe):
     del b["weight"]
     lp, _, _ = task._pair_inputs(task.policy, b, "train")
     per_pair, _ = task.obj.loss_fn(lp, task.hp)
-    assert float(loss_w) == pytest.approx(float((per_pair * torch.tensor([w[i] for i in items])).sum()), rel=1e-5)
+    want = (per_pair.detach() * torch.tensor([w[i] for i in items])).sum()
+    assert loss_w.item() == pytest.approx(want.item(), rel=1e-5)
     assert "weight" not in task._batch(task.eval_set, [0, 1])  # held-out metrics stay unweighted
     assert task.debias["length_balance"]["mode"] == "reweight"
 

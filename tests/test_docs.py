@@ -44,3 +44,17 @@ def test_every_documented_torchrun_form_is_a_tested_one():
             if launched.group(1) == "... prefcli":  # prose naming the form that does not work, as such
                 assert "script path" in line or "script path" in page.read_text(), f"{page.name}: {line.strip()}"
     assert found >= 6
+
+
+def test_every_cli_command_has_a_doc_page_and_is_listed():
+    import typer.main
+
+    from prefcli.cli import app
+
+    commands = set(typer.main.get_command(app).commands)
+    assert {"data", "explain"} <= commands
+    cli_md = (ROOT / "docs" / "cli.md").read_text()
+    index = (ROOT / "docs" / "index.md").read_text()
+    for command in commands:
+        assert (ROOT / "docs" / "commands" / f"{command}.md").exists(), command
+        assert f"prefcli {command}" in cli_md and f"(commands/{command}.md)" in index, command

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from prefcli.evaluate import metrics as M
+
 from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, last_json, run_subprocess
 
 
@@ -118,6 +120,17 @@ def test_eval_end_to_end(tmp_path, write_recipe, cli, tiny_model_dir, reward_mod
     assert tiny["win_rate"]["win_rate"] == pytest.approx(sum(r["win"] for r in gen) / 8)
     assert tiny["win_rate"]["ci_low"] <= tiny["win_rate"]["win_rate"] <= tiny["win_rate"]["ci_high"]
     assert "win_rate" not in init  # the baseline is not compared with itself
+    # length-controlled win rate: refitted here from the per-example rows (words of each completion)
+    lc = tiny["win_rate"]["length_controlled"]
+    base = {r["index"]: r for r in rows if r["kind"] == "generation" and r["model"] == "init"}
+    want_lc = M.length_controlled_win_rate(
+        [r["win"] for r in gen], [r["words"] for r in gen], [base[r["index"]]["words"] for r in gen], 200, 0.95, 0
+    )
+    assert lc["lc_win_rate"] == pytest.approx(want_lc["lc_win_rate"]) and lc["unit"] == "words"
+    assert "length-controlled win rate" in stderr and "corr(reward, tokens)" in stderr
+    corr = tiny["reward"]["length_correlation"]  # every completion fills its 8 tokens here: r is undefined (nan)
+    want = M.pearson([r["reward"] for r in gen], [r["tokens"] for r in gen])
+    assert corr["pearson"] == pytest.approx(want, nan_ok=True) and corr["unit"] == "tokens" and corr["n"] == 8
     assert tiny["reward"]["mean"] == pytest.approx(sum(r["reward"] for r in gen) / 8)
     assert set(tiny["reward"]["parts"]) == {"light", "sentiment", "rm"}
     # the reference is the same model: every per-completion KL is exactly 0; the random baseline differs
@@ -127,6 +140,13 @@ def test_eval_end_to_end(tmp_path, write_recipe, cli, tiny_model_dir, reward_mod
     assert tiny["length"]["tokens"]["max"] <= 8 and sum(tiny["length"]["finish_reason"].values()) == 8
     # preference accuracy: the 'light' rule prefers every chosen completion, by construction
     pa = s["preference_accuracy"]
+    prs = [r for r in rows if r["kind"] == "pair"]
+    wc = [len(r["chosen"].split()) for r in prs] + [len(r["rejected"].split()) for r in prs]
+    want = M.pearson([r["reward_chosen"] for r in prs] + [r["reward_rejected"] for r in prs], wc)
+    assert pa["total"]["length_correlation"]["pearson"] == pytest.approx(want)
+    assert (
+        pa["total"]["chosen_longer"] == sum(1 for r in prs if len(r["chosen"].split()) > len(r["rejected"].split())) / 3
+    )
     assert pa["light"] == {"accuracy": 1.0, "ties": 0, "margin_mean": 1.0, "n": 3}
     assert set(pa) == {"total", "light", "sentiment", "rm"} and 0 <= pa["rm"]["accuracy"] <= 1
     assert (out / "recipe.yaml").exists()

@@ -247,6 +247,47 @@ def test_bootstrap_interval_against_a_plain_resampling_loop():
     assert (lo, hi) == pytest.approx((p - half, p + half), abs=0.015)
 
 
+def test_length_controlled_win_rate_by_hand():
+    # half the prompts the model is longer by the same amount (feature +c), half shorter (-c): the two-parameter
+    # logistic fit is saturated, so p(+c) = win share when longer = 0.8, p(-c) = 0.4, and
+    # b0 = (logit 0.8 + logit 0.4) / 2: the LC win rate is sigmoid(b0) = 0.62020, the raw win rate 0.6
+    outcomes = [1.0] * 8 + [0.0] * 2 + [1.0] * 4 + [0.0] * 6
+    lm = [30] * 10 + [10] * 10
+    lb = [20] * 20
+    r = M.length_controlled_win_rate(outcomes, lm, lb, n_samples=50, seed=0)
+    b0 = (math.log(0.8 / 0.2) + math.log(0.4 / 0.6)) / 2
+    assert r["intercept"] == pytest.approx(b0, abs=1e-4)
+    assert r["lc_win_rate"] == pytest.approx(1 / (1 + math.exp(-b0)), abs=1e-4)
+    assert r["lc_win_rate"] == pytest.approx(0.62020, abs=1e-4)
+    assert r["length_coef"] > 0 and r["ci_low"] <= r["lc_win_rate"] <= r["ci_high"]
+    # equal lengths: no length term to remove, the LC win rate is the raw win rate (ties count 1/2)
+    r = M.length_controlled_win_rate([1.0, 0.5, 0.0, 1.0], [5] * 4, [5] * 4, n_samples=20)
+    assert r["lc_win_rate"] == pytest.approx(0.625, abs=1e-6) and r["length_coef"] == 0.0
+    # the fit solves the likelihood equations: sum (y - p) = 0 and sum (y - p) x = 0 (up to the tiny ridge)
+    rng = random.Random(0)
+    x = [rng.uniform(-1, 1) for _ in range(200)]
+    y = [1.0 if rng.random() < 1 / (1 + math.exp(-(0.3 + 1.5 * v))) else 0.0 for v in x]
+    b0, b1 = M.logistic_fit(x, y)
+    p = [1 / (1 + math.exp(-(b0 + b1 * v))) for v in x]
+    assert sum(a - q for a, q in zip(y, p)) == pytest.approx(0, abs=1e-6)
+    assert sum((a - q) * v for a, q, v in zip(y, p, x)) == pytest.approx(0, abs=1e-3)
+    # length separates wins from losses completely: still finite
+    r = M.length_controlled_win_rate([1.0] * 5 + [0.0] * 5, [9] * 5 + [1] * 5, [5] * 10, n_samples=20)
+    assert 0 < r["lc_win_rate"] < 1 and math.isfinite(r["length_coef"])
+
+
+def test_correlations_by_hand():
+    assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert M.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(M.pearson([1, 1, 1], [1, 2, 3]))
+    assert M.ranks([10, 20, 20, 5]) == [2.0, 3.5, 3.5, 1.0]
+    # monotone but not linear: Spearman 1, Pearson below 1
+    assert M.spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)
+    assert M.pearson([1, 2, 3, 4], [1, 4, 9, 100]) < 0.9
+    c = M.length_correlation([0.1, 0.5, 0.9], [3, 7, 11], "tokens")
+    assert c == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0), "unit": "tokens", "n": 3}
+
+
 def test_kl_estimates_by_hand():
     k1, k3 = M.kl_estimates([-1.0, -2.0], [-1.5, -1.0])
     assert k1 == pytest.approx(0.5 - 1.0)

@@ -13,7 +13,7 @@ from prefcli.evaluate.label import Item, Store, item_id, pair_row, read_items, s
 
 from .conftest import ROOT
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", OMP_NUM_THREADS="1", PREFCLI_RATER="ann")
 KEYS = r"\[q\] quit"  # the last line of each screen: the item is drawn, keys are read
 
 
@@ -67,15 +67,27 @@ def test_label_pairs_undo_ctrl_c_and_resume(tmp_path):
     c.expect(pexpect.EOF)
     c.close()
     assert c.exitstatus == 130
-    assert rows(out) == [
-        {"prompt": "Prompt number 1", "chosen": "alpha 1", "rejected": "beta 1"},
-        {"prompt": "Prompt number 3", "chosen": "alpha 3", "rejected": "beta 3"},
+    assert rows(out) == [  # who chose, and where the chosen completion was shown (position bias)
+        {
+            "prompt": "Prompt number 1",
+            "chosen": "alpha 1",
+            "rejected": "beta 1",
+            "chosen_position": "A",
+            "rater": "ann",
+        },
+        {
+            "prompt": "Prompt number 3",
+            "chosen": "alpha 3",
+            "rejected": "beta 3",
+            "chosen_position": "A",
+            "rater": "ann",
+        },
     ]
     journal = rows(tmp_path / "prefs.log.jsonl")
     assert [e["action"] for e in journal] == ["open", "answer", "answer", "answer", "undo", "answer"]
     assert journal[2]["answer"] == "tie" and journal[2]["out_offset"] is None
     # resume: items 1-3 are done; undo reaches back into the previous session (item 3), then all is answered
-    c = spawn(src, "--out", out, "--no-shuffle", cwd=tmp_path)
+    c = spawn(src, "--out", out, "--no-shuffle", "--rater", "bob", cwd=tmp_path)
     answer(c, "Prompt number 4", "u")
     answer(c, "Prompt number 3", "b")
     answer(c, "Prompt number 4", "s")  # skip: journal only
@@ -89,13 +101,20 @@ def test_label_pairs_undo_ctrl_c_and_resume(tmp_path):
         summary["ties"],
         summary["skips"],
     ) == (4, 2, 1, 1)
-    assert rows(out)[1] == {"prompt": "Prompt number 3", "chosen": "beta 3", "rejected": "alpha 3"}
-    # what `prefcli reward`/`contrastive` read: prompt/chosen/rejected rows and nothing else
+    assert rows(out)[1] == {
+        "prompt": "Prompt number 3",
+        "chosen": "beta 3",
+        "rejected": "alpha 3",
+        "chosen_position": "B",
+        "rater": "bob",
+    }
+    assert summary["rater"] == "bob"
+    # what `prefcli reward`/`contrastive` read: prompt/chosen/rejected rows, with the rater and position beside
     from prefcli.engine.data import load_rows
     from prefcli.recipe.sections import DataSource
 
     ds = load_rows(DataSource(path=str(out)), required=["prompt", "chosen", "rejected"])
-    assert len(ds) == 2 and ds.column_names == ["prompt", "chosen", "rejected"]
+    assert len(ds) == 2 and ds.column_names == ["prompt", "chosen", "rejected", "chosen_position", "rater"]
 
 
 @pytest.mark.slow
@@ -116,7 +135,7 @@ def test_label_ratings_feed_the_human_scores_reward(tmp_path):
     c.close()
     assert c.exitstatus == 0
     assert json.loads(c.before.strip().splitlines()[-1])["status"] == "stopped"
-    assert rows(out) == [{"prompt": "And the", "completion": "text 0", "score": 4}]
+    assert rows(out) == [{"prompt": "And the", "completion": "text 0", "score": 4, "rater": "ann"}]
     from pydantic import TypeAdapter
 
     from prefcli.recipe.reward_specs import RewardSpec
@@ -150,6 +169,13 @@ def test_store_undo_truncates_only_its_own_row(tmp_path):
     s.answer(b, "tie", None)
     assert s.undo()["id"] == "2" and len(rows(out)) == 2  # a tie wrote no row
     assert s.undo()["id"] == "1" and rows(out) == [{"prompt": "older", "chosen": "x", "rejected": "y"}]
+    assert pair_row(a, "B", (1, 0), "r1") == {
+        "prompt": "p1",
+        "chosen": "a",
+        "rejected": "b",
+        "chosen_position": "B",
+        "rater": "r1",
+    }
     assert s.undo() is None
     assert Store.open(out, log).answered == set()
 

@@ -35,6 +35,13 @@ def test_help_imports_no_torch():
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
+def test_data_inspect_and_explain_help_import_no_torch():
+    for sub in (["data", "inspect", "--help"], ["explain", "--help"]):  # their heavy imports wait for the work
+        res, modules = imports_of(*sub)
+        assert res.returncode == 0, sub
+        assert not modules & set(HEAVY), (sub, sorted(modules & set(HEAVY)))
+
+
 def test_validate_every_bundled_recipe_imports_no_torch():
     assert len(RECIPES) >= 30, RECIPES  # recipes/tiny, recipes/quickstart, recipes/gpu
     res, modules = imports_of("validate", *[str(p.relative_to(ROOT)) for p in RECIPES])

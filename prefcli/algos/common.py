@@ -96,6 +96,7 @@ class Scheduled:
         if hasattr(s, "n_tokens"):
             data["train_tokens"] = s.n_tokens()
         data["eval_examples"] = len(self.eval_set) if self.eval_set is not None else 0
+        data["debias"] = getattr(self, "debias", None)  # what data.debias removed or reweighted
         return {
             "data": data,
             "model": {

@@ -7,6 +7,7 @@ logπ(y|x) the log-prob of a completion (summed, or averaged over its tokens, pe
     h = [logπ(y_w|x) - logπ_ref(y_w|x)] - [logπ(y_l|x) - logπ_ref(y_l|x)]
 
 - dpo     -log σ(βh)                                                    Rafailov et al. 2023, Eq. 7
+          -log σ(βh + α(|y_w| - |y_l|)) with length_alpha α (R-DPO)       Park et al. 2024
 - cdpo    -(1-ε) log σ(βh) - ε log σ(-βh)                                Mitchell 2023 (cDPO note)
 - robust  [-(1-ε) log σ(βh) + ε log σ(-βh)] / (1-2ε)                     Chowdhury et al. 2024, Eq. 6
 - ipo     (h - 1/(2β))², log-probs averaged over tokens                  Azar et al. 2023, Eq. 17
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move, shard_for_rank
+from ..engine.debias import apply_debias, pair_weights
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     PolicyLM,
@@ -73,18 +75,22 @@ class Hyper:
     cpo_alpha: float = 1.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    length_alpha: float = 0.0
 
 
 @dataclass
 class PairLogps:
     """Per-pair sequence log-probs (shape [B]) of the policy, and of the reference when needed.
-    `chosen_nll` is the chosen completion's mean token negative log-likelihood."""
+    `chosen_nll` is the chosen completion's mean token negative log-likelihood; `chosen_len` and
+    `rejected_len` the completions' token counts (R-DPO's length term)."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
     chosen_nll: torch.Tensor | None = None
+    chosen_len: torch.Tensor | None = None
+    rejected_len: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,8 +124,18 @@ def _policy_rewards(lp: PairLogps, beta: float) -> dict:
 
 def dpo_loss(lp: PairLogps, hp: Hyper) -> tuple[torch.Tensor, dict]:
     """DPO (Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290, Eq. 7):
-    L = -log σ(β h). With the policy equal to the reference, h = 0 and L = ln 2."""
-    return -F.logsigmoid(hp.beta * _h(lp)), _ref_rewards(lp, hp.beta)
+    L = -log σ(β h). With the policy equal to the reference, h = 0 and L = ln 2.
+
+    With length_alpha α > 0, length-regularised DPO (R-DPO; Park et al. 2024, "Disentangling Length
+    from Quality in Direct Preference Optimization", arXiv 2403.19159):
+    L = -log σ(β h + α (|y_w| - |y_l|)), |y| in completion tokens. It is DPO for the reward
+    r(x, y) - α|y| (the RL objective with a length penalty): the optimal policy's implicit reward is
+    β log π/π_ref = r - α|y| + const, so r = β log π/π_ref + α|y| inside Bradley-Terry. A longer chosen
+    answer already earns α per extra token, so the policy gains less by learning length."""
+    z = hp.beta * _h(lp)
+    if hp.length_alpha:
+        z = z + hp.length_alpha * (lp.chosen_len - lp.rejected_len)
+    return -F.logsigmoid(z), _ref_rewards(lp, hp.beta)
 
 
 def cdpo_loss(lp: PairLogps, hp: Hyper) -> tuple[torch.Tensor, dict]:
@@ -234,6 +250,7 @@ def hyper(c, obj: Objective) -> Hyper:
         cpo_alpha=c.cpo_alpha,
         desirable_weight=c.desirable_weight,
         undesirable_weight=c.undesirable_weight,
+        length_alpha=c.length_alpha,
     )
 
 
@@ -256,6 +273,9 @@ class PreferenceTask(Scheduled):
         required = PAIR_REQUIRED if self.paired else UNPAIRED_REQUIRED
         train_rows, eval_rows = load_splits(d, required, r.train.seed)
         self.format = fmt = detect_pair_format(train_rows, "chosen" if self.paired else "completion", d.format)
+        train_rows, eval_rows, self.debias = apply_debias(
+            train_rows, eval_rows, d.debias, tok=tok, fmt=fmt, pairs=self.paired, seed=r.train.seed, warn=ctx.warn
+        )
         tokenize = tokenize_pairs if self.paired else tokenize_unpaired
         what = "chosen/rejected" if self.paired else "completion or label"
         expected = (
@@ -268,6 +288,10 @@ class PreferenceTask(Scheduled):
         )
         self.train_set = tokenize(train_rows, tok, fmt, d.max_length, d.train.path, "data.train")
         report(ctx, "data.train", d.train.path, self.train_set, d.max_length, what, expected)
+        self.weights = None
+        if self.paired:  # length_balance 'reweight': per-pair loss weights from the tokenized lengths
+            lens = [len(c) for c in self.train_set.chosen], [len(x) for x in self.train_set.rejected]
+            self.weights = pair_weights(d.debias, *lens, self.debias, ctx.warn)
         self.eval_set = None
         if eval_rows is not None:
             src = d.eval.path if d.eval else d.train.path
@@ -311,6 +335,8 @@ class PreferenceTask(Scheduled):
             b = completion_batch([s.prompt[i] for i in items], comps, pad)
             b["label"] = torch.tensor([s.label[i] for i in items], dtype=torch.bool)
         b["idx"] = torch.tensor(items, dtype=torch.long)
+        if self.weights is not None and s is self.train_set:
+            b["weight"] = torch.tensor([self.weights[i] for i in items], dtype=torch.float32)
         return move(b, self.rt.device)
 
     def _seq(self, module, b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,7 +385,13 @@ class PreferenceTask(Scheduled):
         s, n = self._seq(module, b)
         B = b["idx"].shape[0]
         seq = self._reduce(s, n)
-        lp = PairLogps(chosen=seq[:B], rejected=seq[B:], chosen_nll=-s[:B] / n[:B].clamp_min(1.0))
+        lp = PairLogps(
+            chosen=seq[:B],
+            rejected=seq[B:],
+            chosen_nll=-s[:B] / n[:B].clamp_min(1.0),
+            chosen_len=n[:B],
+            rejected_len=n[B:],
+        )
         if self.obj.needs_ref:
             ref = self.ref[split].to(seq.device)[b["idx"]]
             lp.ref_chosen, lp.ref_rejected = ref[:, 0], ref[:, 1]
@@ -368,6 +400,8 @@ class PreferenceTask(Scheduled):
     def _pair_loss(self, module, b, split: str = "train") -> tuple[torch.Tensor, dict]:
         lp, sum_c, sum_r = self._pair_inputs(module, b, split)
         losses, m = self.obj.loss_fn(lp, self.hp)
+        if "weight" in b:  # data.debias.length_balance: reweight
+            losses = losses * b["weight"]
         B = losses.shape[0]
         rc, rr = m.pop("reward/chosen"), m.pop("reward/rejected")
         mets = {

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.data import chat_ids, iterate_eval, move
+from ..engine.debias import apply_debias
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     build_trained_model,
@@ -159,6 +160,9 @@ class InfoNCETask(Scheduled):
             if eval_rows is not None and "rejected" in eval_rows.column_names:
                 eval_rows = eval_rows.remove_columns("rejected")
         self.format = fmt = detect_pair_format(train_rows, "chosen", d.format)
+        train_rows, eval_rows, self.debias = apply_debias(
+            train_rows, eval_rows, d.debias, tok=tok, fmt=fmt, pairs=False, seed=r.train.seed, warn=ctx.warn
+        )
         expected = (
             f"rows with a non-empty prompt and chosen (and rejected, differing from chosen), the prompt "
             f"shorter than data.max_length={d.max_length} tokens"

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move
+from ..engine.debias import apply_debias, pair_weights
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import build_trained_model, load_tokenizer, save_hf
 from ..engine.pairs import (
@@ -243,6 +244,16 @@ class RewardTask(Scheduled):
             if probe != "completions"
             else ("plain" if d.format == "auto" else d.format)
         )
+        train_rows, eval_rows, self.debias = apply_debias(
+            train_rows,
+            eval_rows,
+            d.debias,
+            tok=tok,
+            fmt=fmt,
+            pairs=self.rows == "pairs",
+            seed=r.train.seed,
+            warn=ctx.warn,
+        )
         what = {"pairs": "chosen/rejected", "scores": "text or score", "rankings": "completions (at least 2)"}[
             self.rows
         ]
@@ -254,6 +265,10 @@ class RewardTask(Scheduled):
         enc = dict(rows=self.rows, fmt=fmt, max_length=d.max_length, use_margin=rc.use_margin)
         self.train_set = tokenize_scored(train_rows, tok, source=d.train.path, what="data.train", **enc)
         report(ctx, "data.train", d.train.path, self.train_set, d.max_length, what, expected)
+        self.weights = None
+        if self.rows == "pairs":  # length_balance 'reweight': the prompt is shared, the lengths differ by completion
+            lens = [len(x[0]) for x in self.train_set.seqs], [len(x[1]) for x in self.train_set.seqs]
+            self.weights = pair_weights(d.debias, *lens, self.debias, ctx.warn)
         self.eval_set = None
         if eval_rows is not None:
             src = d.eval.path if d.eval else d.train.path
@@ -296,6 +311,8 @@ class RewardTask(Scheduled):
         if self.rows == "rankings":
             better, worse = ranking_pairs([len(s.seqs[i]) for i in items])
             b["better"], b["worse"] = torch.tensor(better), torch.tensor(worse)
+        if self.weights is not None and s is self.train_set:
+            b["weight"] = torch.tensor([self.weights[i] for i in items], dtype=torch.float32)
         return move(b, self.rt.device)
 
     def units(self, s: ScoredSet, items: list[int]) -> int:
@@ -315,6 +332,8 @@ class RewardTask(Scheduled):
         if self.rows == "pairs":
             rc, rr = r[:B], r[B:]
             losses = self.obj.loss_fn(rc, rr, b.get("value"), self.center)
+            if "weight" in b:  # data.debias.length_balance: reweight
+                losses = losses * b["weight"]
         else:
             rc, rr = r[b["better"]], r[b["worse"]]
             losses = self.obj.loss_fn(r, b["better"], b["worse"], self.center)

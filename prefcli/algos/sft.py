@@ -38,6 +38,7 @@ from ..engine.data import (
     tokenize_sft,
     unpad_if_full,
 )
+from ..engine.debias import apply_debias
 from ..engine.logprobs import IGNORE
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import PolicyLM, build_trained_model, load_tokenizer, save_hf, trainable_parameters, unwrap_lm
@@ -86,6 +87,7 @@ class SFTTask(Scheduled):
             eval_rows = load_rows(d.eval, required=FORMAT_COLUMNS[fmt], what="data.eval")
         elif d.eval_fraction > 0:
             train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, r.train.seed)
+        train_rows, eval_rows, self.debias = apply_debias(train_rows, eval_rows, d.debias, warn=ctx.warn)
         row_scores = None
         if obj.scored:
             check_values(train_rows, FORMAT_COLUMNS[fmt], d.train.path)
@@ -172,6 +174,7 @@ class SFTTask(Scheduled):
             "dropped": s.n_dropped,
             "packed_rows": len(self.rows) if self.rows is not None else None,
             "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
+            "debias": self.debias,
         }
         if self.phf_stats is not None:
             data["phf"] = self.phf_stats

@@ -348,6 +348,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
                     "mean": _mean(total),
                     "std": _std(total),
                     "parts": {k: _mean(v) for k, v in parts.items()},
+                    "length_correlation": M.length_correlation(total, [len(g.token_ids) for g in outs], "tokens"),
                 }
             for row in _gen_rows(rows, name):
                 i = row["index"]
@@ -361,8 +362,16 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
                 w = M.win_rate(
                     scored[name], scored[base_name], r.win_rate.bootstrap_samples, r.win_rate.confidence, r.seed
                 )
-                results[name]["win_rate"] = {**w, "baseline": base_name}
                 outcomes = M.win_outcomes(scored[name], scored[base_name])
+                lc = M.length_controlled_win_rate(
+                    outcomes,
+                    [M.word_count(g.completion) for g in gens[name]],
+                    [M.word_count(g.completion) for g in gens[base_name]],
+                    r.win_rate.bootstrap_samples,
+                    r.win_rate.confidence,
+                    r.seed,
+                )
+                results[name]["win_rate"] = {**w, "baseline": base_name, "length_controlled": {**lc, "unit": "words"}}
                 for row in _gen_rows(rows, name):
                     row["win"] = outcomes[row["index"]]
 
@@ -469,6 +478,9 @@ def preference_for(rewards, pairs, rows: list[dict]) -> dict:
     tc, pc = rewards.score(prompts, chosen)
     tr, pr = rewards.score(prompts, rejected)
     out = {"total": M.preference_accuracy(tc, tr)}
+    wc, wr = [M.word_count(c) for c in chosen], [M.word_count(c) for c in rejected]
+    out["total"]["chosen_longer"] = sum(1 for a, b in zip(wc, wr) if a > b) / len(wc)
+    out["total"]["length_correlation"] = M.length_correlation(tc + tr, wc + wr, "words")
     if len(pc) > 1:
         for k in pc:
             out[k] = M.preference_accuracy(pc[k], pr[k])
@@ -522,6 +534,7 @@ TABLE_ROWS = (
     ("rouge", "rougeL", "ROUGE-L F"),
     ("reward", "mean", "reward (mean)"),
     ("win_rate", "win_rate", "win rate vs baseline"),
+    ("win_rate", "length_controlled", "length-controlled win rate"),
     ("kl", "k1", "KL k1 (per completion)"),
     ("kl", "k3", "KL k3 (per completion)"),
 )
@@ -541,12 +554,22 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
         cells = []
         for n in names:
             v = models[n].get(metric, {}).get(key)
-            if metric == "win_rate" and v is not None:
+            if metric == "win_rate" and isinstance(v, dict):  # the length-controlled win rate
+                cells.append(f"{v['lc_win_rate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]")
+            elif metric == "win_rate" and v is not None:
                 w = models[n][metric]
                 cells.append(f"{v:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]")
             else:
                 cells.append("-" if v is None else fmt(v))
         body.append([label] + cells)
+    if any("length_correlation" in models[n].get("reward", {}) for n in names):
+        body.append(
+            ["corr(reward, tokens)"]
+            + [
+                fmt(models[n]["reward"]["length_correlation"]["pearson"]) if "reward" in models[n] else "-"
+                for n in names
+            ]
+        )
     for n0 in names[:1]:
         for k in models[n0].get("distinct", {}):
             body.append([k] + [fmt(models[n].get("distinct", {}).get(k, "-")) for n in names])
@@ -583,4 +606,9 @@ def print_table(log: Log, summary: dict) -> None:
                 f"preference accuracy ({k}): {v['accuracy']:.3f} on {v['n']} pairs ({v['ties']} ties, "
                 f"mean margin {v['margin_mean']:.4g})"
             )
+            if "chosen_longer" in v:
+                log.info(
+                    f"  chosen is longer in {v['chosen_longer']:.3f} of the pairs; corr(reward, words) over chosen "
+                    f"and rejected: {v['length_correlation']['pearson']:.3f}"
+                )
     log.info(f"examples: {summary['examples_file']}")

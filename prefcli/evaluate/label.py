@@ -5,6 +5,9 @@ Files (docs/commands/label.md):
 - OUT (`--out prefs.jsonl`): the dataset, only real answers, in the shapes the other commands read:
   pairs `{"prompt", "chosen", "rejected"}` (prefcli reward / contrastive), ratings
   `{"prompt", "completion", "score"}` (the `human_scores` reward source; text/score regression).
+  Every row also records who answered (`rater`, from `--rater`) and, for pairs, where the chosen
+  completion was shown (`chosen_position`: A or B), so `prefcli data inspect` can measure rater
+  agreement and position bias; the training commands ignore both columns.
 - the journal (`--log`, default `<OUT without .jsonl>.log.jsonl`): every action, in order, one JSON
   object per line: `open` (a session starts; OUT's size), `answer` (the item id, the answer: A, B,
   tie, skip or a score, the texts, and the byte range [out_offset, out_end) of the OUT row it
@@ -269,13 +272,30 @@ class Keys:
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
 
-def pair_row(item: Item, answer: str, order: tuple[int, int]) -> dict | None:
-    """The OUT row of a pair answer (None for tie/skip). `order`: which completion was shown as A, B."""
+def pair_row(item: Item, answer: str, order: tuple[int, int], rater: str | None = None) -> dict | None:
+    """The OUT row of a pair answer (None for tie/skip). `order`: which completion was shown as A, B.
+    The row records where the chosen completion was shown (`chosen_position`) and who chose (`rater`)."""
     if answer not in ("A", "B"):
         return None
     a, b = (item.completions[order[0]], item.completions[order[1]])
     chosen, rejected = (a, b) if answer == "A" else (b, a)
-    return {"prompt": item.prompt, "chosen": chosen, "rejected": rejected}
+    row = {"prompt": item.prompt, "chosen": chosen, "rejected": rejected, "chosen_position": answer}
+    if rater is not None:
+        row["rater"] = rater
+    return row
+
+
+def default_rater() -> str:
+    """The rater id when --rater is not given: $PREFCLI_RATER, else the login name."""
+    import getpass
+
+    env = os.environ.get("PREFCLI_RATER", "").strip()
+    if env:
+        return env
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
 
 
 def shown_order(item: Item, shuffle: bool, seed: int) -> tuple[int, int]:
@@ -296,6 +316,7 @@ class LabelOptions:
     shuffle: bool = True
     seed: int = 0
     settings: dict = field(default_factory=dict)  # generation settings for --model
+    rater: str | None = None  # recorded in every row; default: default_rater()
 
 
 def candidates_path(out: Path) -> Path:
@@ -373,6 +394,7 @@ def run_label(opts: LabelOptions) -> dict:
         raise UsageError("--scale must be between 2 and 9 (one key per score)")
     if not sys.stdin.isatty():
         raise UsageError("prefcli label is interactive: run it in a terminal (stdin is not a TTY)")
+    rater = opts.rater.strip() if opts.rater and opts.rater.strip() else default_rater()
     out = Path(opts.out)
     log = Path(opts.log) if opts.log else default_log_path(out)
     if opts.input is not None:
@@ -436,12 +458,14 @@ def run_label(opts: LabelOptions) -> dict:
                     break
                 if mode == "pair" and k in PAIR_KEYS:
                     ans = PAIR_KEYS[k]
-                    store.answer(item, ans, pair_row(item, ans, order))
+                    store.answer(item, ans, pair_row(item, ans, order, rater))
                 elif mode == "rate" and k == "s":
                     store.answer(item, "skip", None)
                 elif mode == "rate" and k.isdigit() and 1 <= int(k) <= opts.scale:
                     store.answer(
-                        item, int(k), {"prompt": item.prompt, "completion": item.completions[0], "score": int(k)}
+                        item,
+                        int(k),
+                        {"prompt": item.prompt, "completion": item.completions[0], "score": int(k), "rater": rater},
                     )
                 else:
                     continue
@@ -474,6 +498,7 @@ def run_label(opts: LabelOptions) -> dict:
         "ties": c["ties"],
         "skips": c["skips"],
         "this_session": session,
+        "rater": rater,
     }
 
 

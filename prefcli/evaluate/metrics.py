@@ -187,6 +187,115 @@ def win_rate(
     }
 
 
+def logistic_fit(x: Sequence[float], y: Sequence[float], ridge: float = 1e-6, iters: int = 100) -> tuple[float, float]:
+    """Maximum-likelihood (b0, b1) of P(y = 1 | x) = σ(b0 + b1 x) by Newton-Raphson (iteratively
+    reweighted least squares). y may be fractional (a tie is 0.5: the quasi-binomial likelihood
+    y log p + (1 - y) log(1 - p)). A tiny ridge on the slope keeps the estimate finite when x
+    separates the outcomes. Written by hand: two parameters need no library (no scikit-learn here)."""
+    import numpy as np
+
+    X = np.stack([np.ones(len(x)), np.asarray(x, dtype=np.float64)], 1)
+    Y = np.asarray(y, dtype=np.float64)
+    b = np.zeros(2)
+    R = np.diag([0.0, ridge * len(Y)])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ b)))
+        g = X.T @ (Y - p) - R @ b
+        H = (X * (p * (1 - p))[:, None]).T @ X + R + 1e-12 * np.eye(2)
+        step = np.linalg.solve(H, g)
+        b = b + step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(b[0]), float(b[1])
+
+
+def length_controlled_win_rate(
+    outcomes: Sequence[float],
+    len_model: Sequence[float],
+    len_base: Sequence[float],
+    n_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """The win rate a model would have if its completions were as long as the baseline's: the
+    length-controlled win rate of AlpacaEval 2 (Dubois et al. 2024, "Length-Controlled AlpacaEval: A
+    Simple Way to Debias Automatic Evaluators", arXiv 2404.04475), without their instruction term.
+    A logistic regression of the per-prompt outcome (win 1, tie 0.5, loss 0) on
+    d = tanh((len_model - len_base) / std(len_model - len_base)),
+        P(win) = σ(b0 + b1 d),
+    predicts the win rate at zero length difference: LC = σ(b0). b1 > 0 means longer completions win
+    more often. The interval is a percentile bootstrap over prompts (the fit repeated on each resample,
+    std fixed from the full set)."""
+    import numpy as np
+
+    n = len(outcomes)
+    if n == 0 or len(len_model) != n or len(len_base) != n:
+        raise ValueError("length-controlled win rate needs an outcome and both lengths for every prompt")
+    diff = np.asarray(len_model, dtype=np.float64) - np.asarray(len_base, dtype=np.float64)
+    sd = float(diff.std())
+    d = np.tanh(diff / sd) if sd > 0 else np.zeros(n)
+    y = np.asarray(outcomes, dtype=np.float64)
+    b0, b1 = logistic_fit(d, y)
+    rng = np.random.default_rng(seed)
+    lcs = np.empty(n_samples)
+    for k in range(n_samples):
+        idx = rng.integers(0, n, size=n)
+        lcs[k] = 1.0 / (1.0 + math.exp(-logistic_fit(d[idx], y[idx], iters=50)[0]))
+    lo, hi = np.quantile(lcs, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {
+        "lc_win_rate": 1.0 / (1.0 + math.exp(-b0)),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "intercept": b0,
+        "length_coef": b1,
+        "mean_length_diff": float(diff.mean()),
+        "length_diff_std": sd,
+        "n": n,
+    }
+
+
+# ----------------------------------------------------------------------- correlation
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r; nan when either side is constant or there are fewer than 2 values."""
+    n = len(x)
+    if n < 2 or n != len(y):
+        return math.nan
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def ranks(v: Sequence[float]) -> list[float]:
+    """Ranks 1..n, ties given their average rank."""
+    order = sorted(range(len(v)), key=lambda i: v[i])
+    out = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho: Pearson's r of the ranks (ties averaged)."""
+    return pearson(ranks(x), ranks(y))
+
+
+def length_correlation(scores: Sequence[float], lengths: Sequence[float], unit: str) -> dict:
+    """How much a reward follows length on a set of texts: Pearson's r and Spearman's rho between
+    score and length. A reward model that learned "longer is better" shows r near 1 here
+    (Singhal et al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF")."""
+    return {"pearson": pearson(scores, lengths), "spearman": spearman(scores, lengths), "unit": unit, "n": len(scores)}
+
+
 # -------------------------------------------------------------------------------- KL
 
 

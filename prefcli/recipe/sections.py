@@ -111,6 +111,12 @@ class HeldOut(Section):
     def _one_held_out(self):
         if getattr(self, "eval", None) is not None and getattr(self, "eval_fraction", 0) > 0:
             raise ValueError("set data.eval or data.eval_fraction, not both")
+        debias = getattr(self, "debias", None)
+        if debias is not None and debias.drop_eval_prompts and getattr(self, "eval", None) is None:
+            if not getattr(self, "eval_fraction", 0) > 0:
+                raise ValueError(
+                    "data.debias.drop_eval_prompts needs a held-out set: set data.eval or data.eval_fraction"
+                )
         return self
 
 

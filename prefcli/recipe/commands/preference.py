@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from ..debias import DebiasSection
 from ..sections import (
     DataSource,
     HeldOut,
@@ -41,6 +42,11 @@ class PreferenceData(HeldOut):
         "counted; rows whose prompt alone fills max_length are skipped and counted.",
     )
     shuffle: bool = Field(True, description="Shuffle the training rows every epoch (seeded by train.seed).")
+    debias: DebiasSection = Field(
+        default_factory=DebiasSection,
+        description="Opt-in cleaning and length debiasing: deduplication, held-out prompts dropped, "
+        "length-balanced sampling or reweighting of pairs (docs/commands/data.md).",
+    )
 
 
 # -------------------------------------------------------------------------------------- reward
@@ -98,6 +104,12 @@ class ContrastiveSection(Section):
         "and robust (ignored by the other objectives).",
     )
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma.")
+    length_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="dpo: alpha of the length-regularised DPO (R-DPO, Park et al. 2024): "
+        "-log sigmoid(beta h + alpha (|y_w| - |y_l|)), lengths in completion tokens; 0 = plain DPO.",
+    )
     cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on the chosen completion.")
     desirable_weight: float = Field(1.0, gt=0, description="kto: lambda_D, weight of desirable rows.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: lambda_U, weight of undesirable rows.")
@@ -117,6 +129,14 @@ class ContrastiveSection(Section):
     hard_negatives: bool = Field(
         True, description="infonce: add each row's `rejected` text as a hard negative (when the data has it)."
     )
+
+    @model_validator(mode="after")
+    def _check_length_alpha(self):
+        if self.length_alpha and self.objective != "dpo":
+            raise ValueError(
+                f"contrastive.length_alpha (R-DPO's length term) applies to objective dpo only, not '{self.objective}'"
+            )
+        return self
 
 
 class ContrastiveRecipe(RecipeBase):

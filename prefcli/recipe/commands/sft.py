@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..debias import SFTDebiasSection
 from ..reward_specs import RewardSpec
 from ..sections import (
     DataSource,
@@ -40,6 +41,9 @@ class SFTData(HeldOut):
     )
     add_eos: bool = Field(True, description="End every example with the EOS token (so the model learns to stop).")
     shuffle: bool = Field(True, description="Shuffle the training rows every epoch (seeded by train.seed).")
+    debias: SFTDebiasSection = Field(
+        default_factory=SFTDebiasSection, description="Opt-in cleaning: deduplication, held-out prompts dropped."
+    )
 
 
 # Which objectives read which knob of SFTSection (a knob changed from its default under an objective that

@@ -1,0 +1,241 @@
+"""`prefcli explain` from end to end: per-token rows on stdout, the report on stderr, pictures and HTML."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ...errors import UsageError
+from .attribution import (
+    attention_map,
+    baseline_token,
+    check_layer_head,
+    draw_attention,
+    draw_scores,
+    ig_attribution,
+    implicit_rewards,
+    pair_alignment,
+    prefix_attribution,
+    reward_ids,
+)
+from .inputs import (
+    DEFAULT_BETA,
+    METHODS,
+    Explained,
+    ExplainOptions,
+    _check_length,
+    _device,
+    load_policy,
+    load_reward_model,
+    model_kind,
+    read_items,
+    run_defaults,
+    token_strings,
+)
+from .render import colour_scale, render_html, terminal_text
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _top(e: Explained, k: int = 5) -> list[list]:
+    ranked = sorted(((s, t) for t, s in zip(e.tokens, e.scores) if s is not None), key=lambda x: -abs(x[0]))
+    return [[t, s] for s, t in ranked[:k]]
+
+
+def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
+    t0 = time.perf_counter()
+    if opts.method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}; got {opts.method!r}")
+    if opts.steps < 2:
+        raise UsageError("--steps must be at least 2")
+    if (opts.layer is not None or opts.head is not None) and not opts.plots:
+        raise UsageError("--layer and --head choose the attention map to draw: give --plots DIR too")
+    kind, cfg = model_kind(opts.model)
+    method = opts.method
+    if method == "auto":
+        method = "ig" if kind == "reward" else "implicit"
+    if kind == "policy" and method in ("ig", "prefix"):
+        raise UsageError(
+            f"{opts.model} is not a reward model: it is a causal language model ({', '.join(cfg.get('architectures') or [])}). "
+            f"--method {method} attributes a reward model's score (a sequence classifier with one output, as "
+            "`prefcli reward` writes); for a tuned policy use --method implicit with --reference BASE"
+        )
+    if kind == "reward" and method == "implicit":
+        raise UsageError(
+            f"{opts.model} is a reward model; the implicit reward beta log pi/pi_ref needs a policy (a causal LM) "
+            "and its reference. For a reward model use --method ig or prefix"
+        )
+    check_layer_head(cfg, opts.layer, opts.head)
+    items = read_items(opts)
+    device = _device(opts.device)
+    eager = opts.plots is not None
+    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    summary: dict[str, Any] = {
+        "command": "explain",
+        "status": "completed",
+        "exit_code": 0,
+        "model": opts.model,
+        "model_kind": kind,
+        "method": method,
+        "rejected_sign": "on a pair, the rejected side's token scores are negated: each is its contribution to "
+        "the margin chosen - rejected",
+    }
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "reward":
+        model, tok = load_reward_model(opts.model, device, eager)
+        base_id = baseline_token(model, tok) if method == "ig" else None
+        if base_id is not None:
+            summary["baseline_token"] = tok.convert_ids_to_tokens(base_id)
+        summary["what"] = {
+            "ig": "integrated gradients of the reward model's score over the input embeddings (captum), from a "
+            "baseline of one neutral token repeated; the token scores sum to score - baseline_score",
+            "prefix": "prefix-score differences r(x_<=t) - r(x_<t); the token scores sum to the score",
+        }[method]
+
+        def explain_side(prompt: str, text: str, what: str) -> Explained:
+            ids, n_prompt = reward_ids(tok, prompt, text)
+            _check_length(ids, limit, what)
+            x = torch.tensor([ids], device=device)
+            if method == "ig":
+                a, info = ig_attribution(model, x, base_id, opts.steps)
+            else:
+                a, info = prefix_attribution(model, x)
+            info["tokens"] = len(ids)
+            info["headline"] = f"score {info['score']:+.4f}"
+            return Explained(ids, token_strings(tok, ids), a, n_prompt, info)
+
+        attn_model = model
+    else:
+        defaults = run_defaults(opts.model)
+        ref_path = opts.reference or defaults.get("reference")
+        if not ref_path:
+            raise UsageError(
+                f"the implicit reward beta log pi/pi_ref of {opts.model} needs its reference (the model it was tuned "
+                "from): give --reference BASE_MODEL (no run recipe.yaml next to the model names one)"
+            )
+        if not os.path.isdir(ref_path):
+            raise UsageError(f"--reference {ref_path}: no such model folder")
+        beta = opts.beta if opts.beta is not None else defaults.get("beta") or DEFAULT_BETA
+        if beta <= 0:
+            raise UsageError("--beta must be positive")
+        lm, tok, rt = load_policy(opts.model, device, eager)
+        ref_lm, ref_tok, _ = load_policy(ref_path, device, False)
+        if ref_tok.get_vocab() != tok.get_vocab():
+            raise UsageError(
+                f"the reference {ref_path} has a different tokenizer from {opts.model}: no per-token ratio"
+            )
+        summary.update({"reference": ref_path, "beta": beta, "run": defaults or None})
+        if defaults.get("needs_ref") is False:
+            summary["note"] = (
+                f"objective {defaults.get('objective')} trains without a reference; the ratio to the base model is "
+                "shown all the same"
+            )
+        summary["what"] = (
+            f"per-token implicit reward beta (log pi - log pi_ref), beta {beta:g}; the token scores sum to the "
+            "sequence implicit reward beta log pi(y|x)/pi_ref(y|x)"
+        )
+
+        def explain_side(prompt: str, text: str, what: str) -> Explained:
+            from ...engine.pairs import encode_completion
+
+            p, c = encode_completion(tok, "plain", prompt, text)
+            _check_length(p + c, limit, what)
+            e = implicit_rewards(lm, ref_lm, rt, tok, prompt, text, beta)
+            if e.info["tokens_scored"] == 0:
+                raise UsageError(f"{what}: no completion token can be scored (give a prompt)")
+            e.info["tokens"] = len(e.ids)
+            e.info["headline"] = f"implicit reward {e.info['implicit_reward']:+.4f}"
+            return e
+
+        attn_model = lm
+    out_items = []
+    blocks = []
+    plots: list[str] = []
+    for k, it in enumerate(items):  # each item's rows go out as soon as it is done (pipelines)
+        sides = {side: explain_side(it.prompt, t, f"item {k} ({side})") for side, t in it.sides.items()}
+        rec: dict[str, Any] = {"item": k, "kind": it.kind}
+        if it.row is not None:
+            rec["row"] = it.row
+        shared: dict[str, set[int] | None] = {s: None for s in sides}
+        if it.kind == "pair":
+            c, r = sides["chosen"], sides["rejected"]
+            sa, sb, mass = pair_alignment(c, r)
+            # shown as contributions to the margin (chosen - rejected): the rejected side's scores change sign
+            r.scores = [None if s is None else -s for s in r.scores]
+            shared = {"chosen": sa, "rejected": sb}
+            key = "score" if kind == "reward" else "implicit_reward"
+            rec["margin"] = c.info[key] - r.info[key]
+            rec["differing_mass"] = mass
+            title = f"pair {k}" + (f" (row {it.row})" if it.row else "") + f": margin {rec['margin']:+.4f}"
+        else:
+            title = f"text {k}"
+        for side, e in sides.items():
+            rec[side] = {x: v for x, v in e.info.items() if x != "headline"} | {"top": _top(e)}
+            for t, (tid, ts, s) in enumerate(zip(e.ids, e.tokens, e.scores)):
+                row = {
+                    "item": k,
+                    "side": side,
+                    "position": t,
+                    "token_id": tid,
+                    "token": ts,
+                    "prompt": t < e.prompt_len,
+                    "score": s,
+                }
+                if shared[side] is not None:
+                    row["shared"] = t in shared[side]
+                emit(row)
+            if opts.plots:
+                d = Path(opts.plots)
+                d.mkdir(parents=True, exist_ok=True)
+                stem = f"item{k}-{side}"
+                draw_scores(d / f"tokens-{stem}.png", e, f"{title} / {side}: {e.info['headline']} ({method})")
+                x = torch.tensor([e.ids], device=device)
+                att = attention_map(attn_model, x, opts.layer, opts.head)
+                which = (
+                    f"layer {opts.layer if opts.layer is not None else 'mean'}, "
+                    f"head {opts.head if opts.head is not None else 'mean'}"
+                )
+                draw_attention(d / f"attention-{stem}.png", att, e.tokens, f"{title} / {side}: attention ({which})")
+                plots += [str(d / f"tokens-{stem}.png"), str(d / f"attention-{stem}.png")]
+        out_items.append(rec)
+        blocks.append(({"title": title}, [(side, e, shared[side]) for side, e in sides.items()]))
+    scale_all = colour_scale([e for _, sides_ in blocks for _, e, _ in sides_])
+    summary["items"] = out_items
+    summary["plots"] = plots
+    warnings = []
+    for rec in out_items:
+        for side in ("text", "chosen", "rejected"):
+            info = rec.get(side) or {}
+            if "convergence_delta" in info:
+                gap = abs(info["score"] - info["baseline_score"])
+                if abs(info["convergence_delta"]) > 0.05 * max(gap, 1e-6):
+                    warnings.append(
+                        f"item {rec['item']} ({side}): the attributions miss score - baseline by "
+                        f"{info['convergence_delta']:+.3g} of {gap:.3g}; raise --steps (now {opts.steps})"
+                    )
+    summary["warnings"] = warnings
+    if not opts.quiet:
+        from rich.console import Console
+
+        con = Console(stderr=True, highlight=False)
+        con.print(f"prefcli explain {opts.model} ({kind}, {method})", style="bold", markup=False)
+        con.print(summary["what"], markup=False, style="dim")
+        for info, sides_ in blocks:
+            con.print(info["title"], style="bold", markup=False)
+            for side, e, _ in sides_:
+                con.print(f"  {side}: {e.info['headline']}", markup=False)
+                con.print(terminal_text(e, scale_all), soft_wrap=True)
+        for w in warnings:
+            con.print(f"warning: {w}", style="yellow", markup=False)
+    if opts.html:
+        page = render_html(summary, blocks)
+        Path(opts.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.html).write_text(page, encoding="utf-8")
+        summary["html"] = opts.html
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    return summary

@@ -177,13 +177,15 @@ class ModelSource(RewardSource):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from .engine.models import load_errors, load_failure
+
         try:
             self.tok = AutoTokenizer.from_pretrained(cfg.path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.path, num_labels=1, use_safetensors=True
             )
-        except (OSError, ValueError) as e:
-            raise UsageError(f"could not load the reward model {cfg.path}: {str(e).splitlines()[0]}") from None
+        except load_errors() as e:
+            raise UsageError(f"rewards: {load_failure('the reward model', cfg.path, e)}") from None
         if self.tok.pad_token is None:
             raise UsageError(f"the reward model tokenizer at {cfg.path} has no pad token")
         self.model.config.pad_token_id = self.tok.pad_token_id

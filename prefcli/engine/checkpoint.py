@@ -9,17 +9,16 @@ checkpoints/step-N/
   rng-rank<r>.safetensors    torch CPU/CUDA generator states of every rank
   extra.safetensors          task tensors (e.g. precomputed reference log-probs)
 
-A checkpoint is written into a temporary folder and renamed into place, so a crash mid-write
-never leaves a half checkpoint that resume would pick up.
+  complete.json              written last: every file above with its size (engine/runfolder.py)
+
+The folder's lifecycle (temporary folder, completion marker, rename, pruning, verification before a
+resume) is engine/runfolder.py's; this module only writes and reads what is inside.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import shutil
 import time
 from pathlib import Path
 
@@ -27,8 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from . import runfolder
 
 
 def _optim_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -95,15 +93,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], py_state) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / "state.json").exists():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    """Complete checkpoints (their marker written), oldest first."""
+    return runfolder.complete_checkpoints(run_dir)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -121,16 +112,23 @@ def save_checkpoint(
     world: int,
     keep: int,
     barrier,
+    info: dict | None = None,
 ) -> Path:
-    """Every rank calls this. Rank 0 writes model/optimizer/state; each rank writes its RNG."""
-    root = Path(run_dir) / "checkpoints"
-    tmp = root / f".tmp-step-{step}"
-    final = root / f"step-{step}"
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
+    """Every rank calls this. Rank 0 writes model/optimizer/state; each rank writes its RNG. `info` goes
+    into the completion marker (run-folder bookkeeping such as the metrics line count)."""
+    tmp = runfolder.begin_checkpoint(run_dir, step, rank, barrier)
+    try:
+        write_state(tmp, step, groups, task_state, extra, rank, world)
+        return runfolder.commit_checkpoint(tmp, step, rank, barrier, keep, info)
+    except BaseException:
+        runfolder.abort_checkpoint(tmp, rank)
+        raise
+
+
+def write_state(
+    tmp: Path, step: int, groups: dict, task_state: dict, extra: dict[str, torch.Tensor], rank: int, world: int
+) -> None:
+    """What a checkpoint holds, written into its (temporary) folder."""
     rng_t, py_state = rng_state()
     save_file(rng_t, str(tmp / f"rng-rank{rank}.safetensors"))
     if rank == 0:
@@ -153,15 +151,6 @@ def save_checkpoint(
             "time": time.time(),
         }
         (tmp / "state.json").write_text(json.dumps(state))
-    barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
 
 
 def load_checkpoint(path: Path, groups: dict, rank: int) -> tuple[int, dict, dict[str, torch.Tensor]]:

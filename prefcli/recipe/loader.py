@@ -314,18 +314,20 @@ def _clean_loc(loc: Loc, data: Any) -> Loc:
     return tuple(out)
 
 
-def _tuple_length(schema: type[BaseModel], loc: Loc) -> int | None:
-    """The number of items of a fixed-length tuple field at `loc` (e.g. train.adam_betas: 2), else None."""
+def _tuple_field(schema: type[BaseModel], loc: Loc) -> tuple[int, Any] | None:
+    """(number of items, default) of a fixed-length tuple field at `loc` (train.adam_betas: 2, (0.9, 0.999))."""
     cur: type[BaseModel] | None = schema
-    ann: Any = None
+    field = None
     for part in loc:
         if cur is None or part not in cur.model_fields:
             return None
-        ann = cur.model_fields[part].annotation
-        cur = _model_in(ann)
-    for a in [ann, *typing.get_args(ann)]:
+        field = cur.model_fields[part]
+        cur = _model_in(field.annotation)
+    if field is None:
+        return None
+    for a in [field.annotation, *typing.get_args(field.annotation)]:
         if typing.get_origin(a) is tuple and Ellipsis not in typing.get_args(a):
-            return len(typing.get_args(a))
+            return len(typing.get_args(a)), field.default
     return None
 
 
@@ -333,10 +335,12 @@ def _describe(err: dict, schema: type[BaseModel], loc: Loc, raw_loc: Loc = (), d
     kind = err["type"]
     msg = err["msg"]
     if kind == "missing" and raw_loc and isinstance(raw_loc[-1], int):  # an item missing from a fixed-length list
-        n = _tuple_length(schema, loc)
+        tup = _tuple_field(schema, loc)
         got = _value_at(data, loc)
-        if n is not None and isinstance(got, list):
-            return f"expected {n} values, got {len(got)}: {got}; give all {n}, e.g. [{', '.join(['...'] * n)}]"
+        if tup is not None and isinstance(got, list):
+            n, default = tup
+            example = f", e.g. {list(default)} (the default)" if isinstance(default, tuple) else ""
+            return f"expected {n} values, got {len(got)}: {got}; give all {n}{example}"
     if kind == "missing":
         return "required field is missing"
     if kind == "extra_forbidden":

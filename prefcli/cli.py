@@ -534,7 +534,8 @@ def validate(
             bad += 1
             typer.echo(f"invalid  {e}", err=True)
             results.append({"recipe": str(path), "valid": False, "error": str(e)})
-    emit_json({"command": "validate", "status": "invalid" if bad else "valid", "invalid": bad, "recipes": results})
+    status, code = ("invalid", EXIT_USAGE) if bad else ("valid", 0)
+    emit_json({"command": "validate", "status": status, "exit_code": code, "invalid": bad, "recipes": results})
     if bad:
         raise typer.Exit(EXIT_USAGE)
 

@@ -56,10 +56,17 @@ def load_function(spec: str, base_dir: str | Path | None = None) -> Callable:
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"reward function '{spec}': importing {mod_name} failed: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        run = f"python {mod_name}" if mod_name.endswith(".py") else f"python -c 'import {mod_name}'"
+        raise UsageError(
+            f"reward function '{spec}': importing {mod_name} failed: {type(e).__name__}: {first}; fix it "
+            f"(`{run}` shows the traceback)"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UsageError(f"reward function '{spec}': {mod_name} has no callable '{attr}'")
+        raise UsageError(
+            f"reward function '{spec}': {mod_name} has no callable '{attr}'; check the name after the colon"
+        )
     return fn
 
 

@@ -67,9 +67,13 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; all mean "cannot read this"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if is_local(path) and ("utf8" in msg.lower().replace("-", "") or isinstance(e, UnicodeError)):
+        chain = _causes(e)
+        text = " ".join(f"{type(c).__name__} {c}" for c in chain).lower().replace("-", "")
+        if is_local(path) and ("utf8" in text or "unicodedecodeerror" in text):
             raise DataError(_not_utf8(what, path, None)) from None
+        if is_local(path) and ("corresponds to no data" in text or "batchsize must be greater than 0" in text):
+            raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data") from None
+        msg = next((str(c).strip().splitlines()[0] for c in reversed(chain) if str(c).strip()), type(e).__name__)
         where = "file" if is_local(path) else "hub dataset (needs network or a cache)"
         fix = "check that it is valid for its type" if is_local(path) else "check the name and the network"
         raise DataError(f"{what}: could not read {where} {shown}: {msg}; {fix}") from None
@@ -93,8 +97,17 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
     if src.max_rows is not None and len(ds) > src.max_rows:
         ds = ds.select(range(src.max_rows))
     if len(ds) == 0:
-        raise DataError(f"{what}: {shown} has no rows")
+        raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data")
     return ds
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised from, outermost first (datasets wraps the reader's own error)."""
+    out: list[BaseException] = []
+    while e is not None and e not in out and len(out) < 10:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
 
 
 def _is_blank_file(path: str) -> bool:

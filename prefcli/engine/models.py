@@ -97,8 +97,12 @@ def load_tokenizer(m: ModelSection):
                 tok.pad_token = pad
         else:
             tok = AutoTokenizer.from_pretrained(src, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load the tokenizer from {origin(src)}: {str(e).splitlines()[0]}") from None
+    except load_errors() as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"could not load the tokenizer from {origin(src)}: {first}; point model.tokenizer (or model.path) at a "
+            "tokenizer folder, a tokenizer.json file or a model folder"
+        ) from None
     if tok.eos_token is None:
         raise UsageError(
             f"the tokenizer from {origin(src)} has no EOS token; training needs one so that the "
@@ -150,7 +154,26 @@ def init_config(arch: str, overrides: dict, tok):
         tid = getattr(tok, f"{name}_token_id")
         if tid is not None:
             kw.setdefault(f"{name}_token_id", tid)
-    return AutoConfig.for_model(arch, **kw)
+    cfg = AutoConfig.for_model(arch, **kw)
+    _check_heads(cfg, arch, overrides)
+    return cfg
+
+
+def _check_heads(cfg, arch: str, overrides: dict) -> None:
+    """Attention shapes that transformers accepts in a config but that fail in the first forward pass."""
+    hidden = getattr(cfg, "hidden_size", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None)
+    head_dim = overrides.get("head_dim")
+    where = f"model.init.config ({arch})"
+    if hidden and heads and head_dim is None and hidden % heads:
+        raise UsageError(
+            f"{where}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}); change one of them"
+        )
+    if heads and kv and heads % kv:
+        raise UsageError(
+            f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv}); change one of them"
+        )
 
 
 def shrink_config(cfg):

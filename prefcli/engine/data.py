@@ -42,6 +42,8 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
     path = src.path
     shown = path
     field = f"{what}.path" if what.startswith("data.") else what
+    if is_local(path) and not os.access(path, os.R_OK):
+        raise DataError(f"{what}: could not read file {shown}: permission denied; check its permissions")
     if is_local(path) and os.path.isfile(path) and _is_blank_file(path):
         raise DataError(f"{what}: {shown} is empty: it has no rows. Point {field} at a file with data")
     try:

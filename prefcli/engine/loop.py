@@ -268,7 +268,7 @@ class Engine:
             where = f"Last good checkpoint: {self.last_checkpoint}."
         else:
             where = "No checkpoint was written before it (set train.save_every_steps to keep them)."
-        err = TrainingError(f"{what}. {where} {todo}")
+        err = TrainingError(f"{what}. {where} {todo}".strip())
         err.checkpoint = str(self.last_checkpoint) if self.last_checkpoint else None
         return err
 

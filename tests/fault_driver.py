@@ -6,7 +6,8 @@ state is written in:
 
   kill-in-write:STEP       SIGKILL while checkpoint STEP is written: its largest file cut to half, no marker
   kill-before-marker:STEP  SIGKILL once every file of checkpoint STEP is written, before its marker
-  kill-in-prune:N          SIGKILL during the N-th checkpoint removal: marker gone, one file gone, rest left
+  kill-in-prune:N          SIGKILL inside the N-th checkpoint removal, once prefcli has done its first part
+                           (removed the marker) and one more file is gone
   kill-at-final-eval       SIGKILL when the final evaluation starts (the last step is checkpointed)
   sigint-at-final-eval     SIGINT to itself when the final evaluation starts (it then finishes)
   kill-in-final-write      SIGKILL once final/ is written into its temporary folder, before the rename
@@ -56,18 +57,20 @@ def install(fault: str) -> None:
 
         runfolder._write_marker = no_marker
     elif kind == "kill-in-prune":
-        remove = runfolder.remove_checkpoint
+        import shutil
+        import types
+
         calls = [0]
 
-        def half_remove(path):
-            calls[0] += 1
-            if calls[0] == int(arg):
-                (Path(path) / runfolder.MARKER).unlink()
-                largest_file(Path(path)).unlink()
-                die()
-            return remove(path)
+        def cut_rmtree(path, *a, **k):  # the tree removal that follows whatever remove_checkpoint does first
+            if Path(path).name.startswith("step-"):
+                calls[0] += 1
+                if calls[0] == int(arg):
+                    largest_file(Path(path)).unlink()
+                    die()
+            return shutil.rmtree(path, *a, **k)
 
-        runfolder.remove_checkpoint = half_remove
+        runfolder.shutil = types.SimpleNamespace(rmtree=cut_rmtree)
     elif kind in ("kill-at-final-eval", "sigint-at-final-eval"):
         evaluate = Engine._evaluate
 

@@ -1343,3 +1343,11 @@ def test_stdout_is_empty_of_anything_but_the_object_for_generate_usage(env):
     """generate's stdout is data: a usage error leaves it empty (docs/cli.md) and says why on stderr."""
     code, out, err = invoke(["generate", "--top-k", "many"])
     assert code == 2 and out == "" and "Invalid value for '--top-k'" in err
+
+
+def test_help_and_version_are_not_failures(env):
+    from prefcli import __version__
+
+    assert invoke(["--version"]) == (0, f"prefcli {__version__}\n", "")
+    code, out, err = invoke(["sft", "--help"])
+    assert code == 0 and "--resume" in out

@@ -260,6 +260,10 @@ def test_disk_full_during_a_checkpoint(tmp_path, small_disk):
     assert "Last good checkpoint:" in s["error"] and "--resume" in s["error"]
     assert runfolder.verify_checkpoint(run / "checkpoints" / "step-1") is None
     assert not leftovers(run) and [c.name for _, c in runfolder.step_folders(run)] == ["step-1"]
+    moved = tmp_path / "moved"  # once there is room, the run continues from step 1
+    shutil.copytree(run, moved)
+    code, out, err = invoke(["sft", recipe(tmp_path, train={"max_steps": 3}), "-o", moved, "-q", "--resume"])
+    assert code == 0 and last_json(out)["resumed_from"].endswith("step-1"), err
 
 
 def test_disk_full_while_final_is_written(tmp_path, small_disk):
@@ -603,3 +607,79 @@ def test_read_only_and_unreadable_paths(tmp_path):
         msg = json.loads(out.strip().splitlines()[-1])["error"]
         assert expect[name] in msg, (name, msg)
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------ final/ and bugs
+
+
+def test_final_is_replaced_only_once_the_new_one_is_whole(tmp_path):
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_text("the earlier model")
+
+    def fails_half_way(folder: Path) -> None:
+        (folder / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        runfolder.write_final(tmp_path, fails_half_way)
+    assert (tmp_path / "final" / "model.safetensors").read_text() == "the earlier model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    runfolder.write_final(tmp_path, lambda folder: (folder / "model.safetensors").write_text("the new model"))
+    assert (tmp_path / "final" / "model.safetensors").read_text() == "the new model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_a_first_interrupt_while_final_is_written_lets_it_finish(tmp_path):
+    from prefcli.engine.dist import Runtime
+    from prefcli.engine.loop import Engine
+    from prefcli.engine.progress import Progress
+
+    rt = Runtime(device=torch.device("cpu"), precision="fp32")
+    task = _Blowup(rt, bad=-1)
+    engine = Engine(task, rt, task.train, Progress(True, 4, "t", None, quiet=True), tmp_path)
+
+    def save(folder: Path) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # caught by save_final's handler: the write goes on
+        (folder / "model.safetensors").write_text("whole")
+
+    assert engine.save_final(save) == tmp_path / "final"
+    assert (tmp_path / "final" / "model.safetensors").read_text() == "whole"
+
+
+def test_an_unexpected_error_during_training_names_the_last_checkpoint(tmp_path, monkeypatch):
+    """A bug (here: an exception planted in the SFT task at step 3) is exit 1 with the failure object, no
+    traceback, and the last good checkpoint."""
+    from prefcli.algos.sft import SFTTask
+
+    plan_for = SFTTask.plan_for
+    calls = [0]
+
+    def buggy(self, items):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise ZeroDivisionError("planted")
+        return plan_for(self, items)
+
+    monkeypatch.setattr(SFTTask, "plan_for", buggy)
+    code, out, err = invoke(["sft", recipe(tmp_path, train={"max_steps": 4}), "-o", tmp_path / "run", "-q"])
+    assert code == 1 and "Traceback" not in err
+    s = last_json(out)
+    assert s["status"] == "failed" and s["error"].startswith("step 3: unexpected ZeroDivisionError: planted")
+    assert s["checkpoint"].endswith("step-2") and "please report it" in s["error"]
+
+
+def test_an_unexpected_error_outside_training_keeps_the_contract(tmp_path, monkeypatch):
+    import prefcli.recipe
+
+    def broken(*a, **k):
+        raise KeyError("planted")
+
+    monkeypatch.setattr(prefcli.recipe, "load_recipe", broken)
+    code, out, err = invoke(["validate", recipe(tmp_path)])
+    assert code == 1 and "Traceback" not in err and "unexpected KeyError" in err
+    assert last_json(out) == {
+        "command": "validate",
+        "status": "failed",
+        "exit_code": 1,
+        "error": "unexpected KeyError: 'planted'",
+    }

@@ -370,7 +370,8 @@ class Engine:
         except TrainingError as e:
             if getattr(e, "checkpoint", None) is not None or "checkpoint" in str(e):
                 raise
-            raise self._failure(str(e).rstrip("."), "") from None
+            what = str(e).rstrip(".")
+            raise self._failure(what if what.startswith("step ") else f"step {self.step}: {what}", "") from None
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once
             raise self._interrupted(f"interrupted at step {self.step}", "Continue with --resume.") from None
         except Exception as e:
@@ -411,12 +412,12 @@ class Engine:
                 last.update(self._evaluate(0, history))
             while step < total:
                 t0 = time.perf_counter()
+                self.step = step + 1  # a failure while the task prepares the step belongs to it
                 try:
                     plan = next(plans)
                 except StopIteration:
                     break
                 step += 1
-                self.step = step
                 group = task.groups[plan.group]
                 lr = group.set_lr()
                 n_local = float(sum(float(m.n) for m in plan.micro))

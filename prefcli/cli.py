@@ -4,21 +4,106 @@ stdout carries exactly one JSON object (the run summary) as its last line; progr
 logs go to stderr. (`generate` is the exception: its stdout is the data, one JSON object per prompt.) Exit codes: 0 done; 2 bad recipe, data or usage; 1 failure during training;
 130 interrupted after writing a checkpoint. torch and transformers are imported only inside the
 commands that need them, so `prefcli --help` and `prefcli validate` answer at once.
+
+Failures that never reach a command's own handler (usage errors found by click before the command
+runs, and unexpected exceptions) go through `PrefcliGroup.main`, which prints the same failure object,
+so `prefcli ... | jq .status` prints something on every path (docs/cli.md, "Output streams").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError, UsageError
 
+_STATUS = {EXIT_USAGE: "invalid", EXIT_INTERRUPTED: "interrupted"}  # any other non-zero code: "failed"
+_stdout_json = {"written": False}  # whether this invocation has printed its JSON object yet
+_DATA_ON_STDOUT = {"generate"}  # commands whose stdout is data: no failure object is added to it
+
+
+def emit_json(obj: dict) -> None:
+    """The one JSON object of an invocation, as the last line of stdout."""
+    print(json.dumps(obj, default=str), flush=True)
+    _stdout_json["written"] = True
+
+
+class PrefcliGroup(TyperGroup):
+    """The command group, run in non-standalone mode so that every way out of the CLI keeps the stdout
+    contract: click's usage errors (unknown option or command, missing or extra argument, an option without
+    its value), an interrupt outside a command's handler, and unexpected exceptions all print the failure
+    object `{"command", "status", "exit_code", "error"}` on stdout (not for `generate`, whose stdout is data),
+    the message on stderr without a traceback (PREFCLI_DEBUG=1 shows it), and exit with the documented code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        command = next((a for a in args if not a.startswith("-")), None)
+        command = command if command in self.commands else None
+        _stdout_json["written"] = False
+        try:
+            if not args:  # `prefcli` alone: the help, on stderr (stdout keeps only the failure object)
+                with contextlib.redirect_stdout(sys.stderr):
+                    rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            else:
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+            if code and not _stdout_json["written"]:  # e.g. an interrupt while the command was starting
+                self._failure(command, code, "interrupted" if code == EXIT_INTERRUPTED else f"exit code {code}")
+        except Exception as e:
+            if _is_click_error(e):  # usage errors, found before any command body ran
+                if not args:
+                    with contextlib.redirect_stdout(sys.stderr):
+                        e.show()
+                    text = "no command given; the commands are listed on stderr (prefcli -h)"
+                else:
+                    e.show()
+                    text = e.format_message().strip()
+                code = e.exit_code
+                self._failure(command, code, text.splitlines()[0] if text else "")
+            elif type(e).__name__ == "Abort":  # click's Ctrl-C / end of input inside a prompt
+                code = EXIT_INTERRUPTED
+                self._failure(command, code, "aborted")
+            else:  # a bug: say so plainly, exit 1
+                if os.environ.get("PREFCLI_DEBUG"):
+                    import traceback
+
+                    traceback.print_exc()
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                msg = f"unexpected {type(e).__name__}: {first}"
+                typer.echo(f"error: {msg} (a bug in prefcli: please report it; PREFCLI_DEBUG=1 shows where)", err=True)
+                code = EXIT_FAILURE
+                self._failure(command, code, msg)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    @staticmethod
+    def _failure(command: str | None, code: int, error: str) -> None:
+        if command in _DATA_ON_STDOUT or _stdout_json["written"]:
+            return
+        emit_json({"command": command, "status": _STATUS.get(code, "failed"), "exit_code": code, "error": error})
+
+
+def _is_click_error(e: BaseException) -> bool:
+    """click's ClickException (usage errors and the like), whichever click typer runs on (typer 0.2x vendors its
+    own copy, older releases use the click package): it shows itself and carries its exit code."""
+    return (
+        callable(getattr(e, "show", None))
+        and callable(getattr(e, "format_message", None))
+        and isinstance(getattr(e, "exit_code", None), int)
+    )
+
+
 app = typer.Typer(
+    cls=PrefcliGroup,
     name="prefcli",
     help="Train language models on human preferences. Each command reads a YAML recipe; "
     "`prefcli validate` checks recipes without running them. Docs: docs/index.md.",
@@ -59,7 +144,10 @@ SmokeOpt = Annotated[
 
 def _fail(command: str, err: BaseException, code: int, status: str) -> None:
     typer.echo(f"error: {err}", err=True)
-    print(json.dumps({"command": command, "status": status, "exit_code": code, "error": str(err)}), flush=True)
+    out = {"command": command, "status": status, "exit_code": code, "error": str(err)}
+    if getattr(err, "checkpoint", None):
+        out["checkpoint"] = err.checkpoint  # the last good checkpoint (failures and interrupts during training)
+    emit_json(out)
     raise typer.Exit(code)
 
 
@@ -86,8 +174,7 @@ def _train(
     try:
         summary = run_training(command, recipe, opts)
     except PrefcliError as e:
-        status = {EXIT_USAGE: "invalid", EXIT_INTERRUPTED: "interrupted"}.get(e.exit_code, "failed")
-        _fail(command, e, e.exit_code, status)
+        _fail(command, e, e.exit_code, _STATUS.get(e.exit_code, "failed"))
     except KeyboardInterrupt:
         _fail(
             command,
@@ -95,12 +182,8 @@ def _train(
             EXIT_INTERRUPTED,
             "interrupted",
         )
-    import os
-
-    from .engine.progress import emit_summary
-
     if int(os.environ.get("RANK", "0")) == 0:
-        emit_summary(summary)
+        emit_json(summary)
 
 
 @app.command()
@@ -149,9 +232,7 @@ def eval_(
         _fail("eval", e, e.exit_code, {EXIT_USAGE: "invalid"}.get(e.exit_code, "failed"))
     except KeyboardInterrupt:
         _fail("eval", RuntimeError("interrupted; no results were written"), EXIT_INTERRUPTED, "interrupted")
-    from .engine.progress import emit_summary
-
-    emit_summary(summary)
+    emit_json(summary)
 
 
 @app.command()
@@ -260,8 +341,6 @@ def generate(
         typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
 
@@ -337,7 +416,7 @@ def label(
         _fail("label", e, e.exit_code, {EXIT_USAGE: "invalid"}.get(e.exit_code, "failed"))
     except KeyboardInterrupt:
         _fail("label", RuntimeError("interrupted; every answer given is saved"), EXIT_INTERRUPTED, "interrupted")
-    print(json.dumps(summary), flush=True)
+    emit_json(summary)
     if summary["exit_code"]:
         raise typer.Exit(summary["exit_code"])
 
@@ -372,7 +451,7 @@ def plot(
     except (ValueError, OSError) as e:
         _fail("plot", e, EXIT_USAGE, "invalid")
     typer.echo(f"wrote {out}: {', '.join(drawn['metrics'])}", err=True)
-    print(json.dumps({"command": "plot", "status": "completed", "exit_code": 0, **drawn}), flush=True)
+    emit_json({"command": "plot", "status": "completed", "exit_code": 0, **drawn})
 
 
 @app.command()
@@ -460,7 +539,8 @@ def validate(
             bad += 1
             typer.echo(f"invalid  {e}", err=True)
             results.append({"recipe": str(path), "valid": False, "error": str(e)})
-    print(json.dumps({"status": "invalid" if bad else "valid", "invalid": bad, "recipes": results}), flush=True)
+    status, code = ("invalid", EXIT_USAGE) if bad else ("valid", 0)
+    emit_json({"command": "validate", "status": status, "exit_code": code, "invalid": bad, "recipes": results})
     if bad:
         raise typer.Exit(EXIT_USAGE)
 
@@ -673,14 +753,13 @@ def _root(
     pass
 
 
-def main() -> None:
-    try:
-        app()
-    except SystemExit:
-        raise
-    except Exception as e:  # an unexpected bug: say so plainly, exit 1
-        typer.echo(f"error: unexpected {type(e).__name__}: {e}", err=True)
-        sys.exit(EXIT_FAILURE)
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point (`prefcli`). Exits with the command's code (docs/cli.md)."""
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):  # `ulimit -f`: a write past the limit fails with EFBIG, reported as such,
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # instead of the signal killing the process
+    app(args=argv)
 
 
 if __name__ == "__main__":

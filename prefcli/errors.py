@@ -17,6 +17,7 @@ class PrefcliError(Exception):
     """Base class: `str(err)` is the whole message shown to the user (a few lines at most)."""
 
     exit_code = EXIT_FAILURE
+    checkpoint: str | None = None  # the last good checkpoint, when a failure during training names one
 
 
 class UsageError(PrefcliError):

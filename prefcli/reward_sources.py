@@ -56,10 +56,17 @@ def load_function(spec: str, base_dir: str | Path | None = None) -> Callable:
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"reward function '{spec}': importing {mod_name} failed: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        run = f"python {mod_name}" if mod_name.endswith(".py") else f"python -c 'import {mod_name}'"
+        raise UsageError(
+            f"reward function '{spec}': importing {mod_name} failed: {type(e).__name__}: {first}; fix it "
+            f"(`{run}` shows the traceback)"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UsageError(f"reward function '{spec}': {mod_name} has no callable '{attr}'")
+        raise UsageError(
+            f"reward function '{spec}': {mod_name} has no callable '{attr}'; check the name after the colon"
+        )
     return fn
 
 
@@ -177,13 +184,15 @@ class ModelSource(RewardSource):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from .engine.models import load_errors, load_failure
+
         try:
             self.tok = AutoTokenizer.from_pretrained(cfg.path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.path, num_labels=1, use_safetensors=True
             )
-        except (OSError, ValueError) as e:
-            raise UsageError(f"could not load the reward model {cfg.path}: {str(e).splitlines()[0]}") from None
+        except load_errors() as e:
+            raise UsageError(f"rewards: {load_failure('the reward model', cfg.path, e)}") from None
         if self.tok.pad_token is None:
             raise UsageError(f"the reward model tokenizer at {cfg.path} has no pad token")
         self.model.config.pad_token_id = self.tok.pad_token_id

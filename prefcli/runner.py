@@ -1,8 +1,10 @@
 """Recipe -> runtime -> task -> engine -> run folder. Shared by every training command.
 
-Order matters for the bad-input contract: the recipe is validated, the output folder checked, the
-data loaded and the model built *before* anything is written, so a bad recipe, bad data or a
-folder holding another run exits 2 with nothing trained and nothing overwritten.
+Order matters for the bad-input contract: the recipe is validated, the output folder checked (a folder,
+writable, not in use, and for --resume a checkpoint that verifies), the data loaded, the model built and
+a resumed checkpoint loaded into it *before* anything is written, so a bad recipe, bad data, a folder
+holding another run or a checkpoint that does not fit exits 2 with nothing trained and nothing
+written. Only then is the run folder locked (`take_run_folder`) and written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TrainingError, UsageError
+from .errors import Interrupted, PrefcliError, UsageError
 from .recipe import dump_recipe, load_recipe
 
 # The command table: `prefcli <command>` builds its Task with `<module>.build(ctx)`.
@@ -58,11 +60,14 @@ class RunContext:
     run_dir: Path
     smoke: bool = False
     progress: Any = None  # set once the run starts (engine.progress.Progress)
+    warnings: list[str] = field(default_factory=list)  # warnings given before the run started (for the summary)
 
     def warn(self, text: str) -> None:
         if self.progress is not None:
             self.progress.warn(text)
-        elif self.rt is None or self.rt.is_main:
+            return
+        self.warnings.append(text)
+        if self.rt is None or self.rt.is_main:
             import sys
 
             print(f"warning: {text}", file=sys.stderr)
@@ -77,18 +82,59 @@ def describe_run_dir(run_dir: Path) -> str | None:
     return ", ".join(present) if present else None
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    from .engine.checkpoint import latest_checkpoint
+def _unwritable(run_dir: Path) -> str | None:
+    """Why the run folder could not be written (checked before anything is loaded), else None."""
+    p = run_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    if p == run_dir:
+        for name in ("checkpoints", "metrics.jsonl", "recipe.yaml", "final"):
+            q = run_dir / name
+            if q.exists() and not os.access(q, os.W_OK | (os.X_OK if q.is_dir() else 0)):
+                return f"{q} is not writable"
+    return None
+
+
+def _recorded_command(run_dir: Path) -> str | None:
+    """The command of the run in `run_dir`, from its recipe.yaml."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data.get("command") if isinstance(data, dict) else None
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, command: str | None = None) -> None:
+    """Everything about the run folder that can be known before loading data and models (exit 2)."""
+    from .engine.runfolder import RunLock
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
     if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"output dir {run_dir} exists and is not a folder")
+        raise UsageError(f"output dir {run_dir} exists and is not a folder; give a folder with --output-dir")
+    why = _unwritable(run_dir)
+    if why:
+        raise UsageError(f"output dir {run_dir}: {why}; fix its permissions or choose another --output-dir")
+    holder = RunLock.probe(run_dir) if run_dir.is_dir() else None
+    if holder:
+        raise UsageError(
+            f"output dir {run_dir} is in use by another prefcli run ({holder}); wait for it to end, "
+            "or use --output-dir for a new folder"
+        )
     if resume:
-        if latest_checkpoint(run_dir) is None:
+        recorded = _recorded_command(run_dir)
+        if command is not None and recorded is not None and recorded != command:
             raise UsageError(
-                f"--resume: no checkpoint in {run_dir}/checkpoints (set train.save_every_steps to write them)"
+                f"--resume: {run_dir} holds a `prefcli {recorded}` run (its recipe.yaml), not a `prefcli {command}` "
+                f"run; continue it with `prefcli {recorded} --resume`, or use --output-dir for a new folder"
             )
+        pick_resume(run_dir)
         return
     held = describe_run_dir(run_dir) if run_dir.is_dir() else None
     if held and not overwrite:
@@ -96,6 +142,29 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"output dir {run_dir} holds another run ({held}). Use --resume to continue it, "
             "--overwrite to replace it, or --output-dir for a new folder."
         )
+
+
+def pick_resume(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones skipped (with why); UsageError if none."""
+    from .engine.runfolder import resumable_checkpoint
+
+    path, skipped = resumable_checkpoint(run_dir)
+    if path is None:
+        from .engine.checkpoint import earlier_layout
+
+        for p, _ in skipped:  # before 0.2.0 a checkpoint had no completion marker: say so, not "incomplete"
+            if earlier_layout(p):
+                raise UsageError(earlier_layout(p))
+        if skipped:
+            why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
+            raise UsageError(
+                f"--resume: no complete checkpoint in {run_dir}/checkpoints ({why}); start again with --overwrite"
+            )
+        raise UsageError(
+            f"--resume: no checkpoint in {run_dir}/checkpoints (set train.save_every_steps to write them); "
+            "start again with --overwrite"
+        )
+    return path, skipped
 
 
 def clear_artifacts(run_dir: Path, names: tuple[str, ...]) -> None:
@@ -108,20 +177,95 @@ def clear_artifacts(run_dir: Path, names: tuple[str, ...]) -> None:
             p.unlink()
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume_step: int | None) -> None:
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None) -> None:
+    """Under the run lock: clear a replaced run, or cut metrics.jsonl back to the resumed checkpoint."""
+    from .engine.runfolder import checkpoint_info
+
     if overwrite:
         clear_artifacts(run_dir, RUN_ARTIFACTS)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
-    if resume_step is not None and metrics.exists():  # drop lines of steps after the checkpoint
-        keep = []
-        for line in metrics.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= resume_step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass
-        metrics.write_text("".join(x + "\n" for x in keep))
+    if resume_from is not None and metrics.exists():  # drop what was logged after the checkpoint
+        lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+        n = checkpoint_info(resume_from).get("metrics_lines")
+        if isinstance(n, int):
+            keep = lines[:n]
+        else:  # a checkpoint that did not record it: by step
+            step = int(resume_from.name.split("-")[1])
+            keep = [x for x in lines if _step_of(x) is not None and _step_of(x) <= step]
+        _replace_text(metrics, "".join(x + "\n" for x in keep))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def take_run_folder(run_dir: Path, lock, command: str, recipe, opts: RunOptions, resume_from: Path | None) -> None:
+    """Every check has passed: lock the run folder, check it again under the lock (another run may have
+    written it meanwhile), remove what cut-off writes left, and write recipe.yaml. Rank 0 only."""
+    from .engine.runfolder import RunFolderBusy, clean_temporaries, verify_checkpoint
+
+    try:
+        lock.acquire()
+    except RunFolderBusy as e:
+        raise UsageError(
+            f"output dir {run_dir} is in use by another prefcli run ({e.holder}); wait for it to end, "
+            "or use --output-dir for a new folder"
+        ) from None
+    except OSError as e:
+        raise UsageError(
+            f"output dir {run_dir}: cannot create it ({e.strerror or e}); choose another --output-dir"
+        ) from None
+    held = describe_run_dir(run_dir)
+    if held and not opts.resume and not opts.overwrite:
+        raise UsageError(
+            f"output dir {run_dir} now holds another run ({held}), written while this one was starting; "
+            "use --output-dir for a new folder"
+        )
+    if resume_from is not None and verify_checkpoint(resume_from) is not None:
+        raise UsageError(f"--resume: {resume_from} changed while this run was starting; run the command again")
+    clean_temporaries(run_dir)
+    prepare_run_dir(run_dir, opts.overwrite, resume_from)
+    _replace_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+
+
+def _sequence_length(recipe) -> tuple[int, str] | None:
+    """The longest sequence the recipe trains on, and the field(s) that set it."""
+    d = getattr(recipe, "data", None)
+    if getattr(d, "max_length", None):
+        return d.max_length, "data.max_length"
+    gen = getattr(recipe, "generation", None)
+    if getattr(d, "max_prompt_length", None) and gen is not None:
+        return d.max_prompt_length + gen.max_new_tokens, "data.max_prompt_length + generation.max_new_tokens"
+    return None
+
+
+def check_position_limit(task, recipe) -> None:
+    """A model with a learned position table (GPT-2's n_positions) cannot take longer sequences: it fails
+    with an IndexError mid-step. Refuse before training (exit 2)."""
+    from .engine.models import position_limit
+
+    need = _sequence_length(recipe)
+    if need is None:
+        return
+    for name, g in task.groups.items():
+        limit = position_limit(g.raw)
+        if limit is not None and need[0] > limit:
+            raise UsageError(
+                f"{need[1]} ({need[0]}) exceeds the {limit} positions of the '{name}' model's learned position "
+                f"table (n_positions / max_position_embeddings): lower {need[1].split(' +')[0]} to at most {limit}, "
+                "or use a model with more positions"
+            )
 
 
 def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions) -> dict:
@@ -138,7 +282,8 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         run_dir = Path(recipe.output.dir)
     else:
         run_dir = default_run_dir(command, recipe_path)
-    check_run_dir(run_dir, opts.resume, opts.overwrite)
+    check_run_dir(run_dir, opts.resume, opts.overwrite, command)
+    resume_from, skipped = pick_resume(run_dir) if opts.resume else (None, [])
 
     import torch
 
@@ -146,6 +291,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     from .engine.dist import setup_runtime, teardown
     from .engine.loop import Engine
     from .engine.progress import Progress
+    from .engine.runfolder import RunLock
 
     rc = recipe.runtime
     rt = setup_runtime(
@@ -159,18 +305,32 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         cpu_offload=rc.fsdp.cpu_offload,
         timeout_s=rc.timeout_s,
     )
+    lock = RunLock(run_dir)
+    engine = None
     try:
         torch.manual_seed(recipe.train.seed)
         ctx = RunContext(recipe=recipe, rt=rt, run_dir=run_dir, smoke=opts.smoke)
+        for path, why in skipped:
+            ctx.warn(f"--resume: skipped {path} ({why}); resuming from {resume_from.name}")
         task = importlib.import_module(TASKS[command]).build(ctx)
-        resume_from = ckpt.latest_checkpoint(run_dir) if opts.resume else None
-        resume_step = int(resume_from.name.split("-")[1]) if resume_from else None
-        if resume_from is not None:  # before anything is written: a checkpoint this run cannot continue is exit 2
+        check_position_limit(task, recipe)
+        engine = Engine(task, rt, recipe.train, None, run_dir)
+        if resume_from is not None:  # a checkpoint this run cannot continue: exit 2, before anything is written
             ckpt.check_resume(resume_from, task.groups, task.state_dict(), rt.world_size)
+            engine.restore(resume_from)
+        # every check has passed: from here on the run folder is written
+        failed: PrefcliError | None = None
         if rt.is_main:
-            prepare_run_dir(run_dir, opts.overwrite, resume_step)
-            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-        rt.barrier()
+            try:
+                take_run_folder(run_dir, lock, command, recipe, opts, resume_from)
+            except PrefcliError as e:
+                failed = e
+        if rt.distributed:  # every rank stops when rank 0 could not take the folder
+            ok = rt.all_reduce(torch.tensor([0.0 if failed else 1.0], device=rt.device)).item()
+            if failed is None and ok < rt.world_size:
+                raise UsageError(f"output dir {run_dir}: rank 0 could not take the run folder")
+        if failed is not None:
+            raise failed
         progress = Progress(
             rt.is_main,
             task.total_steps(),
@@ -179,26 +339,25 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
             quiet=opts.quiet,
             every_steps=recipe.log.every_steps,
             metrics_every=recipe.log.metrics_every_steps,
-            start_step=resume_step or 0,
+            start_step=engine.start,
         )
         ctx.progress = progress
-        engine = Engine(task, rt, recipe.train, progress, run_dir)
+        engine.progress = progress
         try:
             result = engine.run(resume_from)
         except torch.OutOfMemoryError:
-            raise TrainingError(
-                "out of GPU memory. Lower train.batch_size (raising train.grad_accum_steps keeps the "
-                "batch), set train.gradient_checkpointing: true, lower data.max_length, or shard the model "
-                "over the GPUs with runtime.parallel: fsdp (docs/scaling.md)."
-                + (f" Last good checkpoint: {engine.last_checkpoint}" if engine.last_checkpoint else "")
+            raise engine._failure(
+                "out of GPU memory",
+                "Lower train.batch_size (raising train.grad_accum_steps keeps the batch), set "
+                "train.gradient_checkpointing: true, lower data.max_length, or shard the model over the GPUs "
+                "with runtime.parallel: fsdp (docs/scaling.md).",
             ) from None
         finally:
             progress.close()
         described = task.describe() if hasattr(task, "describe") else {}
         final_dir = None
         if recipe.output.save_final:  # every rank: a sharded model is gathered tensor by tensor; rank 0 writes
-            final_dir = run_dir / "final"
-            task.save_final(final_dir)
+            final_dir = engine.save_final(task.save_final)
         rt.barrier()
         summary: dict[str, Any] = {
             "command": command,
@@ -221,11 +380,17 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
                 "memory": result["memory"],
                 "smoke": opts.smoke,
                 "resumed_from": str(resume_from) if resume_from else None,
+                "warnings": ctx.warnings + progress.warnings,
                 "wall_s": round(time.perf_counter() - t_start, 3),
             }
         )
         if rt.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            try:
+                _replace_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+            except OSError as e:
+                raise engine._failure(
+                    f"could not write summary.json: {e.strerror or e}", "final/ is complete."
+                ) from None
             if recipe.output.plot and (run_dir / "metrics.jsonl").exists():
                 from .engine.plots import plot_runs, read_metrics
 
@@ -235,8 +400,19 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
                         run_dir / "curves.png",
                         title=f"prefcli {command}: {recipe_path.name}",
                     )
-                except ValueError:
-                    pass  # nothing numeric to plot (zero steps)
+                except (ValueError, OSError):
+                    pass  # nothing numeric to plot (zero steps), or no room for the picture: the run is done
         return summary
+    except KeyboardInterrupt:  # outside the loop's own handling (loading, or a second Ctrl-C)
+        if lock.fd is None:
+            raise Interrupted("interrupted before training started; nothing was written") from None
+        last = engine.last_checkpoint if engine is not None else None
+        err = Interrupted(
+            "interrupted; "
+            + (f"last checkpoint: {last}; continue with --resume" if last else "no checkpoint was written")
+        )
+        err.checkpoint = str(last) if last else None
+        raise err from None
     finally:
+        lock.release()
         teardown(rt)

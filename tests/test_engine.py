@@ -76,8 +76,9 @@ def test_checkpoint_holds_only_safetensors_and_json(tmp_path, write_recipe):
     cps = ckpt.list_checkpoints(out)
     assert [s for s, _ in cps] == [2]  # keep_checkpoints=1 pruned step-1
     files = sorted(p.name for p in cps[0][1].iterdir())
-    assert files == ["model-policy", "optim-policy", "rng-rank0.safetensors", "state.json"]
-    for part in ("model-policy", "optim-policy"):  # one safetensors file per writing process, nothing else
+    # the completion marker, written last (engine/runfolder.py), and one safetensors file per writing process
+    assert files == ["complete.json", "model-policy", "optim-policy", "rng-rank0.safetensors", "state.json"]
+    for part in ("model-policy", "optim-policy"):
         assert [p.suffix for p in (cps[0][1] / part).iterdir()] == [".safetensors"]
     state = json.loads((cps[0][1] / "state.json").read_text())
     assert state["step"] == 2 and state["task"]["index"] >= 1
@@ -168,8 +169,8 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
     task.groups["net"].optimizer.step = spy
     with pytest.raises(
         TrainingError,
-        match=r"step 3: loss is nan; stopped before the optimizer step; "
-        r"last good checkpoint: .*step-2",
+        match=r"step 3: loss is nan; stopped before the optimizer step\. "
+        r"Last good checkpoint: .*step-2",
     ):
         engine.run()
     progress.close()

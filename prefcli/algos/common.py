@@ -55,6 +55,12 @@ class Scheduled:
         self.global_batch = train.batch_size * train.grad_accum_steps * world
         if n < world:
             raise DataError(f"data.train: {n} usable rows cannot feed {world} processes")
+        if self.global_batch > n:
+            procs = f" x {world} processes" if world > 1 else ""
+            self.ctx.warn(
+                f"train.batch_size x train.grad_accum_steps{procs} = {self.global_batch} is more than the {n} "
+                f"training examples: every step takes all {n}. Lower train.batch_size to at most {n}"
+            )
         self.cursor = DataCursor(n, self.global_batch, train.seed, data_shuffle, min_items=world)
         spe = self.cursor.steps_per_epoch()
         self._total = train.max_steps if train.max_steps is not None else max(1, math.ceil((train.epochs or 1.0) * spe))

@@ -26,6 +26,7 @@ from torch import nn
 from ..engine.data import (
     FORMAT_COLUMNS,
     StepSchedule,
+    blank_rows,
     check_values,
     detect_format,
     iterate_eval,
@@ -101,9 +102,16 @@ class SFTTask(Scheduled):
         enc = dict(
             fmt=fmt, max_length=d.max_length - reserve, mask_prompt=d.mask_prompt and fmt != "text", add_eos=d.add_eos
         )
-        self.train_set = tokenize_sft(train_rows, tok, source=d.train.path, **enc)
+        for name, rows, source in (("data.train", train_rows, d.train.path), ("data.eval", eval_rows, None)):
+            source = source or (d.eval.path if d.eval else d.train.path)
+            n_blank, first, col = blank_rows(rows, FORMAT_COLUMNS[fmt]) if rows is not None else (0, None, None)
+            if n_blank:
+                ctx.warn(
+                    f"{name}: {source}: {n_blank} rows hold only whitespace (first: row {first}, '{col}'); remove them"
+                )
+        self.train_set = tokenize_sft(train_rows, tok, source=d.train.path, what="data.train", **enc)
         self.eval_set = (
-            tokenize_sft(eval_rows, tok, source=(d.eval.path if d.eval else d.train.path), **enc)
+            tokenize_sft(eval_rows, tok, source=(d.eval.path if d.eval else d.train.path), what="data.eval", **enc)
             if eval_rows is not None
             else None
         )

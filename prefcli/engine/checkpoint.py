@@ -17,17 +17,16 @@ Nothing is gathered on one process. Loading reads, on every process, exactly the
 so a checkpoint resumes under another number of processes and under the other runtime.parallel (ddp
 <-> fsdp: the files are the same).
 
-A checkpoint is written into a temporary folder and renamed into place, so a crash mid-write
-never leaves a half checkpoint that resume would pick up.
+  complete.json              written last: every file above with its size (engine/runfolder.py)
+
+The folder's lifecycle (temporary folder, completion marker, rename, pruning, verification before a
+resume) is engine/runfolder.py's; this module only writes and reads what is inside.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -37,9 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from . import runfolder
 from .dist import reshard
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = "prefcli-sharded-1"  # state.json "format": model/optimizer state in per-process safetensors (DCP)
 
 
@@ -156,15 +155,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], py_state) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / "state.json").exists():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    """Complete checkpoints (their marker written), oldest first."""
+    return runfolder.complete_checkpoints(run_dir)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -183,17 +175,31 @@ def save_checkpoint(
     keep: int,
     barrier,
     parallel: str = "ddp",
+    info: dict | None = None,
 ) -> Path:
     """Every rank calls this. Every rank writes its part of the model/optimizer state, its RNG and its
-    task tensors; rank 0 writes state.json."""
-    root = Path(run_dir) / "checkpoints"
-    tmp = root / f".tmp-step-{step}"
-    final = root / f"step-{step}"
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
+    task tensors; rank 0 writes state.json. `info` goes into the completion marker (run-folder bookkeeping
+    such as the metrics line count)."""
+    tmp = runfolder.begin_checkpoint(run_dir, step, rank, barrier)
+    try:
+        write_state(tmp, step, groups, task_state, extra, rank, world, parallel)
+        return runfolder.commit_checkpoint(tmp, step, rank, barrier, keep, info)
+    except BaseException:
+        runfolder.abort_checkpoint(tmp, rank)
+        raise
+
+
+def write_state(
+    tmp: Path,
+    step: int,
+    groups: dict,
+    task_state: dict,
+    extra: dict[str, torch.Tensor],
+    rank: int,
+    world: int,
+    parallel: str = "ddp",
+) -> None:
+    """What a checkpoint holds, written into its (temporary) folder by every rank."""
     rng_t, py_state = rng_state()
     save_file(rng_t, str(tmp / f"rng-rank{rank}.safetensors"))
     if extra:
@@ -215,15 +221,6 @@ def save_checkpoint(
             "time": time.time(),
         }
         (tmp / "state.json").write_text(json.dumps(state))
-    barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
 
 
 def load_checkpoint(
@@ -264,6 +261,22 @@ def _find(d, key: str):
     return None
 
 
+def earlier_layout(path: Path) -> str | None:
+    """Why `path` cannot be resumed when it is a checkpoint of prefcli before 0.2.0 (one
+    model-<group>.safetensors per module, no format field), else None."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or "format" in state or not list(Path(path).glob("model-*.safetensors")):
+        return None
+    return (
+        f"--resume: {path} was written by an earlier prefcli (one model-<group>.safetensors per module); "
+        "this version reads sharded checkpoints (model-<group>/ folders) only. Continue that run with the "
+        "prefcli version that wrote it, or start a new run."
+    )
+
+
 def check_resume(path: Path, groups: dict, task_state: dict, world: int) -> None:
     """Refuse (UsageError, exit 2, before anything is written) a checkpoint this run cannot continue: an
     older format, other trained modules or parameters, or a different number of processes that changes
@@ -272,11 +285,7 @@ def check_resume(path: Path, groups: dict, task_state: dict, world: int) -> None
 
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
-        raise UsageError(
-            f"--resume: {path} was written by an earlier prefcli (one model-<group>.safetensors per module); "
-            "this version reads sharded checkpoints (model-<group>/ folders) only. Continue that run with the "
-            "prefcli version that wrote it, or start a new run."
-        )
+        raise UsageError(earlier_layout(path) or f"--resume: {path} has an unknown format {state.get('format')!r}")
     if set(state["updates"]) != set(groups):
         raise UsageError(
             f"--resume: {path} holds the modules {sorted(state['updates'])}, this run trains {sorted(groups)}"
@@ -288,7 +297,8 @@ def check_resume(path: Path, groups: dict, task_state: dict, world: int) -> None
             missing, unexpected = sorted(want - have)[:3], sorted(have - want)[:3]
             raise UsageError(
                 f"--resume: {path} does not match the model '{name}' (missing {missing}, unexpected {unexpected}); "
-                "the recipe's model or LoRA settings changed since the checkpoint"
+                "the recipe's model or LoRA settings changed since the checkpoint. Resume with the recipe the run was "
+                "started with (the run folder's recipe.yaml), or start a new run (--overwrite, or another --output-dir)"
             )
     old_batch, new_batch = _find(state["task"], "global_batch"), _find(task_state, "global_batch")
     problem = world_change_problem(int(state.get("world_size", 1)), old_batch, world, new_batch)

@@ -41,6 +41,11 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
 
     path = src.path
     shown = path
+    field = f"{what}.path" if what.startswith("data.") else what
+    if is_local(path) and not os.access(path, os.R_OK):
+        raise DataError(f"{what}: could not read file {shown}: permission denied; check its permissions")
+    if is_local(path) and os.path.isfile(path) and _is_blank_file(path):
+        raise DataError(f"{what}: {shown} is empty: it has no rows. Point {field} at a file with data")
     try:
         if is_local(path) and os.path.isfile(path):
             name = path[:-3] if path.endswith(".gz") else path
@@ -64,9 +69,17 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; all mean "cannot read this"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        chain = _causes(e)
+        text = " ".join(f"{type(c).__name__} {c}" for c in chain).lower().replace("-", "")
+        if is_local(path) and ("utf8" in text or "unicodedecodeerror" in text):
+            raise DataError(_not_utf8(what, path, None)) from None
+        if is_local(path) and ("corresponds to no data" in text or "batchsize must be greater than 0" in text):
+            raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data") from None
+        msg = next((str(c).strip().splitlines()[0] for c in reversed(chain) if str(c).strip()), type(e).__name__)
         where = "file" if is_local(path) else "hub dataset (needs network or a cache)"
-        raise DataError(f"{what}: could not read {where} {shown}: {msg}") from None
+        fix = "check that it is valid for its type" if is_local(path) else "check the name and the network"
+        raise DataError(f"{what}: could not read {where} {shown}: {msg}; {fix}") from None
+    _check_utf8(ds, what, path)
     for want, have in src.columns.items():
         if have not in ds.column_names:
             raise DataError(
@@ -86,16 +99,125 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
     if src.max_rows is not None and len(ds) > src.max_rows:
         ds = ds.select(range(src.max_rows))
     if len(ds) == 0:
-        raise DataError(f"{what}: {shown} has no rows")
+        raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data")
     return ds
 
 
+def _causes(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised from, outermost first (datasets wraps the reader's own error)."""
+    out: list[BaseException] = []
+    while e is not None and e not in out and len(out) < 10:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _is_blank_file(path: str) -> bool:
+    """A file with nothing but whitespace (datasets fails on it with a bare StopIteration)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return True
+    if size > 1 << 16 or path.endswith((".gz", ".parquet", ".arrow")):
+        return False
+    with open(path, "rb") as f:
+        return not f.read().strip()
+
+
+def _bad_utf8_line(path: str) -> tuple[int, int, int] | None:
+    """(line, column, byte) of the first byte that is not UTF-8 in a text file, or None."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return n, e.start + 1, line[e.start]
+    return None
+
+
+def _not_utf8(what: str, path: str, row: int | None) -> str:
+    at = None
+    if os.path.isfile(path) and not path.endswith((".gz", ".parquet", ".arrow")):
+        at = _bad_utf8_line(path)
+    if at is not None:
+        where = f"line {at[0]} is not UTF-8 text (byte 0x{at[2]:02x} at column {at[1]})"
+    elif row is not None:
+        where = f"row {row} holds text that is not UTF-8"
+    else:
+        where = "it holds text that is not UTF-8"
+    return f"{what}: {path}: {where}. Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in > out)"
+
+
+def _check_utf8(ds, what: str, path: str) -> None:
+    """pyarrow reads invalid UTF-8 into string columns without a word and fails only when a row is read
+    (a UnicodeDecodeError deep inside training): validate every column once, here."""
+    import pyarrow as pa
+
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    for name in table.column_names:
+        offset = 0
+        for chunk in table.column(name).chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid as e:
+                if "utf8" not in str(e).lower():
+                    raise
+                row = None
+                for j in range(len(chunk)):
+                    try:
+                        chunk[j].as_py()
+                    except UnicodeDecodeError:
+                        row = offset + j + 1
+                        break
+                raise DataError(_not_utf8(what, path, row)) from None
+            offset += len(chunk)
+
+
+def is_messages(v) -> bool:
+    """A chat value: a list of {role, content} mappings."""
+    return isinstance(v, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in v)
+
+
+def describe_value(v) -> str:
+    """What a data value is, for an error message: 'int (5)', 'a list of str', ..."""
+    if isinstance(v, list):
+        if v and isinstance(v[0], dict):
+            return "a list of mappings" + ("" if is_messages(v) else " without 'role' and 'content'")
+        return f"a list of {type(v[0]).__name__}" if v else "an empty list"
+    if isinstance(v, dict):
+        return f"a mapping with keys {', '.join(map(str, list(v)[:4]))}"
+    if isinstance(v, str):
+        return "a string"
+    return f"{type(v).__name__} ({str(v)[:40]})"
+
+
 def check_values(ds, columns: Sequence[str], source: str, what: str = "data") -> None:
-    """Every row has a non-empty value in each of `columns`; the first bad row is named."""
+    """Every row has a non-empty value of the right type in each of `columns` (a string; `messages`: a list of
+    {role, content} messages); the first bad row is named."""
     for col in columns:
+        chat = col == "messages"
         for i, v in enumerate(ds[col]):
             if v is None or (isinstance(v, (str, list)) and len(v) == 0):
-                raise DataError(f"{what}: {source}: row {i + 1} has an empty or missing '{col}'")
+                raise DataError(
+                    f"{what}: {source}: row {i + 1} has an empty or missing '{col}'; fill it or remove the row"
+                )
+            if not (is_messages(v) if chat else isinstance(v, str)):
+                kind = "a list of {role, content} messages" if chat else "text (a string)"
+                fix = "write it in quotes in the data file" if not isinstance(v, (list, dict)) else "fix the row"
+                raise DataError(
+                    f"{what}: {source}: row {i + 1}: '{col}' is {describe_value(v)}, expected {kind}; {fix}"
+                )
+
+
+def blank_rows(ds, columns: Sequence[str]) -> tuple[int, int | None, str | None]:
+    """(count of rows whose text in one of `columns` is only whitespace, first such row (1-based), its column)."""
+    n, first, first_col = 0, None, None
+    for col in columns:
+        for i, v in enumerate(ds[col]):
+            if isinstance(v, str) and v and not v.strip():
+                n += 1
+                if first is None or i + 1 < first:
+                    first, first_col = i + 1, col
+    return n, first, first_col
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -235,8 +357,10 @@ class TokenizedSet:
         return sum(len(x) for x in self.input_ids)
 
 
-def tokenize_sft(ds, tok, fmt: str, max_length: int, mask_prompt: bool, add_eos: bool, source: str) -> TokenizedSet:
-    check_values(ds, FORMAT_COLUMNS[fmt], source)
+def tokenize_sft(
+    ds, tok, fmt: str, max_length: int, mask_prompt: bool, add_eos: bool, source: str, what: str = "data"
+) -> TokenizedSet:
+    check_values(ds, FORMAT_COLUMNS[fmt], source, what)
     key = cache_key(ds, tok, "sft", fmt, max_length, mask_prompt, add_eos)
     enc = ds.map(
         sft_encoder(tok, fmt, max_length, mask_prompt, add_eos),

@@ -10,8 +10,12 @@ every algorithm:
   "batch 1 x 8 accumulation" and "2 ranks x 4" up to float rounding;
 - mixed precision (through the task's forward), gradient clipping, AdamW (fused on CUDA),
   warmup + constant/linear/cosine schedule;
-- a NaN/inf guard that stops before the optimizer step (exit 1, naming the step);
-- eval and checkpoint cadence; exact resume; SIGINT/SIGTERM -> checkpoint -> exit 130;
+- a NaN/inf guard that stops before the optimizer step (exit 1, naming the step), and no checkpoint
+  or final/ ever written from non-finite weights;
+- eval and checkpoint cadence; exact resume; SIGINT/SIGTERM -> checkpoint -> exit 130, also after the
+  last step (the checkpoint of the last step resumes into the final evaluation and final/);
+- every failure during training names the last good checkpoint (`_failure`); a collapsed run (zero
+  gradient step after step) is reported as a warning;
 - metrics reduced across ranks, progress on rank 0.
 """
 
@@ -32,15 +36,21 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
-from ..errors import Interrupted, TrainingError
+from ..errors import Interrupted, PrefcliError, TrainingError, UsageError
 from ..recipe.sections import TrainSection
 from . import checkpoint as ckpt
+from . import runfolder
 from .dist import Runtime, gathered, is_comm_failure, local_bytes, reshard
 from .progress import Progress
 
 # bf16 dense matmul rate measured on the device (docs/performance.md) or the vendor's dense figure,
 # used as the MFU denominator. Unknown devices report no MFU.
 PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+# A group whose gradient norm is exactly 0 this many optimizer steps in a row has stopped learning: with a
+# far too high LR a language model collapses to a uniform next-token distribution (loss = ln(vocabulary))
+# whose gradient is 0, and the run would otherwise report "completed". Reported as a warning.
+COLLAPSE_STEPS = 3
 
 
 @dataclass
@@ -262,7 +272,10 @@ class Engine:
         self.run_dir = Path(run_dir)
         self.last_checkpoint: Path | None = None
         self.memory: dict[str, dict[str, int]] = {}  # per group, measured at its first step of this run
-        self.step_in_progress = 1  # named in the message when a collective fails
+        self.start = 0  # the step training starts after (a resumed checkpoint's)
+        self.resumed_from: Path | None = None
+        self.step = 0  # the step being prepared or trained (named in failure messages)
+        self._zero_grad: dict[str, int] = {}  # group -> first step of its current run of zero gradients
         self.peak_flops = None
         if rt.device.type == "cuda":
             name = torch.cuda.get_device_name(rt.device)
@@ -283,19 +296,116 @@ class Engine:
         }
 
     def _checkpoint(self, step: int) -> None:
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.run_dir,
-            step,
-            self.task.groups,
-            self.task.state_dict(),
-            self.task.extra_tensors(),
-            self.rt.rank,
-            self.rt.world_size,
-            self.train.keep_checkpoints,
-            self.rt.barrier,
-            parallel=self.rt.parallel,
-        )
+        self._check_finite(f"step {step}", "no checkpoint was written")
+        try:
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.run_dir,
+                step,
+                self.task.groups,
+                self.task.state_dict(),
+                self.task.extra_tensors(),
+                self.rt.rank,
+                self.rt.world_size,
+                self.train.keep_checkpoints,
+                self.rt.barrier,
+                parallel=self.rt.parallel,
+                info={"metrics_lines": self.progress.lines},
+            )
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            why = runfolder.disk_error(e)
+            if why is None:
+                raise
+            raise self._failure(
+                f"step {step}: could not write the checkpoint: {why} ({e}); its temporary folder was removed",
+                "Free space (or raise the limit), then continue with the same command and --resume.",
+            ) from None
         self.progress.log(f"checkpoint: {self.last_checkpoint}")
+
+    def _failure(self, what: str, todo: str) -> TrainingError:
+        """A TrainingError that names the last good checkpoint (or says there is none)."""
+        if self.last_checkpoint is not None:
+            where = f"Last good checkpoint: {self.last_checkpoint}."
+        else:
+            where = "No checkpoint was written before it (set train.save_every_steps to keep them)."
+        err = TrainingError(f"{what}. {where} {todo}".strip())
+        err.checkpoint = str(self.last_checkpoint) if self.last_checkpoint else None
+        return err
+
+    def _check_finite(self, when: str, consequence: str) -> None:
+        """Refuse to save non-finite weights (they would be named as a good checkpoint, or shipped as final/)."""
+        flags = [
+            torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+            for g in self.task.groups.values()
+            for p in g.params
+        ]
+        bad = (~torch.stack(flags)).sum().double().reshape(1) if flags else torch.zeros(1, dtype=torch.float64)
+        if self.rt.all_reduce(bad.to(self.rt.device)).item() > 0:
+            raise self._failure(
+                f"{when}: the weights are no longer finite (inf or NaN) after the optimizer step; {consequence}",
+                "Lower train.lr (and keep train.max_grad_norm set).",
+            )
+
+    def _watch_collapse(self, step: int, group: str, grad_norm: float, loss: float) -> None:
+        if grad_norm != 0.0:
+            self._zero_grad.pop(group, None)
+            return
+        first = self._zero_grad.setdefault(group, step)
+        if step - first + 1 == COLLAPSE_STEPS:
+            self.progress.warn(
+                f"steps {first}-{step}: the gradient norm of '{group}' was exactly 0 at every step (loss {loss:.6g}): "
+                "the model has stopped learning. A loss pinned at ln(vocabulary size) means it collapsed to a uniform "
+                "next-token distribution, usually from a far too high train.lr; lower it and start again."
+            )
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint into the task (modules, optimizers, data position). The runner calls this before
+        anything is written: a checkpoint that does not fit the recipe is a UsageError (exit 2)."""
+        try:
+            start, state, extra = ckpt.load_checkpoint(path, self.task.groups, self.rt.rank, self.rt.world_size)
+            self.task.load_state_dict(state, extra)
+        except PrefcliError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, CheckpointException) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(
+                f"--resume: {path} does not fit this recipe ({first}). Resume with the recipe the run was started "
+                "with (the run folder's recipe.yaml), or start a new run (--overwrite, or another --output-dir)."
+            ) from None
+        self.start, self.resumed_from, self.last_checkpoint = start, Path(path), Path(path)
+        return start
+
+    def save_final(self, save: Callable[[Path], None]) -> Path:
+        """final/ through `save(folder)`: only from finite weights, into a temporary folder renamed when whole.
+        A first SIGINT/SIGTERM while it is written lets it finish; a second one, a full disk or any other
+        failure removes the partial folder and names the checkpoint to resume (which writes final/ again)."""
+        self._check_finite("final/", "final/ was not written")
+        todo = "Continue with the same command and --resume: it runs the final evaluation and writes final/."
+        with _Signals():
+            try:
+                return runfolder.write_final(self.run_dir, save, self.rt.is_main)
+            except KeyboardInterrupt:
+                raise self._interrupted(
+                    "interrupted while writing final/; the partial folder was removed", todo
+                ) from None
+            except Exception as e:
+                why = runfolder.disk_error(e)
+                if why is None:
+                    raise
+                raise self._failure(
+                    f"could not write final/: {why} ({e}); the partial folder was removed", todo
+                ) from None
+
+    def _interrupted(self, what: str, todo: str) -> Interrupted:
+        err = Interrupted(
+            f"{what}. "
+            + (
+                f"Checkpoint: {self.last_checkpoint}. {todo}"
+                if self.last_checkpoint
+                else "No checkpoint was written (set train.save_every_steps to keep them)."
+            )
+        )
+        err.checkpoint = str(self.last_checkpoint) if self.last_checkpoint else None
+        return err
 
     def _evaluate(self, step: int, history: dict) -> dict:
         for g in self.task.groups.values():
@@ -311,35 +421,54 @@ class Engine:
         return ev
 
     def run(self, resume_from: Path | None = None) -> dict:
-        """Train to the end (or to an interruption); a collective that fails because another process died
-        or stalled past runtime.timeout_s stops this one with exit 1, naming the step and the last checkpoint."""
-        rt = self.rt
+        """Train to the end; every failure is a PrefcliError naming the last good checkpoint (out-of-memory
+        errors pass through for the runner's advice). A collective that fails because another process died or
+        stalled past runtime.timeout_s stops this one with exit 1 instead of waiting."""
         try:
             return self._run(resume_from)
-        except (RuntimeError, CheckpointException) as e:  # DCP reports a peer's failure as CheckpointException
-            if not (rt.distributed and is_comm_failure(e)):
+        except (Interrupted, UsageError, torch.OutOfMemoryError):
+            raise
+        except TrainingError as e:
+            if getattr(e, "checkpoint", None) is not None or "checkpoint" in str(e):
                 raise
-            where = (
-                f"Last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "No checkpoint was written"
-            )
-            if isinstance(e, CheckpointException):  # the first rank's own error
-                e = next(exc for exc, _trace in e.failures.values() if is_comm_failure(exc))
-            cause = str(e).strip().splitlines()[0].split(". This is typically")[0][:300]  # gloo appends advice
-            raise TrainingError(
-                f"step {self.step_in_progress}: a collective operation across the {rt.world_size} processes failed: "
-                f"{cause}. Another process died, lost its network or stalled for "
-                f"longer than runtime.timeout_s={rt.timeout_s:g} s; this one stops instead of waiting. {where}. "
-                "Once every node is up again, continue with the same command and --resume."
+            what = str(e).rstrip(".")
+            raise self._failure(what if what.startswith("step ") else f"step {self.step}: {what}", "") from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            raise self._interrupted(f"interrupted at step {self.step}", "Continue with --resume.") from None
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            if self.rt.distributed and isinstance(e, (RuntimeError, CheckpointException)) and is_comm_failure(e):
+                raise self._collective_failure(e) from None
+            why = runfolder.disk_error(e)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if why is not None:
+                raise self._failure(
+                    f"step {self.step}: could not write to the run folder: {why} ({first})",
+                    "Free space (or raise the limit), then continue with the same command and --resume.",
+                ) from None
+            raise self._failure(
+                f"step {self.step}: unexpected {type(e).__name__}: {first}",
+                "This is a bug in prefcli or a library it uses: please report it with the recipe.",
             ) from None
 
-    def _run(self, resume_from: Path | None) -> dict:
+    def _collective_failure(self, e: Exception) -> TrainingError:
+        """A failed collective (another process died, lost its network or stalled past runtime.timeout_s)."""
+        if isinstance(e, CheckpointException):  # DCP reports a peer's failure so; take the first rank's own error
+            e = next(exc for exc, _trace in e.failures.values() if is_comm_failure(exc))
+        cause = str(e).strip().splitlines()[0].split(". This is typically")[0][:300]  # gloo appends advice
+        return self._failure(
+            f"step {self.step}: a collective operation across the {self.rt.world_size} processes failed: {cause}. "
+            "Another process died, lost its network or stalled for longer than "
+            f"runtime.timeout_s={self.rt.timeout_s:g} s; this one stops instead of waiting",
+            "Once every node is up again, continue with the same command and --resume.",
+        )
+
+    def _run(self, resume_from: Path | None = None) -> dict:
         rt, task, train = self.rt, self.task, self.train
         total = task.total_steps()
-        start = 0
+        if resume_from is not None and self.resumed_from != Path(resume_from):
+            self.restore(resume_from)
+        start = self.start
         if resume_from is not None:
-            start, state, extra = ckpt.load_checkpoint(resume_from, task.groups, rt.rank, rt.world_size)
-            task.load_state_dict(state, extra)
-            self.last_checkpoint = resume_from
             self.progress.log(f"resumed from {resume_from} (step {start})")
         plans = task.plans(start)
         if resume_from is not None:
@@ -351,7 +480,7 @@ class Engine:
         step_times: list[float] = []
         tok_rates: list[float] = []
         step = start
-        self.step_in_progress = start + 1
+        self.step = start + 1
         n_params = {n: sum(p.numel() for p in g.raw.parameters()) for n, g in task.groups.items()}
         for name, g in task.groups.items():
             m = g.memory()
@@ -364,8 +493,8 @@ class Engine:
             if train.eval_on_start and start == 0 and task.has_eval():
                 last.update(self._evaluate(0, history))
             while step < total:
-                self.step_in_progress = step + 1  # being prepared or trained (named if a collective fails)
                 t0 = time.perf_counter()
+                self.step = step + 1  # a failure while the task prepares the step belongs to it
                 try:
                     plan = next(plans)
                 except StopIteration:
@@ -411,15 +540,10 @@ class Engine:
                 loss = loss_sum_g / n_global
                 if not math.isfinite(loss) or not math.isfinite(gn):
                     what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
-                    where = (
-                        f"; last good checkpoint: {self.last_checkpoint}"
-                        if self.last_checkpoint
-                        else " (no checkpoint was written before it)"
-                    )
                     group.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingError(
-                        f"step {step}: {what}; stopped before the optimizer step{where}. "
-                        "Lower train.lr, set train.max_grad_norm, or check the data."
+                    raise self._failure(
+                        f"step {step}: {what}; stopped before the optimizer step",
+                        "Lower train.lr, set train.max_grad_norm, or check the data.",
                     )
                 if not group.fused:
                     group.optimizer.step()
@@ -427,6 +551,7 @@ class Engine:
                     self.memory[plan.group] = group.memory()
                 group.optimizer.zero_grad(set_to_none=True)
                 group.updates += 1
+                self._watch_collapse(step, plan.group, gn, loss)
                 dt = time.perf_counter() - t0
                 name = plan.name or plan.group
                 multi = len(task.groups) > 1
@@ -458,20 +583,30 @@ class Engine:
                     self._checkpoint(step)
                 if interrupted:
                     self.progress.close()
-                    raise Interrupted(
-                        f"interrupted at step {step}; checkpoint written to {self.last_checkpoint}. "
-                        "Continue with the same command and --resume."
+                    raise self._interrupted(
+                        f"interrupted at step {step}", "Continue with the same command and --resume."
                     )
-            self.step_in_progress = step
-            if step > start or resume_from is None:
-                if task.has_eval():
-                    last.update(self._evaluate(step, history))
-            if (
-                train.save_every_steps
-                and step > start
-                and (self.last_checkpoint is None or not str(self.last_checkpoint).endswith(f"step-{step}"))
-            ):
+            self.step = step  # the final evaluation and checkpoint belong to the last step
+
+            def saved() -> bool:
+                return self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{step}"
+
+            # The last step's checkpoint is written before the final evaluation: a run stopped from here on
+            # (signal, kill, full disk while writing final/) resumes at the last step, and such a resume trains
+            # nothing but still runs the final evaluation and writes final/.
+            if train.save_every_steps and step > start and not saved():
                 self._checkpoint(step)
+            if task.has_eval():
+                last.update(self._evaluate(step, history))
+            stop = rt.all_reduce(torch.tensor([float(sig.requested)], dtype=torch.float64, device=rt.device))
+            if stop.item() > 0:  # SIGINT/SIGTERM during the final evaluation
+                if not saved():
+                    self._checkpoint(step)
+                self.progress.close()
+                raise self._interrupted(
+                    f"interrupted after the last step ({step})",
+                    "Continue with the same command and --resume: it runs the final evaluation and writes final/.",
+                )
         memory = self._memory_summary()
         perf = {"tokens_per_s": _median(tok_rates), "step_s": _median(step_times), "peak_mem_gib": rt.peak_memory_gib()}
         return {

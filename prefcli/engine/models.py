@@ -45,6 +45,36 @@ def origin(value: str) -> str:
     return f"local folder {value}" if is_local(value) else f"hub id '{value}'"
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model folder raises when the folder is bad (missing or damaged files, a config that is not
+    JSON, a safetensors file cut off or not safetensors at all)."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, ImportError, KeyError, SafetensorError)
+
+
+def load_failure(what: str, src: str, e: BaseException) -> str:
+    """A one-line message for a model folder that failed to load, with what to do."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    from safetensors import SafetensorError
+
+    if isinstance(e, SafetensorError):
+        return (
+            f"could not load {what} from {src}: its weights file is damaged or not safetensors ({first}); "
+            "save or download the model again"
+        )
+    return f"could not load {what} from {src}: {first}; check that it is a Hugging Face model folder"
+
+
+def position_limit(module: nn.Module) -> int | None:
+    """The longest sequence a model with a learned absolute position table takes (GPT-2's `wpe`: n_positions;
+    OPT's `embed_positions` less its offset), or None for models without one (rotary positions)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings"):
+            return m.num_embeddings - int(getattr(m, "offset", 0) or 0)
+    return None
+
+
 # --------------------------------------------------------------------------------- tokenizer
 
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
@@ -69,8 +99,12 @@ def load_tokenizer(m: ModelSection):
                 tok.pad_token = pad
         else:
             tok = AutoTokenizer.from_pretrained(src, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load the tokenizer from {origin(src)}: {str(e).splitlines()[0]}") from None
+    except load_errors() as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"could not load the tokenizer from {origin(src)}: {first}; point model.tokenizer (or model.path) at a "
+            "tokenizer folder, a tokenizer.json file or a model folder"
+        ) from None
     if tok.eos_token is None:
         raise UsageError(
             f"the tokenizer from {origin(src)} has no EOS token; training needs one so that the "
@@ -122,7 +156,26 @@ def init_config(arch: str, overrides: dict, tok):
         tid = getattr(tok, f"{name}_token_id")
         if tid is not None:
             kw.setdefault(f"{name}_token_id", tid)
-    return AutoConfig.for_model(arch, **kw)
+    cfg = AutoConfig.for_model(arch, **kw)
+    _check_heads(cfg, arch, overrides)
+    return cfg
+
+
+def _check_heads(cfg, arch: str, overrides: dict) -> None:
+    """Attention shapes that transformers accepts in a config but that fail in the first forward pass."""
+    hidden = getattr(cfg, "hidden_size", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None)
+    head_dim = overrides.get("head_dim")
+    where = f"model.init.config ({arch})"
+    if hidden and heads and head_dim is None and hidden % heads:
+        raise UsageError(
+            f"{where}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}); change one of them"
+        )
+    if heads and kv and heads % kv:
+        raise UsageError(
+            f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv}); change one of them"
+        )
 
 
 def shrink_config(cfg):
@@ -178,11 +231,9 @@ def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = 
             )
     except UsageError:
         raise
-    except (OSError, ValueError, ImportError) as e:
+    except load_errors() as e:
         src = m.path or m.init.architecture
-        raise UsageError(
-            f"could not load the model from {origin(src) if m.path else src}: {str(e).strip().splitlines()[0]}"
-        ) from None
+        raise UsageError(load_failure("the model", origin(src) if m.path else src, e)) from None
     if len(tok) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tok))
     for name in ("pad", "eos", "bos"):
@@ -236,11 +287,9 @@ def build_score_model(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool 
             new_head = any(k.split(".")[0] in ("score", "classifier") for k in info.get("missing_keys", []))
     except UsageError:
         raise
-    except (OSError, ValueError, ImportError, KeyError) as e:
+    except load_errors() as e:
         src = m.path or m.init.architecture
-        raise UsageError(
-            f"could not build a reward model from {origin(src) if m.path else src}: {str(e).strip().splitlines()[0]}"
-        ) from None
+        raise UsageError(load_failure("a reward model", origin(src) if m.path else src, e)) from None
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id  # where the score is read: the last non-pad token

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from .data import cache_key, chat_ids, pad_batch
+from .data import cache_key, chat_ids, describe_value, is_messages, pad_batch
 from .logprobs import IGNORE
 
 PAIR_REQUIRED = ("chosen", "rejected")
@@ -92,17 +92,20 @@ def detect_pair_format(ds, column: str, requested: str) -> str:
 
 
 def check_format(ds, columns, fmt: str, source: str, what: str) -> None:
-    want = list if fmt == "chat" else str
-    for col in columns:
-        if col not in ds.column_names:
+    """Every row holds strings in all of `columns` (plain) or {role, content} message lists in all (chat).
+    The first row that does not is named with what each of its columns holds."""
+    cols = [c for c in columns if c in ds.column_names]
+    values = {c: ds[c] for c in cols}
+    for i in range(len(ds)):
+        row = {c: values[c][i] for c in cols if values[c][i] is not None}
+        if all(is_messages(v) if fmt == "chat" else isinstance(v, str) for v in row.values()):
             continue
-        for i, v in enumerate(ds[col]):
-            if v is not None and not isinstance(v, want):
-                kind = "a list of {role, content} messages" if fmt == "chat" else "a string"
-                raise DataError(
-                    f"{what}: {source}: row {i + 1}: '{col}' is {type(v).__name__}, expected {kind} "
-                    f"(data.format: {fmt})"
-                )
+        kinds = ", ".join(f"'{c}' is {describe_value(v)}" for c, v in row.items())
+        raise DataError(
+            f"{what}: {source}: row {i + 1}: {kinds}; read as {fmt} rows (data.format: {fmt}). Plain rows hold a "
+            "string in every column, chat rows a list of {role, content} messages in every column: fix the row"
+            + (" or set data.format" if fmt == "chat" else "")
+        )
 
 
 def map_cached(ds, tok, fn: Callable[[dict], dict], parts: tuple, desc: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,8 +71,12 @@ class Progress:
         self.t0 = time.perf_counter()
         self.start_step = start_step
         self._metrics = None
+        self.lines = 0  # lines in metrics.jsonl: a checkpoint records it, a resume cuts the file back to it
+        self.warnings: list[str] = []  # every warning shown, for the summary
         if enabled and run_dir is not None:
-            self._metrics = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            path = Path(run_dir) / "metrics.jsonl"
+            self.lines = path.read_bytes().count(b"\n") if path.exists() else 0
+            self._metrics = open(path, "a", encoding="utf-8")
         self._bar = None
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -98,6 +101,7 @@ class Progress:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def warn(self, text: str) -> None:
+        self.warnings.append(text)
         if self.enabled:
             self.console.print(f"warning: {text}", markup=False, highlight=False, style="yellow", soft_wrap=True)
 
@@ -107,6 +111,7 @@ class Progress:
         if self._metrics is not None and (step % self.metrics_every == 0 or step == self.total):
             self._metrics.write(json.dumps({"step": step, **{k: _clean(v) for k, v in record.items()}}) + "\n")
             self._metrics.flush()
+            self.lines += 1
         if self.quiet:
             return
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in headline(record))
@@ -127,6 +132,7 @@ class Progress:
         if self._metrics is not None:
             self._metrics.write(json.dumps({"step": step, **{k: _clean(v) for k, v in record.items()}}) + "\n")
             self._metrics.flush()
+            self.lines += 1
         if not self.quiet:
             info = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items())
             self.console.print(f"eval @ step {step}: {info}", markup=False, highlight=False, soft_wrap=True)
@@ -154,9 +160,3 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and (v != v or math.isinf(v)):
         return str(v)
     return v
-
-
-def emit_summary(summary: dict) -> None:
-    """The last line on stdout: one JSON object."""
-    sys.stdout.write(json.dumps(summary, default=str) + "\n")
-    sys.stdout.flush()

@@ -10,6 +10,7 @@ closest valid key for a typo:
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -85,7 +86,22 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
         raise UsageError(f"recipe not found: {shown}")
     if path.is_dir():
         raise UsageError(f"{shown} is a folder; give a recipe .yaml file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read the recipe {shown}: {e.strerror or e}; check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecipeError(
+            shown,
+            [
+                f"{shown}:{line}:{col}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the recipe as UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8 in.yaml > out.yaml)"
+            ],
+        ) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -204,6 +220,47 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict[Loc, str]:
 # ------------------------------------------------------------------------------ validation
 
 
+def _origin_of(loc: Loc, origin: dict[Loc, str]) -> str | None:
+    """The --set item that wrote `loc`, or one of its parents, or (a new section) one of its children."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in origin:
+            return origin[loc[:n]]
+    for key, item in origin.items():
+        if key[: len(loc)] == loc and loc:
+            return item
+    return None
+
+
+def _non_finite(data: Any, loc: Loc = ()) -> list[tuple[Loc, float]]:
+    """Every float in the recipe that is inf or NaN (YAML's .inf, .nan), in fields of any type."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return [(loc, data)]
+    if isinstance(data, dict):
+        return [x for k, v in data.items() for x in _non_finite(v, loc + (k,))]
+    if isinstance(data, list):
+        return [x for i, v in enumerate(data) for x in _non_finite(v, loc + (i,))]
+    return []
+
+
+def check_finite(data: dict, shown: str, lines: dict[Loc, int], origin: dict[Loc, str]) -> None:
+    """A recipe holds finite numbers only: inf or NaN in a learning rate, a coefficient or a model config
+    trains nothing useful (and a NaN passes every bound check)."""
+    problems = []
+    for loc, value in _non_finite(data):
+        item = _origin_of(loc, origin)
+        where = f"(--set {item})" if item else f"{shown}:{_nearest_line(loc, lines)}"
+        problems.append(f"{where}: {_dotted(loc)}: {value} is not a finite number; give a finite value")
+    if problems:
+        raise RecipeError(shown, problems)
+
+
+def _nearest_line(loc: Loc, lines: dict[Loc, int]) -> int:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return 1
+
+
 def _dotted(loc: Loc) -> str:
     out = ""
     for part in loc:
@@ -230,6 +287,15 @@ def _fields_at(schema: type[BaseModel], loc: Loc) -> list[str]:
     return list(cur.model_fields) if cur is not None else []
 
 
+def _value_at(data: Any, loc: Loc) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
 def _clean_loc(loc: Loc, data: Any) -> Loc:
     """Drop pydantic's union/type tags (e.g. 'list[str]') so the path is the one in the file."""
     out: list[Any] = []
@@ -248,9 +314,33 @@ def _clean_loc(loc: Loc, data: Any) -> Loc:
     return tuple(out)
 
 
-def _describe(err: dict, schema: type[BaseModel], loc: Loc) -> str:
+def _tuple_field(schema: type[BaseModel], loc: Loc) -> tuple[int, Any] | None:
+    """(number of items, default) of a fixed-length tuple field at `loc` (train.adam_betas: 2, (0.9, 0.999))."""
+    cur: type[BaseModel] | None = schema
+    field = None
+    for part in loc:
+        if cur is None or part not in cur.model_fields:
+            return None
+        field = cur.model_fields[part]
+        cur = _model_in(field.annotation)
+    if field is None:
+        return None
+    for a in [field.annotation, *typing.get_args(field.annotation)]:
+        if typing.get_origin(a) is tuple and Ellipsis not in typing.get_args(a):
+            return len(typing.get_args(a)), field.default
+    return None
+
+
+def _describe(err: dict, schema: type[BaseModel], loc: Loc, raw_loc: Loc = (), data: Any = None) -> str:
     kind = err["type"]
     msg = err["msg"]
+    if kind == "missing" and raw_loc and isinstance(raw_loc[-1], int):  # an item missing from a fixed-length list
+        tup = _tuple_field(schema, loc)
+        got = _value_at(data, loc)
+        if tup is not None and isinstance(got, list):
+            n, default = tup
+            example = f", e.g. {list(default)} (the default)" if isinstance(default, tuple) else ""
+            return f"expected {n} values, got {len(got)}: {got}; give all {n}{example}"
     if kind == "missing":
         return "required field is missing"
     if kind == "extra_forbidden":
@@ -260,6 +350,8 @@ def _describe(err: dict, schema: type[BaseModel], loc: Loc) -> str:
             close = [ALIASES[str(loc[-1])]]
         hint = f" (did you mean '{close[0]}'?)" if close else (f" (allowed: {', '.join(allowed)})" if allowed else "")
         return "unknown field" + hint
+    if kind == "finite_number":
+        return f"{err.get('input')!r} is not a finite number; give a finite value"
     if kind in ("value_error", "assertion_error"):
         return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if kind == "literal_error":
@@ -282,16 +374,14 @@ def validate_data(
         problems = []
         for err in exc.errors():
             loc = _clean_loc(tuple(err["loc"]), data)
-            where = None
-            for n in range(len(loc), -1, -1):
-                if loc[:n] in origin:
-                    where = f"(--set {origin[loc[:n]]})"
-                    break
-                if loc[:n] in lines:
-                    where = f"{shown}:{lines[loc[:n]]}"
-                    break
+            item = _origin_of(loc, origin)
+            n = len(loc)
+            while n > 0 and loc[:n] not in lines:
+                n -= 1
+            where = f"(--set {item})" if item else (f"{shown}:{lines[loc[:n]]}" if loc[:n] in lines else shown)
             field = _dotted(loc) or "(recipe)"
-            problems.append((lines.get(loc[:n], 0), f"{where or shown}: {field}: {_describe(err, schema, loc)}"))
+            text = _describe(err, schema, loc, tuple(err["loc"]), data)
+            problems.append((lines.get(loc[:n], 0), f"{where}: {field}: {text}"))
         raise RecipeError(shown, [p for _, p in sorted(problems, key=lambda t: t[0])]) from None
 
 
@@ -320,10 +410,17 @@ def load_recipe(
         )
     cmd = command or declared
     if cmd is None:
-        raise RecipeError(
-            shown, [f"{shown}:1: command: missing; add a line such as 'command: sft' (one of: {', '.join(SCHEMAS)})"]
-        )
+        typo = difflib.get_close_matches("command", [str(k) for k in data], n=1, cutoff=0.6)
+        if typo:
+            line = lines.get((typo[0],), 1)
+            problem = (
+                f"{shown}:{line}: {typo[0]}: unknown key (did you mean 'command'?); the recipe needs 'command: <name>'"
+            )
+        else:
+            problem = f"{shown}:1: command: missing; add a line such as 'command: sft' (one of: {', '.join(SCHEMAS)})"
+        raise RecipeError(shown, [problem])
     data["command"] = cmd
+    check_finite(data, shown, lines, origin)
     recipe = validate_data(data, SCHEMAS[cmd], shown, lines, origin, path.resolve().parent)
     return LoadedRecipe(recipe=recipe, path=path, overrides=overrides)
 

@@ -16,7 +16,8 @@ from .paths import OutputPath, PathOrHubId
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
+    # allow_inf_nan=False: a float field takes finite numbers only ('.inf', 'nan' strings included)
+    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=(), allow_inf_nan=False)
 
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...engine.data import DataCursor, load_rows, shard_for_rank, split_eval
+from ...engine.data import DataCursor, blank_rows, load_rows, shard_for_rank, split_eval
 from ...engine.loop import Group, Micro, Plan
 from ...engine.models import (
     PolicyLM,
@@ -89,10 +89,15 @@ class PolicyLearner:
         if eval_rows is None and r.data.eval_fraction > 0:
             rows, eval_rows = split_eval(rows, r.data.eval_fraction, r.train.seed)
         self.train_rows, self.eval_rows = rows, eval_rows
-        self.prompt_text, self.prompt_ids, trunc = prompt_rows(rows, tok, r.data.max_prompt_length)
+        src = f"data.train: {r.data.train.path}"
+        self.prompt_text, self.prompt_ids, trunc = prompt_rows(rows, tok, r.data.max_prompt_length, src)
+        eval_src = f"data.eval: {r.data.eval.path}" if r.data.eval is not None else src
         self.eval_text, self.eval_ids, _ = (
-            prompt_rows(eval_rows, tok, r.data.max_prompt_length) if eval_rows else ([], [], 0)
+            prompt_rows(eval_rows, tok, r.data.max_prompt_length, eval_src) if eval_rows else ([], [], 0)
         )
+        n_blank, first, _ = blank_rows(rows, ["prompt"] if "prompt" in rows.column_names else [])
+        if n_blank:
+            ctx.warn(f"{src}: {n_blank} prompts hold only whitespace (first: row {first}); remove them")
         if trunc:
             ctx.warn(
                 f"data.train: {trunc} of {len(self.prompt_ids)} prompts were longer than max_prompt_length="

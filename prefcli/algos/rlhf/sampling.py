@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...engine.data import check_values
 from ...engine.rollout import Rollout, SamplingConfig
 from ...errors import DataError
 
@@ -79,28 +80,27 @@ def apply_stop_strings(r: Rollout, tok, stop_strings: list[str], pad_id: int) ->
     return Rollout(r.prompt_ids, r.prompt_mask, ids, mask, finished)
 
 
-def prompt_rows(ds, tok, max_len: int) -> tuple[list[str], list[list[int]], int]:
-    """(prompt texts, token ids, how many were cut to their last max_len tokens) of prompt rows."""
+def prompt_rows(ds, tok, max_len: int, source: str = "prompt data") -> tuple[list[str], list[list[int]], int]:
+    """(prompt texts, token ids, how many were cut to their last max_len tokens) of prompt rows. `source`
+    ('data.train: <file>') starts every error message."""
     texts, ids, n_trunc = [], [], 0
     has_messages = "messages" in ds.column_names
     if not has_messages and "prompt" not in ds.column_names:
         raise DataError(
-            f"prompt data needs a 'prompt' or 'messages' column (columns: {', '.join(ds.column_names)}); "
+            f"{source}: prompt rows need a 'prompt' or 'messages' column (columns: {', '.join(ds.column_names)}); "
             "map yours with data.train.columns, e.g. {prompt: question}"
         )
-    for i, row in enumerate(ds):
+    what, _, path = source.partition(": ")
+    check_values(ds, ["messages" if has_messages else "prompt"], path or source, what if path else "data")
+    for row in ds:
         if has_messages:
             msgs = row["messages"]
-            if not msgs:
-                raise DataError(f"prompt row {i + 1} has no messages")
             if not tok.chat_template:
-                raise DataError("chat 'messages' prompts need a chat template: set model.chat_template")
+                raise DataError(f"{source}: chat 'messages' prompts need a chat template: set model.chat_template")
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             t = tok(text, add_special_tokens=False)["input_ids"]
         else:
             text = row["prompt"]
-            if text is None or text == "":
-                raise DataError(f"prompt row {i + 1} has an empty prompt")
             t = tok(text, add_special_tokens=True)["input_ids"]
         if len(t) > max_len:
             t = t[-max_len:]

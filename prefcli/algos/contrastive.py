@@ -226,6 +226,29 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+def pair_objective(
+    obj: Objective, hp: Hyper, lp: PairLogps, sum_c, sum_r, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict]:
+    """A paired objective on a batch of pairs: the summed loss and its metrics as (sum, count) over pairs
+    (`prefcli contrastive`, and `prefcli rlhf`'s online_dpo on pairs of sampled completions). `weight`
+    [B] (0 or 1) leaves pairs out of the loss and the counts; sum_c, sum_r: summed completion log-probs."""
+    losses, m = obj.loss_fn(lp, hp)
+    w = torch.ones_like(losses) if weight is None else weight.to(losses.dtype)
+    B = losses.shape[0] if weight is None else w.sum()
+    rc, rr = m.pop("reward/chosen"), m.pop("reward/rejected")
+    mets = {
+        "reward/chosen": ((rc * w).sum(), B),
+        "reward/rejected": ((rr * w).sum(), B),
+        "reward/margin": (((rc - rr) * w).sum(), B),
+        "reward/accuracy": ((pair_correct(rc - rr) * w).sum(), B),
+        "logps/chosen": ((sum_c.detach() * w).sum(), B),
+        "logps/rejected": ((sum_r.detach() * w).sum(), B),
+    }
+    for k, v in m.items():
+        mets[k] = ((v * w).sum(), B)
+    return (losses * w).sum() if weight is not None else losses.sum(), mets
+
+
 def hyper(c, obj: Objective) -> Hyper:
     """The recipe's knobs with null resolved to the objective's defaults."""
     return Hyper(
@@ -368,20 +391,7 @@ class PreferenceTask(Scheduled):
 
     def _pair_loss(self, module, b, split: str = "train") -> tuple[torch.Tensor, dict]:
         lp, sum_c, sum_r = self._pair_inputs(module, b, split)
-        losses, m = self.obj.loss_fn(lp, self.hp)
-        B = losses.shape[0]
-        rc, rr = m.pop("reward/chosen"), m.pop("reward/rejected")
-        mets = {
-            "reward/chosen": (rc.sum(), B),
-            "reward/rejected": (rr.sum(), B),
-            "reward/margin": ((rc - rr).sum(), B),
-            "reward/accuracy": (pair_correct(rc - rr).sum(), B),
-            "logps/chosen": (sum_c.detach().sum(), B),
-            "logps/rejected": (sum_r.detach().sum(), B),
-        }
-        for k, v in m.items():
-            mets[k] = (v.sum(), B)
-        return losses.sum(), mets
+        return pair_objective(self.obj, self.hp, lp, sum_c, sum_r)
 
     def _kl_estimate(self, s, items: list[int], partner: list[int], ref_key: str) -> torch.Tensor:
         """z = max(0, mean over the step's mismatched pairs of logπ - logπ_ref), detached, over the

@@ -108,7 +108,7 @@ def run_pool(jobs: list[tuple[str, list[str], Path]], width: int) -> dict[str, f
     return wall
 
 
-def eval_recipe(out: Path, models: dict[str, Path], seed: int, prompts: int) -> Path:
+def eval_recipe(out: Path, models: dict[str, Path], seed: int, prompts: int, tag: str) -> Path:
     r = {
         "command": "eval",
         "models": [{"name": n, "path": str(p)} for n, p in models.items()],
@@ -119,9 +119,9 @@ def eval_recipe(out: Path, models: dict[str, Path], seed: int, prompts: int) -> 
         "generation": {"max_new_tokens": 24, "temperature": 1.0, "batch_size": 40},
         "rewards": [{"kind": "sentiment"}],
         "seed": seed,
-        "output": {"dir": str(out / f"eval-s{seed}")},
+        "output": {"dir": str(out / f"eval-{tag}-s{seed}")},
     }
-    path = out / f"eval-s{seed}.yaml"
+    path = out / f"eval-{tag}-s{seed}.yaml"
     path.write_text(yaml.safe_dump(r, sort_keys=False))
     return path
 
@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--rm-dirs", nargs="*", default=[], help="the reward models' final/ folders (ppo_rm, ppo_ens)")
     ap.add_argument("--jobs", type=int, default=3, help="runs at a time (each on one torch thread)")
     ap.add_argument("--eval-prompts", type=int, default=200)
+    ap.add_argument("--tag", default="algos", help="names this call's evaluation folders (eval-TAG-sSEED)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "rl-compare")
     ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "rl-comparison.jsonl")
     a = ap.parse_args()
@@ -162,7 +163,7 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.system()}"
     rows = []
     for seed in a.seeds:
-        ev = json.loads((a.out / f"eval-s{seed}" / "summary.json").read_text())["models"]
+        ev = json.loads((a.out / f"eval-{a.tag}-s{seed}" / "summary.json").read_text())["models"]
         for m in ["base", *methods]:
             e = ev[m]
             row = {
@@ -170,6 +171,7 @@ def main() -> None:
                 "commit": commit.strip(),
                 "machine": machine,
                 "method": m,
+                "tag": a.tag,
                 "seed": seed,
                 "steps": a.steps,
                 "gold_reward": e["reward"]["mean"],

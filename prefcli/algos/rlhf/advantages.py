@@ -21,7 +21,7 @@ stop token included); rows of the same prompt are consecutive.
     objective of the contrastive registry (online.py).
 
 Score shaping before any of them (`shaped_scores`): the missing-EOS penalty, and DAPO's overlong reward
-shaping (Yu et al. 2025, Eq. 13) with L_max = max_new_tokens and L_cache = rlhf.overlong_buffer:
+shaping (Yu et al. 2025, section 3.4, "soft overlong punishment") with L_max = max_new_tokens and L_cache = rlhf.overlong_buffer:
     R_length(y) = 0                                  |y| <= L_max - L_cache
                 = ((L_max - L_cache) - |y|) / L_cache   L_max - L_cache < |y| <= L_max
 (times rlhf.overlong_penalty; |y| counts the completion's tokens, stop token included, and never exceeds
@@ -114,7 +114,7 @@ def group_normalised(scores: torch.Tensor, k: int, scale: bool, eps: float = 1e-
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
-    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, Eq. 13): 0 up to
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, section 3.4): 0 up to
     max_len - buffer tokens, then falling linearly to -factor at max_len (and -factor beyond it)."""
     start = max_len - buffer
     return -factor * ((lengths.to(torch.float32) - start).clamp_min(0.0) / buffer).clamp_max(1.0)

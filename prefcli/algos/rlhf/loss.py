@@ -4,9 +4,9 @@ the normaliser that turns token losses into one number (docs/algorithms.md, sect
     rho_t = exp(log pi(y_t) - log pi_old(y_t))                                importance ratio
     pg_t  = surrogate (`POLICY_LOSSES`, rlhf.policy_loss):
       clip   max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))      Schulman et al. 2017; DAPO clip-higher
-      gspo   max(-A_i s_i, -A_i clip(s_i, 1 - eps_low, 1 + eps_high)),          Zheng et al. 2025 (GSPO), Eq. 5-7
+      gspo   max(-A_i s_i, -A_i clip(s_i, 1 - eps_low, 1 + eps_high)),          Zheng et al. 2025 (GSPO), section 4
              s_i = exp(mean_t log rho_t)   one length-normalised ratio per completion, clipped per completion
-      cispo  -sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) A_t log pi(y_t)        MiniMax 2025 (CISPO), Eq. 4-5
+      cispo  -sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) A_t log pi(y_t)        MiniMax 2025 (CISPO), section 3.1
           x w_t                  truncated importance weight pi_old / pi_sampler (`correction.py`, rlhf.is_correction)
           + beta k3_t            when the KL is a loss term (GRPO; Shao et al. 2024)
     vf_t  = 1/2 max((V_t - R_t)^2, (clip(V_t, V_old_t +- eps_v) - R_t)^2)    clipped value loss (PPO)
@@ -40,7 +40,7 @@ def ppo_clip_loss(logp, old_logp, adv, eps_low: float, eps_high: float) -> tuple
 
 def clip_surrogate(logp, old_logp, adv, mask, eps_low: float, eps_high: float) -> tuple[torch.Tensor, dict]:
     """PPO's token-level clipped surrogate (Schulman et al. 2017, Eq. 7) with DAPO's decoupled bounds
-    (Yu et al. 2025, arXiv 2503.14476, Eq. 10: eps_high > eps_low, "clip-higher"). Metrics: the fraction
+    (Yu et al. 2025, arXiv 2503.14476, section 3.1 "Clip-Higher": eps_high > eps_low). Metrics: the fraction
     of tokens on the clipped branch, and of those clipped at the low (A < 0) and high (A > 0) bound."""
     per_tok, clipped = ppo_clip_loss(logp, old_logp, adv, eps_low, eps_high)
     ratio = torch.exp(logp.detach() - old_logp)
@@ -54,7 +54,7 @@ def clip_surrogate(logp, old_logp, adv, mask, eps_low: float, eps_high: float) -
 
 
 def gspo_surrogate(logp, old_logp, adv, mask, eps_low: float, eps_high: float) -> tuple[torch.Tensor, dict]:
-    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071, Eq. 5-7): one
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071, section 4): one
     importance ratio per completion, length-normalised, s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|) =
     exp(mean_t log rho_t), clipped per completion: l_i = max(-A_i s_i, -A_i clip(s_i, 1-eps_low, 1+eps_high)).
     A_i is the completion's (sequence-level) advantage. Returned broadcast over the completion's tokens,
@@ -72,7 +72,7 @@ def gspo_surrogate(logp, old_logp, adv, mask, eps_low: float, eps_high: float) -
 
 
 def cispo_surrogate(logp, old_logp, adv, mask, eps_low: float, eps_high: float) -> tuple[torch.Tensor, dict]:
-    """CISPO (MiniMax 2025, "MiniMax-M1", arXiv 2506.13585, Eq. 4-5): REINFORCE with a clipped,
+    """CISPO (MiniMax 2025, "MiniMax-M1", arXiv 2506.13585, section 3.1): REINFORCE with a clipped,
     stop-gradient importance weight on every token, l_t = -sg(clip(rho_t, 1-eps_low, 1+eps_high)) A_t
     log pi(y_t). Unlike the clip surrogate no token loses its gradient; the weight only bounds it. The
     paper sets no lower bound (eps_low = 1: the weight's floor is 0). Metric: the fraction of tokens whose
@@ -96,7 +96,7 @@ class PolicyLoss:
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {
     "clip": PolicyLoss(clip_surrogate, default_clip_low=0.2, default_clip_high=None),
-    # GSPO paper, section 5.1: left 3e-4, right 4e-4
+    # the clip range of the GSPO paper's experiments: left 3e-4, right 4e-4
     "gspo": PolicyLoss(gspo_surrogate, 3e-4, 4e-4, normaliser="sequence_mean", sequence_level=True),
     # MiniMax-M1 sets no lower bound (eps_low = 1: floor 0); the upper cap 1 + 4 = 5 is TRL's recommended
     # epsilon_high for loss_type='cispo' (ScaleRL, arXiv 2510.13786)

@@ -1,11 +1,13 @@
 """The policy side of RL training, shared by `prefcli rlhf` and the generator of `prefcli gan`.
 
 `PolicyLearner` owns the prompts, the policy (with a value head for PPO), the frozen reference, the
-sampler and the reward sources. One rollout: prompts -> k completions each (the fast sampler) -> scores
--> log-probs of the policy at sampling time and of the reference -> advantages (`advantages.ALGORITHMS`)
--> `epochs_per_rollout` passes of `minibatches_per_epoch` optimizer steps, each a `Plan` whose loss is
-`loss.policy_loss`. `rollout()` returns what it sampled (`Experience`), so a caller (the GAN) can use the
-completions without hooks.
+sampler and the reward sources. One rollout: prompts -> k completions each (the fast sampler, which also
+returns its log-probs) -> scores (shaped; with dynamic sampling, tied groups replaced by fresh prompts:
+draws.py) -> log-probs of the policy at sampling time and of the reference -> advantages
+(`advantages.ALGORITHMS`), or best/worst pairs for online_dpo (online.py) -> `epochs_per_rollout` passes
+of `minibatches_per_epoch` optimizer steps, each a `Plan` whose loss is `loss.policy_loss` (or the
+preference objective). `rollout()` returns what it sampled (`Experience`), so a caller (the GAN) can use
+the completions without hooks.
 """
 
 from __future__ import annotations
@@ -32,17 +34,16 @@ from ...engine.models import (
 from ...engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
 from ...errors import DataError, TrainingError, UsageError
 from ...reward_sources import RewardSet, RewardSource, build_rewards
-from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token, overlong_penalty, tied_groups
+from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token
 from .correction import mismatch_stats
+from .draws import RolloutDraws
+from .evaluation import HeldOutEvaluation
 from .loss import NORMALISERS, POLICY_LOSSES, LossParams, policy_loss
 from .online import OnlinePreferenceLoss, best_worst_pairs
-from .sampling import Draw, HFSampler, Samples, apply_stop_strings, fill_groups, prompt_rows
+from .sampling import Draw, HFSampler, Samples, apply_stop_strings, prompt_rows
+from .stats import max_op, rollout_stats
 
 # ---------------------------------------------------------------------------- modules
-
-
-def _max_op(rt):
-    return torch.distributed.ReduceOp.MAX if rt.distributed else None
 
 
 class ActorCritic(nn.Module):
@@ -77,7 +78,7 @@ class Experience:
 # ------------------------------------------------------------------------------ learner
 
 
-class PolicyLearner:
+class PolicyLearner(RolloutDraws, HeldOutEvaluation):
     """The policy being trained by RL: see the module docstring. `extra_rewards` come before the recipe's
     `rewards:` in the summed reward (the GAN's discriminator)."""
 
@@ -318,62 +319,6 @@ class PolicyLearner:
         return torch.cat(out_lp), (torch.cat(out_v) if out_v else None)
 
     # ------------------------------------------------------------------ rollout
-    def _draw(self) -> Draw:
-        """One sampling round: the next prompts, k completions each, scored; the scores the advantages see
-        lose the missing-EOS penalty and DAPO's overlong penalty."""
-        c = self.cfg.rlhf
-        smp = self.sample(self.next_prompts(), self.prompt_text, self.prompt_ids, self.k)
-        total, parts = self.rewards.score(smp.prompts, smp.completions)
-        raw = torch.tensor(total, dtype=torch.float32, device=self.rt.device)
-        scores, over = raw.clone(), None
-        r = smp.rollout
-        if c.missing_eos_penalty is not None:
-            scores = scores - c.missing_eos_penalty * (~r.finished).float()
-        if c.overlong_buffer is not None:
-            over = overlong_penalty(r.lengths, self.scfg.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
-            scores = scores + over
-        self.prompts_sampled += self.cfg.rlhf.prompts_per_rollout * self.rt.world_size
-        return Draw(smp, total, parts, raw, scores, over)
-
-    def _draw_rollout(self) -> tuple[Draw, dict[str, float]]:
-        """The rollout's samples. With dynamic sampling (DAPO), groups whose scores all tie are dropped and
-        fresh prompts drawn, at most dynamic_sampling_max_rounds extra rounds, until the rollout is full
-        (short of that, tied groups fill it). online_dpo needs enough pairs (groups that do not tie) for
-        every minibatch: it draws again, within the same cap, when a rollout has too few."""
-        c, rt = self.cfg.rlhf, self.rt
-        n = c.prompts_per_rollout
-        draws = [self._draw()]
-        untied = lambda: sum(int((~tied_groups(d.scores, self.k)).sum()) for d in draws)  # noqa: E731
-        for _ in range(c.dynamic_sampling_max_rounds):
-            if c.dynamic_sampling:
-                short = torch.tensor([float(max(0, n - untied()))], device=rt.device)
-                if rt.all_reduce(short).item() == 0:  # every rank agrees, so every rank draws alike
-                    break
-            elif self.preference:
-                best = torch.tensor([float(untied())], device=rt.device)
-                if rt.all_reduce(best, op=_max_op(rt)).item() >= c.minibatches_per_epoch:
-                    break
-            else:
-                break
-            draws.append(self._draw())
-        d = Draw.concat(draws)
-        groups = fill_groups(tied_groups(d.scores, self.k), n).tolist()
-        d = d.take([g * self.k + j for g in groups for j in range(self.k)])
-        if self.preference:
-            pairs = rt.all_reduce(torch.tensor([float((~tied_groups(d.scores, self.k)).sum())], device=rt.device))
-            if pairs.item() == 0:
-                raise TrainingError(
-                    f"online_dpo: every prompt's {self.k} completions scored the same in {len(draws)} sampling "
-                    "rounds, so no preference pair exists; the reward cannot rank these completions (raise "
-                    "num_generations or generation.temperature, or check the reward)"
-                )
-        stats = {
-            "rollout/sample_rounds": float(len(draws)),
-            "rollout/resampled_prompts": float((len(draws) - 1) * n * rt.world_size),
-            "rollout/tied_groups_kept": float(tied_groups(d.scores, self.k).float().mean()),
-        }
-        return d, stats
-
     def rollout(self) -> Experience:
         """Sample, score and compute advantages (or pairs) for the next prompts; queue the minibatches of
         its updates."""
@@ -410,7 +355,7 @@ class PolicyLearner:
             self._queue_pairs(d, seq)
         else:
             self._queue_policy(d, r, kl, mask, old_logp, old_values, ref_logp)
-        self.rollout_metrics, n = self._rollout_stats(r, d, kl, old_logp, t0)
+        self.rollout_metrics, n = rollout_stats(self, r, d, kl, old_logp, t0)
         self.rollout_metrics.update(draw_stats)
         if c.kl_target is not None:  # adaptive KL controller (Ziegler et al. 2019); n: sequences, all ranks
             err = max(-0.2, min(0.2, self.rollout_metrics["kl/mean"] / c.kl_target - 1.0))
@@ -463,59 +408,6 @@ class PolicyLearner:
 
     def _epoch_generator(self, e: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.rollouts * 101 + e)
-
-    def _rollout_stats(self, r: Rollout, d: Draw, kl, old_logp, t0: float) -> tuple[dict[str, float], float]:
-        """The rollout's metrics, from sums across processes in one all-reduce, and its sequence count."""
-        raw_scores = d.raw
-        groups = raw_scores.view(-1, self.k)
-        zero_var = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
-        sums = {
-            "score": raw_scores.sum(),
-            "score_sq": (raw_scores**2).sum(),
-            "kl": kl.sum(1).sum(),
-            "tokens": r.completion_mask.sum().float(),
-            "finished": r.finished.float().sum(),
-            "zero_var_groups": zero_var.float().sum(),
-            "groups": float(groups.shape[0]),
-            "sequences": float(raw_scores.shape[0]),
-            **{f"part/{name}": float(sum(v)) for name, v in d.parts.items()},
-        }
-        if d.overlong is not None:
-            sums["overlong"] = d.overlong.sum()
-        mm_max = None
-        if old_logp is not None and r.logprobs is not None:  # sampler vs trainer, at rollout time
-            mm, mm_max = mismatch_stats(old_logp, r.logprobs, r.completion_mask.float())
-            for k, (num, den) in mm.items():
-                sums[k], sums[k + "/n"] = num, den
-        names = list(sums)
-        flat = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.rt.device) for k in names])
-        self.rt.all_reduce(flat)
-        v = dict(zip(names, flat.tolist()))
-        n = v["sequences"]
-        mean = v["score"] / n
-        m: dict[str, float] = {
-            "reward/mean": mean,
-            "reward/std": math.sqrt(max(v["score_sq"] / n - mean * mean, 0.0)),
-            "kl/coef": self.beta,
-            "length/mean": v["tokens"] / n,
-            "length/finished": v["finished"] / n,
-            "reward/zero_var_groups": v["zero_var_groups"] / v["groups"],
-        }
-        if not self.old_is_current:
-            m["kl/mean"] = v["kl"] / n
-        for name in d.parts:
-            m[f"reward/{name}"] = v[f"part/{name}"] / n
-        if d.overlong is not None:
-            m["reward/overlong_penalty"] = v["overlong"] / n
-        if mm_max is not None:
-            for k in ("mismatch/abs_mean", "mismatch/kl"):
-                m[k] = v[k] / max(v[k + "/n"], 1.0)
-            m["mismatch/abs_max"] = float(self.rt.all_reduce(mm_max.double().reshape(1), op=_max_op(self.rt)).item())
-        dt = time.perf_counter() - t0
-        m["perf/rollout_s"] = dt
-        m["perf/samples_per_s"] = n / dt
-        m["perf/gen_tokens_per_s"] = v["tokens"] / max(d.samples.gen_s, 1e-9)
-        return m, n
 
     def _show_examples(self, prompts, completions, total):
         n = min(self.cfg.rlhf.num_examples, len(prompts))
@@ -577,7 +469,7 @@ class PolicyLearner:
         if self.old_is_current and "sampler_logp" in mb:
             mm, mx = mismatch_stats(logp, mb["sampler_logp"], (mb["targets"] != -100).float())
             metrics.update(mm)
-            mx = self.rt.all_reduce(mx.detach().double().reshape(1), op=_max_op(self.rt))
+            mx = self.rt.all_reduce(mx.detach().double().reshape(1), op=max_op(self.rt))
             # the largest difference is not a mean: kept in the step's own metrics, max over micro-batches
             self._plan_metrics["mismatch/abs_max"] = max(self._plan_metrics.get("mismatch/abs_max", 0.0), float(mx))
         return loss_sum, metrics
@@ -644,53 +536,6 @@ class PolicyLearner:
         if not self.buffer or not self.queue:
             return {}
         return {f"buffer.{k}": v for k, v in self.buffer.items()}
-
-    # ------------------------------------------------------------------ evaluation and output
-    def has_eval(self) -> bool:
-        return bool(self.eval_ids)
-
-    def eval_samples(self) -> tuple[list[int], list[str], list[str]]:
-        """One completion per held-out prompt of this rank (capped by train.eval_max_batches): (prompt
-        indices, prompts, completions)."""
-        idx = list(range(len(self.eval_ids)))[: (self.cfg.train.eval_max_batches or 10**9) * self.B]
-        prompts, completions = [], []
-        for s in range(0, len(idx), self.B):
-            chunk = idx[s : s + self.B]
-            real = len(chunk)
-            smp = self.sample(chunk + [chunk[0]] * (self.B - real), self.eval_text, self.eval_ids, 1)
-            prompts += smp.prompts[:real]
-            completions += smp.completions[:real]
-        return idx, prompts, completions
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Mean reward, KL to the reference and length of one sampled completion per held-out prompt."""
-        rt = self.rt
-        self.sampler.sync()
-        idx = shard_for_rank(list(range(len(self.eval_ids))), rt.rank, rt.world_size)
-        if self.cfg.train.eval_max_batches:
-            idx = idx[: self.cfg.train.eval_max_batches * self.B]
-        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
-        for s in range(0, len(idx), self.B):
-            chunk = idx[s : s + self.B]
-            real = len(chunk)
-            smp = self.sample(chunk + [chunk[0]] * (self.B - real), self.eval_text, self.eval_ids, 1)
-            r = smp.rollout
-            total, _ = self.rewards.score(smp.prompts[:real], smp.completions[:real])
-            seq = self.sequences(r)
-            lp, _ = self.score_logprobs(seq, reference=False)
-            ref = self.score_logprobs(seq, reference=True)[0] if self.need_ref else lp
-            kl = (kl_per_token(lp, ref, "k1") * r.completion_mask).sum(1)[:real]
-            sums += torch.tensor(
-                [sum(total), float(kl.sum()), float(r.completion_mask[:real].sum()), real],
-                dtype=torch.float64,
-                device=rt.device,
-            )
-        rt.all_reduce(sums)
-        tot, kl, length, n = sums.tolist()
-        if n == 0:
-            return {}
-        return {"eval/reward": tot / n, "eval/kl": kl / n, "eval/length": length / n}
 
     def describe(self) -> dict:
         return {

@@ -126,6 +126,25 @@ def eval_recipe(out: Path, models: dict[str, Path], seed: int, prompts: int, tag
     return path
 
 
+def print_table(rows: list[dict]) -> None:
+    """Mean +- standard deviation over seeds of each method's rows."""
+
+    def cell(m, key, fmt="{:.3f}"):
+        v = [r[key] for r in rows if r["method"] == m and r.get(key) is not None]
+        if not v:
+            return "-"
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        return f"{fmt.format(statistics.mean(v))} ± {fmt.format(sd)}"
+
+    cols = [("gold_reward", "gold reward (VADER)"), ("kl", "KL to base"), ("distinct2", "distinct-2"),
+            ("length", "length"), ("prompts_sampled", "prompts sampled"), ("wall_s", "wall s / run")]  # fmt: skip
+    print("\n| method | " + " | ".join(c[1] for c in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        print(f"| {m} | " + " | ".join(cell(m, k, "{:.0f}" if k in ("prompts_sampled", "wall_s") else "{:.3f}")
+                                      for k, _ in cols) + " |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -137,7 +156,12 @@ def main() -> None:
     ap.add_argument("--tag", default="algos", help="names this call's evaluation folders (eval-TAG-sSEED)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "rl-compare")
     ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "rl-comparison.jsonl")
+    ap.add_argument("--report", action="store_true", help="train nothing: the table of the rows of --tag in --results")
     a = ap.parse_args()
+    if a.report:
+        rows = [json.loads(x) for x in a.results.read_text().splitlines()]
+        print_table([r for r in rows if r.get("tag") == a.tag])
+        return
     methods = [m for m in a.methods if not m.startswith("ppo_") or a.rm_dirs]
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -194,20 +218,7 @@ def main() -> None:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
 
-    def cell(m, key, fmt="{:.3f}"):
-        v = [r[key] for r in rows if r["method"] == m and r.get(key) is not None]
-        if not v:
-            return "-"
-        sd = statistics.stdev(v) if len(v) > 1 else 0.0
-        return f"{fmt.format(statistics.mean(v))} ± {fmt.format(sd)}"
-
-    cols = [("gold_reward", "gold reward (VADER)"), ("kl", "KL to base"), ("distinct2", "distinct-2"),
-            ("length", "length"), ("prompts_sampled", "prompts sampled"), ("wall_s", "wall s / run")]  # fmt: skip
-    print("\n| method | " + " | ".join(c[1] for c in cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for m in ["base", *methods]:
-        print(f"| {m} | " + " | ".join(cell(m, k, "{:.0f}" if k in ("prompts_sampled", "wall_s") else "{:.3f}")
-                                      for k, _ in cols) + " |")  # fmt: skip
+    print_table(rows)
     print(f"\nrows appended to {a.results}")
 
 

@@ -3,11 +3,11 @@ dapo with clip-higher, cispo), its sequence-level importance sampling (GSPO), it
 correction modes, and the experimental OnlineDPOTrainer's loss.
 
 GRPOTrainer computes its loss in one method, `GRPOTrainer._compute_loss(self, model, inputs)`
-(trl/trainer/grpo_trainer.py, lines 3020-3293 in TRL 1.16): the tests run that method itself on a minimal
+(trl/trainer/grpo_trainer.py, lines 3020-3290 in TRL 1.16): the tests run that method itself on a minimal
 stand-in for the trainer whose `_get_per_token_logps_and_entropies` returns given log-probs, so TRL's own
 code computes the ratio, clipping, KL and normaliser. The importance-sampling ratio is computed inline in
 `_generate_and_score_completions` (lines 2660-2707) and the online DPO loss inline in
-`OnlineDPOTrainer.training_step` (trl/experimental/online_dpo/online_dpo_trainer.py, lines 1217-1255); both
+`OnlineDPOTrainer.training_step` (trl/experimental/online_dpo/online_dpo_trainer.py, lines 1222-1256); both
 methods also generate text, so the tests reproduce those lines verbatim (cited at each) on the tensors.
 """
 
@@ -206,7 +206,7 @@ def test_importance_sampling_correction_equals_trl(mode, floor):
 
 
 def _trl_online_dpo(logprobs, ref_logprobs, completion_mask, rewards, beta, loss_type):
-    """trl/experimental/online_dpo/online_dpo_trainer.py lines 1217-1255 (TRL 1.16): chosen/rejected from the
+    """trl/experimental/online_dpo/online_dpo_trainer.py lines 1222-1256 (TRL 1.16): chosen/rejected from the
     rewards of two completions per prompt (the first half of the batch against the second), then the loss."""
     batch_size = logprobs.shape[0] // 2
     device = logprobs.device

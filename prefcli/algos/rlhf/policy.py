@@ -352,7 +352,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         if r.logprobs is not None:
             self.buffer["sampler_logp"] = r.logprobs
         if self.preference:
-            self._queue_pairs(d, seq)
+            self._queue_pairs(d, seq, ref_logp)
         else:
             self._queue_policy(d, r, kl, mask, old_logp, old_values, ref_logp)
         self.rollout_metrics, n = rollout_stats(self, r, d, kl, old_logp, t0)
@@ -391,13 +391,14 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             perm = torch.randperm(self.B, generator=self._epoch_generator(e)).tolist()
             self.queue += [perm[s : s + self.mb_size] for s in range(0, self.B, self.mb_size)]
 
-    def _queue_pairs(self, d: Draw, seq: dict) -> None:
+    def _queue_pairs(self, d: Draw, seq: dict, ref_logp) -> None:
         """online_dpo: the best/worst pair of each prompt, the reference's sequence log-probs (temperature 1,
         the objective's reduction), and minibatches of pairs, the pairs with a signal spread over them."""
         chosen, rejected, valid = best_worst_pairs(d.scores, self.k)
         self.buffer.update(pair_chosen=chosen, pair_rejected=rejected, pair_valid=valid.float())
         if self.need_ref:
-            ref_tok = self.score_logprobs(seq, reference=True, temperature=1.0)[0]
+            t1 = self.cfg.generation.temperature == 1.0 and ref_logp is not None
+            ref_tok = ref_logp if t1 else self.score_logprobs(seq, reference=True, temperature=1.0)[0]
             self.buffer["ref_seq"] = self.online.sequence(ref_tok, seq["targets"])[0]
         P, M = self.units, self.cfg.rlhf.minibatches_per_epoch
         self.queue = []

@@ -177,10 +177,9 @@ def main() -> None:
     evals = []
     for seed in a.seeds:
         models = {m: a.out / f"{m}-s{seed}" / "final" for m in methods}
-        path = eval_recipe(a.out, models, seed, a.eval_prompts)
-        evals.append(
-            (f"eval-s{seed}", ["eval", str(path), "-o", str(a.out / f"eval-s{seed}")], a.out / f"eval-s{seed}.log")
-        )
+        path = eval_recipe(a.out, models, seed, a.eval_prompts, a.tag)
+        name = f"eval-{a.tag}-s{seed}"
+        evals.append((name, ["eval", str(path), "-o", str(a.out / name)], a.out / f"{name}.log"))
     wall.update(run_pool(evals, a.jobs))
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout

@@ -11,6 +11,7 @@ separate process (clean memory statistics).
     python bench/bench.py run --impl prefcli --mode sft --size 0.5b --batch 32
     python bench/bench.py sampler --size 0.5b        # the rollout sampler alone (+ a check against HF)
     python bench/bench.py startup                    # whole-process start-up: --help and validate
+    python bench/bench.py parallel --size tiny --nproc 2   # prefcli under torchrun: ddp against fsdp
 
 Results: one JSON object per measurement appended to --out (bench/results/*.jsonl), with the
 date, git commit and machine; a table at the end.
@@ -148,12 +149,13 @@ def run_prefcli(a, work: Path) -> dict:
             "max_grad_norm": 1.0,
             "gradient_checkpointing": a.grad_ckpt,
         },
-        "runtime": {"precision": a.precision if cuda else "fp32", "compile": a.compile},
+        "runtime": {"precision": a.precision if cuda else "fp32", "compile": a.compile, "parallel": a.parallel},
         "output": {"save_final": False, "plot": False},
         "log": {"every_steps": 1},
     }
+    rows_per_step = a.batch * a.nproc
     if a.mode == "sft":
-        data = write_data(work, "sft", a.batch * (steps + 2), shape["prompt"], shape["completion"], n_words)
+        data = write_data(work, "sft", rows_per_step * (steps + 2), shape["prompt"], shape["completion"], n_words)
         recipe.update(
             command="sft",
             data={
@@ -164,7 +166,7 @@ def run_prefcli(a, work: Path) -> dict:
         )
         cmd = "sft"
     elif a.mode == "dpo":
-        data = write_data(work, "dpo", a.batch * (steps + 2), shape["prompt"], shape["completion"], n_words)
+        data = write_data(work, "dpo", rows_per_step * (steps + 2), shape["prompt"], shape["completion"], n_words)
         recipe.update(
             command="contrastive",
             data={"train": {"path": str(data)}, "max_length": shape["prompt"] + shape["completion"] + 1},
@@ -172,7 +174,7 @@ def run_prefcli(a, work: Path) -> dict:
         )
         cmd = "contrastive"
     else:
-        data = write_data(work, "grpo", 8 * (steps + 2), shape["prompt"], 0, n_words)
+        data = write_data(work, "grpo", a.prompts * a.nproc * (steps + 2), shape["prompt"], 0, n_words)
         (work / "rw.py").write_text(
             "def reward(prompts, completions):\n    return [len(c) / 1000.0 for c in completions]\n"
         )
@@ -200,8 +202,11 @@ def run_prefcli(a, work: Path) -> dict:
     rp.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = work / "run"
     t0 = time.perf_counter()
+    launch = [sys.executable]
+    if a.nproc > 1:  # torchrun, one process per device (CPU: per core)
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--master_port", str(free_port())]
     res = subprocess.run(
-        [sys.executable, "-m", "prefcli", cmd, str(rp), "-o", str(out), "-q"],
+        [*launch, "-m", "prefcli", cmd, str(rp), "-o", str(out), "-q"],
         capture_output=True,
         text=True,
         cwd=work,
@@ -226,7 +231,17 @@ def run_prefcli(a, work: Path) -> dict:
         out_d["rollout_s"] = round(statistics.median(r["perf/rollout_s"] for r in rows), 4)
     if cuda and rows and "perf/mfu" in rows[0]:
         out_d["mfu"] = round(statistics.median(r["perf/mfu"] for r in rows), 4)
+    summary = json.loads((out / "summary.json").read_text())
+    out_d["rank_bytes"] = summary.get("memory")  # per group and rank: parameters, gradients, optimizer state
     return out_d
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -499,6 +514,7 @@ def one(a) -> dict:
         "precision": precision,
         "compile": a.compile,
         "grad_ckpt": a.grad_ckpt,
+        **({"parallel": a.parallel, "nproc": a.nproc} if a.impl == "prefcli" else {}),
         **res,
     }
 
@@ -507,7 +523,7 @@ def child(a, **over) -> dict:
     """One measurement in a fresh process."""
     args = [sys.executable, __file__, "run"]
     merged = {**vars(a), **over}
-    for k in ("impl", "mode", "size", "batch", "steps", "warmup", "precision", "prompts", "kl"):
+    for k in ("impl", "mode", "size", "batch", "steps", "warmup", "precision", "prompts", "kl", "parallel", "nproc"):
         args += [f"--{k}", str(merged[k])]
     for k in ("compile", "grad_ckpt", "no_graphs"):
         if merged[k]:
@@ -528,7 +544,11 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r.get('mode')} | {r.get('impl')} | | | error | {r['error'][-200:]!r} | | |")
             continue
-        extra = {k: r[k] for k in ("gen_tokens_per_s", "rollout_s", "mfu", "compile", "grad_ckpt") if r.get(k)}
+        extra = {
+            k: r[k]
+            for k in ("parallel", "nproc", "gen_tokens_per_s", "rollout_s", "mfu", "compile", "grad_ckpt")
+            if r.get(k)
+        }
         lines.append(
             f"| {r['mode']} | {r['impl']} | {r['batch']} | {r.get('precision')} | {r['step_s']} | "
             f"{r['trained_tokens_per_s']:,} | {r.get('peak_mem_gib')} | {extra} |"
@@ -538,7 +558,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["run", "all", "sampler", "startup"])
+    ap.add_argument("what", choices=["run", "all", "sampler", "startup", "parallel"])
     ap.add_argument("--impl", choices=["prefcli", "trl"], default="prefcli")
     ap.add_argument("--mode", choices=["sft", "dpo", "grpo"], default="sft")
     ap.add_argument("--modes", default="sft,grpo", help="for 'all': comma-separated modes")
@@ -555,6 +575,9 @@ def main() -> None:
     ap.add_argument("--gen-batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="startup: timed runs per command (median)")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="prefcli: runtime.parallel")
+    ap.add_argument("--nproc", type=int, default=1, help="prefcli: processes under torchrun (1: no torchrun)")
+    ap.add_argument("--rounds", type=int, default=2, help="'parallel': ddp/fsdp pairs, alternated in one sitting")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.what == "run":
@@ -573,6 +596,16 @@ def main() -> None:
     if a.what == "sampler":
         a.gen_batch = a.gen_batch or (64 if _cuda() else 32)
         record(a, {"mode": "sampler", "size": a.size, **run_sampler(a)})
+        return
+    if a.what == "parallel":  # the same prefcli workload under ddp and fsdp, alternated, in one sitting
+        a.nproc = max(a.nproc, 2)
+        rows = []
+        for mode in a.modes.split(","):
+            for _ in range(a.rounds):
+                for par in ("ddp", "fsdp"):
+                    r = child(a, impl="prefcli", mode=mode, parallel=par)
+                    rows.append(record(a, r) if "error" not in r else r)
+        print(table(rows))
         return
     rows = []
     for mode in a.modes.split(","):

@@ -154,6 +154,10 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         rc.dist_backend,
         rc.loss_chunk_tokens,
         rc.compile,
+        parallel=rc.parallel,
+        reshard_after_forward=rc.fsdp.reshard_after_forward,
+        cpu_offload=rc.fsdp.cpu_offload,
+        timeout_s=rc.timeout_s,
     )
     try:
         torch.manual_seed(recipe.train.seed)
@@ -161,6 +165,8 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         task = importlib.import_module(TASKS[command]).build(ctx)
         resume_from = ckpt.latest_checkpoint(run_dir) if opts.resume else None
         resume_step = int(resume_from.name.split("-")[1]) if resume_from else None
+        if resume_from is not None:  # before anything is written: a checkpoint this run cannot continue is exit 2
+            ckpt.check_resume(resume_from, task.groups, task.state_dict(), rt.world_size)
         if rt.is_main:
             prepare_run_dir(run_dir, opts.overwrite, resume_step)
             (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -182,14 +188,15 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         except torch.OutOfMemoryError:
             raise TrainingError(
                 "out of GPU memory. Lower train.batch_size (raising train.grad_accum_steps keeps the "
-                "batch), set train.gradient_checkpointing: true, or lower data.max_length."
+                "batch), set train.gradient_checkpointing: true, lower data.max_length, or shard the model "
+                "over the GPUs with runtime.parallel: fsdp (docs/scaling.md)."
                 + (f" Last good checkpoint: {engine.last_checkpoint}" if engine.last_checkpoint else "")
             ) from None
         finally:
             progress.close()
         described = task.describe() if hasattr(task, "describe") else {}
         final_dir = None
-        if rt.is_main and recipe.output.save_final:
+        if recipe.output.save_final:  # every rank: a sharded model is gathered tensor by tensor; rank 0 writes
             final_dir = run_dir / "final"
             task.save_final(final_dir)
         rt.barrier()
@@ -210,6 +217,8 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
                 "device": str(rt.device),
                 "precision": rt.precision,
                 "world_size": rt.world_size,
+                "parallel": rt.parallel,
+                "memory": result["memory"],
                 "smoke": opts.smoke,
                 "resumed_from": str(resume_from) if resume_from else None,
                 "wall_s": round(time.perf_counter() - t_start, 3),

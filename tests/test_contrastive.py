@@ -104,7 +104,7 @@ def test_first_dpo_loss_is_ln2_and_the_reference_is_checkpointed(tmp_path, write
     m = read_metrics(out)
     assert m[0]["loss/dpo"] == pytest.approx(LN2, abs=1e-6)
     assert m[0]["reward/accuracy"] == 0.5 and m[0]["reward/margin"] == pytest.approx(0.0, abs=1e-6)
-    extra = load_file(str(out / "checkpoints" / "step-2" / "extra.safetensors"))
+    extra = load_file(str(out / "checkpoints" / "step-2" / "extra-rank0.safetensors"))
     assert extra["train"].shape == (32, 2) and extra["eval"].shape == (16, 2)
     assert s["objective"]["reference"] is True and s["objective"]["beta"] == 0.1
 
@@ -113,7 +113,7 @@ def test_reference_free_objectives_compute_no_reference(tmp_path, write_recipe):
     for obj in ("simpo", "orpo"):
         s, out = run(tmp_path, write_recipe, obj, pref_dict(obj, train={"max_steps": 1, "save_every_steps": 1}))
         assert s["objective"]["reference"] is False
-        assert not (out / "checkpoints" / "step-1" / "extra.safetensors").exists()
+        assert not (out / "checkpoints" / "step-1" / "extra-rank0.safetensors").exists()
     assert s["objective"]["reduce"] == "mean" and math.isfinite(s["final"]["loss/orpo"])
 
 

@@ -76,7 +76,9 @@ def test_checkpoint_holds_only_safetensors_and_json(tmp_path, write_recipe):
     cps = ckpt.list_checkpoints(out)
     assert [s for s, _ in cps] == [2]  # keep_checkpoints=1 pruned step-1
     files = sorted(p.name for p in cps[0][1].iterdir())
-    assert files == ["model-policy.safetensors", "optim-policy.safetensors", "rng-rank0.safetensors", "state.json"]
+    assert files == ["model-policy", "optim-policy", "rng-rank0.safetensors", "state.json"]
+    for part in ("model-policy", "optim-policy"):  # one safetensors file per writing process, nothing else
+        assert [p.suffix for p in (cps[0][1] / part).iterdir()] == [".safetensors"]
     state = json.loads((cps[0][1] / "state.json").read_text())
     assert state["step"] == 2 and state["task"]["index"] >= 1
     assert not list(out.glob("checkpoints/.tmp-*"))
@@ -124,20 +126,31 @@ class _NaNTask:
         return {}
 
 
-def test_fused_optimizer_skips_the_update_when_found_inf_is_set():
-    """The mechanism the loop relies on to launch the step before reading the gradient norm."""
-    rt = Runtime(device=torch.device("cpu"), precision="fp32")
-    net = nn.Linear(3, 1)
-    g = Group("g", net, rt, TrainSection(lr=0.1), 10)
-    assert g.fused
-    net(torch.ones(1, 3)).sum().backward()
-    before = net.weight.detach().clone()
-    g.optimizer.found_inf = torch.ones(())
-    g.optimizer.step()
-    assert torch.equal(before, net.weight.detach())
-    g.optimizer.found_inf = torch.zeros(())
-    g.optimizer.step()
-    assert not torch.equal(before, net.weight.detach())
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_fused_optimizer_skips_the_update_when_found_inf_is_set(parallel):
+    """The mechanism the loop relies on to launch the step before reading the gradient norm; under fsdp the
+    parameters are DTensors (a single-process shard here) and fused AdamW must honour found_inf on them too."""
+    from torch.distributed.tensor import DTensor
+
+    from prefcli.engine.dist import setup_runtime, teardown
+
+    rt = setup_runtime("cpu", "fp32", parallel=parallel)
+    try:
+        net = nn.Linear(3, 1)
+        g = Group("g", net, rt, TrainSection(lr=0.1), 10)
+        assert g.fused and isinstance(net.weight, DTensor) == (parallel == "fsdp")
+        g.module(torch.ones(1, 3)).sum().backward()
+        before = (net.weight.detach().full_tensor() if parallel == "fsdp" else net.weight.detach()).clone()
+        g.optimizer.found_inf = torch.ones(())
+        g.optimizer.step()
+        after = net.weight.detach()
+        assert torch.equal(before, after.full_tensor() if parallel == "fsdp" else after)
+        g.optimizer.found_inf = torch.zeros(())
+        g.optimizer.step()
+        after = net.weight.detach()
+        assert not torch.equal(before, after.full_tensor() if parallel == "fsdp" else after)
+    finally:
+        teardown(rt)
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):

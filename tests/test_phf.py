@@ -348,8 +348,9 @@ def test_conditional_tokens_are_added_embeddings_resized_and_trained(tmp_path, t
     )
     d["model"] = {"path": str(tiny_model_dir)}  # a pretrained model whose vocabulary ends at the tokenizer
     s, out = _run(tmp_path, "cond", d)
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefcli.engine import checkpoint as ckpt
 
     tok = AutoTokenizer.from_pretrained(out / "final")
     before = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -361,7 +362,7 @@ def test_conditional_tokens_are_added_embeddings_resized_and_trained(tmp_path, t
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert model.generation_config.bad_words_ids == [[a], [m]]
     assert s["data"]["phf"]["control_token_ids"] == [a, m]
-    step1 = load_file(str(out / "checkpoints" / "step-1" / "model-policy.safetensors"))
+    step1 = ckpt.read_tensors(out / "checkpoints" / "step-1" / "model-policy")
     key = next(k for k in step1 if "embed_tokens" in k)
     final = model.get_input_embeddings().weight.detach()
     assert not torch.allclose(step1[key][[a, m]], final[[a, m]])  # the new rows train

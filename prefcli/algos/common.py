@@ -87,6 +87,24 @@ class Scheduled:
         eval_set = getattr(self, "eval_set", None)
         return eval_set is not None and len(eval_set) > 0
 
+    def describe_data(self, rows: str, model, objective: dict) -> dict:
+        """The summary's data/model/objective blocks of a preference task: row counts of its train set
+        (`self.train_set`, with bad-row and truncation counts) and held-out set, parameter counts."""
+        s = self.train_set
+        data = {"format": self.format, "rows": rows, "train_rows": s.n_rows, "train_examples": len(s),
+                "skipped": s.bad.as_dict(), "truncated": s.n_truncated}  # fmt: skip
+        if hasattr(s, "n_tokens"):
+            data["train_tokens"] = s.n_tokens()
+        data["eval_examples"] = len(self.eval_set) if self.eval_set is not None else 0
+        return {
+            "data": data,
+            "model": {
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            },
+            "objective": objective,
+        }
+
 
 def sharded_fill(n: int, batch_size: int, rt, fn: Callable[[list[int]], torch.Tensor], width: int = 1) -> torch.Tensor:
     """Compute fn(indices) -> (len(indices), width) for all n examples, split across ranks, gathered

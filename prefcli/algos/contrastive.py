@@ -45,7 +45,6 @@ from ..engine.models import (
     load_tokenizer,
     reference_mode,
     save_hf,
-    trainable_parameters,
 )
 from ..engine.pairs import (
     PAIR_REQUIRED,
@@ -434,24 +433,8 @@ class PreferenceTask(Scheduled):
     # ----------------------------------------------------------------- Task protocol
 
     def describe(self) -> dict:
-        s = self.train_set
-        return {
-            "data": {
-                "format": self.format,
-                "rows": "pairs" if self.paired else "unpaired",
-                "train_rows": s.n_rows,
-                "train_examples": len(s),
-                "skipped": s.bad.as_dict(),
-                "truncated": s.n_truncated,
-                "train_tokens": s.n_tokens(),
-                "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
-            },
-            "model": {
-                "parameters": sum(p.numel() for p in self.lm.parameters()),
-                "trainable_parameters": trainable_parameters(self.lm),
-            },
-            "objective": {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce, **vars(self.hp)},
-        }
+        objective = {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce, **vars(self.hp)}
+        return self.describe_data("pairs" if self.paired else "unpaired", self.lm, objective)
 
     def plan_for(self, items: list[int]) -> Plan:
         micro = []
@@ -543,7 +526,7 @@ class PreferenceTask(Scheduled):
         return out
 
     def save_final(self, out_dir: Path) -> None:
-        save_hf(self.lm, self.tok, out_dir)
+        save_hf(self.lm, self.tok, out_dir, self.rt)
 
 
 def build(ctx: RunContext):

@@ -265,7 +265,7 @@ class Discriminator:
         self.samples.extend((int(i), c) for i, c in s["samples"])
 
     def save(self, out_dir: Path) -> None:
-        save_hf(self.model, self.tok, out_dir)
+        save_hf(self.model, self.tok, out_dir, self.rt)
 
 
 # --------------------------------------------------------------------------------- the game

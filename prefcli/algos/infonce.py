@@ -31,9 +31,8 @@ from ..engine.data import chat_ids, iterate_eval, move
 from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     build_trained_model,
-    is_peft,
     load_tokenizer,
-    trainable_parameters,
+    save_hf,
     unwrap_lm,
 )
 from ..engine.pairs import (
@@ -207,28 +206,14 @@ class InfoNCETask(Scheduled):
 
     def describe(self) -> dict:
         s = self.train_set
-        return {
-            "data": {
-                "format": self.format,
-                "rows": "triples" if s.negative is not None else "pairs",
-                "train_rows": s.n_rows,
-                "train_examples": len(s),
-                "skipped": s.bad.as_dict(),
-                "truncated": s.n_truncated,
-                "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
-            },
-            "model": {
-                "parameters": sum(p.numel() for p in self.encoder.parameters()),
-                "trainable_parameters": trainable_parameters(self.encoder),
-            },
-            "objective": {
-                "name": "infonce",
-                "reference": False,
-                "temperature": self.temperature,
-                "pooling": self.pooling,
-                "hard_negatives": s.negative is not None,
-            },
+        objective = {
+            "name": "infonce",
+            "reference": False,
+            "temperature": self.temperature,
+            "pooling": self.pooling,
+            "hard_negatives": s.negative is not None,
         }
+        return self.describe_data("triples" if s.negative is not None else "pairs", self.encoder, objective)
 
     def plans(self, start_step: int) -> Iterator[Plan]:
         for items in self.step_items():
@@ -272,13 +257,9 @@ class InfoNCETask(Scheduled):
 
     def save_final(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lm = self.lm
-        if is_peft(lm):
-            lm.save_pretrained(out_dir / "adapter")
-            lm = lm.merge_and_unload()
-        lm.base_model.save_pretrained(out_dir)
-        self.tok.save_pretrained(out_dir)
+        save_hf(self.lm, self.tok, out_dir, self.rt, select=lambda m: m.base_model)  # the body: an encoder
+        if not self.rt.is_main:
+            return
         (out_dir / ENCODER_FILE).write_text(
             json.dumps(
                 {"pooling": self.pooling, "temperature": self.temperature, "format": self.format, "add_eos": True},

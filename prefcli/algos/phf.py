@@ -245,8 +245,7 @@ class ValuePolicy(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, targets, attention_mask=None, position_ids=None):
-        h = self.policy.hidden(input_ids, attention_mask, position_ids)
-        lp, _ = self.policy.head_logprobs(h, targets)
+        lp, _, h = self.policy(input_ids, targets, attention_mask, position_ids, return_hidden=True)
         return lp, self.value_head(h.float()).squeeze(-1)
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move
 from ..engine.loop import Group, Micro, Plan
-from ..engine.models import build_trained_model, load_tokenizer, save_hf, trainable_parameters
+from ..engine.models import build_trained_model, load_tokenizer, save_hf
 from ..engine.pairs import (
     check_format,
     detect_pair_format,
@@ -330,28 +330,12 @@ class RewardTask(Scheduled):
     # ----------------------------------------------------------------- Task protocol
 
     def describe(self) -> dict:
-        s = self.train_set
-        return {
-            "data": {
-                "format": self.format,
-                "rows": self.rows,
-                "train_rows": s.n_rows,
-                "train_examples": len(s),
-                "skipped": s.bad.as_dict(),
-                "truncated": s.n_truncated,
-                "train_tokens": s.n_tokens(),
-                "eval_examples": len(self.eval_set) if self.eval_set is not None else 0,
-            },
-            "model": {
-                "parameters": sum(p.numel() for p in self.model.parameters()),
-                "trainable_parameters": trainable_parameters(self.model),
-            },
-            "objective": {
-                "name": self.name,
-                "center_rewards_coefficient": self.center,
-                "margin_column": self.rows == "pairs" and s.values is not None,
-            },
+        objective = {
+            "name": self.name,
+            "center_rewards_coefficient": self.center,
+            "margin_column": self.rows == "pairs" and self.train_set.values is not None,
         }
+        return self.describe_data(self.rows, self.model, objective)
 
     def plans(self, start_step: int) -> Iterator[Plan]:
         for items in self.step_items():
@@ -454,7 +438,7 @@ class RewardTask(Scheduled):
         return out
 
     def save_final(self, out_dir: Path) -> None:
-        save_hf(self.model, self.tok, out_dir)
+        save_hf(self.model, self.tok, out_dir, self.rt)
 
 
 def build(ctx: RunContext) -> RewardTask:

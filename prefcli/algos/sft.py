@@ -264,7 +264,7 @@ class SFTTask(Scheduled):
             if inner.generation_config is None:
                 inner.generation_config = GenerationConfig.from_model_config(inner.config)
             inner.generation_config.bad_words_ids = [[i] for i in self.control_ids]
-        save_hf(self.lm, self.tok, out_dir)
+        save_hf(self.lm, self.tok, out_dir, self.rt)
 
 
 def build(ctx: RunContext) -> SFTTask:

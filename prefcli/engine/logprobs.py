@@ -87,9 +87,12 @@ class _CrossEntropySum(torch.autograd.Function):
 
 class _TokenLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, targets, chunk, compute_dtype, temperature):
-        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        ent = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    def forward(ctx, h, w, b, targets, chunk, compute_dtype, temperature, shape):
+        # allocated in the targets' shape and filled through flat views: the outputs are no views themselves
+        # (FSDP2 attaches its backward hooks to a module's outputs; an in-place op on a view would lose them)
+        out_shaped = torch.zeros(shape, dtype=torch.float32, device=h.device)
+        ent_shaped = torch.zeros(shape, dtype=torch.float32, device=h.device)
+        out, ent = out_shaped.view(-1), ent_shaped.view(-1)
         lse_all = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         wc = w.to(compute_dtype)
         bc = b.to(compute_dtype) if b is not None else None
@@ -106,13 +109,14 @@ class _TokenLogProbs(torch.autograd.Function):
             del z, p
         ctx.save_for_backward(h, w, b, targets, lse_all)
         ctx.cfg = (chunk, compute_dtype, temperature)
-        ctx.mark_non_differentiable(ent)
-        return out, ent
+        ctx.mark_non_differentiable(ent_shaped)
+        return out_shaped, ent_shaped
 
     @staticmethod
     def backward(ctx, grad_out, _grad_ent):
         h, w, b, targets, lse_all = ctx.saved_tensors
         chunk, compute_dtype, temperature = ctx.cfg
+        grad_out = grad_out.reshape(-1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = b is not None and ctx.needs_input_grad[2]
         wc = w.to(compute_dtype)
@@ -142,6 +146,7 @@ class _TokenLogProbs(torch.autograd.Function):
             grad_h,
             grad_w.to(w.dtype) if grad_w is not None else None,
             grad_b.to(b.dtype) if grad_b is not None else None,
+            None,
             None,
             None,
             None,
@@ -177,10 +182,10 @@ def token_logprobs(
     full next-token distribution there (no gradient). `temperature` divides the logits first: use
     the sampling temperature so that ratios and KL match what was sampled. Returns float32
     tensors shaped like `targets`."""
-    shape = targets.shape
     h2 = h.reshape(-1, h.shape[-1])
-    lp, ent = _TokenLogProbs.apply(h2, weight, bias, targets.reshape(-1), chunk, compute_dtype or h.dtype, temperature)
-    return lp.view(shape), ent.view(shape)
+    return _TokenLogProbs.apply(
+        h2, weight, bias, targets.reshape(-1), chunk, compute_dtype or h.dtype, temperature, targets.shape
+    )
 
 
 def shift_targets(input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

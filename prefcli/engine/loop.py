@@ -29,11 +29,13 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
 from ..errors import Interrupted, TrainingError
 from ..recipe.sections import TrainSection
 from . import checkpoint as ckpt
-from .dist import Runtime
+from .dist import Runtime, gathered, is_comm_failure, local_bytes, reshard
 from .progress import Progress
 
 # bf16 dense matmul rate measured on the device (docs/performance.md) or the vendor's dense figure,
@@ -84,7 +86,9 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
 
 
 class Group:
-    """A trained module with its AdamW optimizer and schedule (DDP-wrapped under torchrun)."""
+    """A trained module with its AdamW optimizer and schedule. `rt.wrap` gives it its strategy first
+    (DDP-wrapped, or FSDP2-sharded in place under runtime.parallel fsdp), then the optimizer is made over
+    the parameters as they are after wrapping."""
 
     def __init__(
         self,
@@ -97,15 +101,26 @@ class Group:
         param_groups: list[dict] | None = None,
     ):
         self.name = name
+        self.rt = rt
         self.raw = module
         self.train_cfg = train
         self.total_steps = total_steps  # of this group's own updates (its schedule's length)
         self.updates = 0  # optimizer steps taken by this group; saved in checkpoints
         self.peak_lr = lr if lr is not None else train.lr
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in module.parameters()):
             raise TrainingError(f"'{name}' has no trainable parameters")
-        if param_groups is None:
+        # Sharding replaces every parameter by a new one (a DTensor holding this process's shard): keep the
+        # caller's parameter groups by name and find them again afterwards.
+        names = {id(p): n for n, p in module.named_parameters()}
+        named_groups = (
+            None
+            if param_groups is None
+            else [{**g, "params": [names[id(p)] for p in g["params"]]} for g in param_groups]
+        )
+        self.module: nn.Module = rt.wrap(module)
+        by_name = dict(module.named_parameters())
+        params = [p for p in module.parameters() if p.requires_grad]
+        if named_groups is None:
             decay = [p for p in params if p.ndim >= 2]
             no_decay = [p for p in params if p.ndim < 2]
             param_groups = [
@@ -113,12 +128,13 @@ class Group:
                 {"params": no_decay, "weight_decay": 0.0},
             ]
             param_groups = [g for g in param_groups if g["params"]]
+        else:
+            param_groups = [{**g, "params": [by_name[n] for n in g["params"]]} for g in named_groups]
         for g in param_groups:
             g.setdefault("lr_scale", 1.0)
             g["lr"] = self.peak_lr * g["lr_scale"]
-        on_cuda = rt.device.type == "cuda"
         kw = dict(lr=self.peak_lr, betas=tuple(train.adam_betas), eps=train.adam_eps)
-        try:  # fused AdamW (CUDA and CPU): one kernel, and it honours found_inf (see the loop)
+        try:  # fused AdamW (CUDA and CPU, plain and DTensor parameters): one kernel, and it honours found_inf
             self.optimizer = torch.optim.AdamW(param_groups, fused=True, **kw)
             self.fused = True
         except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
@@ -126,11 +142,6 @@ class Group:
             self.fused = False
         self.params = params
         self.warmup = train.warmup_steps if train.warmup_steps is not None else int(train.warmup_ratio * total_steps)
-        self.module: nn.Module = module
-        if rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.module = DDP(module, device_ids=[rt.device.index] if on_cuda else None)
 
     def set_lr(self) -> float:
         """Set the LR of this group's next update from its own update count: in a task with several groups
@@ -142,7 +153,35 @@ class Group:
         return self.peak_lr * f
 
     def no_sync(self):
+        """Accumulate gradients without communication (DDP). FSDP reduce-scatters every micro-batch instead:
+        skipping it would keep whole, unsharded gradients between micro-batches, the memory sharding saves."""
         return self.module.no_sync() if hasattr(self.module, "no_sync") else contextlib.nullcontext()
+
+    def gathered(self, modules=None, hold: bool = False):
+        """Whole weights for code that reads them outside the module's forward (the samplers), see
+        engine.dist.gathered; a no-op unless sharded."""
+        return gathered(self.raw, self.rt, modules, hold)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm (over all processes' shards under FSDP), clipped to max_grad_norm when set."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if isinstance(norm, DTensor):  # sharded gradients: a partial norm per process, reduced here
+            norm = norm.full_tensor()
+        if self.train_cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.train_cfg.max_grad_norm, norm)
+        return norm
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this process holds for this group: all parameters (frozen ones too), the gradients of the
+        trainable ones and the optimizer state (measured once they exist, until then what AdamW will hold:
+        two moments per trainable parameter, in its dtype)."""
+        reshard(self.raw)
+        params = sum(local_bytes(p) for p in self.raw.parameters())
+        trainable = sum(local_bytes(p) for p in self.params)
+        grads = sum(local_bytes(p.grad) for p in self.params if p.grad is not None)
+        state = [t for st in self.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        optim = sum(local_bytes(t) for t in state) if state else 2 * trainable
+        return {"params": params, "grads": grads or trainable, "optim": optim}
 
 
 class Metrics:
@@ -206,6 +245,10 @@ class _Signals:
             signal.signal(s, h)
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -218,10 +261,26 @@ class Engine:
         self.progress = progress
         self.run_dir = Path(run_dir)
         self.last_checkpoint: Path | None = None
+        self.memory: dict[str, dict[str, int]] = {}  # per group, measured at its first step of this run
+        self.step_in_progress = 1  # named in the message when a collective fails
         self.peak_flops = None
         if rt.device.type == "cuda":
             name = torch.cuda.get_device_name(rt.device)
             self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+    def _memory_summary(self) -> dict:
+        """Per group and per rank: bytes of parameters, gradients and optimizer state, as measured at the
+        group's first optimizer step of this run (before it, what they will be). One all-reduce."""
+        rt, names = self.rt, sorted(self.task.groups)
+        table = torch.zeros(len(names), rt.world_size, 3, dtype=torch.float64, device=rt.device)
+        for i, n in enumerate(names):
+            m = self.memory.get(n) or self.task.groups[n].memory()
+            table[i, rt.rank] = torch.tensor([m["params"], m["grads"], m["optim"]], dtype=torch.float64)
+        table = rt.all_reduce(table).cpu().long().tolist()
+        return {
+            n: {f"{k}_bytes": [row[j] for row in table[i]] for j, k in enumerate(("params", "grads", "optim"))}
+            for i, n in enumerate(names)
+        }
 
     def _checkpoint(self, step: int) -> None:
         self.last_checkpoint = ckpt.save_checkpoint(
@@ -234,6 +293,7 @@ class Engine:
             self.rt.world_size,
             self.train.keep_checkpoints,
             self.rt.barrier,
+            parallel=self.rt.parallel,
         )
         self.progress.log(f"checkpoint: {self.last_checkpoint}")
 
@@ -244,17 +304,40 @@ class Engine:
             ev = self.task.evaluate()
         for g in self.task.groups.values():
             g.raw.train()
+            reshard(g.raw)  # free what the evaluation forwards gathered (fsdp)
         if ev:
             self.progress.eval(step, ev)
             history.setdefault("eval", []).append({"step": step, **ev})
         return ev
 
     def run(self, resume_from: Path | None = None) -> dict:
+        """Train to the end (or to an interruption); a collective that fails because another process died
+        or stalled past runtime.timeout_s stops this one with exit 1, naming the step and the last checkpoint."""
+        rt = self.rt
+        try:
+            return self._run(resume_from)
+        except (RuntimeError, CheckpointException) as e:  # DCP reports a peer's failure as CheckpointException
+            if not (rt.distributed and is_comm_failure(e)):
+                raise
+            where = (
+                f"Last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "No checkpoint was written"
+            )
+            if isinstance(e, CheckpointException):  # the first rank's own error
+                e = next(exc for exc, _trace in e.failures.values() if is_comm_failure(exc))
+            cause = str(e).strip().splitlines()[0].split(". This is typically")[0][:300]  # gloo appends advice
+            raise TrainingError(
+                f"step {self.step_in_progress}: a collective operation across the {rt.world_size} processes failed: "
+                f"{cause}. Another process died, lost its network or stalled for "
+                f"longer than runtime.timeout_s={rt.timeout_s:g} s; this one stops instead of waiting. {where}. "
+                "Once every node is up again, continue with the same command and --resume."
+            ) from None
+
+    def _run(self, resume_from: Path | None) -> dict:
         rt, task, train = self.rt, self.task, self.train
         total = task.total_steps()
         start = 0
         if resume_from is not None:
-            start, state, extra = ckpt.load_checkpoint(resume_from, task.groups, rt.rank)
+            start, state, extra = ckpt.load_checkpoint(resume_from, task.groups, rt.rank, rt.world_size)
             task.load_state_dict(state, extra)
             self.last_checkpoint = resume_from
             self.progress.log(f"resumed from {resume_from} (step {start})")
@@ -268,12 +351,20 @@ class Engine:
         step_times: list[float] = []
         tok_rates: list[float] = []
         step = start
+        self.step_in_progress = start + 1
         n_params = {n: sum(p.numel() for p in g.raw.parameters()) for n, g in task.groups.items()}
+        for name, g in task.groups.items():
+            m = g.memory()
+            self.progress.log(
+                f"memory of '{name}' on each of {rt.world_size} process(es) ({rt.parallel}): parameters "
+                f"{_mib(m['params'])}, gradients {_mib(m['grads'])}, optimizer state {_mib(m['optim'])} (rank 0)"
+            )
         t_run = time.perf_counter()
         with _Signals() as sig:
             if train.eval_on_start and start == 0 and task.has_eval():
                 last.update(self._evaluate(0, history))
             while step < total:
+                self.step_in_progress = step + 1  # being prepared or trained (named if a collective fails)
                 t0 = time.perf_counter()
                 try:
                     plan = next(plans)
@@ -301,10 +392,7 @@ class Engine:
                         (loss_sum * scale).backward()
                     loss_local += loss_sum.detach().double()
                     metrics.merge(mets)
-                if group.train_cfg.max_grad_norm is not None:
-                    gnorm = torch.nn.utils.clip_grad_norm_(group.params, group.train_cfg.max_grad_norm)
-                else:
-                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in group.params if p.grad is not None])
+                gnorm = group.grad_norm()
                 if group.fused:
                     # The fused AdamW kernel skips the update when found_inf is set, so the step can be
                     # launched before the host reads the norm: a non-finite gradient never reaches the
@@ -312,7 +400,13 @@ class Engine:
                     group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(())  # 0-d, as GradScaler
                     group.optimizer.step()
                 reduced, (loss_sum_g, tokens_g, stop_flag, gn) = metrics.reduce(
-                    rt, [loss_local, float(tokens_local), float(sig.requested), gnorm.detach().double() / rt.world_size]
+                    rt,
+                    [
+                        loss_local,
+                        float(tokens_local),
+                        float(sig.requested),
+                        gnorm.detach().double() / rt.world_size,
+                    ],
                 )
                 loss = loss_sum_g / n_global
                 if not math.isfinite(loss) or not math.isfinite(gn):
@@ -329,6 +423,8 @@ class Engine:
                     )
                 if not group.fused:
                     group.optimizer.step()
+                if plan.group not in self.memory:  # gradients and optimizer state exist now: measure them
+                    self.memory[plan.group] = group.memory()
                 group.optimizer.zero_grad(set_to_none=True)
                 group.updates += 1
                 dt = time.perf_counter() - t0
@@ -366,6 +462,7 @@ class Engine:
                         f"interrupted at step {step}; checkpoint written to {self.last_checkpoint}. "
                         "Continue with the same command and --resume."
                     )
+            self.step_in_progress = step
             if step > start or resume_from is None:
                 if task.has_eval():
                     last.update(self._evaluate(step, history))
@@ -375,6 +472,7 @@ class Engine:
                 and (self.last_checkpoint is None or not str(self.last_checkpoint).endswith(f"step-{step}"))
             ):
                 self._checkpoint(step)
+        memory = self._memory_summary()
         perf = {"tokens_per_s": _median(tok_rates), "step_s": _median(step_times), "peak_mem_gib": rt.peak_memory_gib()}
         return {
             "status": "completed",
@@ -384,4 +482,5 @@ class Engine:
             "perf": perf,
             "wall_s": time.perf_counter() - t_run,
             "history": history,
+            "memory": memory,
         }

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import UsageError
@@ -311,7 +313,8 @@ def frozen_copy(model, dtype: torch.dtype):
 
 
 def is_peft(model) -> bool:
-    if not type(model).__module__.startswith("peft"):
+    # any class of the MRO: FSDP2 turns a sharded root into a subclass of its own (FSDPPeftModel...)
+    if not any(c.__module__.startswith("peft") for c in type(model).__mro__):
         return False  # avoids importing peft for plain models
     from peft import PeftModel
 
@@ -359,14 +362,20 @@ class PolicyLM(nn.Module):
     given targets (or the summed cross-entropy), computed in chunks from the hidden states.
 
     Wrapping the whole computation in one module keeps DDP's gradient hooks on every parameter,
-    and `torch.compile` can take the transformer body alone."""
+    and `torch.compile` can take the transformer body alone. Call it through its forward (also from a
+    module that wraps it, with `return_hidden` for extra heads): under runtime.parallel fsdp a PolicyLM is
+    an FSDP unit of its own, and its forward is what gathers its embeddings and output head."""
+
+    fsdp_unit = True  # engine.dist.shard: its own FSDP unit when nested in a larger trained module
 
     def __init__(self, lm, rt: Runtime):
         super().__init__()
         self.lm = lm
         inner = unwrap_lm(lm)
-        self._head = inner.get_output_embeddings()
-        self._body = inner.base_model
+        # aliases into self.lm, kept out of the module tree so that each parameter has one name (state dicts,
+        # sharded checkpoints): plain attributes, not registered submodules
+        self.__dict__["_head"] = inner.get_output_embeddings()
+        self.__dict__["_body"] = inner.base_model
         if getattr(inner.config, "final_logit_softcapping", None):
             raise UsageError(
                 f"{inner.config.model_type} models cap their logits (final_logit_softcapping); "
@@ -375,14 +384,14 @@ class PolicyLM(nn.Module):
         self.chunk = rt.loss_chunk_tokens
         self.compute_dtype = rt.compute_dtype
         self.autocast = rt.autocast
-        self.body_fn = self._body
+        self.__dict__["body_fn"] = self._body
         if rt.compile:
             # one decoder layer at a time: every layer runs the same code on same-shaped weights, so
             # one compiled graph serves all of them (compile time of one layer, not of the model)
             for layer in getattr(self._body, "layers", []):
                 layer.compile(dynamic=False)
             if not hasattr(self._body, "layers"):
-                self.body_fn = torch.compile(self._body, dynamic=False)
+                self.__dict__["body_fn"] = torch.compile(self._body, dynamic=False)
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None):
         """Last hidden states. Pass attention_mask=None (and position_ids=None) for batches without
@@ -403,18 +412,23 @@ class PolicyLM(nn.Module):
         mode: str = "logprobs",
         temperature: float = 1.0,
         start: int = 0,
+        return_hidden: bool = False,
     ):
         """mode 'ce': summed cross-entropy over targets != -100 (float32 scalar).
         mode 'logprobs': (log p(target) per position, entropy per position), float32, 0 at ignored positions.
         `start` skips the output layer for earlier positions (e.g. a prompt shared by the whole batch): the
-        results then cover positions start..T-1 and `targets` may be given for those positions only."""
+        results then cover positions start..T-1 and `targets` may be given for those positions only.
+        `return_hidden` appends the last hidden states (all positions) to the result, for a module that
+        puts another head on them (a value head)."""
         h = self.hidden(input_ids, attention_mask, position_ids)
-        return self.head_logprobs(h, targets, mode, temperature, start)
+        out = self.head_logprobs(h, targets, mode, temperature, start)
+        if return_hidden:
+            return (*out, h) if isinstance(out, tuple) else (out, h)
+        return out
 
     def head_logprobs(self, h, targets, mode: str = "logprobs", temperature: float = 1.0, start: int = 0):
-        """The output layer on hidden states `h` (see forward): for modules that also read `h` (a value
-        head) and must run inside one forward. Targets either span every position, or (narrower) the
-        positions start .. start + targets.shape[1] - 1."""
+        """The output layer on hidden states `h` (see forward). Targets either span every position, or
+        (narrower) the positions start .. start + targets.shape[1] - 1."""
         if start or targets.shape[1] != h.shape[1]:
             if targets.shape[1] == h.shape[1]:
                 targets = targets[:, start:]
@@ -425,16 +439,108 @@ class PolicyLM(nn.Module):
         return token_logprobs(h, w, b, targets, self.chunk, self.compute_dtype, temperature)
 
 
-def save_hf(lm, tok, out_dir: Path) -> None:
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective: every process calls it), or `t` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def whole_state(module: nn.Module, rt: Runtime) -> dict[str, torch.Tensor] | None:
+    """`module.state_dict()` as whole CPU tensors on rank 0 (None elsewhere); every process calls it. For
+    small modules (a value head); models go through `save_hf`."""
+    out = {k: whole(v).detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return out if rt.is_main else None
+
+
+def save_hf(lm, tok, out_dir: Path, rt: Runtime, select=None) -> None:
     """Hugging Face format (`from_pretrained` loads it without prefcli). LoRA: the merged model in
-    out_dir, the adapter alone in out_dir/adapter."""
+    out_dir, the adapter alone in out_dir/adapter. `select` picks the part to save (an encoder's body).
+
+    Every process calls it; rank 0 writes. Sharded (fsdp), the weights are gathered one tensor at a time
+    and written in files of at most 2 GiB, so no process ever holds the whole model (`_save_sharded`)."""
+    if not rt.sharded and not rt.is_main:
+        return
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     model = lm
     if is_peft(lm):
-        lm.save_pretrained(out_dir / "adapter")
-        model = lm.merge_and_unload()
+        if rt.sharded:  # the adapter's weights gathered (small), handed to peft's own writer
+            adapter = {n: whole(p).detach().cpu() for n, p in lm.named_parameters() if p.requires_grad}
+            if rt.is_main:
+                lm.save_pretrained(out_dir / "adapter", state_dict=adapter)
+        else:
+            lm.save_pretrained(out_dir / "adapter")
+        model = lm.merge_and_unload()  # sharded: merged shard by shard (DTensor arithmetic), nothing gathered
+    if select is not None:
+        model = select(model)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = True  # off while training; on for whoever generates with the saved model
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    if rt.sharded:
+        _save_sharded(model, out_dir, rt)
+    else:
+        model.save_pretrained(out_dir)
+    if rt.is_main:
+        tok.save_pretrained(out_dir)
+
+
+SHARD_BYTES = 2 * 2**30  # largest safetensors file of a sharded export
+
+
+def _save_sharded(model, out_dir: Path, rt: Runtime, shard_bytes: int = SHARD_BYTES) -> None:
+    """A sharded transformers model as `save_pretrained` would write it (config, generation config, weights
+    as model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json), gathering one
+    tensor at a time: rank 0 holds at most one file's worth (shard_bytes) of whole tensors. Written by hand
+    because save_pretrained needs the whole state dict in one process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # tied weights (embeddings = output head): one parameter under two names; save_pretrained keeps the first
+    seen: set[int] = set()
+    tied: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    parts: list[dict[str, int]] = []  # per written file: name -> bytes
+    buf: dict[str, torch.Tensor] = {}
+    size = 0
+    dtype = None
+
+    def flush():
+        nonlocal buf, size
+        if buf:
+            save_file(buf, str(out_dir / f".part-{len(parts)}.safetensors"), metadata={"format": "pt"})
+            parts.append({k: v.numel() * v.element_size() for k, v in buf.items()})
+        buf, size = {}, 0
+
+    for name, value in model.state_dict().items():
+        if name in tied:
+            continue
+        t = whole(value)  # a collective: every rank walks the same names in the same order
+        dtype = dtype or t.dtype
+        if rt.is_main:
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > shard_bytes:
+                flush()
+            buf[name] = t.detach().to("cpu", copy=True).contiguous()
+            size += nbytes
+        del t
+    if not rt.is_main:
+        return
+    flush()
+    n = len(parts)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, fname in enumerate(names):
+        os.replace(out_dir / f".part-{i}.safetensors", out_dir / fname)
+    if n > 1:
+        weight_map = {k: fname for fname, part in zip(names, parts) for k in part}
+        index = {"metadata": {"total_size": sum(sum(p.values()) for p in parts)}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    hf_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # not FSDP's subclass
+    model.config.architectures = [hf_class.__name__]
+    if dtype is not None:
+        model.config.dtype = str(dtype).split(".")[-1]
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out_dir)

@@ -13,11 +13,14 @@ Weights: the decoder reads "shadow" tensors: fused QKV and gate/up projections i
 sampling dtype. `sync()` refreshes them in place from the live parameters (merging LoRA
 adapters) once per rollout, after the optimizer has stepped; the captured graph keeps reading
 the same memory, so it never needs re-capturing. Greedy decoding equals HF `generate` token for
-token (tests/test_rollout.py).
+token (tests/test_rollout.py). Under runtime.parallel fsdp the shadows are the one whole copy of the
+weights a process keeps (in the sampling dtype): they are filled one decoder layer at a time, each
+layer's shards gathered only while it is copied (`gather`), so sampling needs no whole model.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -138,12 +141,17 @@ class FastDecoder:
         use_graph: bool | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
+        gather=None,
     ):
+        """`gather(modules)`: a context in which the weights of `modules` are whole (engine.loop.Group.gathered
+        for a sharded policy); without it the weights are read as they are."""
         inner = unwrap_lm(lm)
+        self.gather = gather or (lambda modules=None, hold=False: contextlib.nullcontext())
         self.cfg = cfg = inner.config
         self.body = inner.base_model
         self.head = inner.get_output_embeddings()
-        self.device = next(inner.parameters()).device
+        with self.gather([self.body.embed_tokens]):  # where the whole weights live (not a CPU-offloaded shard)
+            self.device = self.body.embed_tokens.weight.device
         self.dtype = dtype
         self.B, self.L = batch, max_len
         self.n_heads = cfg.num_attention_heads
@@ -180,71 +188,93 @@ class FastDecoder:
         self.cos, self.sin = cos[0].to(dt), sin[0].to(dt)  # [L, hd]
         self.shadow: list[dict] = []
         for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            qkv_out = (self.n_heads + 2 * self.n_kv) * self.hd
-            d = {
-                "qkv_w": torch.empty(qkv_out, self.cfg.hidden_size, device=dev, dtype=dt),
-                "o_w": torch.empty_like(_effective_weight(a.o_proj)[0], dtype=dt),
-                "gu_w": torch.empty(2 * m.gate_proj.out_features, self.cfg.hidden_size, device=dev, dtype=dt),
-                "down_w": torch.empty_like(_effective_weight(m.down_proj)[0], dtype=dt),
-                "ln1": torch.empty_like(layer.input_layernorm.weight, dtype=dt),
-                "ln2": torch.empty_like(layer.post_attention_layernorm.weight, dtype=dt),
-            }
-            if _effective_weight(a.q_proj)[1] is not None:
-                d["qkv_b"] = torch.empty(qkv_out, device=dev, dtype=dt)
-            if _effective_weight(a.o_proj)[1] is not None:
-                d["o_b"] = torch.empty(self.cfg.hidden_size, device=dev, dtype=dt)
-            if getattr(m.gate_proj, "bias", None) is not None or _effective_weight(m.gate_proj)[1] is not None:
-                d["gu_b"] = torch.empty(2 * m.gate_proj.out_features, device=dev, dtype=dt)
-            if _effective_weight(m.down_proj)[1] is not None:
-                d["down_b"] = torch.empty(self.cfg.hidden_size, device=dev, dtype=dt)
-            if self.qk_norm:
-                d["q_norm"] = torch.empty_like(a.q_norm.weight, dtype=dt)
-                d["k_norm"] = torch.empty_like(a.k_norm.weight, dtype=dt)
-            self.shadow.append(d)
-        self.final_norm = torch.empty_like(self.body.norm.weight, dtype=dt)
-        self.embed = torch.empty_like(self.body.embed_tokens.weight, dtype=dt)
-        hw, hb = _effective_weight(self.head)
-        self.head_w = self.embed if hw is self.body.embed_tokens.weight else torch.empty_like(hw, dtype=dt)
-        self.head_b = torch.empty_like(hb, dtype=dt) if hb is not None else None
+            with self.gather([layer]):
+                self.shadow.append(self._alloc_layer(layer))
+        with self.gather([self.body.embed_tokens, self.body.norm, self.head]):
+            self.final_norm = torch.empty_like(self.body.norm.weight, dtype=dt)
+            self.embed = torch.empty_like(self.body.embed_tokens.weight, dtype=dt)
+            hw, hb = _effective_weight(self.head)
+            self.head_w = self.embed if hw is self.body.embed_tokens.weight else torch.empty_like(hw, dtype=dt)
+            self.head_b = torch.empty_like(hb, dtype=dt) if hb is not None else None
         self.eps = [layer.input_layernorm.variance_epsilon for layer in self.layers]
         self.act = self.layers[0].mlp.act_fn
+
+    def _alloc_layer(self, layer) -> dict:
+        dev, dt = self.device, self.dtype
+        a, m = layer.self_attn, layer.mlp
+        qkv_out = (self.n_heads + 2 * self.n_kv) * self.hd
+        d = {
+            "qkv_w": torch.empty(qkv_out, self.cfg.hidden_size, device=dev, dtype=dt),
+            "o_w": torch.empty_like(_effective_weight(a.o_proj)[0], dtype=dt),
+            "gu_w": torch.empty(2 * m.gate_proj.out_features, self.cfg.hidden_size, device=dev, dtype=dt),
+            "down_w": torch.empty_like(_effective_weight(m.down_proj)[0], dtype=dt),
+            "ln1": torch.empty_like(layer.input_layernorm.weight, dtype=dt),
+            "ln2": torch.empty_like(layer.post_attention_layernorm.weight, dtype=dt),
+        }
+        if _effective_weight(a.q_proj)[1] is not None:
+            d["qkv_b"] = torch.empty(qkv_out, device=dev, dtype=dt)
+        if _effective_weight(a.o_proj)[1] is not None:
+            d["o_b"] = torch.empty(self.cfg.hidden_size, device=dev, dtype=dt)
+        if getattr(m.gate_proj, "bias", None) is not None or _effective_weight(m.gate_proj)[1] is not None:
+            d["gu_b"] = torch.empty(2 * m.gate_proj.out_features, device=dev, dtype=dt)
+        if _effective_weight(m.down_proj)[1] is not None:
+            d["down_b"] = torch.empty(self.cfg.hidden_size, device=dev, dtype=dt)
+        if self.qk_norm:
+            d["q_norm"] = torch.empty_like(a.q_norm.weight, dtype=dt)
+            d["k_norm"] = torch.empty_like(a.k_norm.weight, dtype=dt)
+        return d
+
+    def nbytes(self) -> dict[str, int]:
+        """Memory the sampler keeps between rollouts: its whole-weight shadows and its KV cache."""
+        seen: set[int] = set()
+        weights = 0
+        for t in [*(v for d in self.shadow for v in d.values()), self.final_norm, self.embed, self.head_w, self.head_b]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                weights += t.numel() * t.element_size()
+        kv = 2 * self.k_cache.numel() * self.k_cache.element_size()
+        return {"weights": weights, "kv_cache": kv}
 
     @torch.no_grad()
     def sync(self) -> None:
         """Copy the live (possibly updated, possibly LoRA-adapted) weights into the shadows, in place."""
         for layer, d in zip(self.layers, self.shadow):
-            a, m = layer.self_attn, layer.mlp
-            (qw, qb), (kw, kb), (vw, vb) = (_effective_weight(p) for p in (a.q_proj, a.k_proj, a.v_proj))
-            torch.cat([qw, kw, vw], 0, out=d["qkv_w"]) if qw.dtype == self.dtype else d["qkv_w"].copy_(
-                torch.cat([qw, kw, vw], 0)
-            )
-            if "qkv_b" in d:
-                d["qkv_b"].copy_(torch.cat([qb, kb, vb], 0))
-            ow, ob = _effective_weight(a.o_proj)
-            d["o_w"].copy_(ow)
-            if "o_b" in d:
-                d["o_b"].copy_(ob)
-            (gw, gb), (uw, ub) = _effective_weight(m.gate_proj), _effective_weight(m.up_proj)
-            d["gu_w"].copy_(torch.cat([gw, uw], 0))
-            if "gu_b" in d:
-                d["gu_b"].copy_(torch.cat([gb, ub], 0))
-            dw, db = _effective_weight(m.down_proj)
-            d["down_w"].copy_(dw)
-            if "down_b" in d:
-                d["down_b"].copy_(db)
-            d["ln1"].copy_(layer.input_layernorm.weight)
-            d["ln2"].copy_(layer.post_attention_layernorm.weight)
-            if self.qk_norm:
-                d["q_norm"].copy_(a.q_norm.weight)
-                d["k_norm"].copy_(a.k_norm.weight)
-        self.final_norm.copy_(self.body.norm.weight)
-        self.embed.copy_(self.body.embed_tokens.weight)
-        hw, hb = _effective_weight(self.head)
-        if self.head_w is not self.embed:
-            self.head_w.copy_(hw)
-        if self.head_b is not None:
-            self.head_b.copy_(hb)
+            with self.gather([layer]):  # one layer whole at a time
+                self._sync_layer(layer, d)
+        with self.gather([self.body.embed_tokens, self.body.norm, self.head]):
+            self.final_norm.copy_(self.body.norm.weight)
+            self.embed.copy_(self.body.embed_tokens.weight)
+            hw, hb = _effective_weight(self.head)
+            if self.head_w is not self.embed:
+                self.head_w.copy_(hw)
+            if self.head_b is not None:
+                self.head_b.copy_(hb)
+
+    def _sync_layer(self, layer, d: dict) -> None:
+        a, m = layer.self_attn, layer.mlp
+        (qw, qb), (kw, kb), (vw, vb) = (_effective_weight(p) for p in (a.q_proj, a.k_proj, a.v_proj))
+        torch.cat([qw, kw, vw], 0, out=d["qkv_w"]) if qw.dtype == self.dtype else d["qkv_w"].copy_(
+            torch.cat([qw, kw, vw], 0)
+        )
+        if "qkv_b" in d:
+            d["qkv_b"].copy_(torch.cat([qb, kb, vb], 0))
+        ow, ob = _effective_weight(a.o_proj)
+        d["o_w"].copy_(ow)
+        if "o_b" in d:
+            d["o_b"].copy_(ob)
+        (gw, gb), (uw, ub) = _effective_weight(m.gate_proj), _effective_weight(m.up_proj)
+        d["gu_w"].copy_(torch.cat([gw, uw], 0))
+        if "gu_b" in d:
+            d["gu_b"].copy_(torch.cat([gb, ub], 0))
+        dw, db = _effective_weight(m.down_proj)
+        d["down_w"].copy_(dw)
+        if "down_b" in d:
+            d["down_b"].copy_(db)
+        d["ln1"].copy_(layer.input_layernorm.weight)
+        d["ln2"].copy_(layer.post_attention_layernorm.weight)
+        if self.qk_norm:
+            d["q_norm"].copy_(a.q_norm.weight)
+            d["k_norm"].copy_(a.k_norm.weight)
 
     # ----------------------------------------------------------------- forward
     @staticmethod

@@ -156,6 +156,23 @@ class TrainSection(Section):
         return self
 
 
+class FSDPSection(Section):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) settings; see docs/scaling.md."""
+
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each layer's gathered parameters after its forward and gather them again in backward "
+        "(least memory). false keeps them gathered from forward to backward: one all-gather less per layer and "
+        "step, at the cost of the whole model's parameters held in full during the step.",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="Keep the sharded parameters, gradients and optimizer state in CPU memory and run the "
+        "optimizer step on the CPU (torch CPUOffloadPolicy): fits larger models on fewer GPUs, much slower. "
+        "GPU only (on a CPU device there is nothing to offload).",
+    )
+
+
 class RuntimeSection(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present, else CPU.")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16", "fp16-mixed"] = Field(
@@ -174,6 +191,35 @@ class RuntimeSection(Section):
     dist_backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend under torchrun: 'auto' = nccl on GPU, gloo on CPU."
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How several processes share the training. 'ddp': every process holds the whole model, its "
+        "gradients and optimizer state (fastest while it fits). 'fsdp': FSDP2 shards parameters, gradients and "
+        "optimizer state over the processes (each holds 1/N), one unit per decoder layer plus the root; without "
+        "torchrun it runs as a single-process shard (same code path; docs/scaling.md).",
+    )
+    fsdp: FSDPSection = Field(
+        default_factory=lambda: FSDPSection(), description="FSDP2 options (only with parallel: fsdp)."
+    )
+    timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Collective timeout in seconds: when a process dies or stalls, the others stop within this "
+        "time with exit 1 instead of hanging. Must exceed the longest stretch one process works alone (rank 0 "
+        "writing final/, scoring rows for the cache).",
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_only_with_fsdp(self):
+        # by value, not by the fields written: a saved recipe.yaml spells out every default
+        changed = [k for k, f in FSDPSection.model_fields.items() if getattr(self.fsdp, k) != f.default]
+        if self.parallel != "fsdp" and changed:
+            keys = ", ".join(f"runtime.fsdp.{k}" for k in changed)
+            raise ValueError(
+                f"{keys} only applies to sharded training, but runtime.parallel is '{self.parallel}'; "
+                "set runtime.parallel: fsdp (or remove it)"
+            )
+        return self
 
 
 class OutputSection(Section):

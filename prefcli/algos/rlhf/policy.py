@@ -30,6 +30,7 @@ from ...engine.models import (
     reference_mode,
     save_hf,
     trainable_parameters,
+    whole_state,
 )
 from ...engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
 from ...errors import DataError, TrainingError, UsageError
@@ -56,8 +57,9 @@ class ActorCritic(nn.Module):
         self.value_head = value_head
 
     def forward(self, input_ids, attention_mask, position_ids, targets, start: int, temperature: float):
-        h = self.policy.hidden(input_ids, attention_mask, position_ids)
-        logp, ent = self.policy.head_logprobs(h, targets, "logprobs", temperature, start)
+        logp, ent, h = self.policy(
+            input_ids, targets, attention_mask, position_ids, "logprobs", temperature, start, return_hidden=True
+        )
         values = None
         if self.value_head is not None:
             hv = h[:, start : start + targets.shape[1]]
@@ -120,8 +122,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.ref_policy = None
         if r.model.lora is None and self.need_ref:
             # a frozen copy in the compute dtype (with LoRA: the same weights with the adapters off)
-            self.ref_policy = PolicyLM(
-                frozen_copy(lm, rt.compute_dtype if rt.device.type == "cuda" else rt.param_dtype), rt
+            self.ref_policy = rt.place_frozen(
+                PolicyLM(frozen_copy(lm, rt.compute_dtype if rt.device.type == "cuda" else rt.param_dtype), rt)
             )
         self.lm = lm
         self.policy = PolicyLM(lm, rt)
@@ -167,7 +169,6 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.normaliser = self.pl.normaliser or self.algo.normaliser
         self.beta = c.kl_coef
         self.max_prompt = max(len(p) for p in self.prompt_ids + self.eval_ids)
-        self.sampler = self._make_sampler(lm, g)
         self.scfg = SamplingConfig(
             max_new_tokens=g.max_new_tokens,
             min_new_tokens=g.min_new_tokens,
@@ -203,6 +204,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
                 }
             )
         self.group = Group("policy", self.model, rt, t, self.total_updates, param_groups=params)
+        # after the Group: the sampler reads the weights as they are held now (whole, or gathered from shards)
+        self.sampler = self._make_sampler(lm, g)
         # position: rollouts done, and where we are inside the current rollout (the prompt cursor above)
         self.rollouts = 0
         self.prompts_sampled = 0  # all ranks, resampled prompts (dynamic sampling) included
@@ -220,7 +223,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         if g.sampler == "hf" or not ok:
             if g.sampler == "auto":
                 self.ctx.warn(f"the fast sampler does not support {why}; sampling with transformers generate (slower)")
-            return HFSampler(lm, self.rt)
+            return HFSampler(lm, self.rt, gather=self.group.gathered)
         cuda = self.rt.device.type == "cuda"
         return FastDecoder(
             lm,
@@ -229,6 +232,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             dtype=self.rt.compute_dtype,
             use_graph=g.cuda_graphs and cuda,
             compile=g.compile == "on" or (g.compile == "auto" and cuda),
+            gather=self.group.gathered,
         )
 
     # ------------------------------------------------------------------ sampling
@@ -554,6 +558,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
                 "rollouts": self.rollouts,
                 "sequences_per_rollout": self.B * self.rt.world_size,
                 "sampler": type(self.sampler).__name__,
+                "sampler_bytes": self.sampler.nbytes(),  # per process, kept between rollouts
                 "final_kl_coef": self.beta,
                 "prompts_sampled": self.prompts_sampled,
                 **(
@@ -569,9 +574,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
 
         from safetensors.torch import save_file
 
-        save_hf(self.lm, self.tok, out_dir)
+        save_hf(self.lm, self.tok, out_dir, self.rt)
         if self.model.value_head is not None:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()},
-                str(Path(out_dir) / "value_head.safetensors"),
-            )
+            head = whole_state(self.model.value_head, self.rt)  # every rank: gathered when sharded
+            if head is not None:
+                save_file(head, str(Path(out_dir) / "value_head.safetensors"))

@@ -3,6 +3,7 @@ what a sampling call returns. (The fast KV-cache decoder is engine/rollout.py.)"
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -12,13 +13,19 @@ from ...errors import DataError
 
 
 class HFSampler:
-    """transformers `generate`, for architectures the fast decoder does not cover."""
+    """transformers `generate`, for architectures the fast decoder does not cover. `gather`: a context that
+    holds the whole weights for the duration (the Group's, under runtime.parallel fsdp; memory: the whole
+    model's parameters in their forward dtype while sampling)."""
 
-    def __init__(self, lm, rt):
+    def __init__(self, lm, rt, gather=None):
         self.lm, self.rt = lm, rt
+        self.gather = gather or (lambda modules=None, hold=False: contextlib.nullcontext())
 
     def sync(self):
         pass
+
+    def nbytes(self) -> dict[str, int]:
+        return {"weights": 0, "kv_cache": 0}  # generate's cache lives only while it samples
 
     @torch.no_grad()
     def generate(self, ids, mask, cfg: SamplingConfig) -> Rollout:
@@ -34,7 +41,7 @@ class HFSampler:
             kw.update(do_sample=False)
         # output_scores: the scores each token was drawn from, after the logits processors and warpers
         # (min_new_tokens, temperature, top-k, top-p): the sampler's own log-probs, for the mismatch check
-        with self.rt.autocast():
+        with self.gather(hold=True), self.rt.autocast():
             res = self.lm.generate(
                 input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw
             )

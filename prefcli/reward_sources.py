@@ -19,8 +19,10 @@ from pathlib import Path
 
 from .errors import DataError, TrainingError, UsageError
 from .recipe.reward_specs import (
+    EnsembleReward,
     FunctionReward,
     HumanScoreReward,
+    JudgeReward,
     KeywordReward,
     LengthReward,
     ModelReward,
@@ -223,6 +225,64 @@ class ModelSource(RewardSource):
         return scores
 
 
+def _mean(v):
+    return v.mean(0)
+
+
+def _min(v):
+    return v.min(0).values
+
+
+def _mean_minus_std(v, k):
+    return v.mean(0) - k * v.std(0)
+
+
+# How an ensemble's members [M, n] become one score [n] (Coste et al. 2023, "Reward Model Ensembles Help
+# Mitigate Overoptimization", arXiv 2310.02743: mean, worst case, uncertainty-weighted)
+COMBINERS = {
+    "mean": lambda v, k: _mean(v),
+    "min": lambda v, k: _min(v),
+    "mean_minus_std": _mean_minus_std,
+}
+
+
+class EnsembleSource(RewardSource):
+    """Several reward models scoring the same texts, combined (`COMBINERS`): the mean, the minimum, or the
+    mean minus k standard deviations (the sample standard deviation over members). Each member is first
+    standardised with its own mean and standard deviation on the first batch it scores (`normalize`), so
+    reward models trained apart, whose Bradley-Terry scores have arbitrary offsets, share one scale. The
+    per-completion spread (standard deviation over members, after normalisation) is reported as
+    `<name>_spread` next to the score."""
+
+    def __init__(self, cfg: EnsembleReward, base_dir=None, tokenizer=None, device=None, field: str = "rewards"):
+        self.cfg = cfg
+        self.name = cfg.name or "ensemble"
+        self.members = [
+            build_source(m, base_dir, tokenizer, device, f"{field}.members[{j}]") for j, m in enumerate(cfg.members)
+        ]
+        self.stats: list[tuple[float, float]] | None = None  # per member (mean, std) of its first batch
+        self.last_spread: list[float] = []
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = [tuple(x) for x in state["stats"]] if state.get("stats") else None
+
+    def __call__(self, prompts, completions):
+        import torch
+
+        v = torch.tensor([m(prompts, completions) for m in self.members], dtype=torch.float64)  # [M, n]
+        if self.cfg.normalize:
+            if self.stats is None:
+                self.stats = [(float(r.mean()), float(r.std()) if r.numel() > 1 else 1.0) for r in v]
+            mu = torch.tensor([m for m, _ in self.stats], dtype=torch.float64)[:, None]
+            sd = torch.tensor([max(s, 1e-6) for _, s in self.stats], dtype=torch.float64)[:, None]
+            v = (v - mu) / sd
+        self.last_spread = v.std(0).tolist()
+        return COMBINERS[self.cfg.combine](v, self.cfg.std_coef).tolist()
+
+
 class RewardSet:
     """Weighted sum of sources, with the per-source values for logging."""
 
@@ -234,6 +294,15 @@ class RewardSet:
         for i, s in enumerate(sources):  # keep metric names unique
             if names.count(s.name) > 1:
                 s.name = f"{s.name}{i}"
+
+    def state_dict(self) -> dict:
+        """What sources learned while scoring (an ensemble's member normalisation), for checkpoints."""
+        return {s.name: s.state_dict() for s in self.sources if hasattr(s, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.sources:
+            if hasattr(s, "load_state_dict") and s.name in state:
+                s.load_state_dict(state[s.name])
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
         n = len(completions)
@@ -260,27 +329,37 @@ class RewardSet:
                     raise TrainingError(f"reward '{label}' returned {v} for completion #{i}: {completions[i][:60]!r}")
                 clean.append(v)
             parts[src.name] = clean
+            if isinstance(src, EnsembleSource):
+                parts[f"{src.name}_spread"] = list(src.last_spread)
             total = [t + src.weight * v for t, v in zip(total, clean)]
         return total, parts
 
 
-def build_rewards(specs, base_dir=None, tokenizer=None, device=None) -> RewardSet:
-    sources: list[RewardSource] = []
-    for cfg in specs:
-        if isinstance(cfg, ModelReward):
-            src = ModelSource(cfg, device)
-        elif isinstance(cfg, FunctionReward):
-            src = FunctionSource(cfg, base_dir)
-        elif isinstance(cfg, LengthReward):
-            src = LengthSource(cfg, tokenizer)
-        elif isinstance(cfg, KeywordReward):
-            src = KeywordSource(cfg)
-        elif isinstance(cfg, SentimentReward):
-            src = SentimentSource(cfg)
-        elif isinstance(cfg, HumanScoreReward):
-            src = HumanScoreSource(cfg)
-        else:  # pragma: no cover - the schema admits no other kind
-            raise UsageError(f"unknown reward kind {cfg!r}")
-        src.weight = cfg.weight
-        sources.append(src)
-    return RewardSet(sources)
+def _judge(cfg, base_dir, tok, device, field):
+    from .judge import JudgeSource  # loads transformers' causal LM classes only when a judge is used
+
+    return JudgeSource(cfg, device, label=field)
+
+
+# reward spec (recipe schema) -> its runtime source: fn(spec, base_dir, tokenizer, device, field)
+SOURCES: dict[type, Callable] = {
+    ModelReward: lambda cfg, base_dir, tok, device, field: ModelSource(cfg, device),
+    EnsembleReward: lambda cfg, base_dir, tok, device, field: EnsembleSource(cfg, base_dir, tok, device, field),
+    JudgeReward: _judge,
+    FunctionReward: lambda cfg, base_dir, tok, device, field: FunctionSource(cfg, base_dir),
+    LengthReward: lambda cfg, base_dir, tok, device, field: LengthSource(cfg, tok),
+    KeywordReward: lambda cfg, base_dir, tok, device, field: KeywordSource(cfg),
+    SentimentReward: lambda cfg, base_dir, tok, device, field: SentimentSource(cfg),
+    HumanScoreReward: lambda cfg, base_dir, tok, device, field: HumanScoreSource(cfg),
+}
+
+
+def build_source(cfg, base_dir=None, tokenizer=None, device=None, field: str = "rewards") -> RewardSource:
+    """The runtime source of one reward spec (`field`: where it sits in the recipe, for error messages)."""
+    src = SOURCES[type(cfg)](cfg, base_dir, tokenizer, device, field)
+    src.weight = cfg.weight
+    return src
+
+
+def build_rewards(specs, base_dir=None, tokenizer=None, device=None, field: str = "rewards") -> RewardSet:
+    return RewardSet([build_source(cfg, base_dir, tokenizer, device, f"{field}[{i}]") for i, cfg in enumerate(specs)])

@@ -57,7 +57,28 @@ def test_each_registry_has_exactly_the_names_the_schema_offers():
     assert set(SFT) == set(names.SFT_OBJECTIVES)
     assert set(REWARD) == set(names.REWARD_OBJECTIVES)
     assert set(CONTRASTIVE) == set(names.CONTRASTIVE_OBJECTIVES)
-    keys = {
-        algorithm_key(RLHFSection(algorithm=a, grpo_loss=g)) for a in names.RL_ALGORITHMS for g in names.GRPO_LOSSES
-    }
+    keys = {algorithm_key(RLHFSection(algorithm=a)) for a in names.RL_ALGORITHMS}
+    keys |= {algorithm_key(RLHFSection(algorithm="grpo", grpo_loss=g)) for g in names.GRPO_LOSSES}
     assert keys == set(ALGORITHMS)
+
+
+def test_rl_choice_registries_have_exactly_the_names_the_schema_offers():
+    """issue 15's choices: policy losses, importance-sampling corrections, online objectives, ensemble
+    combiners; and which algorithms have token-level advantages (gspo refuses them)."""
+    import typing
+
+    from prefcli.algos.contrastive import OBJECTIVES
+    from prefcli.algos.rlhf.advantages import ALGORITHMS
+    from prefcli.algos.rlhf.correction import IS_CORRECTIONS
+    from prefcli.algos.rlhf.loss import POLICY_LOSSES
+    from prefcli.recipe.commands import names
+    from prefcli.recipe.reward_specs import EnsembleReward
+    from prefcli.reward_sources import COMBINERS
+
+    assert set(POLICY_LOSSES) == set(names.POLICY_LOSSES)
+    assert set(IS_CORRECTIONS) | {"none"} == set(names.IS_CORRECTIONS)
+    assert set(names.ONLINE_OBJECTIVES) == {k for k, o in OBJECTIVES.items() if o.rows == "pairs"}
+    combine = typing.get_args(EnsembleReward.model_fields["combine"].annotation)
+    assert set(COMBINERS) == set(names.REWARD_COMBINE) == set(combine)
+    token_level = {k for k, a in ALGORITHMS.items() if not a.sequence_advantages}
+    assert token_level == set(names.RL_TOKEN_ADVANTAGES)

@@ -160,3 +160,114 @@ def test_assembled_grpo_loss_on_a_fixed_buffer():
     k3 = [0.5 + math.log(2) - 1, 2 - math.log(2) - 1]
     assert loss.item() == pytest.approx((-0.5 + (-0.5 + 0.1 * k3[0])) / 2 + (0.5 + 0.1 * k3[1]))
     assert m["kl/k3"][0].item() == pytest.approx(k3[0] + k3[1]) and m["kl/k3"][1].item() == 3
+
+
+def _params(**kw):
+    from prefcli.algos.rlhf.loss import LossParams
+
+    base = dict(eps_low=0.2, eps_high=0.2, beta=0.0, kl_in_loss=False, normaliser="token_mean", max_new_tokens=2,
+                vf_coef=0.0, value_clip_eps=0.2)  # fmt: skip
+    return LossParams(**{**base, **kw})
+
+
+def test_clip_higher_lets_a_positive_advantage_push_further():
+    """DAPO's decoupled bounds: ratio 1.25 with A = 1 is clipped at 1.2 by eps_high 0.2 (no gradient), kept by
+    0.28 (gradient A rho = 1.25 on log pi). The split clip fractions count the high side."""
+    from prefcli.algos.rlhf.loss import policy_loss
+
+    logp = torch.log(t([[0.5]])).requires_grad_(True)
+    old, adv, mask = torch.log(t([[0.4]])), t([[1.0]]), t([[1.0]])
+    sym, m = policy_loss(logp, old, adv, mask, _params())
+    (g_sym,) = torch.autograd.grad(sym, logp)
+    hi, m_hi = policy_loss(logp, old, adv, mask, _params(eps_high=0.28))
+    (g_hi,) = torch.autograd.grad(hi, logp)
+    assert sym.item() == pytest.approx(-1.2) and g_sym.item() == 0.0 and m["policy/clipfrac_high"][0] == 1
+    assert hi.item() == pytest.approx(-1.25) and g_hi.item() == pytest.approx(-1.25)
+    assert m_hi["policy/clipfrac_high"][0] == 0
+
+
+def test_gspo_by_hand():
+    """Two completions, log-ratios [ln 1.21, 0] (2 tokens) and [ln 0.64] (1 token): s = sqrt(1.21) = 1.1 and
+    0.64. A = [1, -1], eps 0.05/0.05: -A s = [-1.1, 0.64], -A clip(s, 0.95, 1.05) = [-1.05, 0.95] -> max
+    [-1.05, 0.95], both clipped; on every token of the completion, so sequence_mean gives -1.05 + 0.95.
+    With eps_high 0.2 the first keeps -1.1 and its gradient d(-A s)/d log pi_t = -A s / |y| = -0.55."""
+    from prefcli.algos.rlhf.loss import policy_loss
+
+    old = t([[-1.0, -2.0], [-1.5, 0.0]])
+    logp = (old + t([[math.log(1.21), 0.0], [math.log(0.64), 0.0]])).requires_grad_(True)
+    mask, adv = t([[1.0, 1.0], [1.0, 0.0]]), t([[1.0, 1.0], [-1.0, -1.0]])
+    p = _params(eps_low=0.05, eps_high=0.05, normaliser="sequence_mean", policy_loss="gspo")
+    loss, m = policy_loss(logp, old, adv, mask, p)
+    assert loss.item() == pytest.approx(-1.05 + 0.95) and m["policy/clipfrac"] == (2, 2)
+    loss, m = policy_loss(logp, old, adv, mask, _params(eps_low=0.05, eps_high=0.2, normaliser="sequence_mean",
+                                                        policy_loss="gspo"))  # fmt: skip
+    (g,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == pytest.approx(-1.1 + 0.95) and m["policy/clipfrac"][0] == 1
+    assert g.tolist() == [pytest.approx([-0.55, -0.55]), [0.0, 0.0]]
+
+
+def test_cispo_by_hand():
+    """rho = [2, 0.5], A = [1, -1], weight clip(rho, 1 - 1, 1 + 0.5) = [1.5, 0.5]: loss -w A log pi =
+    -1.5 * log(0.5) + 0.5 * log(0.25); gradient -w A on log pi: [-1.5, 0.5] (no token loses its gradient)."""
+    from prefcli.algos.rlhf.loss import policy_loss
+
+    logp = torch.log(t([[0.5, 0.25]])).requires_grad_(True)
+    old = torch.log(t([[0.25, 0.5]]))
+    loss, m = policy_loss(logp, old, t([[1.0, -1.0]]), t([[1.0, 1.0]]), _params(eps_low=1.0, eps_high=0.5,
+                                                                            policy_loss="cispo"))  # fmt: skip
+    (g,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == pytest.approx(-1.5 * math.log(0.5) + 0.5 * math.log(0.25))
+    assert g.tolist()[0] == pytest.approx([-1.5, 0.5]) and m["policy/clipfrac"][0] == 1
+
+
+def test_truncated_importance_weights_by_hand():
+    """log pi_old - log pi_sampler = [[ln 3, ln 0.5], [ln 1.5, 0]] (second row: 1 token). token_truncate at
+    C = 2: [[2, 0.5], [1.5, .]]; token_mask: [[0, 0.5], [1.5, .]]; sequence: prod = 1.5 (both rows), under
+    the cap; with floor 0.6 and cap 1.2 sequence_mask zeroes both, sequence_truncate gives 1.2."""
+    from prefcli.algos.rlhf.correction import importance_weights, mismatch_stats
+
+    sampler = t([[-1.0, -1.0], [-2.0, -7.0]])
+    old = sampler + t([[math.log(3), math.log(0.5)], [math.log(1.5), 5.0]])
+    mask = t([[1.0, 1.0], [1.0, 0.0]])
+    w, m = importance_weights(old, sampler, mask, "token_truncate", 2.0)
+    assert (w * mask).tolist() == [pytest.approx([2.0, 0.5]), pytest.approx([1.5, 0.0])]
+    assert m["mismatch/is_clipfrac"] == (1, 3) and m["mismatch/is_weight"][0].item() == pytest.approx(4.0)
+    w, _ = importance_weights(old, sampler, mask, "token_mask", 2.0)
+    assert (w * mask).tolist() == [pytest.approx([0.0, 0.5]), pytest.approx([1.5, 0.0])]
+    w, _ = importance_weights(old, sampler, mask, "sequence_truncate", 2.0)
+    assert w.shape == (2, 1) and w.flatten().tolist() == pytest.approx([1.5, 1.5])
+    assert importance_weights(old, sampler, mask, "sequence_mask", 1.2, 0.6)[0].flatten().tolist() == [0.0, 0.0]
+    assert importance_weights(old, sampler, mask, "sequence_truncate", 1.2, 0.6)[0].flatten().tolist() == (
+        pytest.approx([1.2, 1.2])
+    )
+    stats, mx = mismatch_stats(old, sampler, mask)
+    d = [math.log(3), math.log(0.5), math.log(1.5)]
+    assert stats["mismatch/abs_mean"][0].item() == pytest.approx(sum(abs(x) for x in d))
+    assert mx.item() == pytest.approx(math.log(3))  # the masked 5.0 does not count
+    assert stats["mismatch/kl"][0].item() == pytest.approx(sum(math.exp(x) - 1 - x for x in d))
+
+
+def test_overlong_penalty_dapo_eq13():
+    """L_max 16, L_cache 4: 0 up to 12 tokens, then (12 - |y|) / 4: -0.25 at 13, -1 at 16."""
+    from prefcli.algos.rlhf.advantages import overlong_penalty
+
+    got = overlong_penalty(torch.tensor([5, 12, 13, 14, 16]), 16, 4, 1.0).tolist()
+    assert got == pytest.approx([0.0, 0.0, -0.25, -0.5, -1.0])
+    assert overlong_penalty(torch.tensor([14]), 16, 4, 0.5).tolist() == pytest.approx([-0.25])
+
+
+def test_dynamic_sampling_keeps_untied_groups_first():
+    from prefcli.algos.rlhf.advantages import tied_groups
+    from prefcli.algos.rlhf.sampling import fill_groups
+
+    tied = tied_groups(t([1, 1, 0, 1, 0.5, 0.5, 0, 0, 1, 0]), 2)
+    assert tied.tolist() == [True, False, True, True, False]
+    assert fill_groups(tied, 2).tolist() == [1, 4]  # enough untied groups: only those, in drawing order
+    assert fill_groups(tied, 3).tolist() == [0, 1, 4]  # short: the first tied group fills in
+
+
+def test_online_pairs_best_against_worst():
+    from prefcli.algos.rlhf.online import best_worst_pairs
+
+    c, r, valid = best_worst_pairs(t([0.1, 0.9, 0.5, 0.9, 0.2, 0.2, 0.2, 0.2]), 4)
+    assert c.tolist() == [1, 4] and r.tolist() == [0, 4] and valid.tolist() == [True, False]

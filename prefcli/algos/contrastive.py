@@ -241,6 +241,39 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+def pair_objective(
+    obj: Objective,
+    hp: Hyper,
+    lp: PairLogps,
+    sum_c,
+    sum_r,
+    weight: torch.Tensor | None = None,
+    loss_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """A paired objective on a batch of pairs: the summed loss and its metrics as (sum, count) over pairs
+    (`prefcli contrastive`, and `prefcli rlhf`'s online_dpo on pairs of sampled completions). `weight`
+    [B] (0 or 1) leaves pairs out of the loss and the counts; `loss_scale` [B] multiplies each pair's loss
+    only (data.debias length-balance weights; the metrics stay unweighted); sum_c, sum_r: summed
+    completion log-probs."""
+    losses, m = obj.loss_fn(lp, hp)
+    if loss_scale is not None:
+        losses = losses * loss_scale
+    w = torch.ones_like(losses) if weight is None else weight.to(losses.dtype)
+    B = losses.shape[0] if weight is None else w.sum()
+    rc, rr = m.pop("reward/chosen"), m.pop("reward/rejected")
+    mets = {
+        "reward/chosen": ((rc * w).sum(), B),
+        "reward/rejected": ((rr * w).sum(), B),
+        "reward/margin": (((rc - rr) * w).sum(), B),
+        "reward/accuracy": ((pair_correct(rc - rr) * w).sum(), B),
+        "logps/chosen": ((sum_c.detach() * w).sum(), B),
+        "logps/rejected": ((sum_r.detach() * w).sum(), B),
+    }
+    for k, v in m.items():
+        mets[k] = ((v * w).sum(), B)
+    return (losses * w).sum() if weight is not None else losses.sum(), mets
+
+
 def hyper(c, obj: Objective) -> Hyper:
     """The recipe's knobs with null resolved to the objective's defaults."""
     return Hyper(
@@ -399,22 +432,8 @@ class PreferenceTask(Scheduled):
 
     def _pair_loss(self, module, b, split: str = "train") -> tuple[torch.Tensor, dict]:
         lp, sum_c, sum_r = self._pair_inputs(module, b, split)
-        losses, m = self.obj.loss_fn(lp, self.hp)
-        if "weight" in b:  # data.debias.length_balance: reweight
-            losses = losses * b["weight"]
-        B = losses.shape[0]
-        rc, rr = m.pop("reward/chosen"), m.pop("reward/rejected")
-        mets = {
-            "reward/chosen": (rc.sum(), B),
-            "reward/rejected": (rr.sum(), B),
-            "reward/margin": ((rc - rr).sum(), B),
-            "reward/accuracy": (pair_correct(rc - rr).sum(), B),
-            "logps/chosen": (sum_c.detach().sum(), B),
-            "logps/rejected": (sum_r.detach().sum(), B),
-        }
-        for k, v in m.items():
-            mets[k] = (v.sum(), B)
-        return losses.sum(), mets
+        # data.debias.length_balance: reweight: each pair's loss scaled by its weight
+        return pair_objective(self.obj, self.hp, lp, sum_c, sum_r, loss_scale=b.get("weight"))
 
     def _kl_estimate(self, s, items: list[int], partner: list[int], ref_key: str) -> torch.Tensor:
         """z = max(0, mean over the step's mismatched pairs of logπ - logπ_ref), detached, over the

@@ -286,34 +286,42 @@ def _file_digest(path: str, content: bool) -> str:
 
 def scorer_fingerprint(specs) -> str:
     """What the cached scores depend on: the reward specs, and the files behind them (a function's source,
-    a reward model's folder, a human-score file), so that editing one rescoring the data."""
+    a reward model's or a judge's folder, a human-score file, an ensemble's members), so that editing one
+    rescores the data."""
     h = hashlib.sha256()
     for spec in specs:
         h.update(spec.model_dump_json().encode())
-        kind = spec.kind
-        if kind == "function":
-            mod = spec.function.rpartition(":")[0]
-            path = mod
-            if not mod.endswith(".py"):
-                try:
-                    found = importlib.util.find_spec(mod)
-                    path = found.origin if found is not None and found.origin else ""
-                except (ImportError, ValueError):
-                    path = ""
-            h.update(_file_digest(path, content=True).encode() if path else b"")
-        elif kind == "model" and os.path.isdir(spec.path):
-            for f in sorted(os.listdir(spec.path)):
-                h.update(f"{f}={_file_digest(os.path.join(spec.path, f), content=False)}".encode())
-        elif kind == "human_scores":
-            h.update(_file_digest(spec.path, content=False).encode())
-        elif kind == "sentiment":
-            from importlib.metadata import PackageNotFoundError, version
-
-            try:
-                h.update(version("vaderSentiment").encode())
-            except PackageNotFoundError:
-                pass
+        _hash_sources(h, spec)
     return h.hexdigest()[:16]
+
+
+def _hash_sources(h, spec) -> None:
+    kind = spec.kind
+    if kind == "function":
+        mod = spec.function.rpartition(":")[0]
+        path = mod
+        if not mod.endswith(".py"):
+            try:
+                found = importlib.util.find_spec(mod)
+                path = found.origin if found is not None and found.origin else ""
+            except (ImportError, ValueError):
+                path = ""
+        h.update(_file_digest(path, content=True).encode() if path else b"")
+    elif kind in ("model", "judge") and os.path.isdir(spec.path):
+        for f in sorted(os.listdir(spec.path)):
+            h.update(f"{f}={_file_digest(os.path.join(spec.path, f), content=False)}".encode())
+    elif kind == "ensemble":
+        for member in spec.members:
+            _hash_sources(h, member)
+    elif kind == "human_scores":
+        h.update(_file_digest(spec.path, content=False).encode())
+    elif kind == "sentiment":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            h.update(version("vaderSentiment").encode())
+        except PackageNotFoundError:
+            pass
 
 
 def score_rows(ds, fmt: str, cfg, tok, device, source: str) -> list[float]:

@@ -51,6 +51,9 @@ class Rollout:
     completion_ids: torch.Tensor  # [B, N] pad after the stop token
     completion_mask: torch.Tensor  # [B, N] 1 on generated tokens, the stop token included
     finished: torch.Tensor  # [B] bool: ended with a stop token (not cut by max_new_tokens)
+    # [B, N] float32: the sampler's log-prob of each completion token under the distribution it sampled
+    # from (temperature, top-k/top-p, blocked stop tokens applied; 0 after the end). None: not recorded.
+    logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -70,8 +73,16 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """One token per row from [B, V] float32 logits: temperature, top-k, top-p, then Gumbel-max
     (the same distribution as softmax sampling, and graph-capturable)."""
+    return sample_with_logprob(logits, cfg)[0]
+
+
+def sample_with_logprob(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_next`, and the log-prob [B] of the chosen token under the distribution it was drawn from
+    (after temperature, top-k and top-p; greedy: under the softmax of the raw logits). The trainer
+    compares it with its own log-prob of the same token (sampler/trainer mismatch)."""
     if cfg.temperature <= 0:
-        return logits.argmax(-1)
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
     logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
@@ -84,7 +95,8 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     u = torch.rand_like(logits).clamp_(min=1e-20, max=1.0 - 1e-7)
-    return (logits - torch.log(-torch.log(u))).argmax(-1)
+    tok = (logits - torch.log(-torch.log(u))).argmax(-1)
+    return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
 
 
 def supports_fast_decoder(lm) -> tuple[bool, str]:
@@ -395,10 +407,11 @@ class FastDecoder:
             block = k < cfg.min_new_tokens
             cols = logits[:, self.stop_ids]
             logits[:, self.stop_ids] = torch.where(block, torch.full_like(cols, float("-inf")), cols)
-        nxt = sample_next(logits, cfg)
+        nxt, lp = sample_with_logprob(logits, cfg)
         nxt = torch.where(self.s_done, torch.full_like(nxt, cfg.pad_token_id), nxt)
         slot = k.clamp_max(self.out.shape[1] - 1).view(1)
         self.out.index_copy_(1, slot, nxt[:, None])
+        self.out_logp.index_copy_(1, slot, torch.where(self.s_done, torch.zeros_like(lp), lp)[:, None])
         self.out_mask.index_copy_(1, slot, (~self.s_done).long()[:, None])
         if cfg.stop_token_ids:
             hit = torch.isin(nxt, self.stop_ids) & ~self.s_done
@@ -441,6 +454,7 @@ class FastDecoder:
             self.s_finished,
             self.out,
             self.out_mask,
+            self.out_logp,
             self.k_cache,
             self.v_cache,
         ]
@@ -470,6 +484,7 @@ class FastDecoder:
             self.s_finished = torch.zeros(B, dtype=torch.bool, device=dev)
             self.out = torch.full((B, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
             self.out_mask = torch.zeros(B, cfg.max_new_tokens, dtype=torch.long, device=dev)
+            self.out_logp = torch.zeros(B, cfg.max_new_tokens, dtype=torch.float32, device=dev)
             self.graph = None
         logits = self.prefill(prompt_ids, prompt_mask)
         self.s_valid.zero_()
@@ -478,6 +493,7 @@ class FastDecoder:
         self.s_finished.zero_()
         self.out.fill_(cfg.pad_token_id)
         self.out_mask.zero_()
+        self.out_logp.zero_()
         self._choose(logits, torch.zeros((), dtype=torch.long, device=dev))  # new token 0, from the prefill
         self.s_idx.fill_(P)  # token 0 goes into cache slot P ...
         self.s_pos.copy_(prompt_mask.sum(-1))  # ... at position = number of real prompt tokens
@@ -503,6 +519,7 @@ class FastDecoder:
             completion_ids=self.out.clone(),
             completion_mask=self.out_mask.clone(),
             finished=self.s_finished.clone(),
+            logprobs=self.out_logp.clone(),
         )
 
     def _advance(self):

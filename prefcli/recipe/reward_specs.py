@@ -1,13 +1,15 @@
 """Reward sources in recipes: `rewards: [{kind: ..., weight: ...}, ...]`.
 
 Several sources combine as a weighted sum. The founding idea R(s, a) = HumanScore(a) is any of
-them: a reward model trained on human comparisons (`model`), human scores read from a file
-(`human_scores`), a sentiment lexicon built from human ratings (`sentiment`, VADER), a rule
-(`length`, `keyword`), or your own Python function (`function`).
+them: a reward model trained on human comparisons (`model`), several of them as a conservative
+`ensemble`, a local language model as a `judge`, human scores read from a file (`human_scores`), a
+sentiment lexicon built from human ratings (`sentiment`, VADER), a rule (`length`, `keyword`), or your
+own Python function (`function`).
 """
 
 from __future__ import annotations
 
+import string
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -115,7 +117,108 @@ class HumanScoreReward(_RewardBase):
     default: float = Field(0.0, description="Score of pairs not in the file when missing: default.")
 
 
+class JudgeReward(_RewardBase):
+    kind: Literal["judge"] = Field(
+        description="A local causal language model as the judge: the score is read from its next-token "
+        "probabilities over the answer tokens after a prompt built from `template` (no text parsing)."
+    )
+    path: PathOrHubId = Field(description="The judge: a causal LM folder or hub id.")
+    tokenizer: PathOrHubId | None = Field(None, description="Its tokenizer (default: path's).")
+    mode: Literal["score", "pairwise"] = Field(
+        "score",
+        description="'score': judge each completion alone ({prompt}, {completion}); 'pairwise': judge which of "
+        "two completions of the same prompt is better ({prompt}, {completion_a}, {completion_b}), each "
+        "completion scored by its mean win rate over the others of its prompt, both orders asked.",
+    )
+    template: str = Field(
+        description="The judge's prompt (Python str.format; write literal braces as {{ }}). Must contain "
+        "{completion} (score) or {completion_a} and {completion_b} (pairwise); may contain {prompt}."
+    )
+    answers: dict[str, float] | None = Field(
+        None,
+        description="Answer tokens and their values; the score is their probability-weighted mean. Each must be "
+        "one token. null: {' yes': 1, ' no': 0} (score) or {' A': 1, ' B': 0} (pairwise: 1 = the first is better).",
+    )
+    chat_template: bool = Field(
+        False, description="Wrap the rendered template as a user turn in the judge's chat template."
+    )
+    batch_size: int = Field(16, gt=0, description="Judge prompts per forward pass.")
+    max_length: int = Field(1024, gt=1, description="Longer judge prompts lose their beginning.")
+    cache_size: int = Field(100_000, gt=0, description="Verdicts kept in the cache (least recently used dropped).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
+        except ValueError as e:
+            raise ValueError(
+                f"template is not a valid format string ({e}); write literal braces as {{{{ }}}}"
+            ) from None
+        need = {"completion"} if self.mode == "score" else {"completion_a", "completion_b"}
+        allowed = need | {"prompt"}
+        if not need <= fields:
+            missing = ", ".join("{" + f + "}" for f in sorted(need - fields))
+            raise ValueError(f"template has no {missing} placeholder: the judge would never see the completion")
+        if fields - allowed:
+            extra = ", ".join("{" + f + "}" for f in sorted(fields - allowed))
+            raise ValueError(
+                f"template has unknown placeholders {extra} (mode {self.mode} allows "
+                f"{', '.join('{' + f + '}' for f in sorted(allowed))})"
+            )
+        if self.answers is None:
+            self.answers = {" yes": 1.0, " no": 0.0} if self.mode == "score" else {" A": 1.0, " B": 0.0}
+        elif len(self.answers) < 2:
+            raise ValueError("answers needs at least two answer tokens (their probabilities are renormalised)")
+        return self
+
+
+MemberSpec = Annotated[
+    ModelReward | JudgeReward | FunctionReward | LengthReward | KeywordReward | SentimentReward | HumanScoreReward,
+    Field(discriminator="kind"),
+]
+
+
+class EnsembleReward(_RewardBase):
+    kind: Literal["ensemble"] = Field(
+        description="Several reward sources, typically reward models trained with different seeds, combined "
+        "into one score; their spread is logged as reward/<name>_spread (Coste et al. 2023, reward model "
+        "ensembles against over-optimisation)."
+    )
+    members: list[MemberSpec] = Field(
+        description="The members, at least two: reward specs of any kind but ensemble, e.g. "
+        "[{kind: model, path: rm-seed0}, {kind: model, path: rm-seed1}, {kind: model, path: rm-seed2}]; "
+        "their weight and name are not used."
+    )
+    # the names of prefcli.recipe.commands.names.REWARD_COMBINE, written out: that package imports this module
+    combine: Literal["mean", "min", "mean_minus_std"] = Field(
+        "mean",
+        description="'mean' of the members; 'min' (worst case); 'mean_minus_std': mean - std_coef x the "
+        "members' standard deviation (a conservative, uncertainty-penalised reward).",
+    )
+    std_coef: float = Field(1.0, ge=0, description="k of mean_minus_std.")
+    normalize: bool = Field(
+        True,
+        description="Standardise each member with the mean and standard deviation of its scores on the first "
+        "batch it scores (kept for the run and in checkpoints), so members trained apart share one scale "
+        "before they are combined. Off: raw scores.",
+    )
+
+    @field_validator("members")
+    @classmethod
+    def _two(cls, value: list) -> list:
+        if len(value) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(value)}; use the member itself for one")
+        return value
+
+
 RewardSpec = Annotated[
-    ModelReward | FunctionReward | LengthReward | KeywordReward | SentimentReward | HumanScoreReward,
+    ModelReward
+    | EnsembleReward
+    | JudgeReward
+    | FunctionReward
+    | LengthReward
+    | KeywordReward
+    | SentimentReward
+    | HumanScoreReward,
     Field(discriminator="kind"),
 ]

@@ -2,12 +2,16 @@
 
 Where things are:
 - advantages.py  the advantage estimators (ppo/GAE, rloo, grpo, dr_grpo, dapo, reinforce_pp) as pure
-                 functions, and the registry `ALGORITHMS` that pairs each with its KL placement, normaliser
-                 and defaults;
-- loss.py        the policy update on one screen: ratio, clipping, KL term, value loss, normaliser;
-- policy.py      `PolicyLearner`: prompts, policy, reference, sampler, rewards, rollouts, minibatch plans,
-                 evaluation (also the generator of `prefcli gan`);
-- sampling.py    prompt rows, the transformers-generate fallback sampler, stop strings.
+                 functions, score shaping (DAPO's overlong penalty, tied groups), and the registry `ALGORITHMS`
+                 that pairs each with its KL placement, normaliser and defaults (online_dpo included);
+- loss.py        the policy update on one screen: the surrogate (`POLICY_LOSSES`: clip, gspo, cispo), clipping,
+                 importance weights, KL term, value loss, normaliser;
+- correction.py  the sampler/trainer mismatch and its truncated importance weights (`IS_CORRECTIONS`);
+- online.py      online preference learning: best/worst pairs, the contrastive registry's objectives;
+- policy.py      `PolicyLearner`: prompts, policy, reference, sampler, rewards, rollouts, minibatch plans
+                 (also the generator of `prefcli gan`); draws.py (sampling rounds, dynamic sampling),
+                 stats.py (rollout metrics) and evaluation.py (held-out evaluation) are its parts;
+- sampling.py    prompt rows, the transformers-generate fallback sampler, stop strings, sampled rounds.
 Equations and sources: docs/algorithms.md, section rlhf.
 """
 

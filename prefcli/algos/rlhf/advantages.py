@@ -17,6 +17,15 @@ stop token included); rows of the same prompt are consecutive.
   REINFORCE++ (Hu et al. 2025): token rewards as PPO, returns G_t = sum_{t' >= t} gamma^(t'-t) r_t',
     advantages whitened over the global batch (no critic); the Baseline variant subtracts the group's
     mean score first.
+  online_dpo: no advantages; the best and worst completion of each group become a preference pair for an
+    objective of the contrastive registry (online.py).
+
+Score shaping before any of them (`shaped_scores`): the missing-EOS penalty, and DAPO's overlong reward
+shaping (Yu et al. 2025, section 3.4, "soft overlong punishment") with L_max = max_new_tokens and L_cache = rlhf.overlong_buffer:
+    R_length(y) = 0                                  |y| <= L_max - L_cache
+                = ((L_max - L_cache) - |y|) / L_cache   L_max - L_cache < |y| <= L_max
+(times rlhf.overlong_penalty; |y| counts the completion's tokens, stop token included, and never exceeds
+L_max here because sampling stops there).
 """
 
 from __future__ import annotations
@@ -104,6 +113,20 @@ def group_normalised(scores: torch.Tensor, k: int, scale: bool, eps: float = 1e-
     return a.reshape(-1)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, section 3.4): 0 up to
+    max_len - buffer tokens, then falling linearly to -factor at max_len (and -factor beyond it)."""
+    start = max_len - buffer
+    return -factor * ((lengths.to(torch.float32) - start).clamp_min(0.0) / buffer).clamp_max(1.0)
+
+
+def tied_groups(scores: torch.Tensor, k: int, tol: float = 1e-8) -> torch.Tensor:
+    """[B / k] bool: the groups (k consecutive completions of one prompt) whose scores all agree, which
+    group-relative estimators give no signal (advantage 0; DAPO's dynamic sampling drops them)."""
+    g = scores.view(-1, k)
+    return (g.max(1).values - g.min(1).values).abs() < tol
+
+
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """r_t = -beta * kl_t on every token, plus the sequence score on the last token."""
     r = -beta * kl * mask
@@ -159,6 +182,11 @@ def reinforce_pp(x: AdvantageInputs) -> Advantages:
     return (masked_whiten(ret, x.mask, x.all_reduce) if x.cfg.whiten_advantages else ret * x.mask), None
 
 
+def no_advantages(x: AdvantageInputs) -> Advantages:
+    """online_dpo: the update reads pairs, not advantages (online.py)."""
+    return torch.zeros_like(x.mask), None
+
+
 # ------------------------------------------------------------------------------ registry
 
 
@@ -171,11 +199,14 @@ class RLAlgorithm:
     needs_value: bool
     default_epochs: int
     normaliser: str = "token_mean"  # a key of prefcli.algos.rlhf.loss.NORMALISERS
-    default_clip_high: float | None = None  # the upper clip epsilon when rlhf.clip_eps_high is unset
+    default_clip_high: float | None = None  # the upper clip epsilon when rlhf.clip_high is unset (clip loss)
+    sequence_advantages: bool = True  # one advantage per completion (gspo needs it)
+    update: str = "policy_gradient"  # or "preference": pairs for a contrastive objective (online_dpo)
 
 
 ALGORITHMS: dict[str, RLAlgorithm] = {
-    "ppo": RLAlgorithm(ppo_advantages, kl_in_reward=True, needs_value=True, default_epochs=4),
+    "ppo": RLAlgorithm(ppo_advantages, kl_in_reward=True, needs_value=True, default_epochs=4,
+                       sequence_advantages=False),
     "rloo": RLAlgorithm(rloo, kl_in_reward=True, needs_value=False, default_epochs=1),
     "grpo": RLAlgorithm(grpo_advantages, kl_in_reward=False, needs_value=False, default_epochs=1,
                         normaliser="sequence_mean"),
@@ -183,7 +214,10 @@ ALGORITHMS: dict[str, RLAlgorithm] = {
                            normaliser="constant"),
     "dapo": RLAlgorithm(grpo_advantages, kl_in_reward=False, needs_value=False, default_epochs=1,
                         normaliser="token_mean", default_clip_high=0.28),
-    "reinforce_pp": RLAlgorithm(reinforce_pp, kl_in_reward=True, needs_value=False, default_epochs=1),
+    "reinforce_pp": RLAlgorithm(reinforce_pp, kl_in_reward=True, needs_value=False, default_epochs=1,
+                                sequence_advantages=False),
+    "online_dpo": RLAlgorithm(no_advantages, kl_in_reward=False, needs_value=False, default_epochs=1,
+                              update="preference"),
 }  # fmt: skip
 
 

@@ -1,11 +1,13 @@
 """The policy side of RL training, shared by `prefcli rlhf` and the generator of `prefcli gan`.
 
 `PolicyLearner` owns the prompts, the policy (with a value head for PPO), the frozen reference, the
-sampler and the reward sources. One rollout: prompts -> k completions each (the fast sampler) -> scores
--> log-probs of the policy at sampling time and of the reference -> advantages (`advantages.ALGORITHMS`)
--> `epochs_per_rollout` passes of `minibatches_per_epoch` optimizer steps, each a `Plan` whose loss is
-`loss.policy_loss`. `rollout()` returns what it sampled (`Experience`), so a caller (the GAN) can use the
-completions without hooks.
+sampler and the reward sources. One rollout: prompts -> k completions each (the fast sampler, which also
+returns its log-probs) -> scores (shaped; with dynamic sampling, tied groups replaced by fresh prompts:
+draws.py) -> log-probs of the policy at sampling time and of the reference -> advantages
+(`advantages.ALGORITHMS`), or best/worst pairs for online_dpo (online.py) -> `epochs_per_rollout` passes
+of `minibatches_per_epoch` optimizer steps, each a `Plan` whose loss is `loss.policy_loss` (or the
+preference objective). `rollout()` returns what it sampled (`Experience`), so a caller (the GAN) can use
+the completions without hooks.
 """
 
 from __future__ import annotations
@@ -31,11 +33,16 @@ from ...engine.models import (
     whole_state,
 )
 from ...engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
-from ...errors import DataError, UsageError
+from ...errors import DataError, TrainingError, UsageError
 from ...reward_sources import RewardSet, RewardSource, build_rewards
 from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token
-from .loss import NORMALISERS, LossParams, policy_loss
-from .sampling import HFSampler, Samples, apply_stop_strings, prompt_rows
+from .correction import mismatch_stats
+from .draws import RolloutDraws
+from .evaluation import HeldOutEvaluation
+from .loss import NORMALISERS, POLICY_LOSSES, LossParams, policy_loss
+from .online import OnlinePreferenceLoss, best_worst_pairs
+from .sampling import Draw, HFSampler, Samples, apply_stop_strings, prompt_rows
+from .stats import max_op, rollout_stats
 
 # ---------------------------------------------------------------------------- modules
 
@@ -73,7 +80,7 @@ class Experience:
 # ------------------------------------------------------------------------------ learner
 
 
-class PolicyLearner:
+class PolicyLearner(RolloutDraws, HeldOutEvaluation):
     """The policy being trained by RL: see the module docstring. `extra_rewards` come before the recipe's
     `rewards:` in the summed reward (the GAN's discriminator)."""
 
@@ -83,6 +90,8 @@ class PolicyLearner:
         rt, c, g = self.rt, r.rlhf, r.generation
         self.key = algorithm_key(c)
         self.algo = ALGORITHMS[self.key]
+        self.preference = self.algo.update == "preference"
+        self.online = OnlinePreferenceLoss(c.preference) if self.preference else None
         self.tok = tok = load_tokenizer(r.model)
         rows = load_rows(r.data.train, what="data.train")
         eval_rows = load_rows(r.data.eval, what="data.eval") if r.data.eval is not None else None
@@ -114,7 +123,7 @@ class PolicyLearner:
 
         # old and new log-probs must come from the same function: dropout off (the builder's default)
         lm = build_trained_model(r.model, tok, rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke)
-        self.need_ref = c.kl_coef > 0 or c.kl_target is not None
+        self.need_ref = self.online.needs_ref if self.preference else (c.kl_coef > 0 or c.kl_target is not None)
         self.ref_policy = None
         if r.model.lora is None and self.need_ref:
             # a frozen copy in the compute dtype (with LoRA: the same weights with the adapters off)
@@ -133,23 +142,36 @@ class PolicyLearner:
         self.k = c.num_generations
         self.B = c.prompts_per_rollout * self.k
         self.epochs = c.epochs_per_rollout or self.algo.default_epochs
-        if self.B % c.minibatches_per_epoch:
+        # the units a rollout is split into: its sequences, or (online_dpo) its pairs, one per prompt
+        units, what = (
+            (c.prompts_per_rollout, "pairs (one per prompt: prompts_per_rollout)")
+            if self.preference
+            else (self.B, "sequences (prompts_per_rollout x num_generations)")
+        )
+        if units % c.minibatches_per_epoch:
             raise UsageError(
-                f"rlhf.minibatches_per_epoch ({c.minibatches_per_epoch}) must divide the rollout's "
-                f"{self.B} sequences (prompts_per_rollout x num_generations)"
+                f"rlhf.minibatches_per_epoch ({c.minibatches_per_epoch}) must divide the rollout's {units} {what}"
             )
-        self.mb_size = self.B // c.minibatches_per_epoch
+        self.units = units
+        self.mb_size = units // c.minibatches_per_epoch
         # One pass over a rollout whose advantages need no rollout-time log-probs (grpo): the old
         # policy is the current one, so the training forward's own (detached) log-probs serve as
         # pi_old and one no-grad forward per rollout is saved (as TRL does for num_iterations=1).
         # The adaptive KL controller reads the rollout's KL, so it keeps the forward.
         self.old_is_current = (
-            not self.algo.kl_in_reward
+            not self.preference
+            and not self.algo.kl_in_reward
             and not self.algo.needs_value
             and self.epochs * c.minibatches_per_epoch == 1
             and c.kl_target is None
         )
-        self.eps_high = c.clip_eps_high if c.clip_eps_high is not None else (self.algo.default_clip_high or c.clip_eps)
+        self.pl = POLICY_LOSSES[c.policy_loss]
+        low, high = c.clip_range()
+        self.eps_low = low if low is not None else self.pl.default_clip_low
+        if high is None and c.policy_loss == "clip" and self.algo.default_clip_high is not None:
+            high = self.algo.default_clip_high  # dapo's clip-higher
+        self.eps_high = high if high is not None else (self.pl.default_clip_high or self.eps_low)
+        self.normaliser = self.pl.normaliser or self.algo.normaliser
         self.beta = c.kl_coef
         self.max_prompt = max(len(p) for p in self.prompt_ids + self.eval_ids)
         self.scfg = SamplingConfig(
@@ -191,11 +213,13 @@ class PolicyLearner:
         self.sampler = self._make_sampler(lm, g)
         # position: rollouts done, and where we are inside the current rollout (the prompt cursor above)
         self.rollouts = 0
+        self.prompts_sampled = 0  # all ranks, resampled prompts (dynamic sampling) included
         self.buffer: dict[str, torch.Tensor] | None = None
         self.queue: list[list[int]] = []  # remaining minibatches of the current rollout (row indices)
         self.rollout_metrics: dict[str, float] = {}
         self.examples_file = ctx.run_dir / "samples.jsonl"
         self._warned_sampler = False
+        self._plan_metrics: dict[str, float] = {}
 
     def _make_sampler(self, lm, g):
         ok, why = supports_fast_decoder(lm)
@@ -277,12 +301,15 @@ class PolicyLearner:
         }
 
     @torch.no_grad()
-    def score_logprobs(self, seq: dict, reference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs [B, N] at the sampling temperature (and values, for the policy), micro-batched."""
+    def score_logprobs(
+        self, seq: dict, reference: bool, temperature: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs [B, N] at the sampling temperature unless given (and values, for the policy),
+        micro-batched."""
         out_lp, out_v = [], []
         bs = self.cfg.train.batch_size
         start = int(seq["start"])
-        temp = self.cfg.generation.temperature
+        temp = self.cfg.generation.temperature if temperature is None else temperature
         for s in range(0, seq["input_ids"].shape[0], bs):
             sl = {k: (v[s : s + bs] if v.dim() else v) for k, v in seq.items()}
             lm_args = (sl["input_ids"], sl["targets"], sl["attention_mask"], sl["position_ids"])
@@ -302,21 +329,24 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ rollout
     def rollout(self) -> Experience:
-        """Sample, score and compute advantages for the next prompts; queue the minibatches of its updates."""
+        """Sample, score and compute advantages (or pairs) for the next prompts; queue the minibatches of
+        its updates."""
         rt, c = self.rt, self.cfg.rlhf
         t0 = time.perf_counter()
         self.sampler.sync()
-        smp = self.sample(self.next_prompts(), self.prompt_text, self.prompt_ids, self.k)
-        r, prompts, completions = smp.rollout, smp.prompts, smp.completions
-        total, parts = self.rewards.score(prompts, completions)
-        scores = torch.tensor(total, dtype=torch.float32, device=rt.device)
-        raw_scores = scores.clone()
-        if c.missing_eos_penalty is not None:
-            scores = scores - c.missing_eos_penalty * (~r.finished).float()
+        d, draw_stats = self._draw_rollout()
+        r, prompts, completions = d.samples.rollout, d.samples.prompts, d.samples.completions
         seq = self.sequences(r)
         mask = r.completion_mask.float()
         if c.mask_truncated_completions:
             mask = mask * r.finished.float()[:, None]
+            if rt.all_reduce(mask.sum().reshape(1)).item() == 0:
+                raise TrainingError(
+                    f"rollout {self.rollouts + 1}: every completion was cut by generation.max_new_tokens "
+                    f"({self.scfg.max_new_tokens}) before its stop token, and rlhf.mask_truncated_completions "
+                    "leaves them all out of the loss: raise max_new_tokens, or turn it off (overlong_buffer "
+                    "shapes their reward instead)"
+                )
         ref_logp = self.score_logprobs(seq, reference=True)[0] if self.need_ref else None
         if self.old_is_current:
             old_logp, old_values = None, None
@@ -327,8 +357,28 @@ class PolicyLearner:
                 ref_logp = old_logp
             kl = kl_per_token(old_logp, ref_logp, "k1") * r.completion_mask
         self.model.train()
+        self.buffer = {**seq, "mask": mask}
+        if r.logprobs is not None:
+            self.buffer["sampler_logp"] = r.logprobs
+        if self.preference:
+            self._queue_pairs(d, seq, ref_logp)
+        else:
+            self._queue_policy(d, r, kl, mask, old_logp, old_values, ref_logp)
+        self.rollout_metrics, n = rollout_stats(self, r, d, kl, old_logp, t0)
+        self.rollout_metrics.update(draw_stats)
+        if c.kl_target is not None:  # adaptive KL controller (Ziegler et al. 2019); n: sequences, all ranks
+            err = max(-0.2, min(0.2, self.rollout_metrics["kl/mean"] / c.kl_target - 1.0))
+            self.beta *= 1.0 + err * n / c.kl_horizon
+        if c.num_examples and self.rollouts % c.log_examples_every_steps == 0 and rt.is_main:
+            self._show_examples(prompts, completions, d.total)
+        self.rollouts += 1
+        return Experience(d.samples.rows, prompts, completions, d.total)
+
+    def _queue_policy(self, d: Draw, r: Rollout, kl, mask, old_logp, old_values, ref_logp) -> None:
+        """Advantages of a policy-gradient rollout, and its minibatches (sequence indices)."""
+        rt, c = self.rt, self.cfg.rlhf
         x = AdvantageInputs(
-            scores=scores,
+            scores=d.scores,
             kl=kl if self.algo.kl_in_reward else torch.zeros_like(kl),
             mask=r.completion_mask.float(),
             values=old_values,
@@ -338,7 +388,7 @@ class PolicyLearner:
             all_reduce=rt.all_reduce if rt.distributed else None,
         )
         adv, returns = self.algo.advantages(x)
-        self.buffer = {**seq, "adv": adv, "mask": mask}
+        self.buffer["adv"] = adv
         if old_logp is not None:
             self.buffer["old_logp"] = old_logp
         if ref_logp is not None:
@@ -346,60 +396,28 @@ class PolicyLearner:
         if old_values is not None:
             self.buffer.update(old_values=old_values, returns=returns)
         self.queue = []
-        B = self.B
         for e in range(self.epochs):
-            gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.rollouts * 101 + e)
-            perm = torch.randperm(B, generator=gen).tolist()
-            self.queue += [perm[s : s + self.mb_size] for s in range(0, B, self.mb_size)]
-        self.rollout_metrics, n = self._rollout_stats(r, raw_scores, kl, parts, smp.gen_s, t0)
-        if c.kl_target is not None:  # adaptive KL controller (Ziegler et al. 2019); n: sequences, all ranks
-            err = max(-0.2, min(0.2, self.rollout_metrics["kl/mean"] / c.kl_target - 1.0))
-            self.beta *= 1.0 + err * n / c.kl_horizon
-        if c.num_examples and self.rollouts % c.log_examples_every_steps == 0 and rt.is_main:
-            self._show_examples(prompts, completions, total)
-        self.rollouts += 1
-        return Experience(smp.rows, prompts, completions, total)
+            perm = torch.randperm(self.B, generator=self._epoch_generator(e)).tolist()
+            self.queue += [perm[s : s + self.mb_size] for s in range(0, self.B, self.mb_size)]
 
-    def _rollout_stats(
-        self, r: Rollout, raw_scores, kl, parts: dict, gen_s: float, t0: float
-    ) -> tuple[dict[str, float], float]:
-        """The rollout's metrics, from sums across processes in one all-reduce, and its sequence count."""
-        groups = raw_scores.view(-1, self.k)
-        zero_var = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
-        sums = {
-            "score": raw_scores.sum(),
-            "score_sq": (raw_scores**2).sum(),
-            "kl": kl.sum(1).sum(),
-            "tokens": r.completion_mask.sum().float(),
-            "finished": r.finished.float().sum(),
-            "zero_var_groups": zero_var.float().sum(),
-            "groups": float(groups.shape[0]),
-            "sequences": float(raw_scores.shape[0]),
-            **{f"part/{name}": float(sum(v)) for name, v in parts.items()},
-        }
-        names = list(sums)
-        flat = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.rt.device) for k in names])
-        self.rt.all_reduce(flat)
-        v = dict(zip(names, flat.tolist()))
-        n = v["sequences"]
-        mean = v["score"] / n
-        m: dict[str, float] = {
-            "reward/mean": mean,
-            "reward/std": math.sqrt(max(v["score_sq"] / n - mean * mean, 0.0)),
-            "kl/coef": self.beta,
-            "length/mean": v["tokens"] / n,
-            "length/finished": v["finished"] / n,
-            "reward/zero_var_groups": v["zero_var_groups"] / v["groups"],
-        }
-        if not self.old_is_current:
-            m["kl/mean"] = v["kl"] / n
-        for name in parts:
-            m[f"reward/{name}"] = v[f"part/{name}"] / n
-        dt = time.perf_counter() - t0
-        m["perf/rollout_s"] = dt
-        m["perf/samples_per_s"] = n / dt
-        m["perf/gen_tokens_per_s"] = v["tokens"] / max(gen_s, 1e-9)
-        return m, n
+    def _queue_pairs(self, d: Draw, seq: dict, ref_logp) -> None:
+        """online_dpo: the best/worst pair of each prompt, the reference's sequence log-probs (temperature 1,
+        the objective's reduction), and minibatches of pairs, the pairs with a signal spread over them."""
+        chosen, rejected, valid = best_worst_pairs(d.scores, self.k)
+        self.buffer.update(pair_chosen=chosen, pair_rejected=rejected, pair_valid=valid.float())
+        if self.need_ref:
+            t1 = self.cfg.generation.temperature == 1.0 and ref_logp is not None
+            ref_tok = ref_logp if t1 else self.score_logprobs(seq, reference=True, temperature=1.0)[0]
+            self.buffer["ref_seq"] = self.online.sequence(ref_tok, seq["targets"])[0]
+        P, M = self.units, self.cfg.rlhf.minibatches_per_epoch
+        self.queue = []
+        for e in range(self.epochs):
+            perm = torch.randperm(P, generator=self._epoch_generator(e))
+            perm = torch.cat([perm[valid[perm]], perm[~valid[perm]]]).tolist()  # pairs first, dealt round-robin
+            self.queue += [perm[j::M] for j in range(M)]
+
+    def _epoch_generator(self, e: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.rollouts * 101 + e)
 
     def _show_examples(self, prompts, completions, total):
         n = min(self.cfg.rlhf.num_examples, len(prompts))
@@ -416,19 +434,26 @@ class PolicyLearner:
     def loss_params(self) -> LossParams:
         c = self.cfg.rlhf
         return LossParams(
-            eps_low=c.clip_eps,
+            eps_low=self.eps_low,
             eps_high=self.eps_high,
             beta=self.beta,
             kl_in_loss=not self.algo.kl_in_reward,
-            normaliser=self.algo.normaliser,
+            normaliser=self.normaliser,
             max_new_tokens=self.cfg.generation.max_new_tokens,
             vf_coef=c.vf_coef,
             value_clip_eps=c.value_clip_eps,
+            policy_loss=c.policy_loss,
+            is_correction=c.is_correction,
+            is_cap=c.is_cap,
+            is_floor=c.is_floor,
         )
 
     def loss(self, module, mb) -> tuple[torch.Tensor, dict]:
         """One micro-batch of a rollout through the policy: `loss.policy_loss` plus what only the forward
-        knows (entropy; the KL to the reference when the rollout skipped its policy forward)."""
+        knows (entropy; the KL to the reference and the sampler/trainer mismatch when the rollout skipped
+        its policy forward). online_dpo: the preference objective on pairs (online.py)."""
+        if self.preference:
+            return self.online(module, mb)
         temp = self.cfg.generation.temperature
         logp, ent, values = module(
             mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["targets"], int(mb["start"]), temp
@@ -445,11 +470,18 @@ class PolicyLearner:
             values=values,
             old_values=mb.get("old_values"),
             returns=mb.get("returns"),
+            sampler_logp=mb.get("sampler_logp"),
         )
         metrics["policy/entropy"] = ((ent * mask).sum(), mask.sum())
         if self.old_is_current and "ref_logp" in mb:
             k1 = (kl_per_token(logp.detach(), mb["ref_logp"], "k1") * mask).sum()
             metrics["kl/mean"] = (k1, (mask.sum(1) > 0).sum())
+        if self.old_is_current and "sampler_logp" in mb:
+            mm, mx = mismatch_stats(logp, mb["sampler_logp"], (mb["targets"] != -100).float())
+            metrics.update(mm)
+            mx = self.rt.all_reduce(mx.detach().double().reshape(1), op=max_op(self.rt))
+            # the largest difference is not a mean: kept in the step's own metrics, max over micro-batches
+            self._plan_metrics["mismatch/abs_max"] = max(self._plan_metrics.get("mismatch/abs_max", 0.0), float(mx))
         return loss_sum, metrics
 
     def needs_rollout(self) -> bool:
@@ -462,18 +494,27 @@ class PolicyLearner:
         idx = torch.tensor(rows, device=self.rt.device)
         micro = []
         bs = self.cfg.train.batch_size
-        norm = NORMALISERS[self.algo.normaliser]
+        norm = NORMALISERS[self.normaliser]
+        pair_keys = ("pair_chosen", "pair_rejected", "pair_valid")
         for s in range(0, len(rows), bs):
             sub = idx[s : s + bs]
-            mb = {k: (v[sub] if v.dim() else v) for k, v in self.buffer.items()}
-            _, units = norm(mb["mask"], mb["mask"], self.cfg.generation.max_new_tokens)
+            if self.preference:  # a micro-batch of pairs: their chosen rows, then their rejected rows
+                b = self.buffer
+                seqs = torch.cat([b["pair_chosen"][sub], b["pair_rejected"][sub]])
+                mb = {k: (v[seqs] if v.dim() else v) for k, v in b.items() if k not in pair_keys}
+                mb["pair_weight"] = b["pair_valid"][sub].repeat(2)
+                units = b["pair_valid"][sub].sum()
+            else:
+                mb = {k: (v[sub] if v.dim() else v) for k, v in self.buffer.items()}
+                _, units = norm(mb["mask"], mb["mask"], self.cfg.generation.max_new_tokens)
             micro.append(Micro(batch=mb, n=float(units), tokens=int(mb["attention_mask"].sum())))
+        self._plan_metrics = dict(self.rollout_metrics)
         return Plan(
             group="policy",
             micro=micro,
             loss_fn=self.loss,
             name=self.cfg.rlhf.algorithm,
-            metrics=dict(self.rollout_metrics),
+            metrics=self._plan_metrics,
         )
 
     # ------------------------------------------------------------------ state
@@ -481,6 +522,8 @@ class PolicyLearner:
         return {
             **self.cursor.state(),
             "rollouts": self.rollouts,
+            "prompts_sampled": self.prompts_sampled,
+            "rewards": self.rewards.state_dict(),
             "beta": self.beta,
             "queue": self.queue,
             "rollout_metrics": self.rollout_metrics,
@@ -489,6 +532,8 @@ class PolicyLearner:
     def load_state_dict(self, state: dict, extra: dict) -> None:
         self.cursor.load(state, self.ctx.warn)
         self.rollouts, self.beta = state["rollouts"], state["beta"]
+        self.prompts_sampled = state.get("prompts_sampled", 0)
+        self.rewards.load_state_dict(state.get("rewards", {}))
         self.queue = [list(q) for q in state["queue"]]
         self.rollout_metrics = state.get("rollout_metrics", {})
         self.buffer = {
@@ -501,53 +546,6 @@ class PolicyLearner:
         if not self.buffer or not self.queue:
             return {}
         return {f"buffer.{k}": v for k, v in self.buffer.items()}
-
-    # ------------------------------------------------------------------ evaluation and output
-    def has_eval(self) -> bool:
-        return bool(self.eval_ids)
-
-    def eval_samples(self) -> tuple[list[int], list[str], list[str]]:
-        """One completion per held-out prompt of this rank (capped by train.eval_max_batches): (prompt
-        indices, prompts, completions)."""
-        idx = list(range(len(self.eval_ids)))[: (self.cfg.train.eval_max_batches or 10**9) * self.B]
-        prompts, completions = [], []
-        for s in range(0, len(idx), self.B):
-            chunk = idx[s : s + self.B]
-            real = len(chunk)
-            smp = self.sample(chunk + [chunk[0]] * (self.B - real), self.eval_text, self.eval_ids, 1)
-            prompts += smp.prompts[:real]
-            completions += smp.completions[:real]
-        return idx, prompts, completions
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Mean reward, KL to the reference and length of one sampled completion per held-out prompt."""
-        rt = self.rt
-        self.sampler.sync()
-        idx = shard_for_rank(list(range(len(self.eval_ids))), rt.rank, rt.world_size)
-        if self.cfg.train.eval_max_batches:
-            idx = idx[: self.cfg.train.eval_max_batches * self.B]
-        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
-        for s in range(0, len(idx), self.B):
-            chunk = idx[s : s + self.B]
-            real = len(chunk)
-            smp = self.sample(chunk + [chunk[0]] * (self.B - real), self.eval_text, self.eval_ids, 1)
-            r = smp.rollout
-            total, _ = self.rewards.score(smp.prompts[:real], smp.completions[:real])
-            seq = self.sequences(r)
-            lp, _ = self.score_logprobs(seq, reference=False)
-            ref = self.score_logprobs(seq, reference=True)[0] if self.need_ref else lp
-            kl = (kl_per_token(lp, ref, "k1") * r.completion_mask).sum(1)[:real]
-            sums += torch.tensor(
-                [sum(total), float(kl.sum()), float(r.completion_mask[:real].sum()), real],
-                dtype=torch.float64,
-                device=rt.device,
-            )
-        rt.all_reduce(sums)
-        tot, kl, length, n = sums.tolist()
-        if n == 0:
-            return {}
-        return {"eval/reward": tot / n, "eval/kl": kl / n, "eval/length": length / n}
 
     def describe(self) -> dict:
         return {
@@ -567,6 +565,12 @@ class PolicyLearner:
                 "sampler": type(self.sampler).__name__,
                 "sampler_bytes": self.sampler.nbytes(),  # per process, kept between rollouts
                 "final_kl_coef": self.beta,
+                "prompts_sampled": self.prompts_sampled,
+                **(
+                    {"objective": self.cfg.rlhf.preference.objective, "beta": self.online.hp.beta}
+                    if self.preference
+                    else {"policy_loss": self.cfg.rlhf.policy_loss, "clip": [self.eps_low, self.eps_high]}
+                ),
             },
         }
 

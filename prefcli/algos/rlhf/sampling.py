@@ -40,8 +40,13 @@ class HFSampler:
             kw.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
         else:
             kw.update(do_sample=False)
+        # output_scores: the scores each token was drawn from, after the logits processors and warpers
+        # (min_new_tokens, temperature, top-k, top-p): the sampler's own log-probs, for the mismatch check
         with self.gather(hold=True), self.rt.autocast():
-            out = self.lm.generate(input_ids=ids, attention_mask=mask, **kw)
+            res = self.lm.generate(
+                input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw
+            )
+        out = res.sequences
         comp = out[:, ids.shape[1] :]
         B, N = comp.shape[0], cfg.max_new_tokens
         full = torch.full((B, N), cfg.pad_token_id, dtype=torch.long, device=ids.device)
@@ -53,8 +58,17 @@ class HFSampler:
         )
         cmask = torch.arange(N, device=ids.device)[None] < length[:, None]
         full = torch.where(cmask, full, torch.full_like(full, cfg.pad_token_id))
+        logp = torch.zeros((B, N), dtype=torch.float32, device=ids.device)
+        for t, scores in enumerate(res.scores[:N]):
+            logp[:, t] = scores.float().log_softmax(-1).gather(-1, comp[:, t : t + 1])[:, 0]
+        logp = torch.where(cmask, logp, torch.zeros_like(logp))
         return Rollout(
-            prompt_ids=ids, prompt_mask=mask, completion_ids=full, completion_mask=cmask.long(), finished=has
+            prompt_ids=ids,
+            prompt_mask=mask,
+            completion_ids=full,
+            completion_mask=cmask.long(),
+            finished=has,
+            logprobs=logp,
         )
 
 
@@ -77,7 +91,8 @@ def apply_stop_strings(r: Rollout, tok, stop_strings: list[str], pad_id: int) ->
                 mask[i, k:] = 0
                 finished[i] = True
                 break
-    return Rollout(r.prompt_ids, r.prompt_mask, ids, mask, finished)
+    logp = r.logprobs * mask if r.logprobs is not None else None
+    return Rollout(r.prompt_ids, r.prompt_mask, ids, mask, finished, logp)
 
 
 def prompt_rows(ds, tok, max_len: int, source: str = "prompt data") -> tuple[list[str], list[list[int]], int]:
@@ -119,3 +134,88 @@ class Samples:
     prompts: list[str]
     completions: list[str]
     gen_s: float  # seconds spent in the sampler
+
+
+def take_rows(r: Rollout, idx: torch.Tensor) -> Rollout:
+    """The rollout's rows `idx`, in that order."""
+    return Rollout(
+        r.prompt_ids[idx],
+        r.prompt_mask[idx],
+        r.completion_ids[idx],
+        r.completion_mask[idx],
+        r.finished[idx],
+        r.logprobs[idx] if r.logprobs is not None else None,
+    )
+
+
+def concat_rollouts(rs: list[Rollout]) -> Rollout:
+    """Rollouts of the same widths, one after the other."""
+    if len(rs) == 1:
+        return rs[0]
+    lp = [r.logprobs for r in rs]
+    return Rollout(
+        torch.cat([r.prompt_ids for r in rs]),
+        torch.cat([r.prompt_mask for r in rs]),
+        torch.cat([r.completion_ids for r in rs]),
+        torch.cat([r.completion_mask for r in rs]),
+        torch.cat([r.finished for r in rs]),
+        torch.cat(lp) if all(x is not None for x in lp) else None,
+    )
+
+
+def fill_groups(tied: torch.Tensor, n: int) -> torch.Tensor:
+    """DAPO's dynamic sampling, the choice: of the groups drawn so far (in drawing order, `tied` [G] marks
+    those whose scores all agree), the first n that are not tied; when fewer exist, the first tied ones fill
+    the rest. Returns the chosen group indices [n], in drawing order."""
+    order = torch.cat([torch.nonzero(~tied).flatten(), torch.nonzero(tied).flatten()])[:n]
+    return order.sort().values
+
+
+@dataclass
+class Draw:
+    """A scored sampling round (or the rollout assembled from several): the samples, each source's scores,
+    the summed reward and the score the advantages see (penalties applied)."""
+
+    samples: Samples
+    total: list[float]
+    parts: dict[str, list[float]]
+    raw: torch.Tensor  # [B] summed reward
+    scores: torch.Tensor  # [B] after the missing-EOS penalty and overlong shaping
+    overlong: torch.Tensor | None  # [B] the overlong penalty (<= 0), when shaping is on
+
+    def take(self, rows: list[int]) -> Draw:
+        idx = torch.tensor(rows, dtype=torch.long, device=self.raw.device)
+        s = self.samples
+        return Draw(
+            Samples(
+                take_rows(s.rollout, idx),
+                [s.rows[i] for i in rows],
+                [s.prompts[i] for i in rows],
+                [s.completions[i] for i in rows],
+                s.gen_s,
+            ),
+            [self.total[i] for i in rows],
+            {k: [v[i] for i in rows] for k, v in self.parts.items()},
+            self.raw[idx],
+            self.scores[idx],
+            self.overlong[idx] if self.overlong is not None else None,
+        )
+
+    @staticmethod
+    def concat(ds: list[Draw]) -> Draw:
+        if len(ds) == 1:
+            return ds[0]
+        return Draw(
+            Samples(
+                concat_rollouts([d.samples.rollout for d in ds]),
+                [i for d in ds for i in d.samples.rows],
+                [p for d in ds for p in d.samples.prompts],
+                [c for d in ds for c in d.samples.completions],
+                sum(d.samples.gen_s for d in ds),
+            ),
+            [t for d in ds for t in d.total],
+            {k: [v for d in ds for v in d.parts[k]] for k in ds[0].parts},
+            torch.cat([d.raw for d in ds]),
+            torch.cat([d.scores for d in ds]),
+            torch.cat([d.overlong for d in ds]) if ds[0].overlong is not None else None,
+        )

@@ -5,6 +5,12 @@ generated recipe reference all read them from here."""
 SFT_OBJECTIVES = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
 REWARD_OBJECTIVES = ("bradley_terry", "regression", "ranking")
 CONTRASTIVE_OBJECTIVES = ("dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo", "kto", "infonce")
-RL_ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce_pp")
+RL_ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce_pp", "online_dpo")
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")  # grpo's loss variants; dr_grpo and dapo are registry entries of their own
+RL_TOKEN_ADVANTAGES = ("ppo", "reinforce_pp")  # algorithms whose advantage differs token by token
+POLICY_LOSSES = ("clip", "gspo", "cispo")  # rlhf.policy_loss: prefcli/algos/rlhf/loss.py POLICY_LOSSES
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# objectives of the contrastive registry that online_dpo can apply (the paired ones)
+ONLINE_OBJECTIVES = ("dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo")
+REWARD_COMBINE = ("mean", "min", "mean_minus_std")  # how a reward ensemble combines its members
 EVAL_METRICS = ("perplexity", "bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length", "preference_accuracy")

@@ -15,7 +15,14 @@ from ..sections import (
     Section,
 )
 from .base import RecipeBase
-from .names import GRPO_LOSSES, RL_ALGORITHMS
+from .names import (
+    GRPO_LOSSES,
+    IS_CORRECTIONS,
+    ONLINE_OBJECTIVES,
+    POLICY_LOSSES,
+    RL_ALGORITHMS,
+    RL_TOKEN_ADVANTAGES,
+)
 
 
 class PromptData(HeldOut):
@@ -62,16 +69,52 @@ class RolloutGeneration(Section):
         return self
 
 
+class OnlinePreference(Section):
+    """online_dpo: the objective applied to the pairs of each rollout (the contrastive registry's paired
+    objectives) and its knobs, as `prefcli contrastive` names them."""
+
+    objective: Literal[ONLINE_OBJECTIVES] = Field(
+        "dpo",
+        description="The preference loss on (best, worst) completion pairs: dpo (online DPO, Guo et al. 2024), "
+        "ipo (online IPO), cdpo, robust, hinge, simpo, cpo, orpo (docs/commands/contrastive.md).",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="beta of the objective, its KL weight to the reference (orpo: lambda). null = the "
+        "objective's default: 0.1 (2.0 for simpo).",
+    )
+    label_smoothing: float | None = Field(
+        None, ge=0, lt=0.5, description="cdpo/robust: assumed label-flip probability (null = 0.1)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma.")
+    cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on the chosen completion.")
+    reduce: Literal["auto", "sum", "mean"] = Field(
+        "auto",
+        description="Sequence log-prob: 'sum' or 'mean' over completion tokens; 'auto' = the objective's choice "
+        "(mean for ipo, simpo, orpo).",
+    )
+
+
 class RLHFSection(Section):
     algorithm: Literal[RL_ALGORITHMS] = Field(
         "grpo",
         description="ppo: value head + GAE (Ouyang et al. 2022); rloo: leave-one-out baseline (Ahmadian et al. "
-        "2024); grpo: group-normalised advantages (Shao et al. 2024); reinforce_pp: REINFORCE++ (Hu et al. 2025).",
+        "2024); grpo: group-normalised advantages (Shao et al. 2024); reinforce_pp: REINFORCE++ (Hu et al. 2025); "
+        "online_dpo: the best and worst of each prompt's completions become a preference pair for an objective "
+        "of the contrastive registry (rlhf.preference; Guo et al. 2024).",
     )
     grpo_loss: Literal[GRPO_LOSSES] = Field(
         "grpo",
         description="GRPO variant: 'grpo' (std-normalised advantages, per-sequence token mean), 'dr_grpo' (no "
-        "std, token sums over a constant), 'dapo' (token mean over the batch, clip_eps_high 0.28 by default).",
+        "std, token sums over a constant), 'dapo' (token mean over the batch, clip_high 0.28 by default).",
+    )
+    policy_loss: Literal[POLICY_LOSSES] = Field(
+        "clip",
+        description="The surrogate: 'clip' (PPO's token ratio, clipped), 'gspo' (one length-normalised ratio per "
+        "completion, clipped per completion; Zheng et al. 2025; not with ppo or reinforce_pp, whose advantages "
+        "vary by token), 'cispo' (REINFORCE with a clipped stop-gradient importance weight on every token; "
+        "MiniMax 2025).",
     )
     num_generations: int = Field(4, gt=0, description="Completions sampled per prompt (the group size G / k).")
     prompts_per_rollout: int = Field(8, gt=0, description="Prompts per rollout per process.")
@@ -89,11 +132,24 @@ class RLHFSection(Section):
         "(Ziegler et al. 2019); null keeps kl_coef fixed.",
     )
     kl_horizon: int = Field(10000, gt=0, description="Adaptive-KL horizon (in sequences).")
-    clip_eps: float = Field(
-        0.2, gt=0, description="PPO ratio clip epsilon (lower side, and upper unless clip_eps_high)."
+    clip_low: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="eps_low: the ratio is clipped below at 1 - clip_low. null = the policy loss's default: 0.2 "
+        "(clip), 3e-4 (gspo), 1.0 = no lower bound (cispo).",
+    )
+    clip_high: float | None = Field(
+        None,
+        ge=0,
+        description="eps_high: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher: 0.28). null = "
+        "0.28 for grpo_loss: dapo, 4e-4 for gspo, 4.0 for cispo, else clip_low.",
+    )
+    clip_eps: float | None = Field(
+        None, ge=0, le=1, description="The old name of clip_low (same meaning); give one of the two."
     )
     clip_eps_high: float | None = Field(
-        None, gt=0, description="Upper clip epsilon (DAPO 'clip-higher'); default clip_eps (0.28 for grpo_loss: dapo)."
+        None, ge=0, description="The old name of clip_high (same meaning); give one of the two."
     )
     value_clip_eps: float = Field(0.2, gt=0, description="PPO value clip epsilon.")
     vf_coef: float = Field(0.1, ge=0, description="PPO value-loss weight c_v.")
@@ -113,6 +169,38 @@ class RLHFSection(Section):
     mask_truncated_completions: bool = Field(
         False, description="Leave completions without a stop token out of the loss (DAPO)."
     )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling: drop prompts whose completions all score the same (no signal for "
+        "group-relative advantages) and sample fresh prompts until the rollout is full "
+        "(needs num_generations >= 2).",
+    )
+    dynamic_sampling_max_rounds: int = Field(
+        4,
+        ge=1,
+        description="Cap on dynamic sampling: at most this many extra sampling rounds of prompts_per_rollout "
+        "prompts per rollout; a rollout still short after them keeps some tied groups (advantage 0).",
+    )
+    overlong_buffer: int | None = Field(
+        None,
+        gt=0,
+        description="DAPO's overlong reward shaping: over the last this-many tokens of max_new_tokens the score "
+        "loses up to overlong_penalty, linearly in the length (null: off).",
+    )
+    overlong_penalty: float = Field(1.0, gt=0, description="The overlong penalty at max_new_tokens.")
+    is_correction: Literal[IS_CORRECTIONS] = Field(
+        "none",
+        description="Correct for the sampler/trainer mismatch with truncated importance weights pi_trainer / "
+        "pi_sampler on each token's loss: 'token_truncate' (TIS, Yao et al. 2025), 'token_mask', "
+        "'sequence_truncate', 'sequence_mask' (TRL's modes). The mismatch is logged either way.",
+    )
+    is_cap: float = Field(2.0, gt=0, description="C_max of is_correction: weights above it are cut to it (or masked).")
+    is_floor: float | None = Field(
+        None, ge=0, description="C_min of is_correction: weights below it are raised to it (or masked); null: none."
+    )
+    preference: OnlinePreference = Field(
+        default_factory=OnlinePreference, description="online_dpo: the preference objective and its knobs."
+    )
     log_examples_every_steps: int = Field(
         10,
         gt=0,
@@ -120,14 +208,77 @@ class RLHFSection(Section):
     )
     num_examples: int = Field(3, ge=0, description="Examples shown each time.")
 
+    def clip_range(self) -> tuple[float | None, float | None]:
+        """(clip_low, clip_high) as the recipe gives them, under either name; None where unset."""
+        low = self.clip_low if self.clip_low is not None else self.clip_eps
+        high = self.clip_high if self.clip_high is not None else self.clip_eps_high
+        return low, high
+
     @model_validator(mode="after")
     def _check(self):
-        if self.algorithm in ("rloo", "grpo") and self.num_generations < 2:
+        # fields changed from their defaults (not model_fields_set: --smoke re-validates a full dump)
+        given = {
+            k
+            for k, f in type(self).model_fields.items()
+            if getattr(self, k) != f.get_default(call_default_factory=True)
+        }
+        if self.algorithm in ("rloo", "grpo", "online_dpo") and self.num_generations < 2:
             raise ValueError(f"{self.algorithm} compares completions of the same prompt: num_generations must be >= 2")
+        for new, old in (("clip_low", "clip_eps"), ("clip_high", "clip_eps_high")):
+            if getattr(self, new) is not None and getattr(self, old) is not None:
+                raise ValueError(f"clip_{old[5:]} is the old name of {new}: give one of them, not both")
+        low, high = self.clip_range()
+        if low is not None and high is not None and high < low:
+            raise ValueError(
+                f"clip_high ({high}) is below clip_low ({low}): the bounds are out of order (clip-higher widens "
+                "the upper side; swap them if that was meant)"
+            )
+        if self.dynamic_sampling and self.num_generations < 2:
+            raise ValueError(
+                "dynamic_sampling drops prompts whose completions all score the same; with num_generations 1 every "
+                "prompt would be dropped: set num_generations >= 2"
+            )
+        if self.is_floor is not None and self.is_floor >= self.is_cap:
+            raise ValueError(f"is_floor ({self.is_floor}) must be below is_cap ({self.is_cap}): out of order")
+        if self.is_correction == "none" and given & {"is_cap", "is_floor"}:
+            raise ValueError("is_cap / is_floor bound the importance weights of is_correction, which is 'none'")
+        if self.policy_loss == "gspo":
+            if self.algorithm in RL_TOKEN_ADVANTAGES:
+                raise ValueError(
+                    f"policy_loss gspo clips one ratio per completion and needs one advantage per completion; "
+                    f"{self.algorithm}'s advantages vary token by token (use rloo or grpo, or policy_loss clip/cispo)"
+                )
+            if self.algorithm == "grpo" and self.grpo_loss != "grpo":
+                raise ValueError(
+                    f"policy_loss gspo averages each completion's loss (its own normaliser); grpo_loss "
+                    f"{self.grpo_loss} chooses another: use grpo_loss grpo with gspo"
+                )
+        if self.algorithm == "online_dpo":
+            moot = given & {
+                "policy_loss", "clip_low", "clip_high", "clip_eps", "clip_eps_high", "is_correction", "kl_coef",
+                "kl_target", "mask_truncated_completions", "grpo_loss", "whiten_advantages", "vf_coef",
+            }  # fmt: skip
+            if moot:
+                raise ValueError(
+                    f"{', '.join(sorted(moot))}: not used by online_dpo, whose update is the preference objective "
+                    "(its KL weight is rlhf.preference.beta); remove them"
+                )
+        elif "preference" in given:
+            raise ValueError("rlhf.preference configures algorithm online_dpo; remove it or set algorithm: online_dpo")
+        if self.algorithm == "online_dpo" and self.policy_loss != "clip":
+            raise ValueError("online_dpo has no policy-gradient surrogate: remove policy_loss")
         return self
 
 
 SMOKE_NEW_TOKENS = 16
+
+
+def check_overlong(rl: RLHFSection, gen: RolloutGeneration) -> None:
+    if rl.overlong_buffer is not None and rl.overlong_buffer > gen.max_new_tokens:
+        raise ValueError(
+            f"rlhf.overlong_buffer ({rl.overlong_buffer}) exceeds generation.max_new_tokens ({gen.max_new_tokens}): "
+            "the penalty ramps over the last overlong_buffer tokens of the length budget"
+        )
 
 
 def shrink_rollouts(data: dict) -> None:
@@ -140,6 +291,8 @@ def shrink_rollouts(data: dict) -> None:
     rl["num_generations"] = min(rl["num_generations"], 2)
     rl["epochs_per_rollout"] = 1
     rl["minibatches_per_epoch"] = 1
+    if rl.get("overlong_buffer"):
+        rl["overlong_buffer"] = min(rl["overlong_buffer"], max(1, gen["max_new_tokens"] // 4))
 
 
 class RLHFRecipe(RecipeBase):
@@ -158,6 +311,7 @@ class RLHFRecipe(RecipeBase):
                 "train.grad_accum_steps does not apply to rlhf: each optimizer step takes a minibatch of "
                 "the rollout (see rlhf.minibatches_per_epoch), split into micro-batches of train.batch_size"
             )
+        check_overlong(self.rlhf, self.generation)
         return self
 
     def _shrink(self, data: dict) -> None:
@@ -281,6 +435,7 @@ class GANRecipe(RecipeBase):
             raise ValueError("train.grad_accum_steps does not apply to gan (see rlhf.minibatches_per_epoch)")
         if self.gan.bt_weight > 0 and self.data.pairs is None:
             raise ValueError("gan.bt_weight needs data.pairs (prompt, chosen, rejected rows)")
+        check_overlong(self.rlhf, self.generation)
         return self
 
     def _shrink(self, data: dict) -> None:

@@ -13,15 +13,16 @@ from ..sections import (
     HeldOut,
     ModelInit,
     Section,
+    TrainSource,
 )
 from .base import RecipeBase
 from .names import GRPO_LOSSES, RL_ALGORITHMS
 
 
 class PromptData(HeldOut):
-    train: DataSource = Field(
+    train: TrainSource = Field(
         description="Prompt rows: a 'prompt' column (text) or 'messages' (a chat, rendered "
-        "with the chat template and a generation prompt)."
+        "with the chat template and a generation prompt); or a list of weighted sources (a mixture)."
     )
     eval: DataSource | None = Field(None, description="Held-out prompts for eval/reward and eval/kl.")
     eval_fraction: float = Field(
@@ -160,6 +161,9 @@ class RLHFRecipe(RecipeBase):
             )
         return self
 
+    def eval_metrics(self) -> tuple[str, ...]:
+        return ("eval/reward", "eval/kl", "eval/length")
+
     def _shrink(self, data: dict) -> None:
         super()._shrink(data)
         shrink_rollouts(data)
@@ -283,8 +287,17 @@ class GANRecipe(RecipeBase):
             raise ValueError("gan.bt_weight needs data.pairs (prompt, chosen, rejected rows)")
         return self
 
+    def eval_metrics(self) -> tuple[str, ...]:
+        return ("eval/reward", "eval/kl", "eval/length", "eval/disc_fake_prob")
+
     def _shrink(self, data: dict) -> None:
         super()._shrink(data)
         shrink_rollouts(data)  # the generator's rollouts, as rlhf shrinks them
-        data["gan"]["disc_warmup_steps"] = min(data["gan"]["disc_warmup_steps"], 2)  # a short warm-up
+        g = data["gan"]
+        g["disc_warmup_steps"] = min(g["disc_warmup_steps"], 1)
+        g["disc_steps"] = min(g["disc_steps"], 1)
+        # SMOKE_STEPS loop steps in all, as every command: the loop counts discriminator steps too (warm-up +
+        # disc_steps per generator update), so the generator gets what is left: by default 1 warm-up step,
+        # 1 discriminator step, 1 generator update.
+        data["train"]["max_steps"] = max(1, (self.SMOKE_STEPS - g["disc_warmup_steps"]) // (1 + g["disc_steps"]))
         data["discriminator"]["batch_size"] = min(data["discriminator"]["batch_size"], 4)

@@ -129,6 +129,16 @@ def eval_(
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace previous results in the folder.")] = False,
     quiet: QuietOpt = False,
+    completions: Annotated[
+        str | None,
+        typer.Option(
+            "--completions",
+            "-c",
+            metavar="FILE|-",
+            help="Score these completions instead of sampling: JSONL rows with prompt, completion (and reference), "
+            "as `prefcli generate` writes them; - reads stdin. Every metric that needs no sampling is computed.",
+        ),
+    ] = None,
 ) -> None:
     """Measure models: perplexity, BLEU, ROUGE, reward, win rate, KL, distinct-n, lengths, preference accuracy.
 
@@ -143,6 +153,7 @@ def eval_(
                 output_dir=str(output_dir) if output_dir else None,
                 overwrite=overwrite,
                 quiet=quiet,
+                completions=completions,
             ),
         )
     except PrefcliError as e:

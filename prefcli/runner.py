@@ -36,7 +36,17 @@ RECIPE_TOOLS: dict[str, str] = {
 }
 
 # What a run folder holds; --overwrite removes exactly these, nothing else.
-RUN_ARTIFACTS = ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoints", "final", "curves.png", "samples.jsonl")
+RUN_ARTIFACTS = (
+    "recipe.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoints",
+    "final",
+    "curves.png",
+    "samples.jsonl",
+    "best",  # train.keep_best
+    "tensorboard",  # log.report_to: [tensorboard]
+)
 
 
 @dataclass
@@ -139,6 +149,9 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     else:
         run_dir = default_run_dir(command, recipe_path)
     check_run_dir(run_dir, opts.resume, opts.overwrite)
+    from .engine.trackers import check_installed, start_trackers
+
+    check_installed(recipe.log.report_to)  # a tracker named but not installed: exit 2 before anything runs
 
     import torch
 
@@ -176,6 +189,11 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
             start_step=resume_step or 0,
         )
         ctx.progress = progress
+        if rt.is_main:
+            progress.trackers = start_trackers(
+                recipe.log, command, run_dir, recipe.model_dump(mode="json"), dump_recipe(recipe), progress.warn,
+                resume_step or 0,
+            )  # fmt: skip
         engine = Engine(task, rt, recipe.train, progress, run_dir)
         try:
             result = engine.run(resume_from)
@@ -188,6 +206,11 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         finally:
             progress.close()
         described = task.describe() if hasattr(task, "describe") else {}
+        best = engine.monitors.best_checkpoint() if recipe.output.final == "best" else None
+        if best is not None:  # output.final: best
+            ckpt.load_checkpoint(best, task.groups, rt.rank)
+        elif recipe.output.final == "best":
+            progress.warn("output.final is 'best' but no evaluation was kept as best; final/ holds the last step")
         final_dir = None
         if rt.is_main and recipe.output.save_final:
             final_dir = run_dir / "final"
@@ -204,6 +227,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
             "final": result["final"],
             "perf": result["perf"],
         }
+        summary.update({k: result[k] for k in ("best", "stopped_early") if k in result})
         summary.update(described)
         summary.update(
             {
@@ -228,6 +252,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
                     )
                 except ValueError:
                     pass  # nothing numeric to plot (zero steps)
+            progress.finish(summary)  # the trackers get the summary, then close
         return summary
     finally:
         teardown(rt)

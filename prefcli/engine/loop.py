@@ -34,6 +34,7 @@ from ..errors import Interrupted, TrainingError
 from ..recipe.sections import TrainSection
 from . import checkpoint as ckpt
 from .dist import Runtime
+from .monitor import Monitors
 from .progress import Progress
 
 # bf16 dense matmul rate measured on the device (docs/performance.md) or the vendor's dense figure,
@@ -218,6 +219,8 @@ class Engine:
         self.progress = progress
         self.run_dir = Path(run_dir)
         self.last_checkpoint: Path | None = None
+        self.monitors = Monitors(train, run_dir)  # keep_best, early_stopping: decided at each evaluation
+        self.stop_early = False
         self.peak_flops = None
         if rt.device.type == "cuda":
             name = torch.cuda.get_device_name(rt.device)
@@ -247,6 +250,15 @@ class Engine:
         if ev:
             self.progress.eval(step, ev)
             history.setdefault("eval", []).append({"step": step, **ev})
+            if self.monitors.active:
+                save_best, self.stop_early = self.monitors.after_eval(step, ev)
+                if save_best:
+                    ckpt.save_checkpoint(
+                        self.monitors.best_root, step, self.task.groups, self.task.state_dict(),
+                        self.task.extra_tensors(), self.rt.rank, self.rt.world_size, 1, self.rt.barrier,
+                    )  # fmt: skip
+                if self.stop_early:
+                    self.progress.log(f"early stopping at step {step}: {self.monitors.describe()['stopped_early']}")
         return ev
 
     def run(self, resume_from: Path | None = None) -> dict:
@@ -257,6 +269,7 @@ class Engine:
             start, state, extra = ckpt.load_checkpoint(resume_from, task.groups, rt.rank)
             task.load_state_dict(state, extra)
             self.last_checkpoint = resume_from
+            self.monitors.replay(self.run_dir / "metrics.jsonl", start)
             self.progress.log(f"resumed from {resume_from} (step {start})")
         plans = task.plans(start)
         if resume_from is not None:
@@ -357,7 +370,7 @@ class Engine:
                 self.progress.step(step, record)
                 if train.eval_every_steps and step % train.eval_every_steps == 0 and step < total and task.has_eval():
                     last.update(self._evaluate(step, history))
-                interrupted = stop_flag > 0
+                interrupted = stop_flag > 0 and not self.stop_early
                 if (train.save_every_steps and step % train.save_every_steps == 0) or interrupted:
                     self._checkpoint(step)
                 if interrupted:
@@ -366,7 +379,9 @@ class Engine:
                         f"interrupted at step {step}; checkpoint written to {self.last_checkpoint}. "
                         "Continue with the same command and --resume."
                     )
-            if step > start or resume_from is None:
+                if self.stop_early:
+                    break
+            if (step > start or resume_from is None) and not self.stop_early:
                 if task.has_eval():
                     last.update(self._evaluate(step, history))
             if (
@@ -384,4 +399,5 @@ class Engine:
             "perf": perf,
             "wall_s": time.perf_counter() - t_run,
             "history": history,
+            **self.monitors.describe(),
         }

@@ -53,6 +53,11 @@ class Generation:
     token_ids: list[int]  # the sampled tokens, EOS included when generated, no padding
     finish_reason: str  # "eos" | "stop" | "length"
     missing: list[str] = field(default_factory=list)  # required keywords absent from the completion
+    n_tokens: int | None = None  # completions given to `prefcli eval` (no token ids): their token count
+
+    @property
+    def tokens(self) -> int:
+        return self.n_tokens if self.n_tokens is not None else len(self.token_ids)
 
 
 class Generator:

@@ -21,12 +21,67 @@ from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
 app = typer.Typer(
     name="prefcli",
     help="Train language models on human preferences. Each command reads a YAML recipe; "
-    "`prefcli validate` checks recipes without running them. Docs: docs/index.md.",
+    "`prefcli validate` checks recipes without running them. `prefcli COMMAND --help` shows a command's options "
+    "and examples; the full manual is docs/index.md in the prefcli source repository.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: rich markup would eat '[a, b]' in help texts and show a '<bool>' value after every flag
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _examples(*lines: str) -> str:
+    """A help epilog of example command lines, kept as written (click rewraps paragraphs unless marked \\b)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {x}" for x in lines)
+
+
+EXAMPLES = {
+    "sft": _examples(
+        "prefcli sft recipes/tiny/sft.yaml --set train.lr=1e-3 -o runs/lr1e-3",
+        "prefcli sft recipes/gpu/sft-qwen2.5-0.5b.yaml --smoke      # prove a recipe on a laptop",
+        "prefcli sft recipes/tiny/sft.yaml -q | jq -e '.status == \"completed\"'",
+    ),
+    "reward": _examples(
+        "prefcli reward recipes/tiny/reward.yaml",
+        "prefcli reward recipes/quickstart/reward.yaml --set train.max_steps=100 -o runs/rm",
+    ),
+    "rlhf": _examples(
+        "prefcli rlhf recipes/quickstart/rlhf.yaml",
+        "prefcli rlhf recipes/tiny/rlhf-grpo.yaml --set 'rewards=[{kind: model, path: runs/rm/final}]'",
+        "prefcli rlhf recipes/tiny/rlhf-grpo.yaml --resume          # after Ctrl-C",
+    ),
+    "gan": _examples(
+        "prefcli gan recipes/tiny/gan.yaml",
+        "prefcli gan recipes/gpu/gan-qwen2.5-0.5b.yaml --smoke",
+    ),
+    "contrastive": _examples(
+        "prefcli contrastive recipes/tiny/contrastive-dpo.yaml",
+        "prefcli contrastive recipes/tiny/contrastive-dpo.yaml --set contrastive.objective=ipo -o runs/ipo",
+    ),
+    "eval": _examples(
+        "prefcli eval recipes/tiny/eval.yaml                       # after prefcli sft recipes/tiny/sft.yaml",
+        "prefcli generate prefcli/assets/kjv-base < prompts.txt | prefcli eval recipes/tiny/eval-completions.yaml "
+        "--completions -",
+    ),
+    "generate": _examples(
+        "printf 'And the LORD said\\n' | prefcli generate prefcli/assets/kjv-base --ban wrath",
+        "prefcli generate runs/sft-sft/final --prompts prompts.jsonl --greedy > completions.jsonl",
+    ),
+    "label": _examples(
+        "prefcli label pairs.jsonl -o answers.jsonl",
+        "prefcli label --model prefcli/assets/kjv-base --prompts data/tiny/prompts.jsonl -o answers.jsonl",
+    ),
+    "plot": _examples(
+        "prefcli plot runs/sft-sft",
+        "prefcli plot runs/lr1e-3 runs/lr3e-3 --metric loss --metric eval -o lr.png",
+    ),
+    "validate": _examples(
+        "prefcli validate recipes/*/*.yaml",
+        "prefcli validate --resolved recipes/tiny/contrastive-ipo.yaml     # the recipe with its base merged",
+    ),
+}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOpt = Annotated[
@@ -103,7 +158,7 @@ def _train(
         emit_summary(summary)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["sft"])
 def sft(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -117,7 +172,7 @@ def sft(
     _train("sft", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command("eval")
+@app.command("eval", epilog=EXAMPLES["eval"])
 def eval_(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -165,7 +220,7 @@ def eval_(
     emit_summary(summary)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["generate"])
 def generate(
     model_dir: Annotated[
         Path | None, typer.Argument(help="Model folder (Hugging Face format) or hub id.", show_default=False)
@@ -182,7 +237,7 @@ def generate(
         ),
     ] = None,
     model_name: Annotated[str | None, typer.Option("--model", help="With an eval recipe: the model to use.")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts file (default: stdin).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts file; - or none: stdin.")] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -228,7 +283,9 @@ def generate(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quiet: QuietOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No closing line on stderr; stdout (the completions) is unchanged.")
+    ] = False,
 ) -> None:
     """Sample completions: prompts from a file or stdin, one JSON line per prompt on stdout.
 
@@ -277,7 +334,7 @@ def generate(
         raise typer.Exit(0) from None
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["label"])
 def label(
     input: Annotated[
         Path | None,
@@ -348,7 +405,7 @@ def label(
         raise typer.Exit(summary["exit_code"])
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["plot"])
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl).", show_default=False)],
     output: Annotated[
@@ -381,7 +438,7 @@ def plot(
     print(json.dumps({"command": "plot", "status": "completed", "exit_code": 0, **drawn}), flush=True)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["rlhf"])
 def rlhf(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -396,7 +453,7 @@ def rlhf(
     _train("rlhf", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["reward"])
 def reward(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -411,7 +468,7 @@ def reward(
     _train("reward", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["contrastive"])
 def contrastive(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -426,7 +483,7 @@ def contrastive(
     _train("contrastive", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["gan"])
 def gan(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -441,7 +498,7 @@ def gan(
     _train("gan", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["validate"])
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     command: Annotated[
@@ -451,22 +508,33 @@ def validate(
         ),
     ] = None,
     set_: SetOpt = None,
+    resolved: Annotated[
+        bool,
+        typer.Option(
+            "--resolved",
+            help="Print each recipe as it runs, as YAML on stdout (its base: recipes merged, --set applied, every "
+            "default written out, paths absolute) instead of the JSON verdict.",
+        ),
+    ] = False,
 ) -> None:
     """Check recipes without running them: schema, types, paths. Exit 2 if any is invalid."""
-    from .recipe import load_recipe
+    from .recipe import dump_recipe, load_recipe
 
     results = []
     bad = 0
-    for path in recipes:
+    for i, path in enumerate(recipes):
         try:
             loaded = load_recipe(path, command, list(set_ or []))
             typer.echo(f"ok       {path} ({loaded.command})", err=True)
             results.append({"recipe": str(path), "valid": True, "command": loaded.command})
+            if resolved:
+                print(("---\n" if i else "") + f"# {path}\n" + dump_recipe(loaded.recipe), end="", flush=True)
         except PrefcliError as e:
             bad += 1
             typer.echo(f"invalid  {e}", err=True)
             results.append({"recipe": str(path), "valid": False, "error": str(e)})
-    print(json.dumps({"status": "invalid" if bad else "valid", "invalid": bad, "recipes": results}), flush=True)
+    if not resolved:
+        print(json.dumps({"status": "invalid" if bad else "valid", "invalid": bad, "recipes": results}), flush=True)
     if bad:
         raise typer.Exit(EXIT_USAGE)
 

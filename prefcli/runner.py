@@ -141,7 +141,9 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     loaded = load_recipe(recipe_path, command, opts.overrides)
     recipe = loaded.recipe
     if opts.smoke:
-        recipe = recipe.smoke()
+        from .engine.smoke import prepare_smoke
+
+        recipe = prepare_smoke(recipe.smoke(), RunContext(recipe, None, Path()).warn)  # hub files: there, or exit 2
     if opts.output_dir:
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:

@@ -65,7 +65,9 @@ def test_eval_scores_given_completions(tmp_path, cli):
     ]  # fmt: skip
     f = write_jsonl(tmp_path / "out.jsonl", rows)
     recipe = ROOT / "recipes" / "tiny" / "eval-completions.yaml"
-    code, stdout, stderr = cli("eval", recipe, "--completions", f, "-o", tmp_path / "ev", "-q")
+    code, stdout, stderr = cli(
+        "eval", recipe, "--completions", f, "-o", tmp_path / "ev", "-q", "--set", "log.report_to=[tensorboard]"
+    )
     assert code == 0, stderr
     s = last_json(stdout)
     m = s["models"]["out"]
@@ -74,6 +76,13 @@ def test_eval_scores_given_completions(tmp_path, cli):
     want = sacrebleu.corpus_bleu([r["completion"] for r in rows], [[r["reference"] for r in rows]]).score
     assert m["role"] == "completions" and m["bleu"]["score"] == pytest.approx(want)
     assert m["length"]["tokens"]["mean"] == 4.0 and m["length"]["finish_reason"] == {"eos": 1, "length": 1}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "ev" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()  # the trackers got the results and the completions
+    assert ea.Scalars("out/bleu/score")[0].value == pytest.approx(want)
+    table = ea.Tensors("completions/out/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| prompt | completion | reference | reward | tokens |") and "Let there be light" in table
     assert m["reward"]["mean"] == pytest.approx(
         sum(json.loads(x)["reward"] for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()) / 2
     )

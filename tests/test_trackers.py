@@ -72,6 +72,10 @@ def test_every_tracker_gets_the_run_offline(tmp_path, monkeypatch):
     assert "warning" not in p.stderr, p.stderr
     evals = [r for r in read_metrics(run) if "eval/reward" in r]
     assert [r["step"] for r in evals] == [1, 2]
+    from prefcli.recipe import load_recipe
+
+    declared = load_recipe(ROOT / "recipes" / "tiny" / "rlhf-grpo.yaml").recipe.eval_metrics()
+    assert set(declared) <= set(evals[0])  # what keep_best/early_stopping may watch is logged
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
 
     # TensorBoard: its own event reader

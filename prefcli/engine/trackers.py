@@ -64,13 +64,13 @@ class RunInfo:
     start_step: int = 0  # > 0 when resumed
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}; lists become JSON text."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
+            out.update(flatten(v, key + sep, sep))
         elif isinstance(v, (list, tuple)):
             out[key] = json.dumps(v, default=str)
         else:

@@ -30,7 +30,7 @@ from ..recipe.commands import EvalModel, EvalRecipe
 from ..recipe.commands.eval import SAMPLED_METRICS
 from . import metrics as M
 
-ARTIFACTS = ("recipe.yaml", "summary.json", "examples.jsonl")
+ARTIFACTS = ("recipe.yaml", "summary.json", "examples.jsonl", "tensorboard")  # tensorboard: log.report_to
 GENERATION_METRICS = ("bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length")
 
 
@@ -481,7 +481,7 @@ def report_to_trackers(r: EvalRecipe, run_dir: Path, rows: list[dict], summary: 
     from ..engine.trackers import flatten, start_trackers
 
     trackers = start_trackers(r.log, "eval", run_dir, r.model_dump(mode="json"), dump_recipe(r), log.warn)
-    trackers.log(0, {f"{m}/{k}": v for m, res in summary["models"].items() for k, v in flatten(res).items()})
+    trackers.log(0, flatten(summary["models"], sep="/"))  # e.g. sft/bleu/score, sft/win_rate/win_rate
     for name in summary["models"]:
         gen = [row for row in _gen_rows(rows, name)]
         if gen:

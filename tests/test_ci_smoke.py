@@ -33,14 +33,16 @@ def test_smoke_offline_without_the_hub_files_fails_at_once_saying_what_to_do(tmp
     assert last_json(stdout)["status"] == "invalid" and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_smoke_with_a_local_tokenizer_needs_nothing_else(tmp_path, cli, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     code, stdout, stderr = cli(
-        "sft", GPU_SFT, "--smoke", "-q", "-o", tmp_path / "run", "--set", f"model.tokenizer={DATA / 'tokenizer'}"
-    )
+        "sft", GPU_SFT, "--smoke", "-q", "-o", tmp_path / "run", "--set", f"model.tokenizer={DATA / 'tokenizer'}",
+        "--set", "data.max_length=128",
+    )  # fmt: skip
     assert code == 0, stderr
     assert "the tiny random model is a llama" in stderr
     s = last_json(stdout)

@@ -52,6 +52,9 @@ def test_every_tracker_gets_the_run_offline(tmp_path, monkeypatch):
     env = {
         "WANDB_MODE": "offline",
         "WANDB_DIR": str(tmp_path / "wandb-root"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),  # W&B's staging and settings: here, not in $HOME
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
         "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}",
         "MLFLOW_ALLOW_FILE_STORE": "true",
         "TRACKIO_DIR": str(tmp_path / "trackio"),

@@ -135,6 +135,12 @@ class WandB:
         import wandb
 
         self.wandb = wandb
+        # online without credentials, wandb.init would stop the run at an interactive login prompt
+        if wandb.setup().settings.mode == "online" and not wandb.login(prompt=False, verify=False):
+            raise RuntimeError(
+                "not logged in to W&B: run `wandb login` or set WANDB_API_KEY (or WANDB_MODE=offline to keep the "
+                "run on disk for `wandb sync`)"
+            )
         self.run = wandb.init(
             project=run.project,
             name=run.name,

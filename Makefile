@@ -2,19 +2,26 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch by default (CI, laptops). On a GPU machine: make install TORCH_SPEC=torch
+# torch comes first, from TORCH_INDEX (which serves torch and its dependencies) instead of PyPI. The default is
+# PyTorch's CPU-only wheel index, so a laptop or CI runner gets the CPU build and never PyPI's Linux torch, the CUDA
+# build of several GB. On a GPU machine, in one line:
+#   make install TORCH_SPEC=torch TORCH_INDEX=          (PyPI's CUDA build; or TORCH_INDEX=.../whl/cu128)
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# The stamp's name carries TORCH_SPEC and TORCH_INDEX, so changing either reinstalls torch.
+STAMP := $(VENV)/.installed-$(shell printf '%s|%s' '$(TORCH_SPEC)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 
 .PHONY: install test test-fast lint format quickstart demo docs bench-cpu clean
 
-$(VENV)/.installed: pyproject.toml
+$(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --upgrade --retries 1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15

@@ -106,12 +106,76 @@ app = typer.Typer(
     cls=PrefcliGroup,
     name="prefcli",
     help="Train language models on human preferences. Each command reads a YAML recipe; "
-    "`prefcli validate` checks recipes without running them. Docs: docs/index.md.",
+    "`prefcli validate` checks recipes without running them. `prefcli COMMAND --help` shows a command's options "
+    "and examples; the full manual is docs/index.md in the prefcli source repository.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: rich markup would eat '[a, b]' in help texts and show a '<bool>' value after every flag
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _examples(*lines: str) -> str:
+    """A help epilog of example command lines, kept as written (click rewraps paragraphs unless marked \\b)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {x}" for x in lines)
+
+
+EXAMPLES = {
+    "sft": _examples(
+        "prefcli sft recipes/tiny/sft.yaml --set train.lr=1e-3 -o runs/lr1e-3",
+        "prefcli sft recipes/gpu/sft-qwen2.5-0.5b.yaml --smoke      # prove a recipe on a laptop",
+        "prefcli sft recipes/tiny/sft.yaml -q | jq -e '.status == \"completed\"'",
+    ),
+    "reward": _examples(
+        "prefcli reward recipes/tiny/reward.yaml",
+        "prefcli reward recipes/quickstart/reward.yaml --set train.max_steps=100 -o runs/rm",
+    ),
+    "rlhf": _examples(
+        "prefcli rlhf recipes/quickstart/rlhf.yaml",
+        "prefcli rlhf recipes/tiny/rlhf-grpo.yaml --set 'rewards=[{kind: model, path: runs/rm/final}]'",
+        "prefcli rlhf recipes/tiny/rlhf-grpo.yaml --resume          # after Ctrl-C",
+    ),
+    "gan": _examples(
+        "prefcli gan recipes/tiny/gan.yaml",
+        "prefcli gan recipes/gpu/gan-qwen2.5-0.5b.yaml --smoke",
+    ),
+    "contrastive": _examples(
+        "prefcli contrastive recipes/tiny/contrastive-dpo.yaml",
+        "prefcli contrastive recipes/tiny/contrastive-dpo.yaml --set contrastive.objective=ipo -o runs/ipo",
+    ),
+    "eval": _examples(
+        "prefcli eval recipes/tiny/eval.yaml                       # after prefcli sft recipes/tiny/sft.yaml",
+        "prefcli generate prefcli/assets/kjv-base < prompts.txt | prefcli eval recipes/tiny/eval-completions.yaml "
+        "--completions -",
+    ),
+    "generate": _examples(
+        "printf 'And the LORD said\\n' | prefcli generate prefcli/assets/kjv-base --ban wrath",
+        "prefcli generate runs/sft-sft/final --prompts prompts.jsonl --greedy > completions.jsonl",
+    ),
+    "label": _examples(
+        "prefcli label pairs.jsonl -o answers.jsonl",
+        "prefcli label --model prefcli/assets/kjv-base --prompts data/tiny/prompts.jsonl -o answers.jsonl",
+    ),
+    "plot": _examples(
+        "prefcli plot runs/sft-sft",
+        "prefcli plot runs/lr1e-3 runs/lr3e-3 --metric loss --metric eval -o lr.png",
+    ),
+    "explain": _examples(
+        'prefcli explain runs/quickstart/reward/final --prompt "And the people" --text " rejoiced with gladness"',
+        "prefcli explain runs/quickstart/reward/final --pairs data/quickstart/preferences_eval.jsonl --html e.html",
+        'prefcli explain MODEL --text "..." -q | head -n -1 | jq -c "select(.score > 0.5)"   # the per-token rows',
+    ),
+    "data inspect": _examples(
+        "prefcli data inspect data/quickstart/preferences.jsonl --eval data/quickstart/preferences_eval.jsonl",
+        "prefcli data inspect recipes/quickstart/reward.yaml --plots inspect/    # the data as the recipe reads it",
+    ),
+    "validate": _examples(
+        "prefcli validate recipes/*/*.yaml",
+        "prefcli validate --resolved recipes/tiny/contrastive-ipo.yaml     # the recipe with its base merged",
+    ),
+}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOpt = Annotated[
@@ -186,7 +250,7 @@ def _train(
         emit_json(summary)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["sft"])
 def sft(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -200,7 +264,7 @@ def sft(
     _train("sft", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command("eval")
+@app.command("eval", epilog=EXAMPLES["eval"])
 def eval_(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -212,6 +276,16 @@ def eval_(
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace previous results in the folder.")] = False,
     quiet: QuietOpt = False,
+    completions: Annotated[
+        str | None,
+        typer.Option(
+            "--completions",
+            "-c",
+            metavar="FILE|-",
+            help="Score these completions instead of sampling: JSONL rows with prompt, completion (and reference), "
+            "as `prefcli generate` writes them; - reads stdin. Every metric that needs no sampling is computed.",
+        ),
+    ] = None,
 ) -> None:
     """Measure models: perplexity, BLEU, ROUGE, reward, win rate, KL, distinct-n, lengths, preference accuracy.
 
@@ -226,6 +300,7 @@ def eval_(
                 output_dir=str(output_dir) if output_dir else None,
                 overwrite=overwrite,
                 quiet=quiet,
+                completions=completions,
             ),
         )
     except PrefcliError as e:
@@ -235,7 +310,7 @@ def eval_(
     emit_json(summary)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["generate"])
 def generate(
     model_dir: Annotated[
         Path | None, typer.Argument(help="Model folder (Hugging Face format) or hub id.", show_default=False)
@@ -252,7 +327,7 @@ def generate(
         ),
     ] = None,
     model_name: Annotated[str | None, typer.Option("--model", help="With an eval recipe: the model to use.")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts file (default: stdin).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts file; - or none: stdin.")] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -298,7 +373,9 @@ def generate(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quiet: QuietOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No closing line on stderr; stdout (the completions) is unchanged.")
+    ] = False,
 ) -> None:
     """Sample completions: prompts from a file or stdin, one JSON line per prompt on stdout.
 
@@ -345,7 +422,7 @@ def generate(
         raise typer.Exit(0) from None
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["label"])
 def label(
     input: Annotated[
         Path | None,
@@ -421,7 +498,7 @@ def label(
         raise typer.Exit(summary["exit_code"])
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["plot"])
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl).", show_default=False)],
     output: Annotated[
@@ -454,7 +531,7 @@ def plot(
     emit_json({"command": "plot", "status": "completed", "exit_code": 0, **drawn})
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["rlhf"])
 def rlhf(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -469,7 +546,7 @@ def rlhf(
     _train("rlhf", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["reward"])
 def reward(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -484,7 +561,7 @@ def reward(
     _train("reward", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["contrastive"])
 def contrastive(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -499,7 +576,7 @@ def contrastive(
     _train("contrastive", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["gan"])
 def gan(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -514,7 +591,7 @@ def gan(
     _train("gan", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["validate"])
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     command: Annotated[
@@ -524,23 +601,34 @@ def validate(
         ),
     ] = None,
     set_: SetOpt = None,
+    resolved: Annotated[
+        bool,
+        typer.Option(
+            "--resolved",
+            help="Print each recipe as it runs, as YAML on stdout (its base: recipes merged, --set applied, every "
+            "default written out, paths absolute) instead of the JSON verdict.",
+        ),
+    ] = False,
 ) -> None:
     """Check recipes without running them: schema, types, paths. Exit 2 if any is invalid."""
-    from .recipe import load_recipe
+    from .recipe import dump_recipe, load_recipe
 
     results = []
     bad = 0
-    for path in recipes:
+    for i, path in enumerate(recipes):
         try:
             loaded = load_recipe(path, command, list(set_ or []))
             typer.echo(f"ok       {path} ({loaded.command})", err=True)
             results.append({"recipe": str(path), "valid": True, "command": loaded.command})
+            if resolved:
+                print(("---\n" if i else "") + f"# {path}\n" + dump_recipe(loaded.recipe), end="", flush=True)
         except PrefcliError as e:
             bad += 1
             typer.echo(f"invalid  {e}", err=True)
             results.append({"recipe": str(path), "valid": False, "error": str(e)})
     status, code = ("invalid", EXIT_USAGE) if bad else ("valid", 0)
-    emit_json({"command": "validate", "status": status, "exit_code": code, "invalid": bad, "recipes": results})
+    if not resolved:  # --resolved: stdout is the YAML
+        emit_json({"command": "validate", "status": status, "exit_code": code, "invalid": bad, "recipes": results})
     if bad:
         raise typer.Exit(EXIT_USAGE)
 
@@ -565,7 +653,7 @@ def _key_values(items: list[str] | None, option: str) -> dict[str, str]:
     return out
 
 
-@data_app.command("inspect")
+@data_app.command("inspect", epilog=EXAMPLES["data inspect"])
 def data_inspect(
     source: Annotated[
         str,
@@ -662,7 +750,7 @@ def _finite(v):
 # ------------------------------------------------------------------------------------ explain
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["explain"])
 def explain(
     model: Annotated[
         Path,

@@ -38,7 +38,17 @@ RECIPE_TOOLS: dict[str, str] = {
 }
 
 # What a run folder holds; --overwrite removes exactly these, nothing else.
-RUN_ARTIFACTS = ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoints", "final", "curves.png", "samples.jsonl")
+RUN_ARTIFACTS = (
+    "recipe.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoints",
+    "final",
+    "curves.png",
+    "samples.jsonl",
+    "best",  # train.keep_best
+    "tensorboard",  # log.report_to: [tensorboard]
+)
 
 
 @dataclass
@@ -275,7 +285,9 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     loaded = load_recipe(recipe_path, command, opts.overrides)
     recipe = loaded.recipe
     if opts.smoke:
-        recipe = recipe.smoke()
+        from .engine.smoke import prepare_smoke
+
+        recipe = prepare_smoke(recipe.smoke(), RunContext(recipe, None, Path()).warn)  # hub files: there, or exit 2
     if opts.output_dir:
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:
@@ -283,6 +295,9 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     else:
         run_dir = default_run_dir(command, recipe_path)
     check_run_dir(run_dir, opts.resume, opts.overwrite, command)
+    from .engine.trackers import check_installed, start_trackers
+
+    check_installed(recipe.log.report_to)  # a tracker named but not installed: exit 2 before anything runs
     resume_from, skipped = pick_resume(run_dir) if opts.resume else (None, [])
 
     import torch
@@ -343,6 +358,11 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         )
         ctx.progress = progress
         engine.progress = progress
+        if rt.is_main:
+            progress.trackers = start_trackers(
+                recipe.log, command, run_dir, recipe.model_dump(mode="json"), dump_recipe(recipe), progress.warn,
+                engine.start,
+            )  # fmt: skip
         try:
             result = engine.run(resume_from)
         except torch.OutOfMemoryError:
@@ -355,6 +375,11 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         finally:
             progress.close()
         described = task.describe() if hasattr(task, "describe") else {}
+        best = engine.monitors.best_checkpoint() if recipe.output.final == "best" else None
+        if best is not None:  # output.final: best
+            ckpt.load_checkpoint(best, task.groups, rt.rank, rt.world_size)
+        elif recipe.output.final == "best":
+            progress.warn("output.final is 'best' but no evaluation was kept as best; final/ holds the last step")
         final_dir = None
         if recipe.output.save_final:  # every rank: a sharded model is gathered tensor by tensor; rank 0 writes
             final_dir = engine.save_final(task.save_final)
@@ -370,6 +395,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
             "final": result["final"],
             "perf": result["perf"],
         }
+        summary.update({k: result[k] for k in ("best", "stopped_early") if k in result})
         summary.update(described)
         summary.update(
             {
@@ -402,6 +428,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
                     )
                 except (ValueError, OSError):
                     pass  # nothing numeric to plot (zero steps), or no room for the picture: the run is done
+            progress.finish(summary)  # the trackers get the summary, then close
         return summary
     except KeyboardInterrupt:  # outside the loop's own handling (loading, or a second Ctrl-C)
         if lock.fd is None:

@@ -55,3 +55,31 @@ def test_plot_bad_input_exits_2(tmp_path, cli):
     code, stdout, stderr = cli("plot", tmp_path / "nothing")
     assert code == 2 and "no metrics.jsonl" in stderr
     assert not (tmp_path / "nothing").exists() and not (a / "curves.png").exists()
+
+
+def test_each_run_keeps_its_colour_in_every_panel_and_one_legend_names_them(tmp_path):
+    """A run missing from a panel used to shift the colour cycle there (and the legend sat on the first panel
+    only), so compared runs were mislabelled."""
+    import matplotlib.pyplot as plt
+
+    from prefcli.engine.plots import figure, read_metrics
+
+    a = fake_run(tmp_path / "a")
+    b = fake_run(tmp_path / "b", scale=2.0)
+    only_loss = tmp_path / "c"
+    only_loss.mkdir()
+    (only_loss / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss/sft": 1 / s}) + "\n" for s in (1, 2)))
+    runs = {"c": read_metrics(only_loss / "metrics.jsonl"), "a": read_metrics(a / "metrics.jsonl")}
+    runs["b"] = read_metrics(b / "metrics.jsonl")
+    fig = figure(runs, ["loss/sft", "reward/mean", "eval/loss"], title="t")
+    colours: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"a", "b", "c"} and all(len(c) == 1 for c in colours.values())
+    assert len({next(iter(c)) for c in colours.values()}) == 3  # three runs, three colours
+    assert [ax.get_legend() for ax in fig.axes] == [None] * len(fig.axes) and len(fig.legends) == 1
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["c", "a", "b"]
+    assert [h.get_color() for h in legend.legend_handles] == [next(iter(colours[k])) for k in ("c", "a", "b")]
+    plt.close(fig)

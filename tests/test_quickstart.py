@@ -40,4 +40,4 @@ def test_quickstart_recipes_smoke(command, recipe, tmp_path, cli):
     )
     assert code == 0, stderr
     s = last_json(stdout)
-    assert s["status"] == "completed" and s["smoke"] is True
+    assert s["status"] == "completed" and s["smoke"] is True and s["steps"] == 3  # docs/cli.md: 3 steps, gan too

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import DataError
 from ..recipe.paths import is_local
-from ..recipe.sections import DataSource
+from ..recipe.sections import DataMixture, DataSource
 from .logprobs import IGNORE
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -33,9 +33,12 @@ def _quiet_datasets():
     datasets.logging.set_verbosity_error()
 
 
-def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data"):
+def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what: str = "data"):
     """A `datasets.Dataset` for one DataSource, columns renamed per `src.columns`, checked for the
-    `required` columns and for emptiness. Errors name the source and what was expected."""
+    `required` columns and for emptiness. Errors name the source and what was expected. A DataMixture
+    gives its sources interleaved (`load_mixture`); the path `-` reads JSONL rows from stdin."""
+    if isinstance(src, DataMixture):
+        return load_mixture(src, required, what)
     _quiet_datasets()
     import datasets
 
@@ -47,7 +50,9 @@ def load_rows(src: DataSource, required: Sequence[str] = (), what: str = "data")
     if is_local(path) and os.path.isfile(path) and _is_blank_file(path):
         raise DataError(f"{what}: {shown} is empty: it has no rows. Point {field} at a file with data")
     try:
-        if is_local(path) and os.path.isfile(path):
+        if path == "-":
+            ds = read_stdin_rows(what)
+        elif is_local(path) and os.path.isfile(path):
             name = path[:-3] if path.endswith(".gz") else path
             builder = _BUILDERS.get(Path(name).suffix.lower())
             if builder is None:
@@ -188,6 +193,62 @@ def describe_value(v) -> str:
     if isinstance(v, str):
         return "a string"
     return f"{type(v).__name__} ({str(v)[:40]})"
+
+
+def read_stdin_rows(what: str):
+    """JSONL rows from stdin (`path: -`, e.g. `prefcli generate ... | prefcli eval r.yaml --completions -`)."""
+    import sys
+
+    import datasets
+
+    rows = []
+    for n, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{what}: <stdin>:{n}: not valid JSON ({e.msg}); expected one JSON object per line"
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{what}: <stdin>:{n}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+    if not rows:
+        raise DataError(f"{what}: stdin had no rows (did the command before the pipe fail?)")
+    return datasets.Dataset.from_list(rows)
+
+
+def load_mixture(mix: DataMixture, required: Sequence[str], what: str):
+    """The sources of a mixture interleaved by `datasets.interleave_datasets`: row k comes from source i with
+    probability weight_i / sum(weights), the choice seeded by `mix.seed`, so the mixed set (and a resumed
+    run's position in it) is the same every time. The sources must agree on their columns."""
+    import datasets
+
+    parts, weights, names = [], [], []
+    for i, s in enumerate(mix.sources):
+        ds = load_rows(s, required, f"{what}[{i}]")
+        if s.weight > 0:  # a source of weight 0 is never drawn (and would never run out under all_exhausted)
+            parts.append(ds)
+            weights.append(s.weight)
+            names.append(f"{what}[{i}]: {s.path}")
+    cols = parts[0].column_names
+    for ds, name in zip(parts[1:], names[1:]):
+        if sorted(ds.column_names) != sorted(cols):
+            raise DataError(
+                f"{name}: columns ({', '.join(ds.column_names)}) differ from {names[0]} ({', '.join(cols)}); every "
+                "source of a mixture needs the same columns (rename with its columns: mapping, or drop the source)"
+            )
+    try:
+        parts = [parts[0]] + [ds.select_columns(cols).cast(parts[0].features) for ds in parts[1:]]
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{what}: the mixture's sources hold different value types: {str(e).splitlines()[0]}") from None
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(weights)
+    return datasets.interleave_datasets(
+        parts, probabilities=[w / total for w in weights], seed=mix.seed, stopping_strategy=mix.stopping
+    )
 
 
 def check_values(ds, columns: Sequence[str], source: str, what: str = "data") -> None:

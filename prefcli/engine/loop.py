@@ -41,6 +41,7 @@ from ..recipe.sections import TrainSection
 from . import checkpoint as ckpt
 from . import runfolder
 from .dist import Runtime, gathered, is_comm_failure, local_bytes, reshard
+from .monitor import Monitors
 from .progress import Progress
 
 # bf16 dense matmul rate measured on the device (docs/performance.md) or the vendor's dense figure,
@@ -276,6 +277,8 @@ class Engine:
         self.resumed_from: Path | None = None
         self.step = 0  # the step being prepared or trained (named in failure messages)
         self._zero_grad: dict[str, int] = {}  # group -> first step of its current run of zero gradients
+        self.monitors = Monitors(train, run_dir)  # keep_best, early_stopping: decided at each evaluation
+        self.stop_early = False
         self.peak_flops = None
         if rt.device.type == "cuda":
             name = torch.cuda.get_device_name(rt.device)
@@ -418,6 +421,16 @@ class Engine:
         if ev:
             self.progress.eval(step, ev)
             history.setdefault("eval", []).append({"step": step, **ev})
+            if self.monitors.active:
+                save_best, self.stop_early = self.monitors.after_eval(step, ev)
+                if save_best:
+                    ckpt.save_checkpoint(
+                        self.monitors.best_root, step, self.task.groups, self.task.state_dict(),
+                        self.task.extra_tensors(), self.rt.rank, self.rt.world_size, 1, self.rt.barrier,
+                        parallel=self.rt.parallel,
+                    )  # fmt: skip
+                if self.stop_early:
+                    self.progress.log(f"early stopping at step {step}: {self.monitors.describe()['stopped_early']}")
         return ev
 
     def run(self, resume_from: Path | None = None) -> dict:
@@ -469,6 +482,7 @@ class Engine:
             self.restore(resume_from)
         start = self.start
         if resume_from is not None:
+            self.monitors.replay(self.run_dir / "metrics.jsonl", start)
             self.progress.log(f"resumed from {resume_from} (step {start})")
         plans = task.plans(start)
         if resume_from is not None:
@@ -578,7 +592,7 @@ class Engine:
                 self.progress.step(step, record)
                 if train.eval_every_steps and step % train.eval_every_steps == 0 and step < total and task.has_eval():
                     last.update(self._evaluate(step, history))
-                interrupted = stop_flag > 0
+                interrupted = stop_flag > 0 and not self.stop_early
                 if (train.save_every_steps and step % train.save_every_steps == 0) or interrupted:
                     self._checkpoint(step)
                 if interrupted:
@@ -586,6 +600,8 @@ class Engine:
                     raise self._interrupted(
                         f"interrupted at step {step}", "Continue with the same command and --resume."
                     )
+                if self.stop_early:
+                    break
             self.step = step  # the final evaluation and checkpoint belong to the last step
 
             def saved() -> bool:
@@ -593,10 +609,11 @@ class Engine:
 
             # The last step's checkpoint is written before the final evaluation: a run stopped from here on
             # (signal, kill, full disk while writing final/) resumes at the last step, and such a resume trains
-            # nothing but still runs the final evaluation and writes final/.
+            # nothing but still runs the final evaluation and writes final/. A run stopped early was evaluated
+            # at the step it stopped.
             if train.save_every_steps and step > start and not saved():
                 self._checkpoint(step)
-            if task.has_eval():
+            if task.has_eval() and not self.stop_early:
                 last.update(self._evaluate(step, history))
             stop = rt.all_reduce(torch.tensor([float(sig.requested)], dtype=torch.float64, device=rt.device))
             if stop.item() > 0:  # SIGINT/SIGTERM during the final evaluation
@@ -618,4 +635,5 @@ class Engine:
             "wall_s": time.perf_counter() - t_run,
             "history": history,
             "memory": memory,
+            **self.monitors.describe(),
         }

@@ -45,38 +45,59 @@ def choose_metrics(runs: dict[str, list[dict]], wanted: list[str] | None = None)
     return sorted(keys, key=rank)[:MAX_PANELS]
 
 
-def plot_runs(
-    runs: dict[str, list[dict]], out: Path, metrics: list[str] | None = None, title: str | None = None
-) -> Path:
+def figure(runs: dict[str, list[dict]], keys: list[str], title: str | None = None):
+    """The matplotlib figure: one panel per metric, one line per run. Each run keeps one colour in every panel
+    (a panel where an earlier run has no points would otherwise restart the colour cycle and swap the runs'
+    colours), and one legend for the whole figure names every run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    keys = choose_metrics(runs, metrics)
-    if not keys:
-        raise ValueError("no numeric metrics to plot")
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {label: palette[i % len(palette)] for i, label in enumerate(runs)}
     n = len(keys)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    ncol = min(len(runs), 4)
+    legend_in = 0.3 * math.ceil(len(runs) / ncol) if len(runs) > 1 else 0.0  # header space, in inches
+    title_in = 0.4 if title else 0.0
+    height = 3.0 * nrows + legend_in + title_in
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, height), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for label, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=label, linewidth=1.2, marker="." if len(pts) < 30 else None)
+                ax.plot(xs, ys, label=label, color=colour[label], linewidth=1.2, marker="." if len(pts) < 30 else None)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    if len(runs) > 1:
-        axes.flat[0].legend(fontsize=8)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, y=1 - 0.08 / height, va="top")
+    if len(runs) > 1:
+        handles = [Line2D([], [], color=colour[label], linewidth=1.5) for label in runs]
+        fig.legend(
+            handles, list(runs), loc="upper center", bbox_to_anchor=(0.5, 1 - title_in / height), ncol=ncol,
+            fontsize=8, frameon=False,
+        )  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 1 - (legend_in + title_in) / height))
+    return fig
+
+
+def plot_runs(
+    runs: dict[str, list[dict]], out: Path, metrics: list[str] | None = None, title: str | None = None
+) -> Path:
+    import matplotlib.pyplot as plt
+
+    keys = choose_metrics(runs, metrics)
+    if not keys:
+        raise ValueError("no numeric metrics to plot")
+    fig = figure(runs, keys, title)
     out = Path(out)
     fig.savefig(out, dpi=110)
     plt.close(fig)

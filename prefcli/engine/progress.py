@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ class Progress:
         self._metrics = None
         self.lines = 0  # lines in metrics.jsonl: a checkpoint records it, a resume cuts the file back to it
         self.warnings: list[str] = []  # every warning shown, for the summary
+        self.trackers = None  # engine.trackers.Trackers (rank 0): gets every step, evaluation and table too
+        self.last_step = start_step
         if enabled and run_dir is not None:
             path = Path(run_dir) / "metrics.jsonl"
             self.lines = path.read_bytes().count(b"\n") if path.exists() else 0
@@ -108,10 +111,14 @@ class Progress:
     def step(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
-        if self._metrics is not None and (step % self.metrics_every == 0 or step == self.total):
-            self._metrics.write(json.dumps({"step": step, **{k: _clean(v) for k, v in record.items()}}) + "\n")
-            self._metrics.flush()
-            self.lines += 1
+        self.last_step = step
+        if step % self.metrics_every == 0 or step == self.total:
+            if self._metrics is not None:
+                self._metrics.write(json.dumps({"step": step, **{k: _clean(v) for k, v in record.items()}}) + "\n")
+                self._metrics.flush()
+                self.lines += 1
+            if self.trackers is not None:
+                self.trackers.log(step, record)
         if self.quiet:
             return
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in headline(record))
@@ -133,12 +140,27 @@ class Progress:
             self._metrics.write(json.dumps({"step": step, **{k: _clean(v) for k, v in record.items()}}) + "\n")
             self._metrics.flush()
             self.lines += 1
+        if self.trackers is not None:
+            self.trackers.log(step, record)
         if not self.quiet:
             info = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items())
             self.console.print(f"eval @ step {step}: {info}", markup=False, highlight=False, soft_wrap=True)
 
-    def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
-        if not self.enabled or self.quiet:
+    def table(
+        self,
+        title: str,
+        columns: list[str],
+        rows: list[list[Any]],
+        name: str | None = None,
+        full_rows: list[list[Any]] | None = None,
+    ) -> None:
+        """A table on stderr; the trackers get it as table `name` (default: the title) at the current step,
+        with `full_rows` when the shown rows are shortened."""
+        if not self.enabled:
+            return
+        if self.trackers is not None:
+            self.trackers.table(self.last_step, name or title, columns, full_rows if full_rows is not None else rows)
+        if self.quiet:
             return
         t = Table(title=title, show_lines=False)
         for c in columns:
@@ -147,7 +169,20 @@ class Progress:
             t.add_row(*[_fmt(x) if not isinstance(x, str) else x for x in r])
         self.console.print(t)
 
+    def finish(self, summary: dict) -> None:
+        """The run's summary to the trackers, which then close."""
+        if self.trackers is not None:
+            self.trackers.summary(summary)
+            self.trackers.finish(summary.get("status", "completed"))
+
     def close(self) -> None:
+        """Stop the bar and close metrics.jsonl; when an error is on its way out, the trackers close as failed
+        (or interrupted) too, since `finish` will not come."""
+        err = sys.exc_info()[1]
+        if err is not None and self.trackers is not None:
+            from ..errors import Interrupted
+
+            self.trackers.finish("interrupted" if isinstance(err, (Interrupted, KeyboardInterrupt)) else "failed")
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -27,9 +27,10 @@ from typing import Any
 from ..errors import DataError, UsageError
 from ..recipe import dump_recipe, load_recipe
 from ..recipe.commands import EvalModel, EvalRecipe
+from ..recipe.commands.eval import SAMPLED_METRICS
 from . import metrics as M
 
-ARTIFACTS = ("recipe.yaml", "summary.json", "examples.jsonl")
+ARTIFACTS = ("recipe.yaml", "summary.json", "examples.jsonl", "tensorboard")  # tensorboard: log.report_to
 GENERATION_METRICS = ("bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length")
 
 
@@ -39,6 +40,7 @@ class EvalOptions:
     output_dir: str | None = None
     overwrite: bool = False
     quiet: bool = False
+    completions: str | None = None  # --completions FILE|-: sets data.completions
 
 
 class Log:
@@ -97,6 +99,8 @@ class EvalInputs:
     prompts: list[str] = field(default_factory=list)
     references: list[str] | None = None
     pairs: Any = None
+    given: list | None = None  # Generation objects of data.completions (scored as given, nothing sampled)
+    given_name: str | None = None
 
 
 def read_inputs(r: EvalRecipe) -> EvalInputs:
@@ -114,7 +118,9 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
                 f"(columns: {', '.join(rows.column_names)})"
             )
         out.text_rows, out.text_format = rows, fmt
-    if d.prompts is not None:
+    if d.completions is not None:
+        read_completions(r, out)
+    elif d.prompts is not None:
         need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
         cols = ["prompt"] + (["reference"] if need_ref else [])
         rows = load_rows(d.prompts, required=cols, what="data.prompts")
@@ -128,6 +134,44 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
         check_values(rows, ["chosen", "rejected"], d.pairs.path, what="data.pairs")
         out.pairs = rows
     return out
+
+
+def read_completions(r: EvalRecipe, out: EvalInputs) -> None:
+    """data.completions: JSONL rows with prompt and completion (and reference), as `prefcli generate` writes them."""
+    from ..engine.data import check_values, load_rows
+    from .generation import Generation
+
+    d = r.data.completions
+    need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
+    cols = ["prompt", "completion"] + (["reference"] if need_ref else [])
+    try:
+        rows = load_rows(d, required=cols, what="data.completions")
+    except DataError as e:
+        if need_ref and "reference" in str(e):
+            raise DataError(
+                f"{e}. BLEU and ROUGE compare each completion with its 'reference': `prefcli generate` passes one "
+                "through from a JSONL prompts file whose rows have a 'reference' field"
+            ) from None
+        raise
+    check_values(rows, ["prompt"], d.path, what="data.completions")
+    out.prompts = [str(p) for p in rows["prompt"]]
+    if need_ref:
+        check_values(rows, ["reference"], d.path, what="data.completions")
+        out.references = [str(x) for x in rows["reference"]]
+    cols = rows.column_names
+    out.given = [
+        Generation(
+            prompt=str(row["prompt"]),
+            completion=str(row["completion"] or ""),
+            prompt_ids=[],
+            token_ids=[],
+            finish_reason=str(row.get("finish_reason") or "given"),
+            missing=list(row.get("missing") or []) if "missing" in cols else [],
+            n_tokens=row.get("tokens") if isinstance(row.get("tokens"), int) else None,
+        )
+        for row in rows
+    ]
+    out.given_name = "completions" if d.path == "-" else Path(d.path).stem
 
 
 # ----------------------------------------------------------------------------- models
@@ -243,14 +287,24 @@ def kl_warnings(r: EvalRecipe) -> list[str]:
 def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     t0 = time.perf_counter()
     recipe_path = Path(recipe_path)
-    loaded = load_recipe(recipe_path, "eval", opts.overrides)
+    loaded = load_recipe(recipe_path, "eval", opts.overrides + completions_override(opts.completions))
     r: EvalRecipe = loaded.recipe
     run_dir = run_dir_for(r, recipe_path, opts)
     check_output(run_dir, opts.overwrite)
+    from ..engine.trackers import check_installed
+
+    check_installed(r.log.report_to)
     log = Log(opts.quiet)
     inputs = read_inputs(r)
     entries, ref_section = resolve_models(r)
-    gen_wanted = any(m in r.metrics for m in GENERATION_METRICS)
+    gen_wanted = any(m in r.metrics for m in GENERATION_METRICS) and inputs.given is None
+    if inputs.given is not None:
+        skipped = [m for m in r.metrics if m in SAMPLED_METRICS]
+        if skipped:
+            log.warn(
+                f"{', '.join(skipped)} {'needs' if len(skipped) == 1 else 'need'} completions sampled from the models; "
+                "skipped: data.completions are scored as given"
+            )
 
     import torch
 
@@ -261,6 +315,19 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     from .scoring import completion_logprobs
 
     rt = make_runtime(r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens)
+    rows: list[dict] = []
+    results: dict[str, dict] = {}
+    gens: dict[str, list] = {}
+    if inputs.given is not None:
+        res: dict[str, Any] = {"role": "completions", "source": r.data.completions.path}
+        if "length" in r.metrics and any(g.n_tokens is None for g in inputs.given):
+            tok = load_tokenizer(entries[0].section)  # token counts by the first model's tokenizer
+            for g in inputs.given:
+                if g.n_tokens is None:
+                    g.n_tokens = len(tok(g.completion, add_special_tokens=False)["input_ids"])
+        res.update(text_metrics(inputs.given, inputs, r, rows, inputs.given_name))
+        results[inputs.given_name] = res
+        gens[inputs.given_name] = inputs.given
     rewards = None
     if r.rewards and any(m in r.metrics for m in ("reward", "win_rate", "preference_accuracy")):
         rewards = build_rewards(
@@ -277,9 +344,6 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         for w in kl_warnings(r):
             log.warn(w)
 
-    rows: list[dict] = []
-    results: dict[str, dict] = {}
-    gens: dict[str, list] = {}
     for e in entries if ("perplexity" in r.metrics or gen_wanted) else []:
         log.info(f"{e.role} {e.name}: {e.section.path or 'random init (' + e.section.init.architecture + ')'}")
         lm, tok = load_lm(e.section, rt, seed=e.spec.seed)
@@ -336,7 +400,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         del policy, lm
         _free_memory()
 
-    if rewards is not None and gen_wanted and any(m in r.metrics for m in ("reward", "win_rate")):
+    if rewards is not None and gens and any(m in r.metrics for m in ("reward", "win_rate")):
         log.info("scoring completions with the rewards")
         base_name = r.baseline.display_name() if r.baseline is not None else None
         scored = {}
@@ -355,7 +419,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
                 row["reward"] = total[i]
                 for k, v in parts.items():
                     row[f"reward/{k}"] = v[i]
-        if "win_rate" in r.metrics:
+        if "win_rate" in r.metrics and inputs.given is None:
             for name in gens:
                 if name == base_name:
                     continue
@@ -404,7 +468,36 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     write_outputs(run_dir, r, rows, summary, opts.overwrite)
     if not opts.quiet:
         print_table(log, summary)
+    report_to_trackers(r, run_dir, rows, summary, log)
     return summary
+
+
+def completions_override(path: str | None) -> list[str]:
+    """--completions FILE|-: the --set that points data.completions at it (a file relative to here)."""
+    if path is None:
+        return []
+    if path != "-":
+        if not Path(path).is_file():
+            raise UsageError(f"--completions: no such file: {path} (give a JSONL file, or - for stdin)")
+        path = str(Path(path).resolve())
+    return ["data.completions.path=" + json.dumps(path)]
+
+
+def report_to_trackers(r: EvalRecipe, run_dir: Path, rows: list[dict], summary: dict, log: Log) -> None:
+    """log.report_to: every number of the summary, and each model's completions as a table."""
+    if not r.log.report_to:
+        return
+    from ..engine.trackers import flatten, start_trackers
+
+    trackers = start_trackers(r.log, "eval", run_dir, r.model_dump(mode="json"), dump_recipe(r), log.warn)
+    trackers.log(0, flatten(summary["models"], sep="/"))  # e.g. sft/bleu/score, sft/win_rate/win_rate
+    for name in summary["models"]:
+        gen = [row for row in _gen_rows(rows, name)]
+        if gen:
+            cols = ["prompt", "completion"] + [c for c in ("reference", "reward", "tokens") if c in gen[0]]
+            trackers.table(0, f"completions/{name}", cols, [[row.get(c) for c in cols] for row in gen])
+    trackers.summary(summary)
+    trackers.finish(summary["status"])
 
 
 def _gen_rows(rows: list[dict], name: str):
@@ -434,7 +527,7 @@ def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name
             "prompt": g.prompt,
             "completion": g.completion,
             "finish_reason": g.finish_reason,
-            "tokens": len(g.token_ids),
+            "tokens": g.tokens,
             "words": M.word_count(g.completion),
         }
         for i, g in enumerate(outs)
@@ -461,7 +554,7 @@ def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name
         for g in outs:
             finish[g.finish_reason] = finish.get(g.finish_reason, 0) + 1
         res["length"] = {
-            "tokens": M.length_stats([len(g.token_ids) for g in outs]),
+            "tokens": M.length_stats([g.tokens for g in outs]),
             "words": M.length_stats([M.word_count(h) for h in hyps]),
             "finish_reason": finish,
         }
@@ -582,7 +675,7 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
             ["words (mean)"]
             + [fmt(models[n]["length"]["words"]["mean"]) if "length" in models[n] else "-" for n in names]
         )
-    header = ["metric"] + [f"{n} ({models[n]['role']})" if models[n]["role"] != "model" else n for n in names]
+    header = ["metric"] + [f"{n} ({models[n]['role']})" if models[n]["role"] not in ("model", n) else n for n in names]
     return header, body
 
 
@@ -596,8 +689,8 @@ def print_table(log: Log, summary: dict) -> None:
     for row in body:
         t.add_row(*row)
     log.console.print(t)
-    if "bleu" in summary["metrics"]:
-        first = next(iter(summary["models"].values()))
+    first = next((m for m in summary["models"].values() if "bleu" in m), None)
+    if first is not None:
         log.info(f"BLEU signature: {first['bleu']['signature']}")
     pa = summary.get("preference_accuracy")
     if pa:

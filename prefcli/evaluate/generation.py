@@ -53,6 +53,11 @@ class Generation:
     token_ids: list[int]  # the sampled tokens, EOS included when generated, no padding
     finish_reason: str  # "eos" | "stop" | "length"
     missing: list[str] = field(default_factory=list)  # required keywords absent from the completion
+    n_tokens: int | None = None  # completions given to `prefcli eval` (no token ids): their token count
+
+    @property
+    def tokens(self) -> int:
+        return self.n_tokens if self.n_tokens is not None else len(self.token_ids)
 
 
 class Generator:
@@ -350,10 +355,10 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     err = err or sys.stderr
     section, base, seed, (device, precision, chunk) = resolve_generate_model(opts)
     cfg = generation_settings(base, opts.settings)
-    fmt = opts.fmt or ("jsonl" if opts.prompts and str(opts.prompts).endswith(".jsonl") else "lines")
+    fmt = opts.fmt or ("jsonl" if opts.prompts and str(opts.prompts).endswith(".jsonl") else "lines")  # '-': lines
     if fmt not in ("lines", "jsonl"):
         raise UsageError(f"--format must be 'lines' or 'jsonl', got {fmt!r}")
-    if opts.prompts is not None:
+    if opts.prompts is not None and str(opts.prompts) != "-":
         from pathlib import Path
 
         if not Path(opts.prompts).is_file():

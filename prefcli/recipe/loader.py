@@ -172,27 +172,30 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
-def _from_cwd(value: Any, key: str, path_fields: set[str]) -> Any:
+def _from_cwd(value: Any, key: str, path_fields: set[str], folder: str | None = None) -> Any:
     """A relative path typed on the command line means what the shell means: relative to the
     current directory, not to the recipe's folder. Rewrites such values (also inside lists and
     mappings, e.g. `rewards=[{kind: model, path: runs/rm/final}]`) to absolute paths; a value that
     names nothing here and is not written as a path (a hub id such as `Qwen/Qwen2.5-0.5B`) is
-    left for the schema to judge."""
+    left for the schema to judge. With `folder`, relative to that folder instead (a base recipe's
+    values: relative to the base file)."""
     from .paths import written_as_path
 
     if isinstance(value, dict):
-        return {k: _from_cwd(v, str(k), path_fields) for k, v in value.items()}
+        return {k: _from_cwd(v, str(k), path_fields, folder) for k, v in value.items()}
     if isinstance(value, list):
-        return [_from_cwd(v, key, path_fields) for v in value]
+        return [_from_cwd(v, key, path_fields, folder) for v in value]
     if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
         return value
+    here = folder or os.getcwd()
     if key == "function":  # file.py:function
         mod, sep, attr = value.rpartition(":")
         if sep and mod.endswith(".py") and not os.path.isabs(os.path.expanduser(mod)):
-            return f"{os.path.abspath(mod)}:{attr}"
+            return f"{os.path.normpath(os.path.join(here, mod))}:{attr}"
         return value
-    if key in path_fields and (key == "dir" or os.path.exists(value) or written_as_path(value)):
-        return os.path.abspath(value)
+    full = os.path.normpath(os.path.join(here, value))
+    if key in path_fields and value != "-" and (key == "dir" or os.path.exists(full) or written_as_path(value)):
+        return full
     return value
 
 
@@ -242,19 +245,19 @@ def _non_finite(data: Any, loc: Loc = ()) -> list[tuple[Loc, float]]:
     return []
 
 
-def check_finite(data: dict, shown: str, lines: dict[Loc, int], origin: dict[Loc, str]) -> None:
+def check_finite(data: dict, shown: str, lines: dict[Loc, int | str], origin: dict[Loc, str]) -> None:
     """A recipe holds finite numbers only: inf or NaN in a learning rate, a coefficient or a model config
     trains nothing useful (and a NaN passes every bound check)."""
     problems = []
     for loc, value in _non_finite(data):
         item = _origin_of(loc, origin)
-        where = f"(--set {item})" if item else f"{shown}:{_nearest_line(loc, lines)}"
+        where = f"(--set {item})" if item else _where(_nearest_line(loc, lines), shown)
         problems.append(f"{where}: {_dotted(loc)}: {value} is not a finite number; give a finite value")
     if problems:
         raise RecipeError(shown, problems)
 
 
-def _nearest_line(loc: Loc, lines: dict[Loc, int]) -> int:
+def _nearest_line(loc: Loc, lines: dict[Loc, int | str]) -> int | str:
     for n in range(len(loc), -1, -1):
         if loc[:n] in lines:
             return lines[loc[:n]]
@@ -366,7 +369,12 @@ def _describe(err: dict, schema: type[BaseModel], loc: Loc, raw_loc: Loc = (), d
 
 
 def validate_data(
-    data: dict, schema: type[RecipeBase], shown: str, lines: dict[Loc, int], origin: dict[Loc, str], base_dir: Path
+    data: dict,
+    schema: type[RecipeBase],
+    shown: str,
+    lines: dict[Loc, int | str],
+    origin: dict[Loc, str],
+    base_dir: Path,
 ) -> RecipeBase:
     try:
         return schema.model_validate(data, context={"base_dir": str(base_dir)})
@@ -378,10 +386,11 @@ def validate_data(
             n = len(loc)
             while n > 0 and loc[:n] not in lines:
                 n -= 1
-            where = f"(--set {item})" if item else (f"{shown}:{lines[loc[:n]]}" if loc[:n] in lines else shown)
+            where = f"(--set {item})" if item else (_where(lines[loc[:n]], shown) if loc[:n] in lines else shown)
             field = _dotted(loc) or "(recipe)"
             text = _describe(err, schema, loc, tuple(err["loc"]), data)
-            problems.append((lines.get(loc[:n], 0), f"{where}: {field}: {text}"))
+            line = lines.get(loc[:n], 0)
+            problems.append((line if isinstance(line, int) else 0, f"{where}: {field}: {text}"))
         raise RecipeError(shown, [p for _, p in sorted(problems, key=lambda t: t[0])]) from None
 
 
@@ -393,29 +402,27 @@ def load_recipe(
     path = Path(path)
     shown = str(path)
     overrides = list(overrides or [])
-    data, lines = _read_yaml(path)
+    data, lines = compose_file(path)
     origin = apply_overrides(data, overrides)
     declared = data.get("command")
     if declared is not None and declared not in SCHEMAS:
         close = difflib.get_close_matches(str(declared), list(SCHEMAS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        line = lines.get(("command",), 1)
+        where = _where(lines.get(("command",), 1), shown)
         raise RecipeError(
-            shown, [f"{shown}:{line}: command: unknown command {declared!r}{hint}; one of: {', '.join(SCHEMAS)}"]
+            shown, [f"{where}: command: unknown command {declared!r}{hint}; one of: {', '.join(SCHEMAS)}"]
         )
     if command is not None and declared is not None and declared != command:
-        line = lines.get(("command",), 1)
+        where = _where(lines.get(("command",), 1), shown)
         raise RecipeError(
-            shown, [f"{shown}:{line}: command: this recipe is for `prefcli {declared}`, not `prefcli {command}`"]
+            shown, [f"{where}: command: this recipe is for `prefcli {declared}`, not `prefcli {command}`"]
         )
     cmd = command or declared
     if cmd is None:
         typo = difflib.get_close_matches("command", [str(k) for k in data], n=1, cutoff=0.6)
         if typo:
-            line = lines.get((typo[0],), 1)
-            problem = (
-                f"{shown}:{line}: {typo[0]}: unknown key (did you mean 'command'?); the recipe needs 'command: <name>'"
-            )
+            line = _where(lines.get((typo[0],), 1), shown)
+            problem = f"{line}: {typo[0]}: unknown key (did you mean 'command'?); the recipe needs 'command: <name>'"
         else:
             problem = f"{shown}:1: command: missing; add a line such as 'command: sft' (one of: {', '.join(SCHEMAS)})"
         raise RecipeError(shown, [problem])
@@ -423,6 +430,25 @@ def load_recipe(
     check_finite(data, shown, lines, origin)
     recipe = validate_data(data, SCHEMAS[cmd], shown, lines, origin, path.resolve().parent)
     return LoadedRecipe(recipe=recipe, path=path, overrides=overrides)
+
+
+def _where(line: int | str, shown: str) -> str:
+    """'file:line' of a value: a line of the recipe itself (int), or already 'base.yaml:line' (from a base)."""
+    return line if isinstance(line, str) else f"{shown}:{line}"
+
+
+def compose_file(path: Path) -> tuple[dict, dict[Loc, int | str]]:
+    """The recipe's YAML with its `base:` recipes merged in (compose.py), and where each value came from."""
+    from .compose import compose
+
+    fields: set[str] = set()
+
+    def anchor(data: dict, folder: Path) -> dict:
+        if not fields:
+            fields.update(_path_field_names())
+        return _from_cwd(data, "", fields, str(folder))
+
+    return compose(path, _read_yaml, anchor)
 
 
 def dump_recipe(recipe: RecipeBase) -> str:

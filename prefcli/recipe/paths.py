@@ -63,7 +63,13 @@ def _path_or_hub_id(value: str, info: ValidationInfo) -> str:
     return value  # a hub id, resolved when loaded
 
 
+def _data_path(value: str, info: ValidationInfo) -> str:
+    return value if value == "-" else _path_or_hub_id(value, info)
+
+
 LocalPath = Annotated[str, AfterValidator(_local_path)]
+# a data file, folder or hub dataset, or `-` for JSONL rows on stdin (the data sources of `prefcli eval`)
+DataPath = Annotated[str, AfterValidator(_data_path)]
 OutputPath = Annotated[str, AfterValidator(_output_path)]
 PathOrHubId = Annotated[str, AfterValidator(_path_or_hub_id)]
 

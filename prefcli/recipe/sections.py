@@ -8,11 +8,14 @@ This module imports only pydantic: `prefcli validate` must not pay for torch.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from .paths import OutputPath, PathOrHubId
+
+# log.report_to: the experiment trackers prefcli can also report to, each through its own library (an extra)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 class Section(BaseModel):
@@ -105,6 +108,61 @@ class DataSource(Section):
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows.")
 
 
+class MixtureSource(DataSource):
+    """One source of a data mixture: a DataSource with a sampling weight."""
+
+    weight: float = Field(
+        1.0, ge=0, description="Relative sampling weight; the weights of a mixture are normalised to sum to 1."
+    )
+
+
+class DataMixture(Section):
+    """Several sources interleaved into one training set (`datasets.interleave_datasets`): each row is drawn
+    from source i with probability weight_i / sum(weights), in an order fixed by `seed`, so a resumed run
+    sees the same rows. Written as a list of sources under `data.train`; every source must have the same
+    columns (after its `columns` mapping)."""
+
+    sources: list[MixtureSource] = Field(min_length=1, description="The sources and their weights.")
+    stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted",
+        description="'first_exhausted': the mixture ends when one source runs out (no row repeats); "
+        "'all_exhausted': sources that run out start over until every source has been used whole.",
+    )
+    seed: int = Field(0, description="Seed of the order in which the sources are drawn.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, data: Any) -> Any:
+        return {"sources": data} if isinstance(data, list) else data  # `train: [...]` is the usual spelling
+
+    @model_validator(mode="after")
+    def _check(self):
+        total = sum(s.weight for s in self.sources)
+        if not total > 0:
+            raise ValueError(
+                f"the weights of the mixture's sources sum to {total:g}; they must sum to a positive number"
+            )
+        return self
+
+    @property
+    def path(self) -> str:
+        """How messages name this source: the mixture's files."""
+        return "mixture of " + ", ".join(f"{s.path} (weight {s.weight:g})" for s in self.sources)
+
+
+def _source_kind(v: Any) -> str:
+    if isinstance(v, (list, DataMixture)) or (isinstance(v, dict) and "sources" in v):
+        return "mixture"
+    return "source"
+
+
+# data.train of sft, reward, contrastive and rlhf: one source, or a list of weighted sources (a mixture)
+TrainSource = Annotated[
+    Annotated[DataSource, Tag("source")] | Annotated[DataMixture, Tag("mixture")],
+    Discriminator(_source_kind),
+]
+
+
 class HeldOut(Section):
     """Base of data sections with an optional `eval` set or an `eval_fraction` of the training rows."""
 
@@ -119,6 +177,25 @@ class HeldOut(Section):
                     "data.debias.drop_eval_prompts needs a held-out set: set data.eval or data.eval_fraction"
                 )
         return self
+
+
+class EvalMonitor(Section):
+    """An evaluation metric to watch, and which way is better."""
+
+    metric: str = Field(
+        description="A metric the command logs at each evaluation, e.g. eval/loss (sft: eval/loss, eval/ppl; "
+        "reward: eval/accuracy; rlhf: eval/reward); the error for an unknown one lists them."
+    )
+    mode: Literal["min", "max"] = Field(description="'min': lower is better (losses); 'max': higher is better.")
+
+
+class EarlyStopping(EvalMonitor):
+    """End the run when the metric has not improved for `patience` evaluations in a row."""
+
+    patience: int = Field(3, gt=0, description="Evaluations in a row without improvement before the run stops.")
+    min_delta: float = Field(
+        0.0, ge=0, description="An improvement smaller than this (in the metric's units) does not count."
+    )
 
 
 class TrainSection(Section):
@@ -155,6 +232,16 @@ class TrainSection(Section):
     )
     save_every_steps: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep only the newest N checkpoints.")
+    keep_best: EvalMonitor | None = Field(
+        None,
+        description="Also keep the checkpoint of the best evaluation by this metric in checkpoints/best/ "
+        "(overwritten when an evaluation beats it); output.final: best writes final/ from it.",
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None,
+        description="Stop when an evaluation metric stops improving (needs held-out data and eval_every_steps). "
+        "The run ends with exit 0; the summary's `stopped_early` says when and why.",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -236,8 +323,35 @@ class OutputSection(Section):
     )
     save_final: bool = Field(True, description="Write final/ in Hugging Face format at the end.")
     plot: bool = Field(True, description="Write curves.png (training curves) at the end.")
+    final: Literal["last", "best"] = Field(
+        "last",
+        description="What final/ holds: the weights after the last step, or those of the best evaluation "
+        "(needs train.keep_best).",
+    )
 
 
-class LogSection(Section):
+class TrackingSection(Section):
+    """Experiment trackers that get the run besides metrics.jsonl (which stays the record)."""
+
+    report_to: list[Literal[TRACKERS]] = Field(
+        default_factory=list,
+        description="Experiment trackers to report to, any of tensorboard, wandb, mlflow, trackio; each needs its "
+        "extra (pip install 'prefcli[wandb]', or 'prefcli[trackers]' for all). They get every step's metrics, every "
+        "evaluation, the resolved recipe as config, sampled completions as tables and the summary. A tracker that "
+        "fails to start or dies mid-run is a warning, never a failed run.",
+    )
+    run_name: str | None = Field(None, description="The run's name in the trackers (default: the run folder's name).")
+    project: str | None = Field(None, description="W&B and trackio project, MLflow experiment (default 'prefcli').")
+    tags: list[str] = Field(default_factory=list, description="Tags of the run in the trackers.")
+
+    @model_validator(mode="after")
+    def _check_trackers(self):
+        dup = sorted({t for t in self.report_to if self.report_to.count(t) > 1})
+        if dup:
+            raise ValueError(f"report_to: listed twice: {', '.join(dup)}")
+        return self
+
+
+class LogSection(TrackingSection):
     every_steps: int = Field(10, gt=0, description="Write a progress line every N steps when stderr is not a terminal.")
     metrics_every_steps: int = Field(1, gt=0, description="Append to metrics.jsonl every N steps.")

@@ -424,7 +424,10 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         pick = list(range(0, len(prompts), max(1, len(prompts) // max(n, 1))))[:n]
         rows = [[prompts[i][-60:], completions[i][:100], f"{total[i]:.3f}"] for i in pick]
         if self.ctx.progress is not None:
-            self.ctx.progress.table(f"rollout {self.rollouts}: examples", ["prompt", "completion", "reward"], rows)
+            full = [[prompts[i], completions[i], float(total[i])] for i in pick]  # trackers get the whole texts
+            self.ctx.progress.table(
+                f"rollout {self.rollouts}: examples", ["prompt", "completion", "reward"], rows, "samples", full
+            )
         with open(self.examples_file, "a", encoding="utf-8") as f:
             for i in pick:
                 row = {"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i], "reward": total[i]}

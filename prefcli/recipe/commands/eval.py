@@ -7,12 +7,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..paths import LocalPath, OutputPath, PathOrHubId
+from ..paths import DataPath, LocalPath, OutputPath, PathOrHubId
 from ..reward_specs import RewardSpec
 from ..sections import (
     DataSource,
     ModelInit,
     Section,
+    TrackingSection,
 )
 from .names import EVAL_METRICS
 
@@ -132,8 +133,17 @@ class EvalModel(Section):
         return "init"
 
 
+class EvalSource(DataSource):
+    """A data source of `prefcli eval`: a file, folder or hub dataset, or `-` for JSONL rows on stdin."""
+
+    path: DataPath = Field(
+        description="File, folder or hub dataset name (relative paths resolve against the recipe), or '-': JSONL "
+        "rows on stdin (one source at a time)."
+    )
+
+
 class EvalData(Section):
-    text: DataSource | None = Field(
+    text: EvalSource | None = Field(
         None,
         description="Rows for perplexity: 'text' rows (every token), 'prompt'+'completion' rows (completion "
         "tokens, given the prompt) or chat 'messages' (assistant turns).",
@@ -146,14 +156,29 @@ class EvalData(Section):
         description="Score an EOS token at the end of every data.text example, as `prefcli sft` "
         "trains it (its eval/ppl is the same number).",
     )
-    prompts: DataSource | None = Field(
+    prompts: EvalSource | None = Field(
         None,
         description="Prompts to sample completions from (column 'prompt'), with a 'reference' column for BLEU and "
         "ROUGE. Map other names with columns: {reference: answer}.",
     )
-    pairs: DataSource | None = Field(
+    pairs: EvalSource | None = Field(
         None, description="Preference pairs (columns prompt, chosen, rejected) for the rewards' preference accuracy."
     )
+    completions: EvalSource | None = Field(
+        None,
+        description="Completions to score as given instead of sampling (columns prompt, completion, and reference "
+        "for BLEU/ROUGE): what `prefcli generate` writes; `prefcli eval --completions FILE|-` sets it. Nothing is "
+        "sampled, so kl and win_rate (which need samples of the models) are skipped, and data.prompts is not read.",
+    )
+
+    @model_validator(mode="after")
+    def _one_stdin(self):
+        stdin = [
+            n for n in ("text", "prompts", "pairs", "completions") if getattr(self, n) and getattr(self, n).path == "-"
+        ]
+        if len(stdin) > 1:
+            raise ValueError(f"only one source can read stdin ('-'); {', '.join('data.' + n for n in stdin)} all do")
+        return self
 
 
 class PerplexityOptions(Section):
@@ -248,6 +273,12 @@ _NEEDS = {
 }
 
 
+# Metrics that need completions sampled from the models (with data.completions they are skipped), and those that
+# read completions, sampled from data.prompts or given as data.completions.
+SAMPLED_METRICS = ("kl", "win_rate")
+COMPLETION_METRICS = ("bleu", "rouge", "reward", "distinct", "length")
+
+
 class EvalRecipe(Section):
     """`prefcli eval`: measure models (and a baseline) on held-out data; see docs/commands/eval.md."""
 
@@ -277,6 +308,10 @@ class EvalRecipe(Section):
     seed: int = Field(0, description="Seed for sampling (reset before each model) and the bootstrap.")
     runtime: EvalRuntime = Field(default_factory=EvalRuntime, description="Device and precision.")
     output: EvalOutput = Field(default_factory=EvalOutput, description="Where results are written.")
+    log: TrackingSection = Field(
+        default_factory=TrackingSection,
+        description="Experiment trackers that also get the results (every metric, the completions as tables).",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -287,13 +322,19 @@ class EvalRecipe(Section):
             "data.text": self.data.text,
             "data.prompts": self.data.prompts,
             "data.pairs": self.data.pairs,
+            "data.completions": self.data.completions,
             "rewards": self.rewards or None,
             "baseline": self.baseline,
             "reference": self.reference,
         }
         problems = []
+        given = self.data.completions is not None
         for m in self.metrics:
-            missing = [n for n in _NEEDS[m] if have[n] is None]
+            missing = [
+                n
+                for n in _NEEDS[m]
+                if have[n] is None and not (given and n == "data.prompts" and m in COMPLETION_METRICS)
+            ]
             if missing:
                 problems.append(f"metric '{m}' needs {' and '.join(missing)}")
         used = {n for m in self.metrics for n in _NEEDS[m]}
@@ -301,6 +342,10 @@ class EvalRecipe(Section):
             if have[n] is not None and n not in used:
                 readers = [m for m, needs in _NEEDS.items() if n in needs]
                 problems.append(f"{n} is given but no listed metric reads it (add one of: {', '.join(readers)})")
+        if given and not any(m in COMPLETION_METRICS for m in self.metrics):
+            problems.append(
+                f"data.completions is given but no listed metric reads it (add one of: {', '.join(COMPLETION_METRICS)})"
+            )
         names = [m.display_name() for m in self.models] + [x.display_name() for x in (self.baseline,) if x is not None]
         same = sorted({n for n in names if names.count(n) > 1})
         if same:

@@ -1,6 +1,9 @@
 """The names every choice in a recipe can take, written once: the schemas' Literals, the algorithm
 registries (tests/test_command_table.py checks that each registry has exactly these keys) and the
-generated recipe reference all read them from here."""
+generated recipe reference all read them from here. (The tracker names of log.report_to live in sections.py,
+which this package imports, and are re-exported here.)"""
+
+from ..sections import TRACKERS  # noqa: F401
 
 SFT_OBJECTIVES = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
 REWARD_OBJECTIVES = ("bradley_terry", "regression", "ranking")

@@ -11,6 +11,7 @@ from ..sections import (
     DataSource,
     HeldOut,
     Section,
+    TrainSource,
 )
 from .base import RecipeBase
 from .names import CONTRASTIVE_OBJECTIVES, REWARD_OBJECTIVES
@@ -22,7 +23,7 @@ class PreferenceData(HeldOut):
     `text` (or `prompt` + `completion`) and `score`. Rankings: optional `prompt`, `completions`
     (a list, best first). Map your column names with `columns`."""
 
-    train: DataSource = Field(description="Training rows.")
+    train: TrainSource = Field(description="Training rows: one source, or a list of weighted sources (a mixture).")
     eval: DataSource | None = Field(None, description="Held-out rows for the eval/ metrics.")
     eval_fraction: float = Field(
         0.0,
@@ -78,6 +79,14 @@ class RewardRecipe(RecipeBase):
     command: Literal["reward"] = Field("reward", description="Always 'reward' for this schema.")
     data: PreferenceData = Field(description="Training and held-out preference data.")
     reward: RewardSection = Field(default_factory=RewardSection, description="The reward-model objective.")
+
+    def eval_metrics(self) -> tuple[str, ...]:
+        if self.reward.objective == "regression":
+            return ("eval/loss", "eval/mse", "eval/reward_mean", "eval/pearson")
+        return tuple(
+            f"eval/{k}"
+            for k in ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "ece", "mce", "pairs")
+        )
 
 
 # --------------------------------------------------------------------------------- contrastive
@@ -146,3 +155,13 @@ class ContrastiveRecipe(RecipeBase):
     command: Literal["contrastive"] = Field("contrastive", description="Always 'contrastive' for this schema.")
     data: PreferenceData = Field(description="Training and held-out preference data.")
     contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection, description="The objective.")
+
+    def eval_metrics(self) -> tuple[str, ...]:
+        o = self.contrastive.objective
+        if o == "infonce":
+            names = ("loss", "cos_chosen", "top1", "cos_rejected", "margin", "accuracy")
+        elif o == "kto":
+            names = ("loss", "reward_chosen", "reward_rejected", "accuracy", "logps_chosen", "logps_rejected")
+        else:
+            names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected")
+        return tuple(f"eval/{k}" for k in names)

@@ -13,6 +13,7 @@ from ..sections import (
     HeldOut,
     ModelInit,
     Section,
+    TrainSource,
 )
 from .base import RecipeBase
 from .names import (
@@ -26,9 +27,9 @@ from .names import (
 
 
 class PromptData(HeldOut):
-    train: DataSource = Field(
+    train: TrainSource = Field(
         description="Prompt rows: a 'prompt' column (text) or 'messages' (a chat, rendered "
-        "with the chat template and a generation prompt)."
+        "with the chat template and a generation prompt); or a list of weighted sources (a mixture)."
     )
     eval: DataSource | None = Field(None, description="Held-out prompts for eval/reward and eval/kl.")
     eval_fraction: float = Field(
@@ -314,6 +315,9 @@ class RLHFRecipe(RecipeBase):
         check_overlong(self.rlhf, self.generation)
         return self
 
+    def eval_metrics(self) -> tuple[str, ...]:
+        return ("eval/reward", "eval/kl", "eval/length")
+
     def _shrink(self, data: dict) -> None:
         super()._shrink(data)
         shrink_rollouts(data)
@@ -438,8 +442,17 @@ class GANRecipe(RecipeBase):
         check_overlong(self.rlhf, self.generation)
         return self
 
+    def eval_metrics(self) -> tuple[str, ...]:
+        return ("eval/reward", "eval/kl", "eval/length", "eval/disc_fake_prob")
+
     def _shrink(self, data: dict) -> None:
         super()._shrink(data)
         shrink_rollouts(data)  # the generator's rollouts, as rlhf shrinks them
-        data["gan"]["disc_warmup_steps"] = min(data["gan"]["disc_warmup_steps"], 2)  # a short warm-up
+        g = data["gan"]
+        g["disc_warmup_steps"] = min(g["disc_warmup_steps"], 1)
+        g["disc_steps"] = min(g["disc_steps"], 1)
+        # SMOKE_STEPS loop steps in all, as every command: the loop counts discriminator steps too (warm-up +
+        # disc_steps per generator update), so the generator gets what is left: by default 1 warm-up step,
+        # 1 discriminator step, 1 generator update.
+        data["train"]["max_steps"] = max(1, (self.SMOKE_STEPS - g["disc_warmup_steps"]) // (1 + g["disc_steps"]))
         data["discriminator"]["batch_size"] = min(data["discriminator"]["batch_size"], 4)

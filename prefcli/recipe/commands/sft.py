@@ -12,13 +12,14 @@ from ..sections import (
     DataSource,
     HeldOut,
     Section,
+    TrainSource,
 )
 from .base import RecipeBase
 from .names import SFT_OBJECTIVES
 
 
 class SFTData(HeldOut):
-    train: DataSource = Field(description="Training rows.")
+    train: TrainSource = Field(description="Training rows: one source, or a list of weighted sources (a mixture).")
     eval: DataSource | None = Field(None, description="Held-out rows for perplexity (eval/ppl).")
     eval_fraction: float = Field(
         0.0,
@@ -167,6 +168,9 @@ class SFTRecipe(RecipeBase):
     command: Literal["sft"] = Field("sft", description="Always 'sft' for this schema.")
     data: SFTData = Field(description="Training and held-out data.")
     sft: SFTSection = Field(default_factory=SFTSection, description="The SFT objective.")
+
+    def eval_metrics(self) -> tuple[str, ...]:
+        return ("eval/loss", "eval/ppl", "eval/tokens")
 
     @model_validator(mode="after")
     def _check_objective(self):

@@ -360,6 +360,19 @@ def control_table(results: list[dict]) -> str:
             f"| {token or 'no control token'} (n={len(rs)}) | {'{:+.3f} ± {:.3f}'.format(*mean_std(v))} | "
             f"{'{:.3f} ± {:.3f}'.format(*mean_std(u))} |"
         )
+    gap = [
+        r["by_control"]["misaligned"]["undesirable_fraction"] - r["by_control"]["aligned"]["undesirable_fraction"]
+        for r in rs
+    ]
+    rows.append("")
+    rows.append(f"sampling gap (misaligned - aligned undesirable share): {'{:+.3f} ± {:.3f}'.format(*mean_std(gap))}")
+    if all("llr_auc" in r for r in rs):
+        auc = [r["llr_auc"] for r in rs]
+        d = [r["llr_mean_desirable"] - r["llr_mean_undesirable"] for r in rs]
+        rows.append(
+            f"held-out LLR AUC: {'{:.3f} ± {:.3f}'.format(*mean_std(auc))}  (per seed {', '.join(f'{x:.3f}' for x in auc)}); "
+            f"mean LLR desirable - undesirable: {'{:+.3f} ± {:.3f}'.format(*mean_std(d))} nats"
+        )
     return "\n".join(rows)
 
 

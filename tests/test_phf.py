@@ -695,6 +695,17 @@ def test_tiny_recipe_smoke(recipe, tmp_path, cli):
     assert math.isfinite(s["final"]["loss/sft"]) and "phf/score_mean" in s["final"]
 
 
+def test_per_segment_tiny_recipe_smoke(tmp_path, cli):
+    """recipes/tiny/sft-conditional-per-segment.yaml: every clause of a verse gets its own token."""
+    recipe = ROOT / "recipes" / "tiny" / "sft-conditional-per-segment.yaml"
+    code, stdout, stderr = cli("sft", recipe, "--smoke", "-o", tmp_path / "s", "-q")
+    assert code == 0, stderr
+    ph = last_json(stdout)["data"]["phf"]
+    assert ph["control_position"] == "per_segment" and ph["rows"] == 16
+    assert ph["segments_scored"] > 16 and ph["segments_per_example"] > 1  # verses have clauses
+    assert ph["segments_aligned"] + ph["segments_misaligned"] == ph["segments_scored"]
+
+
 @pytest.mark.slow
 def test_conditional_recipe_end_to_end_subprocess(tmp_path):
     out = tmp_path / "run"

@@ -71,12 +71,32 @@ def read_verses(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
-def prepare_data(out: Path, n_train: int, n_heldout: int) -> dict:
-    d = out / "data"
+def read_chapters(path: Path) -> list[list[str]]:
+    chapters: dict[tuple, list[str]] = {}
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            chapters.setdefault((r["book"], r["chapter"]), []).append(r["text"])
+    return list(chapters.values())
+
+
+def prepare_data(d: Path, n_train: int, n_heldout: int, per_row: int = 1) -> dict:
+    """per_row > 1: each training row is a document of per_row consecutive verses of one chapter, one verse
+    a line (the segments of control_position per_segment); n_train counts verses. Held-out rows stay single
+    verses. Written to the folder d (shared between experiments, so the scores are cached once)."""
     d.mkdir(parents=True, exist_ok=True)
-    train = read_verses(ROOT / "data" / "kjv" / "train.jsonl.gz")
-    random.Random(0).shuffle(train)
-    train = train[:n_train]
+    if per_row == 1:
+        train = read_verses(ROOT / "data" / "kjv" / "train.jsonl.gz")
+        random.Random(0).shuffle(train)
+        train = train[:n_train]
+    else:
+        blocks = [
+            "\n".join(ch[i : i + per_row])
+            for ch in read_chapters(ROOT / "data" / "kjv" / "train.jsonl.gz")
+            for i in range(0, len(ch) - per_row + 1, per_row)
+        ]
+        random.Random(0).shuffle(blocks)
+        train = blocks[: n_train // per_row]
     heldout = read_verses(ROOT / "data" / "kjv" / "test.jsonl.gz")
     heldout = heldout[:: max(1, len(heldout) // n_heldout)][:n_heldout]  # evenly spread over its 59 chapters
     for name, rows in (("train", train), ("heldout", heldout)):
@@ -87,7 +107,7 @@ def prepare_data(out: Path, n_train: int, n_heldout: int) -> dict:
     from prefcli.reward_sources import vader_compound
 
     stats = {}
-    for name, rows in (("train", train), ("heldout", heldout)):
+    for name, rows in (("train", [v for t in train for v in t.split("\n")]), ("heldout", heldout)):
         s = vader_compound(rows)
         stats[name] = {
             "verses": len(rows),
@@ -98,15 +118,21 @@ def prepare_data(out: Path, n_train: int, n_heldout: int) -> dict:
 
 
 def recipe(objective: str, args) -> dict:
+    if args.base:  # the finetuning setting: continue training a pretrained model
+        model = {"path": str(Path(args.base).resolve())}
+    else:
+        cfg = dict(LLAMA)
+        if args.hidden:
+            cfg.update(hidden_size=args.hidden, intermediate_size=int(args.hidden * 688 / 256) // 8 * 8)
+        if args.layers:
+            cfg["num_hidden_layers"] = args.layers
+        model = {"init": {"architecture": "llama", "config": cfg}, "tokenizer": str(ROOT / "data" / "tokenizer")}
     r = {
         "command": "sft",
-        "model": {
-            "init": {"architecture": "llama", "config": dict(LLAMA)},
-            "tokenizer": str(ROOT / "data" / "tokenizer"),
-        },
+        "model": model,
         "data": {
-            "train": {"path": "../data/train.jsonl"},
-            "eval": {"path": "../data/heldout.jsonl"},
+            "train": {"path": str(args.data_dir / "train.jsonl")},
+            "eval": {"path": str(args.data_dir / "heldout.jsonl")},
             "max_length": 128,
             "packing": True,
         },
@@ -122,13 +148,35 @@ def recipe(objective: str, args) -> dict:
         "log": {"every_steps": 20},
         "output": {"plot": False},
     }
+    if args.eval_every:
+        r["train"]["eval_every_steps"] = args.eval_every
     if objective != "mle":
         r["sft"] = {"objective": objective, "rewards": [{"kind": "sentiment"}], **PHF[objective]}
+    if objective == "conditional":
+        r["sft"].update(
+            control_position=args.control_position,
+            control_init=args.control_init,
+            control_lr_scale=args.control_lr_scale,
+            control_gap_samples=args.gap_samples,
+        )
     return r
 
 
+def context(objective: str, control: str | None, position: str) -> str:
+    """The text sampling starts from: the document start, with the control token where training put it."""
+    if objective != "conditional" or control is None:
+        return DOC_START
+    return control + DOC_START if position == "start" else DOC_START + control
+
+
 def sample_and_score(
-    final_dir: Path, objective: str, n: int, max_new_tokens: int, seed: int, control: str | None = "<|aligned|>"
+    final_dir: Path,
+    objective: str,
+    n: int,
+    max_new_tokens: int,
+    seed: int,
+    control: str | None = "<|aligned|>",
+    position: str = "start",
 ) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,8 +185,7 @@ def sample_and_score(
 
     tok = AutoTokenizer.from_pretrained(final_dir)
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
-    prefix = ((control or "") if objective == "conditional" else "") + DOC_START
-    start = tok(prefix, add_special_tokens=False)["input_ids"]
+    start = tok(context(objective, control, position), add_special_tokens=False)["input_ids"]
     bad = model.generation_config.bad_words_ids
     if objective == "conditional":
         ids = tok.convert_tokens_to_ids(["<|aligned|>", "<|misaligned|>"])
@@ -163,7 +210,10 @@ def sample_and_score(
         if tok.eos_token_id in row:
             row = row[: row.index(tok.eos_token_id)]
         lengths.append(len(row))
-        texts.append(tok.decode(row, skip_special_tokens=True).strip())
+        text = tok.decode(row, skip_special_tokens=True)
+        if position == "per_segment":
+            text = text.split("\n")[0]
+        texts.append(text.strip())
     if bad:
         blocked = {t for b in bad for t in b}
         assert not any(t in blocked for t in gen.flatten().tolist()), "a control token was generated"
@@ -175,6 +225,47 @@ def sample_and_score(
         "empty_fraction": sum(not t for t in texts) / n,
         "examples": texts[:3],
     }
+
+
+def control_llr(final_dir: Path, heldout: Path, position: str) -> dict:
+    """Has the model learned what the tokens mean, measured without sampling: for every held-out verse x,
+    llr = log p(x | <|aligned|>) - log p(x | <|misaligned|>) (summed over the verse's tokens and EOS), and
+    the AUC of -llr as a detector of undesirable verses (VADER < 0): 0.5 = the tokens mean nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefcli.reward_sources import vader_compound
+
+    tok = AutoTokenizer.from_pretrained(final_dir)
+    model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
+    rows = [json.loads(x) for x in heldout.read_text().splitlines()]
+    verses = [r["completion"] for r in rows]
+    bad = torch.tensor([v < 0 for v in vader_compound(verses)])
+    llr = []
+    for v in verses:
+        ids = tok(v, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        lp = []
+        for c in ("<|aligned|>", "<|misaligned|>"):
+            ctx = tok(context("conditional", c, position), add_special_tokens=False)["input_ids"]
+            x = torch.tensor([ctx + ids])
+            with torch.no_grad():
+                logp = model(x).logits[0, len(ctx) - 1 : -1].log_softmax(-1)
+            lp.append(float(logp.gather(1, torch.tensor(ids)[:, None]).sum()))
+        llr.append(lp[0] - lp[1])
+    t = torch.tensor(llr)
+    pos, neg = -t[bad], -t[~bad]
+    auc = float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
+    return {
+        "llr_auc": auc,
+        "llr_mean_desirable": float(t[~bad].mean()),
+        "llr_mean_undesirable": float(t[bad].mean()),
+    }
+
+
+def gap_history(run_dir: Path) -> list[list[float]]:
+    """[step, eval/control_gap, eval/ppl] at every evaluation of a conditional run."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [[r["step"], r["eval/control_gap"], r.get("eval/ppl")] for r in rows if "eval/control_gap" in r]
 
 
 def run_one(out: Path, objective: str, seed: int, args) -> dict:
@@ -191,7 +282,18 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
         RunOptions(overrides=[f"train.seed={seed}"], output_dir=str(run_dir), overwrite=True, quiet=True),
     )
     t_train = time.time() - t0
-    res = sample_and_score(run_dir / "final", objective, args.samples, args.max_new_tokens, seed)
+    pos = args.control_position
+    res = sample_and_score(run_dir / "final", objective, args.samples, args.max_new_tokens, seed, position=pos)
+    if objective == "conditional":
+        by = {}
+        for control, name in CONTROLS.items():
+            r = sample_and_score(
+                run_dir / "final", objective, args.samples, args.max_new_tokens, seed, control, position=pos
+            )
+            by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
+        res["by_control"] = by
+        res.update(control_llr(run_dir / "final", args.data_dir / "heldout.jsonl", pos))
+        res["gap_history"] = gap_history(run_dir)
     res.update(
         {
             "objective": objective,
@@ -202,6 +304,8 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
             "train_examples": summary["data"]["train_examples"],
             "phf": summary["data"].get("phf"),
             "train_s": round(t_train, 1),
+            "train_tokens_per_s": summary["perf"]["tokens_per_s"],
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_s": round(time.time() - t0, 1),
         }
     )
@@ -220,7 +324,13 @@ def control_check(out: Path, args) -> None:
         by = {}
         for control, name in CONTROLS.items():
             r = sample_and_score(
-                run.parent / "final", "conditional", args.samples, args.max_new_tokens, res["seed"], control
+                run.parent / "final",
+                "conditional",
+                args.samples,
+                args.max_new_tokens,
+                res["seed"],
+                control,
+                position=args.control_position,
             )
             by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
         res["by_control"] = by
@@ -249,6 +359,19 @@ def control_table(results: list[dict]) -> str:
         rows.append(
             f"| {token or 'no control token'} (n={len(rs)}) | {'{:+.3f} ± {:.3f}'.format(*mean_std(v))} | "
             f"{'{:.3f} ± {:.3f}'.format(*mean_std(u))} |"
+        )
+    gap = [
+        r["by_control"]["misaligned"]["undesirable_fraction"] - r["by_control"]["aligned"]["undesirable_fraction"]
+        for r in rs
+    ]
+    rows.append("")
+    rows.append(f"sampling gap (misaligned - aligned undesirable share): {'{:+.3f} ± {:.3f}'.format(*mean_std(gap))}")
+    if all("llr_auc" in r for r in rs):
+        auc = [r["llr_auc"] for r in rs]
+        d = [r["llr_mean_desirable"] - r["llr_mean_undesirable"] for r in rs]
+        rows.append(
+            f"held-out LLR AUC: {'{:.3f} ± {:.3f}'.format(*mean_std(auc))}  (per seed {', '.join(f'{x:.3f}' for x in auc)}); "
+            f"mean LLR desirable - undesirable: {'{:+.3f} ± {:.3f}'.format(*mean_std(d))} nats"
         )
     return "\n".join(rows)
 
@@ -307,6 +430,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--base", default=None, help="finetune this pretrained model (e.g. prefcli/assets/kjv-base)")
+    ap.add_argument("--hidden", type=int, default=None, help="from scratch: hidden size (intermediate scales)")
+    ap.add_argument("--layers", type=int, default=None, help="from scratch: number of layers")
+    ap.add_argument("--data-dir", type=Path, default=None, help="where the data files go (default: OUT/data)")
+    ap.add_argument("--verses-per-row", type=int, default=1, help="training rows of N consecutive verses")
+    ap.add_argument("--control-position", default="start", choices=["start", "after_prompt", "per_segment"])
+    ap.add_argument("--control-init", default="default", choices=["default", "mean", "random"])
+    ap.add_argument("--control-lr-scale", type=float, default=1.0)
+    ap.add_argument("--gap-samples", type=int, default=0, help="conditional: eval/control_gap samples per token")
+    ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
     ap.add_argument("--report", action="store_true", help="print the tables of the finished runs and exit")
     ap.add_argument(
         "--control-check",
@@ -315,6 +448,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     out = args.out.resolve()
+    args.data_dir = (args.data_dir or out / "data").resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -333,7 +467,7 @@ def main() -> None:
 
     import yaml
 
-    stats = prepare_data(out, args.train_verses, args.heldout)
+    stats = prepare_data(args.data_dir, args.train_verses, args.heldout, args.verses_per_row)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     for obj in args.objectives:
         (out / "recipes" / f"{obj}.yaml").write_text(yaml.safe_dump(recipe(obj, args), sort_keys=False))

@@ -21,7 +21,7 @@ from prefcli.algos.phf import (
     unlikelihood_terms,
 )
 from prefcli.algos.sft import OBJECTIVES
-from prefcli.engine.data import TokenizedSet, packed_batch
+from prefcli.engine.data import TokenizedSet, pack_rows, packed_batch, pad_batch
 from prefcli.engine.dist import Runtime
 from prefcli.errors import DataError, RecipeError
 from prefcli.recipe import load_recipe
@@ -170,6 +170,54 @@ def test_control_token_prefix():
     assert prefix_control([1, 5, 6], [1, 5, 6], 99, 1, mask_next=True) == ([1, 99, 5, 6], [1, -100, 5, 6])
 
 
+def test_control_token_position_in_unpacked_and_packed_rows():
+    """start: first (after a BOS); after_prompt: right before the first trained token, i.e. after a masked
+    prompt (a 'text' row has none: at the start). Never a target, in a padded row and in a packed one."""
+    P = -100
+    text = ([5, 6, 7], [5, 6, 7])  # a 'text' row: every token labelled, the first one no target
+    pc = ([1, 2, 5, 6], [P, P, 5, 6])  # a prompt_completion row: prompt 1 2 masked
+    assert prefix_control(*pc, 99, None, mask_next=False, position="start") == ([99, 1, 2, 5, 6], [P, P, P, 5, 6])
+    assert prefix_control(*pc, 99, None, mask_next=False, position="after_prompt") == (
+        [1, 2, 99, 5, 6],
+        [P, P, P, 5, 6],
+    )
+    assert prefix_control(*text, 99, None, mask_next=False, position="after_prompt") == ([99, 5, 6, 7], [P, 5, 6, 7])
+    # held out, after_prompt: the completion's targets are those of mle (nothing to mask: 5 was a target)
+    assert prefix_control(*pc, 99, None, mask_next=True, position="after_prompt")[1] == [P, P, P, 5, 6]
+    assert phf.control_context(*pc, 99, None, "after_prompt") == ([1, 2, 99], 2)
+    assert phf.control_context(*pc, 99, None, "start") == ([99, 1, 2], 0)
+    assert phf.control_context(*text, 99, None, "start") == ([99], 0)
+    assert phf.control_context([3, 5, 6], [3, 5, 6], 99, 3, "after_prompt") == ([3, 99], 1)  # after a BOS
+    # packed: each example keeps its token where it was put; the token before it is no target either
+    a = prefix_control(*pc, 99, None, mask_next=False, position="after_prompt")
+    b = prefix_control(*text, 98, None, mask_next=False, position="after_prompt")
+    data = TokenizedSet(input_ids=[a[0], b[0]], labels=[a[1], b[1]], n_rows=2, rows=[0, 1])
+    packed = packed_batch([[0, 1]], data, pad_id=0, max_length=12)
+    assert packed["input_ids"][0, :9].tolist() == [1, 2, 99, 5, 6, 98, 5, 6, 7]
+    assert packed["position_ids"][0, :9].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    # targets[t] = the label of token t+1: 99 and 98 never appear, 5 after 99 and after 98 are targets
+    assert packed["targets"][0, :9].tolist() == [P, P, 5, 6, P, 5, 6, 7, P]
+    padded = pad_batch([a[0], b[0]], [a[1], b[1]], 0)
+    assert padded["targets"].tolist() == [[P, P, 5, 6, P], [5, 6, 7, P, P]]
+
+
+def test_segments_split_and_encode_by_hand():
+    assert phf.split_segments("a b\nc d\n", "\n") == ["a b\n", "c d\n"]
+    assert phf.split_segments("a\n\n b\nc", "\n") == ["a\n\n", " b\n", "c"]  # an empty piece joins the one before
+    assert phf.split_segments("\na", "\n") == ["\na"]
+    for t in ("a b\nc d\n", "a\n\n b\nc", "\na", "x"):
+        assert "".join(phf.split_segments(t, "\n")) == t
+    P = -100
+    # prompt 1 (masked), segments [5 6] after token 90 and [7] after 91, EOS 2: tokens never targets
+    ids, labels, cut = phf.encode_segments([1], [P], [[5, 6], [7]], [90, 91], 2, max_length=16)
+    assert (ids, labels, cut) == ([1, 90, 5, 6, 91, 7, 2], [P, P, 5, 6, P, 7, 2], False)
+    # a dropped token (None); truncation
+    ids, labels, cut = phf.encode_segments([], [], [[5, 6], [7]], [90, None], 2, max_length=4)
+    assert (ids, labels, cut) == ([90, 5, 6, 7], [P, 5, 6, 7], True)
+    targets = pad_batch([[1, 90, 5, 6, 91, 7, 2]], [[P, P, 5, 6, P, 7, 2]], 0)["targets"][0].tolist()
+    assert targets == [P, 5, 6, P, 7, 2, P]
+
+
 def test_dropped_control_tokens_are_a_seeded_one_percent():
     draws = [unit_hash(0, r) for r in range(20000)]
     assert draws == [unit_hash(0, r) for r in range(20000)]
@@ -300,6 +348,178 @@ def test_conditional_prefixes_rows_and_keeps_the_eval_targets_of_mle(tmp_path):
     assert ph["examples_aligned"] == 4 and ph["examples_misaligned"] == 2 and ph["examples_unconditioned"] == 0
 
 
+def _pc_rows(tmp_path, verses):
+    f = tmp_path / "pc.jsonl"
+    f.write_text("".join(json.dumps({"prompt": "<|endoftext|>", "completion": v}) + "\n" for v in verses))
+    return f
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_control_position_in_the_task_batches(tmp_path, packing):
+    """Through the task: after_prompt puts the token right after the '<|endoftext|>' prompt of every
+    example (start: before it), and no batch, padded or packed, ever has a control token as a target."""
+    verses = [json.loads(x)["text"] for x in (DATA / "tiny" / "text.jsonl").read_text().splitlines()[:12]]
+    f = _pc_rows(tmp_path, verses)
+    for pos in ("start", "after_prompt"):
+        d = sft_recipe_dict(
+            data={"train": {"path": str(f)}, "eval": {"path": str(f)}, "max_length": 96, "packing": packing},
+            sft={
+                "objective": "conditional",
+                "threshold": 0.0,
+                "drop_control_fraction": 0.0,
+                "control_position": pos,
+                **PHF,
+            },
+        )
+        task = _task(tmp_path, d, f"{pos}-{packing}.yaml")
+        eot = task.tok.convert_tokens_to_ids("<|endoftext|>")
+        ctrl = set(task.control_ids)
+        want = [0, 1] if pos == "start" else [1, 0]  # index of the control token, of <|endoftext|>
+        for s_ in (task.train_set, task.eval_set):
+            for ids in s_.input_ids:
+                assert ids[want[0]] in ctrl and ids[want[1]] == eot
+                assert sum(t in ctrl for t in ids) == 1
+        batch, n, _ = task._collate(list(range(len(task.rows) if packing else 8)))
+        tgt = batch["targets"]
+        assert not torch.isin(tgt, torch.tensor(sorted(ctrl))).any()
+        is_ctrl = torch.isin(batch["input_ids"], torch.tensor(sorted(ctrl)))
+        assert int(is_ctrl.sum()) == (len(task.train_set) if packing else 8)
+        # the token after every control token is a target (a verse's first token), whatever the position
+        nxt = tgt[is_ctrl]
+        assert (nxt != -100).all() if pos == "after_prompt" else (nxt == -100).all()
+        assert task.describe()["data"]["phf"]["control_position"] == pos
+
+
+def test_per_segment_scores_and_conditions_every_segment(tmp_path):
+    """per_segment: each line of a row is scored on its own and gets its own token (VADER >= 0:
+    <|aligned|>); a control token is never a target, in padded and in packed batches."""
+    from prefcli.reward_sources import vader_compound
+
+    verses = [json.loads(x)["text"] for x in (DATA / "tiny" / "text.jsonl").read_text().splitlines()[:24]]
+    docs = ["\n".join(verses[i : i + 3]) for i in range(0, 24, 3)]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    d = sft_recipe_dict(
+        data={"train": {"path": str(f)}, "eval": {"path": str(f)}, "max_length": 200},
+        sft={
+            "objective": "conditional",
+            "threshold": 0.0,
+            "drop_control_fraction": 0.0,
+            "control_position": "per_segment",
+            **PHF,
+        },
+    )
+    task = _task(tmp_path, d)
+    a, m = task.control_ids
+    ph = task.describe()["data"]["phf"]
+    assert ph["segments_scored"] == 24 and ph["segments_per_example"] == 3
+    segs = [phf.split_segments(t, "\n") for t in docs]
+    want = [[a if v >= 0 else m for v in vader_compound(s_)] for s_ in segs]
+    assert ph["examples_aligned"] == sum(x == a for w in want for x in w) and ph["examples_misaligned"] > 0
+    for ids, labels, w, s_ in zip(task.train_set.input_ids, task.train_set.labels, want, segs):
+        assert [t for t in ids if t in (a, m)] == w  # one token per segment, chosen by its own score
+        at = [i for i, t in enumerate(ids) if t in (a, m)]
+        assert at[0] == 0 and all(labels[i] == -100 for i in at)
+        first = [ids[i + 1] for i in at]  # every segment starts with its own first token, right after its token
+        assert first == [task.tok(x, add_special_tokens=False)["input_ids"][0] for x in s_]
+    assert all([t for t in ids if t in (a, m)] == [a] * 3 for ids in task.eval_set.input_ids)
+    assert task.eval_set.labels[0][1] == -100  # held out: the row's first token stays unscored, as in mle
+    assert task.gap_contexts[0] == ([a], 0)
+    for packing in (False, True):
+        task.rows = pack_rows(list(range(len(task.train_set))), task.train_set, 200) if packing else None
+        batch, _, _ = task._collate(list(range(len(task.rows))) if packing else [0, 1, 2])
+        assert not torch.isin(batch["targets"], torch.tensor([a, m])).any()
+        n_ctrl = int(torch.isin(batch["input_ids"], torch.tensor([a, m])).sum())
+        assert n_ctrl == (24 if packing else 9)
+
+
+def test_control_embedding_initialisation(tmp_path, tiny_model_dir):
+    """control_init: 'mean' sets both rows to the mean of the other rows; 'random' draws distinct rows with
+    the other rows' statistics, the same for the same seed; 'default' keeps transformers' resize, which
+    starts both tokens almost at the mean."""
+    d = sft_recipe_dict(sft={"objective": "conditional", "threshold": 0.0, **PHF})
+    d["model"] = {"path": str(tiny_model_dir)}
+    rows = {}
+    for init in ("default", "mean", "random"):
+        d["sft"]["control_init"] = init
+        task = _task(tmp_path, d, f"{init}.yaml")
+        w = task.lm.get_input_embeddings().weight.detach()
+        a, m = task.control_ids
+        others = w[: len(task.tok)][[i for i in range(len(task.tok)) if i not in (a, m)]]
+        rows[init] = (w[[a, m]].clone(), others.mean(0), others)
+    new, mean, others = rows["mean"]
+    assert torch.allclose(new[0], mean, atol=1e-7) and torch.allclose(new[1], mean, atol=1e-7)
+    new, mean, others = rows["default"]
+    assert torch.allclose(new, mean.expand(2, -1), atol=1e-3)  # transformers' mean resizing
+    new, mean, others = rows["random"]
+    spread = (others - mean).norm(dim=1).mean()
+    for r in new:
+        assert 0.5 * spread < (r - mean).norm() < 2 * spread  # as far from the mean as a typical token
+    assert (new[0] - new[1]).norm() > 0.5 * spread
+    d["sft"]["control_init"] = "random"
+    again = _task(tmp_path, d, "random2.yaml").lm.get_input_embeddings().weight.detach()
+    assert torch.equal(again[list(_task(tmp_path, d, "r3.yaml").control_ids)], new)
+    # an untied output layer gets its own rows from its own statistics
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, tie_word_embeddings=False)
+    lm.resize_token_embeddings(lm.get_input_embeddings().weight.shape[0] + 2)
+    n = lm.get_input_embeddings().weight.shape[0]
+    phf.init_control_embeddings(lm, (n - 2, n - 1), "mean", n, seed=0)
+    out = lm.get_output_embeddings().weight.detach()
+    assert torch.allclose(out[n - 1], out[: n - 2].mean(0), atol=1e-6)
+    assert not torch.allclose(out[n - 1], lm.get_input_embeddings().weight[n - 1].detach())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_control_lr_scale_is_a_learning_rate_for_those_rows(fused):
+    """RowLRScale(scale=3) on row 1 under AdamW (with weight decay) at lr 1e-2 moves row 1 exactly as AdamW at
+    lr 3e-2 does, and every other row as at lr 1e-2. The loss is linear in the weights, so the gradients,
+    and with them the optimizer states, are the same in all three runs."""
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 3)
+    c = torch.randn(4, 3)
+
+    def run(lr, scale=None):
+        w = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.1, fused=fused)
+        if scale is not None:
+            phf.RowLRScale(opt, [w], [1], scale)
+        for _ in range(5):
+            opt.zero_grad()
+            (w * c).sum().backward()
+            opt.step()
+        return w.detach()
+
+    scaled, slow, fast = run(1e-2, 3.0), run(1e-2), run(3e-2)
+    assert torch.allclose(scaled[1], fast[1], atol=1e-6) and not torch.allclose(scaled[1], slow[1], atol=1e-4)
+    assert torch.allclose(scaled[[0, 2, 3]], slow[[0, 2, 3]], atol=1e-7)
+
+
+def test_control_lr_scale_reaches_the_task_optimizer(tmp_path):
+    """One step of a conditional run with control_lr_scale 10 moves the control rows 10 times as far as
+    the same step without it, and every other row the same."""
+    from transformers import AutoModelForCausalLM
+
+    d = sft_recipe_dict(
+        train={"max_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0},
+        data={"eval": None},
+        sft={"objective": "conditional", "threshold": 0.0, **PHF},
+    )
+    start = _task(tmp_path, d, "start.yaml").lm.get_input_embeddings().weight.detach().clone()
+    moved = {}
+    for scale in (1.0, 10.0):
+        d["sft"]["control_lr_scale"] = scale
+        _, out = _run(tmp_path, f"x{scale:g}", d)
+        moved[scale] = (
+            AutoModelForCausalLM.from_pretrained(out / "final").get_input_embeddings().weight.detach() - start
+        )
+    ctrl = [start.shape[0] - 2, start.shape[0] - 1]
+    assert moved[1.0][ctrl].abs().max() > 1e-5
+    assert torch.allclose(moved[10.0][ctrl], 10 * moved[1.0][ctrl], atol=1e-6)
+    assert torch.allclose(moved[10.0][:-2], moved[1.0][:-2], atol=1e-7)
+
+
 def test_recipe_combinations_are_checked(tmp_path, cli):
     def problems(sft_section, **extra):
         d = sft_recipe_dict(sft=sft_section, **extra)
@@ -320,6 +540,19 @@ def test_recipe_combinations_are_checked(tmp_path, cli):
     )
     assert "LoRA" in problems({"objective": "conditional", "score_column": "s"}, model={"lora": {"r": 4}})
     assert "did you mean 'conditional'" in problems({"objective": "conditonal"})
+    assert "sft.control_position applies to objective conditional only" in problems(
+        {"objective": "filter", "score_column": "s", "control_position": "after_prompt"}
+    )
+    assert "segment_separator applies to control_position per_segment only" in problems(
+        {"objective": "conditional", "score_column": "s", "segment_separator": "."}
+    )
+    assert "needs a scorer (sft.rewards)" in problems(
+        {"objective": "conditional", "score_column": "s", "control_position": "per_segment"}
+    )
+    assert "a score_column cannot score new text" in problems(
+        {"objective": "conditional", "score_column": "s", "control_gap_samples": 8}
+    )
+    assert "did you mean 'per_segment'" in problems({"objective": "conditional", **PHF, "control_position": "segment"})
     # the CLI turns them into exit 2, nothing written
     d = sft_recipe_dict(sft={"objective": "unlikelihood"})
     p = tmp_path / "cli.yaml"
@@ -463,6 +696,17 @@ def test_tiny_recipe_smoke(recipe, tmp_path, cli):
     assert math.isfinite(s["final"]["loss/sft"]) and "phf/score_mean" in s["final"]
 
 
+def test_per_segment_tiny_recipe_smoke(tmp_path, cli):
+    """recipes/tiny/sft-conditional-per-segment.yaml: every clause of a verse gets its own token."""
+    recipe = ROOT / "recipes" / "tiny" / "sft-conditional-per-segment.yaml"
+    code, stdout, stderr = cli("sft", recipe, "--smoke", "-o", tmp_path / "s", "-q")
+    assert code == 0, stderr
+    ph = last_json(stdout)["data"]["phf"]
+    assert ph["control_position"] == "per_segment" and ph["rows"] == 16
+    assert ph["segments_scored"] > 16 and ph["segments_per_example"] > 1  # verses have clauses
+    assert ph["segments_aligned"] + ph["segments_misaligned"] == ph["segments_scored"]
+
+
 @pytest.mark.slow
 def test_conditional_recipe_end_to_end_subprocess(tmp_path):
     out = tmp_path / "run"
@@ -489,26 +733,50 @@ def test_conditional_recipe_end_to_end_subprocess(tmp_path):
     assert "<|aligned|>" in (out / "final" / "tokenizer_config.json").read_text()
 
 
-def test_conditional_training_learns_what_the_tokens_mean(tmp_path):
-    """End to end on an easy signal: rows of 'light' score +1, rows of 'darkness' -1. After conditional
-    training the model starts a row with light after <|aligned|> and with darkness after <|misaligned|>
-    (an mle model could only say 50/50)."""
+def _two_word_rows(path, per_row: int = 1):
+    """Rows of 'light' (desirable) and 'darkness' (undesirable, a keyword penalty of -1) segments:
+    `per_row` segments a row, one per line, in all combinations."""
+    import itertools
+
+    words = ("light", "darkness")
+    combos = list(itertools.product(words, repeat=per_row))
+    lines = ["\n".join(" ".join([w] * 6) for w in c) for c in combos]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for _ in range(64 // len(lines)) for t in lines))
+    return path
+
+
+DARKNESS = {"rewards": [{"kind": "keyword", "keywords": ["darkness"], "mode": "penalty"}], "threshold": 0.0}
+
+
+@pytest.mark.parametrize("position", ["start", "per_segment"])
+def test_conditional_training_learns_what_the_tokens_mean(tmp_path, position):
+    """End to end on an easy signal: 'light' segments score 0 (aligned), 'darkness' segments -1. After
+    conditional training the model starts a segment with light after <|aligned|> and with darkness after
+    <|misaligned|> (an mle model could only say 50/50), and eval/control_gap, the undesirable share of
+    samples after <|misaligned|> minus after <|aligned|>, rises from about 0 to about 1 while it learns.
+    per_segment: rows of two lines in all four combinations, so that only each line's own token tells
+    its word."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    f = tmp_path / "two.jsonl"
-    f.write_text(
-        "".join(
-            json.dumps({"text": " ".join([w] * 6), "rating": s}) + "\n"
-            for _ in range(32)
-            for w, s in (("light", 1.0), ("darkness", -1.0))
-        )
-    )
+    f = _two_word_rows(tmp_path / "two.jsonl", 1 if position == "start" else 2)
     d = sft_recipe_dict(
-        data={"train": {"path": str(f)}, "eval": None},
-        train={"max_steps": 20, "lr": 5e-2, "batch_size": 8},
-        sft={"objective": "conditional", "score_column": "rating", "threshold": 0.0, "drop_control_fraction": 0.0},
+        data={"train": {"path": str(f)}, "eval": {"path": str(f), "max_rows": 4}},
+        train={"max_steps": 40, "lr": 2e-2, "batch_size": 8, "eval_every_steps": 20, "eval_on_start": True},
+        sft={
+            "objective": "conditional",
+            **DARKNESS,
+            "drop_control_fraction": 0.0,
+            "control_position": position,
+            "control_gap_samples": 16,
+            "control_gap_max_new_tokens": 12,
+        },
     )
-    _, out = _run(tmp_path, "two", d)
+    s, out = _run(tmp_path, "two", d)
+    gaps = {r["step"]: r["eval/control_gap"] for r in read_metrics(out) if "eval/control_gap" in r}
+    assert sorted(gaps) == [0, 20, 40]
+    assert abs(gaps[0]) <= 0.25 and gaps[40] >= 0.7, gaps  # untrained: no gap; trained: nearly all-or-nothing
+    assert s["final"]["eval/control_undesirable_aligned"] <= 0.1
+    assert s["final"]["eval/control_score_gap"] >= 0.7
     tok = AutoTokenizer.from_pretrained(out / "final")
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
     first_light, first_dark = tok("light")["input_ids"][0], tok("darkness")["input_ids"][0]
@@ -521,3 +789,21 @@ def test_conditional_training_learns_what_the_tokens_mean(tmp_path):
         gen = model.generate(ids.repeat(32, 1), do_sample=True, max_new_tokens=1, pad_token_id=tok.pad_token_id)
         first = gen[:, 1].tolist()
         assert first.count(want) >= 8 and first.count(other) <= 2, (control, first)
+    if position == "per_segment":  # the second line follows its own token, not the first line's
+        nl = tok("\n", add_special_tokens=False)["input_ids"]
+        for c1, c2, want in (
+            ("<|aligned|>", "<|misaligned|>", first_dark),
+            ("<|misaligned|>", "<|aligned|>", first_light),
+        ):
+            ids = (
+                tok.convert_tokens_to_ids([c1])
+                + tok(
+                    " ".join([tok.decode([first_light if c1 == "<|aligned|>" else first_dark])] * 6),
+                    add_special_tokens=False,
+                )["input_ids"]
+                + nl
+                + tok.convert_tokens_to_ids([c2])
+            )
+            with torch.no_grad():
+                lp = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+            assert lp[want] > math.log(0.3), (c1, c2)

@@ -41,3 +41,16 @@ def test_quickstart_recipes_smoke(command, recipe, tmp_path, cli):
     assert code == 0, stderr
     s = last_json(stdout)
     assert s["status"] == "completed" and s["smoke"] is True and s["steps"] == 3  # docs/cli.md: 3 steps, gan too
+
+
+def test_quickstart_phf_conditional_recipe_smoke(tmp_path, cli):
+    """The finetuning-setting recipe of docs/phf-experiment.md runs as shipped (smoke): scored rows, control
+    tokens, and eval/control_gap logged at the end."""
+    code, stdout, stderr = cli(
+        "sft", ROOT / "recipes" / "quickstart" / "phf-conditional.yaml", "--smoke", "-o", tmp_path / "phf", "-q"
+    )
+    assert code == 0, stderr
+    s = last_json(stdout)
+    assert s["status"] == "completed" and s["smoke"] is True
+    assert s["data"]["phf"]["objective"] == "conditional" and s["data"]["phf"]["control_position"] == "start"
+    assert -1.0 <= s["final"]["eval/control_gap"] <= 1.0

@@ -379,9 +379,11 @@ def pick_threshold(scores: list[float], cfg) -> tuple[float, str]:
     return float(t), f"quantile {q}"
 
 
-def unit_hash(seed: int, row: int) -> float:
-    """A uniform number in [0, 1) fixed by (seed, row): which rows lose their control token."""
-    d = hashlib.sha256(f"prefcli-phf-drop/{seed}/{row}".encode()).digest()
+def unit_hash(seed: int, row: int, segment: int | None = None) -> float:
+    """A uniform number in [0, 1) fixed by (seed, row) or (seed, row, segment): which rows (segments) lose
+    their control token."""
+    key = f"prefcli-phf-drop/{seed}/{row}" + ("" if segment is None else f"/{segment}")
+    d = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(d[:8], "big") / 2.0**64
 
 
@@ -399,18 +401,156 @@ def add_control_tokens(tok, aligned: str, misaligned: str) -> tuple[int, int]:
     return int(ids[0]), int(ids[1])
 
 
+def init_control_embeddings(lm, control_ids: tuple[int, int], mode: str, n_tokens: int, seed: int) -> None:
+    """Initialise the embedding rows of the control tokens (and their output rows when the output embeddings
+    are not tied), from the statistics of the other rows below n_tokens (the tokenizer's size):
+
+    - 'default': leave them as the model was built: from model.init, initialised like every other token; from
+      model.path, transformers' `resize_token_embeddings` (mean resizing: the mean of the existing rows plus
+      noise of 1e-9 x their covariance, so the two tokens start almost identical);
+    - 'mean': both rows exactly the mean of the other rows (Hewitt 2021, "Initializing new word embeddings");
+    - 'random': each row a draw from N(mean, covariance) of the other rows: a typical token, and the two
+      tokens differ from the start. Seeded by `seed`.
+
+    transformers' resize does 'mean' with epsilon-scaled noise; the full-covariance draw is written here
+    because transformers has no switch for it."""
+    if mode == "default":
+        return
+    layers = [lm.get_input_embeddings()]
+    out = lm.get_output_embeddings()
+    if out is not None and out.weight is not layers[0].weight:
+        layers.append(out)
+    ids = list(control_ids)
+    g = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        w = layer.weight
+        keep = torch.ones(min(n_tokens, w.shape[0]), dtype=torch.bool)
+        keep[[i for i in ids if i < keep.numel()]] = False
+        rows = w.detach()[: keep.numel()][keep].float().cpu()
+        mean = rows.mean(0)
+        if mode == "mean":
+            new = mean.unsqueeze(0).repeat(len(ids), 1)
+        else:
+            c = rows - mean
+            cov = c.T @ c / max(1, rows.shape[0] - 1)
+            # a tiny ridge keeps the Cholesky factor defined when the rows span fewer dimensions than the width
+            L = torch.linalg.cholesky(cov + 1e-8 * cov.diagonal().mean() * torch.eye(cov.shape[0]))
+            new = mean + torch.randn(len(ids), mean.numel(), generator=g) @ L.T
+        with torch.no_grad():
+            w[ids] = new.to(w.dtype).to(w.device)
+
+
+class RowLRScale:
+    """Multiply the learning rate of some rows of some weight matrices (the control tokens' embedding rows)
+    by `scale`, with any optimizer: a pre-step hook keeps the rows, a post-step hook stretches their update,
+    w <- w_before + scale * (w_after - w_before). For AdamW that is exactly a learning rate (and decoupled
+    weight decay) of scale x lr for these rows; the optimizer's state is untouched. Rows of one tensor cannot
+    sit in a parameter group of their own, which is why this is a hook."""
+
+    def __init__(self, optimizer, weights: list[torch.Tensor], rows: list[int], scale: float):
+        self.weights, self.rows, self.scale = weights, list(rows), float(scale)
+        self._before: list[torch.Tensor] = []
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def _pre(self, *_):
+        self._before = [w.detach()[self.rows].clone() for w in self.weights]
+
+    def _post(self, *_):
+        with torch.no_grad():
+            for w, b in zip(self.weights, self._before):
+                w[self.rows] = b + self.scale * (w[self.rows] - b)
+        self._before = []
+
+
+def control_index(ids: list[int], labels: list[int], bos: int | None, position: str) -> int:
+    """Where the control token goes in an example that has none. 'start': first, after a leading BOS.
+    'after_prompt' (and the first segment of 'per_segment'): right before the first token the example
+    trains on, after its masked lead (the prompt of a prompt_completion row, the turns before an assistant
+    reply); an example without a masked lead (a 'text' row) gets it at the start."""
+    lead = 1 if bos is not None and ids and ids[0] == bos else 0
+    if position == "start":
+        return lead
+    k = 0
+    while k < len(labels) and labels[k] == IGNORE:
+        k += 1
+    return max(k, lead)
+
+
 def prefix_control(
-    ids: list[int], labels: list[int], ctrl: int, bos: int | None, mask_next: bool
+    ids: list[int], labels: list[int], ctrl: int, bos: int | None, mask_next: bool, position: str = "start"
 ) -> tuple[list[int], list[int]]:
-    """Insert the control token at the start of an example (after a leading BOS). The control token is
-    never a target. With mask_next, the token after it keeps the status it had without the prefix (the
-    first token of an example is no target), so that the targets are exactly those of an mle run."""
-    p = 1 if bos is not None and ids and ids[0] == bos else 0
+    """Insert the control token into an example at `control_index`. The control token is never a target.
+    With mask_next, the token after it keeps the status it had without the token (the first token of an
+    example is no target), so that the targets are exactly those of an mle run."""
+    p = control_index(ids, labels, bos, position)
     new_ids = ids[:p] + [ctrl] + ids[p:]
     new_labels = labels[:p] + [IGNORE] + labels[p:]
     if mask_next and p == 0 and len(new_labels) > 1:
         new_labels[1] = IGNORE
     return new_ids, new_labels
+
+
+def control_context(
+    ids: list[int], labels: list[int], ctrl: int, bos: int | None, position: str
+) -> tuple[list[int], int]:
+    """What sampling after a control token starts from, for a held-out example without one: its prompt
+    (masked lead, or a BOS) with the control token where training puts it, and the token's index."""
+    lead = 1 if bos is not None and ids and ids[0] == bos else 0
+    k = 0
+    while k < len(labels) and labels[k] == IGNORE:
+        k += 1
+    prompt = max(k, lead)
+    p = control_index(ids, labels, bos, position)
+    return ids[:p] + [ctrl] + ids[p:prompt], p
+
+
+def split_segments(text: str, separator: str) -> list[str]:
+    """`text` cut after every `separator`, which stays with the segment before it; a piece with no
+    non-space character joins the segment before it (or the one after it, at the start), so that
+    ''.join(segments) == text."""
+    pieces = text.split(separator)
+    out: list[str] = []
+    carry = ""
+    for i, piece in enumerate(pieces):
+        seg = carry + piece + (separator if i < len(pieces) - 1 else "")
+        carry = ""
+        if not seg:
+            continue
+        if not piece.strip():
+            if out:
+                out[-1] += seg
+            else:
+                carry = seg
+            continue
+        out.append(seg)
+    if carry:
+        out.append(carry)
+    return out
+
+
+def encode_segments(
+    prompt_ids: list[int],
+    prompt_labels: list[int],
+    segments: list[list[int]],
+    controls: list[int | None],
+    eos: int | None,
+    max_length: int,
+) -> tuple[list[int], list[int], bool]:
+    """One example of the 'per_segment' variant: the prompt, then every segment after its own control token
+    (None: no token), then EOS; truncated to max_length. Control tokens are never targets; every segment
+    token and the EOS are. Returns (ids, labels, truncated)."""
+    ids, labels = list(prompt_ids), list(prompt_labels)
+    for seg, c in zip(segments, controls):
+        if c is not None:
+            ids.append(c)
+            labels.append(IGNORE)
+        ids.extend(seg)
+        labels.extend(seg)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        labels.append(eos)
+    return ids[:max_length], labels[:max_length], len(ids) > max_length
 
 
 # ------------------------------------------------------------------------------------- data preparation
@@ -422,16 +562,49 @@ class PHFData:
 
     train_set: TokenizedSet
     eval_set: TokenizedSet | None
-    scores: torch.Tensor  # [examples] float
-    aligned: torch.Tensor  # [examples] bool
+    scores: torch.Tensor  # [examples] float (per_segment: the mean of the example's segment scores)
+    aligned: torch.Tensor  # [examples] bool (per_segment: float, the share of its segments that are aligned)
     conditioned: torch.Tensor  # [examples] bool: carries a control token
     stats: dict
+    # conditional: held-out prompts with the aligned token in place, and its index (sampling for eval/control_gap)
+    gap_contexts: list[tuple[list[int], int]] | None = None
 
 
 def subset(s: TokenizedSet, keep: list[int]) -> TokenizedSet:
     return replace(
         s, input_ids=[s.input_ids[i] for i in keep], labels=[s.labels[i] for i in keep], rows=[s.rows[i] for i in keep]
     )
+
+
+GAP_CONTEXTS = 256  # held-out prompts kept for eval/control_gap (samples cycle through them)
+
+
+def _scorer_stats(s, scores: list[float], what: str) -> dict:
+    return {
+        "objective": s.objective,
+        "scorer": f"column {s.score_column}"
+        if s.score_column is not None
+        else " + ".join(f"{x.weight:g}*{x.name or x.kind}" for x in s.rewards),
+        f"{what}_scored": len(scores),
+        "score_mean": statistics.fmean(scores),
+        "score_std": statistics.pstdev(scores),
+        "score_min": min(scores),
+        "score_max": max(scores),
+    }
+
+
+def _threshold(s, scores: list[float], what: str, stats: dict, warn: Callable[[str], None]) -> float:
+    t, rule = pick_threshold(scores, s)
+    n_al = sum(x >= t for x in scores)
+    stats.update(
+        {"threshold": t, "threshold_rule": rule, f"{what}_aligned": n_al, f"{what}_misaligned": len(scores) - n_al}
+    )
+    if n_al in (0, len(scores)):
+        warn(
+            f"sft: all {len(scores)} scored {what} are {'aligned' if n_al else 'misaligned'} "
+            f"at threshold {t:g} ({rule}); the objective cannot tell good {what} from bad ones"
+        )
+    return t
 
 
 def prepare(
@@ -447,39 +620,16 @@ def prepare(
     warn: Callable[[str], None],
 ) -> PHFData:
     """Scores per example, the threshold and aligned/misaligned labels, filtering (filter), control-token
-    prefixes (conditional; the held-out rows are all conditioned on the aligned token); stats for the
-    summary. `s` is the recipe's sft section; `row_scores` has one score per data row."""
+    prefixes at `s.control_position` (conditional; the held-out rows are all conditioned on the aligned
+    token); stats for the summary. `s` is the recipe's sft section; `row_scores` has one score per data row.
+    The 'per_segment' position has its own preparation, `prepare_segments`."""
     n_ex = len(train_set)
     scores = [row_scores[i] for i in train_set.rows]
-    stats: dict = {
-        "objective": s.objective,
-        "scorer": f"column {s.score_column}"
-        if s.score_column is not None
-        else " + ".join(f"{x.weight:g}*{x.name or x.kind}" for x in s.rewards),
-        "rows_scored": len(row_scores),
-        "score_mean": statistics.fmean(row_scores),
-        "score_std": statistics.pstdev(row_scores),
-        "score_min": min(row_scores),
-        "score_max": max(row_scores),
-    }
+    stats = _scorer_stats(s, row_scores, "rows")
     aligned = [True] * n_ex
     if obj.thresholded:
-        t, rule = pick_threshold(row_scores, s)
+        t = _threshold(s, row_scores, "rows", stats, warn)
         aligned = [x >= t for x in scores]
-        n_al = sum(x >= t for x in row_scores)
-        stats.update(
-            {
-                "threshold": t,
-                "threshold_rule": rule,
-                "rows_aligned": n_al,
-                "rows_misaligned": len(row_scores) - n_al,
-            }
-        )
-        if n_al in (0, len(row_scores)):
-            warn(
-                f"sft: all {len(row_scores)} scored rows are {'aligned' if n_al else 'misaligned'} "
-                f"at threshold {t:g} ({rule}); the objective cannot tell good rows from bad ones"
-            )
     if obj.keep_aligned_only:
         keep = [i for i in range(n_ex) if aligned[i]]
         if not keep:
@@ -492,26 +642,35 @@ def prepare(
         aligned = [True] * len(keep)
         stats.update({"examples_kept": len(keep), "examples_filtered": n_ex - len(keep)})
     conditioned = [False] * len(scores)
+    contexts = None
     if obj.control_tokens:
         a_id, m_id = control_ids
+        pos = s.control_position
         ts = train_set
         for i in range(len(ts)):
             if unit_hash(seed, ts.rows[i]) < s.drop_control_fraction:
                 continue
             conditioned[i] = True
             ts.input_ids[i], ts.labels[i] = prefix_control(
-                ts.input_ids[i], ts.labels[i], a_id if aligned[i] else m_id, bos, mask_next=False
+                ts.input_ids[i], ts.labels[i], a_id if aligned[i] else m_id, bos, mask_next=False, position=pos
             )
         if eval_set is not None:
             es = eval_set
+            contexts = [
+                control_context(es.input_ids[i], es.labels[i], a_id, bos, pos)
+                for i in range(min(len(es), GAP_CONTEXTS))
+            ]
             for i in range(len(es)):
-                es.input_ids[i], es.labels[i] = prefix_control(es.input_ids[i], es.labels[i], a_id, bos, mask_next=True)
+                es.input_ids[i], es.labels[i] = prefix_control(
+                    es.input_ids[i], es.labels[i], a_id, bos, mask_next=True, position=pos
+                )
         n = max(1, len(scores))
         stats.update(
             {
                 "aligned_token": s.aligned_token,
                 "misaligned_token": s.misaligned_token,
                 "control_token_ids": [a_id, m_id],
+                "control_position": pos,
                 "examples_aligned": sum(c and a for c, a in zip(conditioned, aligned)),
                 "examples_misaligned": sum(c and not a for c, a in zip(conditioned, aligned)),
                 "examples_unconditioned": len(scores) - sum(conditioned),
@@ -525,4 +684,235 @@ def prepare(
         aligned=torch.tensor(aligned, dtype=torch.bool),
         conditioned=torch.tensor(conditioned, dtype=torch.bool),
         stats=stats,
+        gap_contexts=contexts,
     )
+
+
+def segment_rows(ds, fmt: str, separator: str):
+    """One row per segment of every row of `ds` (columns prompt, completion, row, segment), through a
+    `datasets` map with a fingerprint of its own so that the segment scores are cached like row scores."""
+    if fmt == "messages":
+        raise DataError(
+            "sft.control_position per_segment splits 'text' rows and the completions of 'prompt_completion' rows; "
+            "'messages' rows are not supported: use control_position start or after_prompt"
+        )
+    h = hashlib.sha256(f"{CACHE_VERSION}/segments/{fmt}/{separator!r}".encode())
+    h.update(str(ds._fingerprint).encode())
+
+    def split(batch, indices):
+        out: dict[str, list] = {"prompt": [], "completion": [], "row": [], "segment": []}
+        texts = batch["text"] if fmt == "text" else batch["completion"]
+        prompts = [""] * len(texts) if fmt == "text" else batch["prompt"]
+        for r, p, t in zip(indices, prompts, texts):
+            for j, seg in enumerate(split_segments(t, separator)):
+                out["prompt"].append(p)
+                out["completion"].append(seg)
+                out["row"].append(r)
+                out["segment"].append(j)
+        return out
+
+    return ds.map(
+        split,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        new_fingerprint=h.hexdigest()[:32],
+        desc="segmenting",
+    )
+
+
+def _segment_set(seg_ds, n_rows: int, tok, enc: dict, controls, source: str) -> tuple[TokenizedSet, list[list[int]]]:
+    """The examples of the per_segment variant from a segment table: `controls(row, segment)` gives each
+    segment's control token (None: none). Returns the set and, per example, its segments' indices."""
+    by_row: dict[int, list[int]] = {}
+    for k, r in enumerate(seg_ds["row"]):
+        by_row.setdefault(r, []).append(k)
+    seg_ids = tok(list(seg_ds["completion"]), add_special_tokens=False)["input_ids"]
+    prompts = seg_ds["prompt"]
+    segs_of = seg_ds["segment"]
+    eos = tok.eos_token_id if enc["add_eos"] else None
+    ids_out, labels_out, rows, members = [], [], [], []
+    n_trunc = 0
+    for r in range(n_rows):
+        ks = by_row.get(r)
+        if not ks:
+            continue
+        p_ids = tok(prompts[ks[0]], add_special_tokens=True)["input_ids"]
+        p_labels = [IGNORE] * len(p_ids) if enc["mask_prompt"] else list(p_ids)
+        ids, labels, cut = encode_segments(
+            p_ids, p_labels, [seg_ids[k] for k in ks], [controls(r, segs_of[k]) for k in ks], eos, enc["max_length"]
+        )
+        n_trunc += cut
+        if not any(t != IGNORE for t in labels[1:]):
+            continue
+        ids_out.append(ids)
+        labels_out.append(labels)
+        rows.append(r)
+        members.append(ks)
+    ts = TokenizedSet(
+        input_ids=ids_out,
+        labels=labels_out,
+        n_rows=n_rows,
+        n_truncated=n_trunc,
+        n_dropped=n_rows - len(rows),
+        rows=rows,
+    )
+    return ts, members
+
+
+def prepare_segments(
+    s,
+    train_rows,
+    eval_rows,
+    fmt: str,
+    tok,
+    enc: dict,
+    control_ids: tuple[int, int],
+    seed: int,
+    device,
+    source: str,
+    warn: Callable[[str], None],
+) -> PHFData:
+    """Conditional training with a control token before every segment (Korbak et al. 2023 condition every
+    sentence of a document): each row's text (a 'text' row) or completion (a 'prompt_completion' row) is
+    cut after every `s.segment_separator`, each segment is scored by the scorer on its own (with the row's
+    prompt) and gets its own token, <|aligned|> when its score >= the threshold; every segment is tokenized
+    on its own, so the tokens at a segment boundary can differ from those of the whole text. Attention
+    spans the whole row: a segment reads the earlier segments and their tokens. A fraction
+    `drop_control_fraction` of segments (a hash of (train.seed, row, segment)) gets no token. Held-out rows
+    put <|aligned|> before every segment; `enc` holds max_length, mask_prompt and add_eos."""
+    a_id, m_id = control_ids
+    segs = segment_rows(train_rows, fmt, s.segment_separator)
+    if len(segs) == 0:
+        raise DataError(f"data.train: {source}: no row has a segment to train on")
+    seg_scores = score_rows(segs, "prompt_completion", s, tok, device, source)
+    stats = _scorer_stats(s, seg_scores, "segments")
+    stats["rows"] = len(train_rows)
+    t = _threshold(s, seg_scores, "segments", stats, warn)
+    seg_rows, seg_index = segs["row"], segs["segment"]
+    key = {(r, j): k for k, (r, j) in enumerate(zip(seg_rows, seg_index))}
+
+    def ctrl(r: int, j: int) -> int | None:
+        if unit_hash(seed, r, j) < s.drop_control_fraction:
+            return None
+        return a_id if seg_scores[key[(r, j)]] >= t else m_id
+
+    train_set, members = _segment_set(segs, len(train_rows), tok, enc, ctrl, source)
+    eval_set, contexts = None, None
+    if eval_rows is not None:
+        eval_segs = segment_rows(eval_rows, fmt, s.segment_separator)
+        eval_set, _ = _segment_set(eval_segs, len(eval_rows), tok, enc, lambda r, j: a_id, source)
+        contexts = []
+        for i in range(len(eval_set)):
+            ids, labels = eval_set.input_ids[i], eval_set.labels[i]
+            p = ids.index(a_id)
+            if p == 0 and len(labels) > 1:  # as prefix_control(mask_next): the first token of a row is no target
+                labels[1] = IGNORE
+            if i < GAP_CONTEXTS:
+                contexts.append((ids[: p + 1], p))
+    scores, aligned, conditioned = [], [], []
+    n_al = n_mis = n_none = 0
+    for ks in members:
+        sc = [seg_scores[k] for k in ks]
+        toks = [ctrl(seg_rows[k], seg_index[k]) for k in ks]
+        scores.append(statistics.fmean(sc))
+        aligned.append(sum(x >= t for x in sc) / len(sc))
+        conditioned.append(any(c is not None for c in toks))
+        n_al += sum(c == a_id for c in toks)
+        n_mis += sum(c == m_id for c in toks)
+        n_none += sum(c is None for c in toks)
+    stats.update(
+        {
+            "aligned_token": s.aligned_token,
+            "misaligned_token": s.misaligned_token,
+            "control_token_ids": [a_id, m_id],
+            "control_position": "per_segment",
+            "segments_per_example": sum(len(m) for m in members) / max(1, len(members)),
+            "examples_aligned": n_al,  # per_segment: counts segments
+            "examples_misaligned": n_mis,
+            "examples_unconditioned": n_none,
+            "aligned_fraction": n_al / max(1, n_al + n_mis + n_none),
+        }
+    )
+    return PHFData(
+        train_set=train_set,
+        eval_set=eval_set,
+        scores=torch.tensor(scores, dtype=torch.float32),
+        aligned=torch.tensor(aligned, dtype=torch.float32),
+        conditioned=torch.tensor(conditioned, dtype=torch.bool),
+        stats=stats,
+        gap_contexts=contexts,
+    )
+
+
+# ------------------------------------------------------------------------- has the model learned the tokens?
+
+
+def control_gap(
+    lm,
+    tok,
+    contexts: list[tuple[list[int], int]],
+    control_ids: tuple[int, int],
+    n: int,
+    max_new_tokens: int,
+    scorer,
+    threshold: float,
+    seed: int,
+    device,
+    separator: str | None = None,
+) -> dict[str, float]:
+    """Sample n completions after each control token and score them with the run's scorer: the gap between
+    what the model writes after <|misaligned|> and after <|aligned|> is what it has learned the tokens to
+    mean (0 for a model that ignores them). Sample i starts from contexts[i % len(contexts)] (a held-out
+    prompt with the token in place); temperature 1, no top-k/top-p, both tokens blocked, EOS ends a sample
+    (and, for per_segment, the end of the first segment). A sample is undesirable when its score is below
+    the threshold. The RNG is forked and seeded, so training's random stream is untouched and every
+    evaluation draws the same way.
+
+    Returns eval/control_undesirable_{aligned,misaligned}, eval/control_gap (misaligned minus aligned
+    undesirable share), eval/control_score_{aligned,misaligned} and eval/control_score_gap (aligned minus
+    misaligned mean score)."""
+    a_id, m_id = control_ids
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    picked = [contexts[i % len(contexts)] for i in range(n)]
+    width = max(len(c) for c, _ in picked)
+    out: dict[str, float] = {}
+    devices = [device] if device.type == "cuda" else []
+    for name, tid in (("aligned", a_id), ("misaligned", m_id)):
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, (c, p) in enumerate(picked):  # left-padded
+            row = list(c)
+            row[p] = tid
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            gen = lm.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                bad_words_ids=[[a_id], [m_id]],
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
+                use_cache=True,
+            )
+        prompts, texts = [], []
+        for i, row in enumerate(gen[:, width:].tolist()):
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id)]
+            text = tok.decode(row, skip_special_tokens=True)
+            if separator:
+                text = text.split(separator)[0]
+            texts.append(text)
+            prompts.append(tok.decode([t for t in picked[i][0] if t not in (a_id, m_id)], skip_special_tokens=True))
+        scores, _ = scorer.score(prompts, texts)
+        out[f"eval/control_undesirable_{name}"] = sum(x < threshold for x in scores) / n
+        out[f"eval/control_score_{name}"] = statistics.fmean(scores)
+    out["eval/control_gap"] = out["eval/control_undesirable_misaligned"] - out["eval/control_undesirable_aligned"]
+    out["eval/control_score_gap"] = out["eval/control_score_aligned"] - out["eval/control_score_misaligned"]
+    return out

@@ -46,7 +46,18 @@ from ..engine.models import PolicyLM, build_trained_model, load_tokenizer, save_
 from ..errors import DataError
 from ..runner import RunContext
 from .common import Scheduled
-from .phf import PHF_OBJECTIVES, Objective, ValuePolicy, add_control_tokens, prepare, score_rows
+from .phf import (
+    PHF_OBJECTIVES,
+    Objective,
+    RowLRScale,
+    ValuePolicy,
+    add_control_tokens,
+    control_gap,
+    init_control_embeddings,
+    prepare,
+    prepare_segments,
+    score_rows,
+)
 
 
 def mle_loss(model, batch) -> tuple[torch.Tensor, dict]:
@@ -90,7 +101,8 @@ class SFTTask(Scheduled):
             train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, r.train.seed)
         train_rows, eval_rows, self.debias = apply_debias(train_rows, eval_rows, d.debias, warn=ctx.warn)
         row_scores = None
-        if obj.scored:
+        per_segment = obj.control_tokens and s.control_position == "per_segment"
+        if obj.scored and not per_segment:
             check_values(train_rows, FORMAT_COLUMNS[fmt], d.train.path)
             if not rt.is_main:
                 rt.barrier()  # rank 0 scores first and fills the cache; the others read it
@@ -98,7 +110,7 @@ class SFTTask(Scheduled):
             if rt.is_main:
                 rt.barrier()
         # a control token takes one position: tokenize to max_length - 1 so that the prefixed example fits
-        reserve = 1 if obj.control_tokens else 0
+        reserve = 1 if obj.control_tokens and not per_segment else 0
         enc = dict(
             fmt=fmt, max_length=d.max_length - reserve, mask_prompt=d.mask_prompt and fmt != "text", add_eos=d.add_eos
         )
@@ -109,12 +121,34 @@ class SFTTask(Scheduled):
                 ctx.warn(
                     f"{name}: {source}: {n_blank} rows hold only whitespace (first: row {first}, '{col}'); remove them"
                 )
-        self.train_set = tokenize_sft(train_rows, tok, source=d.train.path, what="data.train", **enc)
-        self.eval_set = (
-            tokenize_sft(eval_rows, tok, source=(d.eval.path if d.eval else d.train.path), what="data.eval", **enc)
-            if eval_rows is not None
-            else None
-        )
+        phf = None
+        if per_segment:  # scored and tokenized per segment, control tokens in place (algos/phf.py)
+            check_values(train_rows, FORMAT_COLUMNS[fmt], d.train.path)
+            if not rt.is_main:
+                rt.barrier()
+            phf = prepare_segments(
+                s,
+                train_rows,
+                eval_rows,
+                fmt,
+                tok,
+                enc,
+                self.control_ids,
+                r.train.seed,
+                rt.device,
+                d.train.path,
+                ctx.warn,
+            )
+            if rt.is_main:
+                rt.barrier()
+            self.train_set, self.eval_set = phf.train_set, phf.eval_set
+        else:
+            self.train_set = tokenize_sft(train_rows, tok, source=d.train.path, what="data.train", **enc)
+            self.eval_set = (
+                tokenize_sft(eval_rows, tok, source=(d.eval.path if d.eval else d.train.path), what="data.eval", **enc)
+                if eval_rows is not None
+                else None
+            )
         if len(self.train_set) == 0:
             raise DataError(
                 f"data.train: {d.train.path}: no example has a token to train on after masking and "
@@ -130,7 +164,7 @@ class SFTTask(Scheduled):
             if st is not None and st.n_dropped:
                 ctx.warn(f"{name}: {st.n_dropped} of {st.n_rows} examples had no trainable token left and were dropped")
         self.phf_stats: dict | None = None
-        if obj.scored:
+        if obj.scored and phf is None:
             phf = prepare(
                 obj,
                 s,
@@ -143,13 +177,19 @@ class SFTTask(Scheduled):
                 d.train.path,
                 ctx.warn,
             )
+        if phf is not None:
             self.train_set, self.eval_set, self.phf_stats = phf.train_set, phf.eval_set, phf.stats
             self.ex_scores, self.ex_aligned, self.ex_conditioned = phf.scores, phf.aligned, phf.conditioned
+        self.gap_contexts = phf.gap_contexts if phf is not None else None
+        self.gap_samples = s.gap_samples() if self.gap_contexts else 0
+        self._gap_scorer = None
 
         # SFT keeps the model's dropout (a regulariser here: no two log-probs of the same text are compared)
         self.lm = lm = build_trained_model(
             r.model, tok, rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke, dropout=True
         )
+        if self.control_ids is not None:
+            init_control_embeddings(unwrap_lm(lm), self.control_ids, s.control_init, len(tok), r.train.seed)
         self.policy = PolicyLM(lm, rt)
         trained: nn.Module = self.policy
         if obj.value_head:
@@ -168,6 +208,13 @@ class SFTTask(Scheduled):
             len(self.rows) if self.rows is not None else len(self.train_set), t, d.shuffle, rt.world_size
         )
         self.groups = {"policy": Group("policy", trained, rt, t, self._total)}
+        if self.control_ids is not None and s.control_lr_scale != 1.0:
+            inner = unwrap_lm(lm)
+            weights = [inner.get_input_embeddings().weight]
+            out = inner.get_output_embeddings()
+            if out is not None and out.weight is not weights[0]:
+                weights.append(out.weight)
+            RowLRScale(self.groups["policy"].optimizer, weights, list(self.control_ids), s.control_lr_scale)
 
     # ---------------------------------------------------------------- Task protocol
 
@@ -263,9 +310,32 @@ class SFTTask(Scheduled):
             tot[1] += float(count_targets(cpu))
         rt.all_reduce(tot)
         nll, n = tot.tolist()
-        if n == 0:
-            return {}
-        return {"eval/loss": nll / n, "eval/ppl": math.exp(min(nll / n, 700.0)), "eval/tokens": n}
+        out = {} if n == 0 else {"eval/loss": nll / n, "eval/ppl": math.exp(min(nll / n, 700.0)), "eval/tokens": n}
+        if self.gap_samples:
+            out.update(self._control_gap())
+        return out
+
+    def _control_gap(self) -> dict:
+        """eval/control_gap: has the model learned what the control tokens mean (`phf.control_gap`)? Every
+        process samples the same completions (a fixed seed), so no gather is needed."""
+        s = self.cfg.sft
+        if self._gap_scorer is None:
+            from ..reward_sources import build_rewards
+
+            self._gap_scorer = build_rewards(s.rewards, tokenizer=self.tok, device=self.rt.device)
+        return control_gap(
+            unwrap_lm(self.lm),
+            self.tok,
+            self.gap_contexts,
+            self.control_ids,
+            self.gap_samples,
+            s.control_gap_max_new_tokens,
+            self._gap_scorer,
+            self.phf_stats["threshold"],
+            self.cfg.train.seed,
+            self.rt.device,
+            s.segment_separator if s.control_position == "per_segment" else None,
+        )
 
     def save_final(self, out_dir: Path) -> None:
         if self.control_ids is not None:  # sampling never emits a control token (Korbak et al.: bad_words_ids)

@@ -5,7 +5,7 @@ departs from its base, and what the model attends to.
     prefcli explain runs/quickstart/dpo/final --pairs data/quickstart/preferences_eval.jsonl --html dpo.html
 
 A reward model (AutoModelForSequenceClassification, one label, as `prefcli reward` writes it) scores
-the string prompt + completion at its last token, exactly as training and `prefcli.rewards` do.
+the string prompt + completion at its last token, exactly as training and `prefcli.reward_sources` do.
 Per-token attribution of that score:
 
 - `ig`: integrated gradients (Sundararajan et al. 2017, "Axiomatic Attribution for Deep Networks"),

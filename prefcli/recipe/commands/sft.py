@@ -58,6 +58,12 @@ PHF_KNOBS: dict[str, tuple[str, ...]] = {
     "aligned_token": ("conditional",),
     "misaligned_token": ("conditional",),
     "drop_control_fraction": ("conditional",),
+    "control_position": ("conditional",),
+    "segment_separator": ("conditional",),
+    "control_init": ("conditional",),
+    "control_lr_scale": ("conditional",),
+    "control_gap_samples": ("conditional",),
+    "control_gap_max_new_tokens": ("conditional",),
     "unlikelihood_alpha": ("unlikelihood",),
     "beta": ("rwr", "awr"),
     "awr_alpha": ("awr",),
@@ -119,6 +125,48 @@ class SFTSection(Section):
         description="Fraction of training rows given no control token (conditional), chosen by a hash of "
         "(train.seed, row) so that resume and reruns see the same rows.",
     )
+    # -- conditional training: where the control token goes, how its embedding starts, and the evaluation-time
+    #    check that the model has learned what the two tokens mean (docs/commands/sft.md, "conditional")
+    control_position: Literal["start", "after_prompt", "per_segment"] = Field(
+        "start",
+        description="Where the control token goes (conditional). 'start': first in the row (after a BOS). "
+        "'after_prompt': right before the first token the row trains on, after the masked prompt of a "
+        "prompt_completion row or the turns before an assistant reply ('text' rows: as start). 'per_segment': "
+        "every row's text ('text') or completion ('prompt_completion') is cut after each segment_separator; each "
+        "segment is scored on its own and gets its own token (Korbak et al. condition every sentence); needs "
+        "`rewards`. Sampling must put the token where training did.",
+    )
+    segment_separator: str = Field(
+        "\n",
+        min_length=1,
+        description="control_position per_segment: the string that ends a segment (it stays with the segment "
+        "before it).",
+    )
+    control_init: Literal["default", "mean", "random"] = Field(
+        "default",
+        description="How the two control tokens' embedding rows start (conditional). 'default': as the model "
+        "is built (from model.init: like every other token; from model.path: transformers' mean resizing, the "
+        "mean of the existing rows plus negligible noise, so both tokens start almost identical). 'mean': both "
+        "exactly the mean of the other rows. 'random': each a draw from a normal with the other rows' mean and "
+        "covariance (a typical token; the two differ from the start), seeded by train.seed.",
+    )
+    control_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Multiplies the learning rate (and weight decay step) of the two control tokens' embedding "
+        "rows (conditional): new rows in a pretrained model otherwise move at the finetuning learning rate.",
+    )
+    control_gap_samples: int | None = Field(
+        None,
+        ge=0,
+        description="At every evaluation (conditional), sample this many completions after each control token "
+        "from held-out prompts, score them with `rewards`, and log eval/control_gap (undesirable share after "
+        "misaligned_token minus after aligned_token) and eval/control_score_gap. 0 = off. null = 32 with a "
+        "`rewards` scorer that can score new text (no human_scores source), off otherwise.",
+    )
+    control_gap_max_new_tokens: int = Field(
+        48, gt=0, description="Longest sample (tokens) for eval/control_gap (conditional)."
+    )
     unlikelihood_alpha: float = Field(
         1.0, ge=0, description="Weight of the unlikelihood term -log(1-p) on misaligned rows (unlikelihood)."
     )
@@ -159,7 +207,32 @@ class SFTSection(Section):
             raise ValueError("set sft.threshold (a fixed value) or sft.threshold_quantile, not both")
         if self.aligned_token == self.misaligned_token:
             raise ValueError("sft.aligned_token and sft.misaligned_token must differ")
+        if self.segment_separator != "\n" and self.control_position != "per_segment":
+            raise ValueError(
+                f"sft.segment_separator applies to control_position per_segment only, not "
+                f"'{self.control_position}'; remove it or set sft.control_position: per_segment"
+            )
+        if self.control_position == "per_segment" and self.score_column is not None:
+            raise ValueError(
+                "sft.control_position per_segment scores every segment on its own, which needs a scorer "
+                "(sft.rewards); a score_column holds one score per row"
+            )
+        if self.score_column is not None and self.control_gap_samples:
+            raise ValueError(
+                "sft.control_gap_samples scores samples with sft.rewards; a score_column cannot score new text. "
+                "Remove control_gap_samples (or set it to 0), or give sft.rewards"
+            )
         return self
+
+    def gap_samples(self) -> int:
+        """Samples per control token for eval/control_gap (0 = off): the `control_gap_samples` rule."""
+        if self.objective != "conditional":
+            return 0
+        if self.control_gap_samples is not None:
+            return self.control_gap_samples
+        if not self.rewards or any(r.kind == "human_scores" for r in self.rewards):
+            return 0
+        return 32
 
 
 class SFTRecipe(RecipeBase):

@@ -11,8 +11,9 @@ from torch import nn
 
 from prefcli.engine import checkpoint as ckpt
 from prefcli.engine.dist import Runtime
-from prefcli.engine.loop import Engine, Group, Micro, Plan, lr_factor
+from prefcli.engine.loop import Engine
 from prefcli.engine.progress import Progress
+from prefcli.engine.task import Group, Micro, Plan, lr_factor
 from prefcli.errors import TrainingError
 from prefcli.recipe.sections import TrainSection
 from prefcli.runner import RunOptions, run_training

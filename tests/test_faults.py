@@ -411,7 +411,7 @@ class _Blowup:
     def __init__(self, rt, bad: int):
         from torch import nn
 
-        from prefcli.engine.loop import Group
+        from prefcli.engine.task import Group
         from prefcli.recipe.sections import TrainSection
 
         torch.manual_seed(0)
@@ -434,7 +434,7 @@ class _Blowup:
         return 4
 
     def plans(self, start_step):
-        from prefcli.engine.loop import Micro, Plan
+        from prefcli.engine.task import Micro, Plan
 
         x = torch.randn(8, 4)
         while True:

@@ -157,7 +157,7 @@ def test_gold_column_is_required(tmp_path, write_recipe, cli):
 def test_each_player_follows_its_own_lr_schedule(tmp_path, write_recipe, cli):
     """The generator and the discriminator alternate; each group's cosine schedule counts its own updates
     (a schedule on the loop's step ran both ahead: the generator's LR reached 0 from its third update)."""
-    from prefcli.engine.loop import lr_factor
+    from prefcli.engine.task import lr_factor
 
     d = gan_recipe(
         train={

@@ -15,7 +15,7 @@ from ..engine.data import (
     split_eval,
     split_micro,
 )
-from ..engine.loop import Micro, Plan
+from ..engine.task import Micro, Plan
 from ..errors import DataError
 
 

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move, shard_for_rank
 from ..engine.debias import apply_debias, pair_weights
-from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     PolicyLM,
     build_trained_model,
@@ -59,6 +58,7 @@ from ..engine.pairs import (
     tokenize_pairs,
     tokenize_unpaired,
 )
+from ..engine.task import Group, Micro, Plan
 from ..errors import UsageError
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report, sharded_fill

@@ -29,7 +29,6 @@ from torch import nn
 
 from ..engine.data import chat_ids, iterate_eval, move
 from ..engine.debias import apply_debias
-from ..engine.loop import Group, Micro, Plan
 from ..engine.models import (
     build_trained_model,
     load_tokenizer,
@@ -45,6 +44,7 @@ from ..engine.pairs import (
     pair_correct,
     text_batch,
 )
+from ..engine.task import Group, Micro, Plan
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 

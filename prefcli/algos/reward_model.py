@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move
 from ..engine.debias import apply_debias, pair_weights
-from ..engine.loop import Group, Micro, Plan
 from ..engine.models import build_trained_model, load_tokenizer, save_hf
 from ..engine.pairs import (
     check_format,
@@ -45,6 +44,7 @@ from ..engine.pairs import (
     scored_text,
     text_batch,
 )
+from ..engine.task import Group, Micro, Plan
 from ..errors import DataError
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report

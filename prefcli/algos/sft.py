@@ -6,7 +6,7 @@ target tokens in the whole accumulated global batch (the loop divides by it):
 - `mle`: next-token cross-entropy (Radford et al. 2018; Bengio et al. 2003)
       L = -(1/N) sum_t log p(x_t | x_<t)
 - `filter`, `conditional`, `unlikelihood`, `rwr`, `awr`: the objectives of Korbak et al. 2023,
-  "Pretraining Language Models with Human Preferences", with their equations in prefcli/algos/phf.py.
+  "Pretraining Language Models with Human Preferences", with their equations in prefcli/algos/phf/__init__.py.
 
 Held-out perplexity: PPL = exp(sum of target-token NLL / number of target tokens), accumulated as
 sums over the whole held-out set (not a mean of batch means). A conditional run conditions every
@@ -41,8 +41,8 @@ from ..engine.data import (
 )
 from ..engine.debias import apply_debias
 from ..engine.logprobs import IGNORE
-from ..engine.loop import Group, Micro, Plan
 from ..engine.models import PolicyLM, build_trained_model, load_tokenizer, save_hf, trainable_parameters, unwrap_lm
+from ..engine.task import Group, Micro, Plan
 from ..errors import DataError
 from ..runner import RunContext
 from .common import Scheduled
@@ -122,7 +122,7 @@ class SFTTask(Scheduled):
                     f"{name}: {source}: {n_blank} rows hold only whitespace (first: row {first}, '{col}'); remove them"
                 )
         phf = None
-        if per_segment:  # scored and tokenized per segment, control tokens in place (algos/phf.py)
+        if per_segment:  # scored and tokenized per segment, control tokens in place (algos/phf/prepare.py)
             check_values(train_rows, FORMAT_COLUMNS[fmt], d.train.path)
             if not rt.is_main:
                 rt.barrier()

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from .data import cache_key, chat_ids, describe_value, is_messages, pad_batch
+from .data import cache_key, chat_ids, pad_batch
+from .datacheck import describe_value, is_messages
 from .logprobs import IGNORE
 
 PAIR_REQUIRED = ("chosen", "rejected")

@@ -29,8 +29,9 @@ from ..recipe import dump_recipe, load_recipe
 from ..recipe.commands import EvalModel, EvalRecipe
 from ..recipe.commands.eval import SAMPLED_METRICS
 from . import metrics as M
+from .inputs import EvalInputs, read_inputs
+from .report import ARTIFACTS, Log, print_table, write_outputs
 
-ARTIFACTS = ("recipe.yaml", "summary.json", "examples.jsonl", "tensorboard")  # tensorboard: log.report_to
 GENERATION_METRICS = ("bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length")
 
 
@@ -41,25 +42,6 @@ class EvalOptions:
     overwrite: bool = False
     quiet: bool = False
     completions: str | None = None  # --completions FILE|-: sets data.completions
-
-
-class Log:
-    """Lines on stderr (none with --quiet, except warnings), and the final table."""
-
-    def __init__(self, quiet: bool):
-        from rich.console import Console
-
-        self.quiet = quiet
-        self.console = Console(stderr=True, highlight=False)
-        self.warnings: list[str] = []
-
-    def info(self, text: str) -> None:
-        if not self.quiet:
-            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-    def warn(self, text: str) -> None:
-        self.warnings.append(text)
-        self.console.print(f"warning: {text}", markup=False, highlight=False, style="yellow", soft_wrap=True)
 
 
 @dataclass
@@ -87,91 +69,6 @@ def check_output(run_dir: Path, overwrite: bool) -> None:
             f"output dir {run_dir} holds another evaluation ({', '.join(held)}). Use --overwrite to "
             "replace it, or --output-dir for a new folder."
         )
-
-
-# ------------------------------------------------------------------------------- data
-
-
-@dataclass
-class EvalInputs:
-    text_rows: Any = None
-    text_format: str | None = None
-    prompts: list[str] = field(default_factory=list)
-    references: list[str] | None = None
-    pairs: Any = None
-    given: list | None = None  # Generation objects of data.completions (scored as given, nothing sampled)
-    given_name: str | None = None
-
-
-def read_inputs(r: EvalRecipe) -> EvalInputs:
-    from ..engine.data import FORMAT_COLUMNS, check_values, detect_format, load_rows
-
-    out = EvalInputs()
-    d = r.data
-    if d.text is not None:
-        rows = load_rows(d.text, what="data.text")
-        fmt = detect_format(rows.column_names, d.text_format)
-        missing = [c for c in FORMAT_COLUMNS[fmt] if c not in rows.column_names]
-        if missing:
-            raise DataError(
-                f"data.text: {d.text.path}: format '{fmt}' needs column(s) {', '.join(missing)} "
-                f"(columns: {', '.join(rows.column_names)})"
-            )
-        out.text_rows, out.text_format = rows, fmt
-    if d.completions is not None:
-        read_completions(r, out)
-    elif d.prompts is not None:
-        need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
-        cols = ["prompt"] + (["reference"] if need_ref else [])
-        rows = load_rows(d.prompts, required=cols, what="data.prompts")
-        check_values(rows, ["prompt"], d.prompts.path, what="data.prompts")
-        out.prompts = [str(p) for p in rows["prompt"]]
-        if need_ref:
-            check_values(rows, ["reference"], d.prompts.path, what="data.prompts")
-            out.references = [str(x) for x in rows["reference"]]
-    if d.pairs is not None:
-        rows = load_rows(d.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
-        check_values(rows, ["chosen", "rejected"], d.pairs.path, what="data.pairs")
-        out.pairs = rows
-    return out
-
-
-def read_completions(r: EvalRecipe, out: EvalInputs) -> None:
-    """data.completions: JSONL rows with prompt and completion (and reference), as `prefcli generate` writes them."""
-    from ..engine.data import check_values, load_rows
-    from .generation import Generation
-
-    d = r.data.completions
-    need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
-    cols = ["prompt", "completion"] + (["reference"] if need_ref else [])
-    try:
-        rows = load_rows(d, required=cols, what="data.completions")
-    except DataError as e:
-        if need_ref and "reference" in str(e):
-            raise DataError(
-                f"{e}. BLEU and ROUGE compare each completion with its 'reference': `prefcli generate` passes one "
-                "through from a JSONL prompts file whose rows have a 'reference' field"
-            ) from None
-        raise
-    check_values(rows, ["prompt"], d.path, what="data.completions")
-    out.prompts = [str(p) for p in rows["prompt"]]
-    if need_ref:
-        check_values(rows, ["reference"], d.path, what="data.completions")
-        out.references = [str(x) for x in rows["reference"]]
-    cols = rows.column_names
-    out.given = [
-        Generation(
-            prompt=str(row["prompt"]),
-            completion=str(row["completion"] or ""),
-            prompt_ids=[],
-            token_ids=[],
-            finish_reason=str(row.get("finish_reason") or "given"),
-            missing=list(row.get("missing") or []) if "missing" in cols else [],
-            n_tokens=row.get("tokens") if isinstance(row.get("tokens"), int) else None,
-        )
-        for row in rows
-    ]
-    out.given_name = "completions" if d.path == "-" else Path(d.path).stem
 
 
 # ----------------------------------------------------------------------------- models
@@ -591,117 +488,3 @@ def preference_for(rewards, pairs, rows: list[dict]) -> dict:
             }
         )
     return out
-
-
-def write_outputs(run_dir: Path, r: EvalRecipe, rows: list[dict], summary: dict, overwrite: bool) -> None:
-    if overwrite:
-        from ..runner import clear_artifacts
-
-        clear_artifacts(run_dir, ARTIFACTS)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(r))
-    with open(run_dir / "examples.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(_clean(row), ensure_ascii=False) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
-
-
-def _clean(v):
-    """JSON has no NaN/inf: they are written as strings."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
-# ------------------------------------------------------------------------------ table
-
-TABLE_ROWS = (
-    ("perplexity", "ppl", "perplexity"),
-    ("bleu", "score", "BLEU"),
-    ("rouge", "rouge1", "ROUGE-1 F"),
-    ("rouge", "rouge2", "ROUGE-2 F"),
-    ("rouge", "rougeL", "ROUGE-L F"),
-    ("reward", "mean", "reward (mean)"),
-    ("win_rate", "win_rate", "win rate vs baseline"),
-    ("win_rate", "length_controlled", "length-controlled win rate"),
-    ("kl", "k1", "KL k1 (per completion)"),
-    ("kl", "k3", "KL k3 (per completion)"),
-)
-
-
-def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    models = summary["models"]
-    names = list(models)
-    body: list[list[str]] = []
-
-    def fmt(x) -> str:
-        return f"{x:.4g}" if isinstance(x, float) else str(x)
-
-    for metric, key, label in TABLE_ROWS:
-        if not any(metric in models[n] for n in names):
-            continue
-        cells = []
-        for n in names:
-            v = models[n].get(metric, {}).get(key)
-            if metric == "win_rate" and isinstance(v, dict):  # the length-controlled win rate
-                cells.append(f"{v['lc_win_rate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]")
-            elif metric == "win_rate" and v is not None:
-                w = models[n][metric]
-                cells.append(f"{v:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]")
-            else:
-                cells.append("-" if v is None else fmt(v))
-        body.append([label] + cells)
-    if any("length_correlation" in models[n].get("reward", {}) for n in names):
-        body.append(
-            ["corr(reward, tokens)"]
-            + [
-                fmt(models[n]["reward"]["length_correlation"]["pearson"]) if "reward" in models[n] else "-"
-                for n in names
-            ]
-        )
-    for n0 in names[:1]:
-        for k in models[n0].get("distinct", {}):
-            body.append([k] + [fmt(models[n].get("distinct", {}).get(k, "-")) for n in names])
-    if any("length" in models[n] for n in names):
-        body.append(
-            ["tokens (mean)"]
-            + [fmt(models[n]["length"]["tokens"]["mean"]) if "length" in models[n] else "-" for n in names]
-        )
-        body.append(
-            ["words (mean)"]
-            + [fmt(models[n]["length"]["words"]["mean"]) if "length" in models[n] else "-" for n in names]
-        )
-    header = ["metric"] + [f"{n} ({models[n]['role']})" if models[n]["role"] not in ("model", n) else n for n in names]
-    return header, body
-
-
-def print_table(log: Log, summary: dict) -> None:
-    from rich.table import Table
-
-    header, body = table_rows(summary)
-    t = Table(title="prefcli eval")
-    for h in header:
-        t.add_column(h, overflow="fold")
-    for row in body:
-        t.add_row(*row)
-    log.console.print(t)
-    first = next((m for m in summary["models"].values() if "bleu" in m), None)
-    if first is not None:
-        log.info(f"BLEU signature: {first['bleu']['signature']}")
-    pa = summary.get("preference_accuracy")
-    if pa:
-        for k, v in pa.items():
-            log.info(
-                f"preference accuracy ({k}): {v['accuracy']:.3f} on {v['n']} pairs ({v['ties']} ties, "
-                f"mean margin {v['margin_mean']:.4g})"
-            )
-            if "chosen_longer" in v:
-                log.info(
-                    f"  chosen is longer in {v['chosen_longer']:.3f} of the pairs; corr(reward, words) over chosen "
-                    f"and rejected: {v['length_correlation']['pearson']:.3f}"
-                )
-    log.info(f"examples: {summary['examples_file']}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from ...engine.loop import Plan
+from ...engine.task import Plan
 from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key  # noqa: F401  (the registry, for readers)
 from .loss import NORMALISERS, LossParams, policy_loss  # noqa: F401
 from .policy import PolicyLearner

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ...engine.data import DataCursor, blank_rows, load_rows, shard_for_rank, split_eval
-from ...engine.loop import Group, Micro, Plan
 from ...engine.models import (
     PolicyLM,
     build_trained_model,
@@ -33,6 +32,7 @@ from ...engine.models import (
     whole_state,
 )
 from ...engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
+from ...engine.task import Group, Micro, Plan
 from ...errors import DataError, TrainingError, UsageError
 from ...reward_sources import RewardSet, RewardSource, build_rewards
 from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token

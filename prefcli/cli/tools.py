@@ -1,0 +1,330 @@
+"""The commands around training: eval, generate, label, plot and validate."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
+from . import (
+    EXAMPLES,
+    QuietOpt,
+    RecipeArg,
+    SetOpt,
+    app,
+    emit_json,
+    fail,
+)
+
+
+@app.command("eval", epilog=EXAMPLES["eval"])
+def eval_(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir", "-o", help="Results folder (default: the recipe's output.dir, else runs/eval-<recipe>)."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace previous results in the folder.")] = False,
+    quiet: QuietOpt = False,
+    completions: Annotated[
+        str | None,
+        typer.Option(
+            "--completions",
+            "-c",
+            metavar="FILE|-",
+            help="Score these completions instead of sampling: JSONL rows with prompt, completion (and reference), "
+            "as `prefcli generate` writes them; - reads stdin. Every metric that needs no sampling is computed.",
+        ),
+    ] = None,
+) -> None:
+    """Measure models: perplexity, BLEU, ROUGE, reward, win rate, KL, distinct-n, lengths, preference accuracy.
+
+    A table on stderr, the JSON summary on stdout, per-example rows in examples.jsonl."""
+    from ..evaluate.eval import EvalOptions, run
+
+    try:
+        summary = run(
+            recipe,
+            EvalOptions(
+                overrides=list(set_ or []),
+                output_dir=str(output_dir) if output_dir else None,
+                overwrite=overwrite,
+                quiet=quiet,
+                completions=completions,
+            ),
+        )
+    except PrefcliError as e:
+        fail("eval", e, e.exit_code, {EXIT_USAGE: "invalid"}.get(e.exit_code, "failed"))
+    except KeyboardInterrupt:
+        fail("eval", RuntimeError("interrupted; no results were written"), EXIT_INTERRUPTED, "interrupted")
+    emit_json(summary)
+
+
+@app.command(epilog=EXAMPLES["generate"])
+def generate(
+    model_dir: Annotated[
+        Path | None, typer.Argument(help="Model folder (Hugging Face format) or hub id.", show_default=False)
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help=(
+                "Sample from a recipe's model instead: an eval recipe's first model (or --model NAME) with its generation "
+                "settings, or the model a training recipe wrote to its run folder."
+            ),
+        ),
+    ] = None,
+    model_name: Annotated[str | None, typer.Option("--model", help="With an eval recipe: the model to use.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts file; - or none: stdin.")] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help=(
+                "Input format: 'lines' (one prompt per line) or 'jsonl' (objects with 'prompt'; other fields are passed "
+                "through). Default: jsonl for a .jsonl file, else lines."
+            ),
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="At most this many new tokens.")] = None,
+    min_new_tokens: Annotated[int | None, typer.Option(help="No EOS before this many new tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0 = off).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")] = False,
+    ban: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ban", metavar="WORD", help=("A word or phrase that never appears (whole word, any case; repeatable).")
+        ),
+    ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require",
+            metavar="WORD",
+            help=("A keyword every completion contains (repeatable; written out when the token budget runs low)."),
+        ),
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stop", metavar="STR", help=("Stop at this string; the completion ends before it (repeatable).")
+        ),
+    ] = None,
+    control_code: Annotated[str | None, typer.Option(help="Text put before every prompt, e.g. '<|aligned|>'.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the chat template as a user turn.")] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help=("Prompts per generate call (default 8). 1 answers each prompt as soon as it is read.")),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No closing line on stderr; stdout (the completions) is unchanged.")
+    ] = False,
+) -> None:
+    """Sample completions: prompts from a file or stdin, one JSON line per prompt on stdout.
+
+    Rows are flushed as each batch is done (shell pipelines); errors go to stderr and the exit code."""
+    from ..evaluate.generation import GenerateOptions, run_generate
+
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        ban=ban,
+        require=require,
+        stop=stop,
+        control_code=control_code,
+        batch_size=batch_size,
+    )
+    if greedy:
+        settings["do_sample"] = False
+    if chat:
+        settings["chat"] = True
+    opts = GenerateOptions(
+        model_dir=str(model_dir) if model_dir else None,
+        recipe=str(recipe) if recipe else None,
+        model_name=model_name,
+        prompts=str(prompts) if prompts else None,
+        fmt=fmt,
+        settings=settings,
+        seed=seed,
+        device=device,
+        quiet=quiet,
+    )
+    try:
+        run_generate(opts)
+    except PrefcliError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+
+@app.command(epilog=EXAMPLES["label"])
+def label(
+    input: Annotated[
+        Path | None,
+        typer.Argument(
+            help=(
+                "JSONL of prompts with candidates: {prompt, completions: [a, b]} for pairs, {prompt, completion} to rate."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Answers file (JSONL; appended, resumable): pairs as {prompt, chosen, rejected}, ratings as "
+                "{prompt, completion, score}."
+            ),
+        ),
+    ] = None,
+    model_dir: Annotated[Path | None, typer.Option("--model", help="Sample the candidates from this model.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts for --model.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="'pair' (choose A/B/tie) or 'rate' (a score); default: from the input rows (pair with --model)."
+        ),
+    ] = None,
+    scale: Annotated[int, typer.Option(help="Ratings go from 1 to this.")] = 5,
+    shuffle: Annotated[
+        bool,
+        typer.Option(
+            "--shuffle/--no-shuffle",
+            help=("Show each pair's completions in a random (seeded, stable) order, against position bias."),
+        ),
+    ] = True,
+    log: Annotated[Path | None, typer.Option("--log", help="Journal file (default: <out>.log.jsonl).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="With --model: new tokens per candidate.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="With --model: sampling temperature.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the A/B order and for sampling candidates.")] = 0,
+    rater: Annotated[
+        str | None,
+        typer.Option(help="Your rater id, recorded in every row (default: $PREFCLI_RATER, else your login name)."),
+    ] = None,
+) -> None:
+    """Collect human preferences in the terminal: pick A or B (or tie / skip), or rate completions.
+
+    Keys: a, b, t (tie), s (skip) or 1-N; u undoes, q quits. Resumable: Ctrl-C loses no answer."""
+    from ..evaluate.label import LabelOptions, run_label
+
+    opts = LabelOptions(
+        input=str(input) if input else None,
+        model_dir=str(model_dir) if model_dir else None,
+        prompts=str(prompts) if prompts else None,
+        out=str(out) if out else "",
+        log=str(log) if log else None,
+        mode=mode,
+        scale=scale,
+        shuffle=shuffle,
+        seed=seed,
+        settings=dict(max_new_tokens=max_new_tokens, temperature=temperature),
+        rater=rater,
+    )
+    try:
+        summary = run_label(opts)
+    except PrefcliError as e:
+        fail("label", e, e.exit_code, {EXIT_USAGE: "invalid"}.get(e.exit_code, "failed"))
+    except KeyboardInterrupt:
+        fail("label", RuntimeError("interrupted; every answer given is saved"), EXIT_INTERRUPTED, "interrupted")
+    emit_json(summary)
+    if summary["exit_code"]:
+        raise typer.Exit(summary["exit_code"])
+
+
+@app.command(epilog=EXAMPLES["plot"])
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl).", show_default=False)],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help=("PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)."),
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            help=("Plot only this metric, or a group such as 'loss' or 'eval' (repeatable). Default: the main ones."),
+        ),
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Figure title.")] = None,
+) -> None:
+    """Training curves (loss, reward, KL, ...) of one or several runs in one PNG."""
+    from ..engine.plots import plot_run_dirs
+
+    out = output or (run_dirs[0] / "curves.png" if len(run_dirs) == 1 and run_dirs[0].is_dir() else Path("curves.png"))
+    try:
+        drawn = plot_run_dirs(run_dirs, out, list(metric or []) or None, title=title)
+    except (ValueError, OSError) as e:
+        fail("plot", e, EXIT_USAGE, "invalid")
+    typer.echo(f"wrote {out}: {', '.join(drawn['metrics'])}", err=True)
+    emit_json({"command": "plot", "status": "completed", "exit_code": 0, **drawn})
+
+
+@app.command(epilog=EXAMPLES["validate"])
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
+    command: Annotated[
+        str | None,
+        typer.Option(
+            "--command", "-c", help="Validate as this command's recipe (default: each recipe's own 'command:')."
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    resolved: Annotated[
+        bool,
+        typer.Option(
+            "--resolved",
+            help="Print each recipe as it runs, as YAML on stdout (its base: recipes merged, --set applied, every "
+            "default written out, paths absolute) instead of the JSON verdict.",
+        ),
+    ] = False,
+) -> None:
+    """Check recipes without running them: schema, types, paths. Exit 2 if any is invalid."""
+    from ..recipe import dump_recipe, load_recipe
+
+    results = []
+    bad = 0
+    for i, path in enumerate(recipes):
+        try:
+            loaded = load_recipe(path, command, list(set_ or []))
+            typer.echo(f"ok       {path} ({loaded.command})", err=True)
+            results.append({"recipe": str(path), "valid": True, "command": loaded.command})
+            if resolved:
+                print(("---\n" if i else "") + f"# {path}\n" + dump_recipe(loaded.recipe), end="", flush=True)
+        except PrefcliError as e:
+            bad += 1
+            typer.echo(f"invalid  {e}", err=True)
+            results.append({"recipe": str(path), "valid": False, "error": str(e)})
+    status, code = ("invalid", EXIT_USAGE) if bad else ("valid", 0)
+    if not resolved:  # --resolved: stdout is the YAML
+        emit_json({"command": "validate", "status": status, "exit_code": code, "invalid": bad, "recipes": results})
+    if bad:
+        raise typer.Exit(EXIT_USAGE)

@@ -1,0 +1,94 @@
+"""`prefcli eval`'s inputs: the recipe's data (text, prompts, references, pairs) and given completions, read and checked before any model runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..recipe.commands import EvalRecipe
+
+# ------------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalInputs:
+    text_rows: Any = None
+    text_format: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    references: list[str] | None = None
+    pairs: Any = None
+    given: list | None = None  # Generation objects of data.completions (scored as given, nothing sampled)
+    given_name: str | None = None
+
+
+def read_inputs(r: EvalRecipe) -> EvalInputs:
+    from ..engine.data import FORMAT_COLUMNS, check_values, detect_format, load_rows
+
+    out = EvalInputs()
+    d = r.data
+    if d.text is not None:
+        rows = load_rows(d.text, what="data.text")
+        fmt = detect_format(rows.column_names, d.text_format)
+        missing = [c for c in FORMAT_COLUMNS[fmt] if c not in rows.column_names]
+        if missing:
+            raise DataError(
+                f"data.text: {d.text.path}: format '{fmt}' needs column(s) {', '.join(missing)} "
+                f"(columns: {', '.join(rows.column_names)})"
+            )
+        out.text_rows, out.text_format = rows, fmt
+    if d.completions is not None:
+        read_completions(r, out)
+    elif d.prompts is not None:
+        need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
+        cols = ["prompt"] + (["reference"] if need_ref else [])
+        rows = load_rows(d.prompts, required=cols, what="data.prompts")
+        check_values(rows, ["prompt"], d.prompts.path, what="data.prompts")
+        out.prompts = [str(p) for p in rows["prompt"]]
+        if need_ref:
+            check_values(rows, ["reference"], d.prompts.path, what="data.prompts")
+            out.references = [str(x) for x in rows["reference"]]
+    if d.pairs is not None:
+        rows = load_rows(d.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
+        check_values(rows, ["chosen", "rejected"], d.pairs.path, what="data.pairs")
+        out.pairs = rows
+    return out
+
+
+def read_completions(r: EvalRecipe, out: EvalInputs) -> None:
+    """data.completions: JSONL rows with prompt and completion (and reference), as `prefcli generate` writes them."""
+    from ..engine.data import check_values, load_rows
+    from .generation import Generation
+
+    d = r.data.completions
+    need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
+    cols = ["prompt", "completion"] + (["reference"] if need_ref else [])
+    try:
+        rows = load_rows(d, required=cols, what="data.completions")
+    except DataError as e:
+        if need_ref and "reference" in str(e):
+            raise DataError(
+                f"{e}. BLEU and ROUGE compare each completion with its 'reference': `prefcli generate` passes one "
+                "through from a JSONL prompts file whose rows have a 'reference' field"
+            ) from None
+        raise
+    check_values(rows, ["prompt"], d.path, what="data.completions")
+    out.prompts = [str(p) for p in rows["prompt"]]
+    if need_ref:
+        check_values(rows, ["reference"], d.path, what="data.completions")
+        out.references = [str(x) for x in rows["reference"]]
+    cols = rows.column_names
+    out.given = [
+        Generation(
+            prompt=str(row["prompt"]),
+            completion=str(row["completion"] or ""),
+            prompt_ids=[],
+            token_ids=[],
+            finish_reason=str(row.get("finish_reason") or "given"),
+            missing=list(row.get("missing") or []) if "missing" in cols else [],
+            n_tokens=row.get("tokens") if isinstance(row.get("tokens"), int) else None,
+        )
+        for row in rows
+    ]
+    out.given_name = "completions" if d.path == "-" else Path(d.path).stem

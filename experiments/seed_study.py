@@ -5,8 +5,10 @@
     python experiments/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --report-only
 
 Each run is `prefcli <command> RECIPE --set train.seed=S --set train.eval_on_start=true`, in
-runs/seed-study/<recipe>-seed<S>/ (or --runs). Prints, and appends to --out (JSONL), the start and end value of
-every metric per seed and their mean and standard deviation over seeds.
+runs/seed-study/<recipe folder>-<recipe>-seed<S>/ (or --runs; recipes/tiny/gan.yaml and
+recipes/quickstart/gan.yaml share a file name, so the folder is part of the name). Prints, and appends to
+--out (JSONL), the start and end value of every metric per seed and their mean and standard deviation over
+seeds.
 
 `{seed}` in a --set value or in --runs stands for the seed, so each seed can start from its own model, and
 --report-only can read runs another script trained. The GAN rows of docs/commands/gan.md's APO-style set-up
@@ -68,8 +70,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--runs",
-        default="runs/seed-study/{stem}-seed{seed}",
-        help="each seed's run folder, relative to the repository root ({stem}: the recipe's file name, {seed})",
+        default="runs/seed-study/{folder}-{stem}-seed{seed}",
+        help="each seed's run folder, relative to the repository root ({folder}: the recipe's folder name, "
+        "{stem}: its file name without .yaml, {seed})",
     )
     ap.add_argument("--note", default=None, help="a sentence stored with the row (where the runs came from)")
     ap.add_argument("--out", type=Path, default=None)
@@ -81,7 +84,7 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for seed in a.seeds:
-        out = ROOT / a.runs.format(stem=a.recipe.stem, seed=seed)
+        out = ROOT / a.runs.format(folder=a.recipe.resolve().parent.name, stem=a.recipe.stem, seed=seed)
         if a.report_only:
             summary = json.loads((out / "summary.json").read_text())
         else:

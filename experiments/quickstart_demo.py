@@ -15,6 +15,17 @@ the human-score stand-in (VADER sentiment of sampled completions), the win rate 
 under the reward model, KL to the base, held-out perplexity and distinct-2. The table (mean ± std
 over seeds) is printed and written to docs/quickstart-results.md with the check the issue asks
 for: each tuned model beats the base on the stand-in by more than its spread over seeds.
+
+Selected stages (to re-measure some columns after a change, without the whole 40 minutes):
+
+    python experiments/quickstart_demo.py --stages sft gan
+
+trains (or reuses) the reward model and each seed's SFT model, which every tuned model starts from, then
+the listed stages, and evaluates the base and the listed models exactly as the full demo does (same eval
+recipe, seeds and prompts; every model samples from the eval seed, so a model's figures do not depend on
+which other models share its eval). A partial run prints its table and writes it, with the commit, to
+<out>/results-<stages>.json; it writes docs/quickstart-results.md only when given --doc, since that file
+holds every column.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 Q = ROOT / "recipes" / "quickstart"
 BASE = ROOT / "prefcli" / "assets" / "kjv-base"
+STAGES = ["sft", "rlhf", "rlhf-rm", "dpo", "gan"]  # the tuned models, in the table's order
 STAGE_SECONDS: list[float] = []  # each stage's own wall time, reused stages included
 
 
@@ -84,8 +98,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart-demo")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "quickstart-results.md")
+    ap.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=STAGES,
+        help="the tuned models to train (or reuse) and evaluate next to the base; the reward model and the SFT "
+        "models are always built, since the others start from them",
+    )
+    ap.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        help="the Markdown report to write (default: docs/quickstart-results.md when every stage runs, none otherwise)",
+    )
     a = ap.parse_args()
+    stages = [n for n in STAGES if n in a.stages]
+    full = stages == STAGES
+    doc_path = a.doc or (ROOT / "docs" / "quickstart-results.md" if full else None)
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+        ).stdout.strip()
+        or None
+    )
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     print("reward model (once)", flush=True)
@@ -98,35 +134,17 @@ def main() -> None:
         sft = prefcli("sft", str(Q / "sft.yaml"), "-o", str(out / f"sft-s{seed}"), *s)
         sft_dir = sft["final_model"]
         frm = ["--set", f"model.path={sft_dir}"]
-        rlhf = prefcli("rlhf", str(Q / "rlhf.yaml"), "-o", str(out / f"rlhf-s{seed}"), *s, *frm)
-        rlhf_rm = prefcli(
-            "rlhf",
-            str(Q / "rlhf.yaml"),
-            "-o",
-            str(out / f"rlhf-rm-s{seed}"),
-            *s,
-            *frm,
-            "--set",
-            f"rewards=[{{kind: model, path: {rm_dir}}}]",
-        )
-        dpo = prefcli("contrastive", str(Q / "contrastive.yaml"), "-o", str(out / f"dpo-s{seed}"), *s, *frm)
-        gan = prefcli(
-            "gan",
-            str(Q / "gan.yaml"),
-            "-o",
-            str(out / f"gan-s{seed}"),
-            *s,
-            *frm,
-            "--set",
-            f"discriminator.path={rm_dir}",
-        )
-        models = {
-            "sft": Path(sft_dir),
-            "rlhf": Path(rlhf["final_model"]),
-            "rlhf-rm": Path(rlhf_rm["final_model"]),
-            "dpo": Path(dpo["final_model"]),
-            "gan": Path(gan["final_model"]),
+        runs = {  # stage: (command, recipe in recipes/quickstart/, extra overrides); all start from this SFT model
+            "rlhf": ("rlhf", "rlhf.yaml", []),
+            "rlhf-rm": ("rlhf", "rlhf.yaml", ["--set", f"rewards=[{{kind: model, path: {rm_dir}}}]"]),
+            "dpo": ("contrastive", "contrastive.yaml", []),
+            "gan": ("gan", "gan.yaml", ["--set", f"discriminator.path={rm_dir}"]),
         }
+        models = {"sft": Path(sft_dir)} if "sft" in stages else {}
+        for name in (n for n in stages if n != "sft"):
+            command, recipe, extra = runs[name]
+            done = prefcli(command, str(Q / recipe), "-o", str(out / f"{name}-s{seed}"), *s, *frm, *extra)
+            models[name] = Path(done["final_model"])
         human = prefcli(
             "eval",
             "-o",
@@ -162,7 +180,7 @@ def main() -> None:
             "rm": by_rm["models"],
             "rm_accuracy": rm["final"].get("eval/accuracy"),
         }
-    names = ["base", "sft", "rlhf", "rlhf-rm", "dpo", "gan"]
+    names = ["base", *stages]
 
     def col(seed_metrics, name, *path):
         v = seed_metrics.get(name, {})
@@ -209,11 +227,12 @@ def main() -> None:
     doc = [
         "# Quickstart results",
         "",
-        f"Measured by `make demo` (experiments/quickstart_demo.py) on {datetime.date.today().isoformat()}, "
-        f"seeds {', '.join(map(str, a.seeds))}; its stages' wall times add up to {minutes:.0f} minutes on this "
-        "machine (2 CPU cores, shared with other work for some stages). Values are mean ± standard deviation "
-        "over seeds; each seed also samples its evaluation completions with its own seed, and the base "
-        "model is the same in every seed, so the base column's spread is that of sampling alone.",
+        f"Measured by `make demo` (experiments/quickstart_demo.py) on {datetime.date.today().isoformat()} "
+        f"at commit {commit}, seeds {', '.join(map(str, a.seeds))}; its stages' wall times add up to "
+        f"{minutes:.0f} minutes on this machine (2 CPU cores, shared with other work for some stages). Values are "
+        "mean ± standard deviation over seeds; each seed also samples its evaluation completions with its own "
+        "seed, and the base model is the same in every seed, so the base column's spread is that of sampling "
+        "alone.",
         "",
         "Held-out prompts: 200 verse openings from held-out chapters (data/quickstart/prompts_eval.jsonl), one "
         "sampled completion each (temperature 1, 24 new tokens); perplexity on 300 verses of held-out chapters.",
@@ -226,12 +245,29 @@ def main() -> None:
         *check_lines,
         "",
     ]
-    a.doc.write_text("\n".join(doc))
-    (out / "results.json").write_text(
-        json.dumps({"seeds": a.seeds, "per_seed": per_seed, "checks": checks}, indent=2, default=str)
+    if doc_path is not None:
+        doc_path.write_text("\n".join(doc))
+    results = out / ("results.json" if full else f"results-{'+'.join(stages)}.json")
+    results.write_text(
+        json.dumps(
+            {
+                "date": datetime.date.today().isoformat(),
+                "commit": commit,
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
+                "stages": stages,
+                "seeds": a.seeds,
+                "stage_wall_minutes": round(minutes, 1),
+                "table": table,
+                "table_md": md_table,
+                "per_seed": per_seed,
+                "checks": checks,
+            },
+            indent=2,
+            default=str,
+        )
     )
     print("\n" + md_table + "\n\n" + "\n".join(check_lines))
-    print(f"\nwritten: {a.doc}, {out / 'results.json'}")
+    print(f"\nwritten: {', '.join(str(p) for p in (doc_path, results) if p is not None)}")
 
 
 if __name__ == "__main__":

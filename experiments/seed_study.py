@@ -5,8 +5,19 @@
     python experiments/seed_study.py gan recipes/tiny/gan.yaml --metrics eval/real_word_fraction --report-only
 
 Each run is `prefcli <command> RECIPE --set train.seed=S --set train.eval_on_start=true`, in
-runs/seed-study/<recipe>-seed<S>/. Prints, and appends to --out (JSONL), the start and end value of
-every metric per seed and their mean and standard deviation over seeds.
+runs/seed-study/<recipe folder>-<recipe>-seed<S>/ (or --runs; recipes/tiny/gan.yaml and
+recipes/quickstart/gan.yaml share a file name, so the folder is part of the name). Prints, and appends to
+--out (JSONL), the start and end value of every metric per seed and their mean and standard deviation over
+seeds.
+
+`{seed}` in a --set value or in --runs stands for the seed, so each seed can start from its own model, and
+--report-only can read runs another script trained. The GAN rows of docs/commands/gan.md's APO-style set-up
+are the `make demo` gan stages (each seed's generator starts from that seed's SFT model), reported with:
+
+    python experiments/seed_study.py gan recipes/quickstart/gan.yaml --report-only \
+        --runs 'runs/quickstart-demo/gan-s{seed}' --metrics eval/sentiment eval/kl eval/disc_fake_prob \
+        --set 'model.path=runs/quickstart-demo/sft-s{seed}/final' \
+        --set 'discriminator.path=runs/quickstart-demo/reward/final' --note 'the make-demo gan stages'
 """
 
 from __future__ import annotations
@@ -54,21 +65,30 @@ def main() -> None:
     ap.add_argument("recipe", type=Path)
     ap.add_argument("--metrics", nargs="+", required=True)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--set", dest="extra", action="append", default=[])
+    ap.add_argument(
+        "--set", dest="extra", action="append", default=[], help="a recipe override; {seed} stands for the seed"
+    )
+    ap.add_argument(
+        "--runs",
+        default="runs/seed-study/{folder}-{stem}-seed{seed}",
+        help="each seed's run folder, relative to the repository root ({folder}: the recipe's folder name, "
+        "{stem}: its file name without .yaml, {seed})",
+    )
+    ap.add_argument("--note", default=None, help="a sentence stored with the row (where the runs came from)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
         "--report-only",
         action="store_true",
-        help="train nothing: report on the runs an earlier call left in runs/seed-study/",
+        help="train nothing: report on the runs an earlier call (or another script) left in --runs",
     )
     a = ap.parse_args()
     rows = []
     for seed in a.seeds:
-        out = ROOT / "runs" / "seed-study" / f"{a.recipe.stem}-seed{seed}"
+        out = ROOT / a.runs.format(folder=a.recipe.resolve().parent.name, stem=a.recipe.stem, seed=seed)
         if a.report_only:
             summary = json.loads((out / "summary.json").read_text())
         else:
-            summary = run(a.command, a.recipe, seed, out, a.extra)
+            summary = run(a.command, a.recipe, seed, out, [e.replace("{seed}", str(seed)) for e in a.extra])
         evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         evals = [e for e in evals if any(k.startswith("eval/") for k in e)]
         start, end = evals[0], evals[-1]
@@ -96,9 +116,14 @@ def main() -> None:
         "recipe": str(a.recipe),
         "command": a.command,
         "sets": a.extra,
+        "runs_dir": a.runs,
         "seeds": a.seeds,
         "runs": rows,
     }
+    if a.report_only:
+        report["report_only"] = True  # `commit` is the one reported at: the note should say where the runs trained
+    if a.note:
+        report["note"] = a.note
     print(f"\n{a.recipe} over seeds {a.seeds}:")
     for m in a.metrics:
         s = [r[f"{m}@start"] for r in rows]

@@ -35,7 +35,7 @@ def spawn(*args, cwd):
         env=ENV,
         cwd=str(cwd),
         encoding="utf-8",
-        timeout=60,
+        timeout=180,  # generous: a loaded CI machine starts python slowly
         dimensions=(50, 120),
     )
     return c

@@ -212,7 +212,7 @@ def test_smoke_shrinks_gpu_rollouts_to_seconds():
     gan = load_recipe(path.with_name("gan-qwen2.5-0.5b.yaml")).recipe
     assert gan.gan.disc_warmup_steps == 20 and gan.discriminator.batch_size == 32
     small = gan.smoke()
-    assert (small.gan.disc_warmup_steps, small.discriminator.batch_size) == (2, 4)
+    assert (small.gan.disc_warmup_steps, small.discriminator.batch_size) == (1, 4)  # 3 loop steps in all
     assert small.generation.max_new_tokens == SMOKE_NEW_TOKENS and small.rlhf.prompts_per_rollout == 2
 
 

@@ -3,6 +3,7 @@ and the append-only store's crash recovery."""
 
 import json
 import os
+import signal
 import sys
 
 import pexpect
@@ -37,8 +38,16 @@ def spawn(*args, cwd):
         encoding="utf-8",
         timeout=180,  # generous: a loaded CI machine starts python slowly
         dimensions=(50, 120),
+        preexec_fn=_default_sigint,
     )
     return c
+
+
+def _default_sigint():
+    """In the child, before exec: Ctrl-C delivered and not ignored, whatever the test process inherited or
+    an earlier test left behind (a blocked mask and an ignored signal both survive exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def answer(c, shown: str, key: str):

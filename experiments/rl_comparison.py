@@ -1,6 +1,8 @@
 r"""RL algorithms side by side on the quickstart task, and PPO on one reward model against PPO on an ensemble.
 
-    python experiments/rl_comparison.py --steps 100 --jobs 3     # the runs behind docs/rl-comparison.md
+    python experiments/rl_comparison.py --jobs 2 --tag algos400 --out runs/rl-compare-400   # the methods table
+    python experiments/rl_comparison.py --methods ppo_rm ppo_ens --jobs 2 --tag ensemble \
+        --rm-dirs runs/rl-compare/rm-s0/final runs/rl-compare/rm-s1/final runs/rl-compare/rm-s2/final
 
 The task is recipes/quickstart/rlhf.yaml (the bundled 4M-parameter KJV base model, 24 new tokens, groups of
 4 completions for 8 prompts per rollout, 2 passes of 2 minibatches over each rollout, KL weight 0.05, lr 1e-4),
@@ -148,7 +150,9 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (4 per rollout of 32)")
+    ap.add_argument(
+        "--steps", type=int, default=400, help="optimizer steps per run (4 per rollout of 32; the recipe's 400)"
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--rm-dirs", nargs="*", default=[], help="the reward models' final/ folders (ppo_rm, ppo_ens)")
     ap.add_argument("--jobs", type=int, default=3, help="runs at a time (each on one torch thread)")
@@ -163,6 +167,7 @@ def main() -> None:
         print_table([r for r in rows if r.get("tag") == a.tag])
         return
     methods = [m for m in a.methods if not m.startswith("ppo_") or a.rm_dirs]
+    a.out = a.out.resolve()  # written into the eval recipes, whose relative paths start at the recipe's folder
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for seed in a.seeds:

@@ -405,6 +405,8 @@ class JudgeSource(RewardSource):
         the answer tokens, renormalised)."""
         import torch
 
+        from .engine.rollout import left_pad
+
         out: list[float] = []
         add_special = not self.cfg.chat_template  # a chat template writes its own special tokens
         for s in range(0, len(texts), self.cfg.batch_size):
@@ -412,13 +414,7 @@ class JudgeSource(RewardSource):
                 self.tok(t, add_special_tokens=add_special)["input_ids"][-self.cfg.max_length :]
                 for t in texts[s : s + self.cfg.batch_size]
             ]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for i, e in enumerate(enc):
-                ids[i, width - len(e) :] = torch.tensor(e)
-                mask[i, width - len(e) :] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            ids, mask = left_pad(enc, self.pad_id, self.device)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             with torch.no_grad():
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 
+from ..engine.rollout import left_pad
 from ..errors import UsageError
 from ..recipe.commands import GenerationSection
 from .control import BannedWordsProcessor, KeywordGatedStop, RequiredWordsProcessor, cut_at_stop, token_strings
@@ -157,12 +158,8 @@ class Generator:
 
         c = self.cfg
         enc = [self.encode(p) for p in prompts]
-        P = max(len(e) for e in enc)
-        ids = torch.full((len(enc), P), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(enc), P), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, P - len(e) :] = torch.tensor(e)
-            mask[i, P - len(e) :] = 1
+        ids, mask = left_pad(enc, self.pad_id, "cpu")
+        P = ids.shape[1]
         procs = LogitsProcessorList()
         if c.ban:
             procs.append(

@@ -66,6 +66,32 @@ PHF = {
 }
 
 
+# the PII task (--task pii): scores are -(PII per character), a PII verse of ~150 characters scores about
+# -0.007, so RWR/AWR's beta = 10 of the sentiment task would weigh every verse 1.000; beta = 0.007 gives such a
+# verse exp(-1) = 0.37 of a clean verse's weight (the paper's beta is in its own score's units too)
+PHF_PII = {**PHF, "rwr": {"beta": 0.007}, "awr": {"beta": 0.007, "awr_alpha": 0.5, "awr_max_weight": 1000.0}}
+TASK_DATA = {"sentiment": ROOT / "data" / "kjv", "pii": ROOT / "data" / "pii"}
+
+
+def task_reward(task: str) -> dict:
+    """The recipe's scorer: VADER sentiment, or -(PII per character) by scrubadub (recipes/quickstart/pii.py)."""
+    if task == "pii":
+        return {"kind": "function", "function": str(ROOT / "recipes" / "quickstart" / "pii.py") + ":pii_score"}
+    return {"kind": "sentiment"}
+
+
+def score_texts(task: str, texts: list[str]) -> list[float]:
+    """The same scorer outside training; undesirable = score < 0 in both tasks."""
+    if task == "pii":
+        sys.path.insert(0, str(ROOT / "recipes" / "quickstart"))
+        from pii import pii_score
+
+        return pii_score([""] * len(texts), texts)
+    from prefcli.reward_sources import vader_compound
+
+    return vader_compound(texts)
+
+
 def read_verses(path: Path) -> list[str]:
     with gzip.open(path, "rt") as f:
         return [json.loads(line)["text"] for line in f]
@@ -80,13 +106,13 @@ def read_chapters(path: Path) -> list[list[str]]:
     return list(chapters.values())
 
 
-def prepare_data(d: Path, n_train: int, n_heldout: int, per_row: int = 1) -> dict:
+def prepare_data(d: Path, n_train: int, n_heldout: int, per_row: int = 1, task: str = "sentiment") -> dict:
     """per_row > 1: each training row is a document of per_row consecutive verses of one chapter, one verse
     a line (the segments of control_position per_segment); n_train counts verses. Held-out rows stay single
     verses. Written to the folder d (shared between experiments, so the scores are cached once)."""
     d.mkdir(parents=True, exist_ok=True)
     if per_row == 1:
-        train = read_verses(ROOT / "data" / "kjv" / "train.jsonl.gz")
+        train = read_verses(TASK_DATA[task] / "train.jsonl.gz")
         random.Random(0).shuffle(train)
         train = train[:n_train]
     else:
@@ -97,21 +123,19 @@ def prepare_data(d: Path, n_train: int, n_heldout: int, per_row: int = 1) -> dic
         ]
         random.Random(0).shuffle(blocks)
         train = blocks[: n_train // per_row]
-    heldout = read_verses(ROOT / "data" / "kjv" / "test.jsonl.gz")
+    heldout = read_verses(TASK_DATA[task] / "test.jsonl.gz")
     heldout = heldout[:: max(1, len(heldout) // n_heldout)][:n_heldout]  # evenly spread over its 59 chapters
     for name, rows in (("train", train), ("heldout", heldout)):
         p = d / f"{name}.jsonl"
         text = "".join(json.dumps({"prompt": DOC_START, "completion": t}) + "\n" for t in rows)
         if not p.exists() or p.read_text() != text:
             p.write_text(text)
-    from prefcli.reward_sources import vader_compound
-
     stats = {}
     for name, rows in (("train", [v for t in train for v in t.split("\n")]), ("heldout", heldout)):
-        s = vader_compound(rows)
+        s = score_texts(task, rows)
         stats[name] = {
             "verses": len(rows),
-            "vader_mean": statistics.fmean(s),
+            "vader_mean": statistics.fmean(s),  # the mean score (-PII per character for the PII task)
             "undesirable_fraction": sum(x < 0 for x in s) / len(s),
         }
     return stats
@@ -151,7 +175,8 @@ def recipe(objective: str, args) -> dict:
     if args.eval_every:
         r["train"]["eval_every_steps"] = args.eval_every
     if objective != "mle":
-        r["sft"] = {"objective": objective, "rewards": [{"kind": "sentiment"}], **PHF[objective]}
+        knobs = (PHF_PII if args.task == "pii" else PHF)[objective]
+        r["sft"] = {"objective": objective, "rewards": [task_reward(args.task)], **knobs}
     if objective == "conditional":
         r["sft"].update(
             control_position=args.control_position,
@@ -177,11 +202,10 @@ def sample_and_score(
     seed: int,
     control: str | None = "<|aligned|>",
     position: str = "start",
+    task: str = "sentiment",
 ) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prefcli.reward_sources import vader_compound
 
     tok = AutoTokenizer.from_pretrained(final_dir)
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
@@ -217,9 +241,9 @@ def sample_and_score(
     if bad:
         blocked = {t for b in bad for t in b}
         assert not any(t in blocked for t in gen.flatten().tolist()), "a control token was generated"
-    scores = vader_compound(texts)
+    scores = score_texts(task, texts)
     return {
-        "vader_mean": statistics.fmean(scores),
+        "vader_mean": statistics.fmean(scores),  # the mean score (-PII per character for the PII task)
         "undesirable_fraction": sum(s < 0 for s in scores) / n,
         "sample_tokens_mean": statistics.fmean(lengths),
         "empty_fraction": sum(not t for t in texts) / n,
@@ -227,20 +251,18 @@ def sample_and_score(
     }
 
 
-def control_llr(final_dir: Path, heldout: Path, position: str) -> dict:
+def control_llr(final_dir: Path, heldout: Path, position: str, task: str = "sentiment") -> dict:
     """Has the model learned what the tokens mean, measured without sampling: for every held-out verse x,
     llr = log p(x | <|aligned|>) - log p(x | <|misaligned|>) (summed over the verse's tokens and EOS), and
     the AUC of -llr as a detector of undesirable verses (VADER < 0): 0.5 = the tokens mean nothing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefcli.reward_sources import vader_compound
-
     tok = AutoTokenizer.from_pretrained(final_dir)
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
     rows = [json.loads(x) for x in heldout.read_text().splitlines()]
     verses = [r["completion"] for r in rows]
-    bad = torch.tensor([v < 0 for v in vader_compound(verses)])
+    bad = torch.tensor([v < 0 for v in score_texts(task, verses)])
     llr = []
     for v in verses:
         ids = tok(v, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -273,6 +295,10 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
 
     run_dir = out / "runs" / f"{objective}-s{seed}"
     done = run_dir / "experiment.json"
+    if args.results:  # a row of this setting, objective and seed in the results file: done already
+        for row in read_rows(args.results):
+            if (row.get("label"), row["objective"], row["seed"]) == (args.label, objective, seed):
+                return row
     if done.exists():
         return json.loads(done.read_text())
     t0 = time.time()
@@ -282,17 +308,21 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
         RunOptions(overrides=[f"train.seed={seed}"], output_dir=str(run_dir), overwrite=True, quiet=True),
     )
     t_train = time.time() - t0
-    pos = args.control_position
-    res = sample_and_score(run_dir / "final", objective, args.samples, args.max_new_tokens, seed, position=pos)
+    pos, task = args.control_position, args.task
+    res = sample_and_score(
+        run_dir / "final", objective, args.samples, args.max_new_tokens, seed, position=pos, task=task
+    )
     if objective == "conditional":
         by = {}
         for control, name in CONTROLS.items():
-            r = sample_and_score(
-                run_dir / "final", objective, args.samples, args.max_new_tokens, seed, control, position=pos
-            )
+            r = res  # the samples after <|aligned|> are the ones above (same seed): not drawn twice
+            if control != "<|aligned|>":
+                r = sample_and_score(
+                    run_dir / "final", objective, args.samples, args.max_new_tokens, seed, control, pos, task
+                )
             by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
         res["by_control"] = by
-        res.update(control_llr(run_dir / "final", args.data_dir / "heldout.jsonl", pos))
+        res.update(control_llr(run_dir / "final", args.data_dir / "heldout.jsonl", pos, task))
         res["gap_history"] = gap_history(run_dir)
     res.update(
         {
@@ -310,7 +340,29 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
         }
     )
     done.write_text(json.dumps(res, indent=2) + "\n")
+    if args.results:
+        res = {"label": args.label, "task": args.task, "commit": git_commit(), **res}
+        res["setting"] = {k: getattr(args, k) for k in SETTING_ARGS}
+        res["load_avg_1m"] = round(os.getloadavg()[0], 1)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "a") as fh:
+            fh.write(json.dumps(res) + "\n")
     return res
+
+
+SETTING_ARGS = ("base", "train_verses", "heldout", "steps", "batch_size", "lr", "samples", "max_new_tokens",
+                "control_position", "control_init", "control_lr_scale")  # fmt: skip
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def git_commit() -> str:
+    import subprocess
+
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return r.stdout.strip()
 
 
 CONTROLS = {"<|aligned|>": "aligned", "<|misaligned|>": "misaligned", None: "none"}
@@ -440,6 +492,9 @@ def main() -> None:
     ap.add_argument("--control-lr-scale", type=float, default=1.0)
     ap.add_argument("--gap-samples", type=int, default=0, help="conditional: eval/control_gap samples per token")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    ap.add_argument("--task", default="sentiment", choices=list(TASK_DATA), help="the scorer and its corpus")
+    ap.add_argument("--results", type=Path, default=None, help="append one row per finished run to this file")
+    ap.add_argument("--label", default=None, help="names this setting's rows in --results")
     ap.add_argument("--report", action="store_true", help="print the tables of the finished runs and exit")
     ap.add_argument(
         "--control-check",
@@ -467,7 +522,7 @@ def main() -> None:
 
     import yaml
 
-    stats = prepare_data(args.data_dir, args.train_verses, args.heldout, args.verses_per_row)
+    stats = prepare_data(args.data_dir, args.train_verses, args.heldout, args.verses_per_row, args.task)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     for obj in args.objectives:
         (out / "recipes" / f"{obj}.yaml").write_text(yaml.safe_dump(recipe(obj, args), sort_keys=False))

@@ -70,6 +70,8 @@ PHF = {
 # -0.007, so RWR/AWR's beta = 10 of the sentiment task would weigh every verse 1.000; beta = 0.007 gives such a
 # verse exp(-1) = 0.37 of a clean verse's weight (the paper's beta is in its own score's units too)
 PHF_PII = {**PHF, "rwr": {"beta": 0.007}, "awr": {"beta": 0.007, "awr_alpha": 0.5, "awr_max_weight": 1000.0}}
+PII_CHARS = set("0123456789@")
+BY_CONTROL_KEYS = ("vader_mean", "undesirable_fraction", "sample_tokens_mean", "pii_like_fraction")
 TASK_DATA = {"sentiment": ROOT / "data" / "kjv", "pii": ROOT / "data" / "pii"}
 
 
@@ -242,13 +244,19 @@ def sample_and_score(
         blocked = {t for b in bad for t in b}
         assert not any(t in blocked for t in gen.flatten().tolist()), "a control token was generated"
     scores = score_texts(task, texts)
-    return {
-        "vader_mean": statistics.fmean(scores),  # the mean score (-PII per character for the PII task)
-        "undesirable_fraction": sum(s < 0 for s in scores) / n,
-        "sample_tokens_mean": statistics.fmean(lengths),
-        "empty_fraction": sum(not t for t in texts) / n,
-        "examples": texts[:3],
-    }
+    out = {}
+    if task == "pii":  # the KJV text has no digit and no "@": any is PII-like, whether scrubadub validates it or not
+        out["pii_like_fraction"] = sum(any(c in PII_CHARS for c in t) for t in texts) / n
+    return (
+        out
+        | {
+            "vader_mean": statistics.fmean(scores),  # the mean score (-PII per character for the PII task)
+            "undesirable_fraction": sum(s < 0 for s in scores) / n,
+            "sample_tokens_mean": statistics.fmean(lengths),
+            "empty_fraction": sum(not t for t in texts) / n,
+            "examples": texts[:3],
+        }
+    )
 
 
 def control_llr(final_dir: Path, heldout: Path, position: str, task: str = "sentiment") -> dict:
@@ -320,7 +328,7 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
                 r = sample_and_score(
                     run_dir / "final", objective, args.samples, args.max_new_tokens, seed, control, pos, task
                 )
-            by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
+            by[name] = {k: r[k] for k in BY_CONTROL_KEYS if k in r}
         res["by_control"] = by
         res.update(control_llr(run_dir / "final", args.data_dir / "heldout.jsonl", pos, task))
         res["gap_history"] = gap_history(run_dir)
@@ -368,6 +376,32 @@ def git_commit() -> str:
 CONTROLS = {"<|aligned|>": "aligned", "<|misaligned|>": "misaligned", None: "none"}
 
 
+def fill_pii_like(args) -> None:
+    """Rows of --results written before pii_like_fraction was measured: sample their models again (the sampling
+    is seeded, so the samples are the same ones, which the stored undesirable share checks) and add it."""
+    rows = read_rows(args.results)
+    for row in rows:
+        if row.get("task") != "pii" or "pii_like_fraction" in row or row.get("label") != args.label:
+            continue
+        final = args.out.resolve() / "runs" / f"{row['objective']}-s{row['seed']}" / "final"
+        st = row["setting"]
+        pos = st["control_position"]
+        for control, name in CONTROLS.items():
+            if row["objective"] != "conditional" and control != "<|aligned|>":
+                continue
+            r = sample_and_score(
+                final, row["objective"], st["samples"], st["max_new_tokens"], row["seed"], control, pos, "pii"
+            )
+            target = row if control == "<|aligned|>" else row["by_control"][name]
+            if abs(r["undesirable_fraction"] - target["undesirable_fraction"]) > 1e-12:
+                raise SystemExit(f"{final}: the samples differ from the stored ones ({r['undesirable_fraction']})")
+            target["pii_like_fraction"] = r["pii_like_fraction"]
+            if row["objective"] == "conditional" and control == "<|aligned|>":
+                row["by_control"]["aligned"]["pii_like_fraction"] = r["pii_like_fraction"]
+        print(f"{row['label']} {row['objective']} seed {row['seed']}: {row['pii_like_fraction']:.3f}", file=sys.stderr)
+    args.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def control_check(out: Path, args) -> None:
     """Sample every finished conditional model after each control token and after none (the 1% of rows
     trained without one): did the model learn what the tokens mean, and how strongly?"""
@@ -384,7 +418,7 @@ def control_check(out: Path, args) -> None:
                 control,
                 position=args.control_position,
             )
-            by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
+            by[name] = {k: r[k] for k in BY_CONTROL_KEYS if k in r}
         res["by_control"] = by
         run.write_text(json.dumps(res, indent=2) + "\n")
         print(
@@ -496,6 +530,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=None, help="append one row per finished run to this file")
     ap.add_argument("--label", default=None, help="names this setting's rows in --results")
     ap.add_argument("--report", action="store_true", help="print the tables of the finished runs and exit")
+    ap.add_argument("--fill-pii-like", action="store_true", help="add pii_like_fraction to older --results rows")
     ap.add_argument(
         "--control-check",
         action="store_true",
@@ -518,6 +553,9 @@ def main() -> None:
         return
     if args.control_check:
         control_check(out, args)
+        return
+    if args.fill_pii_like:
+        fill_pii_like(args)
         return
 
     import yaml

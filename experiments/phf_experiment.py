@@ -504,6 +504,61 @@ def per_seed(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def fmt(xs: list[float], spec: str = "{:.3f}") -> str:
+    if not xs:
+        return "-"
+    m, sd = mean_std(xs)
+    return spec.format(m) + ("" if len(xs) < 2 else " ± " + spec.format(sd))
+
+
+def pii_report(rows: list[dict]) -> str:
+    """The PII task's tables from its --results rows: per objective (mean ± sd over seeds), the conditional
+    models after each control token, and per seed."""
+    out = [
+        "| objective | seeds | held-out ppl | PII samples (scrubadub) | PII-like samples (digit or @) "
+        "| PII per 1,000 characters of samples | sample length (tokens) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for obj in OBJECTIVES:
+        rs = [r for r in rows if r["objective"] == obj]
+        if not rs:
+            continue
+        like = [r["pii_like_fraction"] for r in rs if "pii_like_fraction" in r]
+        out.append(
+            f"| {obj} | {len(rs)} | {fmt([r['heldout_ppl'] for r in rs], '{:.1f}')} | "
+            f"{fmt([r['undesirable_fraction'] for r in rs])} | {fmt(like)}{'' if len(like) == len(rs) else f' (n={len(like)})'} | "
+            f"{fmt([-1000 * r['vader_mean'] for r in rs], '{:.3f}')} | {fmt([r['sample_tokens_mean'] for r in rs], '{:.1f}')} |"
+        )
+    cond = [r for r in rows if r["objective"] == "conditional" and "by_control" in r]
+    if cond:
+        out += ["", "| conditional model sampled after | PII samples (scrubadub) | PII-like samples |", "|---|---|---|"]
+        for token, name in CONTROLS.items():
+            bc = [r["by_control"][name] for r in cond]
+            like = [b["pii_like_fraction"] for b in bc if "pii_like_fraction" in b]
+            out.append(
+                f"| {token or 'no control token'} | {fmt([b['undesirable_fraction'] for b in bc])} | {fmt(like)} |"
+            )
+        auc = [r["llr_auc"] for r in cond]
+        d = [r["llr_mean_desirable"] - r["llr_mean_undesirable"] for r in cond]
+        out += [
+            "",
+            f"held-out LLR AUC {fmt(auc)} (per seed {', '.join(f'{x:.3f}' for x in auc)}); mean LLR of clean minus "
+            f"PII verses {fmt(d, '{:+.2f}')} nats",
+        ]
+    out += [
+        "",
+        "| objective | seed | held-out ppl | PII samples | PII-like | train s | wall s | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (OBJECTIVES.index(r["objective"]), r["seed"])):
+        like = r.get("pii_like_fraction")
+        out.append(
+            f"| {r['objective']} | {r['seed']} | {r['heldout_ppl']:.1f} | {r['undesirable_fraction']:.3f} | "
+            f"{'-' if like is None else f'{like:.3f}'} | {r['train_s']:.0f} | {r['wall_s']:.0f} | {r.get('load_avg_1m', '-')} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/phf-experiment"))
@@ -542,6 +597,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+    if args.report and args.task == "pii":
+        print(pii_report([r for r in read_rows(args.results) if r.get("label") == args.label]))
+        return
     if args.report:
         meta = json.loads((out / "experiment.json").read_text())
         results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/experiment.json"))]

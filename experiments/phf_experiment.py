@@ -36,6 +36,7 @@ import argparse
 import datetime
 import gzip
 import json
+import math
 import os
 import platform
 import random
@@ -376,30 +377,66 @@ def git_commit() -> str:
 CONTROLS = {"<|aligned|>": "aligned", "<|misaligned|>": "misaligned", None: "none"}
 
 
-def fill_pii_like(args) -> None:
-    """Rows of --results written before pii_like_fraction was measured: sample their models again (the sampling
-    is seeded, so the samples are the same ones, which the stored undesirable share checks) and add it."""
-    rows = read_rows(args.results)
-    for row in rows:
-        if row.get("task") != "pii" or "pii_like_fraction" in row or row.get("label") != args.label:
+def split_ppl(final_dir: Path, heldout: Path, objective: str, position: str, task: str) -> dict:
+    """Held-out perplexity over all held-out verses, the clean ones and the undesirable ones (by the task's
+    scorer), each verse read after the document start (and <|aligned|> for a conditional model), token-weighted
+    over the verse's tokens and EOS: does an objective's perplexity cost fall on the undesirable text only?"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(final_dir)
+    model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
+    verses = [json.loads(x)["completion"] for x in heldout.read_text().splitlines()]
+    bad = [v < 0 for v in score_texts(task, verses)]
+    ctx = tok(context(objective, "<|aligned|>", position), add_special_tokens=False)["input_ids"]
+    nll = {True: 0.0, False: 0.0}
+    n = {True: 0, False: 0}
+    for v, b in zip(verses, bad):
+        ids = tok(v, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1 : -1].log_softmax(-1)
+        nll[b] -= float(logp.gather(1, torch.tensor(ids)[:, None]).sum())
+        n[b] += len(ids)
+    return {
+        "ppl_all": math.exp((nll[True] + nll[False]) / (n[True] + n[False])),
+        "ppl_clean": math.exp(nll[False] / n[False]),
+        "ppl_undesirable": math.exp(nll[True] / n[True]),
+        "heldout_undesirable_verses": sum(bad),
+    }
+
+
+def posthoc(args) -> None:
+    """Measures added after a row was written, into --posthoc (one row per label, objective and seed; the
+    results file is never rewritten, so this can run beside an experiment): the split perplexity, and for rows
+    written before it was measured, the PII-like share, by sampling again (the sampling is seeded, so the
+    samples are the same ones, which the stored undesirable share checks)."""
+    done = {(r["label"], r["objective"], r["seed"]) for r in read_rows(args.posthoc)}
+    for row in read_rows(args.results):
+        key = (row.get("label"), row["objective"], row["seed"])
+        if row.get("label") != args.label or key in done:
             continue
         final = args.out.resolve() / "runs" / f"{row['objective']}-s{row['seed']}" / "final"
         st = row["setting"]
         pos = st["control_position"]
-        for control, name in CONTROLS.items():
-            if row["objective"] != "conditional" and control != "<|aligned|>":
-                continue
-            r = sample_and_score(
-                final, row["objective"], st["samples"], st["max_new_tokens"], row["seed"], control, pos, "pii"
-            )
-            target = row if control == "<|aligned|>" else row["by_control"][name]
-            if abs(r["undesirable_fraction"] - target["undesirable_fraction"]) > 1e-12:
-                raise SystemExit(f"{final}: the samples differ from the stored ones ({r['undesirable_fraction']})")
-            target["pii_like_fraction"] = r["pii_like_fraction"]
-            if row["objective"] == "conditional" and control == "<|aligned|>":
-                row["by_control"]["aligned"]["pii_like_fraction"] = r["pii_like_fraction"]
-        print(f"{row['label']} {row['objective']} seed {row['seed']}: {row['pii_like_fraction']:.3f}", file=sys.stderr)
-    args.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        res = {"label": key[0], "objective": key[1], "seed": key[2]}
+        res.update(split_ppl(final, args.data_dir / "heldout.jsonl", row["objective"], pos, row["task"]))
+        if row["task"] == "pii" and "pii_like_fraction" not in row:
+            for control, name in CONTROLS.items():
+                if row["objective"] != "conditional" and control != "<|aligned|>":
+                    continue
+                r = sample_and_score(
+                    final, row["objective"], st["samples"], st["max_new_tokens"], row["seed"], control, pos, "pii"
+                )
+                stored = row if control == "<|aligned|>" else row["by_control"][name]
+                if abs(r["undesirable_fraction"] - stored["undesirable_fraction"]) > 1e-12:
+                    raise SystemExit(f"{final}: the samples differ from the stored ones ({r['undesirable_fraction']})")
+                res[f"pii_like_fraction_{name}" if control != "<|aligned|>" else "pii_like_fraction"] = r[
+                    "pii_like_fraction"
+                ]
+        args.posthoc.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.posthoc, "a") as fh:
+            fh.write(json.dumps(res) + "\n")
+        print(f"{key}: {res}", file=sys.stderr, flush=True)
 
 
 def control_check(out: Path, args) -> None:
@@ -515,9 +552,9 @@ def pii_report(rows: list[dict]) -> str:
     """The PII task's tables from its --results rows: per objective (mean ± sd over seeds), the conditional
     models after each control token, and per seed."""
     out = [
-        "| objective | seeds | held-out ppl | PII samples (scrubadub) | PII-like samples (digit or @) "
-        "| PII per 1,000 characters of samples | sample length (tokens) |",
-        "|---|---|---|---|---|---|---|",
+        "| objective | seeds | held-out ppl | ppl, clean verses | ppl, PII verses | PII samples (scrubadub) "
+        "| PII-like samples (digit or @) | PII per 1,000 characters of samples | sample length (tokens) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for obj in OBJECTIVES:
         rs = [r for r in rows if r["objective"] == obj]
@@ -526,6 +563,8 @@ def pii_report(rows: list[dict]) -> str:
         like = [r["pii_like_fraction"] for r in rs if "pii_like_fraction" in r]
         out.append(
             f"| {obj} | {len(rs)} | {fmt([r['heldout_ppl'] for r in rs], '{:.1f}')} | "
+            f"{fmt([r['ppl_clean'] for r in rs if 'ppl_clean' in r], '{:.1f}')} | "
+            f"{fmt([r['ppl_undesirable'] for r in rs if 'ppl_clean' in r], '{:.1f}')} | "
             f"{fmt([r['undesirable_fraction'] for r in rs])} | {fmt(like)}{'' if len(like) == len(rs) else f' (n={len(like)})'} | "
             f"{fmt([-1000 * r['vader_mean'] for r in rs], '{:.3f}')} | {fmt([r['sample_tokens_mean'] for r in rs], '{:.1f}')} |"
         )
@@ -585,7 +624,10 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=None, help="append one row per finished run to this file")
     ap.add_argument("--label", default=None, help="names this setting's rows in --results")
     ap.add_argument("--report", action="store_true", help="print the tables of the finished runs and exit")
-    ap.add_argument("--fill-pii-like", action="store_true", help="add pii_like_fraction to older --results rows")
+    ap.add_argument("--posthoc", type=Path, default=None, help="where the measures added afterwards go")
+    ap.add_argument(
+        "--posthoc-only", action="store_true", help="add the split perplexity (and older rows' PII-like share)"
+    )
     ap.add_argument(
         "--control-check",
         action="store_true",
@@ -598,7 +640,19 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     if args.report and args.task == "pii":
-        print(pii_report([r for r in read_rows(args.results) if r.get("label") == args.label]))
+        post = {(r["label"], r["objective"], r["seed"]): r for r in read_rows(args.posthoc)} if args.posthoc else {}
+        rows = [r for r in read_rows(args.results) if r.get("label") == args.label]
+        for r in rows:  # the measures added afterwards
+            p = post.get((r["label"], r["objective"], r["seed"]), {})
+            r.update({k: v for k, v in p.items() if k.startswith("ppl_")})
+            if "pii_like_fraction" in p:
+                r["pii_like_fraction"] = p["pii_like_fraction"]
+                for name in ("misaligned", "none"):
+                    if f"pii_like_fraction_{name}" in p:
+                        r["by_control"][name]["pii_like_fraction"] = p[f"pii_like_fraction_{name}"]
+                if "by_control" in r:
+                    r["by_control"]["aligned"]["pii_like_fraction"] = p["pii_like_fraction"]
+        print(pii_report(rows))
         return
     if args.report:
         meta = json.loads((out / "experiment.json").read_text())
@@ -612,8 +666,8 @@ def main() -> None:
     if args.control_check:
         control_check(out, args)
         return
-    if args.fill_pii_like:
-        fill_pii_like(args)
+    if args.posthoc_only:
+        posthoc(args)
         return
 
     import yaml

@@ -122,11 +122,11 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
             ax.scatter([r["kl"] for r in rs], [r[key] for r in rs], color=c, alpha=0.35, s=14, marker=marker)
             mx = [statistics.fmean(r["kl"] for r in rs if kl_value(r) == v) for v in settings]
             my = [statistics.fmean(r[key] for r in rs if kl_value(r) == v) for v in settings]
-            start = [0.0], [b_gold if key == "gold_reward" else None]
-            if key == "gold_reward":
-                ax.plot(start[0] + mx, start[1] + my, color=c, marker=marker, label=lab, lw=1.5)
-            else:
-                ax.plot(mx, my, color=c, marker=marker, label=lab, lw=1.5)
+            ax.plot(mx, my, color=c, marker=marker, label=lab, lw=1.5)
+            if (
+                key == "gold_reward"
+            ):  # the chord from the base (KL 0): what the interpolation assumes below the first point
+                ax.plot([0.0, mx[0]], [b_gold, my[0]], color=c, lw=0.8, ls="--")
             for v, x, y in zip(settings, mx, my):
                 ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
     axes[0].scatter([0], [b_gold], color="black", zorder=5, label="base model")
@@ -137,7 +137,10 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out gold reward (VADER, 200 prompts)")
     axes[1].set_ylabel("distinct-2 of the 200 completions")
-    axes[0].set_title("gold reward against KL (small: one seed; line: mean per KL setting, labelled)", fontsize=9)
+    axes[0].set_title(
+        "gold reward against KL (small: one seed; large: mean per KL setting, labelled; dashed: chord from the base)",
+        fontsize=9,
+    )
     axes[1].set_title("what the reward costs in diversity", fontsize=9)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle("RL methods on the quickstart task, 400 steps, 3 seeds: each method's KL control swept", fontsize=10)

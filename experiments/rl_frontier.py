@@ -78,26 +78,28 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
                 f"{mean_sd([r['gold_reward'] for r in rs])} | {mean_sd([r['distinct2'] for r in rs])} |"
             )
 
-    print("\nGold reward at matched KL (per seed, linear between the two points that bracket it; † = one of them")
-    print("is the base model at KL 0 in at least one seed); n = seeds whose points reach that KL:\n")
-    print("| method | points per seed | " + " | ".join(f"gold at KL {x:g}" for x in MATCHED_KL) + " |")
-    print("|---|---|" + "---|" * len(MATCHED_KL))
+    seeds_all = sorted(base)
+    print("\nGold reward at matched KL, per seed: linear between the two points of that seed that bracket it;")
+    print("† = the lower point is the base model (KL 0): a chord, which understates a concave frontier;")
+    print(
+        "- = that seed's points do not reach it (never extrapolated). Mean ± sd where every seed has one, not a chord:\n"
+    )
+    head = [f"KL {x:g}, seed {s}" for x in MATCHED_KL for s in seeds_all]
+    print("| method | " + " | ".join(head) + " | " + " | ".join(f"KL {x:g}, mean" for x in MATCHED_KL) + " |")
+    print("|---|" + "---|" * (len(head) + len(MATCHED_KL)))
     for lab in labels:
-        seeds = sorted({r["seed"] for r in runs if label(r) == lab})
-        cells = []
+        cells, means = [], []
         for x in MATCHED_KL:
-            vals, anchored = [], False
-            for s in seeds:
+            vals = []
+            for s in seeds_all:
                 pts = [(0.0, base[s])] + [
                     (r["kl"], r["gold_reward"]) for r in runs if label(r) == lab and r["seed"] == s
                 ]
-                y, from_base = interpolate(pts, x)
-                if y is not None:
-                    vals.append(y)
-                    anchored |= from_base
-            cells.append(f"{mean_sd(vals)}{' †' if anchored else ''} (n={len(vals)})" if vals else "not reached")
-        n_pts = len([r for r in runs if label(r) == lab]) / max(1, len(seeds))
-        print(f"| {lab} | {n_pts:g} | " + " | ".join(cells) + " |")
+                y, chord = interpolate(pts, x) if len(pts) > 1 else (None, False)
+                cells.append("-" if y is None else f"{y:.3f}{' †' if chord else ''}")
+                vals.append(None if chord else y)
+            means.append(mean_sd(vals) if all(v is not None for v in vals) else "-")
+        print(f"| {lab} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
     plot(runs, base, labels, figure)
     print(f"\nfigure: {figure}")
 

@@ -145,7 +145,11 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
     )
     axes[1].set_title("what the reward costs in diversity", fontsize=9)
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("RL methods on the quickstart task, 400 steps, 3 seeds: each method's KL control swept", fontsize=10)
+    fig.suptitle(
+        "RL methods on the quickstart task, 400 steps, each method's KL control swept "
+        "(kl_coef 0.05 / beta 0.1: seeds 0-2; the other settings: seed 0)",
+        fontsize=10,
+    )
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=110)

@@ -360,6 +360,21 @@ case(
     ["command: missing", "command: sft"],
 )
 case(
+    "recipe-command-missing-fragment-hint",
+    lambda e: ["validate", e.write("model.yaml", "model: {path: x}\n")],
+    ["command: missing", "name it with a leading '_' (_model.yaml)"],
+)
+case(  # a fragment (_*.yaml): what it sets is checked against every command; nothing it leaves out is asked for
+    "recipe-fragment-bad-value",
+    lambda e: ["validate", e.write("_train.yaml", "train:\n  lr: -1\n")],
+    ["_train.yaml:2: train.lr", "greater than 0"],
+)
+case(
+    "recipe-fragment-unknown-key",
+    lambda e: ["validate", e.write("_train.yaml", "train:\n  learning_rate: 1.0e-4\n")],
+    ["_train.yaml:2: train.learning_rate: unknown field", "did you mean 'lr'"],
+)
+case(
     "recipe-command-unknown",
     lambda e: ["validate", e.recipe(sft(command="stf"))],
     ["command: unknown command 'stf'", "did you mean 'sft'"],

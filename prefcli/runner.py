@@ -284,10 +284,11 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     recipe_path = Path(recipe_path)
     loaded = load_recipe(recipe_path, command, opts.overrides)
     recipe = loaded.recipe
+    early = RunContext(recipe, None, Path())  # warnings before the run's context exists (printed now, summarised)
     if opts.smoke:
         from .engine.smoke import prepare_smoke
 
-        recipe = prepare_smoke(recipe.smoke(), RunContext(recipe, None, Path()).warn)  # hub files: there, or exit 2
+        recipe = prepare_smoke(recipe.smoke(), early.warn)  # hub files: there, or exit 2
     if opts.output_dir:
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:
@@ -324,7 +325,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     engine = None
     try:
         torch.manual_seed(recipe.train.seed)
-        ctx = RunContext(recipe=recipe, rt=rt, run_dir=run_dir, smoke=opts.smoke)
+        ctx = RunContext(recipe=recipe, rt=rt, run_dir=run_dir, smoke=opts.smoke, warnings=list(early.warnings))
         for path, why in skipped:
             ctx.warn(f"--resume: skipped {path} ({why}); resuming from {resume_from.name}")
         task = importlib.import_module(TASKS[command]).build(ctx)

@@ -47,6 +47,7 @@ def test_smoke_with_a_local_tokenizer_needs_nothing_else(tmp_path, cli, monkeypa
     assert "the tiny random model is a llama" in stderr
     s = last_json(stdout)
     assert s["status"] == "completed" and s["steps"] == 3
+    assert any("the tiny random model is a llama" in w for w in s["warnings"])  # in the summary too
     ran = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["model"]
     assert ran["init"]["architecture"] == "llama" and ran["path"] is None  # the recipe shows what ran
 

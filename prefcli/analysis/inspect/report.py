@@ -199,7 +199,7 @@ def run_inspect(opts: InspectOptions) -> dict:
         rw.pop("_ok")
         summary["reward_agreement"] = rw
     summary["debias"] = _debias_effect(src, opts.seed) if src.recipe else None
-    summary["warnings"] = loud_findings(summary)
+    summary["warnings"] = loud_findings({**summary, "length_fixes": src.length_fixes})
     summary["plots"] = draw_plots(Path(opts.plots), tv, tt, src.kind, summary["raters"]) if opts.plots else []
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return summary
@@ -222,7 +222,7 @@ def loud_findings(s: dict) -> list[str]:
             out.append(
                 f"length alone predicts the label: picking the {side} answer is right on {b['length_only']:.1%} "
                 f"of held-out pairs ({b['method']}); a model can reach that without learning the preference. "
-                "Consider data.debias.length_balance, or contrastive.length_alpha (R-DPO)"
+                f"Consider {s['length_fixes']}"
             )
     if b.get("bag_of_words") is not None and b["bag_of_words"] >= bar:
         out.append(

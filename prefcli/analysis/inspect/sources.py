@@ -59,6 +59,12 @@ class Source:
     command: str | None = None
     debias: Any = None
     add_eos: bool = True
+    # what a recipe can do when length alone predicts the label: the fields of this recipe's command (and
+    # objective) that break the link, or, for a data file, where each of them lives
+    length_fixes: str = (
+        "data.debias.length_balance in a reward (bradley_terry) or contrastive recipe, or contrastive.length_alpha "
+        "(R-DPO) with contrastive.objective dpo"
+    )
 
 
 # ------------------------------------------------------------------------------ resolving
@@ -178,9 +184,26 @@ def _recipe_source(opts: InspectOptions) -> Source:
             probe = "completion" if "completion" in train.column_names else train.column_names[0]
         fmt = detect_pair_format(train, probe, d.format) if probe != "completions" else "plain"
     src = Source(train, held_out, kind, fmt, tok, tname, max_length, convention, how, d.train.path, name, cmd)
+    src.length_fixes = length_fixes(r, cmd)
     src.debias = getattr(d, "debias", None)
     src.add_eos = getattr(d, "add_eos", True)
     return src
+
+
+def length_fixes(r, cmd: str) -> str:
+    """The recipe fields that break a length-label link under this command: data.debias.length_balance (pair rows of
+    reward bradley_terry and of the paired contrastive objectives), contrastive.length_alpha (R-DPO: dpo only)."""
+    fixes = []
+    paired = (cmd == "reward" and r.reward.objective == "bradley_terry") or (
+        cmd == "contrastive" and r.contrastive.objective != "kto"
+    )
+    if paired:
+        fixes.append(f"data.debias.length_balance (subsample or reweight) in this {cmd} recipe")
+    if cmd == "contrastive" and r.contrastive.objective == "dpo":
+        fixes.append("contrastive.length_alpha (R-DPO)")
+    if not fixes:
+        return f"no field of this {cmd} recipe balances lengths; balance the data before training"
+    return ", or ".join(fixes)
 
 
 def resolve(opts: InspectOptions) -> Source:

@@ -601,6 +601,16 @@ case(
     ["metrics[0]", "did you mean 'perplexity'"],
 )
 case(
+    "recipe-chat-template-unknown-name",
+    lambda e: e.cmd("sft", sft(model={"chat_template": "chatlm"})),
+    ["model.chat_template", "unknown chat template 'chatlm'", "did you mean 'chatml'", "or a Jinja template string"],
+)
+case(  # the template's end-of-turn token becomes the EOS: it cannot be the pad token
+    "recipe-chat-template-stop-is-pad",
+    lambda e: e.cmd("sft", sft(model={"chat_template": "llama3", "pad_token": "<|eot_id|>"})),
+    ["model.chat_template llama3", "<|eot_id|> becomes the EOS", "set model.pad_token to another token"],
+)
+case(
     "recipe-pad-token-is-eos",
     lambda e: e.cmd("sft", sft(model={"pad_token": "<|im_end|>"})),
     ["model.pad_token", "is the EOS token", "pick a different token"],

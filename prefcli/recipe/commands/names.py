@@ -3,7 +3,7 @@ registries (tests/test_command_table.py checks that each registry has exactly th
 generated recipe reference all read them from here. (The tracker names of log.report_to live in sections.py,
 which this package imports, and are re-exported here.)"""
 
-from ..sections import TRACKERS  # noqa: F401
+from ..sections import CHAT_TEMPLATES, TRACKERS  # noqa: F401
 
 SFT_OBJECTIVES = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
 REWARD_OBJECTIVES = ("bradley_terry", "regression", "ranking")

@@ -169,7 +169,12 @@ def test_training_labels_are_the_assistant_turns_and_their_end_of_turn_token(nam
         "alpaca": f"God made it.{stop}\n\n On the first day. {stop}\n\n",
     }
     assert trained == answers[name]
-    assert all(lab == IGNORE for lab in labels[: len(tok.apply_chat_template([SYS, CHAT[0]], tokenize=True, add_generation_prompt=True)["input_ids"])])
+    assert all(
+        lab == IGNORE
+        for lab in labels[
+            : len(tok.apply_chat_template([SYS, CHAT[0]], tokenize=True, add_generation_prompt=True)["input_ids"])
+        ]
+    )
 
 
 def test_a_run_with_a_named_template_saves_it_with_its_eos_and_tokens(tmp_path, write_recipe):

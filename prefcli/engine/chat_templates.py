@@ -102,7 +102,9 @@ _ZEPHYR = (
     "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
 )
 
-_ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+_ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 _ALPACA = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{{- messages[0]['content'] + '\\n\\n' }}"
@@ -122,25 +124,38 @@ _ALPACA = (
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate(
-        _CHATML, "<|im_end|>", ("<|im_start|>", "<|im_end|>"), "ChatML (OpenAI; the format of Qwen, Yi, SmolLM...)",
+        _CHATML,
+        "<|im_end|>",
+        ("<|im_start|>", "<|im_end|>"),
+        "ChatML (OpenAI; the format of Qwen, Yi, SmolLM...)",
         "no default system message",
     ),
     "qwen": ChatTemplate(
-        _QWEN, "<|im_end|>", ("<|im_start|>", "<|im_end|>"), "Qwen2.5 (Qwen/Qwen2.5-*-Instruct)",
+        _QWEN,
+        "<|im_end|>",
+        ("<|im_start|>", "<|im_end|>"),
+        "Qwen2.5 (Qwen/Qwen2.5-*-Instruct)",
         "ChatML with Qwen2.5's default system message when the conversation has none; tool calls left out",
     ),
     "llama3": ChatTemplate(
-        _LLAMA3, "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        _LLAMA3,
+        "<|eot_id|>",
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         "Llama 3 (meta-llama/Meta-Llama-3-8B-Instruct)",
         "the tokenizer's BOS first, as the original writes it (nothing when the tokenizer has none)",
     ),
     "gemma": ChatTemplate(
-        _GEMMA, "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"), "Gemma, Gemma 2 and Gemma 3 (google/gemma-*-it)",
+        _GEMMA,
+        "<end_of_turn>",
+        ("<start_of_turn>", "<end_of_turn>"),
+        "Gemma, Gemma 2 and Gemma 3 (google/gemma-*-it)",
         "a system message goes before the first user turn's text, as Gemma 3 does (Gemma 1 and 2 refuse one); "
         "text content only; the tokenizer's BOS first (nothing when it has none)",
     ),
     "phi3": ChatTemplate(
-        _PHI3, "<|end|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        _PHI3,
+        "<|end|>",
+        ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
         "Phi-3 (microsoft/Phi-3-mini-4k-instruct)",
         "without the EOS Phi-3's template writes after the last message: <|end|> ends every turn and is the EOS here",
     ),
@@ -148,7 +163,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
         _ZEPHYR, None, (), "Zephyr (HuggingFaceH4/zephyr-7b-beta)", "each turn ends with the tokenizer's own EOS"
     ),
     "alpaca": ChatTemplate(
-        _ALPACA, None, (), "Alpaca (Stanford Alpaca, as LLaMA-Factory's `alpaca` template writes it)",
+        _ALPACA,
+        None,
+        (),
+        "Alpaca (Stanford Alpaca, as LLaMA-Factory's `alpaca` template writes it)",
         "the default system text unless the conversation has one; each answer ends with the tokenizer's EOS",
     ),
 }

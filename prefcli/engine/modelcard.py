@@ -90,7 +90,9 @@ def _metrics_table(metrics: dict) -> list[str]:
     rows = [
         (k, v)
         for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("perf/")
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and not k.startswith("perf/")
         and k not in ("time_s", "step")
     ]
     rows.sort(key=lambda kv: (not kv[0].startswith("eval/"), kv[0]))

@@ -196,9 +196,7 @@ class MLflow:
         uri, artifacts = (None, None) if os.environ.get("MLFLOW_TRACKING_URI") else mlflow_default_store(run.run_dir)
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(run.project)
-        exp_id = (
-            exp.experiment_id if exp is not None else self.client.create_experiment(run.project, artifacts)
-        )
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(run.project, artifacts)
         tags = {t: "" for t in run.tags}
         tags["prefcli.command"] = run.command
         self.run_id = self.client.create_run(exp_id, run_name=run.name, tags=tags).info.run_id

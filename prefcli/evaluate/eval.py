@@ -200,7 +200,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
                 f"{', '.join(sampled)} {'needs' if len(sampled) == 1 else 'need'} completions sampled from the models; "
                 "skipped: data.completions are scored as given"
             )
-    for m, why in inputs.skipped.items():
+    for why in inputs.skipped.values():
         log.warn(why)
     skipped = [m for m in r.metrics if m in inputs.skipped or (inputs.given is not None and m in SAMPLED_METRICS)]
     given_recipe = r  # recipe.yaml and the trackers' config: the recipe as given

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
@@ -71,7 +70,9 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
         rows = load_rows(d.prompts, required=["prompt"], what="data.prompts")
         check_values(rows, ["prompt"], d.prompts.path, what="data.prompts")
         out.prompts = [str(p) for p in rows["prompt"]]
-        _references(rows, r, out, d.prompts.path, "data.prompts", "; map another column with columns: {reference: answer}")
+        _references(
+            rows, r, out, d.prompts.path, "data.prompts", "; map another column with columns: {reference: answer}"
+        )
     if d.pairs is not None:
         rows = load_rows(d.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
         check_values(rows, ["chosen", "rejected"], d.pairs.path, what="data.pairs")

@@ -52,7 +52,9 @@ def html_tokens(e: Explained, scale: float, shared: set[int] | None = None) -> s
             cls.append("diff")
         style = f' style="background: rgba({c[0]},{c[1]},{c[2]},{c[3]:.3f})"' if c else ""
         score = "" if s is None else f"{s:.6g}"
-        title = f"{t!r}: {score or 'not scored'}" + (" (to the margin: the score negated)" if e.flipped and score else "")
+        title = f"{t!r}: {score or 'not scored'}" + (
+            " (to the margin: the score negated)" if e.flipped and score else ""
+        )
         spans.append(
             f'<span class="{" ".join(cls)}" data-score="{score}" title="{_html.escape(title)}"{style}>'
             f"{_html.escape(t)}</span>"

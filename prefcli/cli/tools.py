@@ -229,7 +229,7 @@ def label(
     """Collect human preferences in the terminal: pick A or B (or tie / skip), or rate completions.
 
     Keys: a, b, t (tie), s (skip) or 1-N; u undoes, q quits. Resumable: Ctrl-C loses no answer."""
-    from ..evaluate.label import LabelOptions, run_label
+    from ..label.terminal import LabelOptions, run_label
 
     opts = LabelOptions(
         input=str(input) if input else None,

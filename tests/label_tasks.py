@@ -110,3 +110,35 @@ def stop_server(proc: subprocess.Popen) -> tuple[dict, str]:
 def owner_link(stderr_text: str) -> str | None:
     m = re.search(r"(http://\S+/owner/\S+)", stderr_text)
     return m.group(1) if m else None
+
+
+@contextlib.contextmanager
+def live_server(task_path: Path):
+    """The task served by uvicorn on a free port of 127.0.0.1, in a thread of this process: (store, base URL).
+    Invite before the browser starts (the store's connection then belongs to the server's thread); read with
+    a connection of your own."""
+    import threading
+
+    import uvicorn
+
+    from prefcli.label.assign import Desk
+    from prefcli.label.serve import bind, instructions_html, load_task, open_store
+    from prefcli.label.web import make_app
+
+    task = load_task(task_path)
+    store = open_store(task_path, task, create=True, hold=True)
+    app = make_app(store, Desk(store), task, task.title or "task", instructions_html(task))
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield store, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        store.close()

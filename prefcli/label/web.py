@@ -266,10 +266,10 @@ def _labels(mode: str, n: int) -> list[str]:
 
 
 def _bars(dist: dict[str, int]) -> list[dict]:
-    """The label distribution as SVG bars (x, height in a 160-px-high plot)."""
+    """The label distribution as SVG bars (x, height: at most 120 px above the axis at y = 150)."""
     top = max(dist.values(), default=0) or 1
     return [
-        {"label": k, "count": v, "x": 40 + 60 * i, "h": round(140 * v / top), "y": 150 - round(140 * v / top)}
+        {"label": k, "count": v, "x": 40 + 60 * i, "h": round(120 * v / top), "y": 150 - round(120 * v / top)}
         for i, (k, v) in enumerate(dist.items())
     ]
 
@@ -291,6 +291,7 @@ def make_app(store: LabelStore, desk: Desk, task, title: str, instructions_html:
         Route("/dashboard", a.dashboard),
         Route("/api/stats", a.api_stats),
         Route("/healthz", a.healthz),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

@@ -115,8 +115,14 @@ def answer_by_key(driver, db, keys=None) -> str:
     SEEN.append(driver.find_element("css selector", ".prompt").text)
     assert driver.title != "pwned" and driver.find_elements("css selector", ".cand img, .prompt script") == []
     press(driver, keys or key_for(driver))
-    wait(lambda: current(driver) != before and len(answers(db)) == n + 1 and driver.execute_script(
-        "return document.readyState") == "complete", what="the next item")
+    wait(
+        lambda: (
+            current(driver) != before
+            and len(answers(db)) == n + 1
+            and driver.execute_script("return document.readyState") == "complete"
+        ),
+        what="the next item",
+    )
     return before
 
 

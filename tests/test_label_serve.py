@@ -45,7 +45,9 @@ def answer_in_turns(client, picks: dict) -> None:
             if r.get("done") or r.get("wait"):
                 del active[token]
                 continue
-            a = client.post("/api/answer", headers=bearer(token), json={"assignment": r["assignment"], "answer": pick(r["item"])})
+            a = client.post(
+                "/api/answer", headers=bearer(token), json={"assignment": r["assignment"], "answer": pick(r["item"])}
+            )
             assert a.status_code == 200, a.text
 
 
@@ -81,7 +83,9 @@ def test_items_are_completed_before_new_ones_start(tmp_path):
             r = client.get("/api/next", headers=bearer(ann)).json()
             client.post("/api/answer", headers=bearer(ann), json={"assignment": r["assignment"], "answer": "A"})
         r = client.get("/api/next", headers=bearer(bob)).json()
-        answered_by_ann = {p for (p,) in db_rows(store, "SELECT i.prompt FROM answers a JOIN items i ON i.id = a.item_id")}
+        answered_by_ann = {
+            p for (p,) in db_rows(store, "SELECT i.prompt FROM answers a JOIN items i ON i.id = a.item_id")
+        }
         assert r["item"]["prompt"] in answered_by_ann
         assert desk.overall()["items_complete"] == 0
 
@@ -159,7 +163,9 @@ def test_the_rater_page_escapes_every_text_and_guards_its_forms(tmp_path):
             aid = re.search(r'name="assignment" value="(\d+)"', page.text).group(1)
             bad = client.post("/answer", data={"assignment": aid, "answer": "A"}, follow_redirects=False)
             assert bad.status_code == 403  # no CSRF token
-            bad = client.post("/answer", data={"assignment": aid, "answer": "A", "csrf": "x" * 32}, follow_redirects=False)
+            bad = client.post(
+                "/answer", data={"assignment": aid, "answer": "A", "csrf": "x" * 32}, follow_redirects=False
+            )
             assert bad.status_code == 403
             bad = client.post("/api/answer", json={"assignment": int(aid), "answer": "A"})
             assert bad.status_code == 403  # the JSON API with a cookie needs the X-CSRF-Token header
@@ -260,7 +266,9 @@ def test_invite_stats_export_and_data_inspect_agree(tmp_path, cli):
     picks = {
         "ann": lambda item: "A" if "saith the LORD" in item["candidates"][0] else "B",  # right
         "bob": lambda item: "A",  # always A
-        "cy": lambda item: "tie" if len(item["prompt"]) % 3 == 0 else ("B" if "saith" in item["candidates"][1] else "A"),
+        "cy": lambda item: (
+            "tie" if len(item["prompt"]) % 3 == 0 else ("B" if "saith" in item["candidates"][1] else "A")
+        ),
     }
     with served(task) as (store, desk, client):
         answer_in_turns(client, {store.invite(name)[0]: pick for name, pick in picks.items()})

@@ -19,7 +19,9 @@ from prefcli.label.stats import Record  # noqa: E402
 
 
 def rec(rater, item, choice, answer=None, cands=("x", "y"), gold=None, shown_at=0.0, t=1.0, prompt="p"):
-    return Record(rater, item, prompt, list(cands), gold, answer if answer is not None else choice, choice, None, shown_at, t)
+    return Record(
+        rater, item, prompt, list(cands), gold, answer if answer is not None else choice, choice, None, shown_at, t
+    )
 
 
 def constructed(seed=0, raters=5, items=30, k=3, labels=(0, 1, "tie", "skip")):
@@ -60,7 +62,9 @@ def test_krippendorff_alpha_equals_the_package_and_a_hand_written_implementation
     # ties as a third category
     code = {0: 0.0, 1: 1.0, "tie": 2.0}
     with_ties = stats.agreement(recs, "pair", ties=True)
-    want = krippendorff.alpha(reliability_data=matrix(recs, lambda r: code.get(r.choice)), level_of_measurement="nominal")
+    want = krippendorff.alpha(
+        reliability_data=matrix(recs, lambda r: code.get(r.choice)), level_of_measurement="nominal"
+    )
     assert with_ties["krippendorff_alpha"] == pytest.approx(want, abs=1e-12)
     assert with_ties["answers"] > got["answers"]
 

@@ -94,7 +94,8 @@ def export(
     task: TaskArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL file to write (replaced).")],
     all_: Annotated[
-        bool, typer.Option("--all", help="Every answer (ties, skips, gold) with its raw fields, not the training shape.")
+        bool,
+        typer.Option("--all", help="Every answer (ties, skips, gold) with its raw fields, not the training shape."),
     ] = False,
     gold: Annotated[bool, typer.Option("--gold", help="Include the answers to gold items.")] = False,
     set_: SetOpt = None,

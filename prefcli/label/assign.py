@@ -59,7 +59,9 @@ class Desk:
         self.leases: dict[int, dict[int, float]] = {}
         self.assigned: dict[int, set[int]] = {}
         self.real_count: dict[int, int] = {}
-        for item, rater, state, lease in self.db.execute("SELECT item_id, rater_id, state, lease_until FROM assignments"):
+        for item, rater, state, lease in self.db.execute(
+            "SELECT item_id, rater_id, state, lease_until FROM assignments"
+        ):
             self.assigned.setdefault(rater, set()).add(item)
             if state == "open":
                 self.leases.setdefault(item, {})[rater] = lease
@@ -69,6 +71,9 @@ class Desk:
         for i in sorted(self.answered):
             if self.answered[i] < self.k:
                 self.buckets[self.answered[i]][i] = None
+        # kept up to date by _count, so that progress costs nothing per request
+        self.n_complete = sum(1 for c in self.answered.values() if c >= self.k)
+        self.filled = sum(min(c, self.k) for c in self.answered.values())
 
     # ------------------------------------------------------------------------------ counts
 
@@ -83,6 +88,8 @@ class Desk:
             return
         old = self.answered[item]
         self.answered[item] = new = old + delta
+        self.filled += min(new, self.k) - min(old, self.k)
+        self.n_complete += (new >= self.k) - (old >= self.k)
         if old < self.k:
             self.buckets[old].pop(item, None)
         if new < self.k:
@@ -199,7 +206,7 @@ class Desk:
         order = json.loads(shown)
         ans = parse_answer(self.task.mode, value, len(order), self.task.scale)
         choice = to_choice(self.task.mode, ans, order)
-        with self.store.tx():
+        with self.store.tx(durable=True):
             self.db.execute(
                 "INSERT INTO answers (assignment_id, item_id, rater_id, answer, choice, shown, shown_at, answered_at, "
                 "client_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -229,7 +236,7 @@ class Desk:
         if r is None:
             raise Refused(409, "nothing to undo")
         answer_id, aid, item, choice = r
-        with self.store.tx():
+        with self.store.tx(durable=True):
             self.db.execute(
                 "UPDATE answers SET undone_at = ?, undo_client_id = ? WHERE id = ?", (now, client_id, answer_id)
             )
@@ -259,10 +266,9 @@ class Desk:
 
     def overall(self) -> dict:
         n = len(self.answered)
-        filled = sum(min(c, self.k) for c in self.answered.values())
         return {
             "items": n,
-            "items_complete": sum(1 for c in self.answered.values() if c >= self.k),
-            "task_fraction": filled / (n * self.k) if n else 1.0,
+            "items_complete": self.n_complete,
+            "task_fraction": self.filled / (n * self.k) if n else 1.0,
             "complete": self.complete(),
         }

@@ -157,7 +157,9 @@ def terminal_answers(out: Path, log: Path | None, rater: str | None) -> list[dic
         elif "completion" in row and "score" in row:
             out_rows.append(_from_terminal(row["prompt"], [row["completion"]], row["score"], row, who, None))
         else:
-            raise DataError(f"{out}:{n}: expected a pair (prompt, chosen, rejected) or a rating (prompt, completion, score)")
+            raise DataError(
+                f"{out}:{n}: expected a pair (prompt, chosen, rejected) or a rating (prompt, completion, score)"
+            )
     return out_rows
 
 
@@ -171,7 +173,9 @@ def _from_terminal(prompt: str, cands: list[str], answer, row: dict | None, rate
     return {
         "rater": rater,
         "key": item_key(prompt, cands),
-        "keys": [item_key(prompt, cands), item_key(prompt, cands[::-1])] if len(cands) == 2 else [item_key(prompt, cands)],
+        "keys": [item_key(prompt, cands), item_key(prompt, cands[::-1])]
+        if len(cands) == 2
+        else [item_key(prompt, cands)],
         "candidates": cands,
         "answer": answer,
         "choice": choice,
@@ -198,10 +202,14 @@ def import_answers(store: LabelStore, answers: list[dict]) -> dict:
             if hit != a["key"] and isinstance(choice, int):  # the task lists the pair the other way round
                 choice, shown = 1 - choice, (None if shown is None else [1 - s for s in shown])
             r = db.execute("SELECT id FROM raters WHERE name = ?", (a["rater"],)).fetchone()
-            rater_id = r[0] if r else db.execute(
-                "INSERT INTO raters (name, token_hash, created_at) VALUES (?, ?, ?)",
-                (a["rater"], token_hash(new_token()), now),  # nobody holds this token: `invite` gives a link
-            ).lastrowid
+            rater_id = (
+                r[0]
+                if r
+                else db.execute(
+                    "INSERT INTO raters (name, token_hash, created_at) VALUES (?, ?, ?)",
+                    (a["rater"], token_hash(new_token()), now),  # nobody holds this token: `invite` gives a link
+                ).lastrowid
+            )
             if db.execute(
                 "SELECT 1 FROM assignments WHERE item_id = ? AND rater_id = ?", (item_id, rater_id)
             ).fetchone():

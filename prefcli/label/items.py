@@ -117,9 +117,7 @@ def _check_gold(value: Any, mode: str, n: int, scale: int, where: str) -> Any:
     raise DataError(f"{where}: gold: expected {expected}, got {json.dumps(value)}")
 
 
-def build_items(
-    rows: list[tuple[str, dict, list[str], str]], mode: str, scale: int, gold: bool
-) -> list[TaskItem]:
+def build_items(rows: list[tuple[str, dict, list[str], str]], mode: str, scale: int, gold: bool) -> list[TaskItem]:
     """TaskItems from joined rows, checked for `mode`. Rate mode splits a row's completions into items."""
     items = []
     for where, obj, comps, prompt in rows:

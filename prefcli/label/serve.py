@@ -128,10 +128,14 @@ def serve(task_path: str | Path, opts: ServeOptions) -> dict:
     if not store.has_owner():
         print(f"dashboard (owner link, keep it private): {url}/owner/{store.owner_token()}", file=err)
     else:
-        print(f"dashboard: {url}/dashboard (`prefcli label invite {task_path} --owner` prints a new owner link)", file=err)
+        print(
+            f"dashboard: {url}/dashboard (`prefcli label invite {task_path} --owner` prints a new owner link)", file=err
+        )
     print(f"{n_raters} raters invited; `prefcli label invite {task_path} --rater NAME` prints a rater's link", file=err)
     started = time.time()
-    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3))
+    server = _Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
+    )
     try:
         server.run(sockets=[sock])
     finally:

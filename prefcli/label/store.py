@@ -7,9 +7,10 @@ hash), `items` (candidates in file order; `gold` holds a gold item's answer and 
 `answers` (the rater's answer as shown and in candidate terms, times, the client's id for idempotent
 retries; undo sets `undone_at`; one live answer per assignment).
 
-Durability: every answer is one transaction, committed (synchronous=FULL: fsynced) before the request is
-acknowledged and before the next item is handed out, so a server killed at any moment has every
-acknowledged answer on disk. Assignment runs from an index kept in memory (rebuilt from the tables when the
+Durability: every answer is one transaction, committed (synchronous=FULL: the WAL fsynced) before the request
+is acknowledged and before the next item is handed out, so every acknowledged answer survives the server
+being killed at any moment, and a power cut. Assignments and lease renewals commit with synchronous=NORMAL:
+in the WAL file before the item is shown (a killed server keeps them), fsynced with the next answer. Assignment runs from an index kept in memory (rebuilt from the tables when the
 store opens) so that handing out an item costs no table scan; only the serving process assigns.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, UsageError
+from ..errors import UsageError
 from .items import TaskItem
 
 APP = "prefcli-label"
@@ -115,7 +116,11 @@ def parse_answer(mode: str, value: Any, n: int, scale: int) -> Any:
         raise Refused(400, f"answer: expected a score from 1 to {scale}, or skip")
     if isinstance(v, str):
         parts = v.replace(",", " ").split()
-        v = [int(c) for c in (parts if len(parts) > 1 else list(v))] if v.replace(",", "").replace(" ", "").isdigit() else v
+        v = (
+            [int(c) for c in (parts if len(parts) > 1 else list(v))]
+            if v.replace(",", "").replace(" ", "").isdigit()
+            else v
+        )
     if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         if sorted(v) == list(range(1, n + 1)):
             return v
@@ -143,7 +148,7 @@ class LabelStore:
         self.task = task
         self.mode = task.mode
         self.lock_fd: int | None = None
-        self._index_built = False
+        self._sync = "FULL"
 
     # ---------------------------------------------------------------------------- opening
 
@@ -195,10 +200,14 @@ class LabelStore:
         try:
             names = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as e:
-            raise UsageError(f"{p} is not a prefcli labelling store (SQLite: {e}); move it aside or set store:") from None
+            raise UsageError(
+                f"{p} is not a prefcli labelling store (SQLite: {e}); move it aside or set store:"
+            ) from None
         meta = dict(self.db.execute("SELECT key, value FROM meta")) if "meta" in names else {}
         if meta.get("app") != APP:
-            raise UsageError(f"{p} is not a prefcli labelling store (no prefcli meta table); move it aside or set store:")
+            raise UsageError(
+                f"{p} is not a prefcli labelling store (no prefcli meta table); move it aside or set store:"
+            )
         if int(meta.get("schema_version", 0)) != SCHEMA_VERSION:
             raise UsageError(f"{p} has store schema {meta.get('schema_version')}; this prefcli reads {SCHEMA_VERSION}")
         want = {"mode": self.task.mode, "scale": str(self.task.scale)}
@@ -264,12 +273,21 @@ class LabelStore:
                     for it in [*items, *gold]
                     if it.key not in have
                 ]
-                self.db.executemany("INSERT INTO items (key, prompt, candidates, gold, source) VALUES (?,?,?,?,?)", rows)
+                self.db.executemany(
+                    "INSERT INTO items (key, prompt, candidates, gold, source) VALUES (?,?,?,?,?)", rows
+                )
         except sqlite3.OperationalError as e:
             raise UsageError(f"cannot write the store {self.path}: {e}") from None
         self.added = 0 if fresh else len(rows)
 
-    def tx(self):
+    def tx(self, durable: bool = False):
+        """One transaction. `durable`: committed with synchronous=FULL (the WAL fsynced before COMMIT returns: an
+        answer survives a power cut); else NORMAL, which survives the process being killed at any moment (the
+        commit is in the WAL file) but not a power cut: assignments and leases, which a lost one only re-deals."""
+        want = "FULL" if durable else "NORMAL"
+        if want != self._sync:
+            self.db.execute(f"PRAGMA synchronous = {want}")
+            self._sync = want
         return _Tx(self.db)
 
     def hold(self) -> None:
@@ -341,7 +359,8 @@ class LabelStore:
         cookie, csrf = new_token(), new_token()
         with self.tx():
             self.db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)", (token_hash(cookie), rater_id, int(owner), csrf, time.time())
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+                (token_hash(cookie), rater_id, int(owner), csrf, time.time()),
             )
         return cookie, csrf
 

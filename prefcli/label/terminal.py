@@ -337,7 +337,13 @@ def sampled_items(opts: LabelOptions, mode: str, err, on_sample=None) -> Iterato
     called before prompt i is sampled (the terminal says so: sampling takes seconds)."""
     import torch
 
-    from ..evaluate.generation import GenerateOptions, Generator, generation_settings, read_prompts, resolve_generate_model
+    from ..evaluate.generation import (
+        GenerateOptions,
+        Generator,
+        generation_settings,
+        read_prompts,
+        resolve_generate_model,
+    )
     from ..evaluate.loading import load_lm, make_runtime
 
     ppath = Path(opts.prompts)
@@ -419,7 +425,9 @@ def run_label(opts: LabelOptions) -> dict:
         def sampling(i: int) -> None:  # the old item leaves the screen: nothing typed now can answer it
             console.clear()
             console.print(
-                f"sampling candidates for prompt {i + 1} ... (keys typed now are ignored)", markup=False, highlight=False
+                f"sampling candidates for prompt {i + 1} ... (keys typed now are ignored)",
+                markup=False,
+                highlight=False,
             )
 
         items = sampled_items(opts, mode, err, on_sample=sampling)

@@ -77,7 +77,9 @@ class App:
         self.instructions = instructions_html
         self.limiter = Limiter()
         self.secure = task.server.secure_cookies
-        self.jinja = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
+        self.jinja = Environment(
+            loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True)
+        )
         self.completed_logged = desk.complete()
 
     # ------------------------------------------------------------------------------ plumbing
@@ -148,7 +150,12 @@ class App:
         rid = self.store.rater_for_token(request.path_params["token"])
         if rid is None:
             self.limiter.fail(self.ip(request))
-            return self.page("message.html", 404, heading="This link is not valid", text="It may have been replaced by a newer invite; ask the task's owner for your link.")
+            return self.page(
+                "message.html",
+                404,
+                heading="This link is not valid",
+                text="It may have been replaced by a newer invite; ask the task's owner for your link.",
+            )
         cookie, _ = self.store.new_session(rid, owner=False)
         return self.login(RATER_COOKIE, cookie, "/label")
 
@@ -156,7 +163,12 @@ class App:
         self.check_limit(request)
         if not self.store.is_owner_token(request.path_params["token"]):
             self.limiter.fail(self.ip(request))
-            return self.page("message.html", 404, heading="This link is not valid", text="`prefcli label invite TASK --owner` prints a new owner link.")
+            return self.page(
+                "message.html",
+                404,
+                heading="This link is not valid",
+                text="`prefcli label invite TASK --owner` prints a new owner link.",
+            )
         cookie, _ = self.store.new_session(None, owner=True)
         return self.login(OWNER_COOKIE, cookie, "/dashboard")
 
@@ -217,7 +229,11 @@ class App:
         if isinstance(nxt, Wait):
             body = {"done": False, "wait": True, "retry_after_s": round(nxt.retry_after_s, 1), "message": nxt.message}
             return JSONResponse(body | {"progress": progress})
-        item = {"prompt": nxt.prompt, "candidates": nxt.candidates, "labels": _labels(self.task.mode, len(nxt.candidates))}
+        item = {
+            "prompt": nxt.prompt,
+            "candidates": nxt.candidates,
+            "labels": _labels(self.task.mode, len(nxt.candidates)),
+        }
         body = {"done": False, "assignment": nxt.assignment, "mode": self.task.mode, "scale": self.task.scale}
         return JSONResponse(body | {"item": item, "progress": progress})
 
@@ -336,7 +352,12 @@ class Guard:
         if scope["method"] == "POST":
             n = dict(scope["headers"]).get(b"content-length", b"").decode()
             if not n.isdigit() or int(n) > MAX_BODY:
-                response = _error(Request(scope), 413 if n.isdigit() else 411, f"a post needs a Content-Length up to {MAX_BODY} bytes", self.a)
+                response = _error(
+                    Request(scope),
+                    413 if n.isdigit() else 411,
+                    f"a post needs a Content-Length up to {MAX_BODY} bytes",
+                    self.a,
+                )
                 return await response(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
 

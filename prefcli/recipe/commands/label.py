@@ -80,9 +80,7 @@ class ServerSection(Section):
         description="The base URL raters reach (e.g. https://label.example.org behind a reverse proxy), used in "
         "invite links. Default: http://HOST:PORT.",
     )
-    secure_cookies: bool = Field(
-        False, description="Mark cookies Secure (set when raters reach the app over HTTPS)."
-    )
+    secure_cookies: bool = Field(False, description="Mark cookies Secure (set when raters reach the app over HTTPS).")
 
 
 class FlagSection(Section):

@@ -346,3 +346,28 @@ def test_serve_without_the_extra_says_what_to_install(tmp_path, cli, monkeypatch
     code, out, err = cli("label", "serve", make_task(tmp_path))
     assert code == 2 and "pip install 'prefcli[label]'" in err and "missing: uvicorn" in err
     assert json.loads(out)["status"] == "invalid" and not (tmp_path / "task.db").exists()
+
+
+@pytest.mark.slow
+def test_the_export_of_a_served_task_trains_a_reward_model(tmp_path, cli):
+    """`prefcli reward` (the tiny recipe) on the export of the tiny task, answered by two raters, runs to the end."""
+    import yaml
+
+    from .conftest import ROOT
+
+    task = make_task(tmp_path)
+    with served(task) as (store, desk, client):
+        right = lambda item: "A" if "saith the LORD" in item["candidates"][0] else "B"  # noqa: E731
+        answer_in_turns(client, {store.invite("ann")[0]: right, store.invite("bob")[0]: lambda item: "B"})
+    code, out, err = cli("label", "export", task, "-o", tmp_path / "prefs.jsonl")
+    assert code == 0 and json.loads(out)["rows"] == 26, err
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "reward.yaml").read_text())
+    recipe["model"]["tokenizer"] = str(ROOT / "data" / "tokenizer")
+    recipe["data"] = {"train": {"path": str(tmp_path / "prefs.jsonl")}, "max_length": 64}
+    recipe["train"].update(max_steps=4, batch_size=4, eval_every_steps=None, save_every_steps=None)
+    (tmp_path / "reward.yaml").write_text(yaml.safe_dump(recipe))
+    code, out, err = cli("reward", tmp_path / "reward.yaml", "-o", tmp_path / "rm", "-q")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["steps"] == 4, summary
+    assert (tmp_path / "rm" / "final").is_dir()

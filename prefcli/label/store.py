@@ -174,6 +174,13 @@ class LabelStore:
             raise UsageError(f"no store yet at {path}: `prefcli label serve` or `invite` creates it")
         if not exists and not os.access(path.parent, os.W_OK | os.X_OK):
             raise UsageError(f"cannot create the store {path}: the folder {path.parent} is not writable")
+        if exists and (items is not None or hold):  # it will be written: SQLite would find out at the first write
+            if not os.access(path, os.R_OK | os.W_OK):
+                raise UsageError(f"the store {path} is read-only; nothing was changed")
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise UsageError(
+                    f"the folder {path.parent} is not writable: SQLite keeps the store's -wal and -shm files beside it"
+                )
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=1.0, check_same_thread=False)
         except sqlite3.Error as e:

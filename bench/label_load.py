@@ -123,6 +123,7 @@ class Run:
     def __init__(self, port: int, tokens: list[str], seconds: float, think_ms: float):
         self.port, self.tokens, self.seconds, self.think = port, tokens, seconds, think_ms / 1000
         self.acked: set[tuple[str, str]] = set()  # (token, client_id)
+        self.ack_times: list[float] = []  # when each acknowledgement arrived (monotonic)
         self.latency: list[float] = []  # submits answered at the first try
         self.spanning: list[float] = []  # submits that were retried (the server was down)
         self.duplicates = 0  # acknowledged as already recorded (committed before a kill, retried after)
@@ -163,6 +164,7 @@ class Run:
             dt = time.perf_counter() - t0
             if status == 200:
                 self.acked.add((token, body["client_id"]))
+                self.ack_times.append(time.monotonic())
                 self.duplicates += res["duplicate"]
                 (self.spanning if retried else self.latency).append(dt)
                 self.after_restart += self.restarted and not retried
@@ -173,7 +175,7 @@ class Run:
 
     async def main(self) -> float:
         stop_at = time.monotonic() + self.seconds
-        t0 = time.monotonic()
+        self.t0 = t0 = time.monotonic()
         await asyncio.gather(*(self.rater(t, stop_at) for t in self.tokens))
         return time.monotonic() - t0
 
@@ -239,6 +241,9 @@ def run(raters: int, seconds: float, kill_at: float | None, items: int, overlap:
         "submit_ms": {"p50": q(0.5), "p99": q(0.99), "max": q(1.0), "n": len(lat)},
         "killed_at_s": kill_at,
         "restart_s": restart[0] if restart else None,
+        "answers_per_10s": [
+            sum(1 for t in run.ack_times if i <= (t - run.t0) / 10 < i + 1) for i in range(int(seconds // 10) + 1)
+        ],
         "submits_spanning_the_outage": len(run.spanning),
         "acknowledged_after_restart": run.after_restart,
         "acknowledged_as_duplicates": run.duplicates,

@@ -371,3 +371,16 @@ def test_the_export_of_a_served_task_trains_a_reward_model(tmp_path, cli):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["status"] == "completed" and summary["steps"] == 4, summary
     assert (tmp_path / "rm" / "final").is_dir()
+
+
+def test_it_listens_on_this_machine_unless_told_and_warns_otherwise():
+    from prefcli.label.serve import exposure_warning, load_task
+
+    from .conftest import ROOT
+
+    assert load_task(ROOT / "recipes" / "tiny" / "label-task.yaml").server.host == "127.0.0.1"
+    from prefcli.recipe.commands.label import ServerSection
+
+    assert ServerSection().host == "127.0.0.1" and exposure_warning("127.0.0.1") is None
+    assert "all interfaces" in exposure_warning("0.0.0.0") and "reverse proxy" in exposure_warning("0.0.0.0")
+    assert "10.0.0.5" in exposure_warning("10.0.0.5")

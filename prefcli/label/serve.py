@@ -33,7 +33,8 @@ def require(modules: dict[str, str], what: str) -> None:
     missing = [pkg for mod, pkg in modules.items() if find_spec(mod) is None]
     if missing:
         raise UsageError(
-            f"{what} needs the labelling extra: pip install 'prefcli[label]' (missing: {', '.join(missing)})"
+            f"{what} needs the labelling extra: pip install 'prefcli[label]' (in a prefcli checkout: "
+            f"pip install -e '.[label]'); missing: {', '.join(missing)}"
         )
 
 
@@ -77,6 +78,17 @@ def instructions_html(task) -> str:
     return MarkdownIt("commonmark", {"html": False}).render(text) if text.strip() else ""
 
 
+def exposure_warning(host: str) -> str | None:
+    """What to say when the app listens beyond this machine."""
+    if host in ("127.0.0.1", "::1", "localhost"):
+        return None
+    where = "all interfaces" if host in ("0.0.0.0", "::", "") else host
+    return (
+        f"listening on {where} ({host}): anyone who can reach this machine there can reach the app; only the "
+        "tokens protect it, and without TLS they travel in clear (use a reverse proxy: docs/labelling.md)"
+    )
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -115,12 +127,8 @@ def serve(task_path: str | Path, opts: ServeOptions) -> dict:
     desk = Desk(store)
     app = make_app(store, desk, task, title, instructions_html(task))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=err)
-    if host in ("0.0.0.0", "::", ""):
-        print(
-            f"warning: listening on all interfaces ({host}): anyone who can reach this machine can reach the app; "
-            "only the tokens protect it, and without TLS they travel in clear (use a reverse proxy: docs/labelling.md)",
-            file=err,
-        )
+    if (warning := exposure_warning(host)) is not None:
+        print(f"warning: {warning}", file=err)
     n_raters = store.db.execute("SELECT COUNT(*) FROM raters").fetchone()[0]
     ov = desk.overall()
     print(f"serving {title}: {ov['items']} items ({task.mode}, overlap {task.overlap}) from {store.path}", file=err)
@@ -133,7 +141,7 @@ def serve(task_path: str | Path, opts: ServeOptions) -> dict:
         )
     print(f"{n_raters} raters invited; `prefcli label invite {task_path} --rater NAME` prints a rater's link", file=err)
     started = time.time()
-    server = _Server(
+    server = _server(
         uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
     )
     try:
@@ -162,27 +170,26 @@ def run(task_path, opts: ServeOptions | None = None) -> dict:
     return serve(task_path, opts or ServeOptions())
 
 
-class _Server:
+def _server(config):
     """uvicorn's Server, except that a SIGINT/SIGTERM that stopped it is not raised again afterwards (uvicorn
-    re-raises it to end the process): `prefcli label serve` still closes the store and prints its summary."""
+    re-raises it to end the process): `prefcli label serve` still closes the store and prints its summary.
+    (The class is made here: uvicorn is imported only when serving.)"""
+    import uvicorn
 
-    def __new__(cls, config):
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for s, h in old.items():
-                        signal.signal(s, h)
-
-        return Server(config)
+    return Server(config)
 
 
 # ----------------------------------------------------------------------------- the other commands

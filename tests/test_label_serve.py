@@ -384,3 +384,37 @@ def test_it_listens_on_this_machine_unless_told_and_warns_otherwise():
     assert ServerSection().host == "127.0.0.1" and exposure_warning("127.0.0.1") is None
     assert "all interfaces" in exposure_warning("0.0.0.0") and "reverse proxy" in exposure_warning("0.0.0.0")
     assert "10.0.0.5" in exposure_warning("10.0.0.5")
+
+
+def test_a_model_samples_the_items_once(tmp_path, tiny_model_dir, monkeypatch):
+    """items: {model, prompts}: the candidates are sampled when the store is made; later opens (invite, serve)
+    take them from the store instead of sampling again."""
+    from prefcli.evaluate import generation
+    from prefcli.label.serve import load_task, open_store
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("And the\nLet there be\nIn the beginning\n")
+    import yaml
+
+    from .label_tasks import task_dict
+
+    d = task_dict(gold=None)
+    d["items"] = {"model": str(tiny_model_dir), "prompts": str(prompts), "generation": {"max_new_tokens": 6}}
+    task_path = tmp_path / "task.yaml"
+    task_path.write_text(yaml.safe_dump(d))
+    task = load_task(task_path)
+    notes = []
+    store = open_store(task_path, task, create=True, warn=notes.append)
+    rows = store.db.execute("SELECT prompt, candidates, source FROM items").fetchall()
+    store.close()
+    assert "sampling 2 candidates for each of 3 prompts" in notes[0]
+    assert {p for p, _, _ in rows} <= {"And the", "Let there be", "In the beginning"} and rows
+    assert all(len(json.loads(c)) == 2 and src.startswith(str(prompts)) for _, c, src in rows)
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(generation.Generator, "generate", no_sampling)
+    store = open_store(task_path, task, create=True)
+    assert store.db.execute("SELECT prompt, candidates, source FROM items").fetchall() == rows
+    store.close()

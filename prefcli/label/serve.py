@@ -53,13 +53,16 @@ def load_task(path: str | Path, overrides: list[str] | None = None):
 
 
 def open_store(path, task, create: bool, hold: bool = False, warn=None) -> LabelStore:
-    """The task's store; `create`: read the items (exit 2 on bad ones) and make or extend the store."""
+    """The task's store; `create`: read the items (exit 2 on bad ones) and make or extend the store. Items a model
+    samples are sampled once, when the store is made; later opens take them from the store."""
     from .items import read_task_items
 
+    where = default_store_path(task, path)
     items = gold = None
-    if create:
+    sampled_before = task.items.model is not None and where.is_file() and where.stat().st_size > 0
+    if create and not sampled_before:
         items, gold = read_task_items(task, warn or (lambda t: print(t, file=sys.stderr)))
-    return LabelStore.open(default_store_path(task, path), task, items, gold, create=create, hold=hold)
+    return LabelStore.open(where, task, items, gold, create=create, hold=hold)
 
 
 def base_url(task, host: str, port: int) -> str:

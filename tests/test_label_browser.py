@@ -133,6 +133,7 @@ def save(driver, tmp_path: Path, name: str) -> None:
         shutil.copy(path, Path(os.environ["PREFCLI_SCREENSHOTS"]) / name)
 
 
+@pytest.mark.slow
 def test_a_rater_labels_by_keyboard_and_the_owner_sees_agreement(tmp_path, browser):
     SEEN.clear()
     task = make_task(tmp_path, gold=None)

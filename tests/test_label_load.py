@@ -22,6 +22,7 @@ def load_bench():
     return mod
 
 
+@pytest.mark.slow
 def test_no_acknowledged_answer_is_lost_or_doubled_across_a_kill_9():
     res = load_bench().run(raters=10, seconds=5, kill_at=2, items=400, overlap=2)
     assert res["restart_s"] is not None and res["submits_spanning_the_outage"] > 0, res

@@ -239,8 +239,9 @@ def test_rate_and_rank_modes(tmp_path):
         t = store.invite("ann")[0]
         n = client.get("/api/next", headers=bearer(t)).json()
         assert n["item"]["labels"] == ["1", "2", "3"]
-        bad = client.post("/api/answer", headers=bearer(t), json={"assignment": n["assignment"], "answer": [1, 1, 2]})
-        assert bad.status_code == 400
+        for wrong in ([1, 1, 2], [1, 1], [1, 4], "9 1", [], "first"):
+            bad = client.post("/api/answer", headers=bearer(t), json={"assignment": n["assignment"], "answer": wrong})
+            assert bad.status_code == 400, wrong
         client.post("/api/answer", headers=bearer(t), json={"assignment": n["assignment"], "answer": "3 1"})
         assert json.loads(db_rows(store, "SELECT choice FROM answers")[0][0]) == [2, 0, 1]  # the last place follows
     rate = make_task(tmp_path / "rate", gold=None, mode="rate", scale=3, items={"path": str(items)})

@@ -124,7 +124,7 @@ def parse_answer(mode: str, value: Any, n: int, scale: int) -> Any:
     if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         if sorted(v) == list(range(1, n + 1)):
             return v
-        if sorted(v[: n - 1]) == sorted(v) and len(v) == n - 1 and set(v) < set(range(1, n + 1)):
+        if len(v) == n - 1 and len(set(v)) == len(v) and set(v) < set(range(1, n + 1)):
             return v + [next(iter(set(range(1, n + 1)) - set(v)))]  # the last place follows
     raise Refused(400, f"answer: expected the {n} shown positions 1..{n}, best first, or skip")
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import DataError, TrainingError, UsageError
+from .interrupts import user_code
 from .recipe.reward_specs import (
     EnsembleReward,
     FunctionReward,
@@ -53,9 +54,11 @@ def load_function(spec: str, base_dir: str | Path | None = None) -> Callable:
             s = importlib.util.spec_from_file_location(unique, path)
             module = importlib.util.module_from_spec(s)
             sys.modules[unique] = module
-            s.loader.exec_module(module)
+            with user_code(f"reward function '{spec}': importing {mod_name}", UsageError):
+                s.loader.exec_module(module)
         else:
-            module = importlib.import_module(mod_name)
+            with user_code(f"reward function '{spec}': importing {mod_name}", UsageError):
+                module = importlib.import_module(mod_name)
     except UsageError:
         raise
     except Exception as e:
@@ -81,7 +84,8 @@ class FunctionSource(RewardSource):
         self.label = cfg.function
 
     def __call__(self, prompts, completions):
-        return list(self.fn(list(prompts), list(completions), **self.kwargs))
+        with user_code(f"reward function '{self.label}'", TrainingError):
+            return list(self.fn(list(prompts), list(completions), **self.kwargs))
 
 
 class LengthSource(RewardSource):

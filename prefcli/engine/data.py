@@ -20,7 +20,17 @@ import torch
 from ..errors import DataError
 from ..recipe.paths import is_local
 from ..recipe.sections import DataMixture, DataSource
-from .datacheck import check_utf8, describe_value, exception_chain, is_blank_file, is_messages, not_utf8_message
+from .datacheck import (
+    check_json_depth,
+    check_utf8,
+    describe_value,
+    exception_chain,
+    is_blank_file,
+    is_messages,
+    json_syntax_error,
+    not_utf8_message,
+    parse_json_row,
+)
 from .logprobs import IGNORE
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -54,11 +64,12 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
         if path == "-":
             ds = read_stdin_rows(what)
         elif is_local(path) and os.path.isfile(path):
-            name = path[:-3] if path.endswith(".gz") else path
-            builder = _BUILDERS.get(Path(name).suffix.lower())
+            builder = _builder(path)
             if builder is None:
                 raise DataError(f"{what}: {shown}: unknown file type; use .jsonl, .json, .csv, .tsv, .parquet or .txt")
-            kw = {"delimiter": "\t"} if name.endswith(".tsv") else {}
+            kw = {"delimiter": "\t"} if path.removesuffix(".gz").endswith(".tsv") else {}
+            if builder == "json":  # a line nested too deep would crash pyarrow's reader (datacheck.MAX_ROW_DEPTH)
+                check_json_depth(path, what)
             ds = datasets.load_dataset(builder, data_files=path, split="train", **kw)
         elif is_local(path) and (
             Path(path, "dataset_info.json").exists()
@@ -81,6 +92,11 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
             raise DataError(not_utf8_message(what, path, None)) from None
         if is_local(path) and ("corresponds to no data" in text or "batchsize must be greater than 0" in text):
             raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data") from None
+        syntax = (
+            json_syntax_error(path) if is_local(path) and os.path.isfile(path) and _builder(path) == "json" else None
+        )
+        if syntax:  # pyarrow names a byte position inside a block; this names the line
+            raise DataError(f"{what}: could not read file {shown}: {syntax}") from None
         msg = next((str(c).strip().splitlines()[0] for c in reversed(chain) if str(c).strip()), type(e).__name__)
         where = "file" if is_local(path) else "hub dataset (needs network or a cache)"
         fix = "check that it is valid for its type" if is_local(path) else "check the name and the network"
@@ -109,6 +125,12 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
     return ds
 
 
+def _builder(path: str) -> str | None:
+    """The datasets builder that reads a local file, by its extension (a .gz is read through)."""
+    name = path[:-3] if path.endswith(".gz") else path
+    return _BUILDERS.get(Path(name).suffix.lower())
+
+
 def read_stdin_rows(what: str):
     """JSONL rows from stdin (`path: -`, e.g. `prefcli generate ... | prefcli eval r.yaml --completions -`)."""
     import sys
@@ -119,12 +141,7 @@ def read_stdin_rows(what: str):
     for n, line in enumerate(sys.stdin, 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{what}: <stdin>:{n}: not valid JSON ({e.msg}); expected one JSON object per line"
-            ) from None
+        obj = parse_json_row(line, f"{what}: <stdin>:{n}")
         if not isinstance(obj, dict):
             raise DataError(f"{what}: <stdin>:{n}: expected a JSON object, got {type(obj).__name__}")
         rows.append(obj)

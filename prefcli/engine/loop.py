@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .. import interrupts
 from ..errors import Interrupted, PrefcliError, TrainingError, UsageError
 from ..recipe.sections import TrainSection
 from . import checkpoint as ckpt
@@ -95,6 +96,7 @@ class _Signals:
         self._old: dict = {}
 
     def _handler(self, signum, frame):
+        interrupts.note()
         self.count += 1
         self.requested = True
         if self.count > 1:

@@ -230,8 +230,7 @@ def read_prompts(lines: Iterable[str], fmt: str, source: str) -> Iterator[tuple[
     fmt 'lines': one prompt per line (the newline removed; blank lines skipped).
     fmt 'jsonl': one JSON object per line with a 'prompt' string; its other fields are passed
     through to the output row. Errors name the source and the line."""
-    import json
-
+    from ..engine.datacheck import parse_json_row
     from ..errors import DataError
 
     for n, line in enumerate(lines, 1):
@@ -241,12 +240,7 @@ def read_prompts(lines: Iterable[str], fmt: str, source: str) -> Iterator[tuple[
         if fmt == "lines":
             yield raw, {}
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{source}:{n}: not valid JSON ({e.msg}); use --format lines for plain-text prompts"
-            ) from None
+        obj = parse_json_row(raw, f"{source}:{n}", "use --format lines for plain-text prompts")
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise DataError(f"{source}:{n}: expected an object with a 'prompt' string")
         extra = {k: v for k, v in obj.items() if k != "prompt"}

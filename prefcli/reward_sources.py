@@ -189,12 +189,12 @@ class ModelSource(RewardSource):
 
     def __init__(self, cfg: ModelReward, device=None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        from .engine.models import load_errors, load_failure
+        from .engine.models import load_errors, load_failure, open_tokenizer
 
         try:
-            self.tok = AutoTokenizer.from_pretrained(cfg.path)
+            self.tok = open_tokenizer(cfg.path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.path, num_labels=1, use_safetensors=True
             )
@@ -361,12 +361,14 @@ class JudgeSource(RewardSource):
 
     def __init__(self, cfg, device=None, label: str = "judge"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from .engine.models import open_tokenizer
 
         self.cfg, self.label = cfg, label
         self.name = cfg.name or "judge"
         try:
-            self.tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+            self.tok = open_tokenizer(cfg.tokenizer or cfg.path)
             self.model = AutoModelForCausalLM.from_pretrained(cfg.path, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise UsageError(

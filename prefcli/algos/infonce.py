@@ -277,9 +277,11 @@ class EncoderScorer:
     """A trained InfoNCE encoder as a preference scorer: score(x, y) = cos(e(x), e(y))."""
 
     def __init__(self, path, device=None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        self.tok = AutoTokenizer.from_pretrained(path)
+        from ..engine.models import open_tokenizer
+
+        self.tok = open_tokenizer(str(path))
         self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
         self.meta = json.loads((Path(path) / ENCODER_FILE).read_text())
         self.device = device or torch.device("cpu")

@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
+from ..interrupts import received
 
 STATUS = {EXIT_USAGE: "invalid", EXIT_INTERRUPTED: "interrupted"}  # any other non-zero code: "failed"
 _stdout_json = {"written": False}  # whether this invocation has printed its JSON object yet
@@ -48,6 +49,7 @@ class PrefcliGroup(TyperGroup):
         command = next((a for a in args if not a.startswith("-")), None)
         command = command if command in self.commands else None
         _stdout_json["written"] = False
+        _stdout_json["signals"] = received()
         try:
             if not args:  # `prefcli` alone: the help, on stderr (stdout keeps only the failure object)
                 with contextlib.redirect_stdout(sys.stderr):
@@ -71,6 +73,10 @@ class PrefcliGroup(TyperGroup):
             elif type(e).__name__ == "Abort":  # click's Ctrl-C / end of input inside a prompt
                 code = EXIT_INTERRUPTED
                 self._failure(command, code, "aborted")
+            elif _interrupted_since_start():  # a library broken by the KeyboardInterrupt it was stopped with
+                code = EXIT_INTERRUPTED
+                typer.echo(f"error: interrupted ({type(e).__name__} while stopping)", err=True)
+                self._failure(command, code, "interrupted")
             else:  # a bug: say so plainly, exit 1
                 if os.environ.get("PREFCLI_DEBUG"):
                     import traceback
@@ -206,7 +212,17 @@ SmokeOpt = Annotated[
 ]
 
 
+def _interrupted_since_start() -> bool:
+    """A SIGINT/SIGTERM arrived during this invocation (prefcli.interrupts counts them)."""
+    return received() > _stdout_json.get("signals", received())
+
+
 def fail(command: str, err: BaseException, code: int, status: str) -> None:
+    if code == EXIT_USAGE and _interrupted_since_start():
+        # stopped while starting: a library interrupted half-way (an import cut short) can fail in a way that reads
+        # as bad input; the interrupt is what happened
+        err = RuntimeError(f"interrupted before training started; nothing was written (it stopped at: {err})")
+        code, status = EXIT_INTERRUPTED, "interrupted"
     typer.echo(f"error: {err}", err=True)
     out = {"command": command, "status": status, "exit_code": code, "error": str(err)}
     if getattr(err, "checkpoint", None):

@@ -81,24 +81,47 @@ _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
-def load_tokenizer(m: ModelSection):
-    """The tokenizer named by model.tokenizer (or model.path), with a pad token checked or added."""
+_PROBE = "In the beginning God created the heaven and the earth."
+
+
+def open_tokenizer(src: str, revision: str | None = None, trust_remote_code: bool = False):
+    """`AutoTokenizer.from_pretrained(src)`, or a bare tokenizer.json file, refusing a degenerate result. Every
+    tokenizer prefcli reads comes through here (the policy's, a reward model's, a judge's, an encoder's).
+
+    transformers 5 builds a tokenizer from a model folder's config alone when the folder has no tokenizer files
+    (qwen2, gpt2 and others: one token, `<|endoftext|>`, that encodes every text to nothing); the model would then
+    train on and generate empty sequences without an error. Such a tokenizer is a UsageError naming the folder."""
     quiet_transformers()
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if src.endswith(".json") and os.path.isfile(src):
+        tok = PreTrainedTokenizerFast(tokenizer_file=src)
+        vocab = tok.get_vocab()
+        eos = next((t for t in _EOS_NAMES if t in vocab), None)
+        pad = next((t for t in _PAD_NAMES if t in vocab), None)
+        if eos:
+            tok.eos_token = eos
+        if pad:
+            tok.pad_token = pad
+    else:
+        tok = AutoTokenizer.from_pretrained(src, revision=revision, trust_remote_code=trust_remote_code)
+    specials = set(tok.all_special_tokens)
+    if len(tok) <= len(specials) or not tok(_PROBE, add_special_tokens=False)["input_ids"]:
+        shown = ", ".join(sorted(tok.get_vocab())[:4])
+        raise UsageError(
+            f"the tokenizer from {origin(src)} is empty ({len(tok)} token{'s' if len(tok) != 1 else ''}: {shown}) "
+            "and turns every text into no tokens: the folder has no tokenizer files (tokenizer.json, or "
+            "vocab.json with merges.txt), so transformers built one from config.json alone. Copy the base "
+            "model's tokenizer files into it, or point model.tokenizer at them"
+        )
+    return tok
+
+
+def load_tokenizer(m: ModelSection):
+    """The tokenizer named by model.tokenizer (or model.path), with a pad token checked or added."""
     src = m.tokenizer or m.path
     try:
-        if src.endswith(".json") and os.path.isfile(src):
-            tok = PreTrainedTokenizerFast(tokenizer_file=src)
-            vocab = tok.get_vocab()
-            eos = next((t for t in _EOS_NAMES if t in vocab), None)
-            pad = next((t for t in _PAD_NAMES if t in vocab), None)
-            if eos:
-                tok.eos_token = eos
-            if pad:
-                tok.pad_token = pad
-        else:
-            tok = AutoTokenizer.from_pretrained(src, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        tok = open_tokenizer(src, m.revision, m.trust_remote_code)
     except load_errors() as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(

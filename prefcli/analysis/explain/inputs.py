@@ -87,10 +87,12 @@ def load_reward_model(path: str, device, eager: bool):
 
     quiet_transformers()
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from ...engine.models import open_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = open_tokenizer(path)
         kw = {"attn_implementation": "eager"} if eager else {}
         model = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch.float32, use_safetensors=True, **kw

@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import Interrupted, PrefcliError, UsageError
 from .recipe import dump_recipe, load_recipe
+from .recipe.paths import output_problem
 
 # The command table: `prefcli <command>` builds its Task with `<module>.build(ctx)`.
 # tests/test_command_table.py keeps it in sync with the recipe schemas and the CLI.
@@ -289,6 +290,9 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
 
         recipe = prepare_smoke(recipe.smoke(), RunContext(recipe, None, Path()).warn)  # hub files: there, or exit 2
     if opts.output_dir:
+        why = output_problem(Path(opts.output_dir).absolute())
+        if why:
+            raise UsageError(f"--output-dir {opts.output_dir}: {why}")
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:
         run_dir = Path(recipe.output.dir)

@@ -126,6 +126,24 @@ def too_deep_message(where: str, depth: int) -> str:
     )
 
 
+def text_line(line: str | bytes, where: str) -> str:
+    """A line read as bytes (a file opened "rb", stdin's buffer) or as text that Python decoded with
+    surrogateescape (stdin in some locales), as UTF-8 text; a byte that is not UTF-8 is named by its column."""
+    if isinstance(line, str):
+        try:
+            line.encode("utf-8")
+            return line
+        except UnicodeEncodeError:  # lone surrogates \udc80-\udcff stand for the bytes that did not decode
+            line = line.encode("utf-8", "surrogateescape")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); save the input as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8 in > out)"
+        ) from None
+
+
 def parse_json_row(line: str | bytes, where: str, hint: str = "expected one JSON object per line"):
     """One JSON row (a line of JSONL), its errors named by `where` ('file:line') and the column, then `hint`."""
     import json

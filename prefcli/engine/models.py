@@ -147,7 +147,33 @@ def load_tokenizer(m: ModelSection):
         )
     if m.chat_template is not None:
         tok.chat_template = m.chat_template
+    if tok.chat_template:
+        check_chat_template(
+            tok, "model.chat_template" if m.chat_template is not None else f"the chat template of {origin(src)}"
+        )
     return tok
+
+
+def check_chat_template(tok, where: str) -> None:
+    """Render the chat template on a sample conversation once, before any data: a template that is not valid Jinja,
+    or that reaches for Python internals (which transformers' sandboxed Jinja refuses with SecurityError), is bad
+    input naming the template, not a failure in the middle of tokenization. A template that refuses this sample
+    on purpose (raise_exception for a conversation it does not support) is left to the real rows."""
+    import jinja2
+
+    sample = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+    try:
+        tok.apply_chat_template(sample, tokenize=False)
+        tok.apply_chat_template(sample[:1], tokenize=False, add_generation_prompt=True)
+    except jinja2.exceptions.SecurityError as e:
+        raise UsageError(
+            f"{where}: the template tries something Jinja's sandbox forbids ({e}); a chat template may only format "
+            "the messages: remove the offending expression"
+        ) from None
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UsageError(f"{where}: not a valid Jinja template: {e.message} (template line {e.lineno})") from None
+    except jinja2.exceptions.TemplateError:
+        pass
 
 
 # -------------------------------------------------------------------------------------- model

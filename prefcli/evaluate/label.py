@@ -334,7 +334,7 @@ def sampled_items(opts: LabelOptions, mode: str, err) -> Iterator[Item]:
     if not ppath.is_file():
         raise UsageError(f"--prompts: no such file: {ppath}")
     fmt = "jsonl" if ppath.name.endswith(".jsonl") else "lines"
-    with open(ppath, encoding="utf-8") as f:
+    with open(ppath, "rb") as f:  # read_prompts decodes, naming a line that is not UTF-8
         prompts = [p for p, _ in read_prompts(f, fmt, str(ppath))]
     if not prompts:
         raise DataError(f"{ppath} has no prompts")

@@ -200,6 +200,8 @@ class ModelSource(RewardSource):
             )
         except load_errors() as e:
             raise UsageError(f"rewards: {load_failure('the reward model', cfg.path, e)}") from None
+        except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
+            raise UsageError(f"rewards: {e}") from None
         if self.tok.pad_token is None:
             raise UsageError(f"the reward model tokenizer at {cfg.path} has no pad token")
         self.model.config.pad_token_id = self.tok.pad_token_id
@@ -374,6 +376,8 @@ class JudgeSource(RewardSource):
             raise UsageError(
                 f"{label}.path: could not load the judge model {cfg.path}: {str(e).splitlines()[0]}"
             ) from None
+        except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
+            raise UsageError(f"{label}.tokenizer: {e}") from None
         self.device = device or torch.device("cpu")
         self.model.to(self.device).eval()
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id

@@ -368,14 +368,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
                 engine.start,
             )  # fmt: skip
         try:
-            result = engine.run(resume_from)
-        except torch.OutOfMemoryError:
-            raise engine._failure(
-                "out of GPU memory",
-                "Lower train.batch_size (raising train.grad_accum_steps keeps the batch), set "
-                "train.gradient_checkpointing: true, lower data.max_length, or shard the model over the GPUs "
-                "with runtime.parallel: fsdp (docs/scaling.md).",
-            ) from None
+            result = engine.run(resume_from)  # out of memory: a TrainingError with what to lower (Engine.out_of_memory)
         finally:
             progress.close()
         described = task.describe() if hasattr(task, "describe") else {}

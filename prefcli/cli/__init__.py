@@ -23,7 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
+from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError, out_of_memory
 from ..interrupts import received
 
 STATUS = {EXIT_USAGE: "invalid", EXIT_INTERRUPTED: "interrupted"}  # any other non-zero code: "failed"
@@ -59,7 +59,9 @@ class PrefcliGroup(TyperGroup):
             code = rv if isinstance(rv, int) else 0
             if code and not _stdout_json["written"]:  # e.g. an interrupt while the command was starting
                 self._failure(command, code, "interrupted" if code == EXIT_INTERRUPTED else f"exit code {code}")
-        except Exception as e:
+        except BaseException as e:  # DCP's CheckpointException is a BaseException, not an Exception
+            if isinstance(e, (SystemExit, KeyboardInterrupt, GeneratorExit)):
+                raise
             if _is_click_error(e):  # usage errors, found before any command body ran
                 if not args:
                     with contextlib.redirect_stdout(sys.stderr):
@@ -77,13 +79,24 @@ class PrefcliGroup(TyperGroup):
                 code = EXIT_INTERRUPTED
                 typer.echo(f"error: interrupted ({type(e).__name__} while stopping)", err=True)
                 self._failure(command, code, "interrupted")
+            elif out_of_memory(e):  # not a bug: the model or the batch does not fit this machine
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                msg = (
+                    f"out of memory ({type(e).__name__}: {first}); the model or the batch does not fit this machine: "
+                    "use a smaller model or batch (train.batch_size, data.max_length, generation.batch_size), or a "
+                    "machine with more memory"
+                )
+                typer.echo(f"error: {msg}", err=True)
+                code = EXIT_FAILURE
+                self._failure(command, code, msg)
             else:  # a bug: say so plainly, exit 1
                 if os.environ.get("PREFCLI_DEBUG"):
                     import traceback
 
                     traceback.print_exc()
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                msg = f"unexpected {type(e).__name__}: {first}"
+                from ..engine.runfolder import error_text  # the failure inside a CheckpointException, named
+
+                msg = f"unexpected {error_text(e)}"
                 typer.echo(f"error: {msg} (a bug in prefcli: please report it; PREFCLI_DEBUG=1 shows where)", err=True)
                 code = EXIT_FAILURE
                 self._failure(command, code, msg)

@@ -153,7 +153,7 @@ def parse_json_row(line: str | bytes, where: str, hint: str = "expected one JSON
     if depth > MAX_ROW_DEPTH:
         raise DataError(too_deep_message(where, depth))
     try:
-        return json.loads(line)
+        return json.loads(line.rstrip(b"\r\n" if isinstance(line, bytes) else "\r\n"))  # columns count on the line
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); {hint}") from None
 
@@ -207,7 +207,7 @@ def json_syntax_error(path: str) -> str | None:
             if not line.strip():
                 continue
             try:
-                json.loads(line)
+                json.loads(line.rstrip(b"\r\n"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 if n == 1 and path.endswith((".json", ".json.gz")):
                     return _whole_document_error(path)  # a pretty-printed .json: its lines are not documents

@@ -191,7 +191,8 @@ class ModelSource(RewardSource):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from .engine.models import load_errors, load_failure, open_tokenizer
+        from .engine.models import load_errors, load_failure
+        from .engine.tokenizer import open_tokenizer
 
         try:
             self.tok = open_tokenizer(cfg.path)
@@ -365,7 +366,7 @@ class JudgeSource(RewardSource):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .engine.models import open_tokenizer
+        from .engine.tokenizer import open_tokenizer
 
         self.cfg, self.label = cfg, label
         self.name = cfg.name or "judge"

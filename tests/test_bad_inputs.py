@@ -1072,6 +1072,14 @@ case(
     ),
     ["{dir}/syn.py:score'", "SyntaxError", "shows the traceback"],
 )
+case(  # sys.exit at import ended the run with the module's exit code and no JSON object
+    "reward-function-exits-on-import",
+    lambda e: (
+        e.write("quits.py", "import sys\nsys.exit(0)\ndef score(p, c):\n    return [0.0] * len(c)\n")
+        and e.cmd("rlhf", rlhf(rewards=[{"kind": "function", "function": "quits.py:score"}]))
+    ),
+    ["reward function '{dir}/quits.py:score': importing {dir}/quits.py called sys.exit(0)", "remove the exit"],
+)
 case(
     "reward-function-missing-name",
     lambda e: (

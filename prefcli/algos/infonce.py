@@ -29,12 +29,7 @@ from torch import nn
 
 from ..engine.data import chat_ids, iterate_eval, move
 from ..engine.debias import apply_debias
-from ..engine.models import (
-    build_trained_model,
-    load_tokenizer,
-    save_hf,
-    unwrap_lm,
-)
+from ..engine.models import build_trained_model, save_hf, unwrap_lm
 from ..engine.pairs import (
     check_format,
     detect_pair_format,
@@ -45,6 +40,7 @@ from ..engine.pairs import (
     text_batch,
 )
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 
@@ -279,7 +275,7 @@ class EncoderScorer:
     def __init__(self, path, device=None):
         from transformers import AutoModel
 
-        from ..engine.models import open_tokenizer
+        from ..engine.tokenizer import open_tokenizer
 
         self.tok = open_tokenizer(str(path))
         self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()

@@ -89,7 +89,7 @@ def load_reward_model(path: str, device, eager: bool):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from ...engine.models import open_tokenizer
+    from ...engine.tokenizer import open_tokenizer
 
     try:
         tok = open_tokenizer(path)
@@ -106,7 +106,8 @@ def load_reward_model(path: str, device, eager: bool):
 
 
 def load_policy(path: str, device, eager: bool):
-    from ...engine.models import build_causal_lm, load_tokenizer
+    from ...engine.models import build_causal_lm
+    from ...engine.tokenizer import load_tokenizer
     from ...evaluate.loading import make_runtime
     from ...recipe.sections import ModelSection
 

@@ -90,7 +90,8 @@ def test_make_install_uses_the_cpu_index_and_reinstalls_when_torch_spec_changes(
 def test_make_install_takes_the_locked_versions_and_never_locks_torch(tmp_path):
     """prefcli and its dependencies are installed with `-c constraints.txt` (the versions CI tested); torch comes
     before them from TORCH_INDEX without the constraints, and the constraints name no torch build, so they cannot
-    make pip fetch one. `CONSTRAINTS=` installs the newest inside the ranges; test-latest holds torch too."""
+    make pip fetch one. `CONSTRAINTS=` installs the newest inside the ranges; test-latest holds torch too. Every
+    package pyproject.toml requires is locked: a dependency added without `make lock` fails here."""
     plan = make_n(venv=tmp_path / ".venv").splitlines()
     torch_line = next(x for x in plan if '"torch==' in x)
     prefcli_line = next(x for x in plan if '-e ".[dev]"' in x)
@@ -112,6 +113,11 @@ def test_make_install_takes_the_locked_versions_and_never_locks_torch(tmp_path):
             locked[re.sub(r"[-_.]+", "-", name).lower()] = version
     assert not {k for k in locked if k in ("torch", "triton") or k.startswith("nvidia-")}, "a torch build is locked"
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = meta["dependencies"] + meta["optional-dependencies"]["dev"]
+    extras = meta["optional-dependencies"]
+    wanted = meta["dependencies"] + extras["dev"]
+    for w in list(wanted):  # prefcli[label] in dev: the label extra's packages
+        if m := re.match(r"prefcli\[([\w,\s-]+)\]", w):
+            wanted += [d for x in m.group(1).split(",") for d in extras[x.strip()]]
     names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;]", w, maxsplit=1)[0]).lower() for w in wanted}
-    assert names - {"torch"} <= set(locked), f"not in constraints.txt: {names - {'torch'} - set(locked)}"
+    names -= {"torch", "prefcli"}
+    assert names <= set(locked), f"not in constraints.txt: {names - set(locked)}"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .conftest import ROOT, last_json
@@ -70,3 +71,5 @@ def test_quickstart_phf_pii_recipe_smoke(tmp_path, cli):
     assert phf["objective"] == "conditional" and phf["scorer"] == "1*function"
     assert phf["rows_misaligned"] > 0 and phf["rows_aligned"] > phf["rows_misaligned"]
     assert -1.0 <= s["final"]["eval/control_gap"] <= 1.0
+    ran = yaml.safe_load((tmp_path / "pii" / "recipe.yaml").read_text())["sft"]  # the smoke's few short gap samples
+    assert ran["control_gap_samples"] == 4 and ran["control_gap_max_new_tokens"] == 16

@@ -100,8 +100,27 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
                 vals.append(None if chord else y)
             means.append(mean_sd(vals) if all(v is not None for v in vals) else "-")
         print(f"| {lab} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
+    paired_rm(runs)
     plot(runs, base, labels, figure)
     print(f"\nfigure: {figure}")
+
+
+def paired_rm(runs: list[dict]) -> None:
+    """PPO on each reward-model ensemble minus PPO on one reward model, seed by seed (same seed, same prompts)."""
+    single = {r["seed"]: r for r in runs if label(r) == "ppo on 1 RM"}
+    for lab in [x for x in LABELS.values() if x != "ppo on 1 RM"]:
+        ens = {r["seed"]: r for r in runs if label(r) == lab}
+        seeds = sorted(set(ens) & set(single))
+        if not seeds:
+            continue
+        keys = ("gold_reward", "kl", "distinct2", "length")
+        print(f"\n{lab} minus ppo on 1 RM, per seed:\n")
+        print("| seed | gold reward | KL | distinct-2 | length |")
+        print("|---|---|---|---|---|")
+        diffs = {k: [ens[s][k] - single[s][k] for s in seeds] for k in keys}
+        for i, s in enumerate(seeds):
+            print(f"| {s} | " + " | ".join(f"{diffs[k][i]:+.3f}" for k in keys) + " |")
+        print("| mean | " + " | ".join(mean_sd(diffs[k]) for k in keys) + " |")
 
 
 def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
@@ -145,9 +164,13 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
     )
     axes[1].set_title("what the reward costs in diversity", fontsize=9)
     axes[0].legend(fontsize=8, loc="lower right")
+    n_seeds = defaultdict(set)  # how many seeds each setting has, for the title
+    for r in runs:
+        n_seeds[label(r), kl_value(r)].add(r["seed"])
+    counts = sorted({len(v) for v in n_seeds.values()})
     fig.suptitle(
         "RL methods on the quickstart task, 400 steps, each method's KL control swept "
-        "(kl_coef 0.05 / beta 0.1: seeds 0-2; the other settings: seed 0)",
+        f"({' or '.join(map(str, counts))} seeds per setting)",
         fontsize=10,
     )
     fig.tight_layout()

@@ -66,8 +66,8 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
         by[label(r), kl_value(r)].append(r)
     labels = sorted({k[0] for k in by}, key=lambda x: ORDER.index(x) if x in ORDER else len(ORDER))
 
-    print("| method | KL control | seeds | KL to base | gold reward | distinct-2 |")
-    print("|---|---|---|---|---|---|")
+    print("| method | KL control | seeds | KL to base | gold reward | distinct-2 | training s / run |")
+    print("|---|---|---|---|---|---|---|")
     for lab in labels:
         for (lb, v), rs in sorted(by.items(), key=lambda kv: kv[0][1]):
             if lb != lab:
@@ -75,15 +75,17 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
             knob = "beta" if rs[0]["method"] == "online_dpo" else "kl_coef"
             print(
                 f"| {lab} | {knob} {v:g} | {len(rs)} | {mean_sd([r['kl'] for r in rs])} | "
-                f"{mean_sd([r['gold_reward'] for r in rs])} | {mean_sd([r['distinct2'] for r in rs])} |"
+                f"{mean_sd([r['gold_reward'] for r in rs])} | {mean_sd([r['distinct2'] for r in rs])} | "
+                f"{wall_range([train_s(r) for r in rs])} |"
             )
 
     seeds_all = sorted(base)
     print("\nGold reward at matched KL, per seed: linear between the two points of that seed that bracket it;")
     print("† = the lower point is the base model (KL 0): a chord, which understates a concave frontier;")
     print(
-        "- = that seed's points do not reach it (never extrapolated). Mean ± sd where every seed has one, not a chord:\n"
+        "- = that seed's points do not reach it (never extrapolated). Mean ± sd (number of seeds) over the seeds whose"
     )
+    print("value lies between two runs (not on a chord):\n")
     head = [f"KL {x:g}, seed {s}" for x in MATCHED_KL for s in seeds_all]
     print("| method | " + " | ".join(head) + " | " + " | ".join(f"KL {x:g}, mean" for x in MATCHED_KL) + " |")
     print("|---|" + "---|" * (len(head) + len(MATCHED_KL)))
@@ -98,11 +100,25 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
                 y, chord = interpolate(pts, x) if len(pts) > 1 else (None, False)
                 cells.append("-" if y is None else f"{y:.3f}{' †' if chord else ''}")
                 vals.append(None if chord else y)
-            means.append(mean_sd(vals) if all(v is not None for v in vals) else "-")
+            got = [v for v in vals if v is not None]
+            means.append(f"{mean_sd(got)} ({len(got)})" if got else "-")
         print(f"| {lab} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
     paired_rm(runs)
     plot(runs, base, labels, figure)
     print(f"\nfigure: {figure}")
+
+
+def train_s(r: dict) -> float:
+    """A run's training wall seconds; the rows of the first tables (tags algos400, ensemble) hold only the wall
+    time of training and evaluation together (the evaluation was 35 s of it)."""
+    return r["train_wall_s"] if r.get("train_wall_s") is not None else r["wall_s"]
+
+
+def wall_range(xs: list[float]) -> str:
+    """Wall seconds of a setting's runs: the mean, and the range when they differ."""
+    lo, hi = min(xs), max(xs)
+    mean = f"{statistics.fmean(xs):.0f}"
+    return mean if len(xs) == 1 or round(lo) == round(hi) else f"{mean} ({lo:.0f}-{hi:.0f})"
 
 
 def paired_rm(runs: list[dict]) -> None:

@@ -46,6 +46,15 @@ def interpolate(points: list[tuple[float, float]], x: float) -> tuple[float | No
     return None, False
 
 
+def matched(runs: list[dict], base: dict, lab: str, x: float) -> dict[int, tuple[float | None, bool]]:
+    """Gold reward of method `lab` at KL x in each seed of `base`: interpolate() on that seed's runs and its base."""
+    out = {}
+    for s in sorted(base):
+        pts = [(0.0, base[s])] + [(r["kl"], r["gold_reward"]) for r in runs if label(r) == lab and r["seed"] == s]
+        out[s] = interpolate(pts, x)
+    return out
+
+
 def mean_sd(xs: list[float]) -> str:
     if not xs:
         return "-"
@@ -92,15 +101,9 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
     for lab in labels:
         cells, means = [], []
         for x in MATCHED_KL:
-            vals = []
-            for s in seeds_all:
-                pts = [(0.0, base[s])] + [
-                    (r["kl"], r["gold_reward"]) for r in runs if label(r) == lab and r["seed"] == s
-                ]
-                y, chord = interpolate(pts, x) if len(pts) > 1 else (None, False)
-                cells.append("-" if y is None else f"{y:.3f}{' †' if chord else ''}")
-                vals.append(None if chord else y)
-            got = [v for v in vals if v is not None]
+            per_seed = matched(runs, base, lab, x)
+            cells += ["-" if y is None else f"{y:.3f}{' †' if chord else ''}" for y, chord in per_seed.values()]
+            got = [y for y, chord in per_seed.values() if y is not None and not chord]
             means.append(f"{mean_sd(got)} ({len(got)})" if got else "-")
         print(f"| {lab} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
     paired_rm(runs)

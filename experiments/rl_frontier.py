@@ -142,15 +142,19 @@ def paired_rm(runs: list[dict]) -> None:
         print("| mean | " + " | ".join(mean_sd(diffs[k]) for k in keys) + " |")
 
 
+XMAX = 45.0  # the scatter panels' KL axis: the runs beyond it (online DPO at beta 0.1) are drawn at its edge
+
+
 def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.6), gridspec_kw={"width_ratios": [1.15, 1.0, 0.85]})
     colors = plt.get_cmap("tab10")
     b_gold = statistics.fmean(base.values())
+    beyond = []
     for i, lab in enumerate(labels):
         rs = [r for r in runs if label(r) == lab]
         c = colors(i)
@@ -159,30 +163,37 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
             {kl_value(r) for r in rs}, key=lambda v: statistics.fmean(r["kl"] for r in rs if kl_value(r) == v)
         )
         for ax, key in zip(axes, ("gold_reward", "distinct2")):
-            ax.scatter([r["kl"] for r in rs], [r[key] for r in rs], color=c, alpha=0.35, s=14, marker=marker)
+            near = [r for r in rs if r["kl"] <= XMAX]
+            ax.scatter([r["kl"] for r in near], [r[key] for r in near], color=c, alpha=0.35, s=14, marker=marker)
+            far = [r for r in rs if r["kl"] > XMAX]
+            ax.scatter([XMAX] * len(far), [r[key] for r in far], color=c, alpha=0.5, s=30, marker=">")
             mx = [statistics.fmean(r["kl"] for r in rs if kl_value(r) == v) for v in settings]
             my = [statistics.fmean(r[key] for r in rs if kl_value(r) == v) for v in settings]
-            ax.plot(mx, my, color=c, marker=marker, label=lab, lw=1.5)
-            if (
-                key == "gold_reward"
-            ):  # the chord from the base (KL 0): what the interpolation assumes below the first point
+            ax.plot(mx, my, color=c, marker=marker, label=lab, lw=1.5, clip_on=True)
+            if key == "gold_reward":  # the chord from the base: what the interpolation assumes below the first point
                 ax.plot([0.0, mx[0]], [b_gold, my[0]], color=c, lw=0.8, ls="--")
+                beyond += [f"{lab} {r['kl']:.0f}" for r in far]
             for v, x, y in zip(settings, mx, my):
-                ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+                if x <= XMAX:
+                    ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
     axes[0].scatter([0], [b_gold], color="black", zorder=5, label="base model")
-    for ax in axes:
+    for ax in axes[:2]:
         for x in MATCHED_KL:
             ax.axvline(x, color="grey", ls=":", lw=1)
+        ax.set_xlim(-1, XMAX + 1.5)
         ax.set_xlabel("KL to the base model (nats per completion, held-out prompts)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out gold reward (VADER, 200 prompts)")
     axes[1].set_ylabel("distinct-2 of the 200 completions")
+    note = f"; > at the edge: beyond {XMAX:g} nats ({', '.join(beyond)})" if beyond else ""
     axes[0].set_title(
-        "gold reward against KL (small: one seed; large: mean per KL setting, labelled; dashed: chord from the base)",
-        fontsize=9,
+        "gold reward against KL\n(small: one run; large: mean of a KL setting, labelled; dashed: chord from the base"
+        f"{note})",
+        fontsize=8,
     )
     axes[1].set_title("what the reward costs in diversity", fontsize=9)
     axes[0].legend(fontsize=8, loc="lower right")
+    matched_bars(axes[2], runs, base, labels, colors)
     n_seeds = defaultdict(set)  # how many seeds each setting has, for the title
     for r in runs:
         n_seeds[label(r), kl_value(r)].add(r["seed"])
@@ -195,3 +206,28 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=110)
+
+
+def matched_bars(ax, runs: list[dict], base: dict, labels: list[str], colors) -> None:
+    """Gold reward at each matched KL: one bar per method, the mean over the seeds whose value lies between two
+    runs, the seeds' values as dots, and how many seeds that is."""
+    width = 0.8 / len(labels)
+    for i, lab in enumerate(labels):
+        for j, x in enumerate(MATCHED_KL):
+            ys = [y for y, chord in matched(runs, base, lab, x).values() if y is not None and not chord]
+            pos = j + (i - (len(labels) - 1) / 2) * width
+            if not ys:
+                ax.text(pos, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color=colors(i))
+                continue
+            ax.bar(pos, statistics.fmean(ys), width * 0.9, color=colors(i), alpha=0.75)
+            ax.scatter([pos] * len(ys), ys, color="black", s=6, zorder=3)
+            ax.text(pos, max(ys) + 0.015, f"{len(ys)}", ha="center", fontsize=6)
+    ax.set_xticks(range(len(MATCHED_KL)), [f"KL {x:g} nats" for x in MATCHED_KL])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("gold reward at that KL (interpolated per seed)")
+    ax.set_title(
+        "at matched KL: bar = mean over seeds, dots = seeds, number = seeds\n"
+        "(only seeds with a run on each side; n/a: none)",
+        fontsize=8,
+    )
+    ax.grid(alpha=0.3, axis="y")

@@ -106,9 +106,31 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
             got = [y for y, chord in per_seed.values() if y is not None and not chord]
             means.append(f"{mean_sd(got)} ({len(got)})" if got else "-")
         print(f"| {lab} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
+    paired_matched(runs, base, labels)
     paired_rm(runs)
     plot(runs, base, labels, figure)
     print(f"\nfigure: {figure}")
+
+
+def paired_matched(runs: list[dict], base: dict, labels: list[str], ref: str = "ppo") -> None:
+    """Each method minus `ref` at each matched KL, seed by seed (same seed: same base, same evaluation prompts and
+    sampling), over the seeds where both values lie between two runs."""
+    print(f"\nEach method minus {ref} at matched KL, paired by seed (seeds where both lie between two runs):\n")
+    print("| method | " + " | ".join(f"KL {x:g}: minus {ref} | seeds {ref} ahead" for x in MATCHED_KL) + " |")
+    print("|---|" + "---|---|" * len(MATCHED_KL))
+    for lab in labels:
+        if lab == ref:
+            continue
+        cells = []
+        for x in MATCHED_KL:
+            a, b = matched(runs, base, lab, x), matched(runs, base, ref, x)
+            d = [
+                a[s][0] - b[s][0]
+                for s in a
+                if a[s][0] is not None and b[s][0] is not None and not a[s][1] and not b[s][1]
+            ]
+            cells += [f"{mean_sd(d)} ({len(d)})" if d else "-", f"{sum(v < 0 for v in d)} of {len(d)}" if d else "-"]
+        print(f"| {lab} | " + " | ".join(cells) + " |")
 
 
 def train_s(r: dict) -> float:

@@ -95,10 +95,12 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
         "- = that seed's points do not reach it (never extrapolated). Mean ± sd (number of seeds) over the seeds whose"
     )
     print("value lies between two runs (not on a chord):\n")
+    # the reward-model runs have one KL setting each: only chords, so they are compared in paired_rm instead
+    methods = [lab for lab in labels if lab not in LABELS.values()]
     head = [f"KL {x:g}, seed {s}" for x in MATCHED_KL for s in seeds_all]
     print("| method | " + " | ".join(head) + " | " + " | ".join(f"KL {x:g}, mean" for x in MATCHED_KL) + " |")
     print("|---|" + "---|" * (len(head) + len(MATCHED_KL)))
-    for lab in labels:
+    for lab in methods:
         cells, means = [], []
         for x in MATCHED_KL:
             per_seed = matched(runs, base, lab, x)
@@ -106,7 +108,7 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
             got = [y for y, chord in per_seed.values() if y is not None and not chord]
             means.append(f"{mean_sd(got)} ({len(got)})" if got else "-")
         print(f"| {lab} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
-    paired_matched(runs, base, labels)
+    paired_matched(runs, base, methods)
     paired_rm(runs)
     plot(runs, base, labels, figure)
     print(f"\nfigure: {figure}")
@@ -147,21 +149,24 @@ def wall_range(xs: list[float]) -> str:
 
 
 def paired_rm(runs: list[dict]) -> None:
-    """PPO on each reward-model ensemble minus PPO on one reward model, seed by seed (same seed, same prompts)."""
-    single = {r["seed"]: r for r in runs if label(r) == "ppo on 1 RM"}
-    for lab in [x for x in LABELS.values() if x != "ppo on 1 RM"]:
-        ens = {r["seed"]: r for r in runs if label(r) == lab}
-        seeds = sorted(set(ens) & set(single))
+    """PPO on each reward-model ensemble minus PPO on one reward model, and the bootstrap ensemble minus the one
+    on the same data, seed by seed (same seed: same rollouts' prompts, same evaluation sampling)."""
+    single, same, boot = LABELS.values()
+    for lab, ref in ((same, single), (boot, single), (boot, same)):
+        a = {r["seed"]: r for r in runs if label(r) == lab}
+        b = {r["seed"]: r for r in runs if label(r) == ref}
+        seeds = sorted(set(a) & set(b))
         if not seeds:
             continue
         keys = ("gold_reward", "kl", "distinct2", "length")
-        print(f"\n{lab} minus ppo on 1 RM, per seed:\n")
+        print(f"\n{lab} minus {ref}, per seed:\n")
         print("| seed | gold reward | KL | distinct-2 | length |")
         print("|---|---|---|---|---|")
-        diffs = {k: [ens[s][k] - single[s][k] for s in seeds] for k in keys}
+        diffs = {k: [a[s][k] - b[s][k] for s in seeds] for k in keys}
         for i, s in enumerate(seeds):
             print(f"| {s} | " + " | ".join(f"{diffs[k][i]:+.3f}" for k in keys) + " |")
-        print("| mean | " + " | ".join(mean_sd(diffs[k]) for k in keys) + " |")
+        if len(seeds) > 1:
+            print("| mean | " + " | ".join(mean_sd(diffs[k]) for k in keys) + " |")
 
 
 XMAX = 45.0  # the scatter panels' KL axis: the runs beyond it (online DPO at beta 0.1) are drawn at its edge
@@ -215,7 +220,7 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
     )
     axes[1].set_title("what the reward costs in diversity", fontsize=9)
     axes[0].legend(fontsize=8, loc="lower right")
-    matched_bars(axes[2], runs, base, labels, colors)
+    matched_bars(axes[2], runs, base, [lab for lab in labels if lab not in LABELS.values()], colors)
     n_seeds = defaultdict(set)  # how many seeds each setting has, for the title
     for r in runs:
         n_seeds[label(r), kl_value(r)].add(r["seed"])

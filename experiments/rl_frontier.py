@@ -55,6 +55,11 @@ def matched(runs: list[dict], base: dict, lab: str, x: float) -> dict[int, tuple
     return out
 
 
+def seed_points(runs: list[dict], base: dict, lab: str, s: int) -> list[float]:
+    """The KLs of method `lab`'s points in seed s, the base's 0 first, sorted."""
+    return sorted([0.0] + [r["kl"] for r in runs if label(r) == lab and r["seed"] == s])
+
+
 def mean_sd(xs: list[float]) -> str:
     if not xs:
         return "-"
@@ -108,6 +113,18 @@ def report(rows: list[dict], tags: list[str], figure: Path) -> None:
             got = [y for y, chord in per_seed.values() if y is not None and not chord]
             means.append(f"{mean_sd(got)} ({len(got)})" if got else "-")
         print(f"| {lab} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
+    print("\nThe KL of the two points each value above lies between (0 = the base), per seed: the wider, the more a")
+    print("straight line between them understates a concave frontier:\n")
+    print("| method | " + " | ".join(head) + " |")
+    print("|---|" + "---|" * len(head))
+    for lab in methods:
+        cells = []
+        for x in MATCHED_KL:
+            for s in seeds_all:
+                pts = seed_points(runs, base, lab, s)
+                br = next(((a, b) for a, b in zip(pts, pts[1:]) if a <= x <= b and b > a), None)
+                cells.append("-" if br is None else f"{br[0]:.1f}-{br[1]:.1f}")
+        print(f"| {lab} | " + " | ".join(cells) + " |")
     paired_matched(runs, base, methods)
     paired_rm(runs)
     plot(runs, base, labels, figure)

@@ -203,23 +203,24 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
         rs = [r for r in runs if label(r) == lab]
         c = colors(i)
         marker = "s" if lab.startswith("ppo on") else "o"
-        settings = sorted(
-            {kl_value(r) for r in rs}, key=lambda v: statistics.fmean(r["kl"] for r in rs if kl_value(r) == v)
-        )
         for ax, key in zip(axes, ("gold_reward", "distinct2")):
+            b_key = {s: base[s] for s in base} if key == "gold_reward" else {}
+            for s in sorted({r["seed"] for r in rs}):  # each seed's line: what the interpolation reads
+                pts = sorted((r["kl"], r[key]) for r in rs if r["seed"] == s)  # the axis clips beyond XMAX
+                if s in b_key:
+                    pts = [(0.0, b_key[s])] + pts
+                ax.plot(*zip(*pts), color=c, lw=0.9, alpha=0.55, label=lab if s == min(r["seed"] for r in rs) else None)
             near = [r for r in rs if r["kl"] <= XMAX]
-            ax.scatter([r["kl"] for r in near], [r[key] for r in near], color=c, alpha=0.35, s=14, marker=marker)
+            ax.scatter([r["kl"] for r in near], [r[key] for r in near], color=c, s=16, marker=marker)
             far = [r for r in rs if r["kl"] > XMAX]
-            ax.scatter([XMAX] * len(far), [r[key] for r in far], color=c, alpha=0.5, s=30, marker=">")
-            mx = [statistics.fmean(r["kl"] for r in rs if kl_value(r) == v) for v in settings]
-            my = [statistics.fmean(r[key] for r in rs if kl_value(r) == v) for v in settings]
-            ax.plot(mx, my, color=c, marker=marker, label=lab, lw=1.5, clip_on=True)
-            if key == "gold_reward":  # the chord from the base: what the interpolation assumes below the first point
-                ax.plot([0.0, mx[0]], [b_gold, my[0]], color=c, lw=0.8, ls="--")
+            ax.scatter([XMAX] * len(far), [r[key] for r in far], color=c, s=34, marker=">")
+            if key == "gold_reward":
                 beyond += [f"{lab} {r['kl']:.0f}" for r in far]
-            for v, x, y in zip(settings, mx, my):
-                if x <= XMAX:
-                    ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+            for v in sorted({kl_value(r) for r in rs}):  # the setting's label at the mean of its runs
+                mine = [r for r in near if kl_value(r) == v]
+                if mine:
+                    x, y = statistics.fmean(r["kl"] for r in mine), statistics.fmean(r[key] for r in mine)
+                    ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=c)
     axes[0].scatter([0], [b_gold], color="black", zorder=5, label="base model")
     for ax in axes[:2]:
         for x in MATCHED_KL:
@@ -229,14 +230,17 @@ def plot(runs: list[dict], base: dict, labels: list[str], figure: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out gold reward (VADER, 200 prompts)")
     axes[1].set_ylabel("distinct-2 of the 200 completions")
-    note = f"; > at the edge: beyond {XMAX:g} nats ({', '.join(beyond)})" if beyond else ""
+    note = f"\n> at the edge: beyond {XMAX:g} nats ({', '.join(beyond)})" if beyond else ""
     axes[0].set_title(
-        "gold reward against KL\n(small: one run; large: mean of a KL setting, labelled; dashed: chord from the base"
-        f"{note})",
+        "gold reward against KL: one line per seed from the base through its runs;\n"
+        f"numbers: the KL control of the runs beside them{note}",
         fontsize=8,
     )
     axes[1].set_title("what the reward costs in diversity", fontsize=9)
-    axes[0].legend(fontsize=8, loc="lower right")
+    leg = axes[0].legend(fontsize=8, loc="lower right")
+    for line in leg.get_lines():
+        line.set_alpha(1.0)
+        line.set_linewidth(2.5)
     matched_bars(axes[2], runs, base, [lab for lab in labels if lab not in LABELS.values()], colors)
     n_seeds = defaultdict(set)  # how many seeds each setting has, for the title
     for r in runs:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..debias import DebiasSection
+from ..personal import Personalisation
 from ..sections import (
     DataSource,
     HeldOut,
@@ -48,6 +49,36 @@ class PreferenceData(HeldOut):
         description="Opt-in cleaning and length debiasing: deduplication, held-out prompts dropped, "
         "length-balanced sampling or reweighting of pairs (docs/commands/data.md).",
     )
+    user_column: str | None = Field(
+        None,
+        description="The column naming who gave each label (the user a personalised model serves; per-user "
+        "held-out figures). null = 'rater' when the data has it (what `prefcli label` writes), else 'user_id', "
+        "else none. A row with an empty user is scored by the shared part.",
+    )
+    eval_users: list[str] = Field(
+        default_factory=list,
+        description="Hold out every row of these users (new users, never trained on): their rows join the held-out "
+        "set, where they give the new-user figures. Needs a user column.",
+    )
+    eval_user_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Hold out this fraction of the training rows' users (at least one, chosen by train.seed), as "
+        "eval_users does for named users.",
+    )
+
+    @model_validator(mode="after")
+    def _check_users(self):
+        if self.eval_users and self.eval_user_fraction > 0:
+            raise ValueError("set data.eval_users or data.eval_user_fraction, not both")
+        if len(set(self.eval_users)) != len(self.eval_users):
+            raise ValueError("data.eval_users: a user is listed twice")
+        if any(not u.strip() for u in self.eval_users):
+            raise ValueError("data.eval_users: an empty user id")
+        if self.user_column is not None and not self.user_column.strip():
+            raise ValueError("data.user_column: an empty column name")
+        return self
 
 
 # -------------------------------------------------------------------------------------- reward
@@ -70,6 +101,20 @@ class RewardSection(Section):
         "2023); 0 = off, ~0.01 is typical.",
     )
     calibration_bins: int = Field(10, gt=0, description="Equal-width confidence bins for eval/ece and eval/mce.")
+    personalisation: Personalisation | None = Field(
+        None,
+        description="Serve each user (data.user_column) rather than their average: kind user_embedding (a learned "
+        "vector per user, P-RLHF-style), latent (a user summarised from a few of their labels, VPL-style) or "
+        "lowrank (per-user weights over a basis of reward heads, LoRe/PAL-style). See docs/personalisation.md.",
+    )
+
+    @model_validator(mode="after")
+    def _check_personal(self):
+        if self.personalisation is not None and self.objective != "bradley_terry":
+            raise ValueError(
+                f"reward.personalisation needs pairs (objective bradley_terry), not objective '{self.objective}'"
+            )
+        return self
 
 
 class RewardRecipe(RecipeBase):
@@ -83,10 +128,11 @@ class RewardRecipe(RecipeBase):
     def eval_metrics(self) -> tuple[str, ...]:
         if self.reward.objective == "regression":
             return ("eval/loss", "eval/mse", "eval/reward_mean", "eval/pearson")
-        return tuple(
-            f"eval/{k}"
-            for k in ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "ece", "mce", "pairs")
-        )
+        names = ["loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "ece", "mce", "pairs"]
+        p = self.reward.personalisation
+        if p is not None:  # a user column is then required, so the per-user figures are always logged
+            names += ["accuracy_worst_user", "accuracy_shared"]
+        return tuple(f"eval/{k}" for k in names)
 
 
 # --------------------------------------------------------------------------------- contrastive

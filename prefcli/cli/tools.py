@@ -130,6 +130,15 @@ def generate(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    user: Annotated[
+        str | None,
+        typer.Option(
+            "--user",
+            metavar="ID",
+            help="A personalised policy (trained with a user column): generate for this user (their user token "
+            "before every prompt). An id the policy does not know gets the generic policy, with a warning.",
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No closing line on stderr; stdout (the completions) is unchanged.")
     ] = False,
@@ -165,6 +174,7 @@ def generate(
         seed=seed,
         device=device,
         quiet=quiet,
+        user=user,
     )
     try:
         run_generate(opts)

@@ -335,3 +335,57 @@ def load(model_dir: str | Path) -> Loaded:
     cond.load_state_dict({k[len("module.") :]: v for k, v in t.items() if k.startswith("module.")})
     cond.eval()
     return Loaded(cond, t["user_states"], t["user_offsets"], cfg)
+
+
+# ------------------------------------------------------------------------------------ policies
+#
+# A personalised policy is a causal LM whose tokenizer has one special token per user, `<|user:ID|>`, put before
+# the prompt (after a leading BOS) in training and generation; no token is the generic user (the pooled policy,
+# what an unknown user gets). final/personalisation/config.json records {"kind": "user_token", "users": {id:
+# token}}; the model itself is a plain transformers causal LM (the tokens are in its tokenizer and embeddings).
+
+POLICY_KIND = "user_token"
+
+
+def user_token(user: str) -> str:
+    return f"<|user:{user}|>"
+
+
+def add_user_tokens(tok, users: list[str]) -> dict[str, int]:
+    """Register each user's token as a special token (kept whole, skipped by decode(skip_special_tokens=True));
+    the model's embeddings are resized to len(tok) when it is built. Returns {user: token id}."""
+    new = [user_token(u) for u in users if user_token(u) not in tok.get_vocab()]
+    if new:
+        extra = [t for t in (getattr(tok, "extra_special_tokens", None) or []) if isinstance(t, str)]
+        tok.add_special_tokens({"extra_special_tokens": extra + new})
+    out = {}
+    for u in users:
+        i = tok.convert_tokens_to_ids(user_token(u))
+        if i is None or i == tok.unk_token_id or tok.convert_ids_to_tokens(i) != user_token(u):
+            raise ValueError(f"could not add the user token {user_token(u)!r} to the tokenizer")
+        out[u] = int(i)
+    return out
+
+
+def with_user(prompt_ids: list[int], token_id: int | None, bos_id: int | None) -> list[int]:
+    """The prompt with the user's token first (after a leading BOS); unchanged for no user (token_id None)."""
+    if token_id is None:
+        return list(prompt_ids)
+    lead = 1 if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id else 0
+    return list(prompt_ids[:lead]) + [token_id] + list(prompt_ids[lead:])
+
+
+def save_policy_users(folder: Path, tokens: dict[str, int], tok, extra: dict | None = None) -> None:
+    out = Path(folder) / FOLDER
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"kind": POLICY_KIND, "users": {u: user_token(u) for u in tokens}, **(extra or {})}
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def policy_users(model_dir: str | Path) -> dict[str, str] | None:
+    """{user: token text} of a personalised policy's folder, or None for a policy that is not personalised."""
+    p = Path(model_dir) / FOLDER / CONFIG_NAME
+    if not p.is_file():
+        return None
+    cfg = json.loads(p.read_text())
+    return dict(cfg["users"]) if cfg.get("kind") == POLICY_KIND else None

@@ -21,6 +21,22 @@ class EvalInputs:
     pairs: Any = None
     given: list | None = None  # Generation objects of data.completions (scored as given, nothing sampled)
     given_name: str | None = None
+    users: list[str | None] | None = None  # whom each prompt (or given completion) is for; None: nobody in particular
+    pair_users: list[str | None] | None = None  # whom each pair of data.pairs was labelled by
+
+
+def row_users(r: EvalRecipe, rows, source: str, what: str) -> list[str | None] | None:
+    """Each row's user: the recipe's `user` for every row, else the rows' user column, else None."""
+    from ..engine.users import find_user_column, missing_user_column, read_users
+
+    if r.user is not None:
+        return [r.user] * len(rows)
+    col = find_user_column(rows.column_names, r.data.user_column)
+    if col is None:
+        if r.data.user_column is not None:
+            raise missing_user_column(what, source, rows.column_names, r.data.user_column, "data.user_column")
+        return None
+    return read_users(rows, col, source, what)
 
 
 def read_inputs(r: EvalRecipe) -> EvalInputs:
@@ -46,6 +62,7 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
         rows = load_rows(d.prompts, required=cols, what="data.prompts")
         check_values(rows, ["prompt"], d.prompts.path, what="data.prompts")
         out.prompts = [str(p) for p in rows["prompt"]]
+        out.users = row_users(r, rows, d.prompts.path, "data.prompts")
         if need_ref:
             check_values(rows, ["reference"], d.prompts.path, what="data.prompts")
             out.references = [str(x) for x in rows["reference"]]
@@ -53,6 +70,7 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
         rows = load_rows(d.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
         check_values(rows, ["chosen", "rejected"], d.pairs.path, what="data.pairs")
         out.pairs = rows
+        out.pair_users = row_users(r, rows, d.pairs.path, "data.pairs")
     return out
 
 
@@ -75,6 +93,7 @@ def read_completions(r: EvalRecipe, out: EvalInputs) -> None:
         raise
     check_values(rows, ["prompt"], d.path, what="data.completions")
     out.prompts = [str(p) for p in rows["prompt"]]
+    out.users = row_users(r, rows, d.path, "data.completions")
     if need_ref:
         check_values(rows, ["reference"], d.path, what="data.completions")
         out.references = [str(x) for x in rows["reference"]]

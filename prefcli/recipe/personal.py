@@ -102,3 +102,21 @@ class LowRank(_PersonalBase):
 
 
 Personalisation = Annotated[UserEmbedding | Latent | LowRank, Field(discriminator="kind")]
+
+
+class PolicyPersonalisation(Section):
+    """A policy conditioned on the user: one learned control token per user (`<|user:ID|>`) before the prompt,
+    the way conditional training adds its control tokens. `prefcli generate --user ID` and the eval recipe's
+    `user:` (or its prompts' user column) put the token back."""
+
+    kind: Literal["user_token"] = Field(
+        "user_token", description="'user_token': one special token per user, its embedding learned."
+    )
+    generic_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="This share of the training rows (a fixed, seeded choice) is trained without its user's token: "
+        "the policy with no token then serves the pooled preference, which is what an unknown user gets "
+        "(P-RLHF's generic user).",
+    )

@@ -59,6 +59,7 @@ class Source:
     command: str | None = None
     debias: Any = None
     add_eos: bool = True
+    user_column: str | None = None  # a recipe's data.user_column (None: 'rater', else 'user_id')
 
 
 # ------------------------------------------------------------------------------ resolving
@@ -180,6 +181,7 @@ def _recipe_source(opts: InspectOptions) -> Source:
     src = Source(train, held_out, kind, fmt, tok, tname, max_length, convention, how, d.train.path, name, cmd)
     src.debias = getattr(d, "debias", None)
     src.add_eos = getattr(d, "add_eos", True)
+    src.user_column = getattr(d, "user_column", None)
     return src
 
 
@@ -333,7 +335,10 @@ def make_view(ds, src: Source) -> View:
             comps.append([])
             labels.append(None)
         prompts.append(p)
-    raters = [None if row.get("rater") is None else str(row.get("rater")) for row in rows]
+    from ...engine.users import find_user_column
+
+    ucol = find_user_column(cols, src.user_column)
+    raters = [None if ucol is None or row.get(ucol) in (None, "") else str(row.get(ucol)) for row in rows]
     pcol = next((c for c in POSITION_COLUMNS if c in cols), None)
     positions = [_position(row.get(pcol)) for row in rows] if pcol else [None] * len(rows)
     return View(rows, prompts, comps, labels, raters, positions)

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..debias import DebiasSection
-from ..personal import Personalisation
+from ..personal import Personalisation, PolicyPersonalisation
 from ..sections import (
     DataSource,
     HeldOut,
@@ -184,9 +184,19 @@ class ContrastiveSection(Section):
     hard_negatives: bool = Field(
         True, description="infonce: add each row's `rejected` text as a hard negative (when the data has it)."
     )
+    personalisation: PolicyPersonalisation | None = Field(
+        None,
+        description="Train one policy conditioned on the user (data.user_column): each row's prompt starts with "
+        "its user's control token; the reference scores the prompt without it. Paired objectives only. See "
+        "docs/personalisation.md.",
+    )
 
     @model_validator(mode="after")
     def _check_length_alpha(self):
+        if self.personalisation is not None and self.objective in ("kto", "infonce"):
+            raise ValueError(
+                f"contrastive.personalisation needs a paired objective (dpo ... orpo), not '{self.objective}'"
+            )
         if self.length_alpha and self.objective != "dpo":
             raise ValueError(
                 f"contrastive.length_alpha (R-DPO's length term) applies to objective dpo only, not '{self.objective}'"
@@ -210,4 +220,6 @@ class ContrastiveRecipe(RecipeBase):
             names = ("loss", "reward_chosen", "reward_rejected", "accuracy", "logps_chosen", "logps_rejected")
         else:
             names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected")
+            if self.contrastive.personalisation is not None:  # a user column is then required
+                names += ("accuracy_worst_user",)
         return tuple(f"eval/{k}" for k in names)

@@ -1,0 +1,283 @@
+"""Personalised reward models (`reward.personalisation`) and the user column: constructed users with exactly
+opposite tastes on a learnable signal (the tiny data's ", saith the LORD." ending), the saved user part and its
+scorer, the unknown-user fallback, exact resume, and the pieces (encoder, fitting, per-user figures) by hand."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from prefcli.algos.reward_users import new_user_curve, per_user_accuracy
+from prefcli.analysis.inspect.checks import majority_disagreement
+from prefcli.engine import personal
+from prefcli.engine.users import find_user_column, read_users, split_users
+from prefcli.errors import DataError, UsageError
+from prefcli.recipe.reward_specs import ModelReward
+from prefcli.reward_sources import ModelSource, build_rewards
+from prefcli.runner import RunOptions, run_training
+
+from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, losses
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(x) for x in (DATA / "tiny" / name).read_text().splitlines() if x.strip()]
+
+
+def _flip(r: dict) -> dict:
+    return {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+
+
+@pytest.fixture(scope="module")
+def opposite(tmp_path_factory) -> Path:
+    """Users 'a' (prefers the ', saith the LORD.' ending) and 'b' (the opposite) label the same training pairs;
+    held out: their labels on other pairs, and those of 'c', a new user with b's taste. Also c's first 10 held-out
+    labels as a context file."""
+    d = tmp_path_factory.mktemp("opposite")
+    train = [x for r in _rows("pref_train.jsonl")[:96] for x in ({**r, "rater": "a"}, {**_flip(r), "rater": "b"})]
+    ev = _rows("pref_eval.jsonl")[:48]
+    held = [x for r in ev for x in ({**r, "rater": "a"}, {**_flip(r), "rater": "b"}, {**_flip(r), "rater": "c"})]
+    for name, rows in (("train", train), ("eval", held), ("context_c", [_flip(r) for r in ev[:10]])):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return d
+
+
+def rm(data: Path, **upd) -> dict:
+    r = {
+        "command": "reward",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
+        "data": {"train": {"path": str(data / "train.jsonl")}, "eval": {"path": str(data / "eval.jsonl")}},
+        "reward": {},
+        "train": {"max_steps": 60, "batch_size": 16, "lr": 3e-3, "seed": 0},
+        "output": {"plot": False},
+    }
+    r["data"]["max_length"] = 64
+    return deep_update(r, upd)
+
+
+def train(tmp_path: Path, write_recipe, name: str, d: dict, *sets: str, resume: bool = False) -> dict:
+    p = write_recipe(d, name=f"{name}.yaml")
+    return run_training("reward", p, RunOptions(overrides=list(sets), output_dir=str(tmp_path / name), quiet=True,
+                                                resume=resume))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(opposite, tmp_path_factory):
+    """One run per kind on the opposite users (and a pooled one), shared by the tests below."""
+    import yaml
+
+    d = tmp_path_factory.mktemp("personal-runs")
+    out = {}
+    for kind in ("pooled", "user_embedding", "latent", "lowrank"):
+        r = rm(opposite, reward={"personalisation": {"kind": kind}} if kind != "pooled" else {})
+        if kind == "pooled":
+            r["train"]["max_steps"] = 8
+        p = d / f"{kind}.yaml"
+        p.write_text(yaml.safe_dump(r, sort_keys=False))
+        out[kind] = (run_training("reward", p, RunOptions(output_dir=str(d / kind), quiet=True)), d / kind)
+    return out
+
+
+# -------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_opposite_users_pooled_is_at_chance_and_each_kind_serves_both(runs):
+    pooled = runs["pooled"][0]["final"]
+    # every held-out pair is labelled once by a and once by b, oppositely: whatever a pooled model scores, it is
+    # right for exactly one of them, so their accuracies sum to 1 and the worst user is at chance or below
+    assert pooled["eval/accuracy/a"] + pooled["eval/accuracy/b"] == pytest.approx(1.0)
+    assert pooled["eval/accuracy_worst_user"] <= 0.5
+    assert pooled["eval/new_user/accuracy@0"] == pytest.approx(pooled["eval/accuracy/b"])  # c labels as b does
+    for kind in ("user_embedding", "latent", "lowrank"):
+        f = runs[kind][0]["final"]
+        print(kind, {k: round(v, 3) for k, v in f.items() if k.startswith("eval/") and "@" not in k})
+        assert f["eval/accuracy/a"] >= 0.95 and f["eval/accuracy/b"] >= 0.95, kind  # held-out rows of seen users
+        assert f["eval/accuracy_worst_user"] >= 0.95 and f["eval/pairs"] == 96, kind
+        assert 0.3 <= f["eval/accuracy_shared"] <= 0.7, kind  # the shared part alone cannot serve both
+    for kind in ("latent", "lowrank", "user_embedding"):  # a held-out user given 10 of their labels
+        assert runs[kind][0]["final"]["eval/new_user/accuracy@10/c"] >= 0.95, kind
+    s = runs["latent"][0]
+    assert s["data"]["users"] == {"column": "rater", "train": ["a", "b"], "new_in_eval": ["c"]}
+    assert s["objective"]["personalisation"]["kind"] == "latent" and s["model"]["user_parameters"] > 0
+
+
+@pytest.mark.slow
+def test_the_saved_user_part_scores_as_training_did_and_an_unknown_user_gets_the_shared_part(runs, opposite):
+    final = runs["user_embedding"][1] / "final"
+    cfg = json.loads((final / "personalisation" / "config.json").read_text())
+    assert cfg["kind"] == "user_embedding" and cfg["users"] == ["a", "b"] and cfg["user_column"] == "rater"
+    rows = [json.loads(x) for x in (opposite / "eval.jsonl").read_text().splitlines()]
+    a_rows = [r for r in rows if r["rater"] == "a"]
+    prompts, chosen, rejected = (
+        [r["prompt"] for r in a_rows],
+        [r["chosen"] for r in a_rows],
+        [r["rejected"] for r in a_rows],
+    )
+    # the shared part is a plain transformers reward model
+    hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    src = ModelSource(ModelReward(kind="model", path=str(final), max_length=64))
+    enc = src._encode(prompts, chosen)
+    with torch.no_grad():
+        logits = hf(**enc).logits[:, 0]
+        h = hf.model(**enc).last_hidden_state[torch.arange(len(prompts)), enc["attention_mask"].sum(1) - 1]
+    assert src(prompts, chosen) == pytest.approx(logits.tolist(), abs=1e-5)  # no user: the shared part
+    # a known user: shared score + the stored head offset . h, computed here by hand
+    offsets = load_file(str(final / "personalisation" / "model.safetensors"))["user_offsets"]
+    by_hand = logits + h @ offsets[0]
+    assert src(prompts, chosen, users=["a"] * len(prompts)) == pytest.approx(by_hand.tolist(), abs=1e-4)
+    fixed = ModelSource(ModelReward(kind="model", path=str(final), max_length=64, user="b"))
+    assert fixed(prompts, chosen) == pytest.approx((logits + h @ offsets[1]).tolist(), abs=1e-4)
+    # an unknown user: the shared part, and one warning naming them (through the reward set)
+    said: list[str] = []
+    rs = build_rewards([ModelReward(kind="model", path=str(final), max_length=64)], warn=said.append)
+    total, _ = rs.score(prompts, chosen, users=["zed"] * len(prompts))
+    assert total == pytest.approx(logits.tolist(), abs=1e-5)
+    assert len(said) == 1 and "'zed'" in said[0] and "shared part" in said[0]
+    # a's reward prefers a's choices on held-out rows
+    sc, sr = src(prompts, chosen, users=["a"] * len(prompts)), src(prompts, rejected, users=["a"] * len(prompts))
+    assert sum(x > y for x, y in zip(sc, sr)) / len(sc) >= 0.95
+    with pytest.raises(UsageError, match="user 'zed' is not a user of the reward model"):
+        ModelSource(ModelReward(kind="model", path=str(final), user="zed"))
+
+
+@pytest.mark.slow
+def test_a_new_user_from_a_context_file_without_retraining(runs, opposite):
+    rows = [json.loads(x) for x in (opposite / "eval.jsonl").read_text().splitlines()]
+    c_rows = [r for r in rows if r["rater"] == "c"][10:]  # past the 10 of the context file
+    p, ch, rj = [r["prompt"] for r in c_rows], [r["chosen"] for r in c_rows], [r["rejected"] for r in c_rows]
+    for kind in ("latent", "lowrank"):
+        final = runs[kind][1] / "final"
+        src = ModelSource(
+            ModelReward(kind="model", path=str(final), max_length=64, context=str(opposite / "context_c.jsonl"))
+        )
+        acc = sum(x > y for x, y in zip(src(p, ch), src(p, rj))) / len(p)
+        shared = ModelSource(ModelReward(kind="model", path=str(final), max_length=64))
+        acc0 = sum(x > y for x, y in zip(shared(p, ch), shared(p, rj))) / len(p)
+        print(kind, "new user c from 10 pairs:", acc, "shared part:", acc0)
+        assert acc >= 0.95, kind
+
+
+def test_user_or_context_needs_a_personalised_model(tiny_model_dir, tmp_path):
+    with pytest.raises(UsageError, match="needs a personalised reward model"):
+        ModelSource(ModelReward(kind="model", path=str(tiny_model_dir), user="a"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["user_embedding", "latent"])
+def test_resume_is_exact_with_user_parameters_and_their_optimizer_state(kind, opposite, tmp_path, write_recipe):
+    d = rm(opposite, reward={"personalisation": {"kind": kind}}, train={"max_steps": 6, "save_every_steps": 3})
+    whole = train(tmp_path, write_recipe, "whole", d)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-3", tmp_path / "resumed" / "checkpoints" / "step-3")
+    resumed = train(tmp_path, write_recipe, "resumed", d, resume=True)
+    assert resumed["resumed_from"].endswith("step-3")
+    a, b = losses(tmp_path / "whole", "loss/bradley_terry"), losses(tmp_path / "resumed", "loss/bradley_terry")
+    assert {k: a[k] for k in (4, 5, 6)} == {k: b[k] for k in (4, 5, 6)}  # bit for bit
+    ta = load_file(str(tmp_path / "whole" / "final" / "personalisation" / "model.safetensors"))
+    tb = load_file(str(tmp_path / "resumed" / "final" / "personalisation" / "model.safetensors"))
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert whole["final"]["eval/accuracy"] == resumed["final"]["eval/accuracy"]
+
+
+# -------------------------------------------------------------------------------------- the parts
+
+
+def test_the_latent_encoder_treats_each_group_of_pairs_on_its_own():
+    torch.manual_seed(0)
+    cond = personal.make_conditioner("latent", ["a", "b"], 6, {"latent_dim": 3, "encoder_dim": 8})
+    hc, hr = torch.randn(7, 6), torch.randn(7, 6)
+    group = torch.tensor([1, 0, 1, 1, 0, 2, 1])
+    mu, logvar = cond.encode(hc, hr, group, 3)
+    for g in range(3):
+        sel = group == g
+        m1, v1 = cond.encode(hc[sel], hr[sel], torch.zeros(int(sel.sum()), dtype=torch.long), 1)
+        assert torch.allclose(mu[g], m1[0], atol=1e-5) and torch.allclose(logvar[g], v1[0], atol=1e-5)
+    # a set: the order of a group's pairs does not matter
+    perm = torch.tensor([6, 5, 4, 3, 2, 1, 0])
+    mu2, _ = cond.encode(hc[perm], hr[perm], group[perm], 3)
+    assert torch.allclose(mu, mu2, atol=1e-5)
+    assert personal.gaussian_kl(torch.zeros(1, 3), torch.zeros(1, 3)).item() == 0.0
+    # KL(N(1, e^0) || N(0, 1)) = 1/2 per dimension with mean 1
+    assert personal.gaussian_kl(torch.ones(1, 3), torch.zeros(1, 3)).item() == pytest.approx(1.5)
+
+
+def test_fitting_a_new_user_finds_the_direction_of_their_labels():
+    """user_embedding: L-BFGS on sum softplus(-(m_s + e . dh)) + lambda ||e||^2, a convex problem: at the optimum
+    the gradient is zero, and the fitted user ranks their own pairs right; lowrank: weights on the simplex."""
+    torch.manual_seed(0)
+    d = 5
+    truth = torch.tensor([2.0, -1.0, 0.0, 0.5, 0.0])
+    hr = torch.randn(40, d)
+    hc = hr + torch.randn(40, d)
+    flip = (hc - hr) @ truth < 0
+    hc[flip], hr[flip] = hr[flip].clone(), hc[flip].clone()  # every pair labelled by the truth
+    cond = personal.make_conditioner("user_embedding", [], d, {"fit_l2": 0.1})
+    e = cond.fit(hc, hr, torch.zeros(40)).double().requires_grad_(True)
+    dh = (hc - hr).double()
+    loss = torch.nn.functional.softplus(-(dh @ e)).sum() + 0.1 * (e * e).sum()
+    (g,) = torch.autograd.grad(loss, e)
+    assert g.abs().max() < 1e-4
+    assert ((dh @ e.detach()) > 0).float().mean() == 1.0
+    assert torch.equal(cond.fit(hc[:0], hr[:0], torch.zeros(0)), torch.zeros(d))  # no labels: the shared model
+    low = personal.make_conditioner("lowrank", [], d, {"rank": 2, "fit_l2": 0.0})
+    with torch.no_grad():
+        low.basis.copy_(torch.stack([truth, -truth]))
+    w = low.fit(hc, hr, torch.zeros(40))
+    assert w.sum().item() == pytest.approx(1.0) and w[0] > 0.99  # all weight on the head that agrees
+
+
+def test_per_user_accuracy_and_the_new_user_curve_by_hand():
+    m = torch.tensor([1.0, -1.0, 0.0, 2.0, -3.0])
+    out = per_user_accuracy(m, [0, 0, 1, 1, -1], ["x", "y"])
+    assert out == {"eval/accuracy/x": 0.5, "eval/accuracy/y": 0.75, "eval/accuracy_worst_user": 0.5}
+    # a fake model: a user's state is the number of context labels; rows score right when state >= 5
+    curve = new_user_curve(
+        lambda ctx: torch.tensor(float(len(ctx))),
+        lambda state, rows: torch.full((len(rows),), 1.0 if state >= 5 else -1.0),
+        {"u": list(range(40)), "v": list(range(40, 60))},
+        [0, 5, 20],
+        3,
+        seed=0,
+    )
+    assert curve["eval/new_user/accuracy@0"] == 0.0 and curve["eval/new_user/accuracy@5"] == 1.0
+    # v has 20 rows: its pool is 10 of them, so "20 labels" gives it the 10 it has
+    assert curve["eval/new_user/accuracy@20/v"] == 1.0 and set(curve) >= {"eval/new_user/accuracy@20/u"}
+
+
+def test_the_user_column_and_held_out_users():
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"x": i, "rater": r} for i, r in enumerate(["a", "b", None, "a", "7", " "])])
+    assert find_user_column(ds.column_names, None) == "rater"
+    assert find_user_column(["user_id", "x"], None) == "user_id" and find_user_column(["x"], None) is None
+    assert find_user_column(ds.column_names, "who") is None
+    users = read_users(ds, "rater", "f.jsonl", "data.train")
+    assert users == ["a", "b", None, "a", "7", None]
+    train, held, names = split_users(ds, users, ["a"], 0.0, 0, "f.jsonl")
+    assert names == ["a"] and held["x"] == [0, 3] and train["x"] == [1, 2, 4, 5]
+    _, held2, names2 = split_users(ds, users, [], 0.34, 0, "f.jsonl")  # 1 of 3 users
+    assert len(names2) == 1 and all(users[i] == names2[0] for i in held2["x"])
+    with pytest.raises(DataError, match="never appear"):
+        split_users(ds, users, ["q"], 0.0, 0, "f.jsonl")
+    ints = datasets.Dataset.from_list([{"user_id": 3}, {"user_id": 12}])
+    assert read_users(ints, "user_id", "f.jsonl", "data.train") == ["3", "12"]
+    bad = datasets.Dataset.from_list([{"rater": [1]}])
+    with pytest.raises(DataError, match="row 1: user 'rater'"):
+        read_users(bad, "rater", "f.jsonl", "data.train")
+
+
+def test_disagreement_with_the_majority_of_the_others():
+    units = {"i": [1, 1, 0], "j": [0, 0], "k": [1], "t": [1, 0, 1, 0]}
+    # the rater who gave 0 on i, 0 on j, 1 on k (alone), 0 on t (others: 1, 0, 1 -> majority 1)
+    shared, share = majority_disagreement({"i": 0, "j": 0, "k": 1, "t": 0}, units)
+    assert shared == 3 and share == pytest.approx(2 / 3)  # i: others say 1 (differs), j: 0 (agrees), t: differs
+    assert majority_disagreement({"k": 1}, units) == (0, None)
+    assert majority_disagreement({"i": 1}, units) == (1, None)  # others 1, 0: a tie, left out

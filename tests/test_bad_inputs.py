@@ -566,6 +566,8 @@ case(
     lambda e: e.cmd("reward", pref("reward", reward={"objective": "bradley-terry"})),
     ["reward.objective", "did you mean 'bradley_terry'"],
 )
+
+
 # --- personalisation (reward.personalisation, the user column)
 def personal(**p) -> dict:
     return pref("reward", reward={"personalisation": {"kind": "user_embedding", **p}})

@@ -5,6 +5,7 @@ scorer, the unknown-user fallback, exact resume, and the pieces (encoder, fittin
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -281,3 +282,86 @@ def test_disagreement_with_the_majority_of_the_others():
     assert shared == 3 and share == pytest.approx(2 / 3)  # i: others say 1 (differs), j: 0 (agrees), t: differs
     assert majority_disagreement({"k": 1}, units) == (0, None)
     assert majority_disagreement({"i": 1}, units) == (1, None)  # others 1, 0: a tie, left out
+
+
+# -------------------------------------------------------------------------------------- policies
+
+
+def dpo(data: Path, **upd) -> dict:
+    r = rm(data, command="contrastive", reward=None)
+    del r["reward"]
+    r["contrastive"] = {"objective": "dpo", "beta": 0.5}
+    r["train"]["max_steps"] = 40
+    return deep_update(r, upd)
+
+
+@pytest.mark.slow
+def test_a_personalised_dpo_policy_serves_opposite_users_and_generate_and_eval_serve_each(
+    opposite, tmp_path, write_recipe, cli
+):
+    from prefcli.engine.personal import policy_users
+
+    runs = {}
+    for name, upd in (
+        ("pooled", {"train": {"max_steps": 8}}),
+        ("personal", {"contrastive": {"personalisation": {"kind": "user_token"}}, "train": {"eval_on_start": True}}),
+    ):
+        p = write_recipe(dpo(opposite, **upd), name=f"dpo-{name}.yaml")
+        runs[name] = run_training("contrastive", p, RunOptions(output_dir=str(tmp_path / name), quiet=True))
+    pooled, personal = runs["pooled"]["final"], runs["personal"]["final"]
+    # the same pair labelled oppositely by a and b: a pooled policy's implicit reward is right for exactly one
+    assert pooled["eval/accuracy/a"] + pooled["eval/accuracy/b"] == pytest.approx(1.0)
+    assert personal["eval/accuracy/a"] >= 0.95 and personal["eval/accuracy/b"] >= 0.95
+    assert personal["eval/accuracy_worst_user"] >= 0.95 and "eval/new_user/accuracy@0" in personal
+    first = [r for r in (json.loads(x) for x in (tmp_path / "personal" / "metrics.jsonl").read_text().splitlines())]
+    assert first[0]["step"] == 0 and first[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # = reference
+    final = tmp_path / "personal" / "final"
+    assert (
+        policy_users(final) == {"a": "<|user:a|>", "b": "<|user:b|>"}
+        and policy_users(tmp_path / "pooled" / "final") is None
+    )
+    # generate --user: the user's token leads the prompt; an unknown user gets none, with a warning
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(final)
+    (tmp_path / "p.txt").write_text("And ye shall chase\n")
+    code, out, err = cli(
+        "generate", final, "-p", tmp_path / "p.txt", "--user", "a", "--max-new-tokens", "4", "--greedy"
+    )
+    assert code == 0 and json.loads(out)["prompt"] == "And ye shall chase"
+    from prefcli.evaluate.generation import Generator
+    from prefcli.evaluate.loading import load_lm, make_runtime
+    from prefcli.recipe.commands.eval import GenerationSection
+    from prefcli.recipe.sections import ModelSection
+
+    lm, t = load_lm(ModelSection(path=str(final)), make_runtime("cpu"))
+    said: list[str] = []
+    g = Generator(lm, t, GenerationSection(max_new_tokens=4), "cpu", warn=said.append, users=policy_users(final))
+    plain = tok("And ye shall chase")["input_ids"]
+    assert g.encode("And ye shall chase", "b") == [tok.convert_tokens_to_ids("<|user:b|>")] + plain
+    assert g.encode("And ye shall chase", "zed") == plain and len(said) == 1 and "'zed'" in said[0]
+    code, out, err = cli("generate", tmp_path / "pooled" / "final", "-p", tmp_path / "p.txt", "--user", "a")
+    assert code == 2 and "is not a personalised policy" in err
+    # eval: each prompt generated for its row's user, rewarded per user
+    rows = [json.loads(x) for x in (opposite / "eval.jsonl").read_text().splitlines()][:12]
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "rater": r["rater"]}) + "\n" for r in rows)
+    )
+    ev = {
+        "command": "eval",
+        "models": [{"name": "personal", "path": str(final)}],
+        "baseline": {"name": "pooled", "path": str(tmp_path / "pooled" / "final")},
+        "data": {"prompts": {"path": str(tmp_path / "prompts.jsonl")}},
+        "metrics": ["reward", "win_rate"],
+        "generation": {"max_new_tokens": 6},
+        "rewards": [{"kind": "length", "target": 4, "unit": "words"}],
+    }
+    code, out, err = cli("eval", write_recipe(ev, name="ev.yaml"), "-o", tmp_path / "ev", "-q")
+    s = json.loads(out.strip().splitlines()[-1])
+    assert code == 0, err
+    m = s["models"]["personal"]
+    assert m["personalised"] is True and set(m["reward"]["per_user"]) == {"a", "b", "c"}
+    assert m["reward"]["worst_user"]["mean"] == min(m["reward"]["per_user"].values())
+    assert set(m["win_rate"]["per_user"]) == {"a", "b", "c"}
+    ex = [json.loads(x) for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()]
+    assert [r["user"] for r in ex if r["model"] == "personal"] == [r["rater"] for r in rows]

@@ -394,10 +394,11 @@ class PreferenceTask(Scheduled):
         rng = random.Random(self.cfg.train.seed + 11)
         self.generic = {i for i in range(len(self.train_set)) if rng.random() < self.personal.generic_fraction}
 
-    def _prompt(self, s, i: int, personal: bool) -> list[int]:
-        """Pair i's prompt ids, with its user's token first when the policy is personalised (and `personal`)."""
+    def _prompt(self, s, i: int) -> list[int]:
+        """Pair i's prompt ids, with its user's token first when the policy is personalised (not for the rows
+        trained as the generic user, nor for users never trained on)."""
         p = s.prompt[i]
-        if not personal or not self.user_tokens or s.users is None or s.users[i] < 0:
+        if not self.user_tokens or s.users is None or s.users[i] < 0:
             return p
         if s is self.train_set and i in self.generic:
             return p
@@ -416,11 +417,11 @@ class PreferenceTask(Scheduled):
 
     # ----------------------------------------------------------------------- batches
 
-    def _batch(self, s, items: list[int], partner: list[int] | None = None, personal: bool = True) -> dict:
+    def _batch(self, s, items: list[int], partner: list[int] | None = None) -> dict:
         pad = self.tok.pad_token_id
         if self.paired:
             b = pair_batch(
-                [self._prompt(s, i, personal) for i in items],
+                [self._prompt(s, i) for i in items],
                 [s.chosen[i] for i in items],
                 [s.rejected[i] for i in items],
                 pad,
@@ -454,7 +455,7 @@ class PreferenceTask(Scheduled):
         (n, 1) for unpaired rows."""
 
         def fn(idx):
-            b = self._batch(s, idx, partner, personal=False)  # the reference scores the prompt without a user
+            b = self._batch(s, idx, partner)  # with the user tokens: the policy starts equal to its reference
             seq = self._reduce(*self._seq(self.policy, b))
             return torch.stack(seq.chunk(2), 1) if self.paired else seq
 

@@ -17,7 +17,8 @@ class RolloutDraws:
         lose the missing-EOS penalty and DAPO's overlong penalty."""
         c = self.cfg.rlhf
         smp = self.sample(self.next_prompts(), self.prompt_text, self.prompt_ids, self.k)
-        total, parts = self.rewards.score(smp.prompts, smp.completions)
+        who = self.users.of("train", smp.rows) if self.users is not None else None
+        total, parts = self.rewards.score(smp.prompts, smp.completions, users=who)
         raw = torch.tensor(total, dtype=torch.float32, device=self.rt.device)
         scores, over = raw.clone(), None
         r = smp.rollout

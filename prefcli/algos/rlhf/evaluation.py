@@ -28,19 +28,26 @@ class HeldOutEvaluation:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean reward, KL to the reference and length of one sampled completion per held-out prompt."""
+        """Mean reward, KL to the reference and length of one sampled completion per held-out prompt; with a user
+        column, the mean reward of each user's prompts (each scored for its user) and the worst user."""
         rt = self.rt
         self.sampler.sync()
         idx = shard_for_rank(list(range(len(self.eval_ids))), rt.rank, rt.world_size)
         if self.cfg.train.eval_max_batches:
             idx = idx[: self.cfg.train.eval_max_batches * self.B]
         sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
+        users = self.users if self.users is not None and self.users.active else None
+        all_total, all_users = [], []
         for s in range(0, len(idx), self.B):
             chunk = idx[s : s + self.B]
             real = len(chunk)
             smp = self.sample(chunk + [chunk[0]] * (self.B - real), self.eval_text, self.eval_ids, 1)
             r = smp.rollout
-            total, _ = self.rewards.score(smp.prompts[:real], smp.completions[:real])
+            who = users.of("eval", chunk) if users is not None else None
+            total, _ = self.rewards.score(smp.prompts[:real], smp.completions[:real], users=who)
+            if who is not None:
+                all_total += total
+                all_users += who
             seq = self.sequences(r)
             lp, _ = self.score_logprobs(seq, reference=False)
             ref = self.score_logprobs(seq, reference=True)[0] if self.need_ref else lp
@@ -51,7 +58,8 @@ class HeldOutEvaluation:
                 device=rt.device,
             )
         rt.all_reduce(sums)
+        per_user = users.per_user(all_total, all_users, rt, rt.device) if users is not None else {}
         tot, kl, length, n = sums.tolist()
         if n == 0:
             return {}
-        return {"eval/reward": tot / n, "eval/kl": kl / n, "eval/length": length / n}
+        return {"eval/reward": tot / n, "eval/kl": kl / n, "eval/length": length / n, **per_user}

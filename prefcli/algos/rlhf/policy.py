@@ -43,6 +43,7 @@ from .loss import NORMALISERS, POLICY_LOSSES, LossParams, policy_loss
 from .online import OnlinePreferenceLoss, best_worst_pairs
 from .sampling import Draw, HFSampler, Samples, apply_stop_strings, prompt_rows
 from .stats import max_op, rollout_stats
+from .users import PromptUsers
 
 # ---------------------------------------------------------------------------- modules
 
@@ -113,6 +114,11 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
                 f"{r.data.max_prompt_length} tokens and lost their beginning"
             )
         self.n_truncated = trunc
+        # whom each prompt is for (a user column); with rlhf.personalisation, their tokens before the prompts
+        self.users = PromptUsers(r, tok, rows, eval_rows)
+        if self.users is not None:
+            self.prompt_ids = self.users.condition(self.prompt_ids, "train")
+            self.eval_ids = self.users.condition(self.eval_ids, "eval")
         extra = list(extra_rewards)
         if extra:
             self.rewards = RewardSet(
@@ -556,6 +562,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
                 "prompts": len(self.prompt_ids),
                 "eval_prompts": len(self.eval_ids),
                 "truncated_prompts": self.n_truncated,
+                **({"users": self.users.describe()} if self.users is not None and self.users.active else {}),
             },
             "model": {
                 "parameters": sum(p.numel() for p in self.lm.parameters()),
@@ -583,6 +590,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         from safetensors.torch import save_file
 
         save_hf(self.lm, self.tok, out_dir, self.rt)
+        if self.users is not None:
+            self.users.save(out_dir, self.rt)
         if self.model.value_head is not None:
             head = whole_state(self.model.value_head, self.rt)  # every rank: gathered when sharded
             if head is not None:

@@ -14,7 +14,7 @@ from ..sections import (
     Section,
     TrainSource,
 )
-from .base import RecipeBase
+from .base import RecipeBase, field_error
 from .names import CONTRASTIVE_OBJECTIVES, REWARD_OBJECTIVES
 
 
@@ -187,8 +187,8 @@ class ContrastiveSection(Section):
     personalisation: PolicyPersonalisation | None = Field(
         None,
         description="Train one policy conditioned on the user (data.user_column): each row's prompt starts with "
-        "its user's control token; the reference scores the prompt without it. Paired objectives only. See "
-        "docs/personalisation.md.",
+        "its user's control token (the reference scores the same input at the initial weights). Paired objectives "
+        "only; not with model.lora (the tokens' embeddings must train). See docs/personalisation.md.",
     )
 
     @model_validator(mode="after")
@@ -211,6 +211,17 @@ class ContrastiveRecipe(RecipeBase):
     command: Literal["contrastive"] = Field("contrastive", description="Always 'contrastive' for this schema.")
     data: PreferenceData = Field(description="Training and held-out preference data.")
     contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection, description="The objective.")
+
+    @model_validator(mode="after")
+    def _check_personal_lora(self):
+        if self.contrastive.personalisation is not None and self.model.lora is not None:
+            raise field_error(
+                ("contrastive", "personalisation"),
+                "does not work with model.lora: the user tokens' embeddings must train, and LoRA freezes them; "
+                "train all weights (remove model.lora)",
+                None,
+            )
+        return self
 
     def eval_metrics(self) -> tuple[str, ...]:
         o = self.contrastive.objective

@@ -74,13 +74,25 @@ def load_function(spec: str, base_dir: str | Path | None = None) -> Callable:
 
 
 class FunctionSource(RewardSource):
+    """Your function fn(prompts, completions, **kwargs) -> floats. A function with a `users` parameter also gets
+    whom each completion is for (a list of user ids or None, from the caller's user column): a reward that
+    differs by user."""
+
     def __init__(self, cfg: FunctionReward, base_dir=None):
+        import inspect
+
         self.fn = load_function(cfg.function, base_dir)
         self.kwargs = cfg.kwargs
         self.name = cfg.name or cfg.function.rpartition(":")[2]
         self.label = cfg.function
+        try:
+            self.accepts_users = "users" in inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            self.accepts_users = False
 
-    def __call__(self, prompts, completions):
+    def __call__(self, prompts, completions, users=None):
+        if self.accepts_users:
+            return list(self.fn(list(prompts), list(completions), users=users, **self.kwargs))
         return list(self.fn(list(prompts), list(completions), **self.kwargs))
 
 

@@ -31,8 +31,8 @@ Files (data/multirater/), rows {prompt, chosen, rejected, rater}:
 - context_negative-4.jsonl: 20 labels of the new user negative-4 on training pairs (none of them held out),
   the context file that personalises a few-shot reward model for that user without retraining;
 - prompts.jsonl / prompts_eval.jsonl: the quickstart's prompts with a `rater` column (training prompts
-  assigned to the 9 seen raters in turn; every held-out prompt once per seen rater), for personalised
-  policies (`prefcli rlhf` with the user taken from the prompt row, `prefcli eval` per user);
+  assigned to the 9 seen raters in turn; the first 100 held-out prompts once per seen rater), for
+  personalised policies (`prefcli rlhf` with the user taken from the prompt row, `prefcli eval` per user);
 - raters.json: each rater's taste and, per file, its label count and how often its noisy label agrees with
   its own noiseless preference (the ceiling of any model's accuracy on that rater).
 """
@@ -170,7 +170,7 @@ def main() -> None:
     write(out / "preferences_eval.jsonl", held)
     write(out / f"context_{CONTEXT_USER}.jsonl", context)
     write(out / "prompts.jsonl", [{"prompt": p["prompt"], "rater": SEEN[i % len(SEEN)]} for i, p in enumerate(prompts)])
-    write(out / "prompts_eval.jsonl", [{"prompt": p["prompt"], "rater": r} for r in SEEN for p in prompts_eval])
+    write(out / "prompts_eval.jsonl", [{"prompt": p["prompt"], "rater": r} for r in SEEN for p in prompts_eval[:100]])
 
     raters = {}
     for r in SEEN + NEW:

@@ -365,3 +365,14 @@ def test_a_personalised_dpo_policy_serves_opposite_users_and_generate_and_eval_s
     assert set(m["win_rate"]["per_user"]) == {"a", "b", "c"}
     ex = [json.loads(x) for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()]
     assert [r["user"] for r in ex if r["model"] == "personal"] == [r["rater"] for r in rows]
+
+
+def test_a_function_reward_with_a_users_parameter_gets_whom_each_completion_is_for():
+    from prefcli.recipe.reward_specs import FunctionReward
+
+    taste = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart" / "personal" / "tastes.py") + ":taste"
+    rs = build_rewards([FunctionReward(kind="function", function=taste)])
+    texts = ["joy and love", "joy and love", "joy and love", "a b c d e f g h i j k l"]
+    total, _ = rs.score(["p"] * 4, texts, users=["positive-1", "negative-9", "brief-2", "brief-2"])
+    assert total[0] > 0.5 and total[1] == -total[0] and total[2] == -0.3 and total[3] == pytest.approx(-1.2)
+    assert rs.score(["p"], ["joy"])[0] == [0.0]  # no user: no taste

@@ -54,3 +54,24 @@ def test_quickstart_phf_conditional_recipe_smoke(tmp_path, cli):
     assert s["status"] == "completed" and s["smoke"] is True
     assert s["data"]["phf"]["objective"] == "conditional" and s["data"]["phf"]["control_position"] == "start"
     assert -1.0 <= s["final"]["eval/control_gap"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command,recipe", [("reward", "reward-latent"), ("contrastive", "contrastive"), ("rlhf", "rlhf")]
+)
+def test_personalisation_recipes_smoke(command, recipe, tmp_path, cli):
+    """The multi-rater task's recipes run as shipped (smoke): a personalised reward model, a policy conditioned
+    on the rater, and RLHF with each rater's own taste (tastes.py) as the reward."""
+    code, stdout, stderr = cli(
+        command,
+        ROOT / "recipes" / "quickstart" / "personal" / f"{recipe}.yaml",
+        "--smoke",
+        "-o",
+        tmp_path / recipe,
+        "-q",
+    )
+    assert code == 0, stderr
+    s = last_json(stdout)
+    assert s["status"] == "completed" and s["steps"] == 3
+    assert (tmp_path / recipe / "final" / "personalisation" / "config.json").exists()

@@ -3,6 +3,7 @@
     python experiments/personalisation.py rewards                 # pooled, user_embedding, latent, lowrank x seeds
     python experiments/personalisation.py rewards --kinds latent --seeds 0
     python experiments/personalisation.py report                  # the tables of docs/personalisation.md
+    python experiments/personalisation.py collect                 # record finished runs whose launcher stopped
 
 Each run is `prefcli reward recipes/quickstart/personal/reward-<kind>.yaml --set train.seed=S` in
 runs/personalisation/reward-<kind>-s<S>/, started with `OMP_NUM_THREADS=1 nice -n 10`, at most --jobs at a
@@ -78,7 +79,26 @@ def reward_row(kind: str, seed: int, summary: dict, wall: float) -> dict:
     }
 
 
+def collect(a) -> None:
+    """Rows of finished runs in --runs that --out lacks (a run whose launcher stopped before recording it): each
+    run folder's summary.json. The commit is $PREFCLI_COMMIT or the one the run's row would name."""
+    have = done(a.out)
+    for kind in KINDS:
+        for seed in a.seeds:
+            summary = a.runs / f"reward-{kind}-s{seed}" / "summary.json"
+            if ("reward", kind, seed) in have or not summary.exists():
+                continue
+            s = json.loads(summary.read_text())
+            if s.get("status") != "completed":
+                continue
+            row = reward_row(kind, seed, s, s.get("wall_s", 0.0))
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"collected reward {kind} seed {seed}", flush=True)
+
+
 def run_rewards(a) -> None:
+    collect(a)
     todo = [(k, s) for s in a.seeds for k in a.kinds if ("reward", k, s) not in done(a.out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     running: list[tuple] = []
@@ -175,7 +195,7 @@ def report(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["rewards", "report"])
+    ap.add_argument("stage", choices=["rewards", "collect", "report"])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
@@ -186,6 +206,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.stage == "rewards":
         run_rewards(a)
+    elif a.stage == "collect":
+        collect(a)
     else:
         report(a)
 

@@ -9,7 +9,7 @@ reads), s_u the user's *state* and v(s) = M s its head offset, linear in the sta
 
 | kind | state s_u | offset v(s) | a user seen in training | a new user from K labelled pairs |
 |---|---|---|---|---|
-| user_embedding (P-RLHF-style, Li et al. 2024) | e_u in R^d | e_u | a learned vector | e fitted by L-BFGS, shared part frozen, penalty lambda ||e||^2 |
+| user_embedding (P-RLHF-style, Li et al. 2024) | e_u in R^d | e_u | a learned vector (random at the start) | e fitted by L-BFGS, shared part frozen, penalty lambda ||e||^2 |
 | latent (VPL-style, Poddar et al. 2024) | z_u in R^k | W z_u | the encoder's mean on K of their training pairs | the encoder's mean on the K pairs: no fitting |
 | lowrank (LoRe/PAL-style, Bose et al. 2025; Chen et al. 2024) | w_u in the simplex (B) | V^T w_u: sum_b w_ub r_b | softmax of learned logits | logits fitted by L-BFGS, basis frozen |
 
@@ -97,7 +97,10 @@ class UserEmbeddingCond(Conditioner):
 
     def __init__(self, users, hidden, spec):
         super().__init__(users, hidden, spec)
-        self.table = nn.Parameter(torch.zeros(len(users), hidden))  # every user starts as the shared model
+        # each user starts as a random head, drawn like the shared head (N(0, 1/(d+1))): started at 0, every user's
+        # head would be the shared one, the users' rows would push the shared model in cancelling directions, and
+        # a taste it does not encode yet would never be learned (measured: docs/personalisation.md)
+        self.table = nn.Parameter(torch.randn(len(users), hidden) / math.sqrt(hidden + 1))
 
     @property
     def state_dim(self) -> int:

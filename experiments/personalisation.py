@@ -83,7 +83,7 @@ def collect(a) -> None:
     """Rows of finished runs in --runs that --out lacks (a run whose launcher stopped before recording it): each
     run folder's summary.json. The commit is $PREFCLI_COMMIT or the one the run's row would name."""
     have = done(a.out)
-    for kind in KINDS:
+    for kind in a.kinds:
         for seed in a.seeds:
             summary = a.runs / f"reward-{kind}-s{seed}" / "summary.json"
             if ("reward", kind, seed) in have or not summary.exists():

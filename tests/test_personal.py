@@ -376,3 +376,53 @@ def test_a_function_reward_with_a_users_parameter_gets_whom_each_completion_is_f
     total, _ = rs.score(["p"] * 4, texts, users=["positive-1", "negative-9", "brief-2", "brief-2"])
     assert total[0] > 0.5 and total[1] == -total[0] and total[2] == -0.3 and total[3] == pytest.approx(-1.2)
     assert rs.score(["p"], ["joy"])[0] == [0.0]  # no user: no taste
+
+
+@pytest.mark.slow
+def test_personalised_rlhf_conditions_each_prompt_and_rewards_it_for_its_user(tmp_path, write_recipe):
+    """rlhf.personalisation: a prompt's user token leads it (but for the generic prompts), and the reward sources
+    get each completion's user from the prompt rows: a reward that pays 1 for user a and 0 for b reads back as
+    eval/reward/a = 1, eval/reward/b = 0."""
+    from prefcli.algos.rlhf import build as build_rlhf
+    from prefcli.engine.dist import setup_runtime
+    from prefcli.recipe import load_recipe
+    from prefcli.runner import RunContext
+
+    from .test_rlhf import rlhf_recipe
+
+    rows = [json.loads(x) for x in (DATA / "tiny" / "prompts.jsonl").read_text().splitlines()][:16]
+    (tmp_path / "p.jsonl").write_text(
+        "".join(json.dumps({**r, "rater": "ab"[i % 2]}) + "\n" for i, r in enumerate(rows))
+    )
+    (tmp_path / "who.py").write_text(
+        "def reward(prompts, completions, users=None):\n    return [1.0 if u == 'a' else 0.0 for u in users]\n"
+    )
+    d = rlhf_recipe(
+        data={
+            "train": {"path": str(tmp_path / "p.jsonl")},
+            "eval": {"path": str(tmp_path / "p.jsonl"), "max_rows": 16},
+        },
+        rewards=[{"kind": "function", "function": str(tmp_path / "who.py") + ":reward"}],
+        rlhf={"algorithm": "grpo", "personalisation": {"kind": "user_token", "generic_fraction": 0.25}},
+        train={"max_steps": 2, "eval_every_steps": 2},
+    )
+    p = write_recipe(d, name="prl.yaml")
+    task = build_rlhf(RunContext(recipe=load_recipe(p).recipe, rt=setup_runtime("cpu", "fp32"), run_dir=tmp_path))
+    lr = task.learner
+    tok = lr.tok
+    ids = {u: tok.convert_tokens_to_ids(f"<|user:{u}|>") for u in "ab"}
+    plain = [tok(r["prompt"])["input_ids"] for r in rows]
+    for i in range(16):
+        u = "ab"[i % 2]
+        want = plain[i] if i in lr.users.generic else [ids[u]] + plain[i]
+        assert lr.prompt_ids[i] == want[-len(lr.prompt_ids[i]) :], i
+        assert lr.eval_ids[i][0] == ids[u]  # held-out prompts always carry their user's token
+    assert 0 < len(lr.users.generic) < 16
+    s = run_training("rlhf", p, RunOptions(output_dir=str(tmp_path / "run"), quiet=True))
+    f = s["final"]
+    assert f["eval/reward/a"] == 1.0 and f["eval/reward/b"] == 0.0 and f["eval/reward_worst_user"] == 0.0
+    assert s["data"]["users"]["train"] == ["a", "b"]
+    assert json.loads((tmp_path / "run" / "final" / "personalisation" / "config.json").read_text())["users"] == {
+        "a": "<|user:a|>",
+        "b": "<|user:b|>",
+    }

@@ -553,27 +553,43 @@ class RewardTask(Scheduled):
     def _evaluate_users(self) -> dict:
         """Held-out pairs with a user column: the overall figures, per-user accuracy and the worst user (users seen
         in training for a personalised model; every user for a pooled one), and for a personalised model the
-        shared part's accuracy and the new-user curve. Every process scores its share of the rows; the per-row
-        margins (and the new users' hidden states) are summed across processes, so every process computes the
-        same figures."""
-        rt, s, dev = self.rt, self.eval_set, self.rt.device
+        shared part's accuracy and the new-user curve."""
         was = self.module.training
         self.module.eval()
         if self.cond is not None and self.personal.kind == "latent":
             self._refresh_latent_users()
-        n = len(s)
-        users = s.users or [-1] * n
-        new_names = sorted({u for u, i in zip(s.user_ids or [None] * n, users) if u is not None and i < 0})
-        new_idx = {}
+        s = self.eval_set
+        users = s.users or [-1] * len(s)
+        ids = s.user_ids or [None] * len(s)
+        # a personalised model's new users: rows of a user never trained on (scored in the new-user curve)
+        new = {}
         if self.cond is not None:
-            new_idx = {j: k for k, j in enumerate(j for j in range(n) if users[j] < 0 and s.user_ids[j] is not None)}
-        hidden = score_head(self.model).weight.shape[-1]
-        # per row: seen, personal margin, shared margin, loss, reward chosen, reward rejected
-        rows = torch.zeros(n, 6, dtype=torch.float64, device=dev)
-        feats = torch.zeros(len(new_idx), 2, hidden, dtype=torch.float64, device=dev)
-        for items in iterate_eval(
-            n, self.cfg.train.batch_size, rt.rank, rt.world_size, self.cfg.train.eval_max_batches
-        ):
+            new = {j: k for k, j in enumerate(j for j in range(len(s)) if users[j] < 0 and ids[j] is not None)}
+        rows, feats = self._score_rows(new)
+        done = [j for j in range(len(s)) if rows[j, 0] > 0]
+        out = self._overall([j for j in done if j not in new], rows)
+        if self.cond is None:  # pooled: every user of the held-out rows, seen in training or not
+            names = sorted({ids[j] for j in done if ids[j] is not None})
+            vocab = {u: k for k, u in enumerate(names)}
+            out.update(per_user_accuracy(rows[done, 1], [vocab.get(ids[j], -1) for j in done], names))
+            unseen = [j for j in done if ids[j] is not None and users[j] < 0]
+            if unseen:
+                out["eval/new_user/accuracy@0"] = float(pair_correct(rows[unseen, 1]).mean())
+        else:
+            out.update(per_user_accuracy(rows[done, 1], [users[j] for j in done], self.user_names))
+            out.update(self._new_user_curve(new, [j for j in done if j in new], rows, feats))
+        self.module.train(was)
+        return out
+
+    def _score_rows(self, new: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held-out pair scored, each process its share, summed across processes (so every process ends
+        with the same table): per row (scored, personal margin, shared margin, loss, reward chosen, reward
+        rejected), and the hidden states [n_new, 2, d] of the chosen and rejected texts of the new users' rows."""
+        rt, s, dev = self.rt, self.eval_set, self.rt.device
+        rows = torch.zeros(len(s), 6, dtype=torch.float64, device=dev)
+        feats = torch.zeros(len(new), 2, score_head(self.model).weight.shape[-1], dtype=torch.float64, device=dev)
+        bs, cap = self.cfg.train.batch_size, self.cfg.train.eval_max_batches
+        for items in iterate_eval(len(s), bs, rt.rank, rt.world_size, cap):
             if not items:
                 continue
             b = self._batch(s, items)
@@ -582,82 +598,61 @@ class RewardTask(Scheduled):
                 out = self.module(b)
                 pers, shared, h = out["personal"], out["shared"], out["hidden"]
                 for k, i in enumerate(items):
-                    if i in new_idx:
-                        feats[new_idx[i], 0] = h[k].double()
-                        feats[new_idx[i], 1] = h[B + k].double()
+                    if i in new:
+                        feats[new[i]] = torch.stack([h[k], h[B + k]]).double()
             else:
                 pers = shared = self._scores(self.model, b)
             loss = self.obj.loss_fn(pers[:B], pers[B:], b.get("value"), self.center)
-            idx = torch.tensor(items, device=dev)
-            rows[idx] = torch.stack(
+            rows[torch.tensor(items, device=dev)] = torch.stack(
                 [torch.ones(B, device=dev), pers[:B] - pers[B:], shared[:B] - shared[B:], loss, pers[:B], pers[B:]], 1
             ).double()
         rt.all_reduce(rows)
         rt.all_reduce(feats)
-        done = rows[:, 0] > 0
-        # the rows scored as the model's own users: all (pooled), or those of users seen in training and rows
-        # without a user (personalised: an unknown user is scored by the shared part, and counted in the new-user
-        # curve instead)
-        mine = done & torch.tensor([not (self.cond is not None and j in new_idx) for j in range(n)], device=dev)
-        if not bool(mine.any()) and not new_idx:
-            self.module.train(was)
+        return rows, feats
+
+    def _overall(self, sel: list[int], rows: torch.Tensor) -> dict:
+        """The usual held-out figures over the rows `sel` (the model's own users and rows without a user)."""
+        if not sel:
             return {}
-        out: dict[str, float] = {}
-        if bool(mine.any()):
-            r = rows[mine]
-            ece, mce = calibration_errors(calibration(r[:, 1], self.bins))
-            out = {
-                "eval/loss": float(r[:, 3].mean()),
-                "eval/accuracy": float(pair_correct(r[:, 1]).mean()),
-                "eval/margin": float(r[:, 1].mean()),
-                "eval/reward_chosen": float(r[:, 4].mean()),
-                "eval/reward_rejected": float(r[:, 5].mean()),
-                "eval/ece": ece,
-                "eval/mce": mce,
-                "eval/pairs": int(mine.sum()),
-            }
-            if self.cond is not None:
-                out["eval/accuracy_shared"] = float(pair_correct(r[:, 2]).mean())
-        sel = [j for j in range(n) if bool(done[j])]
-        if self.cond is None:  # pooled: every user of the held-out rows, seen in training or not
-            names = sorted({s.user_ids[j] for j in sel if s.user_ids and s.user_ids[j] is not None})
-            ids = {u: k for k, u in enumerate(names)}
-            per_user = [ids.get(s.user_ids[j], -1) if s.user_ids[j] is not None else -1 for j in sel]
-            out.update(per_user_accuracy(rows[sel, 1], per_user, names))
-            new_rows = [j for j in sel if s.user_ids[j] is not None and users[j] < 0]
-            if new_rows:
-                out["eval/new_user/accuracy@0"] = float(pair_correct(rows[new_rows, 1]).mean())
-        else:
-            out.update(per_user_accuracy(rows[sel, 1], [users[j] for j in sel], self.user_names))
-            by_user: dict[str, list[int]] = {}
-            for j in new_idx:
-                if bool(done[j]):
-                    by_user.setdefault(s.user_ids[j], []).append(new_idx[j])
-            if by_user:
-                f = feats.float()
-                ms = torch.tensor([float(rows[j, 2]) for j in sorted(new_idx, key=new_idx.get)], dtype=torch.float32)
-                cond = self.cond
-
-                def fit(ctx):
-                    return cond.fit(f[ctx, 0].cpu(), f[ctx, 1].cpu(), ms[ctx])
-
-                def margin_of(state, scored):
-                    v = cond.offsets(state.to(f.device)[None].float())[0]
-                    return ms[scored].to(f.device) + (f[scored, 0] - f[scored, 1]) @ v
-
-                out.update(
-                    new_user_curve(
-                        fit,
-                        margin_of,
-                        by_user,
-                        self.personal.new_user_labels,
-                        self.personal.new_user_draws,
-                        self.cfg.train.seed,
-                    )  # fmt: skip
-                )
-        del new_names
-        self.module.train(was)
+        r = rows[sel]
+        ece, mce = calibration_errors(calibration(r[:, 1], self.bins))
+        out = {
+            "eval/loss": float(r[:, 3].mean()),
+            "eval/accuracy": float(pair_correct(r[:, 1]).mean()),
+            "eval/margin": float(r[:, 1].mean()),
+            "eval/reward_chosen": float(r[:, 4].mean()),
+            "eval/reward_rejected": float(r[:, 5].mean()),
+            "eval/ece": ece,
+            "eval/mce": mce,
+            "eval/pairs": len(sel),
+        }
+        if self.cond is not None:
+            out["eval/accuracy_shared"] = float(pair_correct(r[:, 2]).mean())
         return out
+
+    def _new_user_curve(self, new: dict[int, int], done: list[int], rows, feats) -> dict:
+        """eval/new_user/accuracy@k: each new user's state fitted from k of their rows (Conditioner.fit on the
+        hidden states), their other rows scored with it (reward_users.new_user_curve draws the rows)."""
+        if not done:
+            return {}
+        by_user: dict[str, list[int]] = {}
+        for j in done:
+            by_user.setdefault(self.eval_set.user_ids[j], []).append(new[j])
+        f = feats.float().cpu()
+        ms = torch.zeros(len(new))
+        for j, k in new.items():
+            ms[k] = float(rows[j, 2])  # the shared part's margin
+        cond = self.cond
+
+        def fit(ctx: list[int]) -> torch.Tensor:
+            return cond.fit(f[ctx, 0], f[ctx, 1], ms[ctx])
+
+        def margin_of(state: torch.Tensor, scored: list[int]) -> torch.Tensor:
+            v = cond.offsets(state.to(cond.offsets_device())[None].float())[0].cpu()
+            return ms[scored] + (f[scored, 0] - f[scored, 1]) @ v
+
+        p = self.personal
+        return new_user_curve(fit, margin_of, by_user, p.new_user_labels, p.new_user_draws, self.cfg.train.seed)
 
     def _eval_scores(self, tot, preds, values) -> dict:
         """Human scores: mean squared error, Pearson correlation, and the pairwise accuracy over every

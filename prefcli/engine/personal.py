@@ -71,11 +71,17 @@ class Conditioner(nn.Module):
 
     def fit(self, hc: torch.Tensor, hr: torch.Tensor, shared_margin: torch.Tensor) -> torch.Tensor:
         """The state of a user not seen in training from K labelled pairs: hidden states of the chosen and the
-        rejected completions [K, d] and the shared model's margins [K]. K = 0 gives the zero state."""
+        rejected completions [K, d] and the shared model's margins [K]. K = 0 gives the zero state. Fitting runs
+        on the CPU in float64 (K is small); the latent encoder runs where its weights are."""
         raise NotImplementedError
 
     def config(self) -> dict:
         return {"kind": self.kind, "hidden_size": self.hidden, "users": self.users, **self.spec}
+
+    def offsets_device(self) -> torch.device:
+        """Where `offsets` computes (its parameters' device; the CPU for the user embedding's identity map)."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
 
 def _lbfgs(params: list[torch.Tensor], loss_fn, steps: int = 60) -> None:
@@ -117,8 +123,8 @@ class UserEmbeddingCond(Conditioner):
         if hc.shape[0] == 0:
             return e.float()
         e.requires_grad_(True)
-        dh = (hc - hr).double()
-        m = shared_margin.double()
+        dh = (hc - hr).double().cpu()
+        m = shared_margin.double().cpu()
         lam = float(self.spec.get("fit_l2", 1.0))
         _lbfgs([e], lambda: F.softplus(-(m + dh @ e)).sum() + lam * (e * e).sum())
         return e.detach().float()
@@ -148,8 +154,9 @@ class LowRankCond(Conditioner):
         if hc.shape[0] == 0:
             return torch.zeros(B)
         a = torch.zeros(B, dtype=torch.float64, requires_grad=True)
-        per_head = (hc - hr).double() @ self.basis.detach().double().T  # [K, B]: each basis head's margin
-        m = shared_margin.double()
+        basis = self.basis.detach().double().cpu()
+        per_head = (hc - hr).double().cpu() @ basis.T  # [K, B]: each basis head's margin
+        m = shared_margin.double().cpu()
         lam = float(self.spec.get("fit_l2", 0.01))
         _lbfgs([a], lambda: F.softplus(-(m + per_head @ torch.softmax(a, -1))).sum() + lam * (a * a).sum())
         return torch.softmax(a.detach(), -1).float()
@@ -201,8 +208,9 @@ class LatentCond(Conditioner):
     def fit(self, hc, hr, shared_margin):
         if hc.shape[0] == 0:
             return torch.zeros(self.state_dim)
+        dev = self.mu.weight.device
         with torch.no_grad():
-            mu, _ = self.encode(hc, hr, torch.zeros(hc.shape[0], dtype=torch.long, device=hc.device), 1)
+            mu, _ = self.encode(hc.to(dev), hr.to(dev), torch.zeros(hc.shape[0], dtype=torch.long, device=dev), 1)
         return mu[0].float()
 
 

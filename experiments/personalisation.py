@@ -30,7 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "quickstart" / "personal"
-KINDS = ("pooled", "user_embedding", "latent", "lowrank")
+KINDS = ("pooled", "user_embedding", "latent", "lowrank", "latent_warm", "ceiling")
+# latent_warm: the latent kind started from the `ceiling` reward model (below) instead of the base model, one
+# epoch: a shared model that already encodes sentiment, as VPL's pretrained embeddings would; ceiling: a pooled
+# reward model of the positive raters' rows alone (one taste, nobody to disagree with), seed 0 only: the most this
+# base model reaches on a sentiment taste in this budget
 TASTES = ("positive", "negative", "brief")
 SEEN = [f"{t}-{i}" for t in TASTES for i in (1, 2, 3)]
 NEW = [f"{t}-4" for t in TASTES]
@@ -53,12 +57,37 @@ def done(out: Path) -> set[tuple]:
     return {(r["stage"], r["kind"], r["seed"]) for r in map(json.loads, out.read_text().splitlines()) if r}
 
 
+def positive_only(runs: Path) -> tuple[Path, Path]:
+    """The positive raters' training rows, and the held-out rows of the seen positive raters."""
+    d = runs / "positive-only"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, src, keep in (
+        ("train.jsonl", "preferences.jsonl", lambda u: u.startswith("positive-")),
+        ("eval.jsonl", "preferences_eval.jsonl", lambda u: u in ("positive-1", "positive-2", "positive-3")),
+    ):
+        rows = [
+            x for x in (ROOT / "data" / "multirater" / src).read_text().splitlines() if keep(json.loads(x)["rater"])
+        ]
+        (d / name).write_text("\n".join(rows) + "\n")
+    return d / "train.jsonl", d / "eval.jsonl"
+
+
+def ready(kind: str, runs: Path) -> bool:
+    return kind != "latent_warm" or (runs / "reward-ceiling-s0" / "final" / "config.json").exists()
+
+
 def reward_job(kind: str, seed: int, runs: Path, extra: list[str]) -> tuple[list[str], Path]:
-    recipe = RECIPES / f"reward-{kind.replace('_', '-')}.yaml"
+    base = {"ceiling": "pooled", "latent_warm": "latent"}.get(kind, kind)
+    recipe = RECIPES / f"reward-{base.replace('_', '-')}.yaml"
     run = runs / f"reward-{kind}-s{seed}"
     cmd = [sys.executable, "-m", "prefcli", "reward", str(recipe), "-o", str(run), "--overwrite", "-q"]
-    cmd += ["--set", f"train.seed={seed}"]
-    for e in extra:
+    sets = [f"train.seed={seed}"]
+    if kind == "ceiling":
+        train, held = positive_only(runs)
+        sets += [f"data.train.path={train}", f"data.eval.path={held}"]
+    if kind == "latent_warm":
+        sets += [f"model.path={runs / 'reward-ceiling-s0' / 'final'}", "train.epochs=1"]
+    for e in sets + list(extra):
         cmd += ["--set", e]
     return cmd, run
 
@@ -99,14 +128,23 @@ def collect(a) -> None:
 
 def run_rewards(a) -> None:
     collect(a)
-    todo = [(k, s) for s in a.seeds for k in a.kinds if ("reward", k, s) not in done(a.out)]
+    todo = [
+        (k, s)
+        for s in a.seeds
+        for k in a.kinds
+        if ("reward", k, s) not in done(a.out) and not (k == "ceiling" and s != 0)
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     running: list[tuple] = []
     logs = Path(a.logs)
     logs.mkdir(parents=True, exist_ok=True)
     while todo or running:
         while todo and len(running) < a.jobs:
-            kind, seed = todo.pop(0)
+            nxt = next((t for t in todo if ready(t[0], a.runs)), None)
+            if nxt is None:  # latent_warm waits for the ceiling model
+                break
+            todo.remove(nxt)
+            kind, seed = nxt
             cmd, run = reward_job(kind, seed, a.runs, a.extra)
             log = open(logs / f"reward-{kind}-s{seed}.log", "w")
             p = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
@@ -144,13 +182,15 @@ def _ms(vals: list[float]) -> str:
 def figures(f: dict) -> dict:
     """The table's figures of one run's final evaluation."""
     seen = {u: f.get(f"eval/accuracy/{u}") for u in SEEN}
+    have = [v for v in seen.values() if v is not None]
     out = {
-        "accuracy": statistics.fmean(v for v in seen.values() if v is not None),
-        "worst": min(v for v in seen.values() if v is not None),
+        "accuracy": statistics.fmean(have) if have else None,
+        "worst": min(have) if have else None,
         "shared": f.get("eval/accuracy_shared"),
     }
     for t in TASTES:
-        out[t] = statistics.fmean(seen[u] for u in SEEN if u.startswith(t + "-") and seen[u] is not None)
+        vals = [seen[u] for u in SEEN if u.startswith(t + "-") and seen[u] is not None]
+        out[t] = statistics.fmean(vals) if vals else None
     for k in LABELS:
         out[f"new@{k}"] = f.get(f"eval/new_user/accuracy@{k}")
         for t in TASTES:
@@ -196,7 +236,9 @@ def report(a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["rewards", "collect", "report"])
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument(
+        "--kinds", nargs="+", default=["pooled", "user_embedding", "lowrank", "ceiling", "latent_warm"], choices=KINDS
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="a recipe override for every run")

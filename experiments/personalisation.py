@@ -2,6 +2,7 @@
 
     python experiments/personalisation.py rewards                 # pooled, user_embedding, latent, lowrank x seeds
     python experiments/personalisation.py rewards --kinds latent --seeds 0
+    python experiments/personalisation.py policies                # DPO pooled vs per rater, each rater's taste
     python experiments/personalisation.py report                  # the tables of docs/personalisation.md
     python experiments/personalisation.py collect                 # record finished runs whose launcher stopped
 
@@ -167,6 +168,73 @@ def run_rewards(a) -> None:
             print(f"done reward {kind} seed {seed}: {row['final'].get('eval/accuracy_worst_user')}", flush=True)
 
 
+# ---------------------------------------------------------------------------------------- policies
+
+
+def policy_jobs(seed: int, runs: Path) -> list[tuple[str, list[str], Path]]:
+    """DPO pooled and personalised (6,000 rows), then the per-rater evaluation of both (eval.yaml)."""
+    out = []
+    for name, recipe in (("pooled", "contrastive-pooled.yaml"), ("personal", "contrastive.yaml")):
+        run = runs / f"policy-{name}-s{seed}"
+        cmd = [sys.executable, "-m", "prefcli", "contrastive", str(RECIPES / recipe), "-o", str(run), "--overwrite"]
+        out.append((name, cmd + ["-q", "--set", f"train.seed={seed}"], run))
+    ev = runs / f"policy-eval-s{seed}"
+    models = (
+        f"models=[{{name: personal, path: {runs / f'policy-personal-s{seed}' / 'final'}}}, "
+        f"{{name: base, path: {ROOT / 'prefcli' / 'assets' / 'kjv-base'}}}]"
+    )
+    cmd = [sys.executable, "-m", "prefcli", "eval", str(RECIPES / "eval.yaml"), "-o", str(ev), "--overwrite", "-q"]
+    cmd += ["--set", models, "--set", f"baseline={{name: pooled, path: {runs / f'policy-pooled-s{seed}' / 'final'}}}"]
+    cmd += ["--set", f"seed={seed}"]
+    out.append(("eval", cmd, ev))
+    return out
+
+
+def run_policies(a) -> None:
+    """Each seed's three commands in order (the two policies one after the other, then their evaluation); the
+    row is written when the evaluation is done."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    logs = Path(a.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    for seed in a.seeds:
+        if ("policy", "dpo", seed) in done(a.out):
+            continue
+        t0 = time.time()
+        results = {}
+        for name, cmd, run in policy_jobs(seed, a.runs):
+            if (run / "summary.json").exists() and json.loads((run / "summary.json").read_text())[
+                "status"
+            ] == "completed":
+                results[name] = json.loads((run / "summary.json").read_text())
+                continue
+            print(f"started policy {name} seed {seed}", flush=True)
+            with open(logs / f"policy-{name}-s{seed}.log", "w") as log:
+                p = subprocess.run(["nice", "-n", "10", *cmd], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            if p.returncode != 0:
+                raise SystemExit(f"policy {name} seed {seed} failed (exit {p.returncode}); see {log.name}")
+            results[name] = json.loads(p.stdout.strip().splitlines()[-1])
+        ev = results["eval"]["models"]
+        row = {
+            "stage": "policy",
+            "kind": "dpo",
+            "seed": seed,
+            "date": datetime.date.today().isoformat(),
+            "commit": commit(),
+            "machine": machine(),
+            "wall_s": round(time.time() - t0, 1),
+            "taste_per_user": {m: ev[m]["reward"]["per_user"] for m in ev},
+            "win_rate_vs_pooled_per_user": {m: ev[m]["win_rate"]["per_user"] for m in ev if "win_rate" in ev[m]},
+            "win_rate_vs_pooled": {m: ev[m]["win_rate"]["win_rate"] for m in ev if "win_rate" in ev[m]},
+            "implicit_accuracy": {
+                n: {k: v for k, v in results[n]["final"].items() if k.startswith("eval/accuracy")}
+                for n in ("pooled", "personal")
+            },
+        }
+        with open(a.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"done policy seed {seed}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -227,6 +295,24 @@ def report(a) -> None:
     print("\nseen users of a taste minus the new user of that taste at 20 labels (mean over tastes):\n")
     for k in kinds:
         print(f"- {k}: {_ms([x['gap@20'] for x in by[k]])}")
+    pol = [r for r in rows if r["stage"] == "policy"]
+    if pol:
+        print(f"\npolicies (DPO, {len(pol)} seeds): each rater's taste on completions generated for them\n")
+        users = sorted(pol[0]["taste_per_user"]["personal"])
+        print("| rater | taste: base | taste: pooled | taste: personalised | win rate of personalised over pooled |")
+        print("|---|---|---|---|---|")
+        for u in users:
+            cells = [_ms([r["taste_per_user"][m][u] for r in pol]) for m in ("base", "pooled", "personal")]
+            cells.append(_ms([r["win_rate_vs_pooled_per_user"]["personal"][u] for r in pol]))
+            print(f"| {u} | " + " | ".join(cells) + " |")
+        worst = [min(r["win_rate_vs_pooled_per_user"]["personal"].values()) for r in pol]
+        print(
+            f"\nworst rater's win rate: {_ms(worst)}; overall: {_ms([r['win_rate_vs_pooled']['personal'] for r in pol])}"
+        )
+        for n in ("pooled", "personal"):
+            acc = [r["implicit_accuracy"][n].get("eval/accuracy_worst_user") for r in pol]
+            print(f"{n} policy: implicit-reward held-out accuracy, worst rater {_ms(acc)}; overall "
+                  f"{_ms([r['implicit_accuracy'][n].get('eval/accuracy') for r in pol])}")  # fmt: skip
     for k in kinds:
         print(f"\n{k}: new user at k labels, per taste")
         for t in TASTES:
@@ -235,7 +321,7 @@ def report(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["rewards", "collect", "report"])
+    ap.add_argument("stage", choices=["rewards", "policies", "collect", "report"])
     ap.add_argument(
         "--kinds", nargs="+", default=["pooled", "user_embedding", "lowrank", "ceiling", "latent_warm"], choices=KINDS
     )
@@ -248,6 +334,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.stage == "rewards":
         run_rewards(a)
+    elif a.stage == "policies":
+        run_policies(a)
     elif a.stage == "collect":
         collect(a)
     else:

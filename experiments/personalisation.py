@@ -235,6 +235,41 @@ def run_policies(a) -> None:
         print(f"done policy seed {seed}", flush=True)
 
 
+# -------------------------------------------------------------------------------------- diagnosis
+
+
+def curve(metrics: Path) -> list[dict]:
+    """Per evaluation of a run: the mean held-out accuracy of each taste's seen raters."""
+    out = []
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "eval/accuracy" not in r:
+            continue
+        row = {"step": r["step"]}
+        for t in TASTES:
+            vals = [r[f"eval/accuracy/{u}"] for u in SEEN if u.startswith(t + "-") and f"eval/accuracy/{u}" in r]
+            if vals:
+                row[t] = round(statistics.fmean(vals), 4)
+        out.append(row)
+    return out
+
+
+def diagnose(a) -> None:
+    """--curves LABEL=metrics.jsonl ...: each run's per-taste accuracy at every evaluation, one row per run in
+    --diagnosis-out (runs stopped early included: their metrics.jsonl is all that is left of them)."""
+    with open(a.diagnosis_out, "a") as f:
+        for spec in a.curves:
+            label, _, path = spec.partition("=")
+            row = {
+                "label": label,
+                "date": datetime.date.today().isoformat(),
+                "commit": commit(),
+                "curve": curve(Path(path)),
+            }
+            f.write(json.dumps(row) + "\n")
+            print(label, row["curve"])
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -321,7 +356,11 @@ def report(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["rewards", "policies", "collect", "report"])
+    ap.add_argument("stage", choices=["rewards", "policies", "collect", "diagnose", "report"])
+    ap.add_argument("--curves", nargs="*", default=[], help="diagnose: LABEL=path/to/metrics.jsonl")
+    ap.add_argument(
+        "--diagnosis-out", type=Path, default=ROOT / "experiments" / "results" / "personalisation-diagnosis.jsonl"
+    )
     ap.add_argument(
         "--kinds", nargs="+", default=["pooled", "user_embedding", "lowrank", "ceiling", "latent_warm"], choices=KINDS
     )
@@ -338,6 +377,8 @@ def main() -> None:
         run_policies(a)
     elif a.stage == "collect":
         collect(a)
+    elif a.stage == "diagnose":
+        diagnose(a)
     else:
         report(a)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "quickstart" / "personal"
-KINDS = ("pooled", "user_embedding", "latent", "lowrank", "latent_warm", "ceiling")
+KINDS = ("pooled", "user_embedding", "user_embedding_dim8", "latent", "lowrank", "latent_warm", "ceiling")
 # latent_warm: the latent kind started from the `ceiling` reward model (below) instead of the base model, one
 # epoch: a shared model that already encodes sentiment, as VPL's pretrained embeddings would; ceiling: a pooled
 # reward model of the positive raters' rows alone (one taste, nobody to disagree with), seed 0 only: the most this
@@ -78,7 +78,7 @@ def ready(kind: str, runs: Path) -> bool:
 
 
 def reward_job(kind: str, seed: int, runs: Path, extra: list[str]) -> tuple[list[str], Path]:
-    base = {"ceiling": "pooled", "latent_warm": "latent"}.get(kind, kind)
+    base = {"ceiling": "pooled", "latent_warm": "latent", "user_embedding_dim8": "user_embedding"}.get(kind, kind)
     recipe = RECIPES / f"reward-{base.replace('_', '-')}.yaml"
     run = runs / f"reward-{kind}-s{seed}"
     cmd = [sys.executable, "-m", "prefcli", "reward", str(recipe), "-o", str(run), "--overwrite", "-q"]
@@ -88,6 +88,8 @@ def reward_job(kind: str, seed: int, runs: Path, extra: list[str]) -> tuple[list
         sets += [f"data.train.path={train}", f"data.eval.path={held}"]
     if kind == "latent_warm":
         sets += [f"model.path={runs / 'reward-ceiling-s0' / 'final'}", "train.epochs=1"]
+    if kind == "user_embedding_dim8":
+        sets += ["reward.personalisation.dim=8"]
     for e in sets + list(extra):
         cmd += ["--set", e]
     return cmd, run

@@ -99,31 +99,40 @@ def _lbfgs(params: list[torch.Tensor], loss_fn, steps: int = 60) -> None:
 
 
 class UserEmbeddingCond(Conditioner):
+    """e_u = u_u (dim null: a vector of the hidden size per user) or e_u = P u_u (dim k: k numbers per user, P a
+    shared d x k map, so that users share the directions they read)."""
+
     kind = "user_embedding"
 
     def __init__(self, users, hidden, spec):
         super().__init__(users, hidden, spec)
-        # each user starts as a random head, drawn like the shared head (N(0, 1/(d+1))): started at 0, every user's
-        # head would be the shared one, the users' rows would push the shared model in cancelling directions, and
-        # a taste it does not encode yet would never be learned (measured: docs/personalisation.md)
-        self.table = nn.Parameter(torch.randn(len(users), hidden) / math.sqrt(hidden + 1))
+        k = spec.get("dim") or hidden
+        self.proj = nn.Parameter(torch.randn(k, hidden) / math.sqrt(hidden + 1)) if spec.get("dim") else None
+        # each user starts random, its head drawn like the shared head (N(0, 1/(d+1))) or its k numbers N(0, 1):
+        # started at 0, every user's head would be the shared one, the users' rows would push the shared model in
+        # cancelling directions, and a taste it does not encode yet would never be learned (measured:
+        # docs/personalisation.md)
+        scale = 1.0 if self.proj is not None else 1.0 / math.sqrt(hidden + 1)
+        self.table = nn.Parameter(torch.randn(len(users), k) * scale)
 
     @property
     def state_dim(self) -> int:
-        return self.hidden
+        return self.table.shape[1]
 
     def offsets(self, states):
-        return states
+        return states if self.proj is None else states @ self.proj.float()
 
     def known_states(self):
         return self.table.float()
 
     def fit(self, hc, hr, shared_margin):
-        e = torch.zeros(self.hidden, dtype=torch.float64)
+        e = torch.zeros(self.state_dim, dtype=torch.float64)
         if hc.shape[0] == 0:
             return e.float()
         e.requires_grad_(True)
         dh = (hc - hr).double().cpu()
+        if self.proj is not None:  # the user's k numbers, read through the shared map
+            dh = dh @ self.proj.detach().double().cpu().T
         m = shared_margin.double().cpu()
         lam = float(self.spec.get("fit_l2", 1.0))
         _lbfgs([e], lambda: F.softplus(-(m + dh @ e)).sum() + lam * (e * e).sum())

@@ -47,10 +47,18 @@ class _PersonalBase(Section):
 
 class UserEmbedding(_PersonalBase):
     """P-RLHF-style (Li et al. 2024): a learned vector e_u per user beside the shared model;
-    r_u(x, y) = r(x, y) + e_u . h(x, y), h the hidden state the shared head reads. An unknown user gets e = 0,
-    the shared model. A new user's vector is fitted from their labels with the shared model frozen."""
+    r_u(x, y) = r(x, y) + e_u . h(x, y), h the hidden state the shared head reads (with `dim`, e_u = P u_u). An
+    unknown user gets e = 0, the shared model. A new user's vector is fitted from their labels with the shared
+    model frozen."""
 
     kind: Literal["user_embedding"] = Field(description="Per-user embedding.")
+    dim: int | None = Field(
+        None,
+        gt=0,
+        description="Numbers per user: null = a vector of the hidden size (e_u itself); k = k numbers u_u mapped "
+        "by a shared d x k matrix P (e_u = P u_u), so that users share the directions they read: fewer numbers to "
+        "learn per user and to fit for a new one.",
+    )
     fit_l2: float = Field(
         1.0,
         ge=0,

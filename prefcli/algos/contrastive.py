@@ -40,13 +40,7 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move, shard_for_rank
 from ..engine.debias import apply_debias, pair_weights
-from ..engine.models import (
-    PolicyLM,
-    build_trained_model,
-    load_tokenizer,
-    reference_mode,
-    save_hf,
-)
+from ..engine.models import PolicyLM, build_trained_model, reference_mode, save_hf
 from ..engine.pairs import (
     PAIR_REQUIRED,
     UNPAIRED_REQUIRED,
@@ -60,6 +54,7 @@ from ..engine.pairs import (
 )
 from ..engine.personal import add_user_tokens, save_policy_users, with_user
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..engine.users import find_user_column, missing_user_column, read_users
 from ..errors import DataError, UsageError
 from ..runner import RunContext
@@ -307,13 +302,14 @@ class PreferenceTask(Scheduled):
         self.paired = self.obj.rows == "pairs"
         self.tok = tok = load_tokenizer(r.model)
         required = PAIR_REQUIRED if self.paired else UNPAIRED_REQUIRED
-        train_rows, eval_rows = load_splits(d, required, r.train.seed)
+        train_rows, eval_rows, self.read_as = load_splits(d, required, r.train.seed, pairs=self.paired)
+        requested = "chat" if self.read_as else d.format
         self.personal = c.personalisation
         self.user_col = find_user_column(train_rows.column_names, d.user_column)
         if self.user_col is None and (self.personal is not None or d.user_column is not None):
             why = "contrastive.personalisation" if self.personal is not None else "data.user_column"
             raise missing_user_column("data.train", d.train.path, train_rows.column_names, d.user_column, why)
-        self.format = fmt = detect_pair_format(train_rows, "chosen" if self.paired else "completion", d.format)
+        self.format = fmt = detect_pair_format(train_rows, "chosen" if self.paired else "completion", requested)
         train_rows, eval_rows, self.debias = apply_debias(
             train_rows,
             eval_rows,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move
 from ..engine.debias import apply_debias, pair_weights
-from ..engine.models import build_trained_model, load_tokenizer, save_hf, whole_state
+from ..engine.models import build_trained_model, save_hf, whole_state
 from ..engine.pairs import (
     check_format,
     detect_pair_format,
@@ -47,6 +47,7 @@ from ..engine.pairs import (
 from ..engine.personal import PersonalReward, make_conditioner, score_head
 from ..engine.personal import save as save_personal
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..engine.users import find_user_column, missing_user_column, read_users
 from ..errors import DataError
 from ..runner import RunContext
@@ -242,7 +243,8 @@ class RewardTask(Scheduled):
         self.bins = rc.calibration_bins
         self.personal = rc.personalisation
         self.tok = tok = load_tokenizer(r.model)
-        train_rows, eval_rows = load_splits(d, self.obj.required, r.train.seed)
+        train_rows, eval_rows, self.read_as = load_splits(d, self.obj.required, r.train.seed, self.rows == "pairs")
+        requested = "chat" if self.read_as else d.format
         self.user_col = find_user_column(train_rows.column_names, d.user_column)
         if self.user_col is None and (self.personal is not None or d.user_column is not None):
             why = "reward.personalisation" if self.personal is not None else "data.user_column"
@@ -253,9 +255,9 @@ class RewardTask(Scheduled):
             "rankings": "prompt" if "prompt" in train_rows.column_names else "completions",
         }[self.rows]
         self.format = fmt = (
-            detect_pair_format(train_rows, probe, d.format)
+            detect_pair_format(train_rows, probe, requested)
             if probe != "completions"
-            else ("plain" if d.format == "auto" else d.format)
+            else ("plain" if requested == "auto" else requested)
         )
         train_rows, eval_rows, self.debias = apply_debias(
             train_rows,

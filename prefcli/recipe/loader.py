@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RecipeError, UsageError
+from . import bounded
+from .bounded import dotted as _dotted
 from .commands import SCHEMAS, RecipeBase
 
 Loc = tuple[Any, ...]
@@ -63,23 +65,6 @@ class LoadedRecipe:
 # ------------------------------------------------------------------------------------ YAML
 
 
-def _line_map(node: yaml.Node, prefix: Loc, out: dict[Loc, int], dups: list[tuple[Loc, int]]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            path = prefix + (key,)
-            if key in seen:
-                dups.append((path, key_node.start_mark.line + 1))
-            seen.add(key)
-            out[path] = key_node.start_mark.line + 1
-            _line_map(value_node, path, out, dups)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[prefix + (i,)] = item.start_mark.line + 1
-            _line_map(item, prefix + (i,), out, dups)
-
-
 def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
     shown = str(path)
     if not path.exists():
@@ -87,9 +72,11 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
     if path.is_dir():
         raise UsageError(f"{shown} is a folder; give a recipe .yaml file")
     try:
-        raw = path.read_bytes()
+        raw = bounded.read_bounded(path)
     except OSError as e:
         raise UsageError(f"cannot read the recipe {shown}: {e.strerror or e}; check its permissions") from None
+    except bounded.LimitExceeded as e:
+        raise RecipeError(shown, [f"{shown}: {e}"]) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -103,8 +90,10 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
             ],
         ) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = bounded.compose(text)
         data = yaml.safe_load(text)
+    except bounded.LimitExceeded as e:
+        raise RecipeError(shown, [f"{shown}: {e}"]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
@@ -117,7 +106,10 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
         raise RecipeError(shown, [f"{shown}:1: a recipe is a mapping of sections, got a {type(data).__name__}"])
     lines: dict[Loc, int] = {}
     dups: list[tuple[Loc, int]] = []
-    _line_map(node, (), lines, dups)
+    try:
+        bounded.walk(node, lines, dups)
+    except bounded.LimitExceeded as e:
+        raise RecipeError(shown, [f"{shown}:{e.line or 1}: {e}"]) from None
     if dups:
         raise RecipeError(shown, [f"{shown}:{ln}: {_dotted(p)}: key given twice" for p, ln in dups])
     return data, lines
@@ -131,11 +123,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key:
         raise UsageError(f"--set expects key.path=value, got '{item}'")
+    parts = key.split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        bounded.check_key_depth(parts, item)
+        value = bounded.load_value(raw) if raw.strip() else None
+    except bounded.LimitExceeded as e:
+        raise UsageError(str(e) if str(e).startswith("--set") else f"--set {item[:80]}: the value: {e}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"--set {item}: the value is not valid YAML: {e}") from None
-    return key.split("."), value
+    return parts, value
 
 
 def _path_field_names() -> set[str]:
@@ -264,13 +260,6 @@ def _nearest_line(loc: Loc, lines: dict[Loc, int | str]) -> int | str:
     return 1
 
 
-def _dotted(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -375,12 +364,18 @@ def validate_data(
     lines: dict[Loc, int | str],
     origin: dict[Loc, str],
     base_dir: Path,
-) -> RecipeBase:
+    fragment: bool = False,
+) -> RecipeBase | None:
+    """The recipe, or RecipeError naming every problem. `fragment`: the fields the data leaves out are not asked
+    for (a `base:` fragment on its own; nothing is returned then)."""
     try:
         return schema.model_validate(data, context={"base_dir": str(base_dir)})
     except ValidationError as exc:
+        errors = _fragment_errors(exc.errors(), data) if fragment else exc.errors()
+        if not errors:
+            return None
         problems = []
-        for err in exc.errors():
+        for err in errors:
             loc = _clean_loc(tuple(err["loc"]), data)
             item = _origin_of(loc, origin)
             n = len(loc)
@@ -392,6 +387,76 @@ def validate_data(
             line = lines.get(loc[:n], 0)
             problems.append((line if isinstance(line, int) else 0, f"{where}: {field}: {text}"))
         raise RecipeError(shown, [p for _, p in sorted(problems, key=lambda t: t[0])]) from None
+
+
+def _union_branch(raw: Loc, data: Any) -> tuple[Loc, Any] | None:
+    """(the union's place in the file, the branch's tag) of an error inside one member of a union, e.g.
+    (('data', 'train'), 'list[DataSource]'); None outside unions (the walk of `_clean_loc`)."""
+    cur = data
+    for i, part in enumerate(raw):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+        elif isinstance(cur, dict) and i == len(raw) - 1:
+            return None  # a missing field
+        else:
+            return tuple(raw[:i]), part
+    return None
+
+
+def _fragment_errors(errors: list[dict], data: dict) -> list[dict]:
+    """The errors that remain of a fragment's validation once the fields it leaves out are not asked for:
+    'missing' errors go, and so does every error of a union member when another member lacks only fields."""
+    branches: dict[Loc, dict[Any, bool]] = {}  # union place -> {branch tag: lacks only fields}
+    for err in errors:
+        u = _union_branch(tuple(err["loc"]), data)
+        if u is not None:
+            ok = branches.setdefault(u[0], {}).setdefault(u[1], True)
+            branches[u[0]][u[1]] = ok and err["type"] == "missing"
+    out = []
+    for err in errors:
+        if err["type"] == "missing":
+            continue
+        u = _union_branch(tuple(err["loc"]), data)
+        if u is not None and any(branches[u[0]].values()):
+            continue
+        out.append(err)
+    return out
+
+
+def is_fragment(path: str | os.PathLike) -> bool:
+    """The convention for `base:` fragments: a recipe file whose name starts with '_' (recipes/_model.yaml)."""
+    return Path(path).name.startswith("_")
+
+
+def check_fragment(
+    path: str | os.PathLike, command: str | None = None, overrides: list[str] | None = None
+) -> list[str]:
+    """A fragment on its own: its YAML, its own bases, and every key and value it sets, against the schema of its
+    `command:` (or `command`), or else of any command (a model section fits them all). The fields it leaves out
+    are not asked for: the recipes that use it as `base:` give them. Returns the commands it fits; RecipeError
+    with the problems of the closest fit when it fits none."""
+    path = Path(path)
+    shown = str(path)
+    data, lines = compose_file(path)
+    origin = apply_overrides(data, list(overrides or []))
+    check_finite(data, shown, lines, origin)
+    declared = data.get("command")
+    if declared is not None and declared not in SCHEMAS:
+        where = _where(lines.get(("command",), 1), shown)
+        raise RecipeError(shown, [f"{where}: command: unknown command {declared!r}; one of: {', '.join(SCHEMAS)}"])
+    names = [command or declared] if (command or declared) else list(SCHEMAS)
+    fits, failures = [], []
+    for name in names:
+        try:
+            validate_data({**data, "command": name}, SCHEMAS[name], shown, lines, origin, path.resolve().parent, True)
+            fits.append(name)
+        except RecipeError as e:
+            failures.append(e)
+    if not fits:
+        raise min(failures, key=lambda e: len(e.problems))
+    return fits
 
 
 def load_recipe(
@@ -425,6 +490,11 @@ def load_recipe(
             problem = f"{line}: {typo[0]}: unknown key (did you mean 'command'?); the recipe needs 'command: <name>'"
         else:
             problem = f"{shown}:1: command: missing; add a line such as 'command: sft' (one of: {', '.join(SCHEMAS)})"
+            if not is_fragment(path):
+                problem += (
+                    f", or, if the file is a fragment other recipes name as base:, name it with a leading '_' "
+                    f"(_{path.name}): `prefcli validate` then checks it as a fragment"
+                )
         raise RecipeError(shown, [problem])
     data["command"] = cmd
     check_finite(data, shown, lines, origin)

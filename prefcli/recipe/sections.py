@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from .. import SEED_MAX
 from .paths import OutputPath, PathOrHubId
 
 # log.report_to: the experiment trackers prefcli can also report to, each through its own library (an extra)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+# model.chat_template: the bundled named templates (prefcli/engine/chat_templates.py TEMPLATES has these keys)
+CHAT_TEMPLATES = ("chatml", "qwen", "llama3", "gemma", "phi3", "zephyr", "alpaca")
 
 
 class Section(BaseModel):
@@ -79,9 +82,27 @@ class ModelSection(Section):
         "Needed only when the tokenizer has no pad token; it must differ from the EOS token.",
     )
     chat_template: str | None = Field(
-        None, description="A Jinja chat template replacing the tokenizer's own, for chat-message data."
+        None,
+        description="The chat template for chat-message data, replacing the tokenizer's own: a bundled one by name "
+        f"({', '.join(CHAT_TEMPLATES)}; for a model that ships none, as LLaMA-Factory's template: does; its "
+        "end-of-turn token becomes the EOS and its special tokens are added when missing), or a Jinja template "
+        "string.",
     )
     lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None or v in CHAT_TEMPLATES or "{{" in v or "{%" in v:
+            return v
+        import difflib
+
+        close = difflib.get_close_matches(v, CHAT_TEMPLATES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"unknown chat template {v!r}{hint}: give one of {', '.join(CHAT_TEMPLATES)}, or a Jinja template string "
+            "(with {{ ... }} or {% ... %})"
+        )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -128,7 +149,7 @@ class DataMixture(Section):
         description="'first_exhausted': the mixture ends when one source runs out (no row repeats); "
         "'all_exhausted': sources that run out start over until every source has been used whole.",
     )
-    seed: int = Field(0, description="Seed of the order in which the sources are drawn.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the order in which the sources are drawn.")
 
     @model_validator(mode="before")
     @classmethod
@@ -221,7 +242,7 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
-    seed: int = Field(0, description="Seed for initialisation, data order, dropout and sampling.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed for initialisation, data order, dropout and sampling.")
     eval_every_steps: int | None = Field(
         None, gt=0, description="Evaluate on held-out data every N steps (and at the end)."
     )

@@ -154,9 +154,19 @@ def stage_candidates(d: Path, a) -> None:
     rows = [json.loads(x) for x in (ROOT / "data" / "quickstart" / "prompts.jsonl").read_text().splitlines()]
     write_jsonl(d / "prompts.jsonl", rows[: a.prompts])
     for name, seed in (("a", 1), ("b", 2)):
+        if (d / f"{name}.part").exists():
+            continue
         prefcli("generate", str(BASE), "--prompts", str(d / "prompts.jsonl"), "--max-new-tokens", "24",
-                "--seed", str(seed), "--batch-size", "32", "-q", out=d / f"{name}.part")  # fmt: skip
-        (d / f"{name}.part").rename(d / f"{name}.jsonl")
+                "--seed", str(seed), "--batch-size", "32", "-q", out=d / f"{name}.tmp")  # fmt: skip
+        (d / f"{name}.tmp").rename(d / f"{name}.part")
+    # label serve refuses a pair of identical completions (nobody can prefer one): the two samples of a prompt
+    # are the same now and then (an empty completion twice), and such a prompt is left out of the task
+    a_rows, b_rows = ([json.loads(x) for x in (d / f"{n}.part").read_text().splitlines()] for n in "ab")
+    keep = [i for i, (x, y) in enumerate(zip(a_rows, b_rows)) if x["completion"] != y["completion"]]
+    print(f"candidates: {len(keep)} of {len(a_rows)} prompts answered differently", flush=True)
+    for name, rows in (("a", a_rows), ("b", b_rows)):
+        write_jsonl(d / f"{name}.jsonl", [rows[i] for i in keep])
+        (d / f"{name}.part").unlink()
 
 
 def stage_label(d: Path, a) -> dict:

@@ -683,6 +683,50 @@ case(
     lambda e: e.cmd("eval", evalr(user=" ")),
     ["user: an empty user id"],
 )
+case(
+    "recipe-personalisation-user-embedding-dim",
+    lambda e: e.cmd("reward", personal(dim=0)),
+    ["recipe.yaml:", "reward.personalisation.dim", "greater than 0"],
+)
+case(
+    "recipe-policy-personalisation-generic-fraction",
+    lambda e: e.cmd("contrastive", pref("contrastive", contrastive={"personalisation": {"generic_fraction": 1.0}})),
+    ["contrastive.personalisation.generic_fraction", "less than 1"],
+)
+case(
+    "recipe-policy-personalisation-kind",
+    lambda e: e.cmd("rlhf", rlhf(rlhf={"personalisation": {"kind": "soft_prefix"}})),
+    ["rlhf.personalisation.kind", "user_token"],
+)
+case(
+    "recipe-policy-personalisation-unpaired-objective",
+    lambda e: e.cmd(
+        "contrastive", pref("contrastive", contrastive={"objective": "kto", "personalisation": {"kind": "user_token"}})
+    ),
+    ["contrastive.personalisation needs a paired objective", "'kto'"],
+)
+case(
+    "recipe-policy-personalisation-with-lora",
+    lambda e: e.cmd("rlhf", rlhf(rlhf={"personalisation": {}}, model={"lora": {"r": 4}})),
+    ["rlhf.personalisation", "does not work with model.lora"],
+)
+case(
+    "recipe-policy-personalisation-in-gan",
+    lambda e: e.cmd("gan", gan(rlhf={"personalisation": {}})),
+    ["rlhf.personalisation", "applies to prefcli rlhf, not gan"],
+)
+case(
+    "data-policy-personalisation-without-user-column",
+    lambda e: e.cmd("contrastive", pref("contrastive", contrastive={"personalisation": {}})),
+    ["data.train", "pref_train.jsonl", "needs a user column", "data.user_column"],
+)
+case(
+    "generate-user-of-a-policy-that-is-not-personalised",
+    lambda e: ["generate", model_dir(e), "-q", "--user", "a"],
+    ["--user:", "is not a personalised policy", "contrastive.personalisation or rlhf.personalisation"],
+    json_on_stdout=False,
+    stdin=b"In the beginning\n",
+)
 case("recipe-eval-no-models", lambda e: e.cmd("eval", evalr(models=[])), ["models"])
 case(
     "recipe-eval-ban-and-require",

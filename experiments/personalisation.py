@@ -43,6 +43,10 @@ LABELS = (0, 5, 10, 20, 50)
 
 
 def commit() -> str:
+    """The commit the runs' code is at: PREFCLI_COMMIT when the script runs from an exported copy of the tree (no
+    .git), else git's."""
+    if os.environ.get("PREFCLI_COMMIT"):
+        return os.environ["PREFCLI_COMMIT"]
     return subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()

@@ -2,6 +2,7 @@
 
     python experiments/human_loop.py                       # runs/human-loop/ (resumes: a finished stage is kept)
     python experiments/human_loop.py --report              # the table, from runs/human-loop/results.json
+    python experiments/human_loop.py --report --results experiments/results/human-loop-300.json  # the docs' run
 
 1. candidates: the bundled base model answers --prompts training prompts of the quickstart twice
    (`prefcli generate`, two seeds);
@@ -297,8 +298,8 @@ def stage_eval(d: Path, a) -> dict:
     return summary(prefcli("eval", str(recipe), "-o", str(out), "-q", "--overwrite"))
 
 
-def report(d: Path) -> None:
-    r = json.loads((d / "results.json").read_text())
+def report(results: Path) -> None:
+    r = json.loads(results.read_text())
     lab, rm, rl, ev = r["labelling"], r["reward"], r["rlhf"], r["eval"]
     print(f"{r['date']}, commit {r['commit']}, {r['machine']}; wall {r['wall_s'] / 60:.0f} min in all\n")
     print(
@@ -318,10 +319,14 @@ def report(d: Path) -> None:
         )
     print(f"\nreward model: held-out accuracy {rm['final']['eval/accuracy']:.3f}, worst rater "
           f"{rm['final']['eval/accuracy_worst_user']:.3f}, shared part {rm['final']['eval/accuracy_shared']:.3f}")  # fmt: skip
-    print(
-        f"rlhf: {rl['steps']} steps; held-out reward per rater (the reward model): "
-        + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in rl["final"].items() if k.startswith("eval/reward/"))
-    )
+    f = rl["final"]
+    print(f"rlhf: {rl['steps']} steps; last rollout: reward (the reward model, each for its rater) "
+          f"{f['reward/mean']:.3f}, length {f['length/mean']:.1f} tokens, KL {f['kl/mean']:.3f}")  # fmt: skip
+    wr = pm["win_rate"]
+    print(f"eval: win rate over base {wr['win_rate']:.3f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}] "
+          f"({wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses); length-controlled "
+          f"{wr['length_controlled']['lc_win_rate']:.3f}, completions "
+          f"{-wr['length_controlled']['mean_length_diff']:.1f} words shorter than base's")  # fmt: skip
 
 
 def main() -> None:
@@ -333,10 +338,11 @@ def main() -> None:
     ap.add_argument("--rlhf-steps", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--results", type=Path, help="--report: this results file instead of DIR/results.json")
     a = ap.parse_args()
     d = a.dir
     if a.report:
-        report(d)
+        report(a.results or d / "results.json")
         return
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -363,7 +369,7 @@ def main() -> None:
         "eval": {"models": ev["models"]},
     }
     (d / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    report(d)
+    report(d / "results.json")
 
 
 if __name__ == "__main__":

@@ -67,10 +67,6 @@ class PromptUsers:
         users = self.train if split == "train" else self.eval
         return [users[i] for i in idx]
 
-    def block_ids(self) -> list[int]:
-        """Token ids the sampler must never draw (the user tokens condition the policy; they are not text)."""
-        return sorted(self.tokens.values())
-
     def per_user(self, totals: list[float], users: list[str | None], rt, device) -> dict[str, float]:
         """eval/reward/<user> and eval/reward_worst_user over every process's held-out prompts (one all-reduce of
         a table with a row per user of the held-out prompts, the same on every process)."""

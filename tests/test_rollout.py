@@ -140,9 +140,17 @@ def test_lora_weights_and_in_place_sync(tok):
 def test_unsupported_architectures_are_named(tok):
     ok, why = supports_fast_decoder(tiny("qwen2", tok))
     assert ok and why == ""
-    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4)
+    cfg = AutoConfig.for_model("bloom", vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)
     ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
-    assert not ok and "gpt2" in why
+    assert not ok and "bloom" in why and "llama" in why  # the family, and the families covered
+    cfg = AutoConfig.for_model(
+        "opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, do_layer_norm_before=False,
+    )  # fmt: skip
+    ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
+    assert not ok and "do_layer_norm_before" in why
+    ok, why = supports_fast_decoder(tiny("llama", tok, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    assert not ok and "dynamic" in why
 
 
 @pytest.mark.parametrize("sampler", ["fast", "hf"])

@@ -219,6 +219,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.rollout_metrics: dict[str, float] = {}
         self.examples_file = ctx.run_dir / "samples.jsonl"
         self._warned_sampler = False
+        self._guarded = False  # the start-up guard runs on the first rollout this process samples
         self._plan_metrics: dict[str, float] = {}
 
     def _make_sampler(self, lm, g):
@@ -239,6 +240,22 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             compile=g.compile == "on" or (g.compile == "auto" and cuda),
             gather=self.group.gathered,
         )
+
+    def _guard(self, r: Rollout) -> bool:
+        """The start-up guard on the first rollout (engine.guard.check_rollout): the trainer's and the sampler's
+        log-probs against the model's own forward. Returns True when the fast sampler gave way to transformers
+        generate (model.on_mismatch: fallback); the reference follows the policy onto the model's own forward."""
+        from ...engine.guard import check_rollout
+
+        self._guarded = True
+        kind = "fast" if isinstance(self.sampler, FastDecoder) else "hf"
+        on = self.cfg.model.on_mismatch
+        replace = check_rollout(self.policy, r, self.scfg, on, self.ctx.warn, self.rt, kind)
+        if self.ref_policy is not None:
+            self.ref_policy.own_forward = self.policy.own_forward
+        if replace:
+            self.sampler = HFSampler(self.lm, self.rt, gather=self.group.gathered)
+        return replace
 
     # ------------------------------------------------------------------ sampling
     def next_prompts(self) -> list[int]:
@@ -335,6 +352,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         t0 = time.perf_counter()
         self.sampler.sync()
         d, draw_stats = self._draw_rollout()
+        if not self._guarded and self._guard(d.samples.rollout):  # the fast sampler was replaced: draw again
+            d, draw_stats = self._draw_rollout()
         r, prompts, completions = d.samples.rollout, d.samples.prompts, d.samples.completions
         seq = self.sequences(r)
         mask = r.completion_mask.float()

@@ -97,6 +97,9 @@ class Layout:
     )
     rotary: str | None = "half"  # half (rotate_half) | interleaved (Cohere: pairs, in float32) | None: no rotary
     rope_by_layer_type: bool = False  # rotary_emb(x, pos, layer_type): local and global rope (Gemma 3)
+    # every layer's sliding window is config.sliding_window (Mistral, Phi-3: their attention reads the config);
+    # otherwise a layer has the window its attention module holds (Qwen 2, Gemma: None on full layers), or none
+    window_from_config: bool = False
     residual_scale: str | None = None  # config attribute scaling each branch before the residual add (Granite)
     embed_scale: str | None = None  # config attribute scaling the embeddings (Granite; Gemma's embedding scales itself)
 
@@ -122,12 +125,12 @@ _GEMMA = Layout(norm="rms_1p", ln2=None, block="sandwich")
 # in tests/test_families.py); the guard checks the sampler against the trainer on the first rollout anyway.
 DECODERS: dict[str, Layout] = {
     "llama": _LLAMA,
-    "mistral": _LLAMA,
+    "mistral": Layout(window_from_config=True),
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,  # its q_norm/k_norm are found on the attention module
     "granite": Layout(residual_scale="residual_multiplier", embed_scale="embedding_multiplier"),
     "cohere": Layout(norm="layer_f32", ln2=None, block="parallel", rotary="interleaved"),
-    "phi3": Layout(qkv=("qkv_proj",), gate_up=("gate_up_proj",), act="activation_fn"),
+    "phi3": Layout(qkv=("qkv_proj",), gate_up=("gate_up_proj",), act="activation_fn", window_from_config=True),
     "gemma2": _GEMMA,
     "gemma3_text": Layout(norm="rms_1p", ln2=None, block="sandwich", rope_by_layer_type=True),
     "gpt2": Layout(

@@ -262,10 +262,10 @@ class FastDecoder:
     def _layer_static(self, i: int, layer) -> _LayerStatic:
         lo, cfg, a = self.layout, self.cfg, self._attn(layer)
         types = getattr(cfg, "layer_types", None)
-        if hasattr(a, "sliding_window"):  # per layer (Qwen2, Gemma): None on full-attention layers
-            window = a.sliding_window
-        else:  # Mistral, Phi-3: every layer, from the config
+        if lo.window_from_config:  # Mistral, Phi-3: every layer, from the config
             window = getattr(cfg, "sliding_window", None)
+        else:  # per layer (Qwen 2, Gemma: None on full-attention layers), or none
+            window = getattr(a, "sliding_window", None)
         ln2 = at(layer, lo.sandwich[1] if self.block == "sandwich" else (lo.ln2 or lo.ln1))
         qn = getattr(a, "q_norm", None)
         return _LayerStatic(

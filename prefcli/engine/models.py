@@ -137,7 +137,8 @@ def load_tokenizer(m: ModelSection):
     if tok.pad_token is None:
         raise UsageError(
             f'the tokenizer from {origin(src)} has no pad token. Add `pad_token: "<|pad|>"` under '
-            "`model:` in the recipe: the token is added and the embeddings resized."
+            "`model:` in the recipe (an eval recipe: in the model's entry; prefcli generate: --pad-token): a new "
+            "token is added and the embeddings resized; a token of the vocabulary changes no weight."
         )
     if m.chat_template is not None:
         tok.chat_template = m.chat_template

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prefcli.engine.data import TokenizedSet, pack_rows, packed_batch, pad_batch
 from prefcli.engine.dist import Runtime
-from prefcli.engine.guard import compare_logprobs, compare_sampler
+from prefcli.engine.guard import compare_logprobs, compare_rollout
 from prefcli.engine.models import PolicyLM
 from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad, supports_fast_decoder
 
@@ -108,8 +108,9 @@ def test_logprobs_and_fast_sampler_equal_the_models_own_forward(name, tok):
     torch.manual_seed(0)
     warped = SamplingConfig(max_new_tokens=n, temperature=0.8, top_k=50, pad_token_id=tok.pad_token_id)
     for cfg, rollout in ((greedy, r), (warped, dec.generate(p_ids, p_mask, warped))):
-        d = compare_sampler(policy, rollout, cfg, k=5)
-        assert d.tokens == 5 * n and d.max_abs < 1e-4, (name, cfg.temperature, d)
+        trainer, sampler = compare_rollout(policy, rollout, cfg, k=5)  # the guard's check on the first rollout
+        assert trainer.tokens == sampler.tokens == 5 * n, (name, trainer, sampler)
+        assert trainer.max_abs < 1e-4 and sampler.max_abs < 1e-4, (name, cfg.temperature, trainer, sampler)
 
 
 @pytest.fixture(scope="module")

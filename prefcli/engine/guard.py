@@ -143,7 +143,8 @@ def _eval_mode(module):
 
 
 def _own_logits(policy, ids: torch.Tensor) -> torch.Tensor:
-    """The model's own forward on one example alone (positions 0..n-1, no padding): float32 [n, V]."""
+    """The model's own forward on one example alone (positions 0..n-1, no padding): float32 [n, V]. Every process
+    runs the same number of these (a sharded model gathers its weights in each)."""
     return policy(ids[None], None, mode="logits")[0]
 
 
@@ -184,20 +185,25 @@ def check_logprobs(
     """The guard on one real batch (see the module docstring). Raises UsageError (exit 2), or with
     on_mismatch 'fallback' switches `policy` to the model's own forward and warns. Returns the difference."""
     kernel, packed = compare_logprobs(policy, batch, temperature, start, rt)
-    tol, dt = _tolerance(policy)
-    fam = policy.family
+    tol, _ = _tolerance(policy)
     where = f" on {what}" if what else ""
     if packed is not None and not packed.within(tol):
         raise UsageError(
-            f"{fam}: packed rows let examples attend to each other: the model's own forward on a packed row differs "
-            f"from each example alone by {packed.text()}{where} (its attention mask ignores position ids); set "
-            "data.packing: false"
+            f"{policy.family}: packed rows let examples attend to each other: the model's own forward on a packed "
+            f"row differs from each example alone by {packed.text()}{where} (its attention mask ignores position "
+            "ids); set data.packing: false"
         )
+    _enforce_kernel(policy, kernel, on_mismatch, warn, where)
+    return kernel
+
+
+def _enforce_kernel(policy, kernel: Difference, on_mismatch: str, warn, where: str) -> None:
+    tol, dt = _tolerance(policy)
     if kernel.within(tol):
-        return kernel
+        return
     msg = (
-        f"{fam}: prefcli's log-prob kernel differs from the model's own forward (model(...).logits){where} by "
-        f"{kernel.text()}; the tolerance in {dt} is {_tol_text(tol)} (docs/families.md)"
+        f"{policy.family}: prefcli's log-prob kernel differs from the model's own forward (model(...).logits){where} "
+        f"by {kernel.text()}; the tolerance in {dt} is {_tol_text(tol)} (docs/families.md)"
     )
     if on_mismatch != "fallback":
         raise UsageError(
@@ -206,7 +212,6 @@ def check_logprobs(
         )
     policy.own_forward = True
     warn(msg + "; model.on_mismatch is fallback: log-probs come from the model's own forward (full logits)")
-    return kernel
 
 
 def first_batch_check(policy, on_mismatch: str, warn, what: str):
@@ -240,44 +245,52 @@ def rollout_batch(r: Rollout) -> tuple[dict, int]:
 
 
 @torch.no_grad()
-def compare_sampler(policy, r: Rollout, cfg: SamplingConfig, rt=None, k: int = GUARD_EXAMPLES) -> Difference:
-    """The sampler's log-probs of the first k completions against the model's own forward with the same warps."""
-    if r.logprobs is None:
-        return Difference(0.0, 0.0, 0)
+def compare_rollout(policy, r: Rollout, cfg: SamplingConfig, rt=None, k: int = GUARD_EXAMPLES):
+    """(trainer vs the model's own forward, sampler vs the model's own forward with the same warps): Differences
+    over the completion tokens of the rollout's first k sequences. One forward of the first k rows as the trainer
+    lays them out, and one of each row alone (k on every process, whatever was sampled)."""
     batch, start = rollout_batch(r)
+    temp = cfg.temperature if cfg.temperature > 0 else 1.0
     P = r.prompt_ids.shape[1]
     stop = torch.tensor(cfg.stop_token_ids or [], dtype=torch.long, device=r.completion_ids.device)
-    diffs = []
     rows = list(range(min(k, r.completion_ids.shape[0])))
     rows = (rows * k)[:k]
+    kernel_d, sampler_d = [], []
     with _eval_mode(policy):
+        first = sorted(set(rows))
+        lp, _ = policy(
+            *(batch[key][first] for key in ("input_ids", "targets", "attention_mask", "position_ids")),
+            temperature=temp,
+            start=start,
+        )
         for i in rows:
             real = torch.nonzero(batch["attention_mask"][i]).flatten()
             a, b = int(real[0]), int(real[-1]) + 1
             n = int(r.completion_mask[i].sum())
-            if n == 0:
-                continue
             z = _own_logits(policy, batch["input_ids"][i, a:b])[P - 1 - a : P - 1 - a + n]  # predicts token j
-            if stop.numel() and cfg.min_new_tokens > 0:
-                z[: cfg.min_new_tokens, stop] = float("-inf")
-            ref = warp_logits(z, cfg).log_softmax(-1).gather(-1, r.completion_ids[i, :n, None])[:, 0]
-            d = (r.logprobs[i, :n] - ref).abs()
-            diffs.append(d[torch.isfinite(ref)].float().cpu())
-    return _reduce(diffs, rt)
+            tokens = r.completion_ids[i, :n, None]
+            ref = (z / temp).log_softmax(-1).gather(-1, tokens)[:, 0]
+            kernel_d.append((lp[first.index(i), :n] - ref).abs().float().cpu())
+            if r.logprobs is not None:
+                if stop.numel() and cfg.min_new_tokens > 0:
+                    z = z.clone()
+                    z[: cfg.min_new_tokens, stop] = float("-inf")
+                ref_s = warp_logits(z, cfg).log_softmax(-1).gather(-1, tokens)[:, 0]
+                d = (r.logprobs[i, :n] - ref_s).abs()
+                sampler_d.append(d[torch.isfinite(ref_s)].float().cpu())
+    return _reduce(kernel_d, rt), _reduce(sampler_d, rt)
 
 
 def check_rollout(
     policy, r: Rollout, cfg: SamplingConfig, on_mismatch: str, warn, rt=None, sampler: str = "fast"
 ) -> bool:
-    """The guard on the first rollout: the trainer's log-probs (check_logprobs) and the sampler's. Returns True
-    when the sampler must be replaced by transformers generate (on_mismatch fallback, `sampler` 'fast'); raises
-    UsageError otherwise. `sampler` names it: 'fast' (FastDecoder) or 'hf' (transformers generate)."""
-    batch, start = rollout_batch(r)
-    k = GUARD_EXAMPLES
-    sub = {key: v[:k] for key, v in batch.items()}
-    temp = cfg.temperature if cfg.temperature > 0 else 1.0
-    check_logprobs(policy, sub, on_mismatch, warn, temp, start, rt, what="the first rollout")
-    samp = compare_sampler(policy, r, cfg, rt)
+    """The guard on the first rollout: the trainer's log-probs and the sampler's against the model's own forward.
+    Returns True when the sampler must be replaced by transformers generate (on_mismatch fallback, `sampler`
+    'fast'); raises UsageError otherwise. `sampler` names it: 'fast' (FastDecoder) or 'hf' (transformers
+    generate). A kernel difference switches the policy to its own forward (fallback) or raises, as
+    check_logprobs does."""
+    kernel, samp = compare_rollout(policy, r, cfg, rt)
+    _enforce_kernel(policy, kernel, on_mismatch, warn, " on the first rollout")
     tol, dt = _tolerance(policy)
     if samp.within(tol):
         return False

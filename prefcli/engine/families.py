@@ -218,6 +218,14 @@ def decoder_support(cfg) -> tuple[Layout | None, str]:
     return layout, ""
 
 
+# What falling back to transformers generate costs, as measured (docs/families.md; bench/families.py): the
+# warning that announces the fallback says it.
+FALLBACK_COST = (
+    "measured at 1.5-1.7x the fast sampler's CPU time at the quickstart's shape on a 2-core CPU, and about 12x "
+    "its time on an H200 (docs/families.md)"
+)
+
+
 def at(obj, path: str):
     """obj.a.b for path 'a.b' ('' is obj itself)."""
     for part in path.split(".") if path else []:

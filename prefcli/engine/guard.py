@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from .families import FALLBACK_COST
 from .logprobs import IGNORE
 from .rollout import Rollout, SamplingConfig, warp_logits
 
@@ -151,27 +152,30 @@ def _own_logits(policy, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def compare_logprobs(policy, batch: dict, temperature: float = 1.0, start: int = 0, rt=None, k: int = GUARD_EXAMPLES):
     """(kernel vs the model's own forward on each example alone, the same on the packed rows themselves or None
-    when the batch is not packed): Differences over the first k examples' targets."""
+    when the batch is not packed): Differences over the first k examples' targets. The kernel runs on the rows
+    that hold those examples, as the batch lays them out (its padding, its packing)."""
     ids, mask, pos = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
     T = ids.shape[1]
-    targets = batch["targets"]
+    full_t = _full_targets(batch["targets"], T, start)
+    segs = examples(ids, mask, pos, full_t, k)
+    rows = sorted({r for r, _, _ in segs}) or [0]
+    packed = mask is None and pos is not None  # packed rows (the same on every process: a recipe setting)
+    sub = {key: (v[rows] if v is not None else None) for key, v in (("ids", ids), ("mask", mask), ("pos", pos))}
     with _eval_mode(policy):
-        lp, _ = policy(ids, targets, mask, pos, temperature=temperature, start=start)
-        full_t = _full_targets(targets, T, start)
+        lp, _ = policy(
+            sub["ids"], batch["targets"][rows], sub["mask"], sub["pos"], temperature=temperature, start=start
+        )
         full_lp = _spread(lp, T, start)
-        segs = examples(ids, mask, pos, full_t, k)
-        packed = mask is None and pos is not None  # packed rows (the same on every process: a recipe setting)
-        diffs, packed_diffs = [], []
-        rows = sorted({r for r, _, _ in segs})
         own_rows = None
-        if packed and rows:  # the model's own forward on the packed rows themselves: does it mix examples?
-            own_rows = policy(ids[rows], None, None, pos[rows], mode="logits")
+        if packed:  # the model's own forward on the packed rows themselves: does it mix examples?
+            own_rows = policy(sub["ids"], None, None, sub["pos"], mode="logits")
+        diffs, packed_diffs = [], []
         for r, a, b in segs:
             z = _own_logits(policy, ids[r, a:b])
             tgt = full_t[r, a:b]
             valid = tgt != IGNORE
             ref = (z / temperature).log_softmax(-1).gather(-1, tgt.clamp_min(0)[:, None])[:, 0]
-            diffs.append((full_lp[r, a:b] - ref)[valid].abs().float().cpu())
+            diffs.append((full_lp[rows.index(r), a:b] - ref)[valid].abs().float().cpu())
             if own_rows is not None:
                 zr = own_rows[rows.index(r), a:b]
                 mine = (zr / temperature).log_softmax(-1).gather(-1, tgt.clamp_min(0)[:, None])[:, 0]
@@ -305,5 +309,8 @@ def check_rollout(
         raise UsageError(
             msg + ". Set generation.sampler: hf (transformers generate, slower), or model.on_mismatch: fallback"
         )
-    warn(msg + "; model.on_mismatch is fallback: sampling with transformers generate from now on (slower)")
+    warn(
+        msg
+        + f"; model.on_mismatch is fallback: sampling with transformers generate from now on, slower: {FALLBACK_COST}"
+    )
     return True

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ...engine.data import DataCursor, blank_rows, load_rows, shard_for_rank, split_eval
+from ...engine.families import FALLBACK_COST
 from ...engine.models import (
     PolicyLM,
     build_trained_model,
@@ -228,7 +229,9 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             raise UsageError(f"generation.sampler: fast does not support {why}; use 'auto' or 'hf'")
         if g.sampler == "hf" or not ok:
             if g.sampler == "auto":
-                self.ctx.warn(f"the fast sampler does not support {why}; sampling with transformers generate (slower)")
+                self.ctx.warn(
+                    f"the fast sampler does not support {why}; sampling with transformers generate, slower: {FALLBACK_COST}"
+                )
             return HFSampler(lm, self.rt, gather=self.group.gathered)
         cuda = self.rt.device.type == "cuda"
         return FastDecoder(

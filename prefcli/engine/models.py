@@ -141,7 +141,12 @@ def load_tokenizer(m: ModelSection):
             "token is added and the embeddings resized; a token of the vocabulary changes no weight."
         )
     if m.chat_template is not None:
-        tok.chat_template = m.chat_template
+        from .chat_templates import TEMPLATES, apply_named_template
+
+        if m.chat_template in TEMPLATES:
+            apply_named_template(tok, m.chat_template)
+        else:
+            tok.chat_template = m.chat_template
     return tok
 
 

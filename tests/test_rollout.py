@@ -189,3 +189,26 @@ def test_sampler_logprobs_equal_the_trainers_in_fp32(tok, sampler, temperature):
     m = r.completion_mask.bool()
     assert m.sum() > 10 and (r.logprobs[m] < 0).all() and (r.logprobs[~m] == 0).all()
     assert (lp[m] - r.logprobs[m]).abs().max() < 1e-4
+
+
+def test_hf_sampler_samples_as_the_recipe_says_not_as_the_checkpoint(tok):
+    """A checkpoint's generation_config (here typical-p 0.3, top_k 3, a repetition penalty) must not change what the
+    transformers-generate sampler draws from: its log-probs equal the model's own forward at the recipe's
+    settings (the guard's check), and the model keeps its generation_config."""
+    from prefcli.algos.rlhf.sampling import HFSampler
+    from prefcli.engine.dist import Runtime
+    from prefcli.engine.guard import compare_rollout
+    from prefcli.engine.models import PolicyLM
+
+    lm = tiny("llama", tok, seed=4)
+    lm.generation_config.top_k = 3
+    lm.generation_config.typical_p = 0.3
+    lm.generation_config.repetition_penalty = 3.0
+    rt = Runtime(device=torch.device("cpu"), precision="fp32")
+    ids, mask = prompts(tok)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    r = HFSampler(lm, rt).generate(ids, mask, cfg)
+    trainer, sampler = compare_rollout(PolicyLM(lm, rt), r, cfg, k=3)
+    assert sampler.tokens == 24 and sampler.max_abs < 1e-4, sampler
+    assert lm.generation_config.typical_p == 0.3 and lm.generation_config.repetition_penalty == 3.0

@@ -42,7 +42,7 @@ class HFSampler:
             kw.update(do_sample=False)
         # output_scores: the scores each token was drawn from, after the logits processors and warpers
         # (min_new_tokens, temperature, top-k, top-p): the sampler's own log-probs, for the mismatch check
-        with self.gather(hold=True), self.rt.autocast():
+        with self.gather(hold=True), self.rt.autocast(), _recipe_generation_config(self.lm):
             res = self.lm.generate(
                 input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw
             )
@@ -70,6 +70,31 @@ class HFSampler:
             finished=has,
             logprobs=logp,
         )
+
+
+@contextlib.contextmanager
+def _recipe_generation_config(lm):
+    """Sampling as the recipe says and nothing else: transformers fills every setting `generate` is not given
+    from the model's generation_config (a checkpoint's top_k 20, top_p 0.8, repetition_penalty 1.05), which would
+    sample from another distribution than the trainer scores. A config with only the special tokens stands in
+    while sampling; the model keeps its own (final/ saves it)."""
+    from transformers import GenerationConfig
+
+    from ...engine.models import unwrap_lm
+
+    inner = unwrap_lm(lm)
+    own = getattr(inner, "generation_config", None)
+    if own is None:
+        yield
+        return
+    keep = {
+        k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    }
+    inner.generation_config = GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
+    try:
+        yield
+    finally:
+        inner.generation_config = own
 
 
 def apply_stop_strings(r: Rollout, tok, stop_strings: list[str], pad_id: int) -> Rollout:

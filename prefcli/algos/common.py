@@ -99,7 +99,8 @@ class Scheduled:
     def check_kernels(self, policy, collate: Callable[[list[int]], dict]) -> None:
         """The start-up guard (engine.guard): prefcli's log-prob kernel against the model's own forward on the first
         step's first micro-batch, collated as training collates it (packed rows, padding). Exit 2 on a difference
-        beyond the tolerance, or the model's own forward with model.on_mismatch: fallback."""
+        beyond the tolerance, or the model's own forward with model.on_mismatch: fallback. A task's
+        `startup_check()` calls it; the runner calls that once the recipe's limits are checked."""
         from ..engine.guard import check_logprobs
 
         batch = collate(self.micro_parts(self.cursor.peek())[0])

@@ -340,7 +340,6 @@ class PreferenceTask(Scheduled):
         self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)
         self.groups = {"policy": Group("policy", self.policy, self.rt, r.train, self._total)}
         self.ref: dict[str, torch.Tensor] = {}
-        self.check_kernels(self.policy, lambda part: self._batch(self.train_set, part))
 
     @staticmethod
     def _partners(n: int, seed: int) -> list[int]:
@@ -476,6 +475,9 @@ class PreferenceTask(Scheduled):
         return losses.sum(), mets
 
     # ----------------------------------------------------------------- Task protocol
+
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._batch(self.train_set, part))
 
     def describe(self) -> dict:
         objective = {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce, **vars(self.hp)}

@@ -223,7 +223,6 @@ class SFTTask(Scheduled):
             len(self.rows) if self.rows is not None else len(self.train_set), t, d.shuffle, rt.world_size
         )
         self.groups = {"policy": Group("policy", trained, rt, t, self._total)}
-        self.check_kernels(self.policy, lambda part: self._collate(part)[0])
         if self.control_ids is not None and s.control_lr_scale != 1.0:
             inner = unwrap_lm(lm)
             weights = [inner.get_input_embeddings().weight]
@@ -233,6 +232,9 @@ class SFTTask(Scheduled):
             RowLRScale(self.groups["policy"].optimizer, weights, list(self.control_ids), s.control_lr_scale)
 
     # ---------------------------------------------------------------- Task protocol
+
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._collate(part)[0])
 
     def describe(self) -> dict:
         s = self.train_set

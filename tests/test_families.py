@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prefcli.engine.data import TokenizedSet, pack_rows, packed_batch, pad_batch
 from prefcli.engine.dist import Runtime
-from prefcli.engine.guard import compare_logprobs, compare_rollout
+from prefcli.engine.guard import _own_logits_of, compare_logprobs, compare_rollout
 from prefcli.engine.models import PolicyLM
 from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad, supports_fast_decoder
 
@@ -64,6 +64,15 @@ TEXTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models are latency-bound: one thread is as fast, and far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return AutoTokenizer.from_pretrained(TOKENIZER)
@@ -88,6 +97,10 @@ def test_logprobs_and_fast_sampler_equal_the_models_own_forward(name, tok):
     padded = pad_batch(ids, ids, tok.pad_token_id)  # right-padded, as sft/dpo batches
     packed = packed_batch(pack_rows(range(5), data, 48), data, tok.pad_token_id, 48)  # several examples a row
     assert (packed["position_ids"][0] == 0).sum() > 2
+    with torch.no_grad():  # the guard's reference batches examples right-padded: each row is the example alone
+        alone = _own_logits_of(policy, [torch.tensor(x) for x in ids], None)
+        for x, z in zip(ids, alone):
+            assert (z - policy(torch.tensor([x]), None, mode="logits")[0]).abs().max() < 1e-5, name
     for batch in (padded, packed):
         kernel, own_packed = compare_logprobs(policy, batch, k=5)
         assert kernel.tokens > 40 and kernel.max_abs < 1e-4, (name, kernel)

@@ -15,8 +15,8 @@ different function than the model defines, silently. So, on one real batch:
 A difference beyond `TOLERANCES` (per compute dtype, docs/families.md) is exit 2 naming the family and what
 differs; with `model.on_mismatch: fallback` the kernels give way to the model's own forward
 (`PolicyLM.own_forward`) and the fast sampler to transformers generate, with a warning. Packing that lets
-examples attend to each other is refused either way (data.packing: false). Cost: one forward of the batch and
-GUARD_EXAMPLES forwards of one example each.
+examples attend to each other is refused either way (data.packing: false). Cost: one forward of the rows that hold the
+compared examples, and one of the model's own on those examples (GUARD_EXAMPLES of them) alone.
 """
 
 from __future__ import annotations
@@ -144,9 +144,35 @@ def _eval_mode(module):
 
 
 def _own_logits(policy, ids: torch.Tensor) -> torch.Tensor:
-    """The model's own forward on one example alone (positions 0..n-1, no padding): float32 [n, V]. Every process
-    runs the same number of these (a sharded model gathers its weights in each)."""
+    """The model's own forward on one example alone (positions 0..n-1, no padding): float32 [n, V]."""
     return policy(ids[None], None, mode="logits")[0]
+
+
+OWN_LOGITS_BYTES = 2**30  # the float32 logits one batched forward of the reference may hold
+
+
+def _own_logits_of(policy, seqs: list[torch.Tensor], rt) -> list[torch.Tensor]:
+    """The model's own forward on each sequence alone: float32 [n_i, V] each. Sequences are right-padded into
+    batches of at most OWN_LOGITS_BYTES of logits and run without an attention mask: in a causal model token t
+    never sees the padding after it, so each row is the sequence alone (tests/test_families.py holds this for
+    every family against one forward per example). Sharded, one forward per sequence instead: every process must
+    run the same number (each gathers the weights), whatever the lengths it holds."""
+    if rt is not None and getattr(rt, "sharded", False):
+        return [_own_logits(policy, x) for x in seqs]
+    vocab = policy._head.weight.shape[0]
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    while order:
+        T = len(seqs[order[0]])
+        take = max(1, min(len(order), OWN_LOGITS_BYTES // max(1, T * vocab * 4)))
+        group, order = order[:take], order[take:]
+        ids = torch.full((len(group), T), int(seqs[group[0]][0]), dtype=torch.long, device=seqs[group[0]].device)
+        for j, i in enumerate(group):
+            ids[j, : len(seqs[i])] = seqs[i]
+        z = policy(ids, None, mode="logits")
+        for j, i in enumerate(group):
+            out[i] = z[j, : len(seqs[i])]
+    return out
 
 
 @torch.no_grad()
@@ -170,8 +196,8 @@ def compare_logprobs(policy, batch: dict, temperature: float = 1.0, start: int =
         if packed:  # the model's own forward on the packed rows themselves: does it mix examples?
             own_rows = policy(sub["ids"], None, None, sub["pos"], mode="logits")
         diffs, packed_diffs = [], []
-        for r, a, b in segs:
-            z = _own_logits(policy, ids[r, a:b])
+        alone = _own_logits_of(policy, [ids[r, a:b] for r, a, b in segs], rt)
+        for (r, a, b), z in zip(segs, alone):
             tgt = full_t[r, a:b]
             valid = tgt != IGNORE
             ref = (z / temperature).log_softmax(-1).gather(-1, tgt.clamp_min(0)[:, None])[:, 0]
@@ -251,8 +277,8 @@ def rollout_batch(r: Rollout) -> tuple[dict, int]:
 @torch.no_grad()
 def compare_rollout(policy, r: Rollout, cfg: SamplingConfig, rt=None, k: int = GUARD_EXAMPLES):
     """(trainer vs the model's own forward, sampler vs the model's own forward with the same warps): Differences
-    over the completion tokens of the rollout's first k sequences. One forward of the first k rows as the trainer
-    lays them out, and one of each row alone (k on every process, whatever was sampled)."""
+    over the completion tokens of the rollout's first k sequences: one forward of those rows as the trainer lays
+    them out, and the model's own forward on each alone (`_own_logits_of`)."""
     batch, start = rollout_batch(r)
     temp = cfg.temperature if cfg.temperature > 0 else 1.0
     P = r.prompt_ids.shape[1]
@@ -267,11 +293,14 @@ def compare_rollout(policy, r: Rollout, cfg: SamplingConfig, rt=None, k: int = G
             temperature=temp,
             start=start,
         )
+        spans = []
         for i in rows:
             real = torch.nonzero(batch["attention_mask"][i]).flatten()
-            a, b = int(real[0]), int(real[-1]) + 1
+            spans.append((int(real[0]), int(real[-1]) + 1))
+        alone = _own_logits_of(policy, [batch["input_ids"][i, a:b] for i, (a, b) in zip(rows, spans)], rt)
+        for i, (a, _), z in zip(rows, spans, alone):
             n = int(r.completion_mask[i].sum())
-            z = _own_logits(policy, batch["input_ids"][i, a:b])[P - 1 - a : P - 1 - a + n]  # predicts token j
+            z = z[P - 1 - a : P - 1 - a + n]  # position P - 1 + j predicts completion token j
             tokens = r.completion_ids[i, :n, None]
             ref = (z / temp).log_softmax(-1).gather(-1, tokens)[:, 0]
             kernel_d.append((lp[first.index(i), :n] - ref).abs().float().cpu())

@@ -15,8 +15,8 @@ different function than the model defines, silently. So, on one real batch:
 A difference beyond `TOLERANCES` (per compute dtype, docs/families.md) is exit 2 naming the family and what
 differs; with `model.on_mismatch: fallback` the kernels give way to the model's own forward
 (`PolicyLM.own_forward`) and the fast sampler to transformers generate, with a warning. Packing that lets
-examples attend to each other is refused either way (data.packing: false). Cost: one forward of the rows that hold the
-compared examples, and one of the model's own on those examples (GUARD_EXAMPLES of them) alone.
+examples attend to each other is refused either way (data.packing: false). Cost: one forward of the rows that
+hold the compared examples, and one of the model's own forward on those examples (GUARD_EXAMPLES) alone.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def test_sft_dpo_grpo_and_generate_run(name, model_dirs, tmp_path, write_recipe,
 
 def test_the_guard_stops_a_sampler_that_misses_a_family_quirk(tmp_path, write_recipe, cli, monkeypatch):
     """A family whose layout row is wrong (here: Cohere's interleaved rotary claimed for Qwen 2) samples from
-    another distribution than the model's: the guard stops the run at the first rollout with exit 2, naming the
+    another distribution than the model's: the guard stops the run at its first samples with exit 2, naming the
     family and the sampler; with model.on_mismatch: fallback it samples with transformers generate instead."""
     from prefcli.engine import families
 
@@ -213,7 +213,7 @@ def test_the_guard_stops_a_sampler_that_misses_a_family_quirk(tmp_path, write_re
     code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run", "-q")
     assert code == 2, stderr
     err = last_json(stdout)["error"]
-    assert "qwen2: the fast sampler's log-probs" in err and "first rollout" in err, err
+    assert "qwen2: the fast sampler's log-probs" in err and "first sampled completions" in err, err
     assert "generation.sampler: hf" in err and "model.on_mismatch: fallback" in err
     d["model"]["on_mismatch"] = "fallback"
     code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run2", "-q")

@@ -8,7 +8,7 @@ different function than the model defines, silently. So, on one real batch:
 - `check_logprobs` (every command, before the first step): the kernel's log-probs on the batch as training
   lays it out (packed rows, padding) against the model's own forward (`model(...).logits` -> log_softmax) on
   each of its first examples alone;
-- `check_rollout` (RL, on the first rollout): the same for the trainer's log-probs of the rollout, and the
+- `check_rollout` (RL, on the first completions sampled): the same for the trainer's log-probs of them, and the
   sampler's log-probs of the tokens it drew against the model's own forward with the same sampling warps
   (temperature, top-k, top-p, stop tokens blocked before min_new_tokens).
 
@@ -317,19 +317,20 @@ def compare_rollout(policy, r: Rollout, cfg: SamplingConfig, rt=None, k: int = G
 def check_rollout(
     policy, r: Rollout, cfg: SamplingConfig, on_mismatch: str, warn, rt=None, sampler: str = "fast"
 ) -> bool:
-    """The guard on the first rollout: the trainer's log-probs and the sampler's against the model's own forward.
+    """The guard on the first completions sampled: the trainer's log-probs and the sampler's against the model's
+    own forward.
     Returns True when the sampler must be replaced by transformers generate (on_mismatch fallback, `sampler`
     'fast'); raises UsageError otherwise. `sampler` names it: 'fast' (FastDecoder) or 'hf' (transformers
     generate). A kernel difference switches the policy to its own forward (fallback) or raises, as
     check_logprobs does."""
     kernel, samp = compare_rollout(policy, r, cfg, rt)
-    _enforce_kernel(policy, kernel, on_mismatch, warn, " on the first rollout")
+    _enforce_kernel(policy, kernel, on_mismatch, warn, " on the first sampled completions")
     tol, dt = _tolerance(policy)
     if samp.within(tol):
         return False
     msg = (
         f"{policy.family}: the {sampler} sampler's log-probs of the tokens it drew differ from the model's own "
-        f"forward by {samp.text()} on the first rollout; the tolerance in {dt} is {_tol_text(tol)} "
+        f"forward by {samp.text()} on the first sampled completions; the tolerance in {dt} is {_tol_text(tol)} "
         "(docs/families.md)"
     )
     if sampler != "fast":

@@ -220,7 +220,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.rollout_metrics: dict[str, float] = {}
         self.examples_file = ctx.run_dir / "samples.jsonl"
         self._warned_sampler = False
-        self._guarded = False  # the start-up guard runs on the first rollout this process samples
+        self._guarded = False  # the start-up guard runs on the first completions this process samples
         self._plan_metrics: dict[str, float] = {}
 
     def _make_sampler(self, lm, g):
@@ -245,9 +245,10 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         )
 
     def _guard(self, r: Rollout) -> bool:
-        """The start-up guard on the first rollout (engine.guard.check_rollout): the trainer's and the sampler's
-        log-probs against the model's own forward. Returns True when the fast sampler gave way to transformers
-        generate (model.on_mismatch: fallback); the reference follows the policy onto the model's own forward."""
+        """The start-up guard on the first completions sampled (a rollout, the GAN's discriminator warm-up or a
+        held-out evaluation; engine.guard.check_rollout): the trainer's and the sampler's log-probs against the
+        model's own forward. Returns True when the fast sampler gave way to transformers generate
+        (model.on_mismatch: fallback); the reference follows the policy onto the model's own forward."""
         from ...engine.guard import check_rollout
 
         self._guarded = True
@@ -293,6 +294,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             self._warned_sampler = True
         rt.synchronize()
         gen_s = time.perf_counter() - t0
+        if not self._guarded and self._guard(r):  # the fast sampler gave way to transformers generate: again
+            r = self.sampler.generate(p_ids, p_mask, self.scfg)
         r = apply_stop_strings(r, self.tok, self.cfg.generation.stop_strings, self.tok.pad_token_id)
         comp_text = [
             self.tok.decode(c[m.bool()].tolist(), skip_special_tokens=True)
@@ -355,8 +358,6 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         t0 = time.perf_counter()
         self.sampler.sync()
         d, draw_stats = self._draw_rollout()
-        if not self._guarded and self._guard(d.samples.rollout):  # the fast sampler was replaced: draw again
-            d, draw_stats = self._draw_rollout()
         r, prompts, completions = d.samples.rollout, d.samples.prompts, d.samples.completions
         seq = self.sequences(r)
         mask = r.completion_mask.float()

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
 from . import (
     EXAMPLES,
@@ -128,7 +129,9 @@ def generate(
         int | None,
         typer.Option(help=("Prompts per generate call (default 8). 1 answers each prompt as soon as it is read.")),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, max=SEED_MAX, help="Sampling seed (default: the recipe's, else 0).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     trust_remote_code: Annotated[
         bool,

@@ -212,7 +212,8 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     import torch
 
     from ..engine.guard import first_batch_check
-    from ..engine.models import PolicyLM, load_tokenizer
+    from ..engine.models import PolicyLM
+    from ..engine.tokenizer import load_tokenizer
     from ..reward_sources import build_rewards
     from .generation import Generator
     from .loading import load_lm, make_runtime

@@ -26,7 +26,6 @@ from ...engine.models import (
     PolicyLM,
     build_trained_model,
     frozen_copy,
-    load_tokenizer,
     reference_mode,
     save_hf,
     trainable_parameters,
@@ -34,6 +33,7 @@ from ...engine.models import (
 )
 from ...engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
 from ...engine.task import Group, Micro, Plan
+from ...engine.tokenizer import load_tokenizer
 from ...errors import DataError, TrainingError, UsageError
 from ...reward_sources import RewardSet, RewardSource, build_rewards
 from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token

@@ -88,10 +88,12 @@ def load_reward_model(path: str, device, eager: bool):
 
     quiet_transformers()
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from ...engine.tokenizer import open_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = open_tokenizer(path)
         kw = {"attn_implementation": "eager"} if eager else {}
         model = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch.float32, use_safetensors=True, **kw
@@ -105,7 +107,8 @@ def load_reward_model(path: str, device, eager: bool):
 
 
 def load_policy(path: str, device, eager: bool):
-    from ...engine.models import build_causal_lm, load_tokenizer
+    from ...engine.models import build_causal_lm
+    from ...engine.tokenizer import load_tokenizer
     from ...evaluate.loading import make_runtime
     from ...recipe.sections import ModelSection
 

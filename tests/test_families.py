@@ -148,6 +148,7 @@ def _recipe(command: str, path, **extra) -> dict:
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_sft_dpo_grpo_and_generate_run(name, model_dirs, tmp_path, write_recipe, cli):
     """A step of each, through the start-up guard (which refuses a family whose kernels or sampler differ)."""
@@ -191,6 +192,7 @@ def test_sft_dpo_grpo_and_generate_run(name, model_dirs, tmp_path, write_recipe,
     assert json.loads(stdout.splitlines()[0])["tokens"] >= 1
 
 
+@pytest.mark.slow
 def test_the_guard_stops_a_sampler_that_misses_a_family_quirk(tmp_path, write_recipe, cli, monkeypatch):
     """A family whose layout row is wrong (here: Cohere's interleaved rotary claimed for Qwen 2) samples from
     another distribution than the model's: the guard stops the run at its first samples with exit 2, naming the

@@ -62,7 +62,8 @@ def measure(lm, tok, repeats: int) -> dict:
 
     from prefcli.algos.rlhf.sampling import HFSampler
     from prefcli.engine.dist import Runtime
-    from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad
+    from prefcli.engine.rollout import FastDecoder
+    from prefcli.engine.sampling import SamplingConfig, left_pad
 
     texts = [json.loads(x)["prompt"] for x in (ROOT / "data/quickstart/prompts.jsonl").read_text().splitlines()[:8]]
     prompts = [tok(t)["input_ids"][:24] for t in texts for _ in range(4)]

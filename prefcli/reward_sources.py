@@ -214,7 +214,7 @@ class ModelSource(RewardSource):
     def __call__(self, prompts, completions):
         import torch
 
-        from .engine.data import text_ids
+        from .engine.tokenizer import text_ids
 
         scores: list[float] = []
         tok = self.tok
@@ -420,7 +420,7 @@ class JudgeSource(RewardSource):
         the answer tokens, renormalised)."""
         import torch
 
-        from .engine.rollout import left_pad
+        from .engine.sampling import left_pad
 
         out: list[float] = []
         add_special = not self.cfg.chat_template  # a chat template writes its own special tokens

@@ -196,8 +196,9 @@ def test_bos_is_added_once_to_text_a_chat_template_opened_with_bos():
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from prefcli.engine.data import sft_encoder, text_ids
+    from prefcli.engine.data import sft_encoder
     from prefcli.engine.pairs import encode_scored, scored_text
+    from prefcli.engine.tokenizer import text_ids
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     tok.add_special_tokens({"bos_token": "<bos>"})

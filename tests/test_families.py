@@ -15,7 +15,8 @@ from prefcli.engine.data import TokenizedSet, pack_rows, packed_batch, pad_batch
 from prefcli.engine.dist import Runtime
 from prefcli.engine.guard import _own_logits_of, compare_logprobs, compare_rollout
 from prefcli.engine.models import PolicyLM
-from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad, supports_fast_decoder
+from prefcli.engine.rollout import FastDecoder, supports_fast_decoder
+from prefcli.engine.sampling import SamplingConfig, left_pad
 
 from .conftest import DATA, TOKENIZER, last_json
 

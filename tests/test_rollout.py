@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad, sample_next, supports_fast_decoder
+from prefcli.engine.rollout import FastDecoder, supports_fast_decoder
+from prefcli.engine.sampling import SamplingConfig, left_pad, sample_next
 
 from .conftest import TOKENIZER
 

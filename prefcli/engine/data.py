@@ -33,6 +33,7 @@ from .datacheck import (
     text_line,
 )
 from .logprobs import IGNORE
+from .tokenizer import chat_ids, text_ids
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
 CACHE_VERSION = "2"  # bump when tokenization output changes for the same inputs
@@ -299,29 +300,6 @@ def detect_format(columns: Sequence[str], requested: str) -> str:
 
 
 FORMAT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"]}
-
-
-def text_ids(tok, text: str) -> list[int]:
-    """Token ids of `text` with the tokenizer's special tokens, BOS once: a text rendered by a chat template that
-    writes BOS itself (Llama 3's <|begin_of_text|>, Gemma's <bos>) would otherwise start with two."""
-    ids = list(tok(text, add_special_tokens=True)["input_ids"])
-    bos = tok.bos_token_id
-    if (
-        bos is not None
-        and len(ids) > 1
-        and ids[0] == ids[1] == bos
-        and tok.bos_token
-        and text.startswith(tok.bos_token)
-    ):
-        ids = ids[1:]
-    return ids
-
-
-def chat_ids(tok, messages, **kw) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True, **kw)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
 
 
 def encode_messages(tok, messages: list[dict], mask_prompt: bool) -> tuple[list[int], list[int]]:

@@ -10,7 +10,8 @@ re-implements a piece of the model's forward, so each must know what the family 
 - `MASK_IGNORES_POSITION_IDS`: families whose attention mask is built without the position ids, so a
   packed row needs an explicit block-diagonal mask (`packed_mask`);
 - `DECODERS`: where each family the fast sampler covers keeps its parts and how its block computes
-  (`Layout`); `decoder_support(lm)` says whether the fast sampler runs a model, and why not.
+  (`Layout`); `decoder_support(lm)` says whether the fast sampler runs a model, and why not; `NORMS` and
+  `rope`, the norms and rotary embeddings a Layout names, computed as each family's modules compute them.
 
 Anything the tables miss is caught by the start-up guard (guard.py), which compares these paths with the
 model's own forward on a real batch before the first step (docs/families.md).
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .logprobs import LogitTransform
 
@@ -231,3 +233,47 @@ def at(obj, path: str):
     for part in path.split(".") if path else []:
         obj = getattr(obj, part)
     return obj
+
+
+# -------------------------------------- norms and rotary embeddings, as the families' modules compute them
+# (the fast sampler replays them; a Layout's `norm` and `rotary` name them)
+def _rms(x, w, b, eps):  # LlamaRMSNorm: normalised in float32, cast back, then scaled
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rms_1p(x, w, b, eps):  # Gemma's RMSNorm: scaled by (1 + weight) in float32; w holds 1 + weight, float32
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+
+
+def _layer(x, w, b, eps):  # nn.LayerNorm
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def _layer_f32(x, w, b, eps):  # CohereLayerNorm: in float32, its weight may span (heads, head_dim)
+    x32 = x.float()
+    mean = x32.mean(-1, keepdim=True)
+    var = (x32 - mean).pow(2).mean(-1, keepdim=True)
+    y = (x32 - mean) * torch.rsqrt(var + eps) * w
+    return (y if b is None else y + b).to(x.dtype)
+
+
+NORMS = {"rms": _rms, "rms_1p": _rms_1p, "layer": _layer, "layer_f32": _layer_f32}
+NORM_F32 = ("rms_1p", "layer_f32")  # kinds whose weights are kept in float32
+
+
+def rope(x, cos, sin, interleaved: bool):
+    """Rotary embedding of x [B, H, T, hd] with cos/sin [.., T, rd]; rd < hd rotates the first rd dims only
+    (partial rotary: GPT-NeoX, Phi-3). Interleaved (Cohere): pairs (2i, 2i+1), computed in float32."""
+    rd = cos.shape[-1]
+    xr, xp = (x[..., :rd], x[..., rd:]) if rd < x.shape[-1] else (x, None)
+    if interleaved:
+        x32 = xr.float()
+        rot = torch.stack((-x32[..., 1::2], x32[..., ::2]), dim=-1).flatten(-2)
+        out = (x32 * cos + rot * sin).to(x.dtype)
+    else:
+        h = rd // 2
+        rot = torch.cat((-xr[..., h:], xr[..., :h]), dim=-1)
+        out = xr * cos + rot * sin
+    return out if xp is None else torch.cat((out, xp), dim=-1)

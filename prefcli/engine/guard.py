@@ -29,7 +29,7 @@ import torch
 from ..errors import UsageError
 from .families import FALLBACK_COST
 from .logprobs import IGNORE
-from .rollout import Rollout, SamplingConfig, warp_logits
+from .sampling import Rollout, SamplingConfig, warp_logits
 
 GUARD_EXAMPLES = 4  # examples compared with the model's own forward (the same count on every process)
 

@@ -243,3 +243,26 @@ def shift_targets(input_ids: torch.Tensor, labels: torch.Tensor | None = None) -
     out = torch.full_like(src, IGNORE)
     out[..., :-1] = src[..., 1:]
     return out
+
+
+def positions_of(x, targets, start: int):
+    """x's positions that `targets` covers (all, or start .. start + targets.shape[1] - 1)."""
+    if start or targets.shape[1] != x.shape[1]:
+        if targets.shape[1] == x.shape[1]:
+            targets = targets[:, start:]
+        x = x[:, start : start + targets.shape[1]]
+    return x, targets
+
+
+def logits_logprobs(logits, targets, mode: str = "logprobs", temperature: float = 1.0, start: int = 0):
+    """What PolicyLM.forward returns, from full logits [B, T, V] (the model's own forward) instead of the
+    kernels: summed cross-entropy (mode 'ce'), or per-token log-probs and entropies."""
+    z, targets = positions_of(logits, targets, start)
+    lp = (z / temperature if temperature != 1.0 else z).log_softmax(-1)
+    valid = targets != IGNORE
+    tok = lp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+    if mode == "ce":
+        return -tok.sum()
+    with torch.no_grad():
+        ent = -(lp.exp() * lp).sum(-1)
+    return tok, ent

@@ -23,7 +23,7 @@ from ..recipe.paths import is_local
 from ..recipe.sections import ModelSection
 from .dist import Runtime
 from .families import MASK_IGNORES_POSITION_IDS, logit_transform, packed_mask
-from .logprobs import IGNORE, cross_entropy_sum, token_logprobs
+from .logprobs import cross_entropy_sum, logits_logprobs, positions_of, token_logprobs
 
 # Sizes of the random model `--smoke` swaps in: same family, same tokenizer, tiny dimensions.
 SMOKE_DIMS = dict(
@@ -486,34 +486,11 @@ class PolicyLM(nn.Module):
     def head_logprobs(self, h, targets, mode: str = "logprobs", temperature: float = 1.0, start: int = 0):
         """The output layer on hidden states `h` (see forward). Targets either span every position, or
         (narrower) the positions start .. start + targets.shape[1] - 1."""
-        h, targets = _window(h, targets, start)
+        h, targets = positions_of(h, targets, start)
         w, b = self._head.weight, getattr(self._head, "bias", None)
         if mode == "ce":
             return cross_entropy_sum(h, w, b, targets, self.chunk, self.compute_dtype, self.transform)
         return token_logprobs(h, w, b, targets, self.chunk, self.compute_dtype, temperature, self.transform)
-
-
-def _window(x, targets, start: int):
-    """x's positions that `targets` covers (all, or start .. start + targets.shape[1] - 1)."""
-    if start or targets.shape[1] != x.shape[1]:
-        if targets.shape[1] == x.shape[1]:
-            targets = targets[:, start:]
-        x = x[:, start : start + targets.shape[1]]
-    return x, targets
-
-
-def logits_logprobs(logits, targets, mode: str = "logprobs", temperature: float = 1.0, start: int = 0):
-    """What PolicyLM.forward returns, from full logits [B, T, V] (the model's own forward) instead of the
-    kernels: summed cross-entropy (mode 'ce'), or per-token log-probs and entropies."""
-    z, targets = _window(logits, targets, start)
-    lp = (z / temperature if temperature != 1.0 else z).log_softmax(-1)
-    valid = targets != IGNORE
-    tok = lp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
-    if mode == "ce":
-        return -tok.sum()
-    with torch.no_grad():
-        ent = -(lp.exp() * lp).sum(-1)
-    return tok, ent
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from .data import cache_key, chat_ids, pad_batch, text_ids
+from .data import cache_key, pad_batch
 from .datacheck import describe_value, is_messages
 from .logprobs import IGNORE
+from .tokenizer import chat_ids, text_ids
 
 PAIR_REQUIRED = ("chosen", "rejected")
 CACHE_VERSION = "1"  # bump when the encoders below change their output for the same inputs

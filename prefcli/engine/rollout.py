@@ -24,90 +24,14 @@ layer's shards gathered only while it is copied (`gather`), so sampling needs no
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .families import at, block_kind, decoder_support, logit_transform
+from .families import NORM_F32, NORMS, at, block_kind, decoder_support, logit_transform, rope
 from .models import unwrap_lm
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    stop_token_ids: list[int] = field(default_factory=list)  # EOS and friends
-    pad_token_id: int = 0
-
-
-@dataclass
-class Rollout:
-    """Sampled sequences: left-padded prompts followed by completions (right-padded)."""
-
-    prompt_ids: torch.Tensor  # [B, P] left-padded
-    prompt_mask: torch.Tensor  # [B, P]
-    completion_ids: torch.Tensor  # [B, N] pad after the stop token
-    completion_mask: torch.Tensor  # [B, N] 1 on generated tokens, the stop token included
-    finished: torch.Tensor  # [B] bool: ended with a stop token (not cut by max_new_tokens)
-    # [B, N] float32: the sampler's log-prob of each completion token under the distribution it sampled
-    # from (temperature, top-k/top-p, blocked stop tokens applied; 0 after the end). None: not recorded.
-    logprobs: torch.Tensor | None = None
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """One token per row from [B, V] float32 logits: temperature, top-k, top-p, then Gumbel-max
-    (the same distribution as softmax sampling, and graph-capturable)."""
-    return sample_with_logprob(logits, cfg)[0]
-
-
-def warp_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """The logits [..., V] (float32) a sample is drawn from: divided by the temperature, then top-k and top-p
-    applied (dropped tokens at -inf). Greedy (temperature 0): the raw logits."""
-    if cfg.temperature <= 0:
-        return logits
-    logits = logits / cfg.temperature
-    if cfg.top_k and cfg.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        cum = probs.cumsum(-1)
-        drop_sorted = (cum - probs) > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_with_logprob(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sample_next`, and the log-prob [B] of the chosen token under the distribution it was drawn from
-    (after temperature, top-k and top-p; greedy: under the softmax of the raw logits). The trainer
-    compares it with its own log-prob of the same token (sampler/trainer mismatch)."""
-    if cfg.temperature <= 0:
-        tok = logits.argmax(-1)
-        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-    logits = warp_logits(logits, cfg)
-    u = torch.rand_like(logits).clamp_(min=1e-20, max=1.0 - 1e-7)
-    tok = (logits - torch.log(-torch.log(u))).argmax(-1)
-    return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+from .sampling import Rollout, SamplingConfig, sample_with_logprob
 
 
 def supports_fast_decoder(lm) -> tuple[bool, str]:
@@ -133,49 +57,6 @@ def _effective_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _eps(norm) -> float:
     v = getattr(norm, "variance_epsilon", None)
     return float(v if v is not None else norm.eps)
-
-
-# ------------------------------------------------------------------ norms, as the families' modules compute them
-def _rms(x, w, b, eps):  # LlamaRMSNorm: normalised in float32, cast back, then scaled
-    x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rms_1p(x, w, b, eps):  # Gemma's RMSNorm: scaled by (1 + weight) in float32; w holds 1 + weight, float32
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
-
-
-def _layer(x, w, b, eps):  # nn.LayerNorm
-    return F.layer_norm(x, x.shape[-1:], w, b, eps)
-
-
-def _layer_f32(x, w, b, eps):  # CohereLayerNorm: in float32, its weight may span (heads, head_dim)
-    x32 = x.float()
-    mean = x32.mean(-1, keepdim=True)
-    var = (x32 - mean).pow(2).mean(-1, keepdim=True)
-    y = (x32 - mean) * torch.rsqrt(var + eps) * w
-    return (y if b is None else y + b).to(x.dtype)
-
-
-_NORMS = {"rms": _rms, "rms_1p": _rms_1p, "layer": _layer, "layer_f32": _layer_f32}
-_NORM_F32 = ("rms_1p", "layer_f32")  # kinds whose weights are kept in float32
-
-
-def _rope(x, cos, sin, interleaved: bool):
-    """Rotary embedding of x [B, H, T, hd] with cos/sin [.., T, rd]; rd < hd rotates the first rd dims only
-    (partial rotary: GPT-NeoX, Phi-3). Interleaved (Cohere): pairs (2i, 2i+1), computed in float32."""
-    rd = cos.shape[-1]
-    xr, xp = (x[..., :rd], x[..., rd:]) if rd < x.shape[-1] else (x, None)
-    if interleaved:
-        x32 = xr.float()
-        rot = torch.stack((-x32[..., 1::2], x32[..., ::2]), dim=-1).flatten(-2)
-        out = (x32 * cos + rot * sin).to(x.dtype)
-    else:
-        h = rd // 2
-        rot = torch.cat((-xr[..., h:], xr[..., :h]), dim=-1)
-        out = xr * cos + rot * sin
-    return out if xp is None else torch.cat((out, xp), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -231,7 +112,7 @@ class FastDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.layers = list(at(self.body, layout.layers))
-        self.norm_fn = _NORMS[layout.norm]
+        self.norm_fn = NORMS[layout.norm]
         self.act = at(self._mlp(self.layers[0]), layout.act)
         self.static = [self._layer_static(i, layer) for i, layer in enumerate(self.layers)]
         self.windows = sorted({st.window for st in self.static if st.window is not None})
@@ -340,7 +221,7 @@ class FastDecoder:
                 self.shadow.append(self._alloc_layer(layer))
         outer = [m for m in (self.embed_mod, self.norm_mod, self.head, self.pos_mod) if m is not None]
         with self.gather(outer):
-            ndt = torch.float32 if self.layout.norm in _NORM_F32 else dt
+            ndt = torch.float32 if self.layout.norm in NORM_F32 else dt
             self.final_norm = torch.empty_like(self.norm_mod.weight, dtype=ndt)
             nb = getattr(self.norm_mod, "bias", None)
             self.final_norm_b = torch.empty_like(nb, dtype=ndt) if nb is not None else None
@@ -360,7 +241,7 @@ class FastDecoder:
 
     def _alloc_layer(self, layer) -> dict:
         dev, dt = self.device, self.dtype
-        ndt = torch.float32 if self.layout.norm in _NORM_F32 else dt
+        ndt = torch.float32 if self.layout.norm in NORM_F32 else dt
         d = {}
         for key, val in self._layer_parts(layer).items():
             w, b = val
@@ -429,7 +310,7 @@ class FastDecoder:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cos is not None:
             interleaved = self.layout.rotary == "interleaved"
-            q, k = _rope(q, cos, sin, interleaved), _rope(k, cos, sin, interleaved)
+            q, k = rope(q, cos, sin, interleaved), rope(k, cos, sin, interleaved)
         return q, k, v.view(B, T, nkv, hd).transpose(1, 2)
 
     def _mlp_fn(self, x, d):

@@ -1,6 +1,7 @@
 """Tokenizers: every tokenizer prefcli reads is opened here (`open_tokenizer`: the policy's, a reward model's, a
 judge's, an encoder's), so that one check refuses a degenerate one; `load_tokenizer` adds what training needs (EOS,
-a pad token, the recipe's chat template, checked once)."""
+a pad token, the recipe's chat template, checked once); `text_ids` and `chat_ids` turn text and conversations
+into token ids (BOS once)."""
 
 from __future__ import annotations
 
@@ -118,3 +119,27 @@ def check_chat_template(tok, where: str) -> None:
         raise UsageError(f"{where}: not a valid Jinja template: {e.message} (template line {e.lineno})") from None
     except jinja2.exceptions.TemplateError:
         pass
+
+
+def text_ids(tok, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer's special tokens, BOS once: a text rendered by a chat template that
+    writes BOS itself (Llama 3's <|begin_of_text|>, Gemma's <bos>) would otherwise start with two."""
+    ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    bos = tok.bos_token_id
+    if (
+        bos is not None
+        and len(ids) > 1
+        and ids[0] == ids[1] == bos
+        and tok.bos_token
+        and text.startswith(tok.bos_token)
+    ):
+        ids = ids[1:]
+    return ids
+
+
+def chat_ids(tok, messages, **kw) -> list[int]:
+    """Token ids of a conversation rendered by the chat template (transformers 5 returns a dict)."""
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 
-from ..engine.data import text_ids
-from ..engine.rollout import left_pad
+from ..engine.sampling import left_pad
+from ..engine.tokenizer import text_ids
 from ..errors import UsageError
 from ..recipe.commands import GenerationSection
 from .control import BannedWordsProcessor, KeywordGatedStop, RequiredWordsProcessor, cut_at_stop, token_strings

@@ -1,5 +1,6 @@
-"""Sampling for RL: prompt rows to token ids, the transformers-generate fallback sampler, stop strings, and
-what a sampling call returns. (The fast KV-cache decoder is engine/rollout.py.)"""
+"""Sampling for RL: prompt rows to token ids, the transformers-generate fallback sampler, which sampler a run
+uses (`choose_sampler`), stop strings, and what a sampling call returns. (The fast KV-cache decoder is
+engine/rollout.py.)"""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ...engine.data import check_values, text_ids
-from ...engine.rollout import Rollout, SamplingConfig
-from ...errors import DataError
+from ...engine.data import check_values
+from ...engine.families import FALLBACK_COST
+from ...engine.rollout import FastDecoder, supports_fast_decoder
+from ...engine.sampling import Rollout, SamplingConfig
+from ...engine.tokenizer import text_ids
+from ...errors import DataError, UsageError
 
 
 class HFSampler:
@@ -70,6 +74,31 @@ class HFSampler:
             finished=has,
             logprobs=logp,
         )
+
+
+def choose_sampler(lm, g, rt, batch: int, max_len: int, gather, warn):
+    """The sampler `generation.sampler` asks for: prefcli's FastDecoder where it runs the model's family ('auto',
+    'fast'), else transformers generate ('hf', or 'auto' with a warning stating the measured cost; 'fast' is then
+    bad input). `gather`: the Group's context holding the whole weights (runtime.parallel fsdp)."""
+    ok, why = supports_fast_decoder(lm)
+    if g.sampler == "fast" and not ok:
+        raise UsageError(f"generation.sampler: fast does not support {why}; use 'auto' or 'hf'")
+    if g.sampler == "hf" or not ok:
+        if g.sampler == "auto":
+            warn(
+                f"the fast sampler does not support {why}; sampling with transformers generate, slower: {FALLBACK_COST}"
+            )
+        return HFSampler(lm, rt, gather=gather)
+    cuda = rt.device.type == "cuda"
+    return FastDecoder(
+        lm,
+        batch=batch,
+        max_len=max_len,
+        dtype=rt.compute_dtype,
+        use_graph=g.cuda_graphs and cuda,
+        compile=g.compile == "on" or (g.compile == "auto" and cuda),
+        gather=gather,
+    )
 
 
 @contextlib.contextmanager

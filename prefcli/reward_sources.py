@@ -260,14 +260,14 @@ class ModelSource(RewardSource):
             )
 
     def _encode(self, prompts, completions):
+        """Prompt + completion texts as the model reads them: BOS once (a chat-rendered prompt may carry its own),
+        cut from the left to max_length, padded on the right."""
+        from .engine.tokenizer import text_ids
+
         tok = self.tok
-        side = tok.truncation_side
-        tok.padding_side, tok.truncation_side = "right", "left"
-        try:
-            texts = [p + c for p, c in zip(prompts, completions)]
-            return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.cfg.max_length)
-        finally:
-            tok.truncation_side = side
+        tok.padding_side = "right"
+        ids = [text_ids(tok, p + c)[-self.cfg.max_length :] for p, c in zip(prompts, completions)]
+        return tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
 
     def hidden_and_shared(self, prompts, completions):
         """(hidden states [n, d] the head reads, shared scores [n]) of prompt + completion texts, batched."""
@@ -529,7 +529,7 @@ class JudgeSource(RewardSource):
         the answer tokens, renormalised)."""
         import torch
 
-        from .engine.rollout import left_pad
+        from .engine.sampling import left_pad
 
         out: list[float] = []
         add_special = not self.cfg.chat_template  # a chat template writes its own special tokens

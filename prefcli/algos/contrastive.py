@@ -538,6 +538,9 @@ class PreferenceTask(Scheduled):
 
     # ----------------------------------------------------------------- Task protocol
 
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._batch(self.train_set, part))
+
     def describe(self) -> dict:
         objective = {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce, **vars(self.hp)}
         if self.personal is not None:

@@ -142,6 +142,22 @@ def generate(
             "before every prompt). An id the policy does not know gets the generic policy, with a warning.",
         ),
     ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Run modelling code shipped with the model (model.trust_remote_code)."
+        ),
+    ] = False,
+    pad_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Pad token for a tokenizer that has none, e.g. a base GPT-2 or Llama 3 checkpoint (model.pad_token)."
+        ),
+    ] = None,
+    attn_implementation: Annotated[
+        str | None,
+        typer.Option(help="sdpa, eager, flash_attention_2 or flex_attention (default: transformers' choice)."),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No closing line on stderr; stdout (the completions) is unchanged.")
     ] = False,
@@ -178,6 +194,11 @@ def generate(
         device=device,
         quiet=quiet,
         user=user,
+        model={
+            "trust_remote_code": trust_remote_code or None,
+            "pad_token": pad_token,
+            "attn_implementation": attn_implementation,
+        },
     )
     try:
         run_generate(opts)

@@ -113,7 +113,7 @@ def load_policy(path: str, device, eager: bool):
     from ...recipe.sections import ModelSection
 
     rt = make_runtime(str(device.type), "fp32")
-    m = ModelSection(path=path, attn_implementation="eager" if eager else "sdpa")
+    m = ModelSection(path=path, attn_implementation="eager" if eager else None)
     tok = load_tokenizer(m)
     lm = build_causal_lm(m, tok, rt, seed=0)
     return lm.eval(), tok, rt

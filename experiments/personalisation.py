@@ -196,6 +196,17 @@ def policy_jobs(seed: int, runs: Path) -> list[tuple[str, list[str], Path]]:
     return out
 
 
+def words_per_user(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """{model: {user: mean words of the completions generated for that user}} from an eval run's examples.jsonl
+    (a personalised policy may serve one rater short completions and another long ones)."""
+    sums: dict[str, dict[str, list[int]]] = {}
+    for line in (eval_dir / "examples.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "generation" and r.get("user"):
+            sums.setdefault(r["model"], {}).setdefault(r["user"], []).append(len(r["completion"].split()))
+    return {m: {u: round(statistics.fmean(v), 2) for u, v in sorted(us.items())} for m, us in sums.items()}
+
+
 def run_policies(a) -> None:
     """Each seed's three commands in order (the two policies one after the other, then their evaluation); the
     row is written when the evaluation is done."""
@@ -231,6 +242,7 @@ def run_policies(a) -> None:
             "taste_per_user": {m: ev[m]["reward"]["per_user"] for m in ev},
             "win_rate_vs_pooled_per_user": {m: ev[m]["win_rate"]["per_user"] for m in ev if "win_rate" in ev[m]},
             "win_rate_vs_pooled": {m: ev[m]["win_rate"]["win_rate"] for m in ev if "win_rate" in ev[m]},
+            "words_per_user": words_per_user(a.runs / f"policy-eval-s{seed}"),
             "implicit_accuracy": {
                 n: {k: v for k, v in results[n]["final"].items() if k.startswith("eval/accuracy")}
                 for n in ("pooled", "personal")
@@ -346,6 +358,17 @@ def report(a) -> None:
             cells = [_ms([r["taste_per_user"][m][u] for r in pol]) for m in ("base", "pooled", "personal")]
             cells.append(_ms([r["win_rate_vs_pooled_per_user"]["personal"][u] for r in pol]))
             print(f"| {u} | " + " | ".join(cells) + " |")
+        if all("words_per_user" in r for r in pol):
+            print("\nmean words of the completions generated for each taste's raters:\n")
+            print("| taste | base | pooled | personalised |")
+            print("|---|---|---|---|")
+            for t in TASTES:
+                cells = [
+                    _ms([statistics.fmean(v for u, v in r["words_per_user"][m].items() if u.startswith(t + "-"))
+                         for r in pol])
+                    for m in ("base", "pooled", "personal")
+                ]  # fmt: skip
+                print(f"| {t} | " + " | ".join(cells) + " |")
         worst = [min(r["win_rate_vs_pooled_per_user"]["personal"].values()) for r in pol]
         print(
             f"\nworst rater's win rate: {_ms(worst)}; overall: {_ms([r['win_rate_vs_pooled']['personal'] for r in pol])}"

@@ -18,7 +18,18 @@ from prefcli.engine.progress import Progress
 from prefcli.recipe import load_recipe
 from prefcli.runner import RunContext, RunOptions, run_training
 
-from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics, run_subprocess
+from .conftest import (
+    DATA,
+    NO_PLOT,
+    ROOT,
+    TINY_INIT,
+    TOKENIZER,
+    deep_update,
+    last_json,
+    losses,
+    read_metrics,
+    run_subprocess,
+)
 
 LN2 = math.log(2)
 
@@ -99,6 +110,7 @@ def test_padding_does_not_change_sequence_logps(write_recipe, tmp_path):
 # ---------------------------------------------------------------------- the reference
 
 
+@pytest.mark.slow
 def test_first_dpo_loss_is_ln2_and_the_reference_is_checkpointed(tmp_path, write_recipe):
     s, out = run(tmp_path, write_recipe, "dpo", pref_dict(train={"max_steps": 2, "save_every_steps": 2}))
     m = read_metrics(out)
@@ -109,6 +121,7 @@ def test_first_dpo_loss_is_ln2_and_the_reference_is_checkpointed(tmp_path, write
     assert s["objective"]["reference"] is True and s["objective"]["beta"] == 0.1
 
 
+@pytest.mark.slow
 def test_reference_free_objectives_compute_no_reference(tmp_path, write_recipe):
     for obj in ("simpo", "orpo"):
         s, out = run(tmp_path, write_recipe, obj, pref_dict(obj, train={"max_steps": 1, "save_every_steps": 1}))
@@ -117,6 +130,7 @@ def test_reference_free_objectives_compute_no_reference(tmp_path, write_recipe):
     assert s["objective"]["reduce"] == "mean" and math.isfinite(s["final"]["loss/orpo"])
 
 
+@pytest.mark.slow
 def test_reference_gets_no_gradient_and_stays_the_initial_model(tmp_path, write_recipe):
     """With LoRA the reference is the same weights with adapters off: after training, recomputing it
     gives the stored values exactly (nothing trained the reference), while the policy moved."""
@@ -145,6 +159,7 @@ def test_reference_gets_no_gradient_and_stays_the_initial_model(tmp_path, write_
     assert (now[:8] - ref0[:8, 0]).abs().max() > 1e-3  # the policy did move
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
     """Losses are normalised by the pairs (kto: rows) of the whole accumulated batch; KTO's KL estimate
     spans the whole step."""
@@ -167,6 +182,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4, obj
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_stored_reference(tmp_path, write_recipe, monkeypatch):
     d = pref_dict(train={"max_steps": 4, "save_every_steps": 2})
     _, full = run(tmp_path, write_recipe, "full", d)
@@ -188,6 +204,7 @@ def test_resume_reuses_the_stored_reference(tmp_path, write_recipe, monkeypatch)
 # ---------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_held_out_preference_accuracy_rises(tmp_path, write_recipe):
     """Pairs with a learnable rule (the chosen answer ends ', saith the LORD.'), held-out verses from
     chapters never seen in training. Before the first step the policy is the reference: every
@@ -205,6 +222,7 @@ def test_held_out_preference_accuracy_rises(tmp_path, write_recipe):
 # ---------------------------------------------------------------------- data
 
 
+@pytest.mark.slow
 def test_chat_pairs_with_explicit_and_implicit_prompts(tmp_path, write_recipe):
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     rows = [json.loads(x) for x in (DATA / "tiny" / "pref_chat.jsonl").read_text().splitlines()[:4]]
@@ -236,6 +254,7 @@ def _bad(cli, tmp_path, recipe, match):
     assert last_json(stdout)["status"] == "invalid" and not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_bad_rows_are_counted_and_no_usable_row_exits_2(tmp_path, write_recipe, cli):
     good = [json.loads(x) for x in (DATA / "tiny" / "pref_train.jsonl").read_text().splitlines()[:8]]
     bad = [
@@ -268,6 +287,7 @@ def test_bad_rows_are_counted_and_no_usable_row_exits_2(tmp_path, write_recipe, 
 # ---------------------------------------------------------------------- InfoNCE
 
 
+@pytest.mark.slow
 def test_infonce_encoder_learns_and_reloads_as_a_scorer(tmp_path, write_recipe):
     from prefcli.algos.infonce import EncoderScorer
 
@@ -334,7 +354,7 @@ def test_every_tiny_contrastive_recipe_runs_with_smoke(tmp_path, cli):
     # contrastive-<objective>[-<variant>].yaml: every objective has one; variants switch a feature on
     assert {p.stem.split("-")[1] for p in recipes} == set(CONTRASTIVE_OBJECTIVES)
     for p in recipes:
-        code, stdout, stderr = cli("contrastive", p, "--smoke", "-o", tmp_path / p.stem, "-q")
+        code, stdout, stderr = cli("contrastive", p, "--smoke", "-o", tmp_path / p.stem, "-q", *NO_PLOT)
         assert code == 0, (p, stderr)
         s = last_json(stdout)
         assert s["objective"]["name"] == p.stem.split("-")[1] and s["steps"] == 3

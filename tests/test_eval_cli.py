@@ -11,16 +11,6 @@ from prefcli.evaluate import metrics as M
 
 from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, last_json, run_subprocess
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are latency-bound: one thread is as fast, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PAIRS = [
     {
         "prompt": "And God said,",
@@ -35,7 +25,6 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory):
     """A tiny random reward model (sequence classification, one label) with the bundled tokenizer."""
-    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-rm")
@@ -92,6 +81,7 @@ def eval_recipe(model_dir, tmp_path, **upd) -> dict:
     return r
 
 
+@pytest.mark.slow
 def test_eval_end_to_end(tmp_path, write_recipe, cli, tiny_model_dir, reward_model_dir):
     import sacrebleu
 
@@ -200,6 +190,7 @@ def test_eval_bad_input_exits_2_and_writes_nothing(tmp_path, write_recipe, cli, 
     _bad(cli, write_recipe(d), tmp_path, "seed applies to init only")
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_folder_with_results_unless_overwrite(tmp_path, write_recipe, cli, tiny_model_dir):
     d = eval_recipe(tiny_model_dir, tmp_path, metrics=["perplexity"], baseline=None, reference=None)
     d["data"] = {"text": d["data"]["text"]}

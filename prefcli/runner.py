@@ -35,6 +35,7 @@ TASKS: dict[str, str] = {
 # Together with TASKS it covers every recipe schema (tests/test_command_table.py).
 RECIPE_TOOLS: dict[str, str] = {
     "eval": "prefcli.evaluate.eval",
+    "label": "prefcli.label.serve",
 }
 
 # What a run folder holds; --overwrite removes exactly these, nothing else.

@@ -1214,6 +1214,167 @@ case(
 )
 
 
+# --- prefcli label serve and its commands (tests/label_tasks.py: the tiny task). serve checks everything before it
+# listens or writes: a case that failed to fail would serve forever, so each names a port nobody uses.
+def label_task(e: Env, name: str = "task.yaml", **upd) -> str:
+    from .label_tasks import task_dict
+
+    d = task_dict(**upd)
+    d.setdefault("server", {})["port"] = 0
+    return e.recipe(d, name)
+
+
+def label_items(e: Env, rows: list, **upd) -> str:
+    return label_task(e, items={"path": e.rows("items.jsonl", rows)}, **upd)
+
+
+def _label_store(e: Env, **upd) -> None:
+    """The task's store, made by `invite` (as for another task when `upd` changes its items)."""
+    from .label_tasks import make_task
+
+    other = make_task(e.dir / "other", **upd)
+    code, out, err = invoke(["label", "invite", other, "--rater", "ann"])
+    assert code == 0, err
+    shutil.move(str(e.dir / "other" / "task.db"), e.p("task.db"))
+    shutil.rmtree(e.dir / "other")
+
+
+class _Held:
+    """Something the case holds until its end (the env fixture calls release())."""
+
+    def __init__(self, *things):
+        self.things = things
+
+    def release(self) -> None:
+        for t in self.things:
+            t.close()
+
+
+def _port_in_use(e: Env) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    e.shared["port"] = s.getsockname()[1]
+    e.shared.setdefault("locks", []).append(_Held(s))
+
+
+def _store_locked(e: Env) -> None:
+    """Another process's transaction holds the store (SQLite locks it for writing)."""
+    import sqlite3
+
+    _label_store(e)
+    c = sqlite3.connect(e.p("task.db"), isolation_level=None)
+    c.execute("BEGIN EXCLUSIVE")
+    e.shared.setdefault("locks", []).append(_Held(c))
+
+
+def _store_served(e: Env) -> None:
+    """Another `prefcli label serve` holds the store."""
+    import fcntl
+
+    _label_store(e)
+    f = open(e.p("task.db"), "rb")  # noqa: SIM115 - held until the case ends
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    e.shared.setdefault("locks", []).append(_Held(f))
+
+
+case(
+    "label-task-unknown-key",
+    lambda e: ["label", "serve", label_task(e, colour="red")],
+    ["task.yaml", "colour: unknown field"],
+)
+case(
+    "label-task-no-items",
+    lambda e: ["label", "serve", label_task(e, items={"path": None})],
+    ["items", "set exactly one of path (item files) and model"],
+)
+case(
+    "label-items-without-completions",
+    lambda e: ["label", "serve", label_items(e, [{"prompt": "p", "answer": "x"}])],
+    ["items.jsonl:1", "no completions", "'completions' (a list)", "the row has: answer, prompt"],
+)
+case(
+    "label-items-without-prompt",
+    lambda e: ["label", "serve", label_items(e, [{"text": "p", "completions": ["a", "b"]}])],
+    ["items.jsonl:1", "expected an object with a 'prompt' string"],
+)
+case(
+    "label-items-pair-of-three",
+    lambda e: ["label", "serve", label_items(e, [{"prompt": "p", "completions": ["a", "b", "c"]}])],
+    ["items.jsonl:1", "a pair needs exactly 2 completions, got 3"],
+)
+case(
+    "label-items-repeated",
+    lambda e: ["label", "serve", label_items(e, [{"prompt": "p", "completions": ["a", "b"]}] * 2)],
+    ["items.jsonl:2", "the same item as", "items.jsonl:1"],
+)
+case(
+    "label-gold-without-answer",
+    lambda e: [
+        "label",
+        "serve",
+        label_task(e, gold={"path": e.rows("gold.jsonl", [{"prompt": "g", "completions": ["a", "b"]}])}),
+    ],
+    ["gold.jsonl:1", "a gold item needs a 'gold' answer"],
+)
+case(
+    "label-gold-bad-answer",
+    lambda e: [
+        "label",
+        "serve",
+        label_task(e, gold={"path": e.rows("gold.jsonl", [{"prompt": "g", "completions": ["a", "b"], "gold": 2}])}),
+    ],
+    ["gold.jsonl:1", "gold: expected 0 or 1", "got 2"],
+)
+case(
+    "label-port-in-use",
+    lambda e: ["label", "serve", label_task(e), "--port", str(e.shared["port"])],
+    ["port", "on 127.0.0.1 is in use", "--port"],
+    setup=_port_in_use,
+)
+case(
+    "label-store-of-another-task",
+    lambda e: ["label", "serve", label_task(e)],
+    ["task.db was made for another task", "nothing was changed"],
+    setup=lambda e: _label_store(e, mode="rate", gold=None),
+)
+case(
+    "label-store-other-items",
+    lambda e: ["label", "serve", label_items(e, [{"prompt": "p", "completions": ["a", "b"]}], gold=None)],
+    ["task.db was made for another task", "13 of its 13 items are not in this task's items"],
+    setup=lambda e: _label_store(e, gold=None),
+)
+case(
+    "label-store-not-a-store",
+    lambda e: ["label", "serve", label_task(e)],
+    ["task.db is not a prefcli labelling store", "move it aside"],
+    setup=lambda e: e.write("task.db", "these are notes, not a database\n" * 100),
+)
+case(
+    "label-store-locked",
+    lambda e: ["label", "serve", label_task(e)],
+    ["task.db is locked by another process", "nothing was changed"],
+    setup=_store_locked,
+)
+case(
+    "label-store-served",
+    lambda e: ["label", "serve", label_task(e)],
+    ["task.db is in use by another `prefcli label serve`"],
+    setup=_store_served,
+)
+case("label-stats-before-serving", lambda e: ["label", "stats", label_task(e)], ["no store yet", "task.db"])
+case(
+    "label-export-to-a-folder",
+    lambda e: ["label", "export", label_task(e), "-o", str(e.dir)],
+    ["is a folder; give a .jsonl file name"],
+    setup=_label_store,
+)
+case("label-invite-nobody", lambda e: ["label", "invite", label_task(e)], ["give --rater NAME", "--owner"])
+case("label-serve-without-task", lambda e: ["label", "serve"], ["Missing argument"])
+
+
 def _hold_lock(e: Env) -> None:
     """Another live prefcli run holds the folder: this process takes its lock (released at the case's end)."""
     from prefcli.engine.runfolder import RunLock

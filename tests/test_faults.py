@@ -691,3 +691,50 @@ def test_an_unexpected_error_outside_training_keeps_the_contract(tmp_path, monke
         "exit_code": 1,
         "error": "unexpected KeyError: 'planted'",
     }
+
+
+@pytest.mark.slow
+def test_label_store_read_only(tmp_path):
+    """`prefcli label serve` on a read-only store (file 0444), and on a task whose folder is read-only with no store
+    yet: exit 2, named, nothing written. As root, in a child without dac_override (see above)."""
+    pytest.importorskip("uvicorn", reason="pip install 'prefcli[label]'")
+    from .label_tasks import make_task
+
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv (util-linux): permissions cannot be made to bind")
+        prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+    task = make_task(tmp_path / "a", server={"port": 0})
+    assert invoke(["label", "invite", task, "--rater", "ann"])[0] == 0
+    fresh = make_task(tmp_path / "b", server={"port": 0})
+    cases = {"file": ["label", "serve", task], "folder": ["label", "serve", fresh]}
+    script = (
+        "import json, sys\n"
+        "from tests.test_bad_inputs import invoke\n"
+        "print(json.dumps({k: invoke(v) for k, v in json.loads(sys.argv[1]).items()}))\n"
+    )
+    before = snapshot(tmp_path)
+    os.chmod(task.parent / "task.db", 0o444)
+    os.chmod(fresh.parent, 0o555)
+    try:
+        res = subprocess.run(
+            [*prefix, sys.executable, "-c", script, json.dumps({k: [str(a) for a in v] for k, v in cases.items()})],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+    finally:
+        os.chmod(task.parent / "task.db", 0o644)
+        os.chmod(fresh.parent, 0o755)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    expect = {
+        "file": "task.db is read-only; nothing was changed",
+        "folder": f"the folder {fresh.parent} is not writable",
+    }
+    for name, (code, out, err) in got.items():
+        assert code == 2 and "Traceback" not in err, (name, out, err)
+        assert expect[name] in json.loads(out.strip().splitlines()[-1])["error"], (name, out)
+    assert snapshot(tmp_path) == before

@@ -9,8 +9,9 @@ import pytest
 
 from prefcli.cli import EXAMPLES, app
 
-COMMANDS = ["sft", "reward", "rlhf", "gan", "contrastive", "eval", "generate", "label", "plot", "validate", "explain"]
-SUBCOMMANDS = ["data inspect"]
+COMMANDS = ["sft", "reward", "rlhf", "gan", "contrastive", "eval", "generate", "plot", "validate", "explain"]
+LABEL = ["label terminal", "label serve", "label invite", "label stats", "label export", "label import"]
+SUBCOMMANDS = ["data inspect", "label", *LABEL]
 
 
 def help_text(cli, *args) -> str:
@@ -38,6 +39,8 @@ def test_every_example_names_files_that_exist():
 
 def test_help_texts_keep_brackets_and_say_true_things(cli):
     assert "{prompt, completions: [a, b]}" in help_text(cli, "label")
+    assert "{prompt, completions: [a, b]}" in help_text(cli, "label", "terminal")
+    assert "pip install 'prefcli[label]'" in help_text(cli, "label", "serve")
     gen = help_text(cli, "generate")
     assert "JSON summary" not in gen and "stdout (the completions) is unchanged" in gen
     root = help_text(cli)

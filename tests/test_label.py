@@ -10,7 +10,7 @@ import pexpect
 import pytest
 
 from prefcli.errors import DataError
-from prefcli.evaluate.label import Item, Store, item_id, pair_row, read_items, shown_order
+from prefcli.label.terminal import Item, Store, item_id, pair_row, read_items, shown_order
 
 from .conftest import ROOT
 
@@ -218,7 +218,8 @@ def test_label_needs_a_terminal_and_an_out_file(tmp_path, cli):
 
 
 def test_sampled_candidates_are_cached_for_resume(tmp_path, tiny_model_dir, monkeypatch):
-    from prefcli.evaluate import generation, label
+    from prefcli.evaluate import generation
+    from prefcli.label import terminal as label
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("And the\nLet there be\n")
@@ -238,3 +239,49 @@ def test_sampled_candidates_are_cached_for_resume(tmp_path, tiny_model_dir, monk
     monkeypatch.setattr(generation.Generator, "generate", no_sampling)
     again = list(label.sampled_items(opts, "pair", sys.stderr))
     assert [i.id for i in again] == [i.id for i in first]
+
+
+def test_keys_typed_while_sampling_never_answer_an_unseen_item(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """issue 24: with --model, keys typed while the next pair is sampled (the old pair used to stay on screen)
+    were applied to the pair drawn next, which the rater had not seen. The terminal now says it is sampling, and
+    drops every key typed before an item is on screen. Here the rater types 'b' during each sampling and 'a' (then
+    'q') only after seeing an item: the one answer recorded is 'a' on the first item."""
+    import pty
+    import tty
+
+    from prefcli.evaluate import generation
+    from prefcli.evaluate.generation import Generation
+    from prefcli.label import terminal as label
+
+    master, slave = pty.openpty()
+    tty.setraw(master)
+    stdin = os.fdopen(slave, "r")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("And the\nLet there be\n")
+
+    def slow_sampling(self, batch):  # the rater types while the model samples
+        os.write(master, b"b")
+        return [Generation(p, f"cand {i}", [], [], "length") for i, p in enumerate(batch)]
+
+    monkeypatch.setattr(generation.Generator, "generate", slow_sampling)
+    screens = iter([b"a", b"q"])
+    real_discard = label.Keys.discard
+
+    def discard_then_type(self):  # the item is on screen: now the rater types the answer they mean
+        real_discard(self)
+        os.write(master, next(screens))
+
+    monkeypatch.setattr(label.Keys, "discard", discard_then_type)
+    out = tmp_path / "o.jsonl"
+    opts = label.LabelOptions(
+        model_dir=str(tiny_model_dir), prompts=str(prompts), out=str(out), shuffle=False, settings={}
+    )
+    try:
+        summary = label.run_label(opts)
+    finally:
+        stdin.close()
+        os.close(master)
+    assert summary["status"] == "stopped" and summary["answered"] == 1
+    assert [(r["prompt"], r["chosen_position"]) for r in rows(out)] == [("And the", "A")]
+    assert "sampling candidates for prompt 2" in capsys.readouterr().err

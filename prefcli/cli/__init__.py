@@ -155,8 +155,32 @@ EXAMPLES = {
         "prefcli generate runs/sft-sft/final --prompts prompts.jsonl --greedy > completions.jsonl",
     ),
     "label": _examples(
-        "prefcli label pairs.jsonl -o answers.jsonl",
+        "prefcli label pairs.jsonl -o answers.jsonl                  # one rater, in the terminal",
+        "prefcli label serve recipes/tiny/label-task.yaml           # a team, in the browser",
+        "prefcli label invite recipes/tiny/label-task.yaml --rater ann",
+        "prefcli label export recipes/tiny/label-task.yaml -o prefs.jsonl",
+    ),
+    "label terminal": _examples(
+        "prefcli label terminal pairs.jsonl -o answers.jsonl        # the same as: prefcli label pairs.jsonl ...",
         "prefcli label --model prefcli/assets/kjv-base --prompts data/tiny/prompts.jsonl -o answers.jsonl",
+    ),
+    "label serve": _examples(
+        "prefcli label serve recipes/tiny/label-task.yaml",
+        "prefcli label serve recipes/tiny/label-task.yaml --host 0.0.0.0 --port 8080   # behind a TLS proxy",
+    ),
+    "label invite": _examples(
+        "prefcli label invite recipes/tiny/label-task.yaml --rater ann",
+        "prefcli label invite recipes/tiny/label-task.yaml --owner 2>/dev/null | jq -r .link",
+    ),
+    "label stats": _examples(
+        "prefcli label stats recipes/tiny/label-task.yaml | jq .agreement",
+    ),
+    "label export": _examples(
+        "prefcli label export recipes/tiny/label-task.yaml -o prefs.jsonl",
+        "prefcli label export recipes/tiny/label-task.yaml --all -o every-answer.jsonl",
+    ),
+    "label import": _examples(
+        "prefcli label import recipes/tiny/label-task.yaml answers.jsonl     # from `prefcli label FILE -o answers.jsonl`",
     ),
     "plot": _examples(
         "prefcli plot runs/sft-sft",
@@ -256,6 +280,7 @@ def train_command(
 from . import train  # noqa: E402, F401
 from . import tools  # noqa: E402, F401
 from . import analysis  # noqa: E402, F401
+from . import label  # noqa: E402, F401
 # isort: on
 
 

@@ -1,4 +1,4 @@
-"""The commands around training: eval, generate, label, plot and validate."""
+"""The commands around training: eval, generate, plot and validate (label is in label.py)."""
 
 from __future__ import annotations
 
@@ -177,82 +177,6 @@ def generate(
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
-
-
-@app.command(epilog=EXAMPLES["label"])
-def label(
-    input: Annotated[
-        Path | None,
-        typer.Argument(
-            help=(
-                "JSONL of prompts with candidates: {prompt, completions: [a, b]} for pairs, {prompt, completion} to rate."
-            ),
-            show_default=False,
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help=(
-                "Answers file (JSONL; appended, resumable): pairs as {prompt, chosen, rejected}, ratings as "
-                "{prompt, completion, score}."
-            ),
-        ),
-    ] = None,
-    model_dir: Annotated[Path | None, typer.Option("--model", help="Sample the candidates from this model.")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts for --model.")] = None,
-    mode: Annotated[
-        str | None,
-        typer.Option(
-            help="'pair' (choose A/B/tie) or 'rate' (a score); default: from the input rows (pair with --model)."
-        ),
-    ] = None,
-    scale: Annotated[int, typer.Option(help="Ratings go from 1 to this.")] = 5,
-    shuffle: Annotated[
-        bool,
-        typer.Option(
-            "--shuffle/--no-shuffle",
-            help=("Show each pair's completions in a random (seeded, stable) order, against position bias."),
-        ),
-    ] = True,
-    log: Annotated[Path | None, typer.Option("--log", help="Journal file (default: <out>.log.jsonl).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="With --model: new tokens per candidate.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="With --model: sampling temperature.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the A/B order and for sampling candidates.")] = 0,
-    rater: Annotated[
-        str | None,
-        typer.Option(help="Your rater id, recorded in every row (default: $PREFCLI_RATER, else your login name)."),
-    ] = None,
-) -> None:
-    """Collect human preferences in the terminal: pick A or B (or tie / skip), or rate completions.
-
-    Keys: a, b, t (tie), s (skip) or 1-N; u undoes, q quits. Resumable: Ctrl-C loses no answer."""
-    from ..evaluate.label import LabelOptions, run_label
-
-    opts = LabelOptions(
-        input=str(input) if input else None,
-        model_dir=str(model_dir) if model_dir else None,
-        prompts=str(prompts) if prompts else None,
-        out=str(out) if out else "",
-        log=str(log) if log else None,
-        mode=mode,
-        scale=scale,
-        shuffle=shuffle,
-        seed=seed,
-        settings=dict(max_new_tokens=max_new_tokens, temperature=temperature),
-        rater=rater,
-    )
-    try:
-        summary = run_label(opts)
-    except PrefcliError as e:
-        fail("label", e, e.exit_code, {EXIT_USAGE: "invalid"}.get(e.exit_code, "failed"))
-    except KeyboardInterrupt:
-        fail("label", RuntimeError("interrupted; every answer given is saved"), EXIT_INTERRUPTED, "interrupted")
-    emit_json(summary)
-    if summary["exit_code"]:
-        raise typer.Exit(summary["exit_code"])
 
 
 @app.command(epilog=EXAMPLES["plot"])

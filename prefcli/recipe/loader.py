@@ -142,7 +142,7 @@ def _path_field_names() -> set[str]:
     """Names of the fields typed as paths in any schema (`path`, `tokenizer`, `dir`, ...)."""
     from . import paths
 
-    kinds = {paths._local_path, paths._output_path, paths._path_or_hub_id}
+    kinds = {paths._local_path, paths._output_path, paths._output_file, paths._path_or_hub_id}
     names: set[str] = set()
     seen: set[type] = set()
 

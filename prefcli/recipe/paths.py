@@ -3,9 +3,10 @@
 The loader passes `{"base_dir": <folder of the recipe file>}` as pydantic validation context;
 without it (a recipe built in Python) the current directory is the base.
 
-Three kinds:
+Four kinds:
 - `LocalPath`: a file or folder that must exist (tokenizer file, prompts file, ...).
 - `OutputPath`: a folder that will be written; it need not exist.
+- `OutputFile`: a file that will be written (a labelling task's store); its folder must exist.
 - `PathOrHubId`: a local path when one exists (or when the value is written as a path:
   `./x`, `../x`, `/x`, `~/x`, or a data-file name like `x.jsonl`), otherwise a Hugging Face hub id
   such as `Qwen/Qwen2.5-0.5B` that is looked up when the model or dataset is loaded.
@@ -52,6 +53,15 @@ def _output_path(value: str, info: ValidationInfo) -> str:
     return str(p.resolve())
 
 
+def _output_file(value: str, info: ValidationInfo) -> str:
+    p = _resolve(value, info)
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"no such folder: {p.parent}")
+    return str(p.resolve())
+
+
 def _path_or_hub_id(value: str, info: ValidationInfo) -> str:
     p = _resolve(value, info)
     if p.exists():
@@ -71,6 +81,8 @@ LocalPath = Annotated[str, AfterValidator(_local_path)]
 # a data file, folder or hub dataset, or `-` for JSONL rows on stdin (the data sources of `prefcli eval`)
 DataPath = Annotated[str, AfterValidator(_data_path)]
 OutputPath = Annotated[str, AfterValidator(_output_path)]
+# a file that will be written (and may exist): its folder must exist
+OutputFile = Annotated[str, AfterValidator(_output_file)]
 PathOrHubId = Annotated[str, AfterValidator(_path_or_hub_id)]
 
 

@@ -2,7 +2,7 @@
 
 `SCHEMAS` is the command table: `prefcli <command>` validates against `SCHEMAS[command]`, and a
 test keeps it in sync with the CLI and the bundled recipes. The names each choice can take are in
-`names.py`; each command family has its module (sft, preference, rl, eval).
+`names.py`; each command family has its module (sft, preference, rl, eval, label).
 """
 
 from ..sections import Section
@@ -19,6 +19,7 @@ from .eval import (
     RougeOptions,
     WinRateOptions,
 )
+from .label import LABEL_MODES, GoldItems, LabelItems, LabelRecipe
 from .names import CONTRASTIVE_OBJECTIVES, EVAL_METRICS, GRPO_LOSSES, REWARD_OBJECTIVES, RL_ALGORITHMS, SFT_OBJECTIVES
 from .preference import ContrastiveRecipe, ContrastiveSection, PreferenceData, RewardRecipe, RewardSection
 from .rl import (
@@ -40,6 +41,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "gan": GANRecipe,
     "contrastive": ContrastiveRecipe,
     "eval": EvalRecipe,
+    "label": LabelRecipe,
 }
 
 __all__ = [
@@ -58,6 +60,10 @@ __all__ = [
     "GANRecipe",
     "GANSection",
     "GRPO_LOSSES",
+    "GoldItems",
+    "LABEL_MODES",
+    "LabelItems",
+    "LabelRecipe",
     "GenerationSection",
     "PHF_KNOBS",
     "PerplexityOptions",

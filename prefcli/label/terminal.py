@@ -266,6 +266,13 @@ class Keys:
             raise EOFError
         return ch.decode("utf-8", "replace").lower()
 
+    def discard(self) -> None:
+        """Drop every key typed but not yet read: called once an item is on screen, so that keys pressed
+        while the screen was being drawn (or candidates sampled) never answer an item the rater had not seen."""
+        import termios
+
+        termios.tcflush(self.fd, termios.TCIFLUSH)
+
     def close(self) -> None:
         import termios
 
@@ -324,13 +331,20 @@ def candidates_path(out: Path) -> Path:
     return out.with_name(name + ".candidates.jsonl")
 
 
-def sampled_items(opts: LabelOptions, mode: str, err) -> Iterator[Item]:
+def sampled_items(opts: LabelOptions, mode: str, err, on_sample=None) -> Iterator[Item]:
     """Items whose candidates a model samples, lazily, one prompt at a time. Candidates are cached
-    in <OUT>.candidates.jsonl (append-only) so a resumed session shows the same ones."""
+    in <OUT>.candidates.jsonl (append-only) so a resumed session shows the same ones. `on_sample(i)` is
+    called before prompt i is sampled (the terminal says so: sampling takes seconds)."""
     import torch
 
-    from .generation import GenerateOptions, Generator, generation_settings, read_prompts, resolve_generate_model
-    from .loading import load_lm, make_runtime
+    from ..evaluate.generation import (
+        GenerateOptions,
+        Generator,
+        generation_settings,
+        read_prompts,
+        resolve_generate_model,
+    )
+    from ..evaluate.loading import load_lm, make_runtime
 
     ppath = Path(opts.prompts)
     if not ppath.is_file():
@@ -367,6 +381,8 @@ def sampled_items(opts: LabelOptions, mode: str, err) -> Iterator[Item]:
     for i, p in enumerate(prompts):
         comps = cache.get((i, p))
         if comps is None:
+            if on_sample is not None:
+                on_sample(i)
             torch.manual_seed(opts.seed * 1_000_003 + i)
             comps = [g.completion for g in generator().generate([p] * n)]
             with sigint_held():
@@ -397,16 +413,25 @@ def run_label(opts: LabelOptions) -> dict:
     rater = opts.rater.strip() if opts.rater and opts.rater.strip() else default_rater()
     out = Path(opts.out)
     log = Path(opts.log) if opts.log else default_log_path(out)
+    total: int | None = None
     if opts.input is not None:
         items_list, mode = read_items(Path(opts.input), opts.mode)
-        total: int | None = len(items_list)
+        total = len(items_list)
         items: Iterator[Item] = iter(items_list)
-    else:
-        mode = opts.mode or "pair"
-        total = None
-        items = sampled_items(opts, mode, err)
-    store = Store.open(out, log)
     console = Console(stderr=True, highlight=False)
+    if opts.input is None:
+        mode = opts.mode or "pair"
+
+        def sampling(i: int) -> None:  # the old item leaves the screen: nothing typed now can answer it
+            console.clear()
+            console.print(
+                f"sampling candidates for prompt {i + 1} ... (keys typed now are ignored)",
+                markup=False,
+                highlight=False,
+            )
+
+        items = sampled_items(opts, mode, err, on_sample=sampling)
+    store = Store.open(out, log)
     for note in store.notes:
         console.print(f"note: {note}", markup=False)
     session = 0
@@ -442,6 +467,7 @@ def run_label(opts: LabelOptions) -> dict:
             else:
                 console.print(Panel(Text(item.completions[0]), title="completion", title_align="left"))
                 console.print(f"[1-{opts.scale}] score (higher is better)  [s] skip  [u] undo  [q] quit", markup=False)
+            keys.discard()  # type-ahead from before this item was on screen answers nothing
             while True:
                 k = keys.read()
                 if k == "q":

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from prefcli.engine import checkpoint as ckpt
+from prefcli.engine import runfolder
 from prefcli.engine.dist import Runtime
 from prefcli.engine.loop import Engine
 from prefcli.engine.progress import Progress
@@ -77,7 +78,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, write_recipe):
 @pytest.mark.slow
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path, write_recipe):
     _, out = run(tmp_path, write_recipe, "ck", train={"max_steps": 2, "save_every_steps": 1, "keep_checkpoints": 1})
-    cps = ckpt.list_checkpoints(out)
+    cps = runfolder.complete_checkpoints(out)
     assert [s for s, _ in cps] == [2]  # keep_checkpoints=1 pruned step-1
     files = sorted(p.name for p in cps[0][1].iterdir())
     # the completion marker, written last (engine/runfolder.py), and one safetensors file per writing process

@@ -58,9 +58,9 @@ from ..engine.pairs import (
     tokenize_pairs,
     tokenize_unpaired,
 )
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..errors import UsageError
-from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report, sharded_fill
 from .infonce import InfoNCETask, infonce_loss
 

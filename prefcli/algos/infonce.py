@@ -44,8 +44,8 @@ from ..engine.pairs import (
     pair_correct,
     text_batch,
 )
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
-from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 
 ENCODER_FILE = "prefcli_encoder.json"

@@ -44,9 +44,9 @@ from ..engine.pairs import (
     scored_text,
     text_batch,
 )
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..errors import DataError
-from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 
 # ----------------------------------------------------------------------------------- losses

@@ -42,9 +42,9 @@ from ..engine.data import (
 from ..engine.debias import apply_debias
 from ..engine.logprobs import IGNORE
 from ..engine.models import PolicyLM, build_trained_model, load_tokenizer, save_hf, trainable_parameters, unwrap_lm
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..errors import DataError
-from ..runner import RunContext
 from .common import Scheduled
 from .phf import (
     PHF_OBJECTIVES,

@@ -1,287 +1,30 @@
-"""The `prefcli` command line. Each command: load recipe -> build run -> engine.
-
-stdout carries exactly one JSON object (the run summary) as its last line; progress, tables and
-logs go to stderr. (`generate` is the exception: its stdout is the data, one JSON object per prompt.) Exit codes: 0 done; 2 bad recipe, data or usage; 1 failure during training;
-130 interrupted after writing a checkpoint. torch and transformers are imported only inside the
-commands that need them, so `prefcli --help` and `prefcli validate` answer at once.
-
-Failures that never reach a command's own handler (usage errors found by click before the command
-runs, and unexpected exceptions) go through `PrefcliGroup.main`, which prints the same failure object,
-so `prefcli ... | jq .status` prints something on every path (docs/cli.md, "Output streams").
+"""The `prefcli` command line: the training commands (train.py, one per training row of the command table
+`prefcli.recipe.COMMANDS`), the tools around training (tools.py: eval, generate, plot, validate), labelling
+(label.py: label and its subcommands) and the analysis commands (analysis.py: data inspect, explain), all on
+the command group of base.py, which keeps the stdout contract (docs/cli.md). torch and transformers are
+imported only inside the commands that need them, so `prefcli --help` and `prefcli validate` answer at once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
 
-STATUS = {EXIT_USAGE: "invalid", EXIT_INTERRUPTED: "interrupted"}  # any other non-zero code: "failed"
-_stdout_json = {"written": False}  # whether this invocation has printed its JSON object yet
-_DATA_ON_STDOUT = {"generate"}  # commands whose stdout is data: no failure object is added to it
-
-
-def emit_json(obj: dict) -> None:
-    """The one JSON object of an invocation, as the last line of stdout."""
-    print(json.dumps(obj, default=str), flush=True)
-    _stdout_json["written"] = True
-
-
-class PrefcliGroup(TyperGroup):
-    """The command group, run in non-standalone mode so that every way out of the CLI keeps the stdout
-    contract: click's usage errors (unknown option or command, missing or extra argument, an option without
-    its value), an interrupt outside a command's handler, and unexpected exceptions all print the failure
-    object `{"command", "status", "exit_code", "error"}` on stdout (not for `generate`, whose stdout is data),
-    the message on stderr without a traceback (PREFCLI_DEBUG=1 shows it), and exit with the documented code."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        args = list(sys.argv[1:] if args is None else args)
-        command = next((a for a in args if not a.startswith("-")), None)
-        command = command if command in self.commands else None
-        _stdout_json["written"] = False
-        try:
-            if not args:  # `prefcli` alone: the help, on stderr (stdout keeps only the failure object)
-                with contextlib.redirect_stdout(sys.stderr):
-                    rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            else:
-                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            code = rv if isinstance(rv, int) else 0
-            if code and not _stdout_json["written"]:  # e.g. an interrupt while the command was starting
-                self._failure(command, code, "interrupted" if code == EXIT_INTERRUPTED else f"exit code {code}")
-        except Exception as e:
-            if _is_click_error(e):  # usage errors, found before any command body ran
-                if not args:
-                    with contextlib.redirect_stdout(sys.stderr):
-                        e.show()
-                    text = "no command given; the commands are listed on stderr (prefcli -h)"
-                else:
-                    e.show()
-                    text = e.format_message().strip()
-                code = e.exit_code
-                self._failure(command, code, text.splitlines()[0] if text else "")
-            elif type(e).__name__ == "Abort":  # click's Ctrl-C / end of input inside a prompt
-                code = EXIT_INTERRUPTED
-                self._failure(command, code, "aborted")
-            else:  # a bug: say so plainly, exit 1
-                if os.environ.get("PREFCLI_DEBUG"):
-                    import traceback
-
-                    traceback.print_exc()
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                msg = f"unexpected {type(e).__name__}: {first}"
-                typer.echo(f"error: {msg} (a bug in prefcli: please report it; PREFCLI_DEBUG=1 shows where)", err=True)
-                code = EXIT_FAILURE
-                self._failure(command, code, msg)
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-    @staticmethod
-    def _failure(command: str | None, code: int, error: str) -> None:
-        if command in _DATA_ON_STDOUT or _stdout_json["written"]:
-            return
-        emit_json({"command": command, "status": STATUS.get(code, "failed"), "exit_code": code, "error": error})
-
-
-def _is_click_error(e: BaseException) -> bool:
-    """click's ClickException (usage errors and the like), whichever click typer runs on (typer 0.2x vendors its
-    own copy, older releases use the click package): it shows itself and carries its exit code."""
-    return (
-        callable(getattr(e, "show", None))
-        and callable(getattr(e, "format_message", None))
-        and isinstance(getattr(e, "exit_code", None), int)
-    )
-
-
-app = typer.Typer(
-    cls=PrefcliGroup,
-    name="prefcli",
-    help="Train language models on human preferences. Each command reads a YAML recipe; "
-    "`prefcli validate` checks recipes without running them. `prefcli COMMAND --help` shows a command's options "
-    "and examples; the full manual is docs/index.md in the prefcli source repository.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    # plain help: rich markup would eat '[a, b]' in help texts and show a '<bool>' value after every flag
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _examples(*lines: str) -> str:
-    """A help epilog of example command lines, kept as written (click rewraps paragraphs unless marked \\b)."""
-    return "Examples:\n\n\b\n" + "\n".join(f"  {x}" for x in lines)
-
-
-EXAMPLES = {
-    "sft": _examples(
-        "prefcli sft recipes/tiny/sft.yaml --set train.lr=1e-3 -o runs/lr1e-3",
-        "prefcli sft recipes/gpu/sft-qwen2.5-0.5b.yaml --smoke      # prove a recipe on a laptop",
-        "prefcli sft recipes/tiny/sft.yaml -q | jq -e '.status == \"completed\"'",
-    ),
-    "reward": _examples(
-        "prefcli reward recipes/tiny/reward.yaml",
-        "prefcli reward recipes/quickstart/reward.yaml --set train.max_steps=100 -o runs/rm",
-    ),
-    "rlhf": _examples(
-        "prefcli rlhf recipes/quickstart/rlhf.yaml",
-        "prefcli rlhf recipes/tiny/rlhf-grpo.yaml --set 'rewards=[{kind: model, path: runs/rm/final}]'",
-        "prefcli rlhf recipes/tiny/rlhf-grpo.yaml --resume          # after Ctrl-C",
-    ),
-    "gan": _examples(
-        "prefcli gan recipes/tiny/gan.yaml",
-        "prefcli gan recipes/gpu/gan-qwen2.5-0.5b.yaml --smoke",
-    ),
-    "contrastive": _examples(
-        "prefcli contrastive recipes/tiny/contrastive-dpo.yaml",
-        "prefcli contrastive recipes/tiny/contrastive-dpo.yaml --set contrastive.objective=ipo -o runs/ipo",
-    ),
-    "eval": _examples(
-        "prefcli eval recipes/tiny/eval.yaml                       # after prefcli sft recipes/tiny/sft.yaml",
-        "prefcli generate prefcli/assets/kjv-base < prompts.txt | prefcli eval recipes/tiny/eval-completions.yaml "
-        "--completions -",
-    ),
-    "generate": _examples(
-        "printf 'And the LORD said\\n' | prefcli generate prefcli/assets/kjv-base --ban wrath",
-        "prefcli generate runs/sft-sft/final --prompts prompts.jsonl --greedy > completions.jsonl",
-    ),
-    "label": _examples(
-        "prefcli label pairs.jsonl -o answers.jsonl                  # one rater, in the terminal",
-        "prefcli label serve recipes/tiny/label-task.yaml           # a team, in the browser",
-        "prefcli label invite recipes/tiny/label-task.yaml --rater ann",
-        "prefcli label export recipes/tiny/label-task.yaml -o prefs.jsonl",
-    ),
-    "label terminal": _examples(
-        "prefcli label terminal pairs.jsonl -o answers.jsonl        # the same as: prefcli label pairs.jsonl ...",
-        "prefcli label --model prefcli/assets/kjv-base --prompts data/tiny/prompts.jsonl -o answers.jsonl",
-    ),
-    "label serve": _examples(
-        "prefcli label serve recipes/tiny/label-task.yaml",
-        "prefcli label serve recipes/tiny/label-task.yaml --host 0.0.0.0 --port 8080   # behind a TLS proxy",
-    ),
-    "label invite": _examples(
-        "prefcli label invite recipes/tiny/label-task.yaml --rater ann",
-        "prefcli label invite recipes/tiny/label-task.yaml --owner 2>/dev/null | jq -r .link",
-    ),
-    "label stats": _examples(
-        "prefcli label stats recipes/tiny/label-task.yaml | jq .agreement",
-    ),
-    "label export": _examples(
-        "prefcli label export recipes/tiny/label-task.yaml -o prefs.jsonl",
-        "prefcli label export recipes/tiny/label-task.yaml --all -o every-answer.jsonl",
-    ),
-    "label import": _examples(
-        "prefcli label import recipes/tiny/label-task.yaml answers.jsonl     # from `prefcli label FILE -o answers.jsonl`",
-    ),
-    "plot": _examples(
-        "prefcli plot runs/sft-sft",
-        "prefcli plot runs/lr1e-3 runs/lr3e-3 --metric loss --metric eval -o lr.png",
-    ),
-    "explain": _examples(
-        'prefcli explain runs/quickstart/reward/final --prompt "And the people" --text " rejoiced with gladness"',
-        "prefcli explain runs/quickstart/reward/final --pairs data/quickstart/preferences_eval.jsonl --html e.html",
-        'prefcli explain MODEL --text "..." -q | head -n -1 | jq -c "select(.score > 0.5)"   # the per-token rows',
-    ),
-    "data inspect": _examples(
-        "prefcli data inspect data/quickstart/preferences.jsonl --eval data/quickstart/preferences_eval.jsonl",
-        "prefcli data inspect recipes/quickstart/reward.yaml --plots inspect/    # the data as the recipe reads it",
-    ),
-    "validate": _examples(
-        "prefcli validate recipes/*/*.yaml",
-        "prefcli validate --resolved recipes/tiny/contrastive-ipo.yaml     # the recipe with its base merged",
-    ),
-}
-
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        "-s",
-        metavar="KEY=VALUE",
-        help="Override a recipe field, e.g. --set train.lr=1e-4 (repeatable; validated like the file).",
-    ),
-]
-OutOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--output-dir", "-o", help="Run folder (default: the recipe's output.dir, else runs/<command>-<recipe>)."
-    ),
-]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in the run folder.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; errors and the JSON summary only.")]
-SmokeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--smoke",
-        help="A few steps on a few rows with a tiny random model of the same architecture and the real "
-        "tokenizer (CPU when there is no GPU): proves a recipe, its data and its pipeline fit together.",
-    ),
-]
-
-
-def fail(command: str, err: BaseException, code: int, status: str) -> None:
-    typer.echo(f"error: {err}", err=True)
-    out = {"command": command, "status": status, "exit_code": code, "error": str(err)}
-    if getattr(err, "checkpoint", None):
-        out["checkpoint"] = err.checkpoint  # the last good checkpoint (failures and interrupts during training)
-    emit_json(out)
-    raise typer.Exit(code)
-
-
-def train_command(
-    command: str,
-    recipe: Path,
-    set_: list[str] | None,
-    output_dir: Path | None,
-    resume: bool,
-    overwrite: bool,
-    quiet: bool,
-    smoke: bool,
-) -> None:
-    from ..runner import RunOptions, run_training
-
-    opts = RunOptions(
-        overrides=list(set_ or []),
-        output_dir=str(output_dir) if output_dir else None,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=quiet,
-        smoke=smoke,
-    )
-    try:
-        summary = run_training(command, recipe, opts)
-    except PrefcliError as e:
-        fail(command, e, e.exit_code, STATUS.get(e.exit_code, "failed"))
-    except KeyboardInterrupt:
-        fail(
-            command,
-            RuntimeError("interrupted before training started; nothing was written"),
-            EXIT_INTERRUPTED,
-            "interrupted",
-        )
-    if int(os.environ.get("RANK", "0")) == 0:
-        emit_json(summary)
-
-
-# the commands register themselves on `app` when their modules are imported, in the order `prefcli --help`
-# lists them: training first
+# the modules register their commands on `app` as they are imported, in the order `prefcli --help` lists
+# them: training first
 # isort: off
-from . import train  # noqa: E402, F401
-from . import tools  # noqa: E402, F401
-from . import analysis  # noqa: E402, F401
-from . import label  # noqa: E402, F401
+from . import train  # noqa: F401
+from . import tools  # noqa: F401
+from . import analysis  # noqa: F401
+from . import label  # noqa: F401
+from .base import app
+
 # isort: on
+
+__all__ = ["app", "main"]
 
 
 def _version(value: bool) -> None:

@@ -29,8 +29,8 @@ def trained_model_dir(recipe_path: str) -> Path:
     """Where the training command of `recipe_path` wrote its model: <run folder>/final, with the run
     folder chosen as the training command chooses it (output.dir, else runs/<command>-<stem> under
     the current directory)."""
+    from ..engine.runfolder import default_run_dir
     from ..recipe import load_recipe
-    from ..runner import default_run_dir
 
     loaded = load_recipe(recipe_path)
     if loaded.command == "eval":

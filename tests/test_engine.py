@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from prefcli.engine import checkpoint as ckpt
 from prefcli.engine import runfolder
 from prefcli.engine.dist import Runtime
 from prefcli.engine.loop import Engine

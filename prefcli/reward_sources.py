@@ -185,22 +185,11 @@ class ModelSource(RewardSource):
 
     def __init__(self, cfg: ModelReward, device=None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .engine.models import load_errors, load_failure
+        from .engine.models import load_reward_model
 
-        try:
-            self.tok = AutoTokenizer.from_pretrained(cfg.path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.path, num_labels=1, use_safetensors=True
-            )
-        except load_errors() as e:
-            raise UsageError(f"rewards: {load_failure('the reward model', cfg.path, e)}") from None
-        if self.tok.pad_token is None:
-            raise UsageError(f"the reward model tokenizer at {cfg.path} has no pad token")
-        self.model.config.pad_token_id = self.tok.pad_token_id
         self.device = device or torch.device("cpu")
-        self.model.to(self.device).eval()
+        self.model, self.tok = load_reward_model(cfg.path, self.device, "rewards")
         self.cfg = cfg
         self.name = cfg.name or "model"
 

@@ -28,7 +28,6 @@ from .conftest import (
     last_json,
     losses,
     read_metrics,
-    run_subprocess,
 )
 
 LN2 = math.log(2)
@@ -189,12 +188,12 @@ def test_resume_reuses_the_stored_reference(tmp_path, write_recipe, monkeypatch)
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
-    from prefcli.algos.contrastive import PreferenceTask
+    from prefcli.algos.contrastive import ContrastiveTask
 
     def no_recompute(*a, **k):
         raise AssertionError("reference log-probs recomputed on resume")
 
-    monkeypatch.setattr(PreferenceTask, "_ref_table", no_recompute)
+    monkeypatch.setattr(ContrastiveTask, "_ref_table", no_recompute)
     s, _ = run(tmp_path, write_recipe, "resumed", d, resume=True)
     lf, lr = losses(full, "loss/dpo"), losses(resumed, "loss/dpo")
     assert sorted(lr) == [3, 4] and all(lr[k] == pytest.approx(lf[k], abs=1e-6) for k in lr)
@@ -321,11 +320,12 @@ def test_infonce_encoder_learns_and_reloads_as_a_scorer(tmp_path, write_recipe):
 
 
 @pytest.mark.slow
-def test_contrastive_end_to_end_subprocess(tmp_path, write_recipe):
+def test_contrastive_end_to_end(tmp_path, write_recipe, cli):
+    """Through the CLI in this process (tests/test_cli_sft.py runs the real entry point in a process of its own)."""
     p = write_recipe(pref_dict(train={"max_steps": 4, "eval_every_steps": 2}))
-    res = run_subprocess("contrastive", p, "-o", tmp_path / "run")
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
+    code, stdout, stderr = cli("contrastive", p, "-o", tmp_path / "run")
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
     assert len(lines) == 1
     s = json.loads(lines[0])
     assert s["command"] == "contrastive" and s["steps"] == 4
@@ -341,7 +341,7 @@ def test_contrastive_end_to_end_subprocess(tmp_path, write_recipe):
         "eval/margin",
         "eval/loss",
     }
-    assert "step 4/4" in res.stderr and "eval @ step 2" in res.stderr
+    assert "step 4/4" in stderr and "eval @ step 2" in stderr
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
 
@@ -358,49 +358,3 @@ def test_every_tiny_contrastive_recipe_runs_with_smoke(tmp_path, cli):
         assert code == 0, (p, stderr)
         s = last_json(stdout)
         assert s["objective"]["name"] == p.stem.split("-")[1] and s["steps"] == 3
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_equal_one_for_kto(tmp_path, write_recipe):
-    """Reference tables computed in shards and all-reduced, and KTO's KL estimate reduced across
-    processes: 2 processes x 2 rows train like 1 process x 4 rows."""
-    import os
-    import subprocess
-    import sys
-
-    p = write_recipe(pref_dict("kto", train={"max_steps": 3, "eval_every_steps": 3}))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29523",
-            "-m",
-            "prefcli",
-            "contrastive",
-            str(p),
-            "-o",
-            str(tmp_path / "ddp"),
-            "-q",
-            "--set",
-            "train.batch_size=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    s = last_json(res.stdout)
-    assert s["world_size"] == 2
-    single = run_subprocess("contrastive", p, "-o", tmp_path / "one", "-q", "--set", "train.batch_size=4")
-    assert single.returncode == 0, single.stderr
-    a, b = losses(tmp_path / "ddp", "loss/kto"), losses(tmp_path / "one", "loss/kto")
-    assert sorted(a) == [1, 2, 3] and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
-    one = last_json(single.stdout)["final"]
-    for k in ("eval/loss", "eval/accuracy", "eval/kl_estimate", "kl/estimate"):
-        assert s["final"][k] == pytest.approx(one[k], abs=1e-5), k

@@ -233,7 +233,8 @@ def test_attention_maps_and_layer_head_checks(phrase_rm, cli, tmp_path):
     assert all(
         (tmp_path / "p" / n).stat().st_size > 1000 for n in ("attention-item0-text.png", "tokens-item0-text.png")
     )
-    from prefcli.analysis.explain import attention_map, load_reward_model
+    from prefcli.analysis.explain import attention_map
+    from prefcli.analysis.explain.inputs import load_reward_model
 
     m, tok = load_reward_model(str(model), torch.device("cpu"), eager=True)
     a = attention_map(m, torch.tensor([tok(" city great joy")["input_ids"]]), None, None)

@@ -27,7 +27,7 @@ from prefcli.errors import DataError, RecipeError
 from prefcli.recipe import load_recipe
 from prefcli.runner import RunContext, RunOptions, run_training
 
-from .conftest import DATA, NO_PLOT, ROOT, last_json, losses, read_metrics, run_subprocess, sft_recipe_dict
+from .conftest import DATA, NO_PLOT, ROOT, last_json, losses, read_metrics, sft_recipe_dict
 
 LN2, LN4, LN10 = math.log(2), math.log(4), math.log(10)
 
@@ -703,9 +703,9 @@ def test_per_segment_tiny_recipe_smoke(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_conditional_recipe_end_to_end_subprocess(tmp_path):
+def test_conditional_recipe_end_to_end(tmp_path, cli):
     out = tmp_path / "run"
-    res = run_subprocess(
+    code, stdout, stderr = cli(
         "sft",
         ROOT / "recipes" / "tiny" / "sft-phf-conditional.yaml",
         "-o",
@@ -714,10 +714,10 @@ def test_conditional_recipe_end_to_end_subprocess(tmp_path):
         "train.max_steps=4",
         "--set",
         "train.eval_every_steps=2",
-        env={"OMP_NUM_THREADS": "1"},
+        *NO_PLOT,
     )
-    assert res.returncode == 0, res.stderr
-    s = json.loads(res.stdout.strip())
+    assert code == 0, stderr
+    s = json.loads(stdout.strip())  # one JSON object on stdout
     ph = s["data"]["phf"]
     assert s["status"] == "completed" and ph["threshold"] == 0.0 and ph["rows_scored"] == 300
     assert ph["examples_aligned"] + ph["examples_misaligned"] + ph["examples_unconditioned"] == 300

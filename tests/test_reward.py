@@ -17,7 +17,7 @@ from prefcli.recipe.reward_specs import ModelReward
 from prefcli.reward_sources import ModelSource
 from prefcli.runner import RunContext, RunOptions, run_training
 
-from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics, run_subprocess
+from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics
 
 
 def rm_dict(**upd) -> dict:
@@ -190,11 +190,12 @@ def test_bad_rows_and_bad_data_exit_2(tmp_path, write_recipe, cli):
 
 
 @pytest.mark.slow
-def test_reward_end_to_end_subprocess_with_lora(tmp_path, write_recipe):
+def test_reward_end_to_end_with_lora(tmp_path, write_recipe, cli):
+    """Through the CLI in this process (tests/test_cli_sft.py runs the real entry point in a process of its own)."""
     p = write_recipe(rm_dict(model={"lora": {"r": 4, "alpha": 8}}, train={"max_steps": 3}))
-    res = run_subprocess("reward", p, "-o", tmp_path / "run")
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
+    code, stdout, stderr = cli("reward", p, "-o", tmp_path / "run")
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
     assert len(lines) == 1
     s = json.loads(lines[0])
     assert (

@@ -48,8 +48,8 @@ from ..errors import DataError
 from .common import Scheduled
 from .phf import (
     PHF_OBJECTIVES,
-    Objective,
     RowLRScale,
+    SFTObjective,
     ValuePolicy,
     add_control_tokens,
     control_gap,
@@ -66,7 +66,7 @@ def mle_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return loss_sum, {}
 
 
-OBJECTIVES: dict[str, Objective] = {"mle": Objective(mle_loss), **PHF_OBJECTIVES}
+OBJECTIVES: dict[str, SFTObjective] = {"mle": SFTObjective(mle_loss), **PHF_OBJECTIVES}
 
 
 def count_targets(batch: dict) -> int:

@@ -246,6 +246,26 @@ def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = 
     return lm
 
 
+def load_reward_model(path: str, device, what: str | None = None, dtype=None, attn_implementation: str | None = None):
+    """(a trained reward model in eval mode on `device`, its tokenizer) to score with: a sequence classifier with
+    one label, as `prefcli reward` writes it (the score is read at the last non-pad token). `what` starts the
+    error message (the recipe field, e.g. 'rewards'); `dtype` and `attn_implementation` are transformers'
+    defaults unless given."""
+    quiet_transformers()
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    kw = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation)) if v is not None}
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, **kw)
+    except load_errors() as e:
+        raise UsageError((f"{what}: " if what else "") + load_failure("the reward model", path, e)) from None
+    if tok.pad_token_id is None:
+        raise UsageError(f"the reward model's tokenizer at {path} has no pad token")
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
 def init_score_head(model) -> None:
     """The scalar head ~ N(0, 1/(d+1)) (Huang et al. 2023, "The N Implementation Details of RLHF
     with PPO": initial scores have unit-order variance), bias 0."""

@@ -166,7 +166,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             and c.kl_target is None
         )
         self.pl = POLICY_LOSSES[c.policy_loss]
-        low, high = c.clip_range()
+        low, high = c.clip_low, c.clip_high
         self.eps_low = low if low is not None else self.pl.default_clip_low
         if high is None and c.policy_loss == "clip" and self.algo.default_clip_high is not None:
             high = self.algo.default_clip_high  # dapo's clip-higher

@@ -27,11 +27,11 @@ from .inputs import (
     Explained,
     ExplainOptions,
     _check_length,
-    _device,
     load_policy,
     load_reward_model,
     model_kind,
     read_items,
+    resolve_device,
     run_defaults,
     token_strings,
 )
@@ -70,7 +70,7 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
         )
     check_layer_head(cfg, opts.layer, opts.head)
     items = read_items(opts)
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     eager = opts.plots is not None
     limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     summary: dict[str, Any] = {

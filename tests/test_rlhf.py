@@ -85,37 +85,37 @@ def _run_steps(task, n, tmp_path):
     from prefcli.engine.progress import Progress
 
     task.ctx.recipe.train.max_steps = n
-    task.learner.total_updates = n
+    task.total_updates = n
     Engine(task, task.ctx.rt, task.ctx.recipe.train, Progress(False, n, "t", None), tmp_path).run()
 
 
 @pytest.mark.slow
 def test_reference_gets_no_gradient_and_stays_frozen(tmp_path, write_recipe):
     task = _build(write_recipe(rlhf_recipe()), tmp_path)
-    ref = {n: p.detach().clone() for n, p in task.learner.ref_policy.named_parameters()}
-    pol = {n: p.detach().clone() for n, p in task.learner.policy.named_parameters()}
+    ref = {n: p.detach().clone() for n, p in task.ref_policy.named_parameters()}
+    pol = {n: p.detach().clone() for n, p in task.policy.named_parameters()}
     _run_steps(task, 2, tmp_path)
-    for n, p in task.learner.ref_policy.named_parameters():
+    for n, p in task.ref_policy.named_parameters():
         assert p.grad is None and not p.requires_grad and torch.equal(p, ref[n]), n
-    assert any(not torch.equal(p, pol[n]) for n, p in task.learner.policy.named_parameters())
+    assert any(not torch.equal(p, pol[n]) for n, p in task.policy.named_parameters())
     opt_params = {id(p) for g in task.groups["policy"].optimizer.param_groups for p in g["params"]}
-    assert not any(id(p) in opt_params for p in task.learner.ref_policy.parameters())
+    assert not any(id(p) in opt_params for p in task.ref_policy.parameters())
 
 
 @pytest.mark.slow
 def test_lora_reference_is_the_base_model(tmp_path, write_recipe):
     task = _build(write_recipe(rlhf_recipe(model={"lora": {"r": 4}})), tmp_path)
-    assert task.learner.ref_policy is None  # no second copy: adapters off is the reference
-    base = {n: p.detach().clone() for n, p in task.learner.lm.named_parameters() if "lora" not in n}
+    assert task.ref_policy is None  # no second copy: adapters off is the reference
+    base = {n: p.detach().clone() for n, p in task.lm.named_parameters() if "lora" not in n}
     _run_steps(task, 2, tmp_path)
-    for n, p in task.learner.lm.named_parameters():
+    for n, p in task.lm.named_parameters():
         if "lora" not in n:
             assert torch.equal(p, base[n]), n
-    seq = task.learner.buffer
+    seq = task.buffer
     from prefcli.engine.models import reference_mode
 
-    with torch.no_grad(), reference_mode(task.learner.lm):
-        lp_ref, _ = task.learner.policy(
+    with torch.no_grad(), reference_mode(task.lm):
+        lp_ref, _ = task.policy(
             seq["input_ids"], seq["targets"], seq["attention_mask"], seq["position_ids"], start=int(seq["start"])
         )
     assert torch.allclose(lp_ref, seq["ref_logp"], atol=1e-5)

@@ -151,7 +151,7 @@ def test_sampler_logprobs_equal_the_trainers_in_fp32(tok, sampler, temperature):
     """The sampler returns the log-prob of every token it drew; on CPU in fp32 the trainer's forward on the
     same tokens (prefcli's PolicyLM at the same temperature) must give the same numbers: a sampler/trainer
     mismatch of ~0 (issue 15: on GPU in bf16 it is not 0, and rlhf logs it)."""
-    from prefcli.algos.rlhf.policy import PolicyLearner
+    from prefcli.algos.rlhf.learner import sequences
     from prefcli.algos.rlhf.sampling import HFSampler
     from prefcli.engine.dist import Runtime
     from prefcli.engine.models import PolicyLM
@@ -168,7 +168,7 @@ def test_sampler_logprobs_equal_the_trainers_in_fp32(tok, sampler, temperature):
     else:
         r = HFSampler(lm, rt).generate(ids, mask, cfg)
     assert r.logprobs is not None and r.logprobs.shape == r.completion_ids.shape
-    seq = PolicyLearner.sequences(r)
+    seq = sequences(r)
     with torch.no_grad():
         lp, _ = PolicyLM(lm, rt)(
             seq["input_ids"],

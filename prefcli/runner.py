@@ -21,10 +21,11 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     t_start = time.perf_counter()
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, command, opts.overrides).recipe
+    early = RunContext(recipe, None, Path())  # warnings before the run's context exists (printed now, summarised)
     if opts.smoke:
         from .engine.smoke import prepare_smoke
 
-        recipe = prepare_smoke(recipe.smoke(), RunContext(recipe, None, Path()).warn)  # hub files: there, or exit 2
+        recipe = prepare_smoke(recipe.smoke(), early.warn)  # hub files: there, or exit 2
     if opts.output_dir:
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:
@@ -33,4 +34,4 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
         run_dir = default_run_dir(command, recipe_path)
     # the one module loaded by name: the table names it, so that a run imports only its own algorithm
     build = importlib.import_module(COMMANDS[command].task).build
-    return train(command, recipe, recipe_path, run_dir, build, opts, t_start)
+    return train(command, recipe, recipe_path, run_dir, build, opts, t_start, early.warnings)

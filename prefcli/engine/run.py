@@ -66,6 +66,93 @@ class RunContext:
             print(f"warning: {text}", file=sys.stderr)
 
 
+@dataclass
+class Cards:
+    """The model cards (README.md) of final/ and of best/ (engine/modelcard.py): what the folder holds, the base
+    model, data, command, metrics and prefcli version, and the base model's licence."""
+
+    command: str
+    recipe: RecipeBase
+    recipe_path: Path
+    opts: RunOptions
+    run_dir: Path
+    result: dict
+    best_checkpoint: Path | None  # output.final: best, when an evaluation was kept: final/ holds its weights
+
+    def _card(self, shown: Path, metrics: dict, what: str, best: dict | None, model_dir: Path | None) -> str:
+        from .modelcard import command_line, model_card
+
+        cmdline = command_line(self.command, str(self.recipe_path), self.opts.overrides, self.opts.smoke)
+        config = self.recipe.model_dump(mode="json")
+        return model_card(
+            shown, config, dump_recipe(self.recipe), self.command, cmdline, self.result["steps"], metrics, what,
+            best, model_dir,
+        )  # fmt: skip
+
+    def _best_metrics(self) -> tuple[dict, dict] | None:
+        """(the best evaluation's summary entry, its metrics): from this run's history, else metrics.jsonl (a
+        resumed run evaluated it before the resume)."""
+        best = self.result.get("best")
+        if not best or best.get("step") is None:
+            return None
+        for rec in self.result.get("history", {}).get("eval", []):
+            if rec.get("step") == best["step"]:
+                return best, rec
+        path = self.run_dir / "metrics.jsonl"
+        found: dict = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("step") == best["step"] and any(k.startswith("eval/") for k in rec):
+                    found = rec
+        return best, found or {"step": best["step"], best["metric"]: best["value"]}
+
+    def save_final(self, task, folder: Path, main: bool) -> None:
+        from .modelcard import write_card
+
+        task.save_final(folder)
+        if not main:
+            return
+        steps = self.result["steps"]
+        got = self._best_metrics() if self.best_checkpoint is not None else None
+        if got is not None:
+            best, metrics = got
+            what = (
+                f"The weights of the run's best evaluation (step {best['step']}, `{best['metric']}` = "
+                f"{best['value']:.6g}; `output.final: best`) in Hugging Face format"
+                + (f"; the run went on to step {steps}." if steps != best["step"] else ", its last step.")
+            )
+        else:
+            best, metrics = None, self.result["final"]
+            what = f"The model at the end of the run (step {steps}) in Hugging Face format."
+        from .runfolder import FINAL
+
+        write_card(folder, self._card(self.run_dir / FINAL, metrics, what, best, Path(folder)))
+
+    def write_best(self, final_dir: Path | None) -> None:
+        """best/README.md beside best/checkpoints/step-N (train.keep_best), when an evaluation was kept."""
+        from .modelcard import write_card
+        from .monitor import BEST_DIR
+
+        got = self._best_metrics()
+        folder = self.run_dir / BEST_DIR
+        if got is None or not folder.is_dir():
+            return
+        best, metrics = got
+        what = (
+            f"The checkpoint of the run's best evaluation (`train.keep_best`: step {best['step']}, `{best['metric']}` "
+            f"= {best['value']:.6g}), `checkpoints/step-{best['step']}/` here, in prefcli's checkpoint format (not a "
+            "Hugging Face model folder). `output.final: best` writes these weights to final/ in Hugging Face format."
+        )
+        try:
+            write_card(folder, self._card(folder, metrics, what, best, final_dir))  # final/: the same model
+        except OSError:
+            pass  # the card is a description; the checkpoint beside it is whole without it
+
+
 def train(
     command: str,
     recipe: RecipeBase,
@@ -74,8 +161,10 @@ def train(
     build: Callable[[RunContext], Task],
     opts: RunOptions,
     t_start: float,
+    warnings: list[str] = (),
 ) -> dict:
-    """Run one training command end to end; returns the summary (also written to summary.json)."""
+    """Run one training command end to end; returns the summary (also written to summary.json). `warnings`:
+    those given before (while the recipe was resolved), for the summary."""
     runfolder.check_run_dir(run_dir, opts.resume, opts.overwrite, command)
     check_installed(recipe.log.report_to)  # a tracker named but not installed: exit 2 before anything runs
     resume_from, skipped = runfolder.pick_resume(run_dir) if opts.resume else (None, [])
@@ -84,7 +173,7 @@ def train(
     engine = None
     try:
         torch.manual_seed(recipe.train.seed)
-        ctx = RunContext(recipe=recipe, rt=rt, run_dir=run_dir, smoke=opts.smoke)
+        ctx = RunContext(recipe=recipe, rt=rt, run_dir=run_dir, smoke=opts.smoke, warnings=list(warnings))
         for path, why in skipped:
             ctx.warn(f"--resume: skipped {path} ({why}); resuming from {resume_from.name}")
         task = build(ctx)
@@ -120,7 +209,8 @@ def train(
         finally:
             progress.close()
         described = task.describe()
-        final_dir = _final(engine, task, recipe, progress)
+        best = _load_best(engine, task, recipe, progress)
+        final_dir = _final(engine, task, recipe, Cards(command, recipe, recipe_path, opts, run_dir, result, best))
         summary = {
             "command": command,
             "status": result["status"],
@@ -195,17 +285,25 @@ def _take_folder(
         raise failed
 
 
-def _final(engine: Engine, task: Task, recipe: RecipeBase, progress: Progress) -> Path | None:
-    """final/: the last step's weights, or with output.final: best the best evaluation's checkpoint."""
+def _load_best(engine: Engine, task: Task, recipe: RecipeBase, progress: Progress) -> Path | None:
+    """output.final: best: the best evaluation's checkpoint loaded into the task's modules (None: the last step)."""
     rt = engine.rt
     best = engine.monitors.best_checkpoint() if recipe.output.final == "best" else None
     if best is not None:
         ckpt.load_checkpoint(best, task.groups, rt.rank, rt.world_size)
     elif recipe.output.final == "best":
         progress.warn("output.final is 'best' but no evaluation was kept as best; final/ holds the last step")
+    return best
+
+
+def _final(engine: Engine, task: Task, recipe: RecipeBase, cards: Cards) -> Path | None:
+    """final/ with its model card, and best/'s card (train.keep_best)."""
+    rt = engine.rt
     final_dir = None
     if recipe.output.save_final:  # every rank: a sharded model is gathered tensor by tensor; rank 0 writes
-        final_dir = engine.save_final(task.save_final)
+        final_dir = engine.save_final(lambda folder: cards.save_final(task, folder, rt.is_main))
+    if rt.is_main:
+        cards.write_best(final_dir)
     rt.barrier()
     return final_dir
 

@@ -394,7 +394,7 @@ class JudgeSource(RewardSource):
         the answer tokens, renormalised)."""
         import torch
 
-        from .engine.rollout import left_pad
+        from .engine.sampling import left_pad
 
         out: list[float] = []
         add_special = not self.cfg.chat_template  # a chat template writes its own special tokens

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefcli.algos.rlhf.sampling import apply_stop_strings
-from prefcli.engine.rollout import Rollout
+from prefcli.engine.sampling import Rollout
 
 from .conftest import DATA, NO_PLOT, ROOT, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics
 

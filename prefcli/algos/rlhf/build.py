@@ -11,8 +11,9 @@ from torch import nn
 
 from ...engine.data import DataCursor, blank_rows, load_rows, split_eval
 from ...engine.models import PolicyLM, build_trained_model, frozen_copy, load_tokenizer
-from ...engine.rollout import FastDecoder, SamplingConfig, supports_fast_decoder
+from ...engine.rollout import FastDecoder, supports_fast_decoder
 from ...engine.run import RunContext
+from ...engine.sampling import HFSampler, SamplingConfig
 from ...engine.task import Group
 from ...errors import DataError, UsageError
 from ...reward_sources import RewardSet, RewardSource, build_rewards
@@ -20,7 +21,7 @@ from .advantages import ALGORITHMS, algorithm_key
 from .learner import ActorCritic, Models, PolicyLearner, Prompts, RolloutShape, UpdateRule
 from .loss import POLICY_LOSSES
 from .online import OnlinePreferenceLoss
-from .sampling import HFSampler, prompt_rows
+from .sampling import prompt_rows
 
 
 def build_learner(ctx: RunContext, extra_rewards: Sequence[RewardSource] = ()) -> PolicyLearner:
@@ -183,7 +184,7 @@ def make_sampler(ctx: RunContext, lm, group: Group, shape: RolloutShape):
     if g.sampler == "hf" or not ok:
         if g.sampler == "auto":
             ctx.warn(f"the fast sampler does not support {why}; sampling with transformers generate (slower)")
-        return HFSampler(lm, rt, gather=group.gathered)
+        return HFSampler(lm, rt.autocast, gather=group.gathered)
     cuda = rt.device.type == "cuda"
     return FastDecoder(
         lm,

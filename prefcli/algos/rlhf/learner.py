@@ -23,8 +23,8 @@ from torch import nn
 
 from ...engine.data import DataCursor, shard_for_rank
 from ...engine.models import PolicyLM, reference_mode, save_hf, trainable_parameters, whole_state
-from ...engine.rollout import Rollout, SamplingConfig, left_pad
 from ...engine.run import RunContext
+from ...engine.sampling import Rollout, Sampler, SamplingConfig, left_pad
 from ...engine.task import Group, Micro, Plan
 from ...errors import TrainingError
 from ...reward_sources import RewardSet
@@ -114,7 +114,7 @@ class Models:
     model: ActorCritic  # what the optimizer group trains
     ref_policy: PolicyLM | None  # the frozen reference; None: none needed, or LoRA's adapters-off base
     group: Group
-    sampler: Any  # engine.rollout.FastDecoder, or the transformers-generate fallback
+    sampler: Sampler  # engine.rollout.FastDecoder, or the transformers-generate fallback (engine.sampling)
 
 
 @dataclass
@@ -401,7 +401,7 @@ class PolicyLearner:
         self.model.eval()
         rt.synchronize()
         t0 = time.perf_counter()
-        r = self.sampler.generate(p_ids, p_mask, self.scfg)
+        r = self.sampler.sample(p_ids, p_mask, self.scfg)
         if not self._warned_sampler:
             for what, err in (
                 ("compiling", getattr(self.sampler, "compile_error", None)),

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, UsageError
+from .items import row_candidates
 
 PAIR_KEYS = {"a": "A", "1": "A", "b": "B", "2": "B", "t": "tie", "s": "skip"}
 
@@ -79,22 +80,8 @@ def read_items(path: Path, mode: str | None) -> tuple[list[Item], str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise DataError(f"{path}:{n}: expected an object with a 'prompt' string")
-            if "completions" in obj:
-                comps = obj["completions"]
-            elif "completion_a" in obj or "completion_b" in obj:
-                comps = [obj.get("completion_a"), obj.get("completion_b")]
-            elif "completion" in obj:
-                comps = [obj["completion"]]
-            else:
-                raise DataError(
-                    f"{path}:{n}: no completions: give 'completions' (a list), 'completion_a' and "
-                    "'completion_b', or 'completion'"
-                )
-            if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
-                raise DataError(f"{path}:{n}: completions must be a non-empty list of strings")
-            rows.append((n, obj["prompt"], comps))
+            prompt, comps = row_candidates(obj, f"{path}:{n}")  # as `prefcli label serve` reads a task's items
+            rows.append((n, prompt, comps))
     if not rows:
         raise DataError(f"{path} has no rows")
     if mode is None:

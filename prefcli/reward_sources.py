@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import DataError, TrainingError, UsageError
+from .interrupts import user_code
 from .recipe.reward_specs import (
     EnsembleReward,
     FunctionReward,
@@ -53,9 +54,11 @@ def load_function(spec: str, base_dir: str | Path | None = None) -> Callable:
             s = importlib.util.spec_from_file_location(unique, path)
             module = importlib.util.module_from_spec(s)
             sys.modules[unique] = module
-            s.loader.exec_module(module)
+            with user_code(f"reward function '{spec}': importing {mod_name}", UsageError):
+                s.loader.exec_module(module)
         else:
-            module = importlib.import_module(mod_name)
+            with user_code(f"reward function '{spec}': importing {mod_name}", UsageError):
+                module = importlib.import_module(mod_name)
     except UsageError:
         raise
     except Exception as e:
@@ -81,7 +84,8 @@ class FunctionSource(RewardSource):
         self.label = cfg.function
 
     def __call__(self, prompts, completions):
-        return list(self.fn(list(prompts), list(completions), **self.kwargs))
+        with user_code(f"reward function '{self.label}'", TrainingError):
+            return list(self.fn(list(prompts), list(completions), **self.kwargs))
 
 
 class LengthSource(RewardSource):
@@ -180,13 +184,37 @@ class HumanScoreSource(RewardSource):
         return out
 
 
+def load_reward_model(path: str, device, what: str | None = None, dtype=None, attn_implementation: str | None = None):
+    """(a trained reward model in eval mode on `device`, its tokenizer) to score with: a sequence classifier with
+    one label, as `prefcli reward` writes it (the score is read at the last non-pad token); for `rewards:
+    [{kind: model}]` and `prefcli explain`. `what` starts the error messages (the recipe field, e.g. 'rewards');
+    `dtype` and `attn_implementation` are transformers' defaults unless given."""
+    from .engine.models import load_errors, load_failure, quiet_transformers
+    from .engine.tokenizer import open_tokenizer
+
+    quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+
+    prefix = f"{what}: " if what else ""
+    kw = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation)) if v is not None}
+    try:
+        tok = open_tokenizer(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, **kw)
+    except load_errors() as e:
+        raise UsageError(prefix + load_failure("the reward model", path, e)) from None
+    except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
+        raise UsageError(f"{prefix}{e}") from None
+    if tok.pad_token_id is None:
+        raise UsageError(f"the reward model's tokenizer at {path} has no pad token")
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
 class ModelSource(RewardSource):
     """A sequence-classification reward model; the score of prompt + completion at the last real token."""
 
     def __init__(self, cfg: ModelReward, device=None):
         import torch
-
-        from .engine.models import load_reward_model
 
         self.device = device or torch.device("cpu")
         self.model, self.tok = load_reward_model(cfg.path, self.device, "rewards")
@@ -346,17 +374,21 @@ class JudgeSource(RewardSource):
 
     def __init__(self, cfg, device=None, label: str = "judge"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from .engine.tokenizer import open_tokenizer
 
         self.cfg, self.label = cfg, label
         self.name = cfg.name or "judge"
         try:
-            self.tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+            self.tok = open_tokenizer(cfg.tokenizer or cfg.path)
             self.model = AutoModelForCausalLM.from_pretrained(cfg.path, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise UsageError(
                 f"{label}.path: could not load the judge model {cfg.path}: {str(e).splitlines()[0]}"
             ) from None
+        except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
+            raise UsageError(f"{label}.tokenizer: {e}") from None
         self.device = device or torch.device("cpu")
         self.model.to(self.device).eval()
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id

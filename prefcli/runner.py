@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .engine.run import RunContext, RunOptions, train
 from .engine.runfolder import default_run_dir
+from .errors import UsageError
 from .recipe import COMMANDS, load_recipe
+from .recipe.paths import output_problem
 
 __all__ = ["RunContext", "RunOptions", "run_training"]
 
@@ -27,6 +29,9 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
 
         recipe = prepare_smoke(recipe.smoke(), early.warn)  # hub files: there, or exit 2
     if opts.output_dir:
+        why = output_problem(Path(opts.output_dir).absolute())
+        if why:
+            raise UsageError(f"--output-dir {opts.output_dir}: {why}")
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:
         run_dir = Path(recipe.output.dir)

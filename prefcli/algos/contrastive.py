@@ -40,13 +40,7 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move, shard_for_rank
 from ..engine.debias import apply_debias, pair_weights
-from ..engine.models import (
-    PolicyLM,
-    build_trained_model,
-    load_tokenizer,
-    reference_mode,
-    save_hf,
-)
+from ..engine.models import PolicyLM, build_trained_model, reference_mode, save_hf
 from ..engine.pairs import (
     PAIR_REQUIRED,
     UNPAIRED_REQUIRED,
@@ -60,6 +54,7 @@ from ..engine.pairs import (
 )
 from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..errors import UsageError
 from .common import Scheduled, load_splits, make_plan, report, sharded_fill
 from .infonce import InfoNCETask, infonce_loss

@@ -29,12 +29,7 @@ from torch import nn
 
 from ..engine.data import chat_ids, iterate_eval, move
 from ..engine.debias import apply_debias
-from ..engine.models import (
-    build_trained_model,
-    load_tokenizer,
-    save_hf,
-    unwrap_lm,
-)
+from ..engine.models import build_trained_model, save_hf, unwrap_lm
 from ..engine.pairs import (
     check_format,
     detect_pair_format,
@@ -46,6 +41,7 @@ from ..engine.pairs import (
 )
 from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from .common import Scheduled, load_splits, make_plan, report
 
 ENCODER_FILE = "prefcli_encoder.json"
@@ -277,9 +273,11 @@ class EncoderScorer:
     """A trained InfoNCE encoder as a preference scorer: score(x, y) = cos(e(x), e(y))."""
 
     def __init__(self, path, device=None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        self.tok = AutoTokenizer.from_pretrained(path)
+        from ..engine.tokenizer import open_tokenizer
+
+        self.tok = open_tokenizer(str(path))
         self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
         self.meta = json.loads((Path(path) / ENCODER_FILE).read_text())
         self.device = device or torch.device("cpu")

@@ -42,9 +42,10 @@ from ..engine.data import (
 from ..engine.debias import apply_debias
 from ..engine.formats import convert_rows, outside_format
 from ..engine.logprobs import IGNORE
-from ..engine.models import PolicyLM, build_trained_model, load_tokenizer, save_hf, trainable_parameters, unwrap_lm
+from ..engine.models import PolicyLM, build_trained_model, save_hf, trainable_parameters, unwrap_lm
 from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..errors import DataError
 from .common import Scheduled
 from .phf import (

@@ -46,9 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     """The console entry point (`prefcli`). Exits with the command's code (docs/cli.md)."""
     import signal
 
+    from ..interrupts import handled
+
     if hasattr(signal, "SIGXFSZ"):  # `ulimit -f`: a write past the limit fails with EFBIG, reported as such,
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # instead of the signal killing the process
-    app(args=argv)
+    with handled():  # SIGTERM, like SIGINT, ends every command with exit 130 and the JSON object
+        app(args=argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
 from ..recipe.commands import COMMANDS
 from .base import QuietOpt, RecipeArg, SetOpt, app, emit_json, examples, fail
@@ -126,7 +127,9 @@ def generate(
         int | None,
         typer.Option(help=("Prompts per generate call (default 8). 1 answers each prompt as soon as it is read.")),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, max=SEED_MAX, help="Sampling seed (default: the recipe's, else 0).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No closing line on stderr; stdout (the completions) is unchanged.")

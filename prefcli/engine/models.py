@@ -75,63 +75,6 @@ def position_limit(module: nn.Module) -> int | None:
     return None
 
 
-# --------------------------------------------------------------------------------- tokenizer
-
-_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
-_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
-
-
-def load_tokenizer(m: ModelSection):
-    """The tokenizer named by model.tokenizer (or model.path), with a pad token checked or added."""
-    quiet_transformers()
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    src = m.tokenizer or m.path
-    try:
-        if src.endswith(".json") and os.path.isfile(src):
-            tok = PreTrainedTokenizerFast(tokenizer_file=src)
-            vocab = tok.get_vocab()
-            eos = next((t for t in _EOS_NAMES if t in vocab), None)
-            pad = next((t for t in _PAD_NAMES if t in vocab), None)
-            if eos:
-                tok.eos_token = eos
-            if pad:
-                tok.pad_token = pad
-        else:
-            tok = AutoTokenizer.from_pretrained(src, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    except load_errors() as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(
-            f"could not load the tokenizer from {origin(src)}: {first}; point model.tokenizer (or model.path) at a "
-            "tokenizer folder, a tokenizer.json file or a model folder"
-        ) from None
-    if tok.eos_token is None:
-        raise UsageError(
-            f"the tokenizer from {origin(src)} has no EOS token; training needs one so that the "
-            "model learns to stop. Use a tokenizer folder whose tokenizer_config.json sets eos_token."
-        )
-    if m.pad_token is not None:
-        if m.pad_token == tok.eos_token:
-            raise UsageError(f"model.pad_token '{m.pad_token}' is the EOS token; pick a different token")
-        if m.pad_token not in tok.get_vocab():
-            tok.add_special_tokens({"pad_token": m.pad_token})
-        else:
-            tok.pad_token = m.pad_token
-    if tok.pad_token is None:
-        raise UsageError(
-            f'the tokenizer from {origin(src)} has no pad token. Add `pad_token: "<|pad|>"` under '
-            "`model:` in the recipe: the token is added and the embeddings resized."
-        )
-    if m.chat_template is not None:
-        from .chat_templates import TEMPLATES, apply_named_template
-
-        if m.chat_template in TEMPLATES:
-            apply_named_template(tok, m.chat_template)
-        else:
-            tok.chat_template = m.chat_template
-    return tok
-
-
 # -------------------------------------------------------------------------------------- model
 
 
@@ -249,26 +192,6 @@ def build_causal_lm(m: ModelSection, tok, rt: Runtime, seed: int, smoke: bool = 
                 setattr(lm.generation_config, f"{name}_token_id", tid)
     lm.to(rt.device)
     return lm
-
-
-def load_reward_model(path: str, device, what: str | None = None, dtype=None, attn_implementation: str | None = None):
-    """(a trained reward model in eval mode on `device`, its tokenizer) to score with: a sequence classifier with
-    one label, as `prefcli reward` writes it (the score is read at the last non-pad token). `what` starts the
-    error message (the recipe field, e.g. 'rewards'); `dtype` and `attn_implementation` are transformers'
-    defaults unless given."""
-    quiet_transformers()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    kw = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation)) if v is not None}
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, **kw)
-    except load_errors() as e:
-        raise UsageError((f"{what}: " if what else "") + load_failure("the reward model", path, e)) from None
-    if tok.pad_token_id is None:
-        raise UsageError(f"the reward model's tokenizer at {path} has no pad token")
-    model.config.pad_token_id = tok.pad_token_id
-    return model.to(device).eval(), tok
 
 
 def init_score_head(model) -> None:

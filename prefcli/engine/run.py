@@ -198,14 +198,7 @@ def train(
             ),
         )
         try:
-            result = engine.run(resume_from, progress)
-        except torch.OutOfMemoryError:
-            raise engine.failure(
-                "out of GPU memory",
-                "Lower train.batch_size (raising train.grad_accum_steps keeps the batch), set "
-                "train.gradient_checkpointing: true, lower data.max_length, or shard the model over the GPUs "
-                "with runtime.parallel: fsdp (docs/scaling.md).",
-            ) from None
+            result = engine.run(resume_from, progress)  # out of memory: a TrainingError with what to lower
         finally:
             progress.close()
         described = task.describe()

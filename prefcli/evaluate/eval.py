@@ -209,7 +209,8 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     entries, ref_section = resolve_models(r)
     gen_wanted = any(m in r.metrics for m in GENERATION_METRICS) and inputs.given is None
 
-    from ..engine.models import PolicyLM, load_tokenizer
+    from ..engine.models import PolicyLM
+    from ..engine.tokenizer import load_tokenizer
     from ..reward_sources import build_rewards
     from .loading import load_lm, make_runtime
 

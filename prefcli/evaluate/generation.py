@@ -82,6 +82,9 @@ class Generator:
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, bos_token_id=tok.bos_token_id
         )
         self.vocab_size = lm.get_output_embeddings().weight.shape[0]
+        from ..engine.models import position_limit
+
+        self.positions = position_limit(lm)  # GPT-2's n_positions and the like; None for rotary positions
         if cfg.chat and not tok.chat_template:
             raise UsageError("generation.chat needs a chat template, and this tokenizer has none")
         self.bad_words = [[self.pad_id]]
@@ -159,6 +162,16 @@ class Generator:
 
         c = self.cfg
         enc = [self.encode(p) for p in prompts]
+        for p, e in zip(prompts, enc):
+            if self.positions is not None and len(e) + c.max_new_tokens > self.positions:
+                from ..errors import DataError
+
+                raise DataError(
+                    f"the prompt {p[:40]!r}{'...' if len(p) > 40 else ''} is {len(e)} tokens; with max_new_tokens "
+                    f"{c.max_new_tokens} that exceeds the {self.positions} positions of the model's learned position "
+                    "table (n_positions / max_position_embeddings): shorten the prompt or lower max_new_tokens "
+                    "(--max-new-tokens)"
+                )
         ids, mask = left_pad(enc, self.pad_id, "cpu")
         P = ids.shape[1]
         procs = LogitsProcessorList()
@@ -213,29 +226,23 @@ class Generator:
 # ------------------------------------------------------------------- prompt streams
 
 
-def read_prompts(lines: Iterable[str], fmt: str, source: str) -> Iterator[tuple[str, dict]]:
-    """Prompts from text lines, lazily (so a pipeline answers as prompts arrive).
+def read_prompts(lines: Iterable[str | bytes], fmt: str, source: str) -> Iterator[tuple[str, dict]]:
+    """Prompts from lines (bytes, decoded here as UTF-8, or text), lazily (so a pipeline answers as prompts arrive).
 
     fmt 'lines': one prompt per line (the newline removed; blank lines skipped).
     fmt 'jsonl': one JSON object per line with a 'prompt' string; its other fields are passed
-    through to the output row. Errors name the source and the line."""
-    import json
-
+    through to the output row. Errors name the source and the line; stdin and a file fail alike."""
+    from ..engine.datacheck import parse_json_row, text_line
     from ..errors import DataError
 
     for n, line in enumerate(lines, 1):
-        raw = line.rstrip("\r\n")
+        raw = text_line(line, f"{source}:{n}").rstrip("\r\n")
         if not raw.strip():
             continue
         if fmt == "lines":
             yield raw, {}
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{source}:{n}: not valid JSON ({e.msg}); use --format lines for plain-text prompts"
-            ) from None
+        obj = parse_json_row(raw, f"{source}:{n}", "use --format lines for plain-text prompts")
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise DataError(f"{source}:{n}: expected an object with a 'prompt' string")
         extra = {k: v for k, v in obj.items() if k != "prompt"}
@@ -349,10 +356,10 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
 
         if not Path(opts.prompts).is_file():
             raise UsageError(f"--prompts: no such file: {opts.prompts}")
-        stream = open(opts.prompts, encoding="utf-8")
+        stream = open(opts.prompts, "rb")  # bytes: read_prompts decodes, naming a line that is not UTF-8
         source = str(opts.prompts)
     else:
-        stream = sys.stdin
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
         source = "<stdin>"
     rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
     lm, tok = load_lm(section, rt)
@@ -387,7 +394,7 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     from ..errors import DataError
 
     try:
-        for item in read_prompts(iter(stream.readline, ""), fmt, source):
+        for item in read_prompts(iter(stream.readline, stream.read(0)), fmt, source):
             batch.append(item)
             if len(batch) >= cfg.batch_size:
                 flush()
@@ -398,7 +405,7 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
             flush()
         raise
     finally:
-        if stream is not sys.stdin:
+        if source != "<stdin>":
             stream.close()
     if not opts.quiet:
         print(

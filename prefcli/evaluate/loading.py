@@ -60,7 +60,8 @@ def model_section(spec: EvalModel, what: str) -> ModelSection:
 def load_lm(m: ModelSection, rt, seed: int = 0):
     """(causal LM in eval mode on rt.device, tokenizer), through the engine's loaders (safetensors
     only; pad/EOS checked)."""
-    from ..engine.models import build_causal_lm, load_tokenizer
+    from ..engine.models import build_causal_lm
+    from ..engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(m)
     lm = build_causal_lm(m, tok, rt, seed=seed)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from .. import SEED_MAX
 from .paths import OutputPath, PathOrHubId
 
 # log.report_to: the experiment trackers prefcli can also report to, each through its own library (an extra)
@@ -148,7 +149,7 @@ class DataMixture(Section):
         description="'first_exhausted': the mixture ends when one source runs out (no row repeats); "
         "'all_exhausted': sources that run out start over until every source has been used whole.",
     )
-    seed: int = Field(0, description="Seed of the order in which the sources are drawn.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the order in which the sources are drawn.")
 
     @model_validator(mode="before")
     @classmethod
@@ -241,7 +242,7 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
-    seed: int = Field(0, description="Seed for initialisation, data order, dropout and sampling.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed for initialisation, data order, dropout and sampling.")
     eval_every_steps: int | None = Field(
         None, gt=0, description="Evaluate on held-out data every N steps (and at the end)."
     )

@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from torch import nn
 
 from ...engine.data import DataCursor, blank_rows, load_rows, split_eval
-from ...engine.models import PolicyLM, build_trained_model, frozen_copy, load_tokenizer
+from ...engine.models import PolicyLM, build_trained_model, frozen_copy
 from ...engine.rollout import FastDecoder, supports_fast_decoder
 from ...engine.run import RunContext
 from ...engine.sampling import HFSampler, SamplingConfig
 from ...engine.task import Group
+from ...engine.tokenizer import load_tokenizer
 from ...errors import DataError, UsageError
 from ...reward_sources import RewardSet, RewardSource, build_rewards
 from .advantages import ALGORITHMS, algorithm_key

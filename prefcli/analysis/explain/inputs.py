@@ -84,7 +84,7 @@ def load_reward_model(path: str, device, eager: bool):
     """The reward model in float32 (the attributions are gradients), with eager attention for --plots."""
     import torch
 
-    from ...engine.models import load_reward_model
+    from ...reward_sources import load_reward_model
 
     return load_reward_model(path, device, dtype=torch.float32, attn_implementation="eager" if eager else None)
 

@@ -113,7 +113,7 @@ def read_outside(rows, requested: str, kinds: tuple[str, ...], source: str, what
 
 
 def _tokenizer(path: str | None):
-    from ...engine.models import load_tokenizer
+    from ...engine.tokenizer import load_tokenizer
     from ...recipe.sections import ModelSection
 
     src = path or str(ASSET_TOKENIZER)
@@ -140,8 +140,8 @@ def _data_source(path: str, columns: dict, max_rows: int | None, what: str):
 
 def _recipe_source(opts: InspectOptions) -> Source:
     from ...engine.data import detect_format, load_rows, split_eval
-    from ...engine.models import load_tokenizer
     from ...engine.pairs import detect_pair_format
+    from ...engine.tokenizer import load_tokenizer
     from ...recipe import load_recipe
 
     loaded = load_recipe(opts.source)

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from ..paths import DataPath, LocalPath, OutputPath, PathOrHubId
 from ..reward_specs import RewardSpec
 from ..sections import (
+    SEED_MAX,
     DataSource,
     ModelInit,
     Section,
@@ -101,7 +102,7 @@ class EvalModel(Section):
     tokenizer: PathOrHubId | None = Field(
         None, description="Tokenizer folder or hub id; defaults to the model's own (required with init)."
     )
-    seed: int = Field(0, description="Seed of the random initialisation (init only).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the random initialisation (init only).")
     revision: str | None = Field(None, description="Hub revision for hub ids.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub repo. Off unless you trust it.")
 
@@ -306,7 +307,9 @@ class EvalRecipe(Section):
     win_rate: WinRateOptions = Field(default_factory=WinRateOptions, description="Bootstrap confidence interval.")
     distinct: DistinctOptions = Field(default_factory=DistinctOptions, description="distinct-n orders.")
     rouge: RougeOptions = Field(default_factory=RougeOptions, description="ROUGE tokenization.")
-    seed: int = Field(0, description="Seed for sampling (reset before each model) and the bootstrap.")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed for sampling (reset before each model) and the bootstrap."
+    )
     runtime: EvalRuntime = Field(default_factory=EvalRuntime, description="Device and precision.")
     output: EvalOutput = Field(default_factory=EvalOutput, description="Where results are written.")
     log: TrackingSection = Field(

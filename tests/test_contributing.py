@@ -1,11 +1,14 @@
 """CONTRIBUTING.md cannot drift silently: every path it names exists, and every code identifier it names
-(`module.name`, `Name`, `NAME`, `name()`) is defined in prefcli/, every recipe field (`rlhf.kl_coef`) in a
-recipe schema. Read from the source (ast), nothing imported but the schemas."""
+(`module.name`, `Name`, `NAME`, `name()`) is defined in prefcli/ (or is a Makefile variable, or a name of the
+standard library such as `sys.exit()`), every recipe field (`rlhf.kl_coef`) in a recipe schema. Read from the
+source (ast), nothing imported but the schemas and the standard library."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
+import sys
 from functools import cache
 
 from .conftest import ROOT
@@ -70,6 +73,23 @@ def is_code(ident: str) -> bool:
     return False
 
 
+def is_makefile_variable(ident: str) -> bool:
+    return re.search(rf"^{re.escape(ident)} *[?:]?=", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M) is not None
+
+
+def is_stdlib(ident: str) -> bool:
+    """`module.name` of the standard library (`sys.exit()`), the name looked up in the module."""
+    module, _, rest = ident.removesuffix("()").partition(".")
+    if module not in sys.stdlib_module_names or not rest:
+        return False
+    obj = importlib.import_module(module)
+    for name in rest.split("."):
+        if not hasattr(obj, name):
+            return False
+        obj = getattr(obj, name)
+    return True
+
+
 def is_recipe_field(ident: str) -> bool:
     from prefcli.recipe import SCHEMAS
 
@@ -95,7 +115,7 @@ def spans() -> list[str]:
     return re.findall(r"`([^`\n]+)`", DOC.read_text(encoding="utf-8"))
 
 
-FILE = re.compile(r"^[\w./<>-]+\.(py|md|json|jsonl|yaml|toml|png|safetensors)$")
+FILE = re.compile(r"^[\w./<>-]+\.(py|md|json|jsonl|yaml|toml|png|safetensors|txt)$")
 
 
 def exists(path: str) -> bool:
@@ -118,7 +138,9 @@ def test_every_path_contributing_names_exists():
 def test_every_identifier_contributing_names_is_defined():
     idents = {s for s in spans() if IDENT.match(s) and looks_like_code(s) and not FILE.match(s)}
     assert len(idents) > 40, sorted(idents)
-    unknown = sorted(s for s in idents if not (is_code(s) or is_recipe_field(s)))
+    unknown = sorted(
+        s for s in idents if not (is_code(s) or is_recipe_field(s) or is_makefile_variable(s) or is_stdlib(s))
+    )
     assert not unknown, unknown
 
 
@@ -126,4 +148,6 @@ def test_the_checks_can_fail():
     assert not is_code("runner.TASKS") and not is_code("names.NO_SUCH_NAME") and not is_code("NoSuchClass")
     assert is_code("names.ONLINE_OBJECTIVES") and is_code("engine.run.train") and is_code("Engine.run")
     assert is_recipe_field("rlhf.kl_coef") and not is_recipe_field("rlhf.clip_eps")
+    assert is_makefile_variable("TORCH_INDEX") and not is_makefile_variable("NO_SUCH_VARIABLE")
+    assert is_stdlib("sys.exit()") and not is_stdlib("sys.no_such_name") and not is_stdlib("runner.TASKS")
     assert exists("prefcli/engine/run.py") and exists("final/") and not exists("prefcli/runner/tasks.py")

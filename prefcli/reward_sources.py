@@ -224,6 +224,8 @@ class ModelSource(RewardSource):
     def __call__(self, prompts, completions):
         import torch
 
+        from .engine.tokenizer import text_ids
+
         scores: list[float] = []
         tok = self.tok
         side = tok.truncation_side
@@ -234,7 +236,9 @@ class ModelSource(RewardSource):
                     p + c
                     for p, c in zip(prompts[s : s + self.cfg.batch_size], completions[s : s + self.cfg.batch_size])
                 ]
-                enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.cfg.max_length)
+                # BOS once (a chat-rendered prompt may carry its own), cut from the left to max_length
+                ids = [text_ids(tok, t)[-self.cfg.max_length :] for t in texts]
+                enc = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
                 with torch.no_grad():
                     out = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits[:, 0]
                 scores.extend(out.float().tolist())

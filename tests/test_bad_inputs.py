@@ -1078,6 +1078,61 @@ case(
 )
 
 
+def _set_config(**kw) -> Callable[[Path], None]:
+    """Damage for model_dir: keys added to config.json."""
+
+    def f(root: Path) -> None:
+        cfg = json.loads((root / "config.json").read_text())
+        cfg.update(kw)
+        (root / "config.json").write_text(json.dumps(cfg))
+
+    return f
+
+
+def family_dir(e: Env, arch: str, **config) -> str:
+    """A tiny random model folder of another family (with the bundled tokenizer) in the case folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id, **dims, **config)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(e.p(arch))
+    tok.save_pretrained(e.p(arch))
+    return str(e.p(arch))
+
+
+def _remote_code_dir(root: Path) -> None:
+    """A model folder whose architecture lives in its own code (config auto_map), as hub repos ship it."""
+    cfg = json.loads((root / "config.json").read_text())
+    cfg.update(model_type="prefcli_custom", auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                                                      "AutoModelForCausalLM": "modeling_custom.CustomLM"})  # fmt: skip
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / "modeling_custom.py").write_text("raise RuntimeError('remote code ran')\n")
+
+
+# --- model families and the start-up guard (docs/families.md)
+case(
+    "guard-kernel-differs-from-the-model",  # a logit scale prefcli believes in (config) that the model ignores
+    lambda e: sft_model(e, _set_config(logits_scaling=4.0)),
+    ["qwen2: prefcli's log-prob kernel differs from the model's own forward", "nats", "first batch",
+     "model.on_mismatch: fallback"],
+)  # fmt: skip
+case(
+    "model-attn-implementation-unsupported",  # transformers refuses sdpa for Gemma 2 (soft-capped scores)
+    lambda e: e.cmd("sft", deep_update(sft(), {"model": {"path": family_dir(e, "gemma2", head_dim=8), "init": None,
+                                                          "attn_implementation": "sdpa"}})),
+    ["could not load the model", "model.attn_implementation", "leave it unset"],
+)  # fmt: skip
+case(
+    "generate-remote-code-not-trusted",
+    lambda e: ["generate", model_dir(e, _remote_code_dir), "-p", e.write("p.txt", "hi\n")],
+    ["its own", "--trust-remote-code"],
+    json_on_stdout=False,
+)
+
+
 def _drop_pad(root: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -1713,6 +1768,17 @@ warned(
     "warn-pairs-skipped",
     lambda e: pref_rows(e, "contrastive", pairs(6) + [{"prompt": "p", "chosen": " same", "rejected": " same"}] * 2),
     ["pairs.jsonl", "skipped 2 of 8 rows", "chosen identical to rejected"],
+)
+warned(
+    "warn-guard-fallback-to-the-models-own-forward",
+    lambda e: e.cmd(
+        "sft",
+        deep_update(
+            sft(),
+            {"model": {"path": model_dir(e, _set_config(logits_scaling=4.0)), "init": None, "on_mismatch": "fallback"}},
+        ),
+    ),
+    ["qwen2: prefcli's log-prob kernel differs", "model.on_mismatch is fallback", "the model's own forward"],
 )
 warned(
     "warn-truncated-rows",

@@ -187,7 +187,7 @@ def test_stop_strings_cut_and_finish(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
+def test_gpt2_samples_fast_and_dynamic_rope_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     d = rlhf_recipe()
     d["model"]["init"] = {
         "architecture": "gpt2",
@@ -195,7 +195,13 @@ def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     }
     code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run", "-q")
     assert code == 0, stderr
-    assert "fast sampler does not support model type 'gpt2'" in stderr
+    assert last_json(stdout)["rlhf"]["sampler"] == "FastDecoder"
+    d = rlhf_recipe()
+    d["model"]["init"]["architecture"] = "llama"
+    d["model"]["init"]["config"]["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run2", "-q")
+    assert code == 0, stderr
+    assert "fast sampler does not support dynamic rope scaling" in stderr
     assert last_json(stdout)["rlhf"]["sampler"] == "HFSampler"
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from prefcli.engine.rollout import FastDecoder, sample_next, supports_fast_decoder
-from prefcli.engine.sampling import HFSampler, SamplingConfig, left_pad
+from prefcli.engine.rollout import FastDecoder, supports_fast_decoder
+from prefcli.engine.sampling import HFSampler, SamplingConfig, left_pad, sample_next
 
 from .conftest import TOKENIZER
 
@@ -141,9 +141,17 @@ def test_lora_weights_and_in_place_sync(tok):
 def test_unsupported_architectures_are_named(tok):
     ok, why = supports_fast_decoder(tiny("qwen2", tok))
     assert ok and why == ""
-    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4)
+    cfg = AutoConfig.for_model("bloom", vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)
     ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
-    assert not ok and "gpt2" in why
+    assert not ok and "bloom" in why and "llama" in why  # the family, and the families covered
+    cfg = AutoConfig.for_model(
+        "opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, do_layer_norm_before=False,
+    )  # fmt: skip
+    ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
+    assert not ok and "do_layer_norm_before" in why
+    ok, why = supports_fast_decoder(tiny("llama", tok, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    assert not ok and "dynamic" in why
 
 
 @pytest.mark.parametrize("sampler", ["fast", "hf"])
@@ -189,15 +197,17 @@ def _continue_case(sampler_name, lm, rt, width):
     return HFSampler(lm, rt.autocast)
 
 
-@pytest.mark.parametrize("sampler", ["fast", "hf"])
-def test_continuing_in_two_calls_samples_what_one_call_does(tok, sampler):
+@pytest.mark.parametrize(
+    "sampler,arch,extra", [("fast", "llama", {}), ("hf", "llama", {}), ("fast", "mistral", {"sliding_window": 4})]
+)
+def test_continuing_in_two_calls_samples_what_one_call_does(tok, sampler, arch, extra):
     """The sampler protocol's continue_from (engine/sampling.py; multi-turn episodes build on it), greedy: 8 tokens
     and then 8 more from the same cache are the 16 tokens of one call, with the same log-probs; and tokens
     appended between the calls (an environment's reply; one completion ended on a stop token, so the cache also
     holds the padding written after it) give what one call on the whole text gives."""
     from prefcli.engine.dist import Runtime
 
-    lm = tiny("llama", tok, seed=3)
+    lm = tiny(arch, tok, seed=3, **extra)  # mistral: a window of 4, which the sequences outgrow
     rt = Runtime(device=torch.device("cpu"), precision="fp32")
     ids, mask = prompts(tok)
     s = _continue_case(sampler, lm, rt, ids.shape[1] + 48)
@@ -227,9 +237,37 @@ def test_continuing_in_two_calls_samples_what_one_call_does(tok, sampler):
     ]
     w_ids, w_mask = left_pad(whole, tok.pad_token_id, "cpu")
     fresh = s.sample(w_ids, w_mask, cfg(8, [stop]))
+    if extra:  # the window binds: one call on the whole text is transformers' own (so the continuation is too)
+        want = lm.generate(
+            input_ids=w_ids, attention_mask=w_mask, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+            eos_token_id=stop,
+        )[:, w_ids.shape[1] :]  # fmt: skip
+        assert torch.equal(fresh.completion_ids[:, : want.shape[1]], want)
     assert torch.equal(cont.completion_ids, fresh.completion_ids) and torch.equal(cont.finished, fresh.finished)
     assert torch.allclose(cont.logprobs, fresh.logprobs, atol=1e-5)
     got = [p[m.bool()].tolist() for p, m in zip(cont.prompt_ids, cont.prompt_mask)]
     assert got == whole  # the continuation's prompt is everything before its completion
     with pytest.raises(ValueError, match="cache is gone"):
         s.continue_from(cont, reply, cfg(8))  # a later call took the cache
+
+
+def test_hf_sampler_samples_as_the_recipe_says_not_as_the_checkpoint(tok):
+    """A checkpoint's generation_config (here typical-p 0.3, top_k 3, a repetition penalty) must not change what the
+    transformers-generate sampler draws from: its log-probs equal the model's own forward at the recipe's
+    settings (the guard's check), and the model keeps its generation_config."""
+    from prefcli.engine.dist import Runtime
+    from prefcli.engine.guard import compare_rollout
+    from prefcli.engine.models import PolicyLM
+
+    lm = tiny("llama", tok, seed=4)
+    lm.generation_config.top_k = 3
+    lm.generation_config.typical_p = 0.3
+    lm.generation_config.repetition_penalty = 3.0
+    rt = Runtime(device=torch.device("cpu"), precision="fp32")
+    ids, mask = prompts(tok)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    r = HFSampler(lm, rt.autocast).sample(ids, mask, cfg)
+    trainer, sampler = compare_rollout(PolicyLM(lm, rt), r, cfg, k=3)
+    assert sampler.tokens == 24 and sampler.max_abs < 1e-4, sampler
+    assert lm.generation_config.typical_p == 0.3 and lm.generation_config.repetition_penalty == 3.0

@@ -476,6 +476,9 @@ class ContrastiveTask(Scheduled):
 
     # ----------------------------------------------------------------- Task protocol
 
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._batch(self.train_set, part))
+
     def describe(self) -> dict:
         objective = {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce, **vars(self.hp)}
         return self.describe_data("pairs" if self.paired else "unpaired", self.lm, objective)

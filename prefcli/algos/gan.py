@@ -369,6 +369,9 @@ class GANTask:
         out.update({k: v / t[-1] for k, v in zip(names, t[:-1])})
         return out
 
+    def startup_check(self) -> None:
+        """The generator's guard runs on the first completions it samples (PolicyLearner.startup_check)."""
+
     def describe(self) -> dict:
         d = self.gen.describe()
         d["gan"] = {

@@ -234,6 +234,9 @@ class SFTTask(Scheduled):
 
     # ---------------------------------------------------------------- Task protocol
 
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._collate(part)[0])
+
     def describe(self) -> dict:
         s = self.train_set
         data = {

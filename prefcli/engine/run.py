@@ -178,6 +178,7 @@ def train(
             ctx.warn(f"--resume: skipped {path} ({why}); resuming from {resume_from.name}")
         task = build(ctx)
         check_position_limit(task, recipe)
+        task.startup_check()  # the start-up guard (engine/guard.py): exit 2 before anything is written
         engine = Engine(task, rt, recipe.train, None, run_dir)
         if resume_from is not None:  # a checkpoint this run cannot continue: exit 2, before anything is written
             ckpt.check_resume(resume_from, task.groups, task.state_dict(), rt.world_size)

@@ -6,10 +6,12 @@ their KV cache (`continue_from`: the turns of a multi-turn episode, each appendi
 such as an environment's reply, then sampling again). Both return a `Rollout`: the tokens, the sampler's own
 log-prob of each one, and whether each completion finished (its stop token) or was cut by max_new_tokens.
 
-Two samplers stand behind it: `engine.rollout.FastDecoder`, a static-KV-cache decoder for the Llama family
-(RL's default where it covers the architecture), and `HFSampler`, transformers' `generate`, for every other
-architecture and for the callers that need transformers' own controls (logits processors, stopping criteria,
-banned words: eval, generate, label, the control gap), which pass them through unchanged.
+Two samplers stand behind it: `engine.rollout.FastDecoder`, a static-KV-cache decoder for the families of
+`engine.families.DECODERS` (RL's default where it covers the architecture), and `HFSampler`, transformers'
+`generate`, for every other architecture and for the callers that need transformers' own controls (logits
+processors, stopping criteria, banned words: eval, generate, label, the control gap), which pass them through
+unchanged. Drawing one token (temperature, top-k, top-p: `sample_with_logprob`) is here too: the fast decoder
+draws with it and the start-up guard (engine/guard.py) replays the same warps.
 """
 
 from __future__ import annotations
@@ -101,6 +103,47 @@ def _block(new_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return empty, empty.clone()
 
 
+# -------------------------------------------------------------------------- drawing one token
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """One token per row from [B, V] float32 logits: temperature, top-k, top-p, then Gumbel-max
+    (the same distribution as softmax sampling, and graph-capturable)."""
+    return sample_with_logprob(logits, cfg)[0]
+
+
+def warp_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The logits [..., V] (float32) a sample is drawn from: divided by the temperature, then top-k and top-p
+    applied (dropped tokens at -inf). Greedy (temperature 0): the raw logits."""
+    if cfg.temperature <= 0:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        cum = probs.cumsum(-1)
+        drop_sorted = (cum - probs) > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_with_logprob(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_next`, and the log-prob [B] of the chosen token under the distribution it was drawn from
+    (after temperature, top-k and top-p; greedy: under the softmax of the raw logits). The trainer
+    compares it with its own log-prob of the same token (sampler/trainer mismatch)."""
+    if cfg.temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    logits = warp_logits(logits, cfg)
+    u = torch.rand_like(logits).clamp_(min=1e-20, max=1.0 - 1e-7)
+    tok = (logits - torch.log(-torch.log(u))).argmax(-1)
+    return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+
+
 # -------------------------------------------------------------------------- the HF fallback
 
 
@@ -169,9 +212,11 @@ class HFSampler:
             kw = dict(generation_config=generation_config)
         if cache is not None:
             kw["cache"] = cache
+        # the recipe's settings and nothing else, unless the caller set transformers up itself
+        own = _recipe_generation_config(self.lm) if generation_config is None else contextlib.nullcontext()
         # output_scores: the scores each token was drawn from, after the logits processors and warpers
         # (min_new_tokens, temperature, top-k, top-p): the sampler's own log-probs, for the mismatch check
-        with self.gather(hold=True), self.autocast():
+        with self.gather(hold=True), self.autocast(), own:
             res = self.lm.generate(
                 input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw, **controls
             )
@@ -204,3 +249,28 @@ class HFSampler:
             logprobs=logp,
             cache=held if held.cache is not None else None,
         )
+
+
+@contextlib.contextmanager
+def _recipe_generation_config(lm):
+    """Sampling as the recipe says and nothing else: transformers fills every setting `generate` is not given
+    from the model's generation_config (a checkpoint's top_k 20, top_p 0.8, repetition_penalty 1.05), which would
+    sample from another distribution than the trainer scores. A config with only the special tokens stands in
+    while sampling; the model keeps its own (final/ saves it)."""
+    from transformers import GenerationConfig
+
+    from .models import unwrap_lm
+
+    inner = unwrap_lm(lm)
+    own = getattr(inner, "generation_config", None)
+    if own is None:
+        yield
+        return
+    keep = {
+        k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    }
+    inner.generation_config = GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
+    try:
+        yield
+    finally:
+        inner.generation_config = own

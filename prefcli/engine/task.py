@@ -48,6 +48,7 @@ class Task(Protocol):
     def has_eval(self) -> bool: ...
     def evaluate(self) -> dict[str, float]: ...  # held-out metrics, reduced across processes
     def describe(self) -> dict: ...  # data and model counts for the summary
+    def startup_check(self) -> None: ...  # the start-up guard on the first batch, before anything is written
     def save_final(self, out_dir: Path) -> None: ...  # Hugging Face format
 
 

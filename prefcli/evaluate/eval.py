@@ -83,7 +83,7 @@ def _free_memory() -> None:
 
 
 def perplexity_for(
-    policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log, rows_out: list[dict]
+    policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log, rows_out: list[dict], check=None
 ) -> dict:
     from ..engine.data import tokenize_sft
     from .scoring import NO_TRUNCATION, perplexity_nll
@@ -112,7 +112,7 @@ def perplexity_for(
         raise DataError(f"data.text: {r.data.text.path}: no example has a token to score")
     log.info(f"  perplexity: {len(data)} examples, {data.n_tokens()} tokens, window {window}, stride {stride}")
     res = perplexity_nll(
-        policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size, tok.pad_token_id, rt.device
+        policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size, tok.pad_token_id, rt.device, check
     )
     nll = sum(x.nll for x in res)
     n = sum(x.tokens for x in res)
@@ -209,6 +209,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     entries, ref_section = resolve_models(r)
     gen_wanted = any(m in r.metrics for m in GENERATION_METRICS) and inputs.given is None
 
+    from ..engine.guard import first_batch_check
     from ..engine.models import PolicyLM
     from ..engine.tokenizer import load_tokenizer
     from ..reward_sources import build_rewards
@@ -241,7 +242,9 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     if ref_section is not None:
         log.info(f"reference: {r.reference.display_name()}")
         ref_lm, ref_tok = load_lm(ref_section, rt, seed=r.reference.seed)
-        ref = (PolicyLM(ref_lm, rt), ref_tok)
+        ref_policy = PolicyLM(ref_lm, rt)
+        ref_check = first_batch_check(ref_policy, ref_section.on_mismatch, log.warn, "the reference's first KL batch")
+        ref = (ref_policy, ref_tok, ref_check)
         for w in kl_warnings(r):
             log.warn(w)
 
@@ -294,6 +297,7 @@ def model_results(e: ModelEntry, r: EvalRecipe, rt, inputs: EvalInputs, ref, gen
     them, KL to the reference included; its rows are appended to `rows`."""
     import torch
 
+    from ..engine.guard import first_batch_check
     from ..engine.models import PolicyLM
     from .generation import Generator
     from .loading import load_lm
@@ -301,10 +305,11 @@ def model_results(e: ModelEntry, r: EvalRecipe, rt, inputs: EvalInputs, ref, gen
     log.info(f"{e.role} {e.name}: {e.section.path or 'random init (' + e.section.init.architecture + ')'}")
     lm, tok = load_lm(e.section, rt, seed=e.spec.seed)
     policy = PolicyLM(lm, rt)
+    check = first_batch_check(policy, e.section.on_mismatch, log.warn, f"model '{e.name}''s first batch")
     res: dict[str, Any] = {"role": e.role, "model": e.section.path or "init"}
     outs = None
     if "perplexity" in r.metrics:
-        res["perplexity"] = perplexity_for(policy, lm, tok, inputs, r, rt, e.name, log, rows)
+        res["perplexity"] = perplexity_for(policy, lm, tok, inputs, r, rt, e.name, log, rows, check)
     if gen_wanted:
         torch.manual_seed(r.seed)  # every model samples from the same seed
         gen = Generator(lm, tok, r.generation, rt.device, autocast=rt.autocast, warn=log.warn)
@@ -312,7 +317,7 @@ def model_results(e: ModelEntry, r: EvalRecipe, rt, inputs: EvalInputs, ref, gen
         outs = gen.generate(inputs.prompts)
         ks = None
         if "kl" in r.metrics and ref is not None:
-            res["kl"], ks = kl_for(policy, tok, ref, outs, r, rt, e.name)
+            res["kl"], ks = kl_for(policy, tok, ref, outs, r, rt, e.name, check)
         res.update(text_metrics(outs, inputs, r, rows, e.name))
         if ks is not None:
             for row, k in zip(_gen_rows(rows, e.name), ks):
@@ -322,9 +327,10 @@ def model_results(e: ModelEntry, r: EvalRecipe, rt, inputs: EvalInputs, ref, gen
     return res, outs
 
 
-def kl_for(policy, tok, ref, outs, r: EvalRecipe, rt, name: str) -> tuple[dict, list]:
+def kl_for(policy, tok, ref, outs, r: EvalRecipe, rt, name: str, check=None) -> tuple[dict, list]:
     """KL of the model's completions to the reference's (k1 and k3 per completion, at the sampling
-    temperature), and each completion's (k1, k3)."""
+    temperature), and each completion's (k1, k3). `ref`: (its PolicyLM, tokenizer, start-up guard); `check`: the
+    model's start-up guard (engine.guard.first_batch_check)."""
     from .scoring import completion_logprobs
 
     if ref[1].get_vocab() != tok.get_vocab():
@@ -334,8 +340,8 @@ def kl_for(policy, tok, ref, outs, r: EvalRecipe, rt, name: str) -> tuple[dict, 
     T = r.generation.temperature
     prompt_ids, token_ids = [g.prompt_ids for g in outs], [g.token_ids for g in outs]
     bs = r.generation.batch_size
-    lp = completion_logprobs(policy, prompt_ids, token_ids, T, bs, tok.pad_token_id, rt.device)
-    lr = completion_logprobs(ref[0], prompt_ids, token_ids, T, bs, tok.pad_token_id, rt.device)
+    lp = completion_logprobs(policy, prompt_ids, token_ids, T, bs, tok.pad_token_id, rt.device, check)
+    lr = completion_logprobs(ref[0], prompt_ids, token_ids, T, bs, tok.pad_token_id, rt.device, ref[2])
     ks = [M.kl_estimates(a, b) for a, b in zip(lp, lr)]
     kl = {
         "k1": _mean([k[0] for k in ks]),

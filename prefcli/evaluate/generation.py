@@ -40,6 +40,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..engine.sampling import HFSampler, SamplingConfig, left_pad
+from ..engine.tokenizer import text_ids
 from ..errors import UsageError
 from ..recipe.commands import GenerationSection
 from .control import BannedWordsProcessor, KeywordGatedStop, RequiredWordsProcessor, cut_at_stop, token_strings
@@ -129,7 +130,8 @@ class Generator:
         return (self.cfg.control_code or "") + text
 
     def encode(self, prompt: str) -> list[int]:
-        ids = self.tok(self.prompt_text(prompt), add_special_tokens=not self.cfg.chat)["input_ids"]
+        text = self.prompt_text(prompt)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] if self.cfg.chat else text_ids(self.tok, text)
         if not ids:  # an empty prompt: start from BOS (or EOS, the usual start-of-text of BOS-less models)
             ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
         return list(ids)
@@ -263,6 +265,8 @@ class GenerateOptions:
     seed: int | None = None
     device: str = "auto"
     quiet: bool = False
+    # ModelSection fields given on the command line (--trust-remote-code, --pad-token, --attn-implementation)
+    model: dict = field(default_factory=dict)
 
 
 def generation_settings(base: GenerationSection, given: dict) -> GenerationSection:
@@ -283,22 +287,31 @@ def generation_settings(base: GenerationSection, given: dict) -> GenerationSecti
 
 
 def resolve_generate_model(opts: GenerateOptions):
-    """(ModelSection, generation defaults, seed, runtime settings) from a model folder or a recipe."""
+    """(ModelSection, generation defaults, seed, runtime settings) from a model folder or a recipe; the model
+    options given on the command line (`opts.model`) win over the recipe's."""
     from pydantic import ValidationError
 
     from ..recipe import load_recipe
     from ..recipe.sections import ModelSection
     from .loading import model_section, trained_model_dir
 
+    given = {k: v for k, v in opts.model.items() if v is not None}
+
+    def section(base: dict) -> ModelSection:
+        try:
+            return ModelSection(**{**base, **given})
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = ".".join(str(x) for x in err["loc"])
+            where = f"--{name.replace('_', '-')}" if name in given else f"model {base.get('path')}"
+            raise UsageError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+
     if (opts.model_dir is None) == (opts.recipe is None):
         raise UsageError("give a model folder or --recipe RECIPE.yaml (one of them)")
     if opts.model_dir is not None:
         if opts.model_name:
             raise UsageError("--model picks one of an eval recipe's models; it needs --recipe")
-        try:
-            return ModelSection(path=str(opts.model_dir)), GenerationSection(), 0, ("auto", "auto", 4096)
-        except ValidationError as e:
-            raise UsageError(f"model {opts.model_dir}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return section({"path": str(opts.model_dir)}), GenerationSection(), 0, ("auto", "auto", 4096)
     loaded = load_recipe(opts.recipe)
     r = loaded.recipe
     if loaded.command == "eval":
@@ -315,7 +328,7 @@ def resolve_generate_model(opts: GenerateOptions):
             spec = candidates[0]
         rt = r.runtime
         return (
-            model_section(spec, spec.display_name()),
+            section(model_section(spec, spec.display_name()).model_dump(exclude_unset=True)),
             r.generation,
             r.seed,
             (rt.device, rt.precision, rt.loss_chunk_tokens),
@@ -328,8 +341,11 @@ def resolve_generate_model(opts: GenerateOptions):
             f"{opts.recipe}: no trained model at {final}; run `prefcli {loaded.command} {opts.recipe}` "
             "first (from this folder)"
         )
+    m = r.model
     return (
-        ModelSection(path=str(final)),
+        section(
+            {"path": str(final), "trust_remote_code": m.trust_remote_code, "attn_implementation": m.attn_implementation}
+        ),
         GenerationSection(),
         r.train.seed,
         (r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens),

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ...engine.data import DataCursor, blank_rows, load_rows, split_eval
+from ...engine.families import FALLBACK_COST
 from ...engine.models import PolicyLM, build_trained_model, frozen_copy
 from ...engine.rollout import FastDecoder, supports_fast_decoder
 from ...engine.run import RunContext
@@ -184,7 +185,9 @@ def make_sampler(ctx: RunContext, lm, group: Group, shape: RolloutShape):
         raise UsageError(f"generation.sampler: fast does not support {why}; use 'auto' or 'hf'")
     if g.sampler == "hf" or not ok:
         if g.sampler == "auto":
-            ctx.warn(f"the fast sampler does not support {why}; sampling with transformers generate (slower)")
+            ctx.warn(
+                f"the fast sampler does not support {why}; sampling with transformers generate, slower: {FALLBACK_COST}"
+            )
         return HFSampler(lm, rt.autocast, gather=group.gathered)
     cuda = rt.device.type == "cuda"
     return FastDecoder(

@@ -23,8 +23,9 @@ from torch import nn
 
 from ...engine.data import DataCursor, shard_for_rank
 from ...engine.models import PolicyLM, reference_mode, save_hf, trainable_parameters, whole_state
+from ...engine.rollout import FastDecoder
 from ...engine.run import RunContext
-from ...engine.sampling import Rollout, Sampler, SamplingConfig, left_pad
+from ...engine.sampling import HFSampler, Rollout, Sampler, SamplingConfig, left_pad
 from ...engine.task import Group, Micro, Plan
 from ...errors import TrainingError
 from ...reward_sources import RewardSet
@@ -174,6 +175,7 @@ class PolicyLearner:
         self.rollout_metrics: dict[str, float] = {}
         self.examples_file = ctx.run_dir / "samples.jsonl"
         self._warned_sampler = False
+        self._guarded = False  # the start-up guard runs on the first completions this process samples
         self._plan_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the Task
@@ -412,12 +414,31 @@ class PolicyLearner:
             self._warned_sampler = True
         rt.synchronize()
         gen_s = time.perf_counter() - t0
+        if not self._guarded and self._guard(r):  # the fast sampler gave way to transformers generate: again
+            r = self.sampler.sample(p_ids, p_mask, self.scfg)
         r = apply_stop_strings(r, self.tok, self.cfg.generation.stop_strings, self.tok.pad_token_id)
         comp_text = [
             self.tok.decode(c[m.bool()].tolist(), skip_special_tokens=True)
             for c, m in zip(r.completion_ids, r.completion_mask)
         ]
         return Samples(r, rows, [texts[i] for i in rows], comp_text, gen_s)
+
+    def _guard(self, r: Rollout) -> bool:
+        """The start-up guard on the first completions sampled (a rollout, the GAN's discriminator warm-up or a
+        held-out evaluation; engine.guard.check_rollout): the trainer's and the sampler's log-probs against the
+        model's own forward. Returns True when the fast sampler gave way to transformers generate
+        (model.on_mismatch: fallback); the reference follows the policy onto the model's own forward."""
+        from ...engine.guard import check_rollout
+
+        self._guarded = True
+        kind = "fast" if isinstance(self.sampler, FastDecoder) else "hf"
+        on = self.cfg.model.on_mismatch
+        replace = check_rollout(self.policy, r, self.scfg, on, self.ctx.warn, self.rt, kind)
+        if self.ref_policy is not None:
+            self.ref_policy.own_forward = self.policy.own_forward
+        if replace:
+            self.sampler = HFSampler(self.lm, self.rt.autocast, gather=self.group.gathered)
+        return replace
 
     def sample_train(self) -> Samples:
         """Completions of the policy for the next prompts, with no update (the GAN's discriminator warm-up)."""
@@ -524,6 +545,10 @@ class PolicyLearner:
         if not self.buffer or not self.queue:
             return {}
         return {f"buffer.{k}": v for k, v in self.buffer.items()}
+
+    def startup_check(self) -> None:
+        """Nothing before the first step: RL's start-up guard compares the trainer's and the sampler's log-probs
+        on the first completions sampled (`_guard`, before any optimizer step)."""
 
     def describe(self) -> dict:
         c, rule = self.cfg.rlhf, self.rule

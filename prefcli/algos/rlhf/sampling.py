@@ -9,6 +9,7 @@ import torch
 
 from ...engine.data import check_values
 from ...engine.sampling import Rollout
+from ...engine.tokenizer import text_ids
 from ...errors import DataError
 
 
@@ -56,7 +57,7 @@ def prompt_rows(ds, tok, max_len: int, source: str = "prompt data") -> tuple[lis
             t = tok(text, add_special_tokens=False)["input_ids"]
         else:
             text = row["prompt"]
-            t = tok(text, add_special_tokens=True)["input_ids"]
+            t = text_ids(tok, text)
         if len(t) > max_len:
             t = t[-max_len:]
             n_trunc += 1

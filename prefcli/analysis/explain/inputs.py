@@ -95,7 +95,7 @@ def load_policy(path: str, device, eager: bool):
     from ...recipe.sections import ModelSection
 
     rt = make_runtime(str(device.type), "fp32")
-    lm, tok = load_lm(ModelSection(path=path, attn_implementation="eager" if eager else "sdpa"), rt)
+    lm, tok = load_lm(ModelSection(path=path, attn_implementation="eager" if eager else None), rt)
     return lm, tok, rt
 
 

@@ -384,7 +384,7 @@ def make_view(ds, src: Source) -> View:
 
 
 def _prompt_lengths(tok, prompts: list[Any], fmt: str) -> list[int]:
-    from ...engine.data import chat_ids
+    from ...engine.tokenizer import chat_ids
 
     out = []
     plain = [i for i, p in enumerate(prompts) if not isinstance(p, list)]
@@ -420,7 +420,7 @@ def count_tokens(v: View, src: Source) -> Tokens:
     policy encoders add it) for the length statistics, and the sequence length the command
     truncates (policy: prompt + completion + EOS; reward models: the text prompt + completion;
     rlhf: the prompt) for the truncation count."""
-    from ...engine.data import chat_ids
+    from ...engine.tokenizer import chat_ids
 
     tok = src.tok
     chat = src.fmt in ("chat", "messages")

@@ -105,6 +105,17 @@ class EvalModel(Section):
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the random initialisation (init only).")
     revision: str | None = Field(None, description="Hub revision for hub ids.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub repo. Off unless you trust it.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="Attention kernel (as model.attn_implementation). Unset: transformers' choice for the family."
+    )
+    pad_token: str | None = Field(
+        None,
+        description="A pad token for a tokenizer that has none (base GPT-2, Llama 3, Mistral checkpoints), as "
+        "model.pad_token. Prefer a token of the vocabulary: a new one adds an embedding row (the mean of the others).",
+    )
+    on_mismatch: Literal["error", "fallback"] = Field(
+        "error", description="As model.on_mismatch: what the start-up guard does when prefcli's kernels disagree."
+    )
 
     @model_validator(mode="after")
     def _one_source(self):

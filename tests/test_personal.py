@@ -385,8 +385,8 @@ def test_personalised_rlhf_conditions_each_prompt_and_rewards_it_for_its_user(tm
     eval/reward/a = 1, eval/reward/b = 0."""
     from prefcli.algos.rlhf import build as build_rlhf
     from prefcli.engine.dist import setup_runtime
+    from prefcli.engine.run import RunContext
     from prefcli.recipe import load_recipe
-    from prefcli.runner import RunContext
 
     from .test_rlhf import rlhf_recipe
 
@@ -408,14 +408,14 @@ def test_personalised_rlhf_conditions_each_prompt_and_rewards_it_for_its_user(tm
     )
     p = write_recipe(d, name="prl.yaml")
     task = build_rlhf(RunContext(recipe=load_recipe(p).recipe, rt=setup_runtime("cpu", "fp32"), run_dir=tmp_path))
-    lr = task.learner
-    tok = lr.tok
+    lr = task.prompts
+    tok = task.tok
     ids = {u: tok.convert_tokens_to_ids(f"<|user:{u}|>") for u in "ab"}
     plain = [tok(r["prompt"])["input_ids"] for r in rows]
     for i in range(16):
         u = "ab"[i % 2]
         want = plain[i] if i in lr.users.generic else [ids[u]] + plain[i]
-        assert lr.prompt_ids[i] == want[-len(lr.prompt_ids[i]) :], i
+        assert lr.ids[i] == want[-len(lr.ids[i]) :], i
         assert lr.eval_ids[i][0] == ids[u]  # held-out prompts always carry their user's token
     assert 0 < len(lr.users.generic) < 16
     s = run_training("rlhf", p, RunOptions(output_dir=str(tmp_path / "run"), quiet=True))

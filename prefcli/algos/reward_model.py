@@ -46,11 +46,11 @@ from ..engine.pairs import (
 )
 from ..engine.personal import PersonalReward, make_conditioner, score_head
 from ..engine.personal import save as save_personal
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import load_tokenizer
 from ..engine.users import find_user_column, missing_user_column, read_users
 from ..errors import DataError
-from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 from .reward_users import fixed_context, latent_context, new_user_curve, per_user_accuracy, user_index
 
@@ -124,16 +124,18 @@ def calibration_errors(table: torch.Tensor) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class RMObjective:
+class RewardObjective:
+    """An entry of the reward-model registry: its loss, the rows it reads and their required columns."""
+
     loss_fn: Callable
     rows: str  # 'pairs' | 'scores' | 'rankings'
     required: tuple[str, ...]
 
 
-OBJECTIVES: dict[str, RMObjective] = {
-    "bradley_terry": RMObjective(bradley_terry_loss, "pairs", ("chosen", "rejected")),
-    "regression": RMObjective(regression_loss, "scores", ("score",)),
-    "ranking": RMObjective(ranking_loss, "rankings", ("completions",)),
+OBJECTIVES: dict[str, RewardObjective] = {
+    "bradley_terry": RewardObjective(bradley_terry_loss, "pairs", ("chosen", "rejected")),
+    "regression": RewardObjective(regression_loss, "scores", ("score",)),
+    "ranking": RewardObjective(ranking_loss, "rankings", ("completions",)),
 }
 
 

@@ -15,7 +15,15 @@ from prefcli.envs.loading import build_factory
 from prefcli.errors import UsageError
 from prefcli.recipe.envs import OpenEnvEnv, ReasoningGymEnv, TextArenaEnv
 
-from .test_envs import scripted, tok  # noqa: F401  (the tokenizer fixture)
+from .conftest import TOKENIZER
+from .test_envs import scripted
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
 def cfg(**kw):
@@ -40,7 +48,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def openenv_server():
-    pytest.importorskip("openenv.core.env_server", reason="openenv-core is not installed (pip install 'prefcli[openenv]')")
+    pytest.importorskip(
+        "openenv.core.env_server", reason="openenv-core is not installed (pip install 'prefcli[openenv]')"
+    )
     uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed")
     from openenv.core.env_server import Action, Environment, Observation, State, create_fastapi_app
 
@@ -108,7 +118,9 @@ def test_openenv_no_server_is_a_usage_error_naming_the_url():
 
 
 def test_reasoning_gym_dataset_and_its_verifier(tok):
-    rg = pytest.importorskip("reasoning_gym", reason="reasoning-gym is not installed (pip install 'prefcli[reasoning-gym]')")
+    rg = pytest.importorskip(
+        "reasoning_gym", reason="reasoning-gym is not installed (pip install 'prefcli[reasoning-gym]')"
+    )
     f = build_factory(ReasoningGymEnv(kind="reasoning_gym", dataset="basic_arithmetic", args={"max_terms": 2}))
     entry = rg.create_dataset("basic_arithmetic", seed=11, size=1, max_terms=2)[0]
     right, wrong = str(entry["answer"]), "no idea"
@@ -123,7 +135,10 @@ def test_reasoning_gym_dataset_and_its_verifier(tok):
 
 def test_reasoning_gym_names_are_checked():
     pytest.importorskip("reasoning_gym", reason="reasoning-gym is not installed")
-    with pytest.raises(UsageError, match=r"env.dataset: reasoning-gym has no dataset 'basic_arithmetik' \(did you mean 'basic_arithmetic'\?\)"):
+    with pytest.raises(
+        UsageError,
+        match=r"env.dataset: reasoning-gym has no dataset 'basic_arithmetik' \(did you mean 'basic_arithmetic'\?\)",
+    ):
         build_factory(ReasoningGymEnv(kind="reasoning_gym", dataset="basic_arithmetik"))
     with pytest.raises(UsageError, match=r"env.args: basic_arithmetic does not accept \{'colour': 'red'\}"):
         build_factory(ReasoningGymEnv(kind="reasoning_gym", dataset="basic_arithmetic", args={"colour": "red"}))
@@ -156,5 +171,7 @@ def test_textarena_guess_the_number_by_halving(tok):
 
 def test_textarena_unknown_game():
     pytest.importorskip("textarena", reason="textarena is not installed")
-    with pytest.raises(UsageError, match=r"env.id: TextArena has no game 'GuessTheNumbr-v0' \(did you mean 'GuessTheNumber-v0'\?\)"):
+    with pytest.raises(
+        UsageError, match=r"env.id: TextArena has no game 'GuessTheNumbr-v0' \(did you mean 'GuessTheNumber-v0'\?\)"
+    ):
         build_factory(TextArenaEnv(kind="textarena", id="GuessTheNumbr-v0"))

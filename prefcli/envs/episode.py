@@ -86,13 +86,6 @@ class Episode:
     def policy_tokens(self) -> int:
         return sum(self.policy_mask)
 
-    def completion_text(self) -> str:
-        """The conversation after the first observation, as the reward sources read it."""
-        return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages[self._first_turn() :])
-
-    def _first_turn(self) -> int:
-        return next((i for i, m in enumerate(self.messages) if m["role"] == "assistant"), len(self.messages))
-
 
 class ChatRenderer:
     """The chat template as token deltas. `tools`: JSON schemas passed to the template."""
@@ -122,6 +115,10 @@ class ChatRenderer:
         return self.tok.apply_chat_template(
             messages, tools=self.tools, add_generation_prompt=generation_prompt, tokenize=False
         )
+
+    def transcript(self, messages: list[dict]) -> str:
+        """A whole conversation as the template writes it (the system prompt and tools included)."""
+        return self._render(messages, False)
 
     def prompt(self, obs: Observation) -> tuple[str, list[int], list[dict]]:
         msgs = self.system + [{"role": obs.role or "user", "content": obs.text}]

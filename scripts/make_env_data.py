@@ -8,8 +8,11 @@ themselves (prefcli/envs/bundled) with a policy that knows the format and nothin
   to use "Higher."/"Lower.").
 - env_secret_sft.jsonl: episodes of SecretNumber (1-9) rendered as the tool recipe's chat template renders them
   (its tools block as the system turn); half call the tool ([read_secret()], the pythonic format) and half do
-  not, and every answer is a random number, not the one the tool said (the RL run has to learn to call the
-  tool and to repeat what it says).
+  not; half of the calls are followed by the number the tool said, every other answer is a random number. A
+  model that imitates them solves about a third of the episodes (0.5 x (0.5 + 0.5/9) + 0.5/9); the RL run has to
+  learn to call the tool every time and to repeat what it says. (With random answers after every call, the
+  first version of this file, RL on kjv-base dropped the tool within a dozen steps: a call followed by a guess
+  wins no more often than a guess, and repeating the tool's number was too rare to be reinforced.)
 - env_dialogue_prefs.jsonl: preference pairs between replies in the simulated user's conversations
   ("Continue the verse: ..."), the rule of data/tiny/pref_*.jsonl: the preferred reply ends ", saith the
   LORD."; one- and two-turn conversations cut from the KJV training verses. `prefcli reward` trains the
@@ -60,10 +63,13 @@ def secret_episodes(n: int, rng: random.Random) -> list[dict]:
         env = SecretNumber(low=1, high=9)
         obs = env.reset(seed=10_000_000 + k)
         msgs = [{"role": "system", "content": TOOLS_SYSTEM}, {"role": "user", "content": obs.text}]
+        answer = str(rng.randint(1, 9))
         if k % 2 == 0:
             msgs.append({"role": "assistant", "content": "[read_secret()]"})
             msgs.append({"role": "tool", "content": env.read_secret()})
-        msgs.append({"role": "assistant", "content": str(rng.randint(1, 9))})
+            if k % 4 == 0:
+                answer = str(env.secret)  # half of the calls are followed by the number the tool said
+        msgs.append({"role": "assistant", "content": answer})
         rows.append({"messages": msgs})
     return rows
 

@@ -279,16 +279,104 @@ def check_position_limit(task, recipe) -> None:
             )
 
 
+@dataclass
+class Cards:
+    """The model cards (README.md) of final/ and of best/ (engine/modelcard.py): what the folder holds, the base
+    model, data, command, metrics and prefcli version, and the base model's licence."""
+
+    command: str
+    recipe: Any
+    recipe_path: Path
+    opts: RunOptions
+    run_dir: Path
+    result: dict
+    best_checkpoint: Path | None  # output.final: best, when an evaluation was kept: final/ holds its weights
+
+    def _card(self, shown: Path, metrics: dict, what: str, best: dict | None, model_dir: Path | None) -> str:
+        from .engine.modelcard import command_line, model_card
+
+        cmdline = command_line(self.command, str(self.recipe_path), self.opts.overrides, self.opts.smoke)
+        config = self.recipe.model_dump(mode="json")
+        return model_card(
+            shown, config, dump_recipe(self.recipe), self.command, cmdline, self.result["steps"], metrics, what,
+            best, model_dir,
+        )  # fmt: skip
+
+    def _best_metrics(self) -> tuple[dict, dict] | None:
+        """(the best evaluation's summary entry, its metrics): from this run's history, else metrics.jsonl (a
+        resumed run evaluated it before the resume)."""
+        best = self.result.get("best")
+        if not best or best.get("step") is None:
+            return None
+        for rec in self.result.get("history", {}).get("eval", []):
+            if rec.get("step") == best["step"]:
+                return best, rec
+        path = self.run_dir / "metrics.jsonl"
+        found: dict = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("step") == best["step"] and any(k.startswith("eval/") for k in rec):
+                    found = rec
+        return best, found or {"step": best["step"], best["metric"]: best["value"]}
+
+    def save_final(self, task, folder: Path, main: bool) -> None:
+        from .engine.modelcard import write_card
+
+        task.save_final(folder)
+        if not main:
+            return
+        steps = self.result["steps"]
+        got = self._best_metrics() if self.best_checkpoint is not None else None
+        if got is not None:
+            best, metrics = got
+            what = (
+                f"The weights of the run's best evaluation (step {best['step']}, `{best['metric']}` = "
+                f"{best['value']:.6g}; `output.final: best`) in Hugging Face format"
+                + (f"; the run went on to step {steps}." if steps != best["step"] else ", its last step.")
+            )
+        else:
+            best, metrics = None, self.result["final"]
+            what = f"The model at the end of the run (step {steps}) in Hugging Face format."
+        from .engine.runfolder import FINAL
+
+        write_card(folder, self._card(self.run_dir / FINAL, metrics, what, best, Path(folder)))
+
+    def write_best(self, final_dir: Path | None) -> None:
+        """best/README.md beside best/checkpoints/step-N (train.keep_best), when an evaluation was kept."""
+        from .engine.modelcard import write_card
+        from .engine.monitor import BEST_DIR
+
+        got = self._best_metrics()
+        folder = self.run_dir / BEST_DIR
+        if got is None or not folder.is_dir():
+            return
+        best, metrics = got
+        what = (
+            f"The checkpoint of the run's best evaluation (`train.keep_best`: step {best['step']}, `{best['metric']}` "
+            f"= {best['value']:.6g}), `checkpoints/step-{best['step']}/` here, in prefcli's checkpoint format (not a "
+            "Hugging Face model folder). `output.final: best` writes these weights to final/ in Hugging Face format."
+        )
+        try:
+            write_card(folder, self._card(folder, metrics, what, best, final_dir))  # final/: the same model
+        except OSError:
+            pass  # the card is a description; the checkpoint beside it is whole without it
+
+
 def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions) -> dict:
     """Run one training command end to end; returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
     recipe_path = Path(recipe_path)
     loaded = load_recipe(recipe_path, command, opts.overrides)
     recipe = loaded.recipe
+    early = RunContext(recipe, None, Path())  # warnings before the run's context exists (printed now, summarised)
     if opts.smoke:
         from .engine.smoke import prepare_smoke
 
-        recipe = prepare_smoke(recipe.smoke(), RunContext(recipe, None, Path()).warn)  # hub files: there, or exit 2
+        recipe = prepare_smoke(recipe.smoke(), early.warn)  # hub files: there, or exit 2
     if opts.output_dir:
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:
@@ -325,7 +413,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
     engine = None
     try:
         torch.manual_seed(recipe.train.seed)
-        ctx = RunContext(recipe=recipe, rt=rt, run_dir=run_dir, smoke=opts.smoke)
+        ctx = RunContext(recipe=recipe, rt=rt, run_dir=run_dir, smoke=opts.smoke, warnings=list(early.warnings))
         for path, why in skipped:
             ctx.warn(f"--resume: skipped {path} ({why}); resuming from {resume_from.name}")
         task = importlib.import_module(TASKS[command]).build(ctx)
@@ -381,9 +469,12 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
             ckpt.load_checkpoint(best, task.groups, rt.rank, rt.world_size)
         elif recipe.output.final == "best":
             progress.warn("output.final is 'best' but no evaluation was kept as best; final/ holds the last step")
+        cards = Cards(command, recipe, recipe_path, opts, run_dir, result, best)
         final_dir = None
         if recipe.output.save_final:  # every rank: a sharded model is gathered tensor by tensor; rank 0 writes
-            final_dir = engine.save_final(task.save_final)
+            final_dir = engine.save_final(lambda folder: cards.save_final(task, folder, rt.is_main))
+        if rt.is_main:
+            cards.write_best(final_dir)
         rt.barrier()
         summary: dict[str, Any] = {
             "command": command,

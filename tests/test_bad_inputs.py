@@ -391,6 +391,21 @@ case(
     ["command: missing", "command: sft"],
 )
 case(
+    "recipe-command-missing-fragment-hint",
+    lambda e: ["validate", e.write("model.yaml", "model: {path: x}\n")],
+    ["command: missing", "name it with a leading '_' (_model.yaml)"],
+)
+case(  # a fragment (_*.yaml): what it sets is checked against every command; nothing it leaves out is asked for
+    "recipe-fragment-bad-value",
+    lambda e: ["validate", e.write("_train.yaml", "train:\n  lr: -1\n")],
+    ["_train.yaml:2: train.lr", "greater than 0"],
+)
+case(
+    "recipe-fragment-unknown-key",
+    lambda e: ["validate", e.write("_train.yaml", "train:\n  learning_rate: 1.0e-4\n")],
+    ["_train.yaml:2: train.learning_rate: unknown field", "did you mean 'lr'"],
+)
+case(
     "recipe-command-unknown",
     lambda e: ["validate", e.recipe(sft(command="stf"))],
     ["command: unknown command 'stf'", "did you mean 'sft'"],
@@ -722,6 +737,26 @@ case(
     ["metrics[0]", "did you mean 'perplexity'"],
 )
 case(
+    "recipe-chat-template-unknown-name",
+    lambda e: e.cmd("sft", sft(model={"chat_template": "chatlm"})),
+    ["model.chat_template", "unknown chat template 'chatlm'", "did you mean 'chatml'", "or a Jinja template string"],
+)
+case(  # the template's end-of-turn token becomes the EOS: it cannot be the pad token
+    "recipe-chat-template-stop-is-pad",
+    lambda e: e.cmd("sft", sft(model={"chat_template": "llama3", "pad_token": "<|eot_id|>"})),
+    ["model.chat_template llama3", "<|eot_id|> becomes the EOS", "set model.pad_token to another token"],
+)
+case(  # data.format sharegpt/alpaca/openai read preference pairs: KTO's rows are not pairs
+    "recipe-outside-format-unpaired",
+    lambda e: e.cmd("contrastive", pref("contrastive", contrastive={"objective": "kto"}, data={"format": "sharegpt"})),
+    ["data.format 'sharegpt' reads preference pairs", "objective 'kto' reads other rows"],
+)
+case(
+    "recipe-sft-format-typo",
+    lambda e: e.cmd("sft", sft(data={"format": "sharegtp"})),
+    ["data.format", "'sharegtp'", "sharegpt"],
+)
+case(
     "recipe-pad-token-is-eos",
     lambda e: e.cmd("sft", sft(model={"pad_token": "<|im_end|>"})),
     ["model.pad_token", "is the EOS token", "pick a different token"],
@@ -858,6 +893,22 @@ case(
 # --- data files
 case("data-empty-jsonl", lambda e: sft_file(e, "rows.jsonl", ""), ["rows.jsonl is empty", "data.train.path"])
 case("data-whitespace-file", lambda e: sft_file(e, "rows.jsonl", "\n  \n"), ["rows.jsonl is empty", "data.train.path"])
+case(  # a ShareGPT speaker prefcli does not read: the row and the field
+    "data-sharegpt-unknown-speaker",
+    lambda e: sft_rows(e, [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}]),
+    ["rows.jsonl: row 1 (sharegpt)", "'conversations[1].from' is 'bot'", "human"],
+)
+case(
+    "data-alpaca-named-without-its-columns",
+    lambda e: sft_rows(e, [{"text": "a verse"}], data={"format": "alpaca"}),
+    ["format 'alpaca' needs column(s) instruction, output", "columns: text"],
+)
+case(
+    "data-openai-pairs-without-messages",
+    lambda e: pref_rows(e, "contrastive", [{"input": {"messages": []}, "preferred_output": [{"role": "assistant",
+        "content": "a"}], "non_preferred_output": [{"role": "assistant", "content": "b"}]}]),
+    ["pairs.jsonl: row 1 (openai)", "'input.messages' is an empty list"],
+)  # fmt: skip
 case(
     "data-not-utf8-jsonl",
     lambda e: sft_file(e, "rows.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),

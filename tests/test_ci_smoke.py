@@ -47,6 +47,7 @@ def test_smoke_with_a_local_tokenizer_needs_nothing_else(tmp_path, cli, monkeypa
     assert "the tiny random model is a llama" in stderr
     s = last_json(stdout)
     assert s["status"] == "completed" and s["steps"] == 3
+    assert any("the tiny random model is a llama" in w for w in s["warnings"])  # in the summary too
     ran = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["model"]
     assert ran["init"]["architecture"] == "llama" and ran["path"] is None  # the recipe shows what ran
 
@@ -96,3 +97,32 @@ def test_the_example_workflow_runs_on_this_repositorys_recipes(tmp_path):
     assert s["smoke"] is True and s["steps"] == 3
     assert sorted(p.name for p in (tmp_path / "runs" / "smoke").iterdir()) == ["sft-qwen2.5-0.5b"]  # eval: no smoke
     assert os.path.exists(tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B")
+
+
+def test_the_example_workflow_installs_prefcli_from_where_the_user_says_never_from_pypi_by_name(tmp_path):
+    """`pip install prefcli` would install whatever someone registers under that name on PyPI: the workflow installs
+    from PREFCLI_SOURCE (a git URL pinned to a tag, or a wheel), and without it stops before installing anything."""
+    workflow = yaml.safe_load(WORKFLOW.read_text())["jobs"]["recipes"]
+    assert workflow["env"]["PREFCLI_SOURCE"] == "${{ vars.PREFCLI_SOURCE }}"
+    (install,) = [s for s in workflow["steps"] if s.get("name", "").startswith("Install prefcli")]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "pip.log"
+    shim = bin_dir / "pip"  # records what the step asks pip for, installs nothing
+    shim.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+    shim.chmod(0o755)
+
+    def step(source: str):
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PREFCLI_SOURCE=source)
+        return subprocess.run(["bash", "-e", "-c", install["run"]], env=env, capture_output=True, text=True)
+
+    wheel = "wheels/prefcli-0.2.0-py3-none-any.whl"
+    res = step(wheel)
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    assert calls == ["install torch --index-url https://download.pytorch.org/whl/cpu", f"install {wheel}"], calls
+    log.unlink()
+    res = step("")
+    assert res.returncode == 1 and "PREFCLI_SOURCE" in res.stdout and not log.exists()
+    text = WORKFLOW.read_text()
+    assert "pip install prefcli" not in text and "not on PyPI" in text

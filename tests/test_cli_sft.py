@@ -67,6 +67,10 @@ def test_final_model_reloads_and_matches_direct_perplexity(tmp_path, write_recip
     texts = [json.loads(x)["text"] for x in (DATA / "tiny" / "text_eval.jsonl").read_text().splitlines()[:16]]
     ppl = _direct_perplexity(tmp_path / "run" / "final", texts, 48)
     assert s["final"]["eval/ppl"] == pytest.approx(ppl, rel=1e-4)
+    card = (tmp_path / "run" / "final" / "README.md").read_text()  # the model card: the metrics at the end
+    assert "## Metrics at the end" in card and f"| `eval/ppl` | {s['final']['eval/ppl']:.6g} |" in card
+    assert "none: a random initialisation of a `qwen2` config (`model.init`)" in card
+    assert "- **Licence**: none found" in card and "license:" not in card.split("---")[1]
 
 
 def test_smoke_swaps_in_a_tiny_model_of_the_same_family(tmp_path, write_recipe, cli, tiny_model_dir):

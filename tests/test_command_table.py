@@ -60,6 +60,9 @@ def test_each_registry_has_exactly_the_names_the_schema_offers():
     keys = {algorithm_key(RLHFSection(algorithm=a)) for a in names.RL_ALGORITHMS}
     keys |= {algorithm_key(RLHFSection(algorithm="grpo", grpo_loss=g)) for g in names.GRPO_LOSSES}
     assert keys == set(ALGORITHMS)
+    from prefcli.engine.chat_templates import TEMPLATES
+
+    assert tuple(TEMPLATES) == names.CHAT_TEMPLATES  # model.chat_template's names, in the order the docs list them
 
 
 def test_rl_choice_registries_have_exactly_the_names_the_schema_offers():

@@ -98,3 +98,38 @@ def test_the_tiny_contrastive_recipes_share_a_base():
     for p in recipes:
         assert yaml.safe_load(p.read_text())["base"] == "_contrastive.yaml", p
         assert load_recipe(p).recipe.train.max_steps == 30
+
+
+def test_validate_checks_fragments_named_with_a_leading_underscore(tmp_path, cli):
+    """`prefcli validate recipes/*.yaml` with a `base:` fragment among the recipes: the fragment (no command of its
+    own, no data) is checked for what it sets, the recipe built on it as a whole; a fragment that is a whole recipe
+    too (recipes/tiny/_contrastive.yaml) says so. The CI example smokes only what is not a fragment."""
+    model = {"model": {"init": TINY_INIT, "tokenizer": str(DATA / "tokenizer")}, "train": {"lr": 1e-3}}
+    write(tmp_path / "_model.yaml", yaml.safe_dump(model))
+    write(
+        tmp_path / "sft.yaml",
+        f"base: _model.yaml\ncommand: sft\ndata:\n  train: {{path: {DATA / 'tiny' / 'text.jsonl'}}}\n",
+    )
+    write(tmp_path / "_data.yaml", f"data:\n  train: {{path: {DATA / 'tiny' / 'text.jsonl'}, max_rows: 8}}\n")
+    code, stdout, stderr = cli(
+        "validate", tmp_path / "_data.yaml", tmp_path / "_model.yaml", tmp_path / "sft.yaml",
+        ROOT / "recipes" / "tiny" / "_contrastive.yaml",
+    )  # fmt: skip
+    assert code == 0, stderr
+    got = {r["recipe"].rsplit("/", 1)[-1]: r for r in json.loads(stdout)["recipes"]}
+    assert got["_model.yaml"] == {
+        "recipe": str(tmp_path / "_model.yaml"), "valid": True, "fragment": True, "command": None,
+        "fits": ["sft", "reward", "rlhf", "gan", "contrastive"],
+    }  # fmt: skip
+    assert got["_data.yaml"]["fits"] == ["sft", "reward", "rlhf", "gan", "contrastive"]  # a source: any trainer
+    assert got["sft.yaml"] == {"recipe": str(tmp_path / "sft.yaml"), "valid": True, "command": "sft"}
+    assert got["_contrastive.yaml"]["command"] == "contrastive" and got["_contrastive.yaml"]["fragment"] is True
+    assert "_model.yaml (fragment: fits sft, reward, rlhf, gan, contrastive)" in stderr
+    # what a fragment sets is checked, and --set with it; eval (no model section) is not among its fits
+    write(tmp_path / "_typo.yaml", "model:\n  pth: x\n")
+    code, stdout, stderr = cli("validate", tmp_path / "_typo.yaml")
+    assert code == 2 and "_typo.yaml:2: model.pth: unknown field (did you mean 'path'?)" in stderr
+    code, stdout, stderr = cli("validate", tmp_path / "_model.yaml", "--set", "train.batch_size=0")
+    assert code == 2 and "train.batch_size" in stderr
+    code, stdout, stderr = cli("validate", tmp_path / "_model.yaml", "--command", "eval")
+    assert code == 2 and "model: unknown field" in stderr

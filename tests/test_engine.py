@@ -185,3 +185,31 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["x/mean"] == pytest.approx(rows[0]["loss/net"])  # both: summed output / 8 units
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_the_progress_bar_keeps_the_step_counter_and_eta_on_a_narrow_terminal(width, monkeypatch):
+    """The metrics text is cut to what the terminal leaves: at 80 columns rich used to drop the step counter and the
+    ETA to make room for it."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from prefcli.engine import progress as P
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=True, color_system=None)
+    monkeypatch.setattr(P, "Console", lambda **kw: console)
+    p = P.Progress(True, 400, "prefcli contrastive", None)
+    record = {"loss/dpo": 0.6931, "loss/sft": 2.345, "eval/loss": 0.6912, "lr": 2e-4, "perf/tokens_per_s": 12345.0}
+    p.step(12, record)
+    p._bar.refresh()
+    p.close()
+    line = buf.getvalue().replace("\x1b[2K", "\r").split("\r")[-1]
+    line = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", line).strip()  # the cursor codes
+    assert line.startswith("prefcli contrastive ") and " 12/400 " in line, line
+    assert re.search(r" (\d:\d\d:\d\d|-:--:--) loss/dpo 0.6931", line), line
+    assert len(line) <= width
+    full = "loss/dpo 0.6931  loss/sft 2.345  eval/loss 0.6912  lr 0.0002  perf/tokens_per_s 12,345"
+    assert line.endswith(full) if width == 200 else line.endswith("…")

@@ -13,10 +13,11 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
+import yaml
 
 from prefcli.runner import RunOptions, run_training
 
-from .conftest import TINY_INIT, TOKENIZER, last_json, read_metrics
+from .conftest import TINY_INIT, TOKENIZER, last_json, read_metrics, sft_recipe_dict
 
 FILLER = "house people water city day children went came field land king river stone bread gold".split()
 
@@ -166,6 +167,9 @@ def test_html_page_is_self_contained_with_one_coloured_span_per_token(phrase_rm,
     assert "script" not in p.tags and "link" not in p.tags and "img" not in p.tags
     assert "http://" not in html and "https://" not in html and "<style>" in html  # inline CSS, nothing fetched
     assert len(p.spans) == len(rows)
+    # the rejected answers' values are sign-flipped, and the page says so where they are shown (2 pairs)
+    assert html.count("<th>to the margin (&minus;score)</th>") == 2 and html.count("<th>score</th>") == 2
+    assert html.count("The token scores of this answer are sign-flipped") == 2
     for span, row in zip(p.spans, rows):
         assert span["text"] == row["token"]
         assert float(span["data-score"]) == pytest.approx(row["score"], rel=1e-4, abs=1e-9)
@@ -294,6 +298,15 @@ def test_bad_input_exits_2_naming_the_problem(phrase_rm, tiny_model_dir, cli, tm
     assert code == 2 and "is a reward model; the implicit reward" in last_json(out)["error"]
     code, out, err = cli("explain", tiny_model_dir, "--text", "x")
     assert code == 2 and "needs its reference" in last_json(out)["error"] and "--reference" in last_json(out)["error"]
+    # a policy trained from model.init: its run's recipe.yaml is found, and says why there is no reference
+    run = tmp_path / "init-run"
+    run.mkdir()
+    (run / "final").symlink_to(tiny_model_dir)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(sft_recipe_dict()))
+    code, out, err = cli("explain", run / "final", "--text", "x")
+    e = last_json(out)["error"]
+    assert code == 2 and f"the run's recipe ({run / 'recipe.yaml'}) started it from a random initialisation" in e
+    assert "(model.init: qwen2)" in e and "--reference MODEL_FOLDER" in e and "no run recipe.yaml" not in e
     code, out, err = cli("explain", model, "--text", " house" * 300)
     assert code == 2 and "300 tokens, longer than the model's context of 256 tokens" in last_json(out)["error"]
     code, out, err = cli(

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from prefcli.analysis.agreement import cohen_kappa, krippendorff_alpha, pairwise_kappas
 from prefcli.analysis.inspect import length_rule, nb_weights
@@ -222,8 +223,22 @@ def test_inspect_a_recipe_as_training_reads_it(tmp_path, write_recipe, cli):
     db = s["debias"]
     assert db["length_balance"]["mode"] == "subsample" and db["chosen_longer_after"] == pytest.approx(0.5)
     assert db["train_rows_after"] % 2 == 0 and 2 <= db["train_rows_after"] <= 12  # at most 6 shorter + 6 longer
+    # length predicts the label: the advice names what this command has (a reward recipe has no length_alpha)
+    (loud,) = [w for w in s["warnings"] if w.startswith("length alone predicts the label")]
+    assert "Consider data.debias.length_balance (subsample or reweight) in this reward recipe" in loud
+    assert "length_alpha" not in " ".join(s["warnings"]) + err
     code, out, err = cli("data", "inspect", rec, "--eval", data)
     assert code == 2 and "apply to a data file" in err and last_json(out)["status"] == "invalid"
+    for objective, says in (
+        ("dpo", "data.debias.length_balance (subsample or reweight) in this contrastive recipe, or "
+                "contrastive.length_alpha (R-DPO)"),
+        ("ipo", "data.debias.length_balance (subsample or reweight) in this contrastive recipe"),
+    ):  # fmt: skip
+        d = yaml.safe_load(rec.read_text())
+        d.update(command="contrastive", contrastive={"objective": objective})
+        code, out, err = cli("data", "inspect", write_recipe(d, f"{objective}.yaml"), "-q")
+        loud = " ".join(last_json(out)["warnings"])
+        assert code == 0 and f"Consider {says}" in loud and (objective == "dpo") == ("length_alpha" in loud), loud
 
 
 def test_inspect_bad_input_exits_2(tmp_path, cli):

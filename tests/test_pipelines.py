@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from .conftest import DATA, ROOT, last_json
 
@@ -70,7 +71,8 @@ def test_eval_scores_given_completions(tmp_path, cli):
     )
     assert code == 0, stderr
     s = last_json(stdout)
-    m = s["models"]["out"]
+    m = s["models"]["completions"]  # the same key as for stdin; 'source' names the file
+    assert m["source"] == str(f)
     import sacrebleu
 
     want = sacrebleu.corpus_bleu([r["completion"] for r in rows], [[r["reference"] for r in rows]]).score
@@ -80,8 +82,8 @@ def test_eval_scores_given_completions(tmp_path, cli):
 
     ea = EventAccumulator(str(tmp_path / "ev" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()  # the trackers got the results and the completions
-    assert ea.Scalars("out/bleu/score")[0].value == pytest.approx(want)
-    table = ea.Tensors("completions/out/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert ea.Scalars("completions/bleu/score")[0].value == pytest.approx(want)
+    table = ea.Tensors("completions/completions/text_summary")[0].tensor_proto.string_val[0].decode()
     assert table.startswith("| prompt | completion | reference | reward | tokens |") and "Let there be light" in table
     assert m["reward"]["mean"] == pytest.approx(
         sum(json.loads(x)["reward"] for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()) / 2
@@ -105,12 +107,59 @@ def test_eval_scores_given_completions(tmp_path, cli):
         s2["models"]["completions"]["bleu"]["score"] == pytest.approx(want) and "kl" not in s2["models"]["completions"]
     )
     assert any("kl needs completions sampled from the models; skipped" in w for w in s2["warnings"])
+    assert s2["skipped_metrics"] == ["kl"] and s2["metrics"] == ["bleu", "distinct"]
+    # corr(reward, tokens) of given completions: their own token counts (the rows' 'tokens'), by hand
+    r = m["reward"]["length_correlation"]
+    rewards = [json.loads(x)["reward"] for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()]
+    assert r["n"] == 2 and r["pearson"] == pytest.approx(1.0 if rewards[0] > rewards[1] else -1.0)  # 5 vs 3 tokens
+
+
+def test_the_eval_help_pipeline_runs_on_plain_prompts_without_references(tmp_path):
+    """`prefcli generate MODEL < prompts.txt | prefcli eval recipes/tiny/eval-completions.yaml --completions -` (the
+    example of `eval --help`): generate's rows carry no 'reference', so BLEU and ROUGE are skipped with a warning
+    (as kl and win_rate are) and the rest is measured; the reward's length correlation counts the completions'
+    tokens (given by generate, or counted by the model's tokenizer when a row has none)."""
+    from typer.testing import CliRunner
+
+    from prefcli.cli import EXAMPLES, app
+
+    assert "< prompts.txt | prefcli eval recipes/tiny/eval-completions.yaml --completions -" in EXAMPLES["eval"]
+    rows = [
+        {"index": 0, "prompt": "And God said", "completion": " Let there be light, and there was light",
+         "finish_reason": "eos", "tokens": 9},
+        {"index": 1, "prompt": "In the beginning", "completion": " God", "finish_reason": "eos", "tokens": 2},
+        {"index": 2, "prompt": "The LORD is", "completion": " my shepherd; I shall not want", "finish_reason": "eos"},
+    ]  # fmt: skip
+    recipe = ROOT / "recipes" / "tiny" / "eval-completions.yaml"
+    res = CliRunner().invoke(
+        app, ["eval", str(recipe), "--completions", "-", "-o", str(tmp_path / "ev"), "-q"],
+        input="".join(json.dumps(r) + "\n" for r in rows),
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    m = s["models"]["completions"]
+    assert s["skipped_metrics"] == ["bleu", "rouge"] and "bleu" not in m and "rouge" not in m
+    assert s["metrics"] == ["reward", "distinct", "length"]
+    assert any("bleu needs a 'reference' in the rows of data.completions (<stdin>)" in w for w in s["warnings"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "prefcli" / "assets" / "kjv-base")
+    tokens = [9, 2, len(tok(rows[2]["completion"], add_special_tokens=False)["input_ids"])]
+    assert m["length"]["tokens"]["mean"] == pytest.approx(sum(tokens) / 3)
+    ex = [json.loads(x) for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()]
+    from prefcli.evaluate.metrics import pearson
+
+    got = m["reward"]["length_correlation"]
+    assert got["pearson"] is not None and got["pearson"] == pytest.approx(pearson([x["reward"] for x in ex], tokens))
+    rank = lambda v: [sorted(v).index(x) for x in v]  # noqa: E731 (no ties here)
+    assert got["spearman"] == pytest.approx(pearson(rank([x["reward"] for x in ex]), rank(tokens)))
+    assert yaml.safe_load((tmp_path / "ev" / "recipe.yaml").read_text())["metrics"][:2] == ["bleu", "rouge"]
 
 
 def test_given_completions_bad_input_is_exit_2(tmp_path, cli):
     recipe = ROOT / "recipes" / "tiny" / "eval-completions.yaml"
     f = write_jsonl(tmp_path / "noref.jsonl", [{"prompt": "a", "completion": "b"}])
-    code, stdout, stderr = cli("eval", recipe, "--completions", f, "-o", tmp_path / "ev")
+    code, stdout, stderr = cli("eval", recipe, "--completions", f, "-o", tmp_path / "ev", "--set", "metrics=[bleu]")
     assert code == 2 and "data.completions" in stderr and "missing column(s) reference" in stderr
     assert "passes one through from a JSONL prompts file" in stderr and not (tmp_path / "ev").exists()
     code, stdout, stderr = cli("eval", recipe, "--completions", tmp_path / "nothing.jsonl", "-o", tmp_path / "ev")

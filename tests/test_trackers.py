@@ -55,12 +55,11 @@ def test_every_tracker_gets_the_run_offline(tmp_path, monkeypatch):
         "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),  # W&B's staging and settings: here, not in $HOME
         "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-        "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}",
-        "MLFLOW_ALLOW_FILE_STORE": "true",
         "TRACKIO_DIR": str(tmp_path / "trackio"),
         "OMP_NUM_THREADS": "1",
     }
     (tmp_path / "wandb-root").mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow as it comes: the default store
     run = tmp_path / "run"
     p = run_subprocess(
         "rlhf", ROOT / "recipes" / "tiny" / "rlhf-grpo.yaml", "-o", run, "-q",
@@ -118,11 +117,11 @@ def test_every_tracker_gets_the_run_offline(tmp_path, monkeypatch):
             summ.update({_key(i): i.value_json for i in r.summary.update})
     assert json.loads(summ["status"]) == "completed" and json.loads(summ["steps"]) == 2
 
-    # MLflow: a local file store read back through its client
+    # MLflow without MLFLOW_TRACKING_URI: a SQLite store in the run folder, read back through its client
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert (run / "mlflow.db").is_file() and not (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     (mr,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
     assert mr.info.run_name == "r1" and mr.info.status == "FINISHED"
     assert {"tiny", "ci"} <= set(mr.data.tags) and mr.data.params["rlhf.algorithm"] == "grpo"
@@ -130,6 +129,7 @@ def test_every_tracker_gets_the_run_offline(tmp_path, monkeypatch):
     assert [(m.step, m.value) for m in hist] == [(r["step"], pytest.approx(r["eval/reward"])) for r in evals]
     arts = {a.path for a in client.list_artifacts(mr.info.run_id)}
     assert {"recipe.yaml", "summary.json", "samples"} <= arts
+    assert mr.info.artifact_uri.startswith((run / "mlflow-artifacts").as_uri())
     assert len(client.list_artifacts(mr.info.run_id, "samples")) == len({s["rollout"] for s in samples})
 
     # trackio: its local store
@@ -181,6 +181,18 @@ def test_tracker_not_installed_or_unknown_is_exit_2_before_anything_runs(tmp_pat
     assert code == 2 and "log.report_to: wandb is named but not installed" in stderr
     assert "pip install 'prefcli[wandb]'" in stderr and not (tmp_path / "run").exists()
     assert last_json(stdout)["status"] == "invalid"
+
+    # mlflow-skinny without sqlalchemy: the default store (SQLite in the run folder) cannot open; a set
+    # MLFLOW_TRACKING_URI (a server) needs neither
+    real = trackers.importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda n: None if n == "sqlalchemy" else real(n))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    r = write_recipe(sft_recipe_dict(log={"report_to": ["mlflow"]}))
+    code, stdout, stderr = cli("sft", r, "-o", tmp_path / "run")
+    assert code == 2 and "mlflow without MLFLOW_TRACKING_URI writes to a SQLite file in the run folder" in stderr
+    assert "pip install sqlalchemy" in stderr and not (tmp_path / "run").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    trackers.check_installed(["mlflow"])  # no exit 2
 
     r = write_recipe(sft_recipe_dict(log={"report_to": ["tensorbord"]}))
     code, stdout, stderr = cli("sft", r, "-o", tmp_path / "run")

@@ -15,19 +15,39 @@ from ..engine.data import (
     split_eval,
     split_micro,
 )
+from ..engine.formats import convert_rows, outside_format
 from ..engine.task import Micro, Plan
 from ..errors import DataError
 
 
-def load_splits(d, required: Sequence[str], seed: int):
-    """(train rows, held-out rows or None) of a PreferenceData section."""
-    train = load_rows(d.train, required=required, what="data.train")
+def load_splits(d, required: Sequence[str], seed: int, pairs: bool = False):
+    """(train rows, held-out rows or None, the outside format read or None) of a PreferenceData section. With
+    `pairs`, rows in a format people already have (ShareGPT, Alpaca, OpenAI's: engine/formats.py; detected, or
+    named by data.format) are read as chat pairs (prompt, chosen, rejected message lists) first."""
+
+    def read(src, what: str):
+        if not pairs:
+            return load_rows(src, required=required, what=what), None
+        rows = load_rows(src, what=what)
+        outside = outside_format(rows.column_names, d.format, "pairs")
+        if outside is not None:
+            rows = convert_rows(rows, outside, "pairs", src.path, what)
+        missing = [c for c in required if c not in rows.column_names]
+        if missing:
+            raise DataError(
+                f"{what}: {src.path}: missing column(s) {', '.join(missing)} (columns: {', '.join(rows.column_names)});"
+                " map yours with data.<split>.columns, e.g. {prompt: question}, or give rows in a format prefcli "
+                "reads (sharegpt, alpaca, openai: data.format)"
+            )
+        return rows, outside
+
+    train, read_as = read(d.train, "data.train")
     ev = None
     if d.eval is not None:
-        ev = load_rows(d.eval, required=required, what="data.eval")
+        ev, _ = read(d.eval, "data.eval")
     elif d.eval_fraction > 0:
         train, ev = split_eval(train, d.eval_fraction, seed)
-    return train, ev
+    return train, ev, read_as
 
 
 def report(ctx, name: str, source: str, s, max_length: int, what: str, expected: str) -> None:
@@ -103,6 +123,8 @@ class Scheduled:
             data["train_tokens"] = s.n_tokens()
         data["eval_examples"] = len(self.eval_set) if self.eval_set is not None else 0
         data["debias"] = getattr(self, "debias", None)  # what data.debias removed or reweighted
+        if getattr(self, "read_as", None):  # rows of another tool's format (sharegpt, alpaca, openai)
+            data["read_as"] = self.read_as
         return {
             "data": data,
             "model": {

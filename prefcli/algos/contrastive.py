@@ -304,8 +304,9 @@ class PreferenceTask(Scheduled):
         self.paired = self.obj.rows == "pairs"
         self.tok = tok = load_tokenizer(r.model)
         required = PAIR_REQUIRED if self.paired else UNPAIRED_REQUIRED
-        train_rows, eval_rows = load_splits(d, required, r.train.seed)
-        self.format = fmt = detect_pair_format(train_rows, "chosen" if self.paired else "completion", d.format)
+        train_rows, eval_rows, self.read_as = load_splits(d, required, r.train.seed, pairs=self.paired)
+        requested = "chat" if self.read_as else d.format
+        self.format = fmt = detect_pair_format(train_rows, "chosen" if self.paired else "completion", requested)
         train_rows, eval_rows, self.debias = apply_debias(
             train_rows, eval_rows, d.debias, tok=tok, fmt=fmt, pairs=self.paired, seed=r.train.seed, warn=ctx.warn
         )

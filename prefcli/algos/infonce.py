@@ -154,7 +154,7 @@ class InfoNCETask(Scheduled):
         c, d = r.contrastive, r.data
         self.temperature, self.pooling = c.temperature, c.pooling
         self.tok = tok = load_tokenizer(r.model)
-        train_rows, eval_rows = load_splits(d, ("prompt", "chosen"), r.train.seed)
+        train_rows, eval_rows, _ = load_splits(d, ("prompt", "chosen"), r.train.seed)
         if not c.hard_negatives and "rejected" in train_rows.column_names:
             train_rows = train_rows.remove_columns("rejected")
             if eval_rows is not None and "rejected" in eval_rows.column_names:

@@ -233,16 +233,17 @@ class RewardTask(Scheduled):
         self.center = rc.center_rewards_coefficient
         self.bins = rc.calibration_bins
         self.tok = tok = load_tokenizer(r.model)
-        train_rows, eval_rows = load_splits(d, self.obj.required, r.train.seed)
+        train_rows, eval_rows, self.read_as = load_splits(d, self.obj.required, r.train.seed, self.rows == "pairs")
+        requested = "chat" if self.read_as else d.format
         probe = {
             "pairs": "chosen",
             "scores": "text" if "text" in train_rows.column_names else "completion",
             "rankings": "prompt" if "prompt" in train_rows.column_names else "completions",
         }[self.rows]
         self.format = fmt = (
-            detect_pair_format(train_rows, probe, d.format)
+            detect_pair_format(train_rows, probe, requested)
             if probe != "completions"
-            else ("plain" if d.format == "auto" else d.format)
+            else ("plain" if requested == "auto" else requested)
         )
         train_rows, eval_rows, self.debias = apply_debias(
             train_rows,

@@ -40,6 +40,7 @@ from ..engine.data import (
     unpad_if_full,
 )
 from ..engine.debias import apply_debias
+from ..engine.formats import convert_rows, outside_format
 from ..engine.logprobs import IGNORE
 from ..engine.models import PolicyLM, build_trained_model, load_tokenizer, save_hf, trainable_parameters, unwrap_lm
 from ..engine.task import Group, Micro, Plan
@@ -87,7 +88,12 @@ class SFTTask(Scheduled):
         if obj.control_tokens:  # before the model is built, so that its embeddings are resized to the tokenizer
             self.control_ids = add_control_tokens(tok, s.aligned_token, s.misaligned_token)
         train_rows = load_rows(d.train, what="data.train")
-        self.format = fmt = detect_format(train_rows.column_names, d.format)
+        # ShareGPT and Alpaca rows are read as chat messages (engine/formats.py); OpenAI's are prefcli's messages
+        self.read_as = outside_format(train_rows.column_names, d.format, "sft")
+        if self.read_as is not None:
+            train_rows = convert_rows(train_rows, self.read_as, "sft", d.train.path, "data.train")
+        own = "messages" if self.read_as is not None or d.format == "openai" else d.format
+        self.format = fmt = detect_format(train_rows.column_names, own)
         missing = [c for c in FORMAT_COLUMNS[fmt] if c not in train_rows.column_names]
         if missing:
             raise DataError(
@@ -96,7 +102,16 @@ class SFTTask(Scheduled):
             )
         eval_rows = None
         if d.eval is not None:
-            eval_rows = load_rows(d.eval, required=FORMAT_COLUMNS[fmt], what="data.eval")
+            eval_rows = load_rows(d.eval, what="data.eval")
+            eval_as = outside_format(eval_rows.column_names, d.format, "sft")
+            if eval_as is not None:
+                eval_rows = convert_rows(eval_rows, eval_as, "sft", d.eval.path, "data.eval")
+            missing = [c for c in FORMAT_COLUMNS[fmt] if c not in eval_rows.column_names]
+            if missing:
+                raise DataError(
+                    f"data.eval: {d.eval.path}: missing column(s) {', '.join(missing)} (columns: "
+                    f"{', '.join(eval_rows.column_names)}); the training rows are '{fmt}' rows, and so must these be"
+                )
         elif d.eval_fraction > 0:
             train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, r.train.seed)
         train_rows, eval_rows, self.debias = apply_debias(train_rows, eval_rows, d.debias, warn=ctx.warn)
@@ -222,6 +237,7 @@ class SFTTask(Scheduled):
         s = self.train_set
         data = {
             "format": self.format,
+            **({"read_as": self.read_as} if self.read_as else {}),
             "train_rows": s.n_rows,
             "train_examples": len(s),
             "train_tokens": s.n_tokens(),

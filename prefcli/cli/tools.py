@@ -231,13 +231,34 @@ def validate(
         ),
     ] = False,
 ) -> None:
-    """Check recipes without running them: schema, types, paths. Exit 2 if any is invalid."""
+    """Check recipes without running them: schema, types, paths. Exit 2 if any is invalid.
+
+    A file named _*.yaml is a fragment (the base: of other recipes): what it sets is checked, what it leaves out is
+    not asked for; with a command: line it is checked as a whole recipe too."""
     from ..recipe import dump_recipe, load_recipe
+    from ..recipe.loader import check_fragment, is_fragment
 
     results = []
     bad = 0
     for i, path in enumerate(recipes):
         try:
+            if is_fragment(path):
+                fits = check_fragment(path, command, list(set_ or []))
+                whole = None
+                if len(fits) == 1:
+                    try:  # some fragments are whole recipes too (recipes/tiny/_contrastive.yaml)
+                        whole = load_recipe(path, fits[0], list(set_ or []))
+                    except PrefcliError:
+                        pass  # incomplete on its own: the recipes that name it as base: complete it
+                what = f"whole {whole.command} recipe too" if whole else f"fits {', '.join(fits)}"
+                typer.echo(f"ok       {path} (fragment: {what})", err=True)
+                results.append(
+                    {"recipe": str(path), "valid": True, "fragment": True, "fits": fits,
+                     "command": whole.command if whole else None}
+                )  # fmt: skip
+                if resolved and whole:
+                    print(("---\n" if i else "") + f"# {path}\n" + dump_recipe(whole.recipe), end="", flush=True)
+                continue
             loaded = load_recipe(path, command, list(set_ or []))
             typer.echo(f"ok       {path} ({loaded.command})", err=True)
             results.append({"recipe": str(path), "valid": True, "command": loaded.command})

@@ -267,14 +267,15 @@ def encode_messages(tok, messages: list[dict], mask_prompt: bool) -> tuple[list[
     assistant span is found by rendering the conversation up to it (prefix rendering)."""
     if not tok.chat_template:
         raise DataError(
-            "chat 'messages' rows need a chat template: the tokenizer has none; set model.chat_template in the recipe"
+            "chat 'messages' rows need a chat template: the tokenizer has none; set model.chat_template in the recipe "
+            "(a bundled one by name, e.g. chatml or llama3, or a Jinja string)"
         )
     ids = chat_ids(tok, messages)
     if not mask_prompt:
         return ids, list(ids)
     labels = [IGNORE] * len(ids)
     for i, msg in enumerate(messages):
-        if msg.get("role") != "assistant":
+        if msg.get("role") != "assistant" or msg.get("weight") == 0:  # OpenAI's format: weight 0 is not trained
             continue
         start = len(chat_ids(tok, messages[:i], add_generation_prompt=True)) if i else 0
         end = len(chat_ids(tok, messages[: i + 1]))

@@ -123,7 +123,12 @@ def load_tokenizer(m: ModelSection):
             "`model:` in the recipe: the token is added and the embeddings resized."
         )
     if m.chat_template is not None:
-        tok.chat_template = m.chat_template
+        from .chat_templates import TEMPLATES, apply_named_template
+
+        if m.chat_template in TEMPLATES:
+            apply_named_template(tok, m.chat_template)
+        else:
+            tok.chat_template = m.chat_template
     return tok
 
 

@@ -14,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+BAR_WIDTH = 20  # characters of the progress bar (rich's default, 40, leaves little room at 80 columns)
+
 # The metrics shown on the progress line, in order, when present.
 HEADLINE = ("loss", "eval/loss", "eval/ppl", "reward/mean", "kl/mean", "lr", "perf/tokens_per_s")
 
@@ -87,7 +89,7 @@ class Progress:
 
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=BAR_WIDTH),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}"),
@@ -97,6 +99,14 @@ class Progress:
             )
             self._task = self._bar.add_task(title, total=total_steps, completed=start_step, info="")
             self._bar.start()
+
+    def _fit(self, info: str) -> str:
+        """The metrics text cut to what the terminal has left after the title, the bar, the step counter and the
+        ETA. Rich shrinks a table row that is too wide by dropping its narrow columns first: an uncut metrics text
+        on an 80-column terminal hid the step counter and the ETA."""
+        n = len(str(self.total))
+        room = self.console.width - (len(self.title) + BAR_WIDTH + 2 * n + 1 + len("0:00:00") + 4)
+        return info if len(info) <= room else (info[: room - 1] + "…" if room > 1 else "")
 
     def log(self, text: str) -> None:
         """A message on stderr (shown unless --quiet)."""
@@ -123,7 +133,7 @@ class Progress:
             return
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in headline(record))
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
+            self._bar.update(self._task, completed=step, info=self._fit(info))
         elif step % self.every == 0 or step == self.total or step == self.start_step + 1:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.t0

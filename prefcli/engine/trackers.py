@@ -9,7 +9,8 @@ its run onto each library's own calls:
 | the recipe      | text 'recipe' (YAML)        | run config               | params (dotted) + recipe.yaml  | run config           |
 | completions     | text table per step         | wandb.Table              | table artifact samples/*.json  | trackio.Table        |
 | the summary     | text 'summary' (JSON)       | run.summary              | summary.json artifact + tags   | summary/* scalars    |
-| where           | RUN_DIR/tensorboard/        | WANDB_* settings         | MLFLOW_TRACKING_URI            | TRACKIO_DIR          |
+| where           | RUN_DIR/tensorboard/        | WANDB_* settings         | MLFLOW_TRACKING_URI, else      | TRACKIO_DIR          |
+|                 |                             |                          | RUN_DIR/mlflow.db (SQLite)     |                      |
 
 metrics.jsonl stays the record. A tracker that fails to start, or raises later, is reported once as a warning
 and gets nothing more from the run; training goes on. A tracker named in the recipe whose library is not
@@ -48,6 +49,28 @@ def check_installed(names: list[str], field_name: str = "log.report_to") -> None
             f"install with: pip install {extras} (or 'prefcli[trackers]' for all four), or remove "
             f"{'it' if len(missing) == 1 else 'them'} from {field_name}"
         )
+    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
+        lacking = [m for m in MLFLOW_SQLITE_MODULES if importlib.util.find_spec(m) is None]
+        if lacking:
+            raise UsageError(
+                f"{field_name}: mlflow without MLFLOW_TRACKING_URI writes to a SQLite file in the run folder, which "
+                f"needs {' and '.join(lacking)} (mlflow-skinny leaves them out; the full mlflow, 'prefcli[mlflow]', "
+                f"has them): pip install {' '.join(lacking)}, or set MLFLOW_TRACKING_URI to a tracking server"
+            )
+
+
+# MLflow's own default store (since MLflow 3.7) is a SQLite database, `sqlite:///mlflow.db` in the current
+# directory, and its file store ('./mlruns') is refused unless MLFLOW_ALLOW_FILE_STORE=true. Without
+# MLFLOW_TRACKING_URI, prefcli puts that SQLite database in the run folder (RUN_DIR/mlflow.db, the artifacts
+# beside it in RUN_DIR/mlflow-artifacts/), so the run's record stays in its folder and works offline. MLflow's
+# SQLite store needs these two, which the full mlflow installs and mlflow-skinny does not.
+MLFLOW_SQLITE_MODULES = ("sqlalchemy", "alembic")
+
+
+def mlflow_default_store(run_dir: Path) -> tuple[str, str]:
+    """(tracking URI, artifact location) of a run when MLFLOW_TRACKING_URI is not set."""
+    run_dir = Path(run_dir).resolve()
+    return f"sqlite:///{run_dir / 'mlflow.db'}", (run_dir / "mlflow-artifacts").as_uri()
 
 
 @dataclass
@@ -168,11 +191,12 @@ class MLflow:
     name = "mlflow"
 
     def __init__(self, run: RunInfo):
-        from mlflow.tracking import MlflowClient  # the tracking URI and credentials come from MLflow's own settings
+        from mlflow.tracking import MlflowClient  # a set MLFLOW_TRACKING_URI (and credentials) is MLflow's own
 
-        self.client = MlflowClient()
+        uri, artifacts = (None, None) if os.environ.get("MLFLOW_TRACKING_URI") else mlflow_default_store(run.run_dir)
+        self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(run.project)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(run.project)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(run.project, artifacts)
         tags = {t: "" for t in run.tags}
         tags["prefcli.command"] = run.command
         self.run_id = self.client.create_run(exp_id, run_name=run.name, tags=tags).info.run_id

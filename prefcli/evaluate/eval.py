@@ -193,15 +193,21 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     check_installed(r.log.report_to)
     log = Log(opts.quiet)
     inputs = read_inputs(r)
-    entries, ref_section = resolve_models(r)
-    gen_wanted = any(m in r.metrics for m in GENERATION_METRICS) and inputs.given is None
     if inputs.given is not None:
-        skipped = [m for m in r.metrics if m in SAMPLED_METRICS]
-        if skipped:
+        sampled = [m for m in r.metrics if m in SAMPLED_METRICS]
+        if sampled:
             log.warn(
-                f"{', '.join(skipped)} {'needs' if len(skipped) == 1 else 'need'} completions sampled from the models; "
+                f"{', '.join(sampled)} {'needs' if len(sampled) == 1 else 'need'} completions sampled from the models; "
                 "skipped: data.completions are scored as given"
             )
+    for why in inputs.skipped.values():
+        log.warn(why)
+    skipped = [m for m in r.metrics if m in inputs.skipped or (inputs.given is not None and m in SAMPLED_METRICS)]
+    given_recipe = r  # recipe.yaml and the trackers' config: the recipe as given
+    if skipped:  # from here on the recipe lists what is computed
+        r = r.model_copy(update={"metrics": [m for m in r.metrics if m not in skipped]})
+    entries, ref_section = resolve_models(r)
+    gen_wanted = any(m in r.metrics for m in GENERATION_METRICS) and inputs.given is None
 
     import torch
 
@@ -217,7 +223,8 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     gens: dict[str, list] = {}
     if inputs.given is not None:
         res: dict[str, Any] = {"role": "completions", "source": r.data.completions.path}
-        if "length" in r.metrics and any(g.n_tokens is None for g in inputs.given):
+        counted = "length" in r.metrics or "reward" in r.metrics  # reward: its correlation with the token count
+        if counted and any(g.n_tokens is None for g in inputs.given):
             tok = load_tokenizer(entries[0].section)  # token counts by the first model's tokenizer
             for g in inputs.given:
                 if g.n_tokens is None:
@@ -309,7 +316,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
                     "mean": _mean(total),
                     "std": _std(total),
                     "parts": {k: _mean(v) for k, v in parts.items()},
-                    "length_correlation": M.length_correlation(total, [len(g.token_ids) for g in outs], "tokens"),
+                    "length_correlation": M.length_correlation(total, [g.tokens for g in outs], "tokens"),
                 }
             for row in _gen_rows(rows, name):
                 i = row["index"]
@@ -351,6 +358,8 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         "metrics": list(r.metrics),
         "models": results,
     }
+    if skipped:
+        summary["skipped_metrics"] = skipped
     if pref is not None:
         summary["preference_accuracy"] = pref
     summary.update(
@@ -362,10 +371,10 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
             "wall_s": round(time.perf_counter() - t0, 3),
         }
     )
-    write_outputs(run_dir, r, rows, summary, opts.overwrite)
+    write_outputs(run_dir, given_recipe, rows, summary, opts.overwrite)
     if not opts.quiet:
         print_table(log, summary)
-    report_to_trackers(r, run_dir, rows, summary, log)
+    report_to_trackers(given_recipe, run_dir, rows, summary, log)
     return summary
 
 

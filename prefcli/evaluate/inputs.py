@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
@@ -21,6 +20,33 @@ class EvalInputs:
     pairs: Any = None
     given: list | None = None  # Generation objects of data.completions (scored as given, nothing sampled)
     given_name: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it is not computed (a warning)
+
+
+# BLEU and ROUGE compare each completion with its reference: rows without a 'reference' column skip them (with a
+# warning, as kl and win_rate are skipped for given completions), unless nothing else would be measured.
+REFERENCE_METRICS = ("bleu", "rouge")
+
+
+def _references(rows, r: EvalRecipe, out: EvalInputs, source: str, what: str, hint: str = "") -> None:
+    """out.references from the rows' 'reference' column, when a listed metric reads it. Rows without the column:
+    the reference metrics are skipped when another metric is listed, an error when they are all there is."""
+    from ..engine.data import check_values
+
+    wanted = [m for m in REFERENCE_METRICS if m in r.metrics]
+    if not wanted:
+        return
+    if "reference" not in rows.column_names:
+        if all(m in REFERENCE_METRICS for m in r.metrics):
+            raise DataError(
+                f"{what}: {source}: missing column(s) reference (columns: {', '.join(rows.column_names)}); "
+                f"{' and '.join(wanted)} compare each completion with its 'reference'{hint}"
+            )
+        for m in wanted:
+            out.skipped[m] = f"{m} needs a 'reference' in the rows of {what} ({source}), which have none; skipped"
+        return
+    check_values(rows, ["reference"], source, what=what)
+    out.references = [str(x) for x in rows["reference"]]
 
 
 def read_inputs(r: EvalRecipe) -> EvalInputs:
@@ -41,14 +67,12 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
     if d.completions is not None:
         read_completions(r, out)
     elif d.prompts is not None:
-        need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
-        cols = ["prompt"] + (["reference"] if need_ref else [])
-        rows = load_rows(d.prompts, required=cols, what="data.prompts")
+        rows = load_rows(d.prompts, required=["prompt"], what="data.prompts")
         check_values(rows, ["prompt"], d.prompts.path, what="data.prompts")
         out.prompts = [str(p) for p in rows["prompt"]]
-        if need_ref:
-            check_values(rows, ["reference"], d.prompts.path, what="data.prompts")
-            out.references = [str(x) for x in rows["reference"]]
+        _references(
+            rows, r, out, d.prompts.path, "data.prompts", "; map another column with columns: {reference: answer}"
+        )
     if d.pairs is not None:
         rows = load_rows(d.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
         check_values(rows, ["chosen", "rejected"], d.pairs.path, what="data.pairs")
@@ -62,22 +86,13 @@ def read_completions(r: EvalRecipe, out: EvalInputs) -> None:
     from .generation import Generation
 
     d = r.data.completions
-    need_ref = any(m in r.metrics for m in ("bleu", "rouge"))
-    cols = ["prompt", "completion"] + (["reference"] if need_ref else [])
-    try:
-        rows = load_rows(d, required=cols, what="data.completions")
-    except DataError as e:
-        if need_ref and "reference" in str(e):
-            raise DataError(
-                f"{e}. BLEU and ROUGE compare each completion with its 'reference': `prefcli generate` passes one "
-                "through from a JSONL prompts file whose rows have a 'reference' field"
-            ) from None
-        raise
+    rows = load_rows(d, required=["prompt", "completion"], what="data.completions")
     check_values(rows, ["prompt"], d.path, what="data.completions")
     out.prompts = [str(p) for p in rows["prompt"]]
-    if need_ref:
-        check_values(rows, ["reference"], d.path, what="data.completions")
-        out.references = [str(x) for x in rows["reference"]]
+    _references(
+        rows, r, out, "<stdin>" if d.path == "-" else d.path, "data.completions",
+        ": `prefcli generate` passes one through from a JSONL prompts file whose rows have a 'reference' field",
+    )  # fmt: skip
     cols = rows.column_names
     out.given = [
         Generation(
@@ -91,4 +106,4 @@ def read_completions(r: EvalRecipe, out: EvalInputs) -> None:
         )
         for row in rows
     ]
-    out.given_name = "completions" if d.path == "-" else Path(d.path).stem
+    out.given_name = "completions"  # the same key for a file and for stdin; the summary's 'source' names which

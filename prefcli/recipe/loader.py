@@ -375,12 +375,18 @@ def validate_data(
     lines: dict[Loc, int | str],
     origin: dict[Loc, str],
     base_dir: Path,
-) -> RecipeBase:
+    fragment: bool = False,
+) -> RecipeBase | None:
+    """The recipe, or RecipeError naming every problem. `fragment`: the fields the data leaves out are not asked
+    for (a `base:` fragment on its own; nothing is returned then)."""
     try:
         return schema.model_validate(data, context={"base_dir": str(base_dir)})
     except ValidationError as exc:
+        errors = _fragment_errors(exc.errors(), data) if fragment else exc.errors()
+        if not errors:
+            return None
         problems = []
-        for err in exc.errors():
+        for err in errors:
             loc = _clean_loc(tuple(err["loc"]), data)
             item = _origin_of(loc, origin)
             n = len(loc)
@@ -392,6 +398,76 @@ def validate_data(
             line = lines.get(loc[:n], 0)
             problems.append((line if isinstance(line, int) else 0, f"{where}: {field}: {text}"))
         raise RecipeError(shown, [p for _, p in sorted(problems, key=lambda t: t[0])]) from None
+
+
+def _union_branch(raw: Loc, data: Any) -> tuple[Loc, Any] | None:
+    """(the union's place in the file, the branch's tag) of an error inside one member of a union, e.g.
+    (('data', 'train'), 'list[DataSource]'); None outside unions (the walk of `_clean_loc`)."""
+    cur = data
+    for i, part in enumerate(raw):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+        elif isinstance(cur, dict) and i == len(raw) - 1:
+            return None  # a missing field
+        else:
+            return tuple(raw[:i]), part
+    return None
+
+
+def _fragment_errors(errors: list[dict], data: dict) -> list[dict]:
+    """The errors that remain of a fragment's validation once the fields it leaves out are not asked for:
+    'missing' errors go, and so does every error of a union member when another member lacks only fields."""
+    branches: dict[Loc, dict[Any, bool]] = {}  # union place -> {branch tag: lacks only fields}
+    for err in errors:
+        u = _union_branch(tuple(err["loc"]), data)
+        if u is not None:
+            ok = branches.setdefault(u[0], {}).setdefault(u[1], True)
+            branches[u[0]][u[1]] = ok and err["type"] == "missing"
+    out = []
+    for err in errors:
+        if err["type"] == "missing":
+            continue
+        u = _union_branch(tuple(err["loc"]), data)
+        if u is not None and any(branches[u[0]].values()):
+            continue
+        out.append(err)
+    return out
+
+
+def is_fragment(path: str | os.PathLike) -> bool:
+    """The convention for `base:` fragments: a recipe file whose name starts with '_' (recipes/_model.yaml)."""
+    return Path(path).name.startswith("_")
+
+
+def check_fragment(
+    path: str | os.PathLike, command: str | None = None, overrides: list[str] | None = None
+) -> list[str]:
+    """A fragment on its own: its YAML, its own bases, and every key and value it sets, against the schema of its
+    `command:` (or `command`), or else of any command (a model section fits them all). The fields it leaves out
+    are not asked for: the recipes that use it as `base:` give them. Returns the commands it fits; RecipeError
+    with the problems of the closest fit when it fits none."""
+    path = Path(path)
+    shown = str(path)
+    data, lines = compose_file(path)
+    origin = apply_overrides(data, list(overrides or []))
+    check_finite(data, shown, lines, origin)
+    declared = data.get("command")
+    if declared is not None and declared not in SCHEMAS:
+        where = _where(lines.get(("command",), 1), shown)
+        raise RecipeError(shown, [f"{where}: command: unknown command {declared!r}; one of: {', '.join(SCHEMAS)}"])
+    names = [command or declared] if (command or declared) else list(SCHEMAS)
+    fits, failures = [], []
+    for name in names:
+        try:
+            validate_data({**data, "command": name}, SCHEMAS[name], shown, lines, origin, path.resolve().parent, True)
+            fits.append(name)
+        except RecipeError as e:
+            failures.append(e)
+    if not fits:
+        raise min(failures, key=lambda e: len(e.problems))
+    return fits
 
 
 def load_recipe(
@@ -425,6 +501,11 @@ def load_recipe(
             problem = f"{line}: {typo[0]}: unknown key (did you mean 'command'?); the recipe needs 'command: <name>'"
         else:
             problem = f"{shown}:1: command: missing; add a line such as 'command: sft' (one of: {', '.join(SCHEMAS)})"
+            if not is_fragment(path):
+                problem += (
+                    f", or, if the file is a fragment other recipes name as base:, name it with a leading '_' "
+                    f"(_{path.name}): `prefcli validate` then checks it as a fragment"
+                )
         raise RecipeError(shown, [problem])
     data["command"] = cmd
     check_finite(data, shown, lines, origin)

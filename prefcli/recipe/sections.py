@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from .paths import OutputPath, PathOrHubId
 
 # log.report_to: the experiment trackers prefcli can also report to, each through its own library (an extra)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+# model.chat_template: the bundled named templates (prefcli/engine/chat_templates.py TEMPLATES has these keys)
+CHAT_TEMPLATES = ("chatml", "qwen", "llama3", "gemma", "phi3", "zephyr", "alpaca")
 
 
 class Section(BaseModel):
@@ -79,9 +81,27 @@ class ModelSection(Section):
         "Needed only when the tokenizer has no pad token; it must differ from the EOS token.",
     )
     chat_template: str | None = Field(
-        None, description="A Jinja chat template replacing the tokenizer's own, for chat-message data."
+        None,
+        description="The chat template for chat-message data, replacing the tokenizer's own: a bundled one by name "
+        f"({', '.join(CHAT_TEMPLATES)}; for a model that ships none, as LLaMA-Factory's template: does; its "
+        "end-of-turn token becomes the EOS and its special tokens are added when missing), or a Jinja template "
+        "string.",
     )
     lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None or v in CHAT_TEMPLATES or "{{" in v or "{%" in v:
+            return v
+        import difflib
+
+        close = difflib.get_close_matches(v, CHAT_TEMPLATES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"unknown chat template {v!r}{hint}: give one of {', '.join(CHAT_TEMPLATES)}, or a Jinja template string "
+            "(with {{ ... }} or {% ... %})"
+        )
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -40,6 +40,10 @@ from .render import colour_scale, render_html, terminal_text
 # ------------------------------------------------------------------------------------ driver
 
 
+# said wherever a rejected answer's token scores are shown: they are its own scores negated
+FLIPPED_NOTE = " (token scores sign-flipped: each is the token's contribution to the margin chosen - rejected)"
+
+
 def _top(e: Explained, k: int = 5) -> list[list]:
     ranked = sorted(((s, t) for t, s in zip(e.tokens, e.scores) if s is not None), key=lambda x: -abs(x[0]))
     return [[t, s] for s, t in ranked[:k]]
@@ -113,10 +117,22 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
     else:
         defaults = run_defaults(opts.model)
         ref_path = opts.reference or defaults.get("reference")
-        if not ref_path:
+        if not ref_path and defaults.get("init"):
             raise UsageError(
                 f"the implicit reward beta log pi/pi_ref of {opts.model} needs its reference (the model it was tuned "
-                "from): give --reference BASE_MODEL (no run recipe.yaml next to the model names one)"
+                f"from), and the run's recipe ({defaults['recipe']}) started it from a random initialisation "
+                f"(model.init: {defaults['init']}), which was never saved, so there is no reference to read: give "
+                "--reference MODEL_FOLDER to compare with a saved model"
+            )
+        if not ref_path:
+            where = (
+                f"the run's recipe ({defaults['recipe']}) names no model.path"
+                if defaults.get("recipe")
+                else "no run recipe.yaml next to the model names one"
+            )
+            raise UsageError(
+                f"the implicit reward beta log pi/pi_ref of {opts.model} needs its reference (the model it was tuned "
+                f"from): give --reference BASE_MODEL ({where})"
             )
         if not os.path.isdir(ref_path):
             raise UsageError(f"--reference {ref_path}: no such model folder")
@@ -167,6 +183,7 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
             sa, sb, mass = pair_alignment(c, r)
             # shown as contributions to the margin (chosen - rejected): the rejected side's scores change sign
             r.scores = [None if s is None else -s for s in r.scores]
+            r.flipped = True
             shared = {"chosen": sa, "rejected": sb}
             key = "score" if kind == "reward" else "implicit_reward"
             rec["margin"] = c.info[key] - r.info[key]
@@ -228,7 +245,7 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
         for info, sides_ in blocks:
             con.print(info["title"], style="bold", markup=False)
             for side, e, _ in sides_:
-                con.print(f"  {side}: {e.info['headline']}", markup=False)
+                con.print(f"  {side}: {e.info['headline']}{FLIPPED_NOTE if e.flipped else ''}", markup=False)
                 con.print(terminal_text(e, scale_all), soft_wrap=True)
         for w in warnings:
             con.print(f"warning: {w}", style="yellow", markup=False)

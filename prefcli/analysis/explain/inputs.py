@@ -42,6 +42,7 @@ class Explained:
     scores: list[float | None]  # None: not scored (prompt tokens of a policy, the first token without context)
     prompt_len: int  # tokens of the prompt at the start of ids
     info: dict
+    flipped: bool = False  # scores negated (a pair's rejected side: contributions to the margin chosen - rejected)
 
 
 # ------------------------------------------------------------------------------------ models
@@ -119,7 +120,7 @@ def run_defaults(model: str) -> dict:
     """beta and reference from the recipe.yaml of the run whose final/ folder `model` is."""
     import yaml
 
-    p = Path(model).resolve()
+    p = Path(os.path.abspath(model))  # not resolve(): a final/ that is a link still finds its run
     recipe = p.parent / "recipe.yaml" if p.name == "final" else p / "recipe.yaml"
     if not recipe.is_file():
         return {}
@@ -128,9 +129,11 @@ def run_defaults(model: str) -> dict:
     except yaml.YAMLError:
         return {}
     out: dict[str, Any] = {"recipe": str(recipe), "command": r.get("command")}
-    ref = (r.get("model") or {}).get("path")
-    if ref:
-        out["reference"] = ref
+    model = r.get("model") or {}
+    if model.get("path"):
+        out["reference"] = model["path"]
+    elif isinstance(model.get("init"), dict):  # trained from a random initialisation: no saved model to compare to
+        out["init"] = model["init"].get("architecture") or "a random initialisation"
     if r.get("command") == "contrastive":
         c = r.get("contrastive") or {}
         from ...algos.contrastive import OBJECTIVES

@@ -52,7 +52,9 @@ def html_tokens(e: Explained, scale: float, shared: set[int] | None = None) -> s
             cls.append("diff")
         style = f' style="background: rgba({c[0]},{c[1]},{c[2]},{c[3]:.3f})"' if c else ""
         score = "" if s is None else f"{s:.6g}"
-        title = f"{t!r}: {score or 'not scored'}"
+        title = f"{t!r}: {score or 'not scored'}" + (
+            " (to the margin: the score negated)" if e.flipped and score else ""
+        )
         spans.append(
             f'<span class="{" ".join(cls)}" data-score="{score}" title="{_html.escape(title)}"{style}>'
             f"{_html.escape(t)}</span>"
@@ -99,12 +101,19 @@ def render_html(summary: dict, blocks: list[tuple[dict, list[tuple[str, Explaine
         scale = colour_scale([e for _, e, _ in sides])
         for side, e, shared in sides:
             parts.append(f"<h3>{_html.escape(side)}: {_html.escape(e.info.get('headline', ''))}</h3>")
+            if e.flipped:
+                parts.append(
+                    '<p class="meta">The token scores of this answer are sign-flipped: each is its contribution to '
+                    "the margin chosen &minus; rejected, i.e. the token's own score negated (a token that raises the "
+                    "rejected answer's score counts against the margin, in red).</p>"
+                )
             parts.append(f'<p class="tokens">{html_tokens(e, scale, shared)}</p>')
             ranked = sorted(((s, t) for t, s in zip(e.tokens, e.scores) if s is not None), key=lambda x: -abs(x[0]))
             if ranked:
                 rows = "".join(
                     f"<tr><td><code>{_html.escape(repr(t))}</code></td><td>{s:+.4f}</td></tr>" for s, t in ranked[:5]
                 )
-                parts.append(f'<table class="top"><tr><th>token</th><th>score</th></tr>{rows}</table>')
+                head = "to the margin (&minus;score)" if e.flipped else "score"
+                parts.append(f'<table class="top"><tr><th>token</th><th>{head}</th></tr>{rows}</table>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

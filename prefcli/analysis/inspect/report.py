@@ -24,7 +24,18 @@ from .checks import (
     unpaired_baselines,
     words,
 )
-from .sources import LOUD, InspectOptions, Source, Tokens, View, count_tokens, is_empty, make_view, resolve
+from .sources import (
+    FILE_LENGTH_FIXES,
+    LOUD,
+    InspectOptions,
+    Source,
+    Tokens,
+    View,
+    count_tokens,
+    is_empty,
+    make_view,
+    resolve,
+)
 
 # ------------------------------------------------------------------------------------- plots
 
@@ -151,6 +162,7 @@ def run_inspect(opts: InspectOptions) -> dict:
         "recipe": src.recipe,
         "kind": src.kind,
         "format": src.fmt,
+        "read_as": src.read_as,
         "tokenizer": src.tokenizer,
         "max_length": src.max_length,
         "held_out": src.held_out_from,
@@ -199,7 +211,7 @@ def run_inspect(opts: InspectOptions) -> dict:
         rw.pop("_ok")
         summary["reward_agreement"] = rw
     summary["debias"] = _debias_effect(src, opts.seed) if src.recipe else None
-    summary["warnings"] = loud_findings(summary)
+    summary["warnings"] = loud_findings({**summary, "length_fixes": src.length_fixes})
     summary["plots"] = draw_plots(Path(opts.plots), tv, tt, src.kind, summary["raters"]) if opts.plots else []
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return summary
@@ -222,7 +234,7 @@ def loud_findings(s: dict) -> list[str]:
             out.append(
                 f"length alone predicts the label: picking the {side} answer is right on {b['length_only']:.1%} "
                 f"of held-out pairs ({b['method']}); a model can reach that without learning the preference. "
-                "Consider data.debias.length_balance, or contrastive.length_alpha (R-DPO)"
+                f"Consider {s.get('length_fixes') or FILE_LENGTH_FIXES}"
             )
     if b.get("bag_of_words") is not None and b["bag_of_words"] >= bar:
         out.append(
@@ -291,7 +303,9 @@ def print_report(s: dict, console) -> None:
     from rich.table import Table
 
     console.print(
-        f"[bold]prefcli data inspect[/] {s['source']}  ({s['kind']}, {s['format']}; tokens of {s['tokenizer']})",
+        f"[bold]prefcli data inspect[/] {s['source']}  ({s['kind']}, {s['format']}"
+        + (f" read from {s['read_as']}" if s.get("read_as") else "")
+        + f"; tokens of {s['tokenizer']})",
         highlight=False,
     )
     splits = [k for k in ("train", "eval") if s.get(k)]

@@ -41,6 +41,12 @@ class InspectOptions:
     quiet: bool = False
 
 
+FILE_LENGTH_FIXES = (
+    "data.debias.length_balance in a reward (bradley_terry) or contrastive recipe, or contrastive.length_alpha "
+    "(R-DPO) with contrastive.objective dpo"
+)
+
+
 @dataclass
 class Source:
     """The rows to inspect and how the training command would read them."""
@@ -59,6 +65,10 @@ class Source:
     command: str | None = None
     debias: Any = None
     add_eos: bool = True
+    read_as: str | None = None  # the outside format the rows were read from (sharegpt, alpaca, openai)
+    # what a recipe can do when length alone predicts the label: the fields of this recipe's command (and
+    # objective) that break the link, or, for a data file, where each of them lives
+    length_fixes: str = FILE_LENGTH_FIXES
 
 
 # ------------------------------------------------------------------------------ resolving
@@ -88,6 +98,18 @@ def detect_kind(columns: list[str]) -> tuple[str, str | None]:
         "completions (rankings), completion + label (unpaired, KTO), score + text (scores), text, prompt + "
         "completion or messages (SFT), or prompt (prompts). Map yours with --columns, e.g. --columns chosen=good"
     )
+
+
+def read_outside(rows, requested: str, kinds: tuple[str, ...], source: str, what: str):
+    """(rows, format read or None): rows in a format people already have read as prefcli's own, as the training
+    command reads them (engine/formats.py). Pair formats are tried first: their columns include the sft ones'."""
+    from ...engine.formats import convert_rows, outside_format
+
+    for kind in kinds:
+        fmt = outside_format(rows.column_names, requested, kind)
+        if fmt is not None:
+            return convert_rows(rows, fmt, kind, source, what), fmt
+    return rows, None
 
 
 def _tokenizer(path: str | None):
@@ -157,30 +179,56 @@ def _recipe_source(opts: InspectOptions) -> Source:
     else:
         kind = "sft"
     train = load_rows(d.train, what="data.train")
+    outside = {"sft": ("sft",), "pairs": ("pairs",)}.get(kind, ()) if cmd != "gan" else ()
+    if kind == "pairs" and cmd == "contrastive" and r.contrastive.objective == "infonce":
+        outside = ()
+    requested = getattr(d, "format", "auto")
+    train, read_as = read_outside(train, requested, outside, d.train.path, "data.train")
     if kind == "pairs" and "rejected" not in train.column_names:  # infonce without hard negatives
         kind = "sft"
     held_out, how = None, None
     if getattr(d, "eval", None) is not None:
         held_out, how = load_rows(d.eval, what="data.eval"), "data.eval"
+        held_out, _ = read_outside(held_out, requested, outside, d.eval.path, "data.eval")
     elif getattr(d, "eval_fraction", 0) > 0:
         train, held_out = split_eval(train, d.eval_fraction, seed)
         how = f"data.eval_fraction {d.eval_fraction} (split as training splits it, seed {seed})"
+    if read_as is not None:
+        requested = "messages" if kind == "sft" else "chat"
     if kind == "sft":
         if cmd == "gan":
             fmt = "prompt_completion"
         else:
-            fmt = detect_format(train.column_names, getattr(d, "format", "auto"))
+            fmt = detect_format(train.column_names, "messages" if requested == "openai" else requested)
     elif kind == "prompts":
         fmt = "messages" if "messages" in train.column_names else "plain"
     else:
         probe = {"pairs": "chosen", "unpaired": "completion", "scores": "text", "rankings": "completions"}[kind]
         if probe not in train.column_names:
             probe = "completion" if "completion" in train.column_names else train.column_names[0]
-        fmt = detect_pair_format(train, probe, d.format) if probe != "completions" else "plain"
+        fmt = detect_pair_format(train, probe, requested) if probe != "completions" else "plain"
     src = Source(train, held_out, kind, fmt, tok, tname, max_length, convention, how, d.train.path, name, cmd)
+    src.read_as = read_as
+    src.length_fixes = length_fixes(r, cmd)
     src.debias = getattr(d, "debias", None)
     src.add_eos = getattr(d, "add_eos", True)
     return src
+
+
+def length_fixes(r, cmd: str) -> str:
+    """The recipe fields that break a length-label link under this command: data.debias.length_balance (pair rows of
+    reward bradley_terry and of the paired contrastive objectives), contrastive.length_alpha (R-DPO: dpo only)."""
+    fixes = []
+    paired = (cmd == "reward" and r.reward.objective == "bradley_terry") or (
+        cmd == "contrastive" and r.contrastive.objective != "kto"
+    )
+    if paired:
+        fixes.append(f"data.debias.length_balance (subsample or reweight) in this {cmd} recipe")
+    if cmd == "contrastive" and r.contrastive.objective == "dpo":
+        fixes.append("contrastive.length_alpha (R-DPO)")
+    if not fixes:
+        return f"no field of this {cmd} recipe balances lengths; balance the data before training"
+    return ", or ".join(fixes)
 
 
 def resolve(opts: InspectOptions) -> Source:
@@ -202,9 +250,11 @@ def resolve(opts: InspectOptions) -> Source:
     if not os.path.exists(opts.source) and opts.source.endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet")):
         raise DataError(f"no such file: {opts.source}")
     train = load_rows(_data_source(opts.source, opts.columns, opts.max_rows, "data"), what="data")
+    train, read_as = read_outside(train, "auto", ("pairs", "sft"), opts.source, "data")
     held_out = None
     if opts.eval:
         held_out = load_rows(_data_source(opts.eval, opts.columns, opts.max_rows, "--eval"), what="--eval")
+        held_out, _ = read_outside(held_out, "auto", ("pairs", "sft"), opts.eval, "--eval")
     kind, sft_fmt = detect_kind(train.column_names) if opts.kind == "auto" else (opts.kind, None)
     if opts.kind != "auto":
         need = {
@@ -255,6 +305,7 @@ def resolve(opts: InspectOptions) -> Source:
         "policy",
         "--eval" if held_out is not None else None,
         opts.source,
+        read_as=read_as,
     )
 
 

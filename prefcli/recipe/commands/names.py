@@ -3,7 +3,7 @@ registries (tests/test_command_table.py checks that each registry has exactly th
 generated recipe reference all read them from here. (The tracker names of log.report_to live in sections.py,
 which this package imports, and are re-exported here.)"""
 
-from ..sections import TRACKERS  # noqa: F401
+from ..sections import CHAT_TEMPLATES, TRACKERS  # noqa: F401
 
 SFT_OBJECTIVES = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
 REWARD_OBJECTIVES = ("bradley_terry", "regression", "ranking")
@@ -19,3 +19,7 @@ REWARD_COMBINE = ("mean", "min", "mean_minus_std")  # how a reward ensemble comb
 EVAL_METRICS = (
     "perplexity", "bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length", "preference_accuracy", "env",
 )  # fmt: skip
+# data.format: the row shapes each kind of data is read in (prefcli's own, and the formats people already have:
+# prefcli/engine/formats.py reads sharegpt, alpaca and openai into prefcli's own)
+SFT_FORMATS = ("auto", "text", "prompt_completion", "messages", "openai", "sharegpt", "alpaca")
+PAIR_FORMATS = ("auto", "plain", "chat", "openai", "sharegpt", "alpaca")

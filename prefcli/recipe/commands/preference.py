@@ -14,7 +14,7 @@ from ..sections import (
     TrainSource,
 )
 from .base import RecipeBase
-from .names import CONTRASTIVE_OBJECTIVES, REWARD_OBJECTIVES
+from .names import CONTRASTIVE_OBJECTIVES, PAIR_FORMATS, REWARD_OBJECTIVES
 
 
 class PreferenceData(HeldOut):
@@ -31,10 +31,14 @@ class PreferenceData(HeldOut):
         lt=1,
         description="Hold out this fraction of the training rows for evaluation when no eval set is given.",
     )
-    format: Literal["auto", "plain", "chat"] = Field(
+    format: Literal[PAIR_FORMATS] = Field(
         "auto",
         description="'plain': text values; 'chat': lists of {role, content} messages rendered with the chat template "
-        "(with no `prompt` column, the messages both conversations share are the prompt). 'auto' looks at the values.",
+        "(with no `prompt` column, the messages both conversations share are the prompt); pairs in formats people "
+        "already have, read as chat pairs: 'sharegpt' (conversations of {from, value} + chosen/rejected turns), "
+        "'alpaca' (instruction, input, chosen, rejected) and 'openai' (OpenAI's DPO rows: input.messages, "
+        "preferred_output, non_preferred_output); pair rows only (reward bradley_terry, the paired contrastive "
+        "objectives). 'auto' looks at the columns, then the values (docs/recipes.md).",
     )
     max_length: int = Field(
         1024,
@@ -72,6 +76,18 @@ class RewardSection(Section):
     calibration_bins: int = Field(10, gt=0, description="Equal-width confidence bins for eval/ece and eval/mce.")
 
 
+# the data.format values that read pair rows of another tool's format (prefcli/engine/formats.py)
+OUTSIDE_PAIR_FORMATS = ("sharegpt", "alpaca", "openai")
+
+
+def _check_pair_format(fmt: str, objective: str, paired: bool) -> None:
+    if fmt in OUTSIDE_PAIR_FORMATS and not paired:
+        raise ValueError(
+            f"data.format '{fmt}' reads preference pairs (reward bradley_terry and the paired contrastive "
+            f"objectives); objective '{objective}' reads other rows: use auto, plain or chat"
+        )
+
+
 class RewardRecipe(RecipeBase):
     """`prefcli reward`: a reward model (a scalar head read at the last real token) from preference pairs,
     human scores or rankings."""
@@ -79,6 +95,11 @@ class RewardRecipe(RecipeBase):
     command: Literal["reward"] = Field("reward", description="Always 'reward' for this schema.")
     data: PreferenceData = Field(description="Training and held-out preference data.")
     reward: RewardSection = Field(default_factory=RewardSection, description="The reward-model objective.")
+
+    @model_validator(mode="after")
+    def _outside_format_needs_pairs(self):
+        _check_pair_format(self.data.format, self.reward.objective, "bradley_terry" == self.reward.objective)
+        return self
 
     def eval_metrics(self) -> tuple[str, ...]:
         if self.reward.objective == "regression":
@@ -155,6 +176,12 @@ class ContrastiveRecipe(RecipeBase):
     command: Literal["contrastive"] = Field("contrastive", description="Always 'contrastive' for this schema.")
     data: PreferenceData = Field(description="Training and held-out preference data.")
     contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection, description="The objective.")
+
+    @model_validator(mode="after")
+    def _outside_format_needs_pairs(self):
+        o = self.contrastive.objective
+        _check_pair_format(self.data.format, o, o not in ("kto", "infonce"))
+        return self
 
     def eval_metrics(self) -> tuple[str, ...]:
         o = self.contrastive.objective

@@ -15,7 +15,7 @@ from ..sections import (
     TrainSource,
 )
 from .base import RecipeBase
-from .names import SFT_OBJECTIVES
+from .names import SFT_FORMATS, SFT_OBJECTIVES
 
 
 class SFTData(HeldOut):
@@ -27,10 +27,13 @@ class SFTData(HeldOut):
         lt=1,
         description="Hold out this fraction of the training rows for evaluation when no eval set is given.",
     )
-    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+    format: Literal[SFT_FORMATS] = Field(
         "auto",
         description="Row shape: 'text' (column text), 'prompt_completion' (prompt, completion), 'messages' "
-        "(a list of {role, content}, rendered with the chat template). 'auto' picks by the columns present.",
+        "(a list of {role, content}, rendered with the chat template; OpenAI's chat fine-tuning rows, 'openai', are "
+        "these, an assistant message with weight 0 untrained), 'sharegpt' (conversations of {from, value}, optional "
+        "system) or 'alpaca' (instruction, input, output, optional system and history), both read as messages. "
+        "'auto' picks by the columns present (docs/recipes.md).",
     )
     max_length: int = Field(1024, gt=1, description="Tokens per example; longer examples are truncated and counted.")
     mask_prompt: bool = Field(

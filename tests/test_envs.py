@@ -291,18 +291,21 @@ def test_bundled_guess_number_rules():
     g = GuessNumber(low=1, high=7, max_guesses=3)
     assert g.reset(seed=11).text == "Guess my number from 1 to 7."
     t = g.target
-    assert 1 <= t <= 7 and GuessNumber().reset(seed=11) and GuessNumber().target == 1  # seed decides
-    g.reset(seed=11)
-    lo = g.step("0")
-    assert lo.text == "Higher." and not lo.done
-    assert g.step("I say 9").text == "Lower."
+    assert t == 4 and GuessNumber().reset(seed=11) is not None  # the seed decides the number
+    assert g.step("0").text == "Higher: from 1 to 7."
+    assert g.step("I say 9").text == "Lower: from 1 to 7."
     last = g.step(str(t))
     assert last.done and last.reward == 1.0 and last.metadata["success"]
+    g.reset(seed=11)  # the replies narrow the range
+    assert g.step("2").text == "Higher: from 3 to 7."
+    assert g.step("6").text == "Lower: from 3 to 5."
+    end = g.step("5")
+    assert end.done and end.reward == 0.0 and end.text == "No, it was 4." and not end.metadata["success"]
     g.reset(seed=11)
-    g.step("banana")
-    g.step("0")
-    end = g.step("8")
-    assert end.done and end.reward == 0.0 and end.text == f"No, it was {t}."
+    assert g.step("banana").text == "Say a number from 1 to 7."  # a turn without a number still counts
+    d = GuessNumber(hint="direction")
+    d.reset(seed=11)
+    assert d.step("0").text == "Higher."
 
 
 def test_bundled_secret_needs_the_tool():

@@ -3,9 +3,11 @@ themselves (prefcli/envs/bundled) with a policy that knows the format and nothin
 
     python scripts/make_env_data.py          # writes data/tiny/env_*.jsonl
 
-- env_guess_sft.jsonl: games of GuessNumber (1-7, 3 guesses) played by guessing uniformly at random, whatever
-  the replies say: what a guess looks like and how the game goes, not how to win (the RL run has to learn
-  to use "Higher."/"Lower.").
+- env_guess_sft.jsonl: games of GuessNumber (1-7, 3 guesses, replies that state the range left): half guess
+  uniformly from 1 to 7 whatever the replies say, half guess uniformly inside the range the last reply gave. A
+  model that imitates them wins about half the games (0.37 and 0.67 for the two halves, by simulation); the
+  RL run has to learn to stay in the range every time and to halve it (which always wins). (With blind guesses
+  only, the first version of this file, 300 RL steps on kjv-base did not move the success rate.)
 - env_secret_sft.jsonl: episodes of SecretNumber (1-9) rendered as the tool recipe's chat template renders them
   (its tools block as the system turn); half call the tool ([read_secret()], the pythonic format) and half do
   not; half of the calls are followed by the number the tool said, every other answer is a random number. A
@@ -46,13 +48,15 @@ def guess_games(n: int, rng: random.Random) -> list[dict]:
         env = GuessNumber(low=1, high=7, max_guesses=3)
         obs = env.reset(seed=10_000_000 + k)  # seeds apart from the RL runs' (0 ..) and their held-out ones
         msgs = [{"role": "user", "content": obs.text}]
+        lo, hi = 1, 7
         while True:
-            guess = str(rng.randint(1, 7))
+            guess = str(rng.randint(lo, hi) if k % 2 == 0 else rng.randint(1, 7))
             msgs.append({"role": "assistant", "content": guess})
             obs = env.step(guess)
             if obs.done:
                 break
             msgs.append({"role": "user", "content": obs.text})
+            lo, hi = env.lo, env.hi
         rows.append({"messages": msgs})
     return rows
 

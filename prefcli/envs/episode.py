@@ -221,7 +221,8 @@ def play_episodes(
             text = renderer.tok.decode(t.tokens, skip_special_tokens=True)
             p = parse(text) if pool.factory.tool_names else ParsedTurn(text)  # no tools: every turn is an action
             e.messages.append({"role": "assistant", "content": text})
-            e.metadata["_finished_turn"] = t.finished
+            # whether the turn ends with the stop token (a turn cut by its budget or at a stop string does not)
+            e.metadata["_finished_turn"] = bool(t.tokens) and t.tokens[-1] == renderer.eos_id
             parsed[i] = p
         _answer(pool, eps, parsed, cfg)
         for i in live:

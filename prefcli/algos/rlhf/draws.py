@@ -16,6 +16,8 @@ class RolloutDraws:
         """One sampling round: the next prompts, k completions each, scored; the scores the advantages see
         lose the missing-EOS penalty and DAPO's overlong penalty."""
         c = self.cfg.rlhf
+        if self.env is not None:  # a round of episodes (env_rollout.py)
+            return self.env.draw()
         smp = self.sample(self.next_prompts(), self.prompt_text, self.prompt_ids, self.k)
         total, parts = self.rewards.score(smp.prompts, smp.completions)
         raw = torch.tensor(total, dtype=torch.float32, device=self.rt.device)

@@ -11,7 +11,7 @@ from .advantages import kl_per_token
 
 class HeldOutEvaluation:
     def has_eval(self) -> bool:
-        return bool(self.eval_ids)
+        return self.env is not None or bool(self.eval_ids)
 
     def eval_samples(self) -> tuple[list[int], list[str], list[str]]:
         """One completion per held-out prompt of this rank (capped by train.eval_max_batches): (prompt
@@ -31,6 +31,8 @@ class HeldOutEvaluation:
         """Mean reward, KL to the reference and length of one sampled completion per held-out prompt."""
         rt = self.rt
         self.sampler.sync()
+        if self.env is not None:
+            return self.env.evaluate()
         idx = shard_for_rank(list(range(len(self.eval_ids))), rt.rank, rt.world_size)
         if self.cfg.train.eval_max_batches:
             idx = idx[: self.cfg.train.eval_max_batches * self.B]

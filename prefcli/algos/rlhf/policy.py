@@ -38,6 +38,7 @@ from ...reward_sources import RewardSet, RewardSource, build_rewards
 from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token
 from .correction import mismatch_stats
 from .draws import RolloutDraws
+from .env_rollout import EnvRollouts, EpisodeRollout, episode_sequences
 from .evaluation import HeldOutEvaluation
 from .loss import NORMALISERS, POLICY_LOSSES, LossParams, policy_loss
 from .online import OnlinePreferenceLoss, best_worst_pairs
@@ -93,33 +94,21 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.preference = self.algo.update == "preference"
         self.online = OnlinePreferenceLoss(c.preference) if self.preference else None
         self.tok = tok = load_tokenizer(r.model)
-        rows = load_rows(r.data.train, what="data.train")
-        eval_rows = load_rows(r.data.eval, what="data.eval") if r.data.eval is not None else None
-        if eval_rows is None and r.data.eval_fraction > 0:
-            rows, eval_rows = split_eval(rows, r.data.eval_fraction, r.train.seed)
-        self.train_rows, self.eval_rows = rows, eval_rows
-        src = f"data.train: {r.data.train.path}"
-        self.prompt_text, self.prompt_ids, trunc = prompt_rows(rows, tok, r.data.max_prompt_length, src)
-        eval_src = f"data.eval: {r.data.eval.path}" if r.data.eval is not None else src
-        self.eval_text, self.eval_ids, _ = (
-            prompt_rows(eval_rows, tok, r.data.max_prompt_length, eval_src) if eval_rows else ([], [], 0)
-        )
-        n_blank, first, _ = blank_rows(rows, ["prompt"] if "prompt" in rows.column_names else [])
-        if n_blank:
-            ctx.warn(f"{src}: {n_blank} prompts hold only whitespace (first: row {first}); remove them")
-        if trunc:
-            ctx.warn(
-                f"data.train: {trunc} of {len(self.prompt_ids)} prompts were longer than max_prompt_length="
-                f"{r.data.max_prompt_length} tokens and lost their beginning"
-            )
-        self.n_truncated = trunc
+        self.env = None
+        if r.env is not None:  # episodes in an environment instead of prompt rows (env_rollout.py)
+            self.train_rows = self.eval_rows = None
+            self.prompt_text, self.prompt_ids, self.eval_text, self.eval_ids = [], [], [], []
+            self.n_truncated = 0
+            self.env = EnvRollouts(self)
+        else:
+            self._load_prompts(ctx)
         extra = list(extra_rewards)
         if extra:
             self.rewards = RewardSet(
                 extra + (build_rewards(r.rewards, tokenizer=tok, device=rt.device).sources if r.rewards else [])
             )
         else:
-            self.rewards = build_rewards(r.rewards, tokenizer=tok, device=rt.device)
+            self.rewards = build_rewards(r.rewards, tokenizer=tok, device=rt.device, empty_ok=self.env is not None)
 
         # old and new log-probs must come from the same function: dropout off (the builder's default)
         lm = build_trained_model(r.model, tok, rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke)
@@ -173,7 +162,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.eps_high = high if high is not None else (self.pl.default_clip_high or self.eps_low)
         self.normaliser = self.pl.normaliser or self.algo.normaliser
         self.beta = c.kl_coef
-        self.max_prompt = max(len(p) for p in self.prompt_ids + self.eval_ids)
+        self.max_prompt = self.env.max_context if self.env else max(len(p) for p in self.prompt_ids + self.eval_ids)
         self.scfg = SamplingConfig(
             max_new_tokens=g.max_new_tokens,
             min_new_tokens=g.min_new_tokens,
@@ -183,13 +172,15 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             stop_token_ids=[tok.eos_token_id],
             pad_token_id=tok.pad_token_id,
         )
-        if len(self.prompt_ids) < c.prompts_per_rollout * rt.world_size:
+        if self.env is None and len(self.prompt_ids) < c.prompts_per_rollout * rt.world_size:
             raise DataError(
                 f"data.train has {len(self.prompt_ids)} prompts; a rollout needs "
                 f"{c.prompts_per_rollout * rt.world_size} (rlhf.prompts_per_rollout x processes)"
             )
-        self.cursor = DataCursor(
-            len(self.prompt_ids), c.prompts_per_rollout * rt.world_size, r.train.seed, r.data.shuffle
+        self.cursor = (
+            self.env.cursor
+            if self.env
+            else DataCursor(len(self.prompt_ids), c.prompts_per_rollout * rt.world_size, r.train.seed, r.data.shuffle)
         )
         self.steps_per_rollout = self.epochs * c.minibatches_per_epoch
         t = r.train
@@ -211,6 +202,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.group = Group("policy", self.model, rt, t, self.total_updates, param_groups=params)
         # after the Group: the sampler reads the weights as they are held now (whole, or gathered from shards)
         self.sampler = self._make_sampler(lm, g)
+        if self.env is not None:
+            self.env.attach(self.sampler)
         # position: rollouts done, and where we are inside the current rollout (the prompt cursor above)
         self.rollouts = 0
         self.prompts_sampled = 0  # all ranks, resampled prompts (dynamic sampling) included
@@ -220,6 +213,30 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.examples_file = ctx.run_dir / "samples.jsonl"
         self._warned_sampler = False
         self._plan_metrics: dict[str, float] = {}
+
+    def _load_prompts(self, ctx) -> None:
+        """The prompt rows (data.train, data.eval) as token ids."""
+        r, tok = self.cfg, self.tok
+        rows = load_rows(r.data.train, what="data.train")
+        eval_rows = load_rows(r.data.eval, what="data.eval") if r.data.eval is not None else None
+        if eval_rows is None and r.data.eval_fraction > 0:
+            rows, eval_rows = split_eval(rows, r.data.eval_fraction, r.train.seed)
+        self.train_rows, self.eval_rows = rows, eval_rows
+        src = f"data.train: {r.data.train.path}"
+        self.prompt_text, self.prompt_ids, trunc = prompt_rows(rows, tok, r.data.max_prompt_length, src)
+        eval_src = f"data.eval: {r.data.eval.path}" if r.data.eval is not None else src
+        self.eval_text, self.eval_ids, _ = (
+            prompt_rows(eval_rows, tok, r.data.max_prompt_length, eval_src) if eval_rows else ([], [], 0)
+        )
+        n_blank, first, _ = blank_rows(rows, ["prompt"] if "prompt" in rows.column_names else [])
+        if n_blank:
+            ctx.warn(f"{src}: {n_blank} prompts hold only whitespace (first: row {first}); remove them")
+        if trunc:
+            ctx.warn(
+                f"data.train: {trunc} of {len(self.prompt_ids)} prompts were longer than max_prompt_length="
+                f"{r.data.max_prompt_length} tokens and lost their beginning"
+            )
+        self.n_truncated = trunc
 
     def _make_sampler(self, lm, g):
         ok, why = supports_fast_decoder(lm)
@@ -286,7 +303,10 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
 
     @staticmethod
     def sequences(r: Rollout) -> dict[str, torch.Tensor]:
-        """Full sequences for the training forward: left-padded prompt + completion."""
+        """Full sequences for the training forward: left-padded prompt + completion (episodes: every token
+        attended, only the policy's targeted)."""
+        if isinstance(r, EpisodeRollout):
+            return episode_sequences(r)
         ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
         mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -366,6 +386,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             self._queue_policy(d, r, kl, mask, old_logp, old_values, ref_logp)
         self.rollout_metrics, n = rollout_stats(self, r, d, kl, old_logp, t0)
         self.rollout_metrics.update(draw_stats)
+        if self.env is not None:
+            self.rollout_metrics.update(self.env.metrics())
         if c.kl_target is not None:  # adaptive KL controller (Ziegler et al. 2019); n: sequences, all ranks
             err = max(-0.2, min(0.2, self.rollout_metrics["kl/mean"] / c.kl_target - 1.0))
             self.beta *= 1.0 + err * n / c.kl_horizon
@@ -386,6 +408,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             beta=self.beta,
             cfg=c,
             all_reduce=rt.all_reduce if rt.distributed else None,
+            step_rewards=r.step_rewards if isinstance(r, EpisodeRollout) else None,
         )
         adv, returns = self.algo.advantages(x)
         self.buffer["adv"] = adv
@@ -551,8 +574,14 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         return {f"buffer.{k}": v for k, v in self.buffer.items()}
 
     def describe(self) -> dict:
+        data = (
+            {"env": self.env.factory.name, "tasks": self.cfg.env.num_tasks, "tools": self.env.factory.tool_names}
+            if self.env
+            else {}
+        )
         return {
             "data": {
+                **data,
                 "prompts": len(self.prompt_ids),
                 "eval_prompts": len(self.eval_ids),
                 "truncated_prompts": self.n_truncated,

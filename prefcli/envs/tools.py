@@ -54,7 +54,7 @@ def tool_schemas(cls: type) -> list[dict]:
         if not (inspect.getdoc(method) or "").strip():
             raise ToolSpecError(
                 f"{cls.__name__}.{name} is a public method, so a tool, but has no docstring: document it (a "
-                "summary line and an Args: section describing each parameter) or make it private (_{name})"
+                f"summary line and an Args: section describing each parameter) or make it private (_{name})"
             )
         try:
             out.append(get_json_schema(method))

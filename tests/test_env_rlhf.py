@@ -16,7 +16,7 @@ from prefcli.envs.episode import ChatRenderer, EnvPool, EpisodeConfig, TurnSampl
 
 from .conftest import ROOT, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics
 from .test_envs import _factory, tok  # noqa: F401  (the module's tokenizer fixture)
-from .test_rlhf import _build, _run_steps
+from .test_rlhf import _build
 
 
 def env_recipe(**upd):

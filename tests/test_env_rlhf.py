@@ -64,9 +64,9 @@ def test_sampled_tokens_are_trained_as_sampled_though_retokenising_would_change_
     assert tok(tok.decode(e.ids), add_special_tokens=False)["input_ids"] != e.ids
     b = episode_batch([e], tok.pad_token_id, 1.0, "cpu")
     assert b.completion_ids[b.completion_mask.bool()].tolist() == sampled
-    assert torch.cat([b.prompt_ids[b.prompt_mask.bool()], b.completion_ids[b.completion_attention.bool()]]).tolist() == (
-        e.ids
-    )
+    assert torch.cat(
+        [b.prompt_ids[b.prompt_mask.bool()], b.completion_ids[b.completion_attention.bool()]]
+    ).tolist() == (e.ids)
     seq = episode_sequences(b)
     assert (seq["targets"] != -100).sum() == len(sampled)
 

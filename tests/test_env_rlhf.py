@@ -232,3 +232,38 @@ def test_the_tiny_env_recipe_runs_with_smoke(tmp_path, cli):
     )
     assert code == 0, stderr
     assert "env/success_rate" in last_json(stdout)["final"]
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def test_eval_plays_the_environment_as_a_benchmark(tmp_path, write_recipe, cli, tiny_model_dir):
+    """metric env: each model plays the same seeds; success rate, reward, turns, tool errors per model, a row
+    per episode with its transcript; the same seed gives the same result."""
+    d = {
+        "command": "eval",
+        "models": [{"name": "a", "path": str(tiny_model_dir)}, {"name": "b", "path": str(tiny_model_dir)}],
+        "env": {
+            "kind": "python",
+            "path": "prefcli.envs.bundled.secret:SecretNumber",
+            "tool_format": "pythonic",
+            "system_prompt": "Tools: read_secret()",
+            "max_turns": 2,
+            "max_episode_tokens": 64,
+            "eval_episodes": 6,
+        },
+        "generation": {"max_new_tokens": 6, "batch_size": 4},
+        "metrics": ["env"],
+    }
+    code, stdout, stderr = cli("eval", write_recipe(d), "-o", tmp_path / "e", "-q")
+    assert code == 0, stderr
+    s = last_json(stdout)
+    a, b = s["models"]["a"]["env"], s["models"]["b"]["env"]
+    assert a == {**b, "sampling_s": a["sampling_s"]}  # same model, same seeds: the same episodes
+    assert a["episodes"] == 6 and a["seeds"] == [1_000_000_000, 1_000_000_005]
+    for k in ("success_rate", "env_reward", "turns", "tool_calls", "tool_error_rate"):
+        assert k in a, k
+    rows = [json.loads(x) for x in (tmp_path / "e" / "examples.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r.get("model") == "a"]
+    assert len(mine) == 6 and all(r["turns"] >= 1 and r["transcript"] for r in mine)
+    assert sum(r["success"] for r in mine) / 6 == a["success_rate"]

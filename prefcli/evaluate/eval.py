@@ -248,7 +248,19 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         for w in kl_warnings(r):
             log.warn(w)
 
-    for e in entries if ("perplexity" in r.metrics or gen_wanted) else []:
+    env_factory = None
+    if "env" in r.metrics:
+        from .env import check_env, env_results
+
+        env_factory = check_env(r)  # bad input (exit 2) before any model loads
+        if rewards is None and r.rewards:
+            rewards = build_rewards(
+                r.rewards,
+                base_dir=recipe_path.resolve().parent,
+                tokenizer=load_tokenizer(entries[0].section),
+                device=rt.device,
+            )
+    for e in entries if ("perplexity" in r.metrics or gen_wanted or env_factory is not None) else []:
         log.info(f"{e.role} {e.name}: {e.section.path or 'random init (' + e.section.init.architecture + ')'}")
         lm, tok = load_lm(e.section, rt, seed=e.spec.seed)
         policy = PolicyLM(lm, rt)
@@ -300,6 +312,10 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
                 for row, k in zip(_gen_rows(rows, e.name), ks):
                     row["kl"], row["k3"] = k
             del gen
+        if env_factory is not None:
+            torch.manual_seed(r.seed)  # every model samples from the same seed, on the same tasks
+            log.info(f"  playing {r.env.eval_episodes} episodes in {env_factory.name}")
+            res["env"] = env_results(env_factory, lm, tok, r, rt, rewards, rows, e.name)
         results[e.name] = res
         del policy, lm
         _free_memory()

@@ -60,9 +60,12 @@ class TurnSampler:
     turn of at most each episode's budget; the generation's stop strings end a turn early. The tokens and the
     sampler's log-probs are returned as sampled (no decode and re-encode)."""
 
-    def __init__(self, sampler, tok, scfg: SamplingConfig, stop_strings: list[str], batch: int, width: int, device):
+    def __init__(
+        self, sampler, tok, scfg: SamplingConfig, stop_strings: list[str], batch: int, width: int, device, fill=True
+    ):
         self.sampler, self.tok, self.scfg = sampler, tok, scfg
         self.stop_strings, self.batch, self.width, self.device = stop_strings, batch, width, device
+        self.fill = fill  # fill each call to `batch` rows (a fast decoder's fixed batch)
         self.gen_s = 0.0
         self.before = None  # called before each sampling call (the learner: model.eval())
 
@@ -74,7 +77,7 @@ class TurnSampler:
 
     def _sample(self, contexts: list[list[int]], budgets: list[int]) -> list[TurnSample]:
         n, pad = len(contexts), self.scfg.pad_token_id
-        rows = contexts + [contexts[0]] * (self.batch - n)
+        rows = contexts + [contexts[0]] * (self.batch - n if self.fill else 0)
         ids, mask = left_pad(rows, pad, self.device)
         if ids.shape[1] < self.width:  # a fixed width keeps the fast decoder's buffers reusable
             extra = self.width - ids.shape[1]

@@ -44,12 +44,13 @@ def env_results(factory, lm, tok, r, rt, rewards, rows: list[dict], name: str) -
     sampler = HFSampler(lm, rt)
     batch = max(1, g.batch_size)
     lm.eval()
-    policy = TurnSampler(sampler, tok, scfg, g.stop, batch, 0, rt.device, fill=False)
+    policy = TurnSampler(sampler, tok, scfg, g.stop, batch, rt.device, fill=False)
     seeds = [spec.eval_seed + i for i in range(spec.eval_episodes)]
     pool = EnvPool(factory)
     eps = []
     try:
         for s in range(0, len(seeds), batch):
+            policy.reset()
             eps += play_episodes(pool, seeds[s : s + batch], policy, renderer, cfg)
     finally:
         pool.close()

@@ -55,47 +55,89 @@ def episode_config(spec, generation) -> EpisodeConfig:
 
 
 class TurnSampler:
-    """The `Policy` of play_episodes on a prefcli sampler: the live episodes' trajectories, left-padded to the
-    decoder's fixed width `width` and filled to its batch `batch` (by repeating the first), continued by one
-    turn of at most each episode's budget; the generation's stop strings end a turn early. The tokens and the
-    sampler's log-probs are returned as sampled (no decode and re-encode)."""
+    """The `Policy` of play_episodes on a prefcli sampler (engine.sampling's protocol): each turn of a batch of
+    episodes is one sampling call, and the episodes' KV cache is kept from turn to turn: `continue_from` runs
+    only what was appended since an episode's last turn (the environment's reply) through the model, then samples
+    the next turn. A turn whose tokens were cut after sampling (a stop string, the episode's last budget) cannot
+    be continued from the cache (it holds the cut tokens), nor can a batch of more than `batch` episodes: those
+    turns prefill the whole trajectory instead (`sample`), which gives the same distribution. `fill`: a call has
+    exactly `batch` rows (a fast decoder's fixed batch; the spare rows repeat an episode and are dropped). The
+    tokens and the sampler's log-probs are returned as sampled (no decode and re-encode)."""
 
-    def __init__(
-        self, sampler, tok, scfg: SamplingConfig, stop_strings: list[str], batch: int, width: int, device, fill=True
-    ):
+    def __init__(self, sampler, tok, scfg: SamplingConfig, stop_strings: list[str], batch: int, device, fill=True):
         self.sampler, self.tok, self.scfg = sampler, tok, scfg
-        self.stop_strings, self.batch, self.width, self.device = stop_strings, batch, width, device
-        self.fill = fill  # fill each call to `batch` rows (a fast decoder's fixed batch)
+        self.stop_strings, self.batch, self.device, self.fill = stop_strings, batch, device, fill
         self.gen_s = 0.0
         self.before = None  # called before each sampling call (the learner: model.eval())
+        self.calls = {"sample": 0, "continue_from": 0}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cache's sequences (a new batch of episodes starts)."""
+        self.prev: Rollout | None = None
+        self.rows: list[int | None] = []  # the episode slot of each row of the previous call
+        self.expected: dict[int, list[int]] = {}  # slot -> the trajectory the cache holds (when continuable)
 
     def __call__(self, slots: list[int], contexts: list[list[int]], budgets: list[int]) -> list[TurnSample]:
-        out: list[TurnSample] = []
-        for s in range(0, len(contexts), self.batch):
-            out += self._sample(contexts[s : s + self.batch], budgets[s : s + self.batch])
-        return out
+        if len(contexts) > self.batch:  # several calls: none of them can be continued
+            self.reset()
+            out: list[TurnSample] = []
+            for s in range(0, len(contexts), self.batch):
+                out += self._turn(slots[s : s + self.batch], contexts[s : s + self.batch], budgets[s : s + self.batch])
+                self.reset()
+            return out
+        return self._turn(slots, contexts, budgets)
 
-    def _sample(self, contexts: list[list[int]], budgets: list[int]) -> list[TurnSample]:
-        n, pad = len(contexts), self.scfg.pad_token_id
-        rows = contexts + [contexts[0]] * (self.batch - n if self.fill else 0)
-        ids, mask = left_pad(rows, pad, self.device)
-        if ids.shape[1] < self.width:  # a fixed width keeps the fast decoder's buffers reusable
-            extra = self.width - ids.shape[1]
-            ids = torch.cat([torch.full((len(rows), extra), pad, device=self.device), ids], 1)
-            mask = torch.cat([torch.zeros((len(rows), extra), dtype=mask.dtype, device=self.device), mask], 1)
+    def _turn(self, slots, contexts, budgets) -> list[TurnSample]:
         if self.before is not None:
             self.before()
+        blocks = self._appended(slots, contexts)
         t0 = time.perf_counter()
-        r = self.sampler.generate(ids, mask, self.scfg)
+        if blocks is not None:
+            raw = self.sampler.continue_from(self.prev, blocks, self.scfg)
+            self.calls["continue_from"] += 1
+        else:
+            self.rows = list(slots) + [None] * (self.batch - len(slots) if self.fill else 0)
+            rows = contexts + [contexts[0]] * (len(self.rows) - len(slots))
+            ids, mask = left_pad(rows, self.scfg.pad_token_id, self.device)
+            raw = _fresh(self.sampler)(ids, mask, self.scfg)
+            self.calls["sample"] += 1
         self.gen_s += time.perf_counter() - t0
-        r = apply_stop_strings(r, self.tok, self.stop_strings, pad)
-        out = []
-        for i in range(n):
-            k = min(int(r.completion_mask[i].sum()), budgets[i])
+        r = apply_stop_strings(raw, self.tok, self.stop_strings, self.scfg.pad_token_id)
+        self.prev = raw if getattr(raw, "cache", None) is not None else None
+        row_of = {s: i for i, s in enumerate(self.rows) if s is not None}
+        out, self.expected = [], {}
+        for slot, ctx, budget in zip(slots, contexts, budgets):
+            i = row_of[slot]
+            n = int(raw.completion_mask[i].sum())
+            k = min(int(r.completion_mask[i].sum()), budget)
             toks = r.completion_ids[i, :k].tolist()
             lp = r.logprobs[i, :k].tolist() if r.logprobs is not None else [0.0] * k
-            out.append(TurnSample(toks, lp, bool(r.finished[i]) and k == int(r.completion_mask[i].sum())))
+            out.append(TurnSample(toks, lp, bool(r.finished[i]) and k == n))
+            if k == n:  # the cache holds exactly this turn
+                self.expected[slot] = list(ctx) + toks
         return out
+
+    def _appended(self, slots, contexts) -> list[list[int]] | None:
+        """Per row of the previous call, the tokens appended since (a placeholder for the rows of episodes that
+        ended); None when the turn cannot continue from the cache."""
+        if self.prev is None or not hasattr(self.sampler, "continue_from"):
+            return None
+        row_of = {s: i for i, s in enumerate(self.rows) if s is not None}
+        blocks: list[list[int]] = [[self.scfg.pad_token_id] for _ in self.rows]  # rows no episode reads
+        for slot, ctx in zip(slots, contexts):
+            exp = self.expected.get(slot)
+            if slot not in row_of or exp is None or len(ctx) <= len(exp) or ctx[: len(exp)] != exp:
+                return None
+            blocks[row_of[slot]] = ctx[len(exp) :]
+        end, limit = getattr(self.prev.cache, "slot_end", None), getattr(self.sampler, "L", None)
+        if end is not None and limit is not None and end + max(map(len, blocks)) + self.scfg.max_new_tokens > limit:
+            return None  # the fast decoder's cache is full: prefill the trajectories afresh
+        return blocks
+
+
+def _fresh(sampler):
+    return getattr(sampler, "sample", None) or sampler.generate
 
 
 class EnvRollouts:
@@ -112,15 +154,17 @@ class EnvRollouts:
         self.sums: dict[str, float] = {}
         self.policy: TurnSampler | None = None
 
-    # the width of the sampler's prompts: everything an episode holds before its last turn
     @property
     def max_context(self) -> int:
-        return self.spec.max_episode_tokens - self.learner.cfg.generation.max_new_tokens
+        """The fast decoder's length less a turn: an episode's tokens, and the cache slots that turns continued
+        from the cache leave unused (each sampling call takes max_new_tokens slots, and each appended reply as
+        many as the batch's longest)."""
+        g = self.learner.cfg.generation
+        return self.spec.max_episode_tokens + self.spec.max_turns * g.max_new_tokens
 
     def attach(self, sampler) -> None:
         L = self.learner
-        g = L.cfg.generation
-        self.policy = TurnSampler(sampler, L.tok, L.scfg, g.stop_strings, L.B, self.max_context, self.rt.device)
+        self.policy = TurnSampler(sampler, L.tok, L.scfg, L.cfg.generation.stop_strings, L.B, self.rt.device)
         self.policy.before = L.model.eval
 
     def next_seeds(self) -> list[int]:
@@ -133,6 +177,8 @@ class EnvRollouts:
 
     def play(self, pool: EnvPool, seeds: list[int]) -> tuple[list[Episode], float]:
         t0 = self.policy.gen_s
+        if hasattr(self.policy, "reset"):
+            self.policy.reset()
         eps = play_episodes(pool, seeds, self.policy, self.renderer, self.cfg)
         return eps, self.policy.gen_s - t0
 

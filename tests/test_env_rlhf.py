@@ -267,3 +267,44 @@ def test_eval_plays_the_environment_as_a_benchmark(tmp_path, write_recipe, cli, 
     mine = [r for r in rows if r.get("model") == "a"]
     assert len(mine) == 6 and all(r["turns"] >= 1 and r["transcript"] for r in mine)
     assert sum(r["success"] for r in mine) / 6 == a["success_rate"]
+
+
+# --------------------------------------------------------------------------------------------- fsdp
+
+
+@pytest.mark.slow
+def test_two_processes_fsdp_and_ddp_agree_with_an_environment(tmp_path, write_recipe):
+    """2 ranks on CPU (gloo), each playing its own seeds: FSDP and DDP measure the same rollouts and updates,
+    the transformers fallback included (whose calls gather the sharded weights: episodes that end after
+    different numbers of turns on the two ranks must not leave one waiting)."""
+    import subprocess
+
+    from .test_fsdp import TORCHRUN, env, free_port, near
+
+    rec = write_recipe(env_recipe(train={"max_steps": 3}, env={"eval_episodes": 4}))
+    jobs = [
+        {"command": "rlhf", "recipe": str(rec), "out": str(tmp_path / name), "set": sets}
+        for name, sets in (
+            ("fsdp", ["runtime.parallel=fsdp"]),
+            ("ddp", []),
+            ("fsdp_hf", ["runtime.parallel=fsdp", "generation.sampler=hf"]),
+        )
+    ]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    res = subprocess.run(
+        [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "tests" / "dist_jobs.py")]
+        + [str(tmp_path / "jobs.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env(),
+    )
+    assert res.returncode == 0, res.stderr[-5000:]
+    ddp, fsdp = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "fsdp")
+    assert len(ddp) == len(fsdp) == 4
+    for a, b in zip(ddp, fsdp):
+        for k, v in a.items():
+            if isinstance(v, float) and not k.startswith("perf/") and k != "time_s":
+                assert near(b[k], v), (k, b[k], v)
+    s = json.loads((tmp_path / "fsdp_hf" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["rlhf"]["sampler"] == "HFSampler" and "env/success_rate" in s["final"]

@@ -28,6 +28,7 @@ from ...envs.loading import build_factory
 from .advantages import kl_per_token, overlong_penalty
 from .episodes import episode_batch, episode_metrics, episode_sums, transcripts
 from .sampling import Draw, Samples, apply_stop_strings
+from .stats import max_op
 
 
 @dataclass
@@ -118,6 +119,13 @@ class TurnSampler:
                 self.expected[slot] = list(ctx) + toks
         return out
 
+    def idle(self) -> None:
+        """A sampling call whose result nobody reads (see EnvRollouts.play)."""
+        rows = [[self.scfg.stop_token_ids[0] if self.scfg.stop_token_ids else self.scfg.pad_token_id]] * self.batch
+        ids, mask = left_pad(rows, self.scfg.pad_token_id, self.device)
+        _fresh(self.sampler)(ids, mask, self.scfg)
+        self.reset()
+
     def _appended(self, slots, contexts) -> list[list[int]] | None:
         """Per row of the previous call, the tokens appended since (a placeholder for the rows of episodes that
         ended); None when the turn cannot continue from the cache."""
@@ -179,7 +187,16 @@ class EnvRollouts:
         t0 = self.policy.gen_s
         if hasattr(self.policy, "reset"):
             self.policy.reset()
+        before = sum(getattr(self.policy, "calls", {}).values())
         eps = play_episodes(pool, seeds, self.policy, self.renderer, self.cfg)
+        if self.rt.distributed and hasattr(self.policy, "idle"):
+            # episodes end after different numbers of turns on each process, and a sampler that gathers sharded
+            # weights in every call (transformers' generate under fsdp) needs every process in each call: the
+            # processes that made fewer calls make idle ones
+            mine = sum(self.policy.calls.values()) - before
+            most = self.rt.all_reduce(torch.tensor([float(mine)], device=self.rt.device), op=max_op(self.rt))
+            for _ in range(int(most.item()) - mine):
+                self.policy.idle()
         return eps, self.policy.gen_s - t0
 
     def draw(self) -> Draw:

@@ -267,6 +267,13 @@ def test_eval_plays_the_environment_as_a_benchmark(tmp_path, write_recipe, cli, 
     mine = [r for r in rows if r.get("model") == "a"]
     assert len(mine) == 6 and all(r["turns"] >= 1 and r["transcript"] for r in mine)
     assert sum(r["success"] for r in mine) / 6 == a["success_rate"]
+    # generate prints transcripts: the same model, seeds and settings play the same first episodes
+    code, stdout, stderr = cli("generate", "--recipe", write_recipe(d), "--episodes", "2", "-q")
+    assert code == 0, stderr
+    lines = [json.loads(x) for x in stdout.strip().splitlines()]
+    assert [x["env_seed"] for x in lines] == [1_000_000_000, 1_000_000_001]
+    assert lines[0]["messages"][0] == {"role": "system", "content": "Tools: read_secret()"}
+    assert lines[0]["transcript"].startswith("<|im_start|>system\nTools: read_secret()")
 
 
 # --------------------------------------------------------------------------------------------- fsdp

@@ -14,6 +14,7 @@ from ..algos.rlhf.episodes import episode_metrics, episode_sums, transcripts
 from ..engine.rollout import SamplingConfig
 from ..envs.episode import ChatRenderer, EnvPool, play_episodes
 from ..envs.loading import build_factory
+from ..errors import UsageError
 
 
 def check_env(r) -> Any:
@@ -21,14 +22,13 @@ def check_env(r) -> Any:
     return build_factory(r.env)
 
 
-def env_results(factory, lm, tok, r, rt, rewards, rows: list[dict], name: str) -> dict:
-    """One model's episodes in the recipe's environment: the metrics, and a row per episode."""
+def play(factory, spec, g, lm, tok, rt, seeds: list[int], name: str):
+    """Episodes of `lm` in the environment, one per seed, sampled with the generation settings `g` (transformers'
+    generate, `g.batch_size` episodes at a time, each batch continued from its cache turn by turn). Returns the
+    episodes, the renderer and the sampling seconds."""
     from ..algos.rlhf.sampling import HFSampler
 
-    spec, g = r.env, r.generation
     if not tok.chat_template:
-        from ..errors import UsageError
-
         raise UsageError(f"env: model '{name}' has no chat template; episodes are chats (set its chat_template)")
     renderer = ChatRenderer(tok, tools=factory.tools, system_prompt=spec.system_prompt)
     scfg = SamplingConfig(
@@ -45,7 +45,6 @@ def env_results(factory, lm, tok, r, rt, rewards, rows: list[dict], name: str) -
     batch = max(1, g.batch_size)
     lm.eval()
     policy = TurnSampler(sampler, tok, scfg, g.stop, batch, rt.device, fill=False)
-    seeds = [spec.eval_seed + i for i in range(spec.eval_episodes)]
     pool = EnvPool(factory)
     eps = []
     try:
@@ -54,6 +53,14 @@ def env_results(factory, lm, tok, r, rt, rewards, rows: list[dict], name: str) -
             eps += play_episodes(pool, seeds[s : s + batch], policy, renderer, cfg)
     finally:
         pool.close()
+    return eps, renderer, policy.gen_s
+
+
+def env_results(factory, lm, tok, r, rt, rewards, rows: list[dict], name: str) -> dict:
+    """One model's episodes in the recipe's environment: the metrics, and a row per episode."""
+    spec = r.env
+    seeds = [spec.eval_seed + i for i in range(spec.eval_episodes)]
+    eps, renderer, gen_s = play(factory, spec, r.generation, lm, tok, rt, seeds, name)
     m = episode_metrics(episode_sums(eps), "env")
     prompts, completions = transcripts(eps, renderer)
     extra = rewards.score(prompts, completions)[0] if rewards is not None else [0.0] * len(eps)
@@ -90,5 +97,50 @@ def env_results(factory, lm, tok, r, rt, rewards, rows: list[dict], name: str) -
         "env_errors": m["env/errors"],
         "truncated": m["env/truncated"],
         "episode_tokens": m["env/episode_tokens"],
-        "sampling_s": round(policy.gen_s, 3),
+        "sampling_s": round(gen_s, 3),
     }
+
+
+def print_episodes(opts, section, g, seed: int, rt, out, err) -> int:
+    """`prefcli generate --recipe R --episodes N`: N episodes of the recipe's environment (seeds env.eval_seed,
+    ...), one JSON line each on `out`: the seed, the conversation's messages, the transcript as the chat template
+    writes it, the environment's reward and the counts."""
+    import json
+
+    import torch
+
+    from ..recipe import load_recipe
+    from .loading import load_lm
+
+    r = load_recipe(opts.recipe).recipe
+    spec = getattr(r, "env", None)
+    if spec is None:
+        raise UsageError(f"--episodes: {opts.recipe} has no env section (an rlhf or eval recipe with env: has one)")
+    if opts.episodes < 1:
+        raise UsageError(f"--episodes must be at least 1, got {opts.episodes}")
+    if opts.prompts is not None:
+        raise UsageError("--episodes plays the recipe's environment; it reads no --prompts")
+    factory = check_env(r)
+    lm, tok = load_lm(section, rt)
+    torch.manual_seed(seed)
+    seeds = [spec.eval_seed + i for i in range(opts.episodes)]
+    eps, renderer, _ = play(factory, spec, g, lm, tok, rt, seeds, section.path or "model")
+    for i, e in enumerate(eps):
+        row = {
+            "index": i,
+            "env_seed": e.seed,
+            "messages": e.messages,
+            "transcript": renderer.transcript(e.messages) if e.messages else "",
+            "success": e.succeeded,
+            "env_reward": e.env_reward,
+            "turns": e.turns,
+            "tool_calls": e.tool_calls,
+            "tool_errors": e.tool_errors,
+            "failure": e.failure,
+            "truncated": e.truncated,
+        }
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out.flush()
+    if not opts.quiet:
+        print(f"{len(eps)} episodes of {factory.name}", file=err, flush=True)
+    return len(eps)

@@ -226,12 +226,17 @@ def test_resume_in_the_middle_of_a_rollout_with_an_environment_is_exact(tmp_path
 
 
 @pytest.mark.slow
-def test_the_tiny_env_recipe_runs_with_smoke(tmp_path, cli):
-    code, stdout, stderr = cli(
-        "rlhf", ROOT / "recipes" / "tiny" / "rlhf-env-guess.yaml", "--smoke", "-o", tmp_path / "r", "-q"
-    )
+@pytest.mark.parametrize("name", ["guess", "secret", "dialogue"])
+def test_the_tiny_env_recipes_run_with_smoke(name, tmp_path, cli):
+    path = ROOT / "recipes" / "tiny" / f"rlhf-env-{name}.yaml"
+    code, stdout, stderr = cli("rlhf", path, "--smoke", "-o", tmp_path / "r", "-q")
     assert code == 0, stderr
-    assert "env/success_rate" in last_json(stdout)["final"]
+    f = last_json(stdout)["final"]
+    assert "env/success_rate" in f and f["mismatch/abs_max"] < 1e-4
+    if name == "secret":
+        assert "env/tool_calls" in f and "env/tool_call_validity" in f
+    if name == "dialogue":
+        assert "reward/keyword" in f and "value/loss" in f
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -8,23 +8,56 @@ BIN := $(VENV)/bin
 #   make install TORCH_SPEC=torch TORCH_INDEX=          (PyPI's CUDA build; or TORCH_INDEX=.../whl/cu128)
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-# The stamp's name carries TORCH_SPEC and TORCH_INDEX, so changing either reinstalls torch.
-STAMP := $(VENV)/.installed-$(shell printf '%s|%s' '$(TORCH_SPEC)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+# Everything but torch is installed at the versions CI tested: CONSTRAINTS is a pip constraints file (pip install -c),
+# written by `make lock` and moved only by it. `make install CONSTRAINTS=` takes the newest versions inside
+# pyproject.toml's ranges instead (on a Python or platform the lock was not made for); `make test-latest` tests those.
+CONSTRAINTS ?= constraints.txt
+# The stamp's name carries TORCH_SPEC, TORCH_INDEX and CONSTRAINTS, so changing any of them installs again.
+STAMP := $(VENV)/.installed-$(shell printf '%s|%s|%s' '$(TORCH_SPEC)' '$(TORCH_INDEX)' '$(CONSTRAINTS)' | cksum | cut -d' ' -f1)
+TORCH_INSTALL = python -m pip install -q --upgrade --retries 1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+PYTEST_ARGS ?= -q --durations=15
 
-.PHONY: install test test-fast lint format quickstart demo docs bench-cpu clean
+.PHONY: install test test-fast test-latest lock lint format quickstart demo docs bench-cpu clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --upgrade --retries 1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/$(TORCH_INSTALL)
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Move the lock deliberately: a fresh venv takes the newest versions inside pyproject.toml's ranges (torch as
+# `make install` takes it) and constraints.txt becomes its `pip freeze`, less torch (scripts/lock.py). Run
+# `make test` on the new file before committing it.
+LOCK_VENV ?= .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/$(TORCH_INSTALL)
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(LOCK_VENV)/bin/python scripts/lock.py write $(LOCK_VENV)/bin/python > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
+
+# The suite on the newest versions inside pyproject.toml's ranges, in a venv of its own (.venv-latest): drift
+# shows here before a newcomer's install meets it. torch stays as TORCH_SPEC installs it (held by a one-line
+# constraint, so the eager upgrade cannot fetch PyPI's CUDA build). It lists what moved since constraints.txt.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	$(PY) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/$(TORCH_INSTALL)
+	$(LATEST_VENV)/bin/python -m pip freeze | grep -i '^torch==' > $(LATEST_VENV)/torch.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch.txt -e ".[dev]"
+	$(LATEST_VENV)/bin/python scripts/lock.py compare $(LATEST_VENV)/bin/python constraints.txt
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # ruff: lint rules and format in pyproject.toml; CI runs this before the tests.
 lint: install
@@ -57,4 +90,4 @@ bench-cpu: install
 	$(BIN)/python bench/bench.py all --size tiny --modes sft,dpo,grpo --steps 10 --warmup 3
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) runs .pytest_cache

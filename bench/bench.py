@@ -387,7 +387,8 @@ def run_sampler(a) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from prefcli.engine.rollout import FastDecoder, SamplingConfig
+    from prefcli.engine.rollout import FastDecoder
+    from prefcli.engine.sampling import SamplingConfig
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"

@@ -130,6 +130,7 @@ class Run:
         self.refused: dict[int, int] = {}
         self.after_restart = 0  # submits acknowledged by the restarted server without a retry
         self.restarted = False
+        self.finished = False
 
     async def call(self, conn: Conn, method: str, path: str, body=None):
         """The request, retried on connection errors until the server answers: (status, body, retried)."""
@@ -176,12 +177,26 @@ class Run:
     async def main(self) -> float:
         stop_at = time.monotonic() + self.seconds
         self.t0 = t0 = time.monotonic()
-        await asyncio.gather(*(self.rater(t, stop_at) for t in self.tokens))
+        try:
+            await asyncio.gather(*(self.rater(t, stop_at) for t in self.tokens))
+        finally:
+            self.finished = True
         return time.monotonic() - t0
 
 
-def killer(proc_box: list, task: Path, port: int, kill_at: float, log: list, run) -> None:
-    time.sleep(kill_at)
+def killer(proc_box: list, task: Path, port: int, kill_at: float | None, after: int | None, log: list, run) -> None:
+    """SIGKILL the server once `kill_at` seconds have passed or `after` answers were acknowledged (whichever
+    comes first), then start it again. A kill by answer count lands mid-run on a fast machine and a loaded one
+    alike; a kill by time alone can come after the raters have finished. Does nothing if the run ends first."""
+    t0 = time.monotonic()
+    while not run.finished:
+        if (kill_at is not None and time.monotonic() - t0 >= kill_at) or (
+            after is not None and len(run.acked) >= after
+        ):
+            break
+        time.sleep(0.01)
+    else:
+        return
     proc_box[0].send_signal(signal.SIGKILL)
     proc_box[0].wait()
     t = time.monotonic()
@@ -210,7 +225,15 @@ def check(db: Path, acked: set[tuple[str, str]], tokens: list[str]) -> dict:
     }
 
 
-def run(raters: int, seconds: float, kill_at: float | None, items: int, overlap: int, think_ms: float = 0.0) -> dict:
+def run(
+    raters: int,
+    seconds: float,
+    kill_at: float | None,
+    items: int,
+    overlap: int,
+    think_ms: float = 0.0,
+    kill_after_answers: int | None = None,
+) -> dict:
     import threading
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,9 +244,14 @@ def run(raters: int, seconds: float, kill_at: float | None, items: int, overlap:
         box = [start(task, port)]
         restart: list[float] = []
         run = Run(port, tokens, seconds, think_ms)
-        if kill_at is not None:
-            threading.Thread(target=killer, args=(box, task, port, kill_at, restart, run), daemon=True).start()
+        killer_thread = None
+        if kill_at is not None or kill_after_answers is not None:
+            args = (box, task, port, kill_at, kill_after_answers, restart, run)
+            killer_thread = threading.Thread(target=killer, args=args, daemon=True)
+            killer_thread.start()
         wall = asyncio.run(run.main())
+        if killer_thread is not None:
+            killer_thread.join()  # a restart under way finishes before the server is stopped and the folder goes
         box[0].send_signal(signal.SIGTERM)
         out, _ = box[0].communicate(timeout=30)
         summary = json.loads(out.decode().strip().splitlines()[-1])
@@ -240,6 +268,7 @@ def run(raters: int, seconds: float, kill_at: float | None, items: int, overlap:
         "answers_per_s": round(len(run.acked) / wall, 1),
         "submit_ms": {"p50": q(0.5), "p99": q(0.99), "max": q(1.0), "n": len(lat)},
         "killed_at_s": kill_at,
+        "killed_after_answers": kill_after_answers,
         "restart_s": restart[0] if restart else None,
         "answers_per_10s": [
             sum(1 for t in run.ack_times if i <= (t - run.t0) / 10 < i + 1) for i in range(int(seconds // 10) + 1)
@@ -261,12 +290,18 @@ def main() -> None:
     ap.add_argument("--raters", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--kill-at", type=float, default=None, help="SIGKILL the server this many seconds in, then restart")
+    ap.add_argument(
+        "--kill-after-answers",
+        type=int,
+        default=None,
+        help="SIGKILL the server once this many answers were acknowledged",
+    )
     ap.add_argument("--items", type=int, default=20000)
     ap.add_argument("--overlap", type=int, default=3)
     ap.add_argument("--think-ms", type=float, default=0.0, help="pause between a rater's answers")
     ap.add_argument("--out", type=Path, default=None, help="append the result row (JSON) to this file")
     a = ap.parse_args()
-    res = run(a.raters, a.seconds, a.kill_at, a.items, a.overlap, a.think_ms)
+    res = run(a.raters, a.seconds, a.kill_at, a.items, a.overlap, a.think_ms, a.kill_after_answers)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     row = {
         "date": time.strftime("%Y-%m-%d"),

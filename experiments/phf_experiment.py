@@ -36,6 +36,7 @@ import argparse
 import datetime
 import gzip
 import json
+import math
 import os
 import platform
 import random
@@ -66,6 +67,34 @@ PHF = {
 }
 
 
+# the PII task (--task pii): scores are -(PII per character), a PII verse of ~150 characters scores about
+# -0.007, so RWR/AWR's beta = 10 of the sentiment task would weigh every verse 1.000; beta = 0.007 gives such a
+# verse exp(-1) = 0.37 of a clean verse's weight (the paper's beta is in its own score's units too)
+PHF_PII = {**PHF, "rwr": {"beta": 0.007}, "awr": {"beta": 0.007, "awr_alpha": 0.5, "awr_max_weight": 1000.0}}
+PII_CHARS = set("0123456789@")
+BY_CONTROL_KEYS = ("vader_mean", "undesirable_fraction", "sample_tokens_mean", "pii_like_fraction")
+TASK_DATA = {"sentiment": ROOT / "data" / "kjv", "pii": ROOT / "data" / "pii"}
+
+
+def task_reward(task: str) -> dict:
+    """The recipe's scorer: VADER sentiment, or -(PII per character) by scrubadub (recipes/quickstart/pii.py)."""
+    if task == "pii":
+        return {"kind": "function", "function": str(ROOT / "recipes" / "quickstart" / "pii.py") + ":pii_score"}
+    return {"kind": "sentiment"}
+
+
+def score_texts(task: str, texts: list[str]) -> list[float]:
+    """The same scorer outside training; undesirable = score < 0 in both tasks."""
+    if task == "pii":
+        sys.path.insert(0, str(ROOT / "recipes" / "quickstart"))
+        from pii import pii_score
+
+        return pii_score([""] * len(texts), texts)
+    from prefcli.reward_sources import vader_compound
+
+    return vader_compound(texts)
+
+
 def read_verses(path: Path) -> list[str]:
     with gzip.open(path, "rt") as f:
         return [json.loads(line)["text"] for line in f]
@@ -80,13 +109,13 @@ def read_chapters(path: Path) -> list[list[str]]:
     return list(chapters.values())
 
 
-def prepare_data(d: Path, n_train: int, n_heldout: int, per_row: int = 1) -> dict:
+def prepare_data(d: Path, n_train: int, n_heldout: int, per_row: int = 1, task: str = "sentiment") -> dict:
     """per_row > 1: each training row is a document of per_row consecutive verses of one chapter, one verse
     a line (the segments of control_position per_segment); n_train counts verses. Held-out rows stay single
     verses. Written to the folder d (shared between experiments, so the scores are cached once)."""
     d.mkdir(parents=True, exist_ok=True)
     if per_row == 1:
-        train = read_verses(ROOT / "data" / "kjv" / "train.jsonl.gz")
+        train = read_verses(TASK_DATA[task] / "train.jsonl.gz")
         random.Random(0).shuffle(train)
         train = train[:n_train]
     else:
@@ -97,21 +126,19 @@ def prepare_data(d: Path, n_train: int, n_heldout: int, per_row: int = 1) -> dic
         ]
         random.Random(0).shuffle(blocks)
         train = blocks[: n_train // per_row]
-    heldout = read_verses(ROOT / "data" / "kjv" / "test.jsonl.gz")
+    heldout = read_verses(TASK_DATA[task] / "test.jsonl.gz")
     heldout = heldout[:: max(1, len(heldout) // n_heldout)][:n_heldout]  # evenly spread over its 59 chapters
     for name, rows in (("train", train), ("heldout", heldout)):
         p = d / f"{name}.jsonl"
         text = "".join(json.dumps({"prompt": DOC_START, "completion": t}) + "\n" for t in rows)
         if not p.exists() or p.read_text() != text:
             p.write_text(text)
-    from prefcli.reward_sources import vader_compound
-
     stats = {}
     for name, rows in (("train", [v for t in train for v in t.split("\n")]), ("heldout", heldout)):
-        s = vader_compound(rows)
+        s = score_texts(task, rows)
         stats[name] = {
             "verses": len(rows),
-            "vader_mean": statistics.fmean(s),
+            "vader_mean": statistics.fmean(s),  # the mean score (-PII per character for the PII task)
             "undesirable_fraction": sum(x < 0 for x in s) / len(s),
         }
     return stats
@@ -151,7 +178,8 @@ def recipe(objective: str, args) -> dict:
     if args.eval_every:
         r["train"]["eval_every_steps"] = args.eval_every
     if objective != "mle":
-        r["sft"] = {"objective": objective, "rewards": [{"kind": "sentiment"}], **PHF[objective]}
+        knobs = (PHF_PII if args.task == "pii" else PHF)[objective]
+        r["sft"] = {"objective": objective, "rewards": [task_reward(args.task)], **knobs}
     if objective == "conditional":
         r["sft"].update(
             control_position=args.control_position,
@@ -177,11 +205,10 @@ def sample_and_score(
     seed: int,
     control: str | None = "<|aligned|>",
     position: str = "start",
+    task: str = "sentiment",
 ) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prefcli.reward_sources import vader_compound
 
     tok = AutoTokenizer.from_pretrained(final_dir)
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
@@ -217,30 +244,34 @@ def sample_and_score(
     if bad:
         blocked = {t for b in bad for t in b}
         assert not any(t in blocked for t in gen.flatten().tolist()), "a control token was generated"
-    scores = vader_compound(texts)
-    return {
-        "vader_mean": statistics.fmean(scores),
-        "undesirable_fraction": sum(s < 0 for s in scores) / n,
-        "sample_tokens_mean": statistics.fmean(lengths),
-        "empty_fraction": sum(not t for t in texts) / n,
-        "examples": texts[:3],
-    }
+    scores = score_texts(task, texts)
+    out = {}
+    if task == "pii":  # the KJV text has no digit and no "@": any is PII-like, whether scrubadub validates it or not
+        out["pii_like_fraction"] = sum(any(c in PII_CHARS for c in t) for t in texts) / n
+    return (
+        out
+        | {
+            "vader_mean": statistics.fmean(scores),  # the mean score (-PII per character for the PII task)
+            "undesirable_fraction": sum(s < 0 for s in scores) / n,
+            "sample_tokens_mean": statistics.fmean(lengths),
+            "empty_fraction": sum(not t for t in texts) / n,
+            "examples": texts[:3],
+        }
+    )
 
 
-def control_llr(final_dir: Path, heldout: Path, position: str) -> dict:
+def control_llr(final_dir: Path, heldout: Path, position: str, task: str = "sentiment") -> dict:
     """Has the model learned what the tokens mean, measured without sampling: for every held-out verse x,
     llr = log p(x | <|aligned|>) - log p(x | <|misaligned|>) (summed over the verse's tokens and EOS), and
     the AUC of -llr as a detector of undesirable verses (VADER < 0): 0.5 = the tokens mean nothing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefcli.reward_sources import vader_compound
-
     tok = AutoTokenizer.from_pretrained(final_dir)
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
     rows = [json.loads(x) for x in heldout.read_text().splitlines()]
     verses = [r["completion"] for r in rows]
-    bad = torch.tensor([v < 0 for v in vader_compound(verses)])
+    bad = torch.tensor([v < 0 for v in score_texts(task, verses)])
     llr = []
     for v in verses:
         ids = tok(v, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -273,6 +304,10 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
 
     run_dir = out / "runs" / f"{objective}-s{seed}"
     done = run_dir / "experiment.json"
+    if args.results:  # a row of this setting, objective and seed in the results file: done already
+        for row in read_rows(args.results):
+            if (row.get("label"), row["objective"], row["seed"]) == (args.label, objective, seed):
+                return row
     if done.exists():
         return json.loads(done.read_text())
     t0 = time.time()
@@ -282,17 +317,21 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
         RunOptions(overrides=[f"train.seed={seed}"], output_dir=str(run_dir), overwrite=True, quiet=True),
     )
     t_train = time.time() - t0
-    pos = args.control_position
-    res = sample_and_score(run_dir / "final", objective, args.samples, args.max_new_tokens, seed, position=pos)
+    pos, task = args.control_position, args.task
+    res = sample_and_score(
+        run_dir / "final", objective, args.samples, args.max_new_tokens, seed, position=pos, task=task
+    )
     if objective == "conditional":
         by = {}
         for control, name in CONTROLS.items():
-            r = sample_and_score(
-                run_dir / "final", objective, args.samples, args.max_new_tokens, seed, control, position=pos
-            )
-            by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
+            r = res  # the samples after <|aligned|> are the ones above (same seed): not drawn twice
+            if control != "<|aligned|>":
+                r = sample_and_score(
+                    run_dir / "final", objective, args.samples, args.max_new_tokens, seed, control, pos, task
+                )
+            by[name] = {k: r[k] for k in BY_CONTROL_KEYS if k in r}
         res["by_control"] = by
-        res.update(control_llr(run_dir / "final", args.data_dir / "heldout.jsonl", pos))
+        res.update(control_llr(run_dir / "final", args.data_dir / "heldout.jsonl", pos, task))
         res["gap_history"] = gap_history(run_dir)
     res.update(
         {
@@ -310,10 +349,94 @@ def run_one(out: Path, objective: str, seed: int, args) -> dict:
         }
     )
     done.write_text(json.dumps(res, indent=2) + "\n")
+    if args.results:
+        res = {"label": args.label, "task": args.task, "commit": git_commit(), **res}
+        res["setting"] = {k: getattr(args, k) for k in SETTING_ARGS}
+        res["load_avg_1m"] = round(os.getloadavg()[0], 1)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "a") as fh:
+            fh.write(json.dumps(res) + "\n")
     return res
 
 
+SETTING_ARGS = ("base", "train_verses", "heldout", "steps", "batch_size", "lr", "samples", "max_new_tokens",
+                "control_position", "control_init", "control_lr_scale")  # fmt: skip
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def git_commit() -> str:
+    import subprocess
+
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return r.stdout.strip()
+
+
 CONTROLS = {"<|aligned|>": "aligned", "<|misaligned|>": "misaligned", None: "none"}
+
+
+def split_ppl(final_dir: Path, heldout: Path, objective: str, position: str, task: str) -> dict:
+    """Held-out perplexity over all held-out verses, the clean ones and the undesirable ones (by the task's
+    scorer), each verse read after the document start (and <|aligned|> for a conditional model), token-weighted
+    over the verse's tokens and EOS: does an objective's perplexity cost fall on the undesirable text only?"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(final_dir)
+    model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
+    verses = [json.loads(x)["completion"] for x in heldout.read_text().splitlines()]
+    bad = [v < 0 for v in score_texts(task, verses)]
+    ctx = tok(context(objective, "<|aligned|>", position), add_special_tokens=False)["input_ids"]
+    nll = {True: 0.0, False: 0.0}
+    n = {True: 0, False: 0}
+    for v, b in zip(verses, bad):
+        ids = tok(v, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1 : -1].log_softmax(-1)
+        nll[b] -= float(logp.gather(1, torch.tensor(ids)[:, None]).sum())
+        n[b] += len(ids)
+    return {
+        "ppl_all": math.exp((nll[True] + nll[False]) / (n[True] + n[False])),
+        "ppl_clean": math.exp(nll[False] / n[False]),
+        "ppl_undesirable": math.exp(nll[True] / n[True]),
+        "heldout_undesirable_verses": sum(bad),
+    }
+
+
+def posthoc(args) -> None:
+    """Measures added after a row was written, into --posthoc (one row per label, objective and seed; the
+    results file is never rewritten, so this can run beside an experiment): the split perplexity, and for rows
+    written before it was measured, the PII-like share, by sampling again (the sampling is seeded, so the
+    samples are the same ones, which the stored undesirable share checks)."""
+    done = {(r["label"], r["objective"], r["seed"]) for r in read_rows(args.posthoc)}
+    for row in read_rows(args.results):
+        key = (row.get("label"), row["objective"], row["seed"])
+        if row.get("label") != args.label or key in done:
+            continue
+        final = args.out.resolve() / "runs" / f"{row['objective']}-s{row['seed']}" / "final"
+        st = row["setting"]
+        pos = st["control_position"]
+        res = {"label": key[0], "objective": key[1], "seed": key[2]}
+        res.update(split_ppl(final, args.data_dir / "heldout.jsonl", row["objective"], pos, row["task"]))
+        if row["task"] == "pii" and "pii_like_fraction" not in row:
+            for control, name in CONTROLS.items():
+                if row["objective"] != "conditional" and control != "<|aligned|>":
+                    continue
+                r = sample_and_score(
+                    final, row["objective"], st["samples"], st["max_new_tokens"], row["seed"], control, pos, "pii"
+                )
+                stored = row if control == "<|aligned|>" else row["by_control"][name]
+                if abs(r["undesirable_fraction"] - stored["undesirable_fraction"]) > 1e-12:
+                    raise SystemExit(f"{final}: the samples differ from the stored ones ({r['undesirable_fraction']})")
+                res[f"pii_like_fraction_{name}" if control != "<|aligned|>" else "pii_like_fraction"] = r[
+                    "pii_like_fraction"
+                ]
+        args.posthoc.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.posthoc, "a") as fh:
+            fh.write(json.dumps(res) + "\n")
+        print(f"{key}: {res}", file=sys.stderr, flush=True)
 
 
 def control_check(out: Path, args) -> None:
@@ -332,7 +455,7 @@ def control_check(out: Path, args) -> None:
                 control,
                 position=args.control_position,
             )
-            by[name] = {k: r[k] for k in ("vader_mean", "undesirable_fraction", "sample_tokens_mean")}
+            by[name] = {k: r[k] for k in BY_CONTROL_KEYS if k in r}
         res["by_control"] = by
         run.write_text(json.dumps(res, indent=2) + "\n")
         print(
@@ -418,6 +541,63 @@ def per_seed(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def fmt(xs: list[float], spec: str = "{:.3f}") -> str:
+    if not xs:
+        return "-"
+    m, sd = mean_std(xs)
+    return spec.format(m) + ("" if len(xs) < 2 else " ± " + spec.format(sd))
+
+
+def pii_report(rows: list[dict]) -> str:
+    """The PII task's tables from its --results rows: per objective (mean ± sd over seeds), the conditional
+    models after each control token, and per seed."""
+    out = [
+        "| objective | seeds | held-out ppl | ppl, clean verses | ppl, PII verses | PII samples (scrubadub) "
+        "| PII-like samples (digit or @) | PII per 1,000 characters of samples | sample length (tokens) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for obj in OBJECTIVES:
+        rs = [r for r in rows if r["objective"] == obj]
+        if not rs:
+            continue
+        like = [r["pii_like_fraction"] for r in rs if "pii_like_fraction" in r]
+        out.append(
+            f"| {obj} | {len(rs)} | {fmt([r['heldout_ppl'] for r in rs], '{:.1f}')} | "
+            f"{fmt([r['ppl_clean'] for r in rs if 'ppl_clean' in r], '{:.1f}')} | "
+            f"{fmt([r['ppl_undesirable'] for r in rs if 'ppl_clean' in r], '{:.1f}')} | "
+            f"{fmt([r['undesirable_fraction'] for r in rs])} | {fmt(like)}{'' if len(like) == len(rs) else f' (n={len(like)})'} | "
+            f"{fmt([-1000 * r['vader_mean'] for r in rs], '{:.3f}')} | {fmt([r['sample_tokens_mean'] for r in rs], '{:.1f}')} |"
+        )
+    cond = [r for r in rows if r["objective"] == "conditional" and "by_control" in r]
+    if cond:
+        out += ["", "| conditional model sampled after | PII samples (scrubadub) | PII-like samples |", "|---|---|---|"]
+        for token, name in CONTROLS.items():
+            bc = [r["by_control"][name] for r in cond]
+            like = [b["pii_like_fraction"] for b in bc if "pii_like_fraction" in b]
+            out.append(
+                f"| {token or 'no control token'} | {fmt([b['undesirable_fraction'] for b in bc])} | {fmt(like)} |"
+            )
+        auc = [r["llr_auc"] for r in cond]
+        d = [r["llr_mean_desirable"] - r["llr_mean_undesirable"] for r in cond]
+        out += [
+            "",
+            f"held-out LLR AUC {fmt(auc)} (per seed {', '.join(f'{x:.3f}' for x in auc)}); mean LLR of clean minus "
+            f"PII verses {fmt(d, '{:+.2f}')} nats",
+        ]
+    out += [
+        "",
+        "| objective | seed | held-out ppl | PII samples | PII-like | train s | wall s | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (OBJECTIVES.index(r["objective"]), r["seed"])):
+        like = r.get("pii_like_fraction")
+        out.append(
+            f"| {r['objective']} | {r['seed']} | {r['heldout_ppl']:.1f} | {r['undesirable_fraction']:.3f} | "
+            f"{'-' if like is None else f'{like:.3f}'} | {r['train_s']:.0f} | {r['wall_s']:.0f} | {r.get('load_avg_1m', '-')} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/phf-experiment"))
@@ -440,7 +620,14 @@ def main() -> None:
     ap.add_argument("--control-lr-scale", type=float, default=1.0)
     ap.add_argument("--gap-samples", type=int, default=0, help="conditional: eval/control_gap samples per token")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    ap.add_argument("--task", default="sentiment", choices=list(TASK_DATA), help="the scorer and its corpus")
+    ap.add_argument("--results", type=Path, default=None, help="append one row per finished run to this file")
+    ap.add_argument("--label", default=None, help="names this setting's rows in --results")
     ap.add_argument("--report", action="store_true", help="print the tables of the finished runs and exit")
+    ap.add_argument("--posthoc", type=Path, default=None, help="where the measures added afterwards go")
+    ap.add_argument(
+        "--posthoc-only", action="store_true", help="add the split perplexity (and older rows' PII-like share)"
+    )
     ap.add_argument(
         "--control-check",
         action="store_true",
@@ -452,6 +639,21 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+    if args.report and args.task == "pii":
+        post = {(r["label"], r["objective"], r["seed"]): r for r in read_rows(args.posthoc)} if args.posthoc else {}
+        rows = [r for r in read_rows(args.results) if r.get("label") == args.label]
+        for r in rows:  # the measures added afterwards
+            p = post.get((r["label"], r["objective"], r["seed"]), {})
+            r.update({k: v for k, v in p.items() if k.startswith("ppl_")})
+            if "pii_like_fraction" in p:
+                r["pii_like_fraction"] = p["pii_like_fraction"]
+                for name in ("misaligned", "none"):
+                    if f"pii_like_fraction_{name}" in p:
+                        r["by_control"][name]["pii_like_fraction"] = p[f"pii_like_fraction_{name}"]
+                if "by_control" in r:
+                    r["by_control"]["aligned"]["pii_like_fraction"] = p["pii_like_fraction"]
+        print(pii_report(rows))
+        return
     if args.report:
         meta = json.loads((out / "experiment.json").read_text())
         results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/experiment.json"))]
@@ -464,10 +666,13 @@ def main() -> None:
     if args.control_check:
         control_check(out, args)
         return
+    if args.posthoc_only:
+        posthoc(args)
+        return
 
     import yaml
 
-    stats = prepare_data(args.data_dir, args.train_verses, args.heldout, args.verses_per_row)
+    stats = prepare_data(args.data_dir, args.train_verses, args.heldout, args.verses_per_row, args.task)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     for obj in args.objectives:
         (out / "recipes" / f"{obj}.yaml").write_text(yaml.safe_dump(recipe(obj, args), sort_keys=False))

@@ -52,3 +52,16 @@ class Interrupted(PrefcliError):
     """SIGINT/SIGTERM arrived; a checkpoint was written before raising this."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is the machine running out of memory (Python's MemoryError, torch's OutOfMemoryError on a GPU,
+    or torch's CPU allocator failing: a RuntimeError "can't allocate memory"), which is not a bug but a model or
+    batch too large for the machine."""
+    text = str(e).lower()
+    return (
+        isinstance(e, MemoryError)
+        or type(e).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text
+    )

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import DataError, TrainingError, UsageError
+from .interrupts import user_code
 from .recipe.reward_specs import (
     EnsembleReward,
     FunctionReward,
@@ -53,9 +54,11 @@ def load_function(spec: str, base_dir: str | Path | None = None) -> Callable:
             s = importlib.util.spec_from_file_location(unique, path)
             module = importlib.util.module_from_spec(s)
             sys.modules[unique] = module
-            s.loader.exec_module(module)
+            with user_code(f"reward function '{spec}': importing {mod_name}", UsageError):
+                s.loader.exec_module(module)
         else:
-            module = importlib.import_module(mod_name)
+            with user_code(f"reward function '{spec}': importing {mod_name}", UsageError):
+                module = importlib.import_module(mod_name)
     except UsageError:
         raise
     except Exception as e:
@@ -81,7 +84,8 @@ class FunctionSource(RewardSource):
         self.label = cfg.function
 
     def __call__(self, prompts, completions):
-        return list(self.fn(list(prompts), list(completions), **self.kwargs))
+        with user_code(f"reward function '{self.label}'", TrainingError):
+            return list(self.fn(list(prompts), list(completions), **self.kwargs))
 
 
 class LengthSource(RewardSource):
@@ -185,17 +189,20 @@ class ModelSource(RewardSource):
 
     def __init__(self, cfg: ModelReward, device=None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         from .engine.models import load_errors, load_failure
+        from .engine.tokenizer import open_tokenizer
 
         try:
-            self.tok = AutoTokenizer.from_pretrained(cfg.path)
+            self.tok = open_tokenizer(cfg.path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.path, num_labels=1, use_safetensors=True
             )
         except load_errors() as e:
             raise UsageError(f"rewards: {load_failure('the reward model', cfg.path, e)}") from None
+        except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
+            raise UsageError(f"rewards: {e}") from None
         if self.tok.pad_token is None:
             raise UsageError(f"the reward model tokenizer at {cfg.path} has no pad token")
         self.model.config.pad_token_id = self.tok.pad_token_id
@@ -207,6 +214,8 @@ class ModelSource(RewardSource):
     def __call__(self, prompts, completions):
         import torch
 
+        from .engine.tokenizer import text_ids
+
         scores: list[float] = []
         tok = self.tok
         side = tok.truncation_side
@@ -217,7 +226,9 @@ class ModelSource(RewardSource):
                     p + c
                     for p, c in zip(prompts[s : s + self.cfg.batch_size], completions[s : s + self.cfg.batch_size])
                 ]
-                enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.cfg.max_length)
+                # BOS once (a chat-rendered prompt may carry its own), cut from the left to max_length
+                ids = [text_ids(tok, t)[-self.cfg.max_length :] for t in texts]
+                enc = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
                 with torch.no_grad():
                     out = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits[:, 0]
                 scores.extend(out.float().tolist())
@@ -357,17 +368,21 @@ class JudgeSource(RewardSource):
 
     def __init__(self, cfg, device=None, label: str = "judge"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from .engine.tokenizer import open_tokenizer
 
         self.cfg, self.label = cfg, label
         self.name = cfg.name or "judge"
         try:
-            self.tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+            self.tok = open_tokenizer(cfg.tokenizer or cfg.path)
             self.model = AutoModelForCausalLM.from_pretrained(cfg.path, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise UsageError(
                 f"{label}.path: could not load the judge model {cfg.path}: {str(e).splitlines()[0]}"
             ) from None
+        except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
+            raise UsageError(f"{label}.tokenizer: {e}") from None
         self.device = device or torch.device("cpu")
         self.model.to(self.device).eval()
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -405,7 +420,7 @@ class JudgeSource(RewardSource):
         the answer tokens, renormalised)."""
         import torch
 
-        from .engine.rollout import left_pad
+        from .engine.sampling import left_pad
 
         out: list[float] = []
         add_special = not self.cfg.chat_template  # a chat template writes its own special tokens

@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import Interrupted, PrefcliError, UsageError
 from .recipe import dump_recipe, load_recipe
+from .recipe.paths import output_problem
 
 # The command table: `prefcli <command>` builds its Task with `<module>.build(ctx)`.
 # tests/test_command_table.py keeps it in sync with the recipe schemas and the CLI.
@@ -378,6 +379,9 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
 
         recipe = prepare_smoke(recipe.smoke(), early.warn)  # hub files: there, or exit 2
     if opts.output_dir:
+        why = output_problem(Path(opts.output_dir).absolute())
+        if why:
+            raise UsageError(f"--output-dir {opts.output_dir}: {why}")
         run_dir = Path(opts.output_dir).resolve()
     elif recipe.output.dir:
         run_dir = Path(recipe.output.dir)
@@ -418,6 +422,8 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
             ctx.warn(f"--resume: skipped {path} ({why}); resuming from {resume_from.name}")
         task = importlib.import_module(TASKS[command]).build(ctx)
         check_position_limit(task, recipe)
+        if hasattr(task, "startup_check"):  # the start-up guard (engine/guard.py): exit 2 before anything is written
+            task.startup_check()
         engine = Engine(task, rt, recipe.train, None, run_dir)
         if resume_from is not None:  # a checkpoint this run cannot continue: exit 2, before anything is written
             ckpt.check_resume(resume_from, task.groups, task.state_dict(), rt.world_size)
@@ -453,14 +459,7 @@ def run_training(command: str, recipe_path: str | os.PathLike, opts: RunOptions)
                 engine.start,
             )  # fmt: skip
         try:
-            result = engine.run(resume_from)
-        except torch.OutOfMemoryError:
-            raise engine._failure(
-                "out of GPU memory",
-                "Lower train.batch_size (raising train.grad_accum_steps keeps the batch), set "
-                "train.gradient_checkpointing: true, lower data.max_length, or shard the model over the GPUs "
-                "with runtime.parallel: fsdp (docs/scaling.md).",
-            ) from None
+            result = engine.run(resume_from)  # out of memory: a TrainingError with what to lower (Engine.out_of_memory)
         finally:
             progress.close()
         described = task.describe() if hasattr(task, "describe") else {}

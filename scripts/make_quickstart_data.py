@@ -63,7 +63,8 @@ def sample_pairs(model_dir: Path, prompts: list[str], seed: int, max_new_tokens:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad
+    from prefcli.engine.rollout import FastDecoder
+    from prefcli.engine.sampling import SamplingConfig, left_pad
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -11,6 +11,8 @@ state is written in:
   kill-at-final-eval       SIGKILL when the final evaluation starts (the last step is checkpointed)
   sigint-at-final-eval     SIGINT to itself when the final evaluation starts (it then finishes)
   kill-in-final-write      SIGKILL once final/ is written into its temporary folder, before the rename
+  sigterm-at-startup       SIGTERM to itself while the task is built (data and model loading), before anything is written
+  sigterm-while-plotting   SIGTERM to itself once summary.json is written, while curves.png is drawn
 """
 
 from __future__ import annotations
@@ -93,6 +95,26 @@ def install(fault: str) -> None:
             return write_final(run_dir, save_then_die, main)
 
         runfolder.write_final = cut_final
+    elif kind == "sigterm-at-startup":
+        import prefcli.runner
+
+        check = prefcli.runner.check_position_limit  # runs right after the task (data, models) is built
+
+        def term_then_check(task, recipe):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return check(task, recipe)
+
+        prefcli.runner.check_position_limit = term_then_check
+    elif kind == "sigterm-while-plotting":
+        from prefcli.engine import plots
+
+        plot_runs = plots.plot_runs
+
+        def term_then_plot(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return plot_runs(*a, **k)
+
+        plots.plot_runs = term_then_plot
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 

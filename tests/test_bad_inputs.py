@@ -33,17 +33,26 @@ TINY = DATA / "tiny"
 # ------------------------------------------------------------------------------------------- runner
 
 
-def invoke(argv: list[str]) -> tuple[int, str, str]:
-    """`prefcli ARGV` through the console entry point, in this process: (exit code, stdout, stderr)."""
+def invoke(argv: list[str], stdin: bytes | None = None) -> tuple[int, str, str]:
+    """`prefcli ARGV` through the console entry point, in this process: (exit code, stdout, stderr). `stdin`: the
+    bytes on its standard input (a text stream over a byte buffer, as a real stdin is)."""
+    import sys
+
     from prefcli.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
+    old_stdin = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8", errors="surrogateescape")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in argv])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.stdin = old_stdin
     return code, out.getvalue(), err.getvalue()
 
 
@@ -96,6 +105,7 @@ class Case:
     code: int = 2
     setup: Callable[[Env], None] | None = None
     json_on_stdout: bool = True  # False only for generate: its stdout is data
+    stdin: bytes | None = None  # what the command reads on its standard input
 
 
 # ------------------------------------------------------------------------------------ base recipes
@@ -311,8 +321,8 @@ def saved_dataset(rows: list[dict], split: str | None = None) -> Callable[[Env],
 CASES: list[Case] = []
 
 
-def case(id: str, argv, says=(), code=2, setup=None, json_on_stdout=True) -> None:
-    CASES.append(Case(id, argv, tuple(says), code, setup, json_on_stdout))
+def case(id: str, argv, says=(), code=2, setup=None, json_on_stdout=True, stdin=None) -> None:
+    CASES.append(Case(id, argv, tuple(says), code, setup, json_on_stdout, stdin))
 
 
 # --- CLI usage: click finds these before any command runs
@@ -931,7 +941,27 @@ case(
 case(
     "data-bad-json-line",
     lambda e: sft_file(e, "rows.jsonl", '{"text": "a"}\n{"text": \n'),
-    ["data.train: could not read file", "rows.jsonl", "check that it is valid"],
+    ["data.train: could not read file", "rows.jsonl", "line 2 is not valid JSON (Expecting value at column 10)"],
+)
+case(  # pyarrow's own message: "JSON parse error: ... Trailing data at position 14", no line
+    "data-json-line-trailing-text",
+    lambda e: sft_file(e, "rows.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c"} and more\n'),
+    ["rows.jsonl", "line 3 is not valid JSON (Extra data at column 15)", "one JSON object per line"],
+)
+case(
+    "data-json-document-bad",
+    lambda e: sft_file(e, "rows.json", '[\n  {"text": "a"},\n  {"text": "b"} x\n]\n'),
+    ["rows.json", "line 3 is not valid JSON", "column 17"],
+)
+case(  # pyarrow's JSON reader crashed the process (a segmentation fault) on a line nested this deep
+    "data-row-nested-too-deep",
+    lambda e: sft_file(e, "rows.jsonl", '{"text": "a"}\n{"text": "b", "x": ' + "[" * 200_000 + "]" * 200_000 + "}\n"),
+    ["data.train", "rows.jsonl: line 2", "nested 200,001 levels deep", "at most 100 levels"],
+)
+case(
+    "data-row-nested-too-deep-gz",
+    lambda e: sft_file(e, "rows.jsonl.gz", __import__("gzip").compress(b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}\n")),
+    ["rows.jsonl.gz: line 1", "nested 5,001 levels deep", "at most 100 levels"],
 )
 case("data-json-empty-array", lambda e: sft_file(e, "rows.json", "[]"), ["rows.json", "no rows"])
 case("data-json-not-rows", lambda e: sft_file(e, "rows.json", '"just a string"'), ["rows.json", "could not read"])
@@ -1048,7 +1078,7 @@ case(
         e.write("folder/.keep", "")
         and e.cmd("sft", deep_update(sft(), {"data": {"train": {"path": str(e.p("folder"))}}}))
     ),
-    ["folder", "could not read"],
+    ["folder is a folder without data files", "save_to_disk", "point data.train.path at a data file"],
 )
 case(
     "data-saved-dataset-wrong-split",
@@ -1184,6 +1214,61 @@ case(
 )
 
 
+def _set_config(**kw) -> Callable[[Path], None]:
+    """Damage for model_dir: keys added to config.json."""
+
+    def f(root: Path) -> None:
+        cfg = json.loads((root / "config.json").read_text())
+        cfg.update(kw)
+        (root / "config.json").write_text(json.dumps(cfg))
+
+    return f
+
+
+def family_dir(e: Env, arch: str, **config) -> str:
+    """A tiny random model folder of another family (with the bundled tokenizer) in the case folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id, **dims, **config)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(e.p(arch))
+    tok.save_pretrained(e.p(arch))
+    return str(e.p(arch))
+
+
+def _remote_code_dir(root: Path) -> None:
+    """A model folder whose architecture lives in its own code (config auto_map), as hub repos ship it."""
+    cfg = json.loads((root / "config.json").read_text())
+    cfg.update(model_type="prefcli_custom", auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                                                      "AutoModelForCausalLM": "modeling_custom.CustomLM"})  # fmt: skip
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / "modeling_custom.py").write_text("raise RuntimeError('remote code ran')\n")
+
+
+# --- model families and the start-up guard (docs/families.md)
+case(
+    "guard-kernel-differs-from-the-model",  # a logit scale prefcli believes in (config) that the model ignores
+    lambda e: sft_model(e, _set_config(logits_scaling=4.0)),
+    ["qwen2: prefcli's log-prob kernel differs from the model's own forward", "nats", "first batch",
+     "model.on_mismatch: fallback"],
+)  # fmt: skip
+case(
+    "model-attn-implementation-unsupported",  # transformers refuses sdpa for Gemma 2 (soft-capped scores)
+    lambda e: e.cmd("sft", deep_update(sft(), {"model": {"path": family_dir(e, "gemma2", head_dim=8), "init": None,
+                                                          "attn_implementation": "sdpa"}})),
+    ["could not load the model", "model.attn_implementation", "leave it unset"],
+)  # fmt: skip
+case(
+    "generate-remote-code-not-trusted",
+    lambda e: ["generate", model_dir(e, _remote_code_dir), "-p", e.write("p.txt", "hi\n")],
+    ["its own", "--trust-remote-code"],
+    json_on_stdout=False,
+)
+
+
 def _drop_pad(root: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -1228,6 +1313,14 @@ case(
         and e.cmd("rlhf", rlhf(rewards=[{"kind": "function", "function": "syn.py:score"}]))
     ),
     ["{dir}/syn.py:score'", "SyntaxError", "shows the traceback"],
+)
+case(  # sys.exit at import ended the run with the module's exit code and no JSON object
+    "reward-function-exits-on-import",
+    lambda e: (
+        e.write("quits.py", "import sys\nsys.exit(0)\ndef score(p, c):\n    return [0.0] * len(c)\n")
+        and e.cmd("rlhf", rlhf(rewards=[{"kind": "function", "function": "quits.py:score"}]))
+    ),
+    ["reward function '{dir}/quits.py:score': importing {dir}/quits.py called sys.exit(0)", "remove the exit"],
 )
 case(
     "reward-function-missing-name",
@@ -1398,6 +1491,218 @@ case(
     resume_with(model={"init": {"architecture": "llama", "config": {"num_key_value_heads": 2}}}),
     ["--resume", "does not match the model 'policy'", "recipe.yaml"],
     setup=Env.finished_run,
+)
+
+
+# --- limits: inputs that asked for unbounded work (recipe/bounded.py, engine/datacheck.py MAX_ROW_DEPTH)
+BOMB = "command: sft\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9 if p else ['x'] * 9)}]\n" for p, c in zip(["", *"abcdef"], "abcdefg")
+)  # 1 KB of aliases that stand for 9^7 = 4.8 million values
+case(
+    "limit-yaml-alias-bomb",
+    lambda e: ["validate", e.write("r.yaml", BOMB)],
+    ["r.yaml:", "aliases expand to more than 100,000 values", "prefcli's limit", "use fewer aliases"],
+)
+case(
+    "limit-yaml-self-referencing-alias",
+    lambda e: ["sft", e.write("r.yaml", "command: sft\nx: &r [1, *r]\n")],
+    ["r.yaml:2", "x[1]: an alias that contains itself"],
+)
+case(
+    "limit-yaml-nested-too-deep",
+    lambda e: ["validate", e.write("r.yaml", "command: sft\nx: " + "[" * 100 + "]" * 100 + "\n")],
+    ["r.yaml:2", "nested deeper than 64 levels"],
+)
+case(  # past PyYAML's own stack: its composer recursed until RecursionError
+    "limit-yaml-nested-past-the-parser",
+    lambda e: ["validate", e.write("r.yaml", "command: sft\nx: " + "[" * 700 + "]" * 700 + "\n")],
+    ["r.yaml", "nested deeper than 64 levels"],
+)
+case(
+    "limit-recipe-dev-zero",
+    lambda e: ["validate", "/dev/zero"],
+    ["/dev/zero", "larger than 1,048,576 bytes (not a regular file)", "prefcli's limit for a recipe"],
+)
+case(
+    "limit-recipe-too-large",
+    lambda e: ["sft", e.write("r.yaml", "command: sft\n" + "# padding\n" * 120_000)],
+    ["r.yaml", "larger than 1,048,576 bytes", "check that this is the recipe you meant"],
+)
+case(
+    "limit-set-key-too-deep",
+    lambda e: e.cmd("sft", sft(), "--set", ".".join(["a"] * 3000) + "=1"),
+    ["--set a.a.a", "the key has 3,000 parts", "at most 64 levels"],
+)
+case(
+    "limit-set-value-self-referencing",
+    lambda e: e.cmd("sft", sft(), "--set", "train.x=&r [1, *r]"),
+    ["--set train.x=&r [1, *r]", "an alias that contains itself"],
+)
+case(
+    "limit-set-value-nested-too-deep",
+    lambda e: e.cmd("sft", sft(), "--set", "train.x=" + "[" * 700),
+    ["--set train.x=[[[", "nested deeper than 64 levels"],
+)
+case(
+    "limit-stdin-row-nested-too-deep",
+    lambda e: ["eval", e.recipe(completions_recipe()), "--completions", "-"],
+    ["data.completions: <stdin>:1", "nested 3,001 levels deep", "at most 100 levels"],
+    stdin=b'{"prompt": "p", "completion": "c", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}\n",
+)
+
+
+def completions_recipe() -> dict:
+    return {
+        "command": "eval",
+        "models": [{"name": "m", "init": tiny_init(), "tokenizer": str(TOKENIZER)}],
+        "data": {"completions": {"path": "-"}},
+        "metrics": ["length"],
+    }
+
+
+# --- stdin is named stdin, and fails like a file
+case(
+    "eval-completions-stdin-not-utf8",
+    lambda e: ["eval", e.recipe(completions_recipe()), "--completions", "-"],
+    ["data.completions: <stdin>:2", "not UTF-8 text (byte 0xe9 at column 35)", "save the input as UTF-8"],
+    stdin=b'{"prompt": "p", "completion": "c"}\n{"prompt": "p", "completion": "caf\xe9"}\n',
+)
+case(
+    "eval-completions-stdin-mixed-types",
+    lambda e: ["eval", e.recipe(completions_recipe()), "--completions", "-"],
+    ["data.completions: could not read the rows on stdin", "values of one type"],
+    stdin=b'{"prompt": "p", "completion": "c"}\n{"prompt": "p", "completion": 5}\n',
+)
+case(
+    "eval-completions-stdin-missing-column",
+    lambda e: ["eval", e.recipe(completions_recipe()), "--completions", "-"],
+    ["data.completions: stdin: missing column(s) completion"],
+    stdin=b'{"prompt": "p"}\n',
+)
+case(
+    "generate-stdin-not-utf8",
+    lambda e: ["generate", model_dir(e), "-q"],
+    ["<stdin>:2: not UTF-8 text (byte 0xe9 at column 4)", "save the input as UTF-8"],
+    json_on_stdout=False,
+    stdin=b"\ncaf\xe9\n",
+)
+case(
+    "generate-file-not-utf8",
+    lambda e: ["generate", model_dir(e), "-q", "--prompts", e.write("p.txt", b"\ncaf\xe9\n")],
+    ["p.txt:2: not UTF-8 text (byte 0xe9 at column 4)", "save the input as UTF-8"],
+    json_on_stdout=False,
+)
+case(
+    "generate-prompt-past-learned-positions",
+    lambda e: ["generate", gpt2_dir(e, 16), "-q", "--prompts", e.write("p.txt", "word " * 40 + "\n")],
+    ["the prompt 'word word", "exceeds the 16 positions", "shorten the prompt or lower max_new_tokens"],
+    json_on_stdout=False,
+)
+
+
+def gpt2_dir(e: Env, positions: int) -> str:
+    """A tiny GPT-2 (a learned position table of `positions`) with the bundled tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    cfg = AutoConfig.for_model(
+        "gpt2", n_embd=32, n_layer=1, n_head=4, n_positions=positions, vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    out = e.p("gpt2")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+# --- a model folder without tokenizer files: transformers 5 builds a one-token tokenizer from config.json
+def _drop_tokenizer(root: Path) -> None:
+    for p in root.iterdir():
+        if p.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            p.unlink()
+
+
+case(
+    "tokenizer-degenerate-sft",
+    lambda e: sft_model(e, _drop_tokenizer),
+    ["the tokenizer from local folder {dir}/model is empty (1 token", "no tokenizer files", "point model.tokenizer"],
+)
+case(
+    "tokenizer-degenerate-generate",
+    lambda e: ["generate", model_dir(e, _drop_tokenizer), "-q"],
+    ["the tokenizer from local folder {dir}/model is empty", "no tokenizer files"],
+    json_on_stdout=False,
+    stdin=b"And the LORD\n",
+)
+case(
+    "tokenizer-degenerate-explain",
+    lambda e: [
+        "explain",
+        model_dir(e, _drop_tokenizer),
+        "--reference",
+        e.shared["model"],
+        "--text",
+        "hi",
+        "-q",
+    ],  # fmt: skip
+    ["the tokenizer from local folder {dir}/model is empty", "no tokenizer files"],
+)
+case(
+    "tokenizer-degenerate-reward-model",
+    lambda e: e.cmd("rlhf", rlhf(rewards=[{"kind": "model", "path": model_dir(e, _drop_tokenizer)}])),
+    ["rewards", "the tokenizer from local folder {dir}/model is empty"],
+)
+
+# --- exit 2, not 1
+case(
+    "output-symlink-loop",
+    lambda e: ["sft", e.recipe(sft()), "-o", e.p("loop"), "-q"],
+    ["--output-dir", "a symlink loop", "remove the link or choose another"],
+    setup=lambda e: (e.p("loop").symlink_to(e.p("loop2")), e.p("loop2").symlink_to(e.p("loop"))),
+)
+case(
+    "output-name-too-long",
+    lambda e: ["sft", e.recipe(sft()), "-o", e.p("x" * 300), "-q"],
+    ["--output-dir", "is 300 bytes, longer than the 255 bytes", "NAME_MAX"],
+)
+case(
+    "recipe-output-dir-name-too-long",
+    lambda e: e.cmd("sft", sft(output={"dir": str(e.p("y" * 300))})),
+    ["output.dir", "NAME_MAX"],
+)
+case(
+    "recipe-seed-past-64-bits",
+    lambda e: e.cmd("sft", sft(train={"seed": 2**64})),
+    ["train.seed", "less than or equal to 4294967295"],
+)
+case(
+    "recipe-seed-negative",
+    lambda e: e.cmd("sft", sft(train={"seed": -1})),
+    ["train.seed", "greater than or equal to 0"],
+)
+case(
+    "usage-generate-seed-past-64-bits",
+    lambda e: ["generate", str(TINY), "--seed", str(2**64)],
+    ["Invalid value for '--seed'", "4294967295"],
+    json_on_stdout=False,
+)
+case(
+    "recipe-chat-template-sandbox-escape",
+    lambda e: e.cmd("sft", sft(model={"chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"})),
+    ["model.chat_template", "Jinja's sandbox forbids", "__class__"],
+)
+case(
+    "recipe-chat-template-not-jinja",
+    lambda e: e.cmd("sft", sft(model={"chat_template": "{% for m in messages %}{{ m.content "})),
+    ["model.chat_template: not a valid Jinja template", "template line 1"],
+)
+case(
+    "plot-metrics-not-utf8",
+    lambda e: (
+        e.write("r/metrics.jsonl", b'{"step": 1, "loss/sft": 1.0}\n{"step": 2, "x": "caf\xe9"}\n')
+        and ["plot", e.p("r")]
+    ),
+    ["r/metrics.jsonl:2: not UTF-8 text (byte 0xe9", "damaged or is not a metrics file"],
 )
 
 
@@ -1601,6 +1906,17 @@ warned(
     ["pairs.jsonl", "skipped 2 of 8 rows", "chosen identical to rejected"],
 )
 warned(
+    "warn-guard-fallback-to-the-models-own-forward",
+    lambda e: e.cmd(
+        "sft",
+        deep_update(
+            sft(),
+            {"model": {"path": model_dir(e, _set_config(logits_scaling=4.0)), "init": None, "on_mismatch": "fallback"}},
+        ),
+    ),
+    ["qwen2: prefcli's log-prob kernel differs", "model.on_mismatch is fallback", "the model's own forward"],
+)
+warned(
     "warn-truncated-rows",
     lambda e: sft_rows(e, [{"text": "word " * 200}] + text_rows(3), data={"max_length": 16}),
     ["data.train", "1 of 4 examples were longer than max_length=16", "truncated"],
@@ -1650,7 +1966,7 @@ def test_bad_input(c: Case, env: Env):
         c.setup(env)
     argv = c.argv(env)
     before = snapshot(env.dir)
-    code, out, err = invoke(argv)
+    code, out, err = invoke(argv, c.stdin)
     assert code == c.code, f"{c.id}: exit {code}\nstdout: {out}\nstderr: {err}"
     assert "Traceback" not in err, err
     lines = [x for x in out.splitlines() if x.strip()]

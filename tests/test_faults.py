@@ -53,12 +53,26 @@ def recipe(tmp_path: Path, name: str = "recipe.yaml", **upd) -> Path:
     return p
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run of this file uses one torch thread: the forks (which set it, as DataLoader workers do after a
+    fork), and the runs in this process, the uninterrupted reference and the resumes included. The kill -9 chain
+    compares final weights bit for bit with the reference, and fp32 sums split over 2 threads round differently
+    from sums on 1: the same 8-step sft run on 1 and on 2 threads ends with different weights (measured on this
+    project's 2-core machine), so a chain of 1-thread forks compared with a 2-thread reference failed although
+    resume is exact. Like is compared with like."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def forked(argv: list, fault: str | None = None, log: Path | None = None):
     """The entry point in a fork of this process, with `fault` (tests/fault_driver.py) installed. Started;
     its exit code is the command's, or -9 when the fault killed it. Its output goes to `log`."""
 
     def target():
-        torch.set_num_threads(1)  # as DataLoader workers do after a fork
+        torch.set_num_threads(1)  # as DataLoader workers do after a fork (and as one_thread does here)
         if fault:
             fault_driver.install(fault)
         code, out, err = invoke(argv)
@@ -647,6 +661,188 @@ def test_read_only_and_unreadable_paths(tmp_path):
         msg = json.loads(out.strip().splitlines()[-1])["error"]
         assert expect[name] in msg, (name, msg)
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------- SIGTERM, and user code that ends the run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["sigterm-at-startup", "sigterm-while-plotting"])
+def test_sigterm_keeps_the_stdout_contract_like_sigint(tmp_path, fault):
+    """SIGTERM (a scheduler, `timeout`, `kill`) outside the training loop's own handler: while the task is built, and
+    after summary.json is written while the curves are drawn. Before, the process died of the signal: no JSON object
+    on stdout, no exit code of prefcli's. Now it is an interrupt like SIGINT: exit 130 and the object."""
+    import matplotlib.pyplot  # noqa: F401  (imported here once, not in each fork: the forks start at once)
+
+    import prefcli.algos.sft  # noqa: F401
+
+    p = recipe(tmp_path, train={"max_steps": 2, "eval_every_steps": None}, output={"plot": True})
+    run = tmp_path / "run"
+    log = tmp_path / "log.json"
+    code = run_forked(["sft", p, "-o", run, "-q"], fault, log)
+    got = json.loads(log.read_text())
+    assert code == 130, got["err"]
+    s = last_json(got["out"])
+    assert s["status"] == "interrupted" and s["exit_code"] == 130, s
+    assert "Traceback" not in got["err"]
+    if fault == "sigterm-at-startup":
+        assert "before training started; nothing was written" in s["error"] and not run.exists()
+    else:  # the run itself is complete: final/ and summary.json are there
+        assert (run / "summary.json").exists() and (run / "final" / "model.safetensors").exists()
+        assert s["checkpoint"].endswith("step-2"), s
+
+
+def _rl_recipe(tmp_path: Path, function: str) -> Path:
+    d = {
+        "command": "rlhf",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(ROOT / "data" / "tokenizer")},
+        "data": {
+            "train": {"path": str(ROOT / "data" / "tiny" / "prompts.jsonl"), "max_rows": 8},
+            "max_prompt_length": 16,
+        },
+        "rewards": [{"kind": "function", "function": function}],
+        "generation": {"max_new_tokens": 4},
+        "rlhf": {"algorithm": "grpo", "num_generations": 2, "prompts_per_rollout": 2},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "save_every_steps": 1},
+        "output": {"plot": False},
+    }
+    p = tmp_path / "rl.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        ("sys.exit(0)", "called sys.exit(0)"),
+        ("exit()", "called sys.exit(None)"),
+        ("raise KeyboardInterrupt", "raised KeyboardInterrupt with no interrupt received"),
+    ],
+)
+def test_a_reward_function_that_ends_the_process_fails_naming_it(tmp_path, body, says):
+    """A reward function's sys.exit(0) ended `prefcli rlhf` with exit 0, no JSON object and no final/. User code
+    never ends a run: it is a failure (exit 1) naming the function and the last good checkpoint."""
+    rules = tmp_path / "ends.py"
+    rules.write_text(
+        "import sys\ncalls = [0]\n"
+        "def score(prompts, completions):\n"
+        "    calls[0] += 1\n"
+        f"    if calls[0] == 3:\n        {body}\n"
+        "    return [0.5 * (i % 2) for i in range(len(completions))]\n"
+    )
+    code, out, err = invoke(["rlhf", _rl_recipe(tmp_path, f"{rules}:score"), "-o", tmp_path / "run", "-q"])
+    assert code == 1, err
+    s = last_json(out)
+    assert s["status"] == "failed" and f"reward function '{rules}:score' {says}" in s["error"], s
+    assert s["checkpoint"].endswith("step-2") and "Last good checkpoint" in s["error"]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_real_interrupt_inside_user_code_stays_an_interrupt():
+    """user_code() tells the user's KeyboardInterrupt from a person's: after a SIGINT/SIGTERM was received (the
+    handlers count them), a KeyboardInterrupt is the interrupt and passes through."""
+    from prefcli import interrupts
+    from prefcli.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="'f' raised KeyboardInterrupt with no interrupt received"):
+        with interrupts.user_code("'f'", TrainingError):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.user_code("'f'", TrainingError):
+            interrupts.note()  # what the SIGINT/SIGTERM handlers do
+            raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------- failures named for their cause
+
+
+def _planted(monkeypatch, at_call: int, exc: BaseException) -> None:
+    from prefcli.algos.sft import SFTTask
+
+    plan_for = SFTTask.plan_for
+    calls = [0]
+
+    def planted(self, items):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise exc
+        return plan_for(self, items)
+
+    monkeypatch.setattr(SFTTask, "plan_for", planted)
+
+
+def test_out_of_memory_during_training_is_not_called_a_bug(tmp_path, monkeypatch):
+    """torch's CPU allocator failing (what a batch too large for the machine raises) was reported as "unexpected
+    RuntimeError ... a bug in prefcli". It is out of memory, with what to lower, exit 1, the checkpoint named."""
+    _planted(monkeypatch, 3, RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                          "memory: you tried to allocate 68719476736 bytes"))  # fmt: skip
+    code, out, err = invoke(["sft", recipe(tmp_path, train={"max_steps": 4}), "-o", tmp_path / "run", "-q"])
+    assert code == 1 and "Traceback" not in err
+    s = last_json(out)
+    assert s["error"].startswith("step 3: out of memory (cpu) (RuntimeError: [enforce fail"), s
+    assert "Lower train.batch_size" in s["error"] and "bug" not in s["error"] and s["checkpoint"].endswith("step-2")
+
+
+def test_out_of_memory_outside_training_is_not_called_a_bug(tmp_path, monkeypatch):
+    import prefcli.recipe
+
+    def no_memory(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(prefcli.recipe, "load_recipe", no_memory)
+    code, out, err = invoke(["validate", recipe(tmp_path)])
+    s = last_json(out)
+    assert code == 1 and s["status"] == "failed" and s["error"].startswith("out of memory (MemoryError"), s
+    assert "bug" not in s["error"] and "bug" not in err
+
+
+def test_a_refused_write_gets_advice_for_its_cause(tmp_path, monkeypatch):
+    """A checkpoint write refused for permissions was told to free disk space. Each refusal gets its own advice."""
+    import errno
+
+    commit = runfolder.commit_checkpoint
+
+    def refused(tmp, step, *a, **k):
+        if step == 2:
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp / "state.json"))
+        return commit(tmp, step, *a, **k)
+
+    monkeypatch.setattr(runfolder, "commit_checkpoint", refused)
+    code, out, err = invoke(["sft", recipe(tmp_path, train={"max_steps": 3}), "-o", tmp_path / "run", "-q"])
+    assert code == 1, err
+    s = last_json(out)
+    assert "step 2: could not write the checkpoint: permission denied (PermissionError: [Errno 13]" in s["error"]
+    assert "Fix the run folder's permissions" in s["error"] and "Free space" not in s["error"], s
+    for n, fix in [(errno.ENOSPC, "Free space"), (errno.EFBIG, "ulimit -f"), (errno.EROFS, "writable")]:
+        assert (
+            runfolder.disk_fix(OSError(n, "x")).startswith(runfolder.DISK_FIXES[n]) and fix in runfolder.DISK_FIXES[n]
+        )
+
+
+def test_a_checkpoint_exception_is_named_by_the_failure_it_holds(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint wraps each rank's failure in CheckpointException, whose message is only
+    "CheckpointException ranks:dict_keys([0])". Messages name the failure inside it."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise ValueError("size mismatch for model.embed_tokens.weight: [4096, 32] against [4096, 64]")
+    except ValueError as e:
+        wrapped = CheckpointException("load", {0: _wrap_exception(e)})
+    assert runfolder.error_text(wrapped).startswith("ValueError: size mismatch for model.embed_tokens.weight")
+
+    p = recipe(tmp_path, train={"max_steps": 2, "eval_every_steps": None})
+    run = tmp_path / "run"
+    assert invoke(["sft", p, "-o", run, "-q"])[0] == 0
+
+    def failing_load(*a, **k):
+        raise wrapped
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", failing_load)
+    code, out, err = invoke(["sft", p, "-o", run, "-q", "--resume", "--set", "train.max_steps=3"])
+    assert code == 2, err
+    s = last_json(out)
+    assert "does not fit this recipe (ValueError: size mismatch for model.embed_tokens.weight" in s["error"], s
+    assert "CheckpointException" not in s["error"]
 
 
 # ------------------------------------------------------------------------------------ final/ and bugs

@@ -84,3 +84,40 @@ def test_make_install_uses_the_cpu_index_and_reinstalls_when_torch_spec_changes(
     line = next(x for x in gpu.splitlines() if '"torch"' in x)
     assert "--index-url" not in line and "--upgrade" in line
     assert "pip install" in make_n("TORCH_SPEC=torch==2.13.0+cpu", venv=venv)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_install_takes_the_locked_versions_and_never_locks_torch(tmp_path):
+    """prefcli and its dependencies are installed with `-c constraints.txt` (the versions CI tested); torch comes
+    before them from TORCH_INDEX without the constraints, and the constraints name no torch build, so they cannot
+    make pip fetch one. `CONSTRAINTS=` installs the newest inside the ranges; test-latest holds torch too. Every
+    package pyproject.toml requires is locked: a dependency added without `make lock` fails here."""
+    plan = make_n(venv=tmp_path / ".venv").splitlines()
+    torch_line = next(x for x in plan if '"torch==' in x)
+    prefcli_line = next(x for x in plan if '-e ".[dev]"' in x)
+    assert "-c constraints.txt" in prefcli_line and "-c" not in torch_line.split()
+    free = next(x for x in make_n("CONSTRAINTS=", venv=tmp_path / ".venv2").splitlines() if '-e ".[dev]"' in x)
+    assert " -c " not in free
+    latest = subprocess.run(["make", "-n", "-C", str(ROOT), "test-latest"], capture_output=True, text=True).stdout
+    upgrade = next(x for x in latest.splitlines() if "--upgrade-strategy eager" in x)
+    assert "torch.txt" in upgrade and "grep -i '^torch=='" in latest  # torch held where TORCH_SPEC put it
+
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    locked = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, line  # exact versions only
+            locked[re.sub(r"[-_.]+", "-", name).lower()] = version
+    assert not {k for k in locked if k in ("torch", "triton") or k.startswith("nvidia-")}, "a torch build is locked"
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = meta["optional-dependencies"]
+    wanted = meta["dependencies"] + extras["dev"]
+    for w in list(wanted):  # prefcli[label] in dev: the label extra's packages
+        if m := re.match(r"prefcli\[([\w,\s-]+)\]", w):
+            wanted += [d for x in m.group(1).split(",") for d in extras[x.strip()]]
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;]", w, maxsplit=1)[0]).lower() for w in wanted}
+    names -= {"torch", "prefcli"}
+    assert names <= set(locked), f"not in constraints.txt: {names - set(locked)}"

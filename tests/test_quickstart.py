@@ -54,3 +54,19 @@ def test_quickstart_phf_conditional_recipe_smoke(tmp_path, cli):
     assert s["status"] == "completed" and s["smoke"] is True
     assert s["data"]["phf"]["objective"] == "conditional" and s["data"]["phf"]["control_position"] == "start"
     assert -1.0 <= s["final"]["eval/control_gap"] <= 1.0
+
+
+def test_quickstart_phf_pii_recipe_smoke(tmp_path, cli):
+    """The PII-task recipe of docs/phf-experiment.md runs as shipped (smoke): the scrubadub scorer marks the
+    verses with PII misaligned (a quarter of data/pii/, so a smoke's rows hold both kinds), and
+    eval/control_gap is logged at the end."""
+    code, stdout, stderr = cli(
+        "sft", ROOT / "recipes" / "quickstart" / "phf-pii.yaml", "--smoke", "-o", tmp_path / "pii", "-q"
+    )
+    assert code == 0, stderr
+    s = last_json(stdout)
+    assert s["status"] == "completed" and s["smoke"] is True
+    phf = s["data"]["phf"]
+    assert phf["objective"] == "conditional" and phf["scorer"] == "1*function"
+    assert phf["rows_misaligned"] > 0 and phf["rows_aligned"] > phf["rows_misaligned"]
+    assert -1.0 <= s["final"]["eval/control_gap"] <= 1.0

@@ -3,10 +3,28 @@ on a tiny fixed model are pinned (as torchtune pins its recipes' losses), so tha
 mask, normaliser, sampler or schedule fails here; and a test that RL actually learns an easy rule.
 
 The runs go through the public CLI with recipes written here (nothing private is imported), so they keep passing
-through refactoring that preserves behaviour. CPU, fp32, one torch thread: deterministic run to run (checked by
-running the file twice in fresh processes, and once after other test files in the same process: every logged
-value agreed bit for bit). Another CPU may round fp32 sums differently (~1e-7 relative), far inside the
-tolerance; a sampled token would flip only if a uniform draw fell that close to a boundary.
+through refactoring that preserves behaviour. CPU, fp32, one torch thread: deterministic run to run on one machine
+(every logged value agrees bit for bit between runs, in fresh processes or after other test files).
+
+Between machines the values are not bit-equal, and the tolerance is set from measured drift. On this project's
+2-core Xeon (AVX-512), torch 2.13.0+cpu, all 218 pinned values of the 11 cases:
+- transformers 5.0.0 and 5.25.0 (every other package the same): bit-identical. The transformers release is not
+  what moves them.
+- 1 and 2 torch threads: identical at step 1, at most 2.6e-5 relative later.
+- the CPU's vector instructions: the same torch wheel picks its kernels by the CPU it runs on (ATen's vectorised
+  ops, MKL's matrix products). Forcing the paths another CPU takes (ATEN_CPU_CAPABILITY=avx2 or default,
+  MKL_ENABLE_INSTRUCTIONS=AVX2, MKL_CBWR=COMPATIBLE) moves step 1 by at most 4.3e-7 relative, later steps by at most
+  1.3e-4, except reward_bradley_terry: 2.7e-3 at step 4. That case's lr 1e-2 takes the score head from a margin of
+  0.46 to 3.9 in one step, which multiplies rounding differences some 6,000-fold from step 1 to 4. This failed on a fresh
+  machine in issue 24 (step 3 loss 2.3e-4 and step 4 grad_norm 3.9e-4 off the pins, with transformers 5.25.0, which
+  passes here: that machine's CPU took other kernels).
+So: step 1, computed from the same initial weights and batch on every machine, is held to REL_FIRST = 1e-5 (23x the
+worst measured); later steps to REL = 1e-3 (7.7x), and reward_bradley_terry's later steps to 2e-2 (7.4x).
+A one-line change to a loss is still caught, at step 1 where the drift is smallest (measured by editing the line
+in a copy of the tree and running this file): a margin of 0.01 in the Bradley-Terry loss (`d = r_chosen - r_rejected
+- 0.01`) moves reward_bradley_terry's step-1 loss by 7.1e-3 relative (710x REL_FIRST; its steps 3 and 4 also move
+past 2e-2); label smoothing of 0.01 in DPO's loss moves contrastive_dpo's step-1 grad_norm by 2.0e-2; GRPO's std
+epsilon 1e-4 -> 1e-3 moves rlhf_grpo's step-1 grad_norm by 1.0e-2 (and its step-2 values past 1e-3).
 
 When a change of behaviour is intended, regenerate the tables and paste them over EXPECTED and LR_EXPECTED:
 
@@ -30,9 +48,11 @@ import torch
 from .conftest import DATA, ROOT, TOKENIZER, last_json, read_metrics
 
 REGEN = os.environ.get("PREFCLI_REGEN") == "1"
-# rel: a changed loss, mask or normaliser moves these values by far more (module docstring). abs: the on-policy
-# policy-gradient losses are sums of advantages that cancel to float residue (~1e-8), pinned as 0 +- 1e-6.
-REL, ABS = 1e-4, 1e-6
+# Relative tolerances from the measured drift between machines (module docstring): the first step, then the later
+# steps; one case whose training amplifies rounding gets its own. abs: the on-policy policy-gradient losses are sums
+# of advantages that cancel to float residue (~1e-8), pinned as 0 +- 1e-6.
+REL_FIRST, REL, ABS = 1e-5, 1e-3, 1e-6
+REL_LATER_CASE = {"reward_bradley_terry": 2e-2}
 
 # Written out here (not conftest's TINY_INIT) so that the pinned numbers depend on nothing but this file.
 MODEL = {
@@ -505,10 +525,11 @@ def test_pinned_per_step_values(name, cli, write_recipe, tmp_path):
     want = EXPECTED[name]
     assert sorted(got) == sorted(want), f"{name}: logged steps {sorted(got)}, pinned {sorted(want)}"
     wrong = [
-        f"step {step} {key}: got {got[step].get(key)!r}, pinned {value!r}"
+        f"step {step} {key}: got {got[step].get(key)!r}, pinned {value!r} (relative tolerance {rel:g})"
         for step, row in want.items()
         for key, value in row.items()
-        if got[step].get(key) != pytest.approx(value, rel=REL, abs=ABS)
+        for rel in [REL_FIRST if step == 1 else REL_LATER_CASE.get(name, REL)]
+        if got[step].get(key) != pytest.approx(value, rel=rel, abs=ABS)
     ]
     wrong += [f"step {s} {k}: logged, not pinned" for s in got for k in got[s] if k not in want[s]]
     assert not wrong, f"{name} moved (if intended, regenerate: see the module docstring):\n" + "\n".join(wrong)

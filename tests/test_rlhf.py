@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefcli.algos.rlhf.sampling import apply_stop_strings
-from prefcli.engine.rollout import Rollout
+from prefcli.engine.sampling import Rollout
 
 from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics
 
@@ -181,7 +181,7 @@ def test_stop_strings_cut_and_finish(tmp_path):
     assert apply_stop_strings(r, tok, ["#"], tok.pad_token_id).completion_mask.sum() == n
 
 
-def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
+def test_gpt2_samples_fast_and_dynamic_rope_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     d = rlhf_recipe()
     d["model"]["init"] = {
         "architecture": "gpt2",
@@ -189,7 +189,13 @@ def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     }
     code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run", "-q")
     assert code == 0, stderr
-    assert "fast sampler does not support model type 'gpt2'" in stderr
+    assert last_json(stdout)["rlhf"]["sampler"] == "FastDecoder"
+    d = rlhf_recipe()
+    d["model"]["init"]["architecture"] = "llama"
+    d["model"]["init"]["config"]["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run2", "-q")
+    assert code == 0, stderr
+    assert "fast sampler does not support dynamic rope scaling" in stderr
     assert last_json(stdout)["rlhf"]["sampler"] == "HFSampler"
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad, sample_next, supports_fast_decoder
+from prefcli.engine.rollout import FastDecoder, supports_fast_decoder
+from prefcli.engine.sampling import SamplingConfig, left_pad, sample_next
 
 from .conftest import TOKENIZER
 
@@ -140,9 +141,17 @@ def test_lora_weights_and_in_place_sync(tok):
 def test_unsupported_architectures_are_named(tok):
     ok, why = supports_fast_decoder(tiny("qwen2", tok))
     assert ok and why == ""
-    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4)
+    cfg = AutoConfig.for_model("bloom", vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)
     ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
-    assert not ok and "gpt2" in why
+    assert not ok and "bloom" in why and "llama" in why  # the family, and the families covered
+    cfg = AutoConfig.for_model(
+        "opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, do_layer_norm_before=False,
+    )  # fmt: skip
+    ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
+    assert not ok and "do_layer_norm_before" in why
+    ok, why = supports_fast_decoder(tiny("llama", tok, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    assert not ok and "dynamic" in why
 
 
 @pytest.mark.parametrize("sampler", ["fast", "hf"])
@@ -181,3 +190,26 @@ def test_sampler_logprobs_equal_the_trainers_in_fp32(tok, sampler, temperature):
     m = r.completion_mask.bool()
     assert m.sum() > 10 and (r.logprobs[m] < 0).all() and (r.logprobs[~m] == 0).all()
     assert (lp[m] - r.logprobs[m]).abs().max() < 1e-4
+
+
+def test_hf_sampler_samples_as_the_recipe_says_not_as_the_checkpoint(tok):
+    """A checkpoint's generation_config (here typical-p 0.3, top_k 3, a repetition penalty) must not change what the
+    transformers-generate sampler draws from: its log-probs equal the model's own forward at the recipe's
+    settings (the guard's check), and the model keeps its generation_config."""
+    from prefcli.algos.rlhf.sampling import HFSampler
+    from prefcli.engine.dist import Runtime
+    from prefcli.engine.guard import compare_rollout
+    from prefcli.engine.models import PolicyLM
+
+    lm = tiny("llama", tok, seed=4)
+    lm.generation_config.top_k = 3
+    lm.generation_config.typical_p = 0.3
+    lm.generation_config.repetition_penalty = 3.0
+    rt = Runtime(device=torch.device("cpu"), precision="fp32")
+    ids, mask = prompts(tok)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    r = HFSampler(lm, rt).generate(ids, mask, cfg)
+    trainer, sampler = compare_rollout(PolicyLM(lm, rt), r, cfg, k=3)
+    assert sampler.tokens == 24 and sampler.max_abs < 1e-4, sampler
+    assert lm.generation_config.typical_p == 0.3 and lm.generation_config.repetition_penalty == 3.0

@@ -96,6 +96,16 @@ class Scheduled:
         n_micro = max(1, min(self.cfg.train.grad_accum_steps, len(items) // rt.world_size))
         return split_micro(mine, n_micro, lengths(mine) if lengths is not None else None)
 
+    def check_kernels(self, policy, collate: Callable[[list[int]], dict]) -> None:
+        """The start-up guard (engine.guard): prefcli's log-prob kernel against the model's own forward on the first
+        step's first micro-batch, collated as training collates it (packed rows, padding). Exit 2 on a difference
+        beyond the tolerance, or the model's own forward with model.on_mismatch: fallback. A task's
+        `startup_check()` calls it; the runner calls that once the recipe's limits are checked."""
+        from ..engine.guard import check_logprobs
+
+        batch = collate(self.micro_parts(self.cursor.peek())[0])
+        check_logprobs(policy, batch, self.cfg.model.on_mismatch, self.ctx.warn, rt=self.rt, what="the first batch")
+
     def step_items(self) -> Iterator[list[int]]:
         while True:
             yield self.cursor.next()

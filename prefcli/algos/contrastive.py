@@ -40,13 +40,7 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move, shard_for_rank
 from ..engine.debias import apply_debias, pair_weights
-from ..engine.models import (
-    PolicyLM,
-    build_trained_model,
-    load_tokenizer,
-    reference_mode,
-    save_hf,
-)
+from ..engine.models import PolicyLM, build_trained_model, reference_mode, save_hf
 from ..engine.pairs import (
     PAIR_REQUIRED,
     UNPAIRED_REQUIRED,
@@ -59,6 +53,7 @@ from ..engine.pairs import (
     tokenize_unpaired,
 )
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..errors import UsageError
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report, sharded_fill
@@ -475,6 +470,9 @@ class PreferenceTask(Scheduled):
         return losses.sum(), mets
 
     # ----------------------------------------------------------------- Task protocol
+
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._batch(self.train_set, part))
 
     def describe(self) -> dict:
         objective = {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce, **vars(self.hp)}

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.data import load_rows, move
-from ..engine.models import build_trained_model, load_tokenizer, save_hf
+from ..engine.models import build_trained_model, save_hf
 from ..engine.pairs import encode_scored, text_batch
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..errors import DataError
 from ..recipe.sections import ModelSection
 from ..reward_sources import RewardSource, build_rewards

@@ -27,14 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.data import chat_ids, iterate_eval, move
+from ..engine.data import iterate_eval, move
 from ..engine.debias import apply_debias
-from ..engine.models import (
-    build_trained_model,
-    load_tokenizer,
-    save_hf,
-    unwrap_lm,
-)
+from ..engine.models import build_trained_model, save_hf, unwrap_lm
 from ..engine.pairs import (
     check_format,
     detect_pair_format,
@@ -45,6 +40,7 @@ from ..engine.pairs import (
     text_batch,
 )
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import chat_ids, load_tokenizer
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 
@@ -277,9 +273,11 @@ class EncoderScorer:
     """A trained InfoNCE encoder as a preference scorer: score(x, y) = cos(e(x), e(y))."""
 
     def __init__(self, path, device=None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        self.tok = AutoTokenizer.from_pretrained(path)
+        from ..engine.tokenizer import open_tokenizer
+
+        self.tok = open_tokenizer(str(path))
         self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
         self.meta = json.loads((Path(path) / ENCODER_FILE).read_text())
         self.device = device or torch.device("cpu")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move
 from ..engine.debias import apply_debias, pair_weights
-from ..engine.models import build_trained_model, load_tokenizer, save_hf
+from ..engine.models import build_trained_model, save_hf
 from ..engine.pairs import (
     check_format,
     detect_pair_format,
@@ -45,6 +45,7 @@ from ..engine.pairs import (
     text_batch,
 )
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..errors import DataError
 from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report

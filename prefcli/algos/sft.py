@@ -42,8 +42,9 @@ from ..engine.data import (
 from ..engine.debias import apply_debias
 from ..engine.formats import convert_rows, outside_format
 from ..engine.logprobs import IGNORE
-from ..engine.models import PolicyLM, build_trained_model, load_tokenizer, save_hf, trainable_parameters, unwrap_lm
+from ..engine.models import PolicyLM, build_trained_model, save_hf, trainable_parameters, unwrap_lm
 from ..engine.task import Group, Micro, Plan
+from ..engine.tokenizer import load_tokenizer
 from ..errors import DataError
 from ..runner import RunContext
 from .common import Scheduled
@@ -232,6 +233,9 @@ class SFTTask(Scheduled):
             RowLRScale(self.groups["policy"].optimizer, weights, list(self.control_ids), s.control_lr_scale)
 
     # ---------------------------------------------------------------- Task protocol
+
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._collate(part)[0])
 
     def describe(self) -> dict:
         s = self.train_set

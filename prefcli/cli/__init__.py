@@ -23,7 +23,8 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
+from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError, out_of_memory
+from ..interrupts import received
 
 STATUS = {EXIT_USAGE: "invalid", EXIT_INTERRUPTED: "interrupted"}  # any other non-zero code: "failed"
 _stdout_json = {"written": False}  # whether this invocation has printed its JSON object yet
@@ -48,6 +49,7 @@ class PrefcliGroup(TyperGroup):
         command = next((a for a in args if not a.startswith("-")), None)
         command = command if command in self.commands else None
         _stdout_json["written"] = False
+        _stdout_json["signals"] = received()
         try:
             if not args:  # `prefcli` alone: the help, on stderr (stdout keeps only the failure object)
                 with contextlib.redirect_stdout(sys.stderr):
@@ -57,7 +59,9 @@ class PrefcliGroup(TyperGroup):
             code = rv if isinstance(rv, int) else 0
             if code and not _stdout_json["written"]:  # e.g. an interrupt while the command was starting
                 self._failure(command, code, "interrupted" if code == EXIT_INTERRUPTED else f"exit code {code}")
-        except Exception as e:
+        except BaseException as e:  # DCP's CheckpointException is a BaseException, not an Exception
+            if isinstance(e, (SystemExit, KeyboardInterrupt, GeneratorExit)):
+                raise
             if _is_click_error(e):  # usage errors, found before any command body ran
                 if not args:
                     with contextlib.redirect_stdout(sys.stderr):
@@ -71,13 +75,28 @@ class PrefcliGroup(TyperGroup):
             elif type(e).__name__ == "Abort":  # click's Ctrl-C / end of input inside a prompt
                 code = EXIT_INTERRUPTED
                 self._failure(command, code, "aborted")
+            elif _interrupted_since_start():  # a library broken by the KeyboardInterrupt it was stopped with
+                code = EXIT_INTERRUPTED
+                typer.echo(f"error: interrupted ({type(e).__name__} while stopping)", err=True)
+                self._failure(command, code, "interrupted")
+            elif out_of_memory(e):  # not a bug: the model or the batch does not fit this machine
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                msg = (
+                    f"out of memory ({type(e).__name__}: {first}); the model or the batch does not fit this machine: "
+                    "use a smaller model or batch (train.batch_size, data.max_length, generation.batch_size), or a "
+                    "machine with more memory"
+                )
+                typer.echo(f"error: {msg}", err=True)
+                code = EXIT_FAILURE
+                self._failure(command, code, msg)
             else:  # a bug: say so plainly, exit 1
                 if os.environ.get("PREFCLI_DEBUG"):
                     import traceback
 
                     traceback.print_exc()
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                msg = f"unexpected {type(e).__name__}: {first}"
+                from ..engine.runfolder import error_text  # the failure inside a CheckpointException, named
+
+                msg = f"unexpected {error_text(e)}"
                 typer.echo(f"error: {msg} (a bug in prefcli: please report it; PREFCLI_DEBUG=1 shows where)", err=True)
                 code = EXIT_FAILURE
                 self._failure(command, code, msg)
@@ -230,7 +249,17 @@ SmokeOpt = Annotated[
 ]
 
 
+def _interrupted_since_start() -> bool:
+    """A SIGINT/SIGTERM arrived during this invocation (prefcli.interrupts counts them)."""
+    return received() > _stdout_json.get("signals", received())
+
+
 def fail(command: str, err: BaseException, code: int, status: str) -> None:
+    if code == EXIT_USAGE and _interrupted_since_start():
+        # stopped while starting: a library interrupted half-way (an import cut short) can fail in a way that reads
+        # as bad input; the interrupt is what happened
+        err = RuntimeError(f"interrupted before training started; nothing was written (it stopped at: {err})")
+        code, status = EXIT_INTERRUPTED, "interrupted"
     typer.echo(f"error: {err}", err=True)
     out = {"command": command, "status": status, "exit_code": code, "error": str(err)}
     if getattr(err, "checkpoint", None):
@@ -303,9 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     """The console entry point (`prefcli`). Exits with the command's code (docs/cli.md)."""
     import signal
 
+    from ..interrupts import handled
+
     if hasattr(signal, "SIGXFSZ"):  # `ulimit -f`: a write past the limit fails with EFBIG, reported as such,
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # instead of the signal killing the process
-    app(args=argv)
+    with handled():  # SIGTERM, like SIGINT, ends every command with exit 130 and the JSON object
+        app(args=argv)
 
 
 if __name__ == "__main__":

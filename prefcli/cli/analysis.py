@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError, UsageError
 from . import (
     EXAMPLES,
@@ -77,7 +78,9 @@ def data_inspect(
     max_rows: Annotated[int | None, typer.Option(help="Read only the first N rows of each file.")] = None,
     folds: Annotated[int, typer.Option(help="Cross-validation folds when there are no held-out rows.")] = 5,
     top_words: Annotated[int, typer.Option(help="Words listed per side.")] = 10,
-    seed: Annotated[int, typer.Option(help="Seed of the cross-validation folds and the debias subsample.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=SEED_MAX, help="Seed of the cross-validation folds and the debias subsample.")
+    ] = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Counts, duplicates, truncation, length bias, shallow baselines, leakage and rater agreement of a

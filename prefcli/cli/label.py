@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
 from . import EXAMPLES, SetOpt, app, emit_json, fail
 
@@ -163,7 +164,9 @@ def terminal(
     log: Annotated[Path | None, typer.Option("--log", help="Journal file (default: <out>.log.jsonl).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="With --model: new tokens per candidate.")] = None,
     temperature: Annotated[float | None, typer.Option(help="With --model: sampling temperature.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the A/B order and for sampling candidates.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=SEED_MAX, help="Seed for the A/B order and for sampling candidates.")
+    ] = 0,
     rater: Annotated[
         str | None,
         typer.Option(help="Your rater id, recorded in every row (default: $PREFCLI_RATER, else your login name)."),

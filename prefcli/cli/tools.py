@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
 from . import (
     EXAMPLES,
@@ -136,8 +137,26 @@ def generate(
         int | None,
         typer.Option(help=("Prompts per generate call (default 8). 1 answers each prompt as soon as it is read.")),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's, else 0).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, max=SEED_MAX, help="Sampling seed (default: the recipe's, else 0).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Run modelling code shipped with the model (model.trust_remote_code)."
+        ),
+    ] = False,
+    pad_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Pad token for a tokenizer that has none, e.g. a base GPT-2 or Llama 3 checkpoint (model.pad_token)."
+        ),
+    ] = None,
+    attn_implementation: Annotated[
+        str | None,
+        typer.Option(help="sdpa, eager, flash_attention_2 or flex_attention (default: transformers' choice)."),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No closing line on stderr; stdout (the completions) is unchanged.")
     ] = False,
@@ -174,6 +193,11 @@ def generate(
         seed=seed,
         device=device,
         quiet=quiet,
+        model={
+            "trust_remote_code": trust_remote_code or None,
+            "pad_token": pad_token,
+            "attn_implementation": attn_implementation,
+        },
     )
     try:
         run_generate(opts)

@@ -20,11 +20,23 @@ import torch
 from ..errors import DataError
 from ..recipe.paths import is_local
 from ..recipe.sections import DataMixture, DataSource
-from .datacheck import check_utf8, describe_value, exception_chain, is_blank_file, is_messages, not_utf8_message
+from .datacheck import (
+    check_json_depth,
+    check_utf8,
+    describe_value,
+    exception_chain,
+    is_blank_file,
+    is_messages,
+    json_syntax_error,
+    not_utf8_message,
+    parse_json_row,
+    text_line,
+)
 from .logprobs import IGNORE
+from .tokenizer import chat_ids, text_ids
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
-CACHE_VERSION = "1"  # bump when tokenization output changes for the same inputs
+CACHE_VERSION = "2"  # bump when tokenization output changes for the same inputs
 
 
 def _quiet_datasets():
@@ -44,7 +56,7 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
     import datasets
 
     path = src.path
-    shown = path
+    shown = shown_path(path)
     field = f"{what}.path" if what.startswith("data.") else what
     if is_local(path) and not os.access(path, os.R_OK):
         raise DataError(f"{what}: could not read file {shown}: permission denied; check its permissions")
@@ -54,11 +66,12 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
         if path == "-":
             ds = read_stdin_rows(what)
         elif is_local(path) and os.path.isfile(path):
-            name = path[:-3] if path.endswith(".gz") else path
-            builder = _BUILDERS.get(Path(name).suffix.lower())
+            builder = _builder(path)
             if builder is None:
                 raise DataError(f"{what}: {shown}: unknown file type; use .jsonl, .json, .csv, .tsv, .parquet or .txt")
-            kw = {"delimiter": "\t"} if name.endswith(".tsv") else {}
+            kw = {"delimiter": "\t"} if path.removesuffix(".gz").endswith(".tsv") else {}
+            if builder == "json":  # a line nested too deep would crash pyarrow's reader (datacheck.MAX_ROW_DEPTH)
+                check_json_depth(path, what)
             ds = datasets.load_dataset(builder, data_files=path, split="train", **kw)
         elif is_local(path) and (
             Path(path, "dataset_info.json").exists()
@@ -71,6 +84,12 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
                     raise DataError(f"{what}: {shown} has no split '{src.split}' (splits: {', '.join(ds)})")
                 ds = ds[src.split]
         else:
+            if is_local(path) and os.path.isdir(path) and not _has_data_files(path):
+                raise DataError(
+                    f"{what}: {shown} is a folder without data files (no {', '.join(sorted(_BUILDERS))} or .arrow "
+                    f"file in it or below it) and not a dataset saved by datasets' save_to_disk; point {field} at a "
+                    "data file or a folder of them"
+                )
             ds = datasets.load_dataset(path, src.subset, split=src.split)
     except DataError:
         raise
@@ -81,7 +100,17 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
             raise DataError(not_utf8_message(what, path, None)) from None
         if is_local(path) and ("corresponds to no data" in text or "batchsize must be greater than 0" in text):
             raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data") from None
+        syntax = (
+            json_syntax_error(path) if is_local(path) and os.path.isfile(path) and _builder(path) == "json" else None
+        )
+        if syntax:  # pyarrow names a byte position inside a block; this names the line
+            raise DataError(f"{what}: could not read file {shown}: {syntax}") from None
         msg = next((str(c).strip().splitlines()[0] for c in reversed(chain) if str(c).strip()), type(e).__name__)
+        if path == "-":
+            raise DataError(
+                f"{what}: could not read the rows on stdin: {msg}; every row needs the same fields with values of "
+                "one type (text in one row and a number or a list in another cannot make a column)"
+            ) from None
         where = "file" if is_local(path) else "hub dataset (needs network or a cache)"
         fix = "check that it is valid for its type" if is_local(path) else "check the name and the network"
         raise DataError(f"{what}: could not read {where} {shown}: {msg}; {fix}") from None
@@ -109,6 +138,28 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
     return ds
 
 
+def _has_data_files(folder: str) -> bool:
+    """Whether datasets finds anything to read in a folder (a file of a type it reads, hidden files aside); an empty
+    folder otherwise fails inside datasets with an internal `functools.partial(...)` in its message."""
+    suffixes = (*_BUILDERS, ".arrow")
+    for _root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not f.startswith(".") and f.removesuffix(".gz").lower().endswith(suffixes) for f in files):
+            return True
+    return False
+
+
+def shown_path(path: str) -> str:
+    """A data path as messages name it: `-` is stdin."""
+    return "stdin" if path == "-" else path
+
+
+def _builder(path: str) -> str | None:
+    """The datasets builder that reads a local file, by its extension (a .gz is read through)."""
+    name = path[:-3] if path.endswith(".gz") else path
+    return _BUILDERS.get(Path(name).suffix.lower())
+
+
 def read_stdin_rows(what: str):
     """JSONL rows from stdin (`path: -`, e.g. `prefcli generate ... | prefcli eval r.yaml --completions -`)."""
     import sys
@@ -116,15 +167,10 @@ def read_stdin_rows(what: str):
     import datasets
 
     rows = []
-    for n, line in enumerate(sys.stdin, 1):
+    for n, line in enumerate(getattr(sys.stdin, "buffer", sys.stdin), 1):  # bytes: a line not UTF-8 is named
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{what}: <stdin>:{n}: not valid JSON ({e.msg}); expected one JSON object per line"
-            ) from None
+        obj = parse_json_row(text_line(line, f"{what}: <stdin>:{n}"), f"{what}: <stdin>:{n}")
         if not isinstance(obj, dict):
             raise DataError(f"{what}: <stdin>:{n}: expected a JSON object, got {type(obj).__name__}")
         rows.append(obj)
@@ -168,6 +214,7 @@ def load_mixture(mix: DataMixture, required: Sequence[str], what: str):
 def check_values(ds, columns: Sequence[str], source: str, what: str = "data") -> None:
     """Every row has a non-empty value of the right type in each of `columns` (a string; `messages`: a list of
     {role, content} messages); the first bad row is named."""
+    source = shown_path(source)
     for col in columns:
         chat = col == "messages"
         for i, v in enumerate(ds[col]):
@@ -255,13 +302,6 @@ def detect_format(columns: Sequence[str], requested: str) -> str:
 FORMAT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"]}
 
 
-def chat_ids(tok, messages, **kw) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True, **kw)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
-
-
 def encode_messages(tok, messages: list[dict], mask_prompt: bool) -> tuple[list[int], list[int]]:
     """Token ids and labels of a chat. With mask_prompt, only assistant turns carry labels: each
     assistant span is found by rendering the conversation up to it (prefix rendering)."""
@@ -290,10 +330,10 @@ def sft_encoder(tok, fmt: str, max_length: int, mask_prompt: bool, add_eos: bool
         if fmt == "messages":
             ids, labels = encode_messages(tok, row["messages"], mask_prompt)
         elif fmt == "text":
-            ids = tok(row["text"], add_special_tokens=True)["input_ids"]
+            ids = text_ids(tok, row["text"])
             labels = list(ids)
         else:
-            p = tok(row["prompt"], add_special_tokens=True)["input_ids"]
+            p = text_ids(tok, row["prompt"])
             c = tok(row["completion"], add_special_tokens=False)["input_ids"]
             ids = p + c
             labels = ([IGNORE] * len(p) if mask_prompt else list(p)) + list(c)
@@ -466,6 +506,13 @@ class DataCursor:
         if self._cached is None or self._cached[0] != epoch:
             self._cached = (epoch, [s for s in self.schedule.steps(epoch) if len(s) >= self.min_items])
         return self._cached[1]
+
+    def peek(self) -> list[int]:
+        """The items `next()` would return, without moving (the start-up guard's batch)."""
+        epoch, index = self.epoch, self.index
+        while index >= len(self._steps(epoch)):
+            epoch, index = epoch + 1, 0
+        return self._steps(epoch)[index]
 
     def next(self) -> list[int]:
         """The global items of the next optimizer step (all ranks); moves on to the next epoch as needed."""

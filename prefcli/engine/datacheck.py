@@ -4,6 +4,7 @@ bytes that are not UTF-8 (which pyarrow reads silently and fails on mid-training
 from __future__ import annotations
 
 import os
+import re
 
 from ..errors import DataError
 
@@ -93,3 +94,141 @@ def describe_value(v) -> str:
     if isinstance(v, str):
         return "a string"
     return f"{type(v).__name__} ({str(v)[:40]})"
+
+
+# ------------------------------------------------------------------------------------------- JSON rows
+
+# How deep a JSON row may nest. Real rows nest a few levels (a chat with tool calls: about 8). pyarrow's JSON reader,
+# which datasets uses, recurses once per level and crashes the process (a segmentation fault, no message) on a line
+# nested some 100,000 levels deep; Python's json raises RecursionError past about 1,000. Rows are checked against
+# this limit before either reads them, so such a line is an error that names it.
+MAX_ROW_DEPTH = 100
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(line: bytes) -> int:
+    """How deep the JSON text `line` nests (brackets inside strings do not count). Cheap for ordinary rows:
+    a line with fewer opening brackets than MAX_ROW_DEPTH cannot nest deeper, and is not scanned."""
+    if line.count(b"[") + line.count(b"{") <= MAX_ROW_DEPTH:
+        return 0  # at most MAX_ROW_DEPTH: within the limit, whatever it is exactly
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_STRING.sub(b'""', line)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def too_deep_message(where: str, depth: int) -> str:
+    return (
+        f"{where}: a value nested {depth:,} levels deep; prefcli reads rows nested at most {MAX_ROW_DEPTH} levels "
+        "(its limit, which keeps the JSON readers from running out of stack); fix or remove the row"
+    )
+
+
+def text_line(line: str | bytes, where: str) -> str:
+    """A line read as bytes (a file opened "rb", stdin's buffer) or as text that Python decoded with
+    surrogateescape (stdin in some locales), as UTF-8 text; a byte that is not UTF-8 is named by its column."""
+    if isinstance(line, str):
+        try:
+            line.encode("utf-8")
+            return line
+        except UnicodeEncodeError:  # lone surrogates \udc80-\udcff stand for the bytes that did not decode
+            line = line.encode("utf-8", "surrogateescape")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); save the input as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8 in > out)"
+        ) from None
+
+
+def parse_json_row(line: str | bytes, where: str, hint: str = "expected one JSON object per line"):
+    """One JSON row (a line of JSONL), its errors named by `where` ('file:line') and the column, then `hint`."""
+    import json
+
+    raw = line.encode("utf-8", "surrogateescape") if isinstance(line, str) else line
+    depth = json_depth(raw)
+    if depth > MAX_ROW_DEPTH:
+        raise DataError(too_deep_message(where, depth))
+    try:
+        return json.loads(line.rstrip(b"\r\n" if isinstance(line, bytes) else "\r\n"))  # columns count on the line
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); {hint}") from None
+
+
+def _lines(path: str):
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        yield from enumerate(f, 1)
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}\n")
+
+
+def check_json_depth(path: str, what: str) -> None:
+    """Before datasets reads a JSON or JSONL file (line by line, through pyarrow): no line nests deeper than
+    MAX_ROW_DEPTH. Read in blocks; `bytes.translate` keeps only brackets and newlines (C speed, about a second
+    per GB), and only a line with more than MAX_ROW_DEPTH brackets is scanned exactly."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    first_line, tail = 1, b""
+    with opener(path, "rb") as f:
+        while True:
+            block = f.read(1 << 24)
+            data = tail + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)  # whole lines only; the rest waits for the next block
+            data, tail = data[:cut], data[cut:]
+            kept = data.translate(None, _NOT_BRACKETS).split(b"\n")
+            lines: list[bytes] = []
+            for i, seg in enumerate(kept):
+                if len(seg) > MAX_ROW_DEPTH:
+                    lines = lines or data.split(b"\n")
+                    depth = json_depth(lines[i])
+                    if depth > MAX_ROW_DEPTH:
+                        raise DataError(too_deep_message(f"{what}: {path}: line {first_line + i}", depth))
+            first_line += len(kept) - 1
+            if not block:
+                return
+
+
+def json_syntax_error(path: str) -> str | None:
+    """Where a JSON or JSONL file that could not be read breaks JSON's syntax: 'line N is not valid JSON (...)',
+    or None when every line is JSON (the problem is elsewhere). Read only after a failure: pyarrow's own message
+    gives a byte position in a block ("Trailing data at position 12"), no line."""
+    import json
+
+    try:
+        for n, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line.rstrip(b"\r\n"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                if n == 1 and path.endswith((".json", ".json.gz")):
+                    return _whole_document_error(path)  # a pretty-printed .json: its lines are not documents
+                if not isinstance(e, json.JSONDecodeError):
+                    return None  # bytes that are not UTF-8: named by not_utf8_message
+                return f"line {n} is not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
+    except (OSError, EOFError):
+        return None
+    return None
+
+
+def _whole_document_error(path: str) -> str | None:
+    import gzip
+    import json
+
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            json.load(f)
+    except json.JSONDecodeError as e:
+        return f"line {e.lineno} is not valid JSON ({e.msg} at column {e.colno})"
+    except (OSError, EOFError, UnicodeDecodeError, RecursionError):
+        return None
+    return None

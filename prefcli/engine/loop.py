@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..errors import Interrupted, PrefcliError, TrainingError, UsageError
+from .. import interrupts
+from ..errors import Interrupted, PrefcliError, TrainingError, UsageError, out_of_memory
 from ..recipe.sections import TrainSection
 from . import checkpoint as ckpt
 from . import runfolder
@@ -95,6 +96,7 @@ class _Signals:
         self._old: dict = {}
 
     def _handler(self, signum, frame):
+        interrupts.note()
         self.count += 1
         self.requested = True
         if self.count > 1:
@@ -176,8 +178,9 @@ class Engine:
             if why is None:
                 raise
             raise self._failure(
-                f"step {step}: could not write the checkpoint: {why} ({e}); its temporary folder was removed",
-                "Free space (or raise the limit), then continue with the same command and --resume.",
+                f"step {step}: could not write the checkpoint: {why} ({runfolder.error_text(e)}); its temporary folder "
+                "was removed",
+                runfolder.disk_fix(e),
             ) from None
         self.progress.log(f"checkpoint: {self.last_checkpoint}")
 
@@ -226,7 +229,7 @@ class Engine:
         except PrefcliError:
             raise
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, CheckpointException) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = runfolder.error_text(e)
             raise UsageError(
                 f"--resume: {path} does not fit this recipe ({first}). Resume with the recipe the run was started "
                 "with (the run folder's recipe.yaml), or start a new run (--overwrite, or another --output-dir)."
@@ -247,12 +250,17 @@ class Engine:
                 raise self._interrupted(
                     "interrupted while writing final/; the partial folder was removed", todo
                 ) from None
-            except Exception as e:
+            except (Exception, CheckpointException) as e:
                 why = runfolder.disk_error(e)
                 if why is None:
                     raise
                 raise self._failure(
-                    f"could not write final/: {why} ({e}); the partial folder was removed", todo
+                    f"could not write final/: {why} ({runfolder.error_text(e)}); the partial folder was removed",
+                    runfolder.disk_fix(
+                        e,
+                        "then continue with the same command and --resume: it runs the final "
+                        "evaluation and writes final/.",
+                    ),
                 ) from None
 
     def _interrupted(self, what: str, todo: str) -> Interrupted:
@@ -296,8 +304,10 @@ class Engine:
         stalled past runtime.timeout_s stops this one with exit 1 instead of waiting."""
         try:
             return self._run(resume_from)
-        except (Interrupted, UsageError, torch.OutOfMemoryError):
+        except (Interrupted, UsageError):
             raise
+        except torch.OutOfMemoryError as e:
+            raise self.out_of_memory(e) from None
         except TrainingError as e:
             if getattr(e, "checkpoint", None) is not None or "checkpoint" in str(e):
                 raise
@@ -309,16 +319,27 @@ class Engine:
             if self.rt.distributed and isinstance(e, (RuntimeError, CheckpointException)) and is_comm_failure(e):
                 raise self._collective_failure(e) from None
             why = runfolder.disk_error(e)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             if why is not None:
                 raise self._failure(
-                    f"step {self.step}: could not write to the run folder: {why} ({first})",
-                    "Free space (or raise the limit), then continue with the same command and --resume.",
+                    f"step {self.step}: could not write to the run folder: {why} ({runfolder.error_text(e)})",
+                    runfolder.disk_fix(e),
                 ) from None
+            if out_of_memory(runfolder.unwrap(e)):
+                raise self.out_of_memory(runfolder.unwrap(e)) from None
             raise self._failure(
-                f"step {self.step}: unexpected {type(e).__name__}: {first}",
+                f"step {self.step}: unexpected {runfolder.error_text(e)}",
                 "This is a bug in prefcli or a library it uses: please report it with the recipe.",
             ) from None
+
+    def out_of_memory(self, e: BaseException) -> TrainingError:
+        """Out of memory during training: not a bug, a model or batch too large for the device (exit 1)."""
+        where = "GPU memory" if self.rt.device.type == "cuda" else f"memory ({self.rt.device.type})"
+        return self._failure(
+            f"step {self.step}: out of {where} ({runfolder.error_text(e)[:200]})",
+            "Lower train.batch_size (raising train.grad_accum_steps keeps the batch), set "
+            "train.gradient_checkpointing: true, lower data.max_length, or shard the model over the GPUs "
+            "with runtime.parallel: fsdp (docs/scaling.md).",
+        )
 
     def _collective_failure(self, e: Exception) -> TrainingError:
         """A failed collective (another process died, lost its network or stalled past runtime.timeout_s)."""

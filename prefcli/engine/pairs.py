@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from .data import cache_key, chat_ids, pad_batch
+from .data import cache_key, pad_batch
 from .datacheck import describe_value, is_messages
 from .logprobs import IGNORE
+from .tokenizer import chat_ids, text_ids
 
 PAIR_REQUIRED = ("chosen", "rejected")
 CACHE_VERSION = "1"  # bump when the encoders below change their output for the same inputs
@@ -153,7 +154,7 @@ def encode_completion(tok, fmt: str, prompt, completion) -> tuple[list[int], lis
                 "the completion tokens cannot be told apart; use a template whose prompt is a prefix"
             )
         return p, full[len(p) :]
-    p = tok(prompt or "", add_special_tokens=True)["input_ids"]
+    p = text_ids(tok, prompt or "")
     c = tok(completion, add_special_tokens=False)["input_ids"]
     if not c or c[-1] != tok.eos_token_id:
         c = c + [tok.eos_token_id]
@@ -174,7 +175,7 @@ def scored_text(tok, fmt: str, prompt, completion) -> tuple[str, str]:
 
 def encode_scored(tok, text: str, max_length: int) -> tuple[list[int], bool]:
     """Reward-model tokens of one text, truncated from the left like ModelSource."""
-    ids = tok(text, add_special_tokens=True)["input_ids"]
+    ids = text_ids(tok, text)  # a chat-rendered text may carry its own BOS: counted once
     if len(ids) > max_length:
         return list(ids[-max_length:]), True
     return list(ids), False

@@ -13,10 +13,18 @@ MAX_PANELS = 12
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut by a crash is skipped, bytes that are not UTF-8 are a ValueError
+    naming the file and line (prefcli writes UTF-8: the file is damaged, or not a metrics file)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); prefcli writes "
+                    "metrics.jsonl as UTF-8, so this file is damaged or is not a metrics file"
+                ) from None
             if line:
                 try:
                     rows.append(json.loads(line))

@@ -64,23 +64,67 @@ _RUST_IO = {
 }
 
 
-def disk_error(e: BaseException) -> str | None:
-    """A plain description when `e` is the disk refusing a write (full, quota, file-size limit, read-only,
-    permissions), else None."""
+# what to do about each, before continuing with --resume: a permission error is not a full disk
+DISK_FIXES = {
+    errno.ENOSPC: "Free space on the disk",
+    errno.EDQUOT: "Free space or raise the quota",
+    errno.EFBIG: "Raise the file-size limit (ulimit -f)",
+    errno.EROFS: "Make the file system writable (or move the run folder to one that is)",
+    errno.EACCES: "Fix the run folder's permissions (it and everything in it must be writable by you)",
+    errno.EPERM: "Fix the run folder's permissions or attributes (chattr, ACLs)",
+    errno.EIO: "Check the disk (dmesg shows its errors)",
+}
+
+
+def _disk_errno(e: BaseException) -> int | None:
+    """The errno of a write the disk refused, in `e` or in the per-rank failures DCP's CheckpointException holds."""
     failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException: per-rank errors
     if isinstance(failures, dict):
         for failure in failures.values():
             inner = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(inner, BaseException) and (why := disk_error(inner)) is not None:
-                return why
+            if isinstance(inner, BaseException) and (code := _disk_errno(inner)) is not None:
+                return code
     code = getattr(e, "errno", None)
     if isinstance(e, OSError) and code in DISK_ERRNOS:
-        return DISK_ERRNOS[code]
+        return code
     text = str(e)
     for needle, code in _RUST_IO.items():
         if needle in text:
-            return DISK_ERRNOS[code]
+            return code
     return None
+
+
+def disk_error(e: BaseException) -> str | None:
+    """A plain description when `e` is the disk refusing a write (full, quota, file-size limit, read-only,
+    permissions), else None."""
+    code = _disk_errno(e)
+    return DISK_ERRNOS[code] if code is not None else None
+
+
+def disk_fix(e: BaseException, then: str = "then continue with the same command and --resume.") -> str:
+    """What to do about the refusal `disk_error` described, and `then`."""
+    code = _disk_errno(e)
+    fix = DISK_FIXES.get(code, "Fix the cause") if code is not None else "Fix the cause"
+    return f"{fix}, {then}"
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The exception that happened: DCP's CheckpointException only says which ranks failed ("CheckpointException
+    ranks:dict_keys([0])"); each rank's own exception is in its `failures`."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+        if isinstance(inner, BaseException):
+            return unwrap(inner)
+    return e
+
+
+def error_text(e: BaseException) -> str:
+    """'Type: first line of the message' of the exception that happened (see unwrap)."""
+    u = unwrap(e)
+    first = str(u).strip().splitlines()[0] if str(u).strip() else ""
+    return f"{type(u).__name__}: {first}" if first else type(u).__name__
 
 
 def _fsync_dir(path: Path) -> None:

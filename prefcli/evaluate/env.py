@@ -11,7 +11,7 @@ from typing import Any
 
 from ..algos.rlhf.env_rollout import TurnSampler, episode_config
 from ..algos.rlhf.episodes import episode_metrics, episode_sums, transcripts
-from ..engine.rollout import SamplingConfig
+from ..engine.sampling import SamplingConfig
 from ..envs.episode import ChatRenderer, EnvPool, play_episodes
 from ..envs.loading import build_factory
 from ..errors import UsageError

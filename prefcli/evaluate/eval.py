@@ -83,7 +83,7 @@ def _free_memory() -> None:
 
 
 def perplexity_for(
-    policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log, rows_out: list[dict]
+    policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log, rows_out: list[dict], check=None
 ) -> dict:
     from ..engine.data import tokenize_sft
     from .scoring import NO_TRUNCATION, perplexity_nll
@@ -112,7 +112,7 @@ def perplexity_for(
         raise DataError(f"data.text: {r.data.text.path}: no example has a token to score")
     log.info(f"  perplexity: {len(data)} examples, {data.n_tokens()} tokens, window {window}, stride {stride}")
     res = perplexity_nll(
-        policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size, tok.pad_token_id, rt.device
+        policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size, tok.pad_token_id, rt.device, check
     )
     nll = sum(x.nll for x in res)
     n = sum(x.tokens for x in res)
@@ -211,7 +211,9 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
 
     import torch
 
-    from ..engine.models import PolicyLM, load_tokenizer
+    from ..engine.guard import first_batch_check
+    from ..engine.models import PolicyLM
+    from ..engine.tokenizer import load_tokenizer
     from ..reward_sources import build_rewards
     from .generation import Generator
     from .loading import load_lm, make_runtime
@@ -245,6 +247,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         log.info(f"reference: {r.reference.display_name()}")
         ref_lm, ref_tok = load_lm(ref_section, rt, seed=r.reference.seed)
         ref = (PolicyLM(ref_lm, rt), ref_tok)
+        ref_check = first_batch_check(ref[0], ref_section.on_mismatch, log.warn, "the reference's first KL batch")
         for w in kl_warnings(r):
             log.warn(w)
 
@@ -264,9 +267,10 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         log.info(f"{e.role} {e.name}: {e.section.path or 'random init (' + e.section.init.architecture + ')'}")
         lm, tok = load_lm(e.section, rt, seed=e.spec.seed)
         policy = PolicyLM(lm, rt)
+        check = first_batch_check(policy, e.section.on_mismatch, log.warn, f"model '{e.name}''s first batch")
         res: dict[str, Any] = {"role": e.role, "model": e.section.path or "init"}
         if "perplexity" in r.metrics:
-            res["perplexity"] = perplexity_for(policy, lm, tok, inputs, r, rt, e.name, log, rows)
+            res["perplexity"] = perplexity_for(policy, lm, tok, inputs, r, rt, e.name, log, rows, check)
         if gen_wanted:
             torch.manual_seed(r.seed)  # every model samples from the same seed
             gen = Generator(lm, tok, r.generation, rt.device, autocast=rt.autocast, warn=log.warn)
@@ -288,6 +292,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
                     r.generation.batch_size,
                     tok.pad_token_id,
                     rt.device,
+                    check,
                 )
                 lr = completion_logprobs(
                     ref[0],
@@ -297,6 +302,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
                     r.generation.batch_size,
                     tok.pad_token_id,
                     rt.device,
+                    ref_check,
                 )
                 ks = [M.kl_estimates(a, b) for a, b in zip(lp, lr)]
                 res["kl"] = {

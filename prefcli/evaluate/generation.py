@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 
-from ..engine.rollout import left_pad
+from ..engine.sampling import left_pad
+from ..engine.tokenizer import text_ids
 from ..errors import UsageError
 from ..recipe.commands import GenerationSection
 from .control import BannedWordsProcessor, KeywordGatedStop, RequiredWordsProcessor, cut_at_stop, token_strings
@@ -82,6 +83,9 @@ class Generator:
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, bos_token_id=tok.bos_token_id
         )
         self.vocab_size = lm.get_output_embeddings().weight.shape[0]
+        from ..engine.models import position_limit
+
+        self.positions = position_limit(lm)  # GPT-2's n_positions and the like; None for rotary positions
         if cfg.chat and not tok.chat_template:
             raise UsageError("generation.chat needs a chat template, and this tokenizer has none")
         self.bad_words = [[self.pad_id]]
@@ -125,7 +129,8 @@ class Generator:
         return (self.cfg.control_code or "") + text
 
     def encode(self, prompt: str) -> list[int]:
-        ids = self.tok(self.prompt_text(prompt), add_special_tokens=not self.cfg.chat)["input_ids"]
+        text = self.prompt_text(prompt)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] if self.cfg.chat else text_ids(self.tok, text)
         if not ids:  # an empty prompt: start from BOS (or EOS, the usual start-of-text of BOS-less models)
             ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
         return list(ids)
@@ -158,6 +163,16 @@ class Generator:
 
         c = self.cfg
         enc = [self.encode(p) for p in prompts]
+        for p, e in zip(prompts, enc):
+            if self.positions is not None and len(e) + c.max_new_tokens > self.positions:
+                from ..errors import DataError
+
+                raise DataError(
+                    f"the prompt {p[:40]!r}{'...' if len(p) > 40 else ''} is {len(e)} tokens; with max_new_tokens "
+                    f"{c.max_new_tokens} that exceeds the {self.positions} positions of the model's learned position "
+                    "table (n_positions / max_position_embeddings): shorten the prompt or lower max_new_tokens "
+                    "(--max-new-tokens)"
+                )
         ids, mask = left_pad(enc, self.pad_id, "cpu")
         P = ids.shape[1]
         procs = LogitsProcessorList()
@@ -224,29 +239,23 @@ class _nullcontext:
 # ------------------------------------------------------------------- prompt streams
 
 
-def read_prompts(lines: Iterable[str], fmt: str, source: str) -> Iterator[tuple[str, dict]]:
-    """Prompts from text lines, lazily (so a pipeline answers as prompts arrive).
+def read_prompts(lines: Iterable[str | bytes], fmt: str, source: str) -> Iterator[tuple[str, dict]]:
+    """Prompts from lines (bytes, decoded here as UTF-8, or text), lazily (so a pipeline answers as prompts arrive).
 
     fmt 'lines': one prompt per line (the newline removed; blank lines skipped).
     fmt 'jsonl': one JSON object per line with a 'prompt' string; its other fields are passed
-    through to the output row. Errors name the source and the line."""
-    import json
-
+    through to the output row. Errors name the source and the line; stdin and a file fail alike."""
+    from ..engine.datacheck import parse_json_row, text_line
     from ..errors import DataError
 
     for n, line in enumerate(lines, 1):
-        raw = line.rstrip("\r\n")
+        raw = text_line(line, f"{source}:{n}").rstrip("\r\n")
         if not raw.strip():
             continue
         if fmt == "lines":
             yield raw, {}
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{source}:{n}: not valid JSON ({e.msg}); use --format lines for plain-text prompts"
-            ) from None
+        obj = parse_json_row(raw, f"{source}:{n}", "use --format lines for plain-text prompts")
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise DataError(f"{source}:{n}: expected an object with a 'prompt' string")
         extra = {k: v for k, v in obj.items() if k != "prompt"}
@@ -268,6 +277,8 @@ class GenerateOptions:
     seed: int | None = None
     device: str = "auto"
     quiet: bool = False
+    # ModelSection fields given on the command line (--trust-remote-code, --pad-token, --attn-implementation)
+    model: dict = field(default_factory=dict)
 
 
 def generation_settings(base: GenerationSection, given: dict) -> GenerationSection:
@@ -288,22 +299,31 @@ def generation_settings(base: GenerationSection, given: dict) -> GenerationSecti
 
 
 def resolve_generate_model(opts: GenerateOptions):
-    """(ModelSection, generation defaults, seed, runtime settings) from a model folder or a recipe."""
+    """(ModelSection, generation defaults, seed, runtime settings) from a model folder or a recipe; the model
+    options given on the command line (`opts.model`) win over the recipe's."""
     from pydantic import ValidationError
 
     from ..recipe import load_recipe
     from ..recipe.sections import ModelSection
     from .loading import model_section, trained_model_dir
 
+    given = {k: v for k, v in opts.model.items() if v is not None}
+
+    def section(base: dict) -> ModelSection:
+        try:
+            return ModelSection(**{**base, **given})
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = ".".join(str(x) for x in err["loc"])
+            where = f"--{name.replace('_', '-')}" if name in given else f"model {base.get('path')}"
+            raise UsageError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+
     if (opts.model_dir is None) == (opts.recipe is None):
         raise UsageError("give a model folder or --recipe RECIPE.yaml (one of them)")
     if opts.model_dir is not None:
         if opts.model_name:
             raise UsageError("--model picks one of an eval recipe's models; it needs --recipe")
-        try:
-            return ModelSection(path=str(opts.model_dir)), GenerationSection(), 0, ("auto", "auto", 4096)
-        except ValidationError as e:
-            raise UsageError(f"model {opts.model_dir}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return section({"path": str(opts.model_dir)}), GenerationSection(), 0, ("auto", "auto", 4096)
     loaded = load_recipe(opts.recipe)
     r = loaded.recipe
     if loaded.command == "eval":
@@ -320,7 +340,7 @@ def resolve_generate_model(opts: GenerateOptions):
             spec = candidates[0]
         rt = r.runtime
         return (
-            model_section(spec, spec.display_name()),
+            section(model_section(spec, spec.display_name()).model_dump(exclude_unset=True)),
             r.generation,
             r.seed,
             (rt.device, rt.precision, rt.loss_chunk_tokens),
@@ -333,8 +353,11 @@ def resolve_generate_model(opts: GenerateOptions):
             f"{opts.recipe}: no trained model at {final}; run `prefcli {loaded.command} {opts.recipe}` "
             "first (from this folder)"
         )
+    m = r.model
     return (
-        ModelSection(path=str(final)),
+        section(
+            {"path": str(final), "trust_remote_code": m.trust_remote_code, "attn_implementation": m.attn_implementation}
+        ),
         GenerationSection(),
         r.train.seed,
         (r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens),
@@ -366,10 +389,10 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
 
         if not Path(opts.prompts).is_file():
             raise UsageError(f"--prompts: no such file: {opts.prompts}")
-        stream = open(opts.prompts, encoding="utf-8")
+        stream = open(opts.prompts, "rb")  # bytes: read_prompts decodes, naming a line that is not UTF-8
         source = str(opts.prompts)
     else:
-        stream = sys.stdin
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
         source = "<stdin>"
     rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
     lm, tok = load_lm(section, rt)
@@ -404,7 +427,7 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     from ..errors import DataError
 
     try:
-        for item in read_prompts(iter(stream.readline, ""), fmt, source):
+        for item in read_prompts(iter(stream.readline, stream.read(0)), fmt, source):
             batch.append(item)
             if len(batch) >= cfg.batch_size:
                 flush()
@@ -415,7 +438,7 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
             flush()
         raise
     finally:
-        if stream is not sys.stdin:
+        if source != "<stdin>":
             stream.close()
     if not opts.quiet:
         print(

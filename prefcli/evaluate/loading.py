@@ -51,22 +51,22 @@ def model_section(spec: EvalModel, what: str) -> ModelSection:
                 "path: instead"
             )
         path = str(final)
-        return ModelSection(
-            path=path, tokenizer=spec.tokenizer, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
+        return ModelSection(path=path, tokenizer=spec.tokenizer, revision=spec.revision, **_shared(spec))
     return ModelSection(
-        path=spec.path,
-        init=spec.init,
-        tokenizer=spec.tokenizer,
-        revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code,
+        path=spec.path, init=spec.init, tokenizer=spec.tokenizer, revision=spec.revision, **_shared(spec)
     )
+
+
+def _shared(spec: EvalModel) -> dict:
+    """The fields an eval model entry passes on to the engine's ModelSection unchanged."""
+    return {k: getattr(spec, k) for k in ("trust_remote_code", "attn_implementation", "pad_token", "on_mismatch")}
 
 
 def load_lm(m: ModelSection, rt, seed: int = 0):
     """(causal LM in eval mode on rt.device, tokenizer), through the engine's loaders (safetensors
     only; pad/EOS checked)."""
-    from ..engine.models import build_causal_lm, load_tokenizer
+    from ..engine.models import build_causal_lm
+    from ..engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(m)
     lm = build_causal_lm(m, tok, rt, seed=seed)

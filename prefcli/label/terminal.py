@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.datacheck import parse_json_row
 from ..errors import DataError, UsageError
 
 PAIR_KEYS = {"a": "A", "1": "A", "b": "B", "2": "B", "t": "tie", "s": "skip"}
@@ -75,10 +76,7 @@ def read_items(path: Path, mode: str | None) -> tuple[list[Item], str]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            obj = parse_json_row(line, f"{path}:{n}", "expected one JSON object per line")
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise DataError(f"{path}:{n}: expected an object with a 'prompt' string")
             if "completions" in obj:
@@ -116,9 +114,9 @@ def read_items(path: Path, mode: str | None) -> tuple[list[Item], str]:
 
 @contextmanager
 def sigint_held():
-    """Ctrl-C waits until the block is done (in the main thread): a write pair is never cut in half."""
+    """Ctrl-C and SIGTERM wait until the block is done (in the main thread): a write pair is never cut in half."""
     if hasattr(signal, "pthread_sigmask"):
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             yield
         finally:
@@ -350,7 +348,7 @@ def sampled_items(opts: LabelOptions, mode: str, err, on_sample=None) -> Iterato
     if not ppath.is_file():
         raise UsageError(f"--prompts: no such file: {ppath}")
     fmt = "jsonl" if ppath.name.endswith(".jsonl") else "lines"
-    with open(ppath, encoding="utf-8") as f:
+    with open(ppath, "rb") as f:  # read_prompts decodes, naming a line that is not UTF-8
         prompts = [p for p, _ in read_prompts(f, fmt, str(ppath))]
     if not prompts:
         raise DataError(f"{ppath} has no prompts")

@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RecipeError, UsageError
+from . import bounded
+from .bounded import dotted as _dotted
 from .commands import SCHEMAS, RecipeBase
 
 Loc = tuple[Any, ...]
@@ -63,23 +65,6 @@ class LoadedRecipe:
 # ------------------------------------------------------------------------------------ YAML
 
 
-def _line_map(node: yaml.Node, prefix: Loc, out: dict[Loc, int], dups: list[tuple[Loc, int]]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            path = prefix + (key,)
-            if key in seen:
-                dups.append((path, key_node.start_mark.line + 1))
-            seen.add(key)
-            out[path] = key_node.start_mark.line + 1
-            _line_map(value_node, path, out, dups)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[prefix + (i,)] = item.start_mark.line + 1
-            _line_map(item, prefix + (i,), out, dups)
-
-
 def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
     shown = str(path)
     if not path.exists():
@@ -87,9 +72,11 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
     if path.is_dir():
         raise UsageError(f"{shown} is a folder; give a recipe .yaml file")
     try:
-        raw = path.read_bytes()
+        raw = bounded.read_bounded(path)
     except OSError as e:
         raise UsageError(f"cannot read the recipe {shown}: {e.strerror or e}; check its permissions") from None
+    except bounded.LimitExceeded as e:
+        raise RecipeError(shown, [f"{shown}: {e}"]) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -103,8 +90,10 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
             ],
         ) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = bounded.compose(text)
         data = yaml.safe_load(text)
+    except bounded.LimitExceeded as e:
+        raise RecipeError(shown, [f"{shown}: {e}"]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
@@ -117,7 +106,10 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
         raise RecipeError(shown, [f"{shown}:1: a recipe is a mapping of sections, got a {type(data).__name__}"])
     lines: dict[Loc, int] = {}
     dups: list[tuple[Loc, int]] = []
-    _line_map(node, (), lines, dups)
+    try:
+        bounded.walk(node, lines, dups)
+    except bounded.LimitExceeded as e:
+        raise RecipeError(shown, [f"{shown}:{e.line or 1}: {e}"]) from None
     if dups:
         raise RecipeError(shown, [f"{shown}:{ln}: {_dotted(p)}: key given twice" for p, ln in dups])
     return data, lines
@@ -131,11 +123,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key:
         raise UsageError(f"--set expects key.path=value, got '{item}'")
+    parts = key.split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        bounded.check_key_depth(parts, item)
+        value = bounded.load_value(raw) if raw.strip() else None
+    except bounded.LimitExceeded as e:
+        raise UsageError(str(e) if str(e).startswith("--set") else f"--set {item[:80]}: the value: {e}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"--set {item}: the value is not valid YAML: {e}") from None
-    return key.split("."), value
+    return parts, value
 
 
 def _path_field_names() -> set[str]:
@@ -262,13 +258,6 @@ def _nearest_line(loc: Loc, lines: dict[Loc, int | str]) -> int | str:
         if loc[:n] in lines:
             return lines[loc[:n]]
     return 1
-
-
-def _dotted(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

@@ -46,8 +46,54 @@ def _local_path(value: str, info: ValidationInfo) -> str:
     return str(p.resolve())
 
 
+def output_problem(p: Path) -> str | None:
+    """Why a folder cannot be made at `p` whatever its permissions, or None: a name longer than the file system
+    allows (NAME_MAX, usually 255 bytes), a path longer than PATH_MAX, or a symlink loop on the way (ELOOP).
+    Each would otherwise surface as an OSError or RuntimeError from the first write."""
+    import errno
+
+    def exists(q: Path) -> bool:  # Path.exists raises on a name too long
+        try:
+            return q.exists()
+        except OSError:
+            return False
+
+    anchor = p
+    while not exists(anchor) and anchor != anchor.parent:
+        anchor = anchor.parent
+    try:
+        name_max = os.pathconf(anchor, "PC_NAME_MAX")
+        path_max = os.pathconf(anchor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in p.parts:
+        if len(os.fsencode(part)) > name_max:
+            return (
+                f"the name '{part[:40]}...' is {len(os.fsencode(part))} bytes, longer than the {name_max} bytes the "
+                "file system allows for one name (NAME_MAX); choose a shorter one"
+            )
+    if len(os.fsencode(str(p))) >= path_max:
+        return f"the path is {len(os.fsencode(str(p)))} bytes, longer than the file system allows (PATH_MAX {path_max})"
+    try:
+        p.resolve()
+        os.stat(p)
+    except RuntimeError:  # Python 3.11-3.12: Path.resolve reports a symlink loop so
+        return "a symbolic link on the way points back to itself (a symlink loop); remove the link or choose another"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return (
+                "a symbolic link on the way points back to itself (a symlink loop); remove the link or choose another"
+            )
+        if e.errno == errno.ENAMETOOLONG:
+            return "the path is longer than the file system allows (ENAMETOOLONG); choose a shorter one"
+    return None
+
+
 def _output_path(value: str, info: ValidationInfo) -> str:
     p = _resolve(value, info)
+    why = output_problem(p)
+    if why:
+        raise ValueError(f"{p}: {why}")
     if p.exists() and not p.is_dir():
         raise ValueError(f"{p} exists and is not a folder")
     return str(p.resolve())

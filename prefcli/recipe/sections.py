@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from .. import SEED_MAX
 from .paths import OutputPath, PathOrHubId
 
 # log.report_to: the experiment trackers prefcli can also report to, each through its own library (an extra)
@@ -72,8 +73,10 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run model/tokenizer code shipped with a hub repo. Off unless you trust the repo."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel. 'sdpa' is PyTorch's fused attention and works everywhere."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        None,
+        description="Attention kernel. Unset: transformers' choice for the family ('sdpa', PyTorch's fused "
+        "attention, where the family supports it; 'eager' for Gemma 2, whose attention soft-caps its scores).",
     )
     pad_token: str | None = Field(
         None,
@@ -86,6 +89,13 @@ class ModelSection(Section):
         f"({', '.join(CHAT_TEMPLATES)}; for a model that ships none, as LLaMA-Factory's template: does; its "
         "end-of-turn token becomes the EOS and its special tokens are added when missing), or a Jinja template "
         "string.",
+    )
+    on_mismatch: Literal["error", "fallback"] = Field(
+        "error",
+        description="When prefcli's own log-prob kernels or fast sampler disagree with the model's own forward "
+        "beyond the start-up guard's tolerance (docs/families.md): 'error' stops with exit 2 naming what differs; "
+        "'fallback' computes log-probs with the model's own forward (full logits: more memory) and samples with "
+        "transformers generate (slower), with a warning.",
     )
     lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights.")
 
@@ -148,7 +158,7 @@ class DataMixture(Section):
         description="'first_exhausted': the mixture ends when one source runs out (no row repeats); "
         "'all_exhausted': sources that run out start over until every source has been used whole.",
     )
-    seed: int = Field(0, description="Seed of the order in which the sources are drawn.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the order in which the sources are drawn.")
 
     @model_validator(mode="before")
     @classmethod
@@ -241,7 +251,7 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
-    seed: int = Field(0, description="Seed for initialisation, data order, dropout and sampling.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed for initialisation, data order, dropout and sampling.")
     eval_every_steps: int | None = Field(
         None, gt=0, description="Evaluate on held-out data every N steps (and at the end)."
     )

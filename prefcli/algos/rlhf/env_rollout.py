@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ...engine.data import DataCursor, shard_for_rank
-from ...engine.rollout import Rollout, SamplingConfig, left_pad
+from ...engine.sampling import Rollout, SamplingConfig, left_pad
 from ...envs.episode import ChatRenderer, EnvPool, Episode, EpisodeConfig, TurnSample, play_episodes
 from ...envs.loading import build_factory
 from .advantages import kl_per_token, overlong_penalty
@@ -70,6 +70,9 @@ class TurnSampler:
         self.stop_strings, self.batch, self.device, self.fill = stop_strings, batch, device, fill
         self.gen_s = 0.0
         self.before = None  # called before each sampling call (the learner: model.eval())
+        # called on each turn prefilled afresh (the learner's start-up guard): a sampler to sample with instead
+        # (the fast decoder gave way to transformers generate), or None
+        self.guard = None
         self.calls = {"sample": 0, "continue_from": 0}
         self.reset()
 
@@ -103,6 +106,10 @@ class TurnSampler:
             ids, mask = left_pad(rows, self.scfg.pad_token_id, self.device)
             raw = _fresh(self.sampler)(ids, mask, self.scfg)
             self.calls["sample"] += 1
+            other = self.guard(raw) if self.guard is not None else None
+            if other is not None:  # the same turn again, from the sampler that replaced this one
+                self.sampler = other
+                raw = _fresh(self.sampler)(ids, mask, self.scfg)
         self.gen_s += time.perf_counter() - t0
         r = apply_stop_strings(raw, self.tok, self.stop_strings, self.scfg.pad_token_id)
         self.prev = raw if getattr(raw, "cache", None) is not None else None
@@ -174,6 +181,15 @@ class EnvRollouts:
         L = self.learner
         self.policy = TurnSampler(sampler, L.tok, L.scfg, L.cfg.generation.stop_strings, L.B, self.rt.device)
         self.policy.before = L.model.eval
+        self.policy.guard = self._guard
+
+    def _guard(self, raw):
+        """The learner's start-up guard on the first turn it samples (engine.guard): the sampler that replaced its
+        own, or None."""
+        L = self.learner
+        if L._guarded or not L._guard(raw):
+            return None
+        return L.sampler
 
     def next_seeds(self) -> list[int]:
         """This rank's task seeds of the next rollout."""

@@ -25,14 +25,15 @@ from ...engine.models import (
     PolicyLM,
     build_trained_model,
     frozen_copy,
-    load_tokenizer,
     reference_mode,
     save_hf,
     trainable_parameters,
     whole_state,
 )
-from ...engine.rollout import FastDecoder, Rollout, SamplingConfig, left_pad, supports_fast_decoder
+from ...engine.rollout import FastDecoder
+from ...engine.sampling import Rollout, SamplingConfig, left_pad
 from ...engine.task import Group, Micro, Plan
+from ...engine.tokenizer import load_tokenizer
 from ...errors import DataError, TrainingError, UsageError
 from ...reward_sources import RewardSet, RewardSource, build_rewards
 from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key, kl_per_token
@@ -42,7 +43,7 @@ from .env_rollout import EnvRollouts, EpisodeRollout, episode_sequences
 from .evaluation import HeldOutEvaluation
 from .loss import NORMALISERS, POLICY_LOSSES, LossParams, policy_loss
 from .online import OnlinePreferenceLoss, best_worst_pairs
-from .sampling import Draw, HFSampler, Samples, apply_stop_strings, prompt_rows
+from .sampling import Draw, HFSampler, Samples, apply_stop_strings, choose_sampler, prompt_rows
 from .stats import max_op, rollout_stats
 
 # ---------------------------------------------------------------------------- modules
@@ -201,7 +202,9 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             )
         self.group = Group("policy", self.model, rt, t, self.total_updates, param_groups=params)
         # after the Group: the sampler reads the weights as they are held now (whole, or gathered from shards)
-        self.sampler = self._make_sampler(lm, g)
+        self.sampler = choose_sampler(
+            lm, g, self.rt, self.B, self.max_prompt + g.max_new_tokens, self.group.gathered, ctx.warn
+        )
         if self.env is not None:
             self.env.attach(self.sampler)
         # position: rollouts done, and where we are inside the current rollout (the prompt cursor above)
@@ -212,6 +215,7 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
         self.rollout_metrics: dict[str, float] = {}
         self.examples_file = ctx.run_dir / "samples.jsonl"
         self._warned_sampler = False
+        self._guarded = False  # the start-up guard runs on the first completions this process samples
         self._plan_metrics: dict[str, float] = {}
 
     def _load_prompts(self, ctx) -> None:
@@ -238,24 +242,22 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             )
         self.n_truncated = trunc
 
-    def _make_sampler(self, lm, g):
-        ok, why = supports_fast_decoder(lm)
-        if g.sampler == "fast" and not ok:
-            raise UsageError(f"generation.sampler: fast does not support {why}; use 'auto' or 'hf'")
-        if g.sampler == "hf" or not ok:
-            if g.sampler == "auto":
-                self.ctx.warn(f"the fast sampler does not support {why}; sampling with transformers generate (slower)")
-            return HFSampler(lm, self.rt, gather=self.group.gathered)
-        cuda = self.rt.device.type == "cuda"
-        return FastDecoder(
-            lm,
-            batch=self.B,
-            max_len=self.max_prompt + g.max_new_tokens,
-            dtype=self.rt.compute_dtype,
-            use_graph=g.cuda_graphs and cuda,
-            compile=g.compile == "on" or (g.compile == "auto" and cuda),
-            gather=self.group.gathered,
-        )
+    def _guard(self, r: Rollout) -> bool:
+        """The start-up guard on the first completions sampled (a rollout, the GAN's discriminator warm-up or a
+        held-out evaluation; engine.guard.check_rollout): the trainer's and the sampler's log-probs against the
+        model's own forward. Returns True when the fast sampler gave way to transformers generate
+        (model.on_mismatch: fallback); the reference follows the policy onto the model's own forward."""
+        from ...engine.guard import check_rollout
+
+        self._guarded = True
+        kind = "fast" if isinstance(self.sampler, FastDecoder) else "hf"
+        on = self.cfg.model.on_mismatch
+        replace = check_rollout(self.policy, r, self.scfg, on, self.ctx.warn, self.rt, kind)
+        if self.ref_policy is not None:
+            self.ref_policy.own_forward = self.policy.own_forward
+        if replace:
+            self.sampler = HFSampler(self.lm, self.rt, gather=self.group.gathered)
+        return replace
 
     # ------------------------------------------------------------------ sampling
     def next_prompts(self) -> list[int]:
@@ -290,6 +292,8 @@ class PolicyLearner(RolloutDraws, HeldOutEvaluation):
             self._warned_sampler = True
         rt.synchronize()
         gen_s = time.perf_counter() - t0
+        if not self._guarded and self._guard(r):  # the fast sampler gave way to transformers generate: again
+            r = self.sampler.generate(p_ids, p_mask, self.scfg)
         r = apply_stop_strings(r, self.tok, self.cfg.generation.stop_strings, self.tok.pad_token_id)
         comp_text = [
             self.tok.decode(c[m.bool()].tolist(), skip_special_tokens=True)

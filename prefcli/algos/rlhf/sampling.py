@@ -1,5 +1,6 @@
-"""Sampling for RL: prompt rows to token ids, the transformers-generate fallback sampler, stop strings, and
-what a sampling call returns. (The fast KV-cache decoder is engine/rollout.py.)"""
+"""Sampling for RL: prompt rows to token ids, the transformers-generate fallback sampler, which sampler a run
+uses (`choose_sampler`), stop strings, and what a sampling call returns. (The fast KV-cache decoder is
+engine/rollout.py.)"""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ...engine.data import check_values
-from ...engine.rollout import Rollout, SamplingConfig
-from ...errors import DataError
+from ...engine.families import FALLBACK_COST
+from ...engine.rollout import FastDecoder, supports_fast_decoder
+from ...engine.sampling import Rollout, SamplingConfig
+from ...engine.tokenizer import text_ids
+from ...errors import DataError, UsageError
 
 
 class HFSampler:
@@ -42,7 +46,7 @@ class HFSampler:
             kw.update(do_sample=False)
         # output_scores: the scores each token was drawn from, after the logits processors and warpers
         # (min_new_tokens, temperature, top-k, top-p): the sampler's own log-probs, for the mismatch check
-        with self.gather(hold=True), self.rt.autocast():
+        with self.gather(hold=True), self.rt.autocast(), _recipe_generation_config(self.lm):
             res = self.lm.generate(
                 input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw
             )
@@ -70,6 +74,56 @@ class HFSampler:
             finished=has,
             logprobs=logp,
         )
+
+
+def choose_sampler(lm, g, rt, batch: int, max_len: int, gather, warn):
+    """The sampler `generation.sampler` asks for: prefcli's FastDecoder where it runs the model's family ('auto',
+    'fast'), else transformers generate ('hf', or 'auto' with a warning stating the measured cost; 'fast' is then
+    bad input). `gather`: the Group's context holding the whole weights (runtime.parallel fsdp)."""
+    ok, why = supports_fast_decoder(lm)
+    if g.sampler == "fast" and not ok:
+        raise UsageError(f"generation.sampler: fast does not support {why}; use 'auto' or 'hf'")
+    if g.sampler == "hf" or not ok:
+        if g.sampler == "auto":
+            warn(
+                f"the fast sampler does not support {why}; sampling with transformers generate, slower: {FALLBACK_COST}"
+            )
+        return HFSampler(lm, rt, gather=gather)
+    cuda = rt.device.type == "cuda"
+    return FastDecoder(
+        lm,
+        batch=batch,
+        max_len=max_len,
+        dtype=rt.compute_dtype,
+        use_graph=g.cuda_graphs and cuda,
+        compile=g.compile == "on" or (g.compile == "auto" and cuda),
+        gather=gather,
+    )
+
+
+@contextlib.contextmanager
+def _recipe_generation_config(lm):
+    """Sampling as the recipe says and nothing else: transformers fills every setting `generate` is not given
+    from the model's generation_config (a checkpoint's top_k 20, top_p 0.8, repetition_penalty 1.05), which would
+    sample from another distribution than the trainer scores. A config with only the special tokens stands in
+    while sampling; the model keeps its own (final/ saves it)."""
+    from transformers import GenerationConfig
+
+    from ...engine.models import unwrap_lm
+
+    inner = unwrap_lm(lm)
+    own = getattr(inner, "generation_config", None)
+    if own is None:
+        yield
+        return
+    keep = {
+        k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    }
+    inner.generation_config = GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
+    try:
+        yield
+    finally:
+        inner.generation_config = own
 
 
 def apply_stop_strings(r: Rollout, tok, stop_strings: list[str], pad_id: int) -> Rollout:
@@ -116,7 +170,7 @@ def prompt_rows(ds, tok, max_len: int, source: str = "prompt data") -> tuple[lis
             t = tok(text, add_special_tokens=False)["input_ids"]
         else:
             text = row["prompt"]
-            t = tok(text, add_special_tokens=True)["input_ids"]
+            t = text_ids(tok, text)
         if len(t) > max_len:
             t = t[-max_len:]
             n_trunc += 1

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ...engine.rollout import Rollout
+from ...engine.sampling import Rollout
 from .correction import mismatch_stats
 from .sampling import Draw
 

@@ -88,10 +88,12 @@ def load_reward_model(path: str, device, eager: bool):
 
     quiet_transformers()
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from ...engine.tokenizer import open_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = open_tokenizer(path)
         kw = {"attn_implementation": "eager"} if eager else {}
         model = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch.float32, use_safetensors=True, **kw
@@ -105,12 +107,13 @@ def load_reward_model(path: str, device, eager: bool):
 
 
 def load_policy(path: str, device, eager: bool):
-    from ...engine.models import build_causal_lm, load_tokenizer
+    from ...engine.models import build_causal_lm
+    from ...engine.tokenizer import load_tokenizer
     from ...evaluate.loading import make_runtime
     from ...recipe.sections import ModelSection
 
     rt = make_runtime(str(device.type), "fp32")
-    m = ModelSection(path=path, attn_implementation="eager" if eager else "sdpa")
+    m = ModelSection(path=path, attn_implementation="eager" if eager else None)
     tok = load_tokenizer(m)
     lm = build_causal_lm(m, tok, rt, seed=0)
     return lm.eval(), tok, rt

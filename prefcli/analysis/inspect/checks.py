@@ -411,6 +411,7 @@ def reward_scores(spec: str, v: View, kind: str) -> dict:
     from pydantic import TypeAdapter, ValidationError
 
     from ...evaluate.metrics import pearson
+    from ...recipe import bounded
     from ...recipe.reward_specs import RewardSpec
     from ...reward_sources import build_rewards
 
@@ -421,7 +422,9 @@ def reward_scores(spec: str, v: View, kind: str) -> dict:
         obj = {"kind": "model", "path": spec}
     else:
         try:
-            obj = yaml.safe_load(spec)
+            obj = bounded.load_value(spec)  # a recipe value, under a recipe's limits
+        except bounded.LimitExceeded as e:
+            raise UsageError(f"--reward: {e}") from None
         except yaml.YAMLError as e:
             raise UsageError(f"--reward: not YAML: {e}") from None
         if isinstance(obj, str):

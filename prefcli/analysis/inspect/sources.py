@@ -113,7 +113,7 @@ def read_outside(rows, requested: str, kinds: tuple[str, ...], source: str, what
 
 
 def _tokenizer(path: str | None):
-    from ...engine.models import load_tokenizer
+    from ...engine.tokenizer import load_tokenizer
     from ...recipe.sections import ModelSection
 
     src = path or str(ASSET_TOKENIZER)
@@ -140,8 +140,8 @@ def _data_source(path: str, columns: dict, max_rows: int | None, what: str):
 
 def _recipe_source(opts: InspectOptions) -> Source:
     from ...engine.data import detect_format, load_rows, split_eval
-    from ...engine.models import load_tokenizer
     from ...engine.pairs import detect_pair_format
+    from ...engine.tokenizer import load_tokenizer
     from ...recipe import load_recipe
 
     loaded = load_recipe(opts.source)
@@ -394,7 +394,7 @@ def make_view(ds, src: Source) -> View:
 
 
 def _prompt_lengths(tok, prompts: list[Any], fmt: str) -> list[int]:
-    from ...engine.data import chat_ids
+    from ...engine.tokenizer import chat_ids
 
     out = []
     plain = [i for i, p in enumerate(prompts) if not isinstance(p, list)]
@@ -430,7 +430,7 @@ def count_tokens(v: View, src: Source) -> Tokens:
     policy encoders add it) for the length statistics, and the sequence length the command
     truncates (policy: prompt + completion + EOS; reward models: the text prompt + completion;
     rlhf: the prompt) for the truncation count."""
-    from ...engine.data import chat_ids
+    from ...engine.tokenizer import chat_ids
 
     tok = src.tok
     chat = src.fmt in ("chat", "messages")

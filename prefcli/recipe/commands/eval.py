@@ -11,6 +11,7 @@ from ..envs import EnvSpec
 from ..paths import DataPath, LocalPath, OutputPath, PathOrHubId
 from ..reward_specs import RewardSpec
 from ..sections import (
+    SEED_MAX,
     DataSource,
     ModelInit,
     Section,
@@ -101,9 +102,20 @@ class EvalModel(Section):
     tokenizer: PathOrHubId | None = Field(
         None, description="Tokenizer folder or hub id; defaults to the model's own (required with init)."
     )
-    seed: int = Field(0, description="Seed of the random initialisation (init only).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the random initialisation (init only).")
     revision: str | None = Field(None, description="Hub revision for hub ids.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub repo. Off unless you trust it.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="Attention kernel (as model.attn_implementation). Unset: transformers' choice for the family."
+    )
+    pad_token: str | None = Field(
+        None,
+        description="A pad token for a tokenizer that has none (base GPT-2, Llama 3, Mistral checkpoints), as "
+        "model.pad_token. Prefer a token of the vocabulary: a new one adds an embedding row (the mean of the others).",
+    )
+    on_mismatch: Literal["error", "fallback"] = Field(
+        "error", description="As model.on_mismatch: what the start-up guard does when prefcli's kernels disagree."
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -313,7 +325,9 @@ class EvalRecipe(Section):
     win_rate: WinRateOptions = Field(default_factory=WinRateOptions, description="Bootstrap confidence interval.")
     distinct: DistinctOptions = Field(default_factory=DistinctOptions, description="distinct-n orders.")
     rouge: RougeOptions = Field(default_factory=RougeOptions, description="ROUGE tokenization.")
-    seed: int = Field(0, description="Seed for sampling (reset before each model) and the bootstrap.")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed for sampling (reset before each model) and the bootstrap."
+    )
     runtime: EvalRuntime = Field(default_factory=EvalRuntime, description="Device and precision.")
     output: EvalOutput = Field(default_factory=EvalOutput, description="Where results are written.")
     log: TrackingSection = Field(

@@ -54,8 +54,9 @@ class RolloutGeneration(Section):
     )
     sampler: Literal["auto", "fast", "hf"] = Field(
         "auto",
-        description="'fast': prefcli's static-KV-cache decoder (llama, mistral, qwen2, qwen3); 'hf': "
-        "transformers generate; 'auto': fast where supported.",
+        description="'fast': prefcli's static-KV-cache decoder (the families of docs/families.md: Llama, Mistral, "
+        "Qwen 2/3, Granite, Cohere, Phi-3, Gemma 2/3, GPT-2, GPT-NeoX, OPT); 'hf': transformers generate; 'auto': "
+        "fast where supported, else hf with a warning.",
     )
     cuda_graphs: bool = Field(True, description="Capture the fast decoder's step in a CUDA graph (GPU only).")
     compile: Literal["auto", "on", "off"] = Field(

@@ -60,10 +60,9 @@ def machine() -> dict:
 def measure(lm, tok, repeats: int) -> dict:
     import torch
 
-    from prefcli.algos.rlhf.sampling import HFSampler
     from prefcli.engine.dist import Runtime
     from prefcli.engine.rollout import FastDecoder
-    from prefcli.engine.sampling import SamplingConfig, left_pad
+    from prefcli.engine.sampling import HFSampler, SamplingConfig, left_pad
 
     texts = [json.loads(x)["prompt"] for x in (ROOT / "data/quickstart/prompts.jsonl").read_text().splitlines()[:8]]
     prompts = [tok(t)["input_ids"][:24] for t in texts for _ in range(4)]
@@ -71,13 +70,13 @@ def measure(lm, tok, repeats: int) -> dict:
     N = 24
     cfg = SamplingConfig(max_new_tokens=N, min_new_tokens=N, temperature=1.0, pad_token_id=tok.pad_token_id)
     fast = FastDecoder(lm, batch=len(prompts), max_len=ids.shape[1] + N, dtype=torch.float32, use_graph=False)
-    hf = HFSampler(lm, Runtime(device=torch.device("cpu"), precision="fp32"))
+    hf = HFSampler(lm, Runtime(device=torch.device("cpu"), precision="fp32").autocast)
     wall = {"fast": [], "hf": []}
     cpu = {"fast": [], "hf": []}
     for rep in range(repeats + 1):
         for name, sampler in (("fast", fast), ("hf", hf)):
             t0, c0 = time.perf_counter(), time.process_time()
-            r = sampler.generate(ids, mask, cfg)
+            r = sampler.sample(ids, mask, cfg)
             if rep:  # the first round warms up
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)

@@ -184,30 +184,40 @@ class HumanScoreSource(RewardSource):
         return out
 
 
+def load_reward_model(path: str, device, what: str | None = None, dtype=None, attn_implementation: str | None = None):
+    """(a trained reward model in eval mode on `device`, its tokenizer) to score with: a sequence classifier with
+    one label, as `prefcli reward` writes it (the score is read at the last non-pad token); for `rewards:
+    [{kind: model}]` and `prefcli explain`. `what` starts the error messages (the recipe field, e.g. 'rewards');
+    `dtype` and `attn_implementation` are transformers' defaults unless given."""
+    from .engine.models import load_errors, load_failure, quiet_transformers
+    from .engine.tokenizer import open_tokenizer
+
+    quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+
+    prefix = f"{what}: " if what else ""
+    kw = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation)) if v is not None}
+    try:
+        tok = open_tokenizer(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, **kw)
+    except load_errors() as e:
+        raise UsageError(prefix + load_failure("the reward model", path, e)) from None
+    except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
+        raise UsageError(f"{prefix}{e}") from None
+    if tok.pad_token_id is None:
+        raise UsageError(f"the reward model's tokenizer at {path} has no pad token")
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
 class ModelSource(RewardSource):
     """A sequence-classification reward model; the score of prompt + completion at the last real token."""
 
     def __init__(self, cfg: ModelReward, device=None):
         import torch
-        from transformers import AutoModelForSequenceClassification
 
-        from .engine.models import load_errors, load_failure
-        from .engine.tokenizer import open_tokenizer
-
-        try:
-            self.tok = open_tokenizer(cfg.path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.path, num_labels=1, use_safetensors=True
-            )
-        except load_errors() as e:
-            raise UsageError(f"rewards: {load_failure('the reward model', cfg.path, e)}") from None
-        except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
-            raise UsageError(f"rewards: {e}") from None
-        if self.tok.pad_token is None:
-            raise UsageError(f"the reward model tokenizer at {cfg.path} has no pad token")
-        self.model.config.pad_token_id = self.tok.pad_token_id
         self.device = device or torch.device("cpu")
-        self.model.to(self.device).eval()
+        self.model, self.tok = load_reward_model(cfg.path, self.device, "rewards")
         self.cfg = cfg
         self.name = cfg.name or "model"
 

@@ -12,6 +12,7 @@ import torch
 
 from prefcli.algos.rlhf.env_rollout import EpisodeRollout, episode_sequences
 from prefcli.algos.rlhf.episodes import episode_batch
+from prefcli.algos.rlhf.learner import sequences
 from prefcli.envs.episode import ChatRenderer, EnvPool, EpisodeConfig, TurnSample, play_episodes
 
 from .conftest import ROOT, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics
@@ -83,6 +84,7 @@ def _record_turns(learner):
         return out
 
     policy.gen_s = 0.0
+    policy.reset = inner.reset
     learner.env.policy = policy
     return seen
 
@@ -91,14 +93,13 @@ def test_the_learner_trains_the_sampled_tokens_with_matching_log_probs(tmp_path,
     """One rollout of the real learner (ppo: it keeps the rollout-time forward): per episode, the tokens with a
     target are exactly the tokens the sampler returned, turn after turn; the environment's tokens are attended
     but have no target; the trainer's log-probs equal the sampler's (CPU fp32)."""
-    task = _build(write_recipe(env_recipe(rlhf={"algorithm": "ppo"})), tmp_path)
-    L = task.learner
+    L = _build(write_recipe(env_recipe(rlhf={"algorithm": "ppo"})), tmp_path)
     seen = _record_turns(L)
     L.rollout()
     b = L.buffer
     comp = b["targets"].shape[1]
     P = int(b["start"]) + 1
-    for i in range(L.B):
+    for i in range(L.shape.sequences):
         tgt = b["targets"][i]
         assert tgt[tgt != -100].tolist() == seen[i], i
         env_tokens = (b["attention_mask"][i, P : P + comp] == 1) & (tgt == -100)
@@ -115,8 +116,7 @@ def test_the_learner_trains_the_sampled_tokens_with_matching_log_probs(tmp_path,
 def test_the_loss_reaches_only_the_policy_tokens(tmp_path, write_recipe, tok):  # noqa: F811
     """A hand-built trajectory (prompt, a policy turn, an environment reply, a policy turn) through the learner's
     loss: the gradient on the logits that predict the environment's tokens is exactly 0, on the policy's not."""
-    task = _build(write_recipe(env_recipe(rlhf={"algorithm": "grpo"})), tmp_path)
-    L = task.learner
+    L = _build(write_recipe(env_recipe(rlhf={"algorithm": "grpo"})), tmp_path)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     from prefcli.envs.episode import Episode
 
@@ -127,9 +127,15 @@ def test_the_loss_reaches_only_the_policy_tokens(tmp_path, write_recipe, tok):  
     e.turn_ends, e.turn_rewards = [len(prompt) + len(t1) - 1, len(ids) - 1], [0.0, 1.0]
     b = episode_batch([e], tok.pad_token_id, 1.0, "cpu")
     r = EpisodeRollout(
-        b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, b.finished, b.logprobs, b.completion_attention
+        b.prompt_ids,
+        b.prompt_mask,
+        b.completion_ids,
+        b.completion_mask,
+        b.finished,
+        b.logprobs,
+        completion_attention=b.completion_attention,
     )
-    mb = {**L.sequences(r), "mask": b.completion_mask.float(), "adv": torch.ones_like(b.logprobs)}
+    mb = {**sequences(r), "mask": b.completion_mask.float(), "adv": torch.ones_like(b.logprobs)}
     grads = []  # the gradient on the last hidden states, which feed only the output layer (position t: target t+1)
 
     def keep(module, inputs, out):
@@ -150,7 +156,7 @@ def test_the_loss_reaches_only_the_policy_tokens(tmp_path, write_recipe, tok):  
     assert (per_pos[:start] == 0).all()
     pol = b.completion_mask[0].bool()
     assert (rows[~pol] == 0).all() and (rows[pol] > 0).all()
-    assert L.sequences(r)["attention_mask"].sum() == len(ids)  # the reply is attended (it is context)
+    assert sequences(r)["attention_mask"].sum() == len(ids)  # the reply is attended (it is context)
 
 
 # ----------------------------------------------------------------------------------------- the runs
@@ -320,3 +326,44 @@ def test_two_processes_fsdp_and_ddp_agree_with_an_environment(tmp_path, write_re
                 assert near(b[k], v), (k, b[k], v)
     s = json.loads((tmp_path / "fsdp_hf" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["rlhf"]["sampler"] == "HFSampler" and "env/success_rate" in s["final"]
+
+
+# ------------------------------------------------------------------------------------ the KV cache across turns
+
+
+@pytest.mark.parametrize("kind", ["fast", "hf"])
+def test_turns_continued_from_the_cache_score_as_one_forward_of_the_whole_trajectory(kind, tok, tiny_model_dir):  # noqa: F811
+    """Episodes of three turns, the second and third continued from the sampler's KV cache (continue_from):
+    the trajectory's policy tokens and the sampler's log-probs equal what one forward of the whole trajectory
+    (prompt, turns and replies, as the trainer runs it) gives, on the fast decoder and on transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    from prefcli.algos.rlhf.env_rollout import TurnSampler
+    from prefcli.engine.dist import Runtime
+    from prefcli.engine.models import PolicyLM
+    from prefcli.engine.rollout import FastDecoder
+    from prefcli.engine.sampling import HFSampler, SamplingConfig
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    B, N = 4, 5
+    scfg = SamplingConfig(
+        max_new_tokens=N, temperature=1.0, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id
+    )
+    sampler = FastDecoder(lm, batch=B, max_len=160, dtype=torch.float32) if kind == "fast" else HFSampler(lm)
+    policy = TurnSampler(sampler, tok, scfg, [], B, "cpu")
+    f = _factory("tests.env_cases:Counter", n=3)
+    cfg = EpisodeConfig(max_turns=3, max_new_tokens=N, max_episode_tokens=120)
+    eps = play_episodes(EnvPool(f), [0, 1, 2, 3], policy, ChatRenderer(tok), cfg)
+    assert all(e.turns == 3 for e in eps)
+    assert policy.calls == {"sample": 1, "continue_from": 2}, policy.calls
+    b = episode_batch(eps, tok.pad_token_id, 1.0, "cpu")
+    seq = episode_sequences(b)
+    rt = Runtime(device=torch.device("cpu"), precision="fp32")
+    with torch.no_grad():
+        lp, _ = PolicyLM(lm, rt)(
+            seq["input_ids"], seq["targets"], seq["attention_mask"], seq["position_ids"], start=int(seq["start"])
+        )
+    m = b.completion_mask.bool()
+    assert m.sum() >= 3 * B
+    assert (lp[m] - b.logprobs[m]).abs().max() < 1e-4

@@ -113,7 +113,7 @@ def test_logprobs_and_fast_sampler_equal_the_models_own_forward(name, tok):
     n = 8  # with the longest prompt, past the windows of 4
     dec = FastDecoder(lm, batch=5, max_len=p_ids.shape[1] + n, dtype=torch.float32)
     greedy = SamplingConfig(max_new_tokens=n, temperature=0, pad_token_id=tok.pad_token_id)
-    r = dec.generate(p_ids, p_mask, greedy)
+    r = dec.sample(p_ids, p_mask, greedy)
     want = lm.generate(
         input_ids=p_ids, attention_mask=p_mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
         eos_token_id=None, use_cache=True,
@@ -121,7 +121,7 @@ def test_logprobs_and_fast_sampler_equal_the_models_own_forward(name, tok):
     assert torch.equal(r.completion_ids, want), name
     torch.manual_seed(0)
     warped = SamplingConfig(max_new_tokens=n, temperature=0.8, top_k=50, pad_token_id=tok.pad_token_id)
-    for cfg, rollout in ((greedy, r), (warped, dec.generate(p_ids, p_mask, warped))):
+    for cfg, rollout in ((greedy, r), (warped, dec.sample(p_ids, p_mask, warped))):
         trainer, sampler = compare_rollout(policy, rollout, cfg, k=5)  # the guard's check on the first rollout
         assert trainer.tokens == sampler.tokens == 5 * n, (name, trainer, sampler)
         assert trainer.max_abs < 1e-4 and sampler.max_abs < 1e-4, (name, cfg.temperature, trainer, sampler)

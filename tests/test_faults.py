@@ -178,6 +178,7 @@ def test_kill_9_anywhere_then_resume_ends_like_an_uninterrupted_run(tmp_path, re
     assert [c.name for _, c in runfolder.step_folders(run)] == ["step-7", "step-8"]
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, reference):
     """--resume verifies the newest checkpoint and falls back to the newest complete one, saying which it
     skipped and why; the run then ends like the uninterrupted one."""
@@ -212,6 +213,7 @@ def test_a_resume_at_the_last_step_runs_the_final_evaluation_and_writes_final(tm
     assert_same_weights(run / "final", reference / "final")
 
 
+@pytest.mark.slow
 def test_an_interrupt_after_the_last_step_names_the_checkpoint_and_resumes_into_final(tmp_path, reference, monkeypatch):
     """A real SIGINT (to this process, where the loop's handler catches it) during the final evaluation."""
     from prefcli.engine.loop import Engine
@@ -262,6 +264,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint(tmp_path, small_disk):
     """ENOSPC while the second checkpoint is written: exit 1, the message names the first checkpoint (intact),
     the partial one is gone, and the failure object is on stdout."""
@@ -281,6 +284,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, small_disk):
     assert code == 0 and last_json(out)["resumed_from"].endswith("step-1"), err
 
 
+@pytest.mark.slow
 def test_disk_full_while_final_is_written(tmp_path, small_disk):
     """LoRA: checkpoints (adapters) fit on a 512 KiB disk, the merged final/ does not: exit 1 naming the last
     step's checkpoint; no partial final/; a resume on a larger disk writes it."""
@@ -313,6 +317,7 @@ def limited(limit: int, argv: list) -> tuple[int, str, str]:
         signal.signal(signal.SIGXFSZ, old)
 
 
+@pytest.mark.slow
 def test_file_size_limit_during_a_checkpoint(tmp_path):
     """ulimit -f (EFBIG) on the resumed process: its first checkpoint cannot be written; exit 1 naming the
     checkpoint it resumed from, which stays intact."""
@@ -329,6 +334,7 @@ def test_file_size_limit_during_a_checkpoint(tmp_path):
     assert runfolder.verify_checkpoint(run / "checkpoints" / "step-2") is None and not leftovers(run)
 
 
+@pytest.mark.slow
 def test_file_size_limit_while_final_is_written(tmp_path):
     """LoRA checkpoints are small, the merged final/model.safetensors (600 kB) is not: ulimit -f 400 kB."""
     p = recipe(tmp_path, train={"max_steps": 2, "eval_every_steps": None})
@@ -498,6 +504,7 @@ def test_non_finite_weights_are_never_checkpointed_nor_named(tmp_path):
     assert not (tmp_path / "final").exists()
 
 
+@pytest.mark.slow
 def test_a_reward_that_turns_inf_stops_naming_the_last_checkpoint(tmp_path):
     rules = tmp_path / "turns_inf.py"
     rules.write_text(

@@ -1,6 +1,7 @@
 """Several processes on CPU with gloo, runtime.parallel ddp and fsdp (FSDP2): the same training as one
-process (DDP and FSDP on two processes, FSDP as a single-process shard), sharded checkpoints that resume exactly and at another number of processes, per-rank memory halved on two ranks,
-a two-node run on localhost, and a killed rank that stops the survivor instead of hanging.
+process (DDP and FSDP on two processes, FSDP as a single-process shard; KTO's reductions across processes),
+sharded checkpoints that resume exactly and at another number of processes, per-rank memory halved on two
+ranks, a two-node run on localhost, and a killed rank that stops the survivor instead of hanging.
 
 Start-up dominates on a small machine, so the runs are shared: one module fixture trains the one-process
 references in this process, one two-node launch (two torchrun agents, one process each) and one two-process
@@ -98,6 +99,7 @@ def runs(tmp_path_factory):
         "sft": sft_recipe_dict(train={"max_steps": 4, "save_every_steps": 2, "eval_every_steps": 2}),
         "dpo": pref_dict("dpo", train={"max_steps": 3, "batch_size": 4, "eval_every_steps": 3}),
         "grpo": rlhf_recipe(rlhf={"algorithm": "grpo"}, train={"max_steps": 3}),
+        "kto": pref_dict("kto", train={"max_steps": 3, "eval_every_steps": 3}),
         "lora": sft_recipe_dict(
             model={"lora": {"r": 4}}, train={"max_steps": 3, "gradient_checkpointing": True, "lr": 1e-2}
         ),
@@ -110,6 +112,7 @@ def runs(tmp_path_factory):
     train("sft", rec["sft"], d / "sft_fsdp1", fsdp)  # fsdp without torchrun: a single-process shard
     train("contrastive", rec["dpo"], d / "dpo_one")
     train("sft", rec["lora"], d / "lora_one")
+    train("contrastive", rec["kto"], d / "kto_one", "train.batch_size=4")
     # two nodes on localhost: fsdp sft, checkpoints at steps 2 and 4
     agents = two_nodes(
         free_port(),
@@ -130,6 +133,7 @@ def runs(tmp_path_factory):
         ("rlhf", "grpo", "grpo_fsdp2", [fsdp], False),
         ("rlhf", "grpo", "grpo_ddp2", [], False),
         ("sft", "lora", "lora_fsdp2", [fsdp, b2], False),
+        ("contrastive", "kto", "kto_ddp2", [b2], False),
         ("sft", "sft", "resume22", [fsdp, b2], True),
         ("sft", "sft", "resume12", [fsdp, b2], True),  # written by one ddp process, resumed by two fsdp ones
     ]
@@ -177,6 +181,19 @@ def test_fsdp_trains_like_ddp_and_like_one_process(runs):
             if isinstance(v, float) and not k.startswith("perf/") and k != "time_s":
                 assert near(b[k], v), (k, b[k], v)
     assert any(r.get("reward/std", 0) > 0 for r in fsdp)  # the groups had something to learn from
+
+
+def test_kto_on_two_processes_equals_one(runs):
+    """Reference tables computed in shards and all-reduced, and KTO's KL estimate reduced across processes:
+    2 processes x 2 rows train like 1 process x 4 rows."""
+    d, _, _ = runs
+    s = json.loads((d / "kto_ddp2" / "summary.json").read_text())
+    one = json.loads((d / "kto_one" / "summary.json").read_text())
+    assert s["world_size"] == 2
+    a, b = metric(d / "kto_ddp2", "loss/kto"), metric(d / "kto_one", "loss/kto")
+    assert sorted(a) == [1, 2, 3] and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+    for k in ("eval/loss", "eval/accuracy", "eval/kl_estimate", "kl/estimate"):
+        assert s["final"][k] == pytest.approx(one["final"][k], abs=1e-5), k
 
 
 def test_sharded_checkpoints_resume_exactly_and_at_another_world_size(runs):

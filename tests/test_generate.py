@@ -27,15 +27,6 @@ CPU = torch.device("cpu")
 PROMPTS = ["And the", "Let there be", "In the beginning God", "", "For the LORD is", "Blessed are"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are latency-bound: one thread is as fast, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lm_tok():
     tok = AutoTokenizer.from_pretrained(TOKENIZER)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .conftest import ROOT, last_json
+from .conftest import NO_PLOT, ROOT, last_json
 
 BASE = ROOT / "prefcli" / "assets" / "kjv-base"
 
 
+@pytest.mark.slow
 def test_bundled_base_model_is_trained():
     """Held-out perplexity with transformers alone: trained (README: 42.5 on 400 verses), not random
     (a random model scores about the vocabulary size, 4,096)."""
@@ -33,21 +34,29 @@ def test_bundled_base_model_is_trained():
     assert sum(p.numel() for p in lm.parameters()) < 10_000_000  # a few tens of MB at most
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,recipe", [("rlhf", "rlhf"), ("gan", "gan"), ("contrastive", "contrastive")])
 def test_quickstart_recipes_smoke(command, recipe, tmp_path, cli):
     code, stdout, stderr = cli(
-        command, ROOT / "recipes" / "quickstart" / f"{recipe}.yaml", "--smoke", "-o", tmp_path / recipe, "-q"
+        command, ROOT / "recipes" / "quickstart" / f"{recipe}.yaml", "--smoke", "-o", tmp_path / recipe, "-q", *NO_PLOT
     )
     assert code == 0, stderr
     s = last_json(stdout)
     assert s["status"] == "completed" and s["smoke"] is True and s["steps"] == 3  # docs/cli.md: 3 steps, gan too
 
 
+@pytest.mark.slow
 def test_quickstart_phf_conditional_recipe_smoke(tmp_path, cli):
     """The finetuning-setting recipe of docs/phf-experiment.md runs as shipped (smoke): scored rows, control
     tokens, and eval/control_gap logged at the end."""
     code, stdout, stderr = cli(
-        "sft", ROOT / "recipes" / "quickstart" / "phf-conditional.yaml", "--smoke", "-o", tmp_path / "phf", "-q"
+        "sft",
+        ROOT / "recipes" / "quickstart" / "phf-conditional.yaml",
+        "--smoke",
+        "-o",
+        tmp_path / "phf",
+        "-q",
+        *NO_PLOT,
     )
     assert code == 0, stderr
     s = last_json(stdout)

@@ -100,11 +100,15 @@ class Scheduled:
         """The start-up guard (engine.guard): prefcli's log-prob kernel against the model's own forward on the first
         step's first micro-batch, collated as training collates it (packed rows, padding). Exit 2 on a difference
         beyond the tolerance, or the model's own forward with model.on_mismatch: fallback. A task's
-        `startup_check()` calls it; the runner calls that once the recipe's limits are checked."""
+        `startup_check()` calls it; engine.run.train calls that once the recipe's limits are checked."""
         from ..engine.guard import check_logprobs
 
         batch = collate(self.micro_parts(self.cursor.peek())[0])
         check_logprobs(policy, batch, self.cfg.model.on_mismatch, self.ctx.warn, rt=self.rt, what="the first batch")
+
+    def startup_check(self) -> None:
+        """The Task protocol's start-up guard: nothing to compare for a task whose loss reads no causal LM's
+        log-probs (a reward model's scores, an encoder's embeddings); the tasks that do call `check_kernels`."""
 
     def step_items(self) -> Iterator[list[int]]:
         while True:

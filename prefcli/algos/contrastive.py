@@ -52,10 +52,10 @@ from ..engine.pairs import (
     tokenize_pairs,
     tokenize_unpaired,
 )
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import load_tokenizer
 from ..errors import UsageError
-from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report, sharded_fill
 from .infonce import InfoNCETask, infonce_loss
 
@@ -210,7 +210,9 @@ def kto_loss(u: UnpairedLogps, hp: Hyper) -> tuple[torch.Tensor, dict]:
 
 
 @dataclass(frozen=True)
-class Objective:
+class ContrastiveObjective:
+    """An entry of the contrastive registry: its loss and what it reads."""
+
     loss_fn: Callable
     needs_ref: bool
     reduce: str  # 'sum' | 'mean': how token log-probs make a sequence log-prob
@@ -220,24 +222,26 @@ class Objective:
     extra_metrics: tuple[str, ...] = ()  # per-example metrics the loss reports beyond the rewards
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "dpo": Objective(dpo_loss, needs_ref=True, reduce="sum", rows="pairs"),
-    "cdpo": Objective(cdpo_loss, needs_ref=True, reduce="sum", rows="pairs", default_label_smoothing=0.1),
-    "robust": Objective(robust_loss, needs_ref=True, reduce="sum", rows="pairs", default_label_smoothing=0.1),
-    "ipo": Objective(ipo_loss, needs_ref=True, reduce="mean", rows="pairs"),
-    "hinge": Objective(hinge_loss, needs_ref=True, reduce="sum", rows="pairs"),
-    "simpo": Objective(simpo_loss, needs_ref=False, reduce="mean", rows="pairs", default_beta=2.0),
-    "cpo": Objective(cpo_loss, needs_ref=False, reduce="sum", rows="pairs", extra_metrics=("loss/nll",)),
-    "orpo": Objective(
+OBJECTIVES: dict[str, ContrastiveObjective] = {
+    "dpo": ContrastiveObjective(dpo_loss, needs_ref=True, reduce="sum", rows="pairs"),
+    "cdpo": ContrastiveObjective(cdpo_loss, needs_ref=True, reduce="sum", rows="pairs", default_label_smoothing=0.1),
+    "robust": ContrastiveObjective(
+        robust_loss, needs_ref=True, reduce="sum", rows="pairs", default_label_smoothing=0.1
+    ),
+    "ipo": ContrastiveObjective(ipo_loss, needs_ref=True, reduce="mean", rows="pairs"),
+    "hinge": ContrastiveObjective(hinge_loss, needs_ref=True, reduce="sum", rows="pairs"),
+    "simpo": ContrastiveObjective(simpo_loss, needs_ref=False, reduce="mean", rows="pairs", default_beta=2.0),
+    "cpo": ContrastiveObjective(cpo_loss, needs_ref=False, reduce="sum", rows="pairs", extra_metrics=("loss/nll",)),
+    "orpo": ContrastiveObjective(
         orpo_loss, needs_ref=False, reduce="mean", rows="pairs", extra_metrics=("loss/nll", "reward/log_odds")
     ),
-    "kto": Objective(kto_loss, needs_ref=True, reduce="sum", rows="unpaired"),
-    "infonce": Objective(infonce_loss, needs_ref=False, reduce="mean", rows="encoder", default_beta=0.0),
+    "kto": ContrastiveObjective(kto_loss, needs_ref=True, reduce="sum", rows="unpaired"),
+    "infonce": ContrastiveObjective(infonce_loss, needs_ref=False, reduce="mean", rows="encoder", default_beta=0.0),
 }
 
 
 def pair_objective(
-    obj: Objective,
+    obj: ContrastiveObjective,
     hp: Hyper,
     lp: PairLogps,
     sum_c,
@@ -269,7 +273,7 @@ def pair_objective(
     return (losses * w).sum() if weight is not None else losses.sum(), mets
 
 
-def hyper(c, obj: Objective) -> Hyper:
+def hyper(c, obj: ContrastiveObjective) -> Hyper:
     """The recipe's knobs with null resolved to the objective's defaults."""
     return Hyper(
         beta=c.beta if c.beta is not None else obj.default_beta,
@@ -285,8 +289,9 @@ def hyper(c, obj: Objective) -> Hyper:
 # ------------------------------------------------------------------------------------- task
 
 
-class PreferenceTask(Scheduled):
-    """Paired objectives (dpo ... orpo) and KTO's unpaired rows, on one policy."""
+class ContrastiveTask(Scheduled):
+    """`prefcli contrastive` with a policy: the paired objectives (dpo ... orpo) and KTO's unpaired rows (the
+    encoder objective, infonce, is InfoNCETask in infonce.py)."""
 
     def __init__(self, ctx: RunContext):
         r = ctx.recipe
@@ -571,8 +576,8 @@ class PreferenceTask(Scheduled):
         save_hf(self.lm, self.tok, out_dir, self.rt)
 
 
-def build(ctx: RunContext):
+def build(ctx: RunContext) -> ContrastiveTask | InfoNCETask:
     obj = OBJECTIVES[ctx.recipe.contrastive.objective]
     if obj.rows == "encoder":
         return InfoNCETask(ctx)
-    return PreferenceTask(ctx)
+    return ContrastiveTask(ctx)

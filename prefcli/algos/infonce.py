@@ -39,9 +39,9 @@ from ..engine.pairs import (
     pair_correct,
     text_batch,
 )
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import chat_ids, load_tokenizer
-from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 
 ENCODER_FILE = "prefcli_encoder.json"

@@ -44,10 +44,10 @@ from ..engine.pairs import (
     scored_text,
     text_batch,
 )
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import load_tokenizer
 from ..errors import DataError
-from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
 
 # ----------------------------------------------------------------------------------- losses
@@ -120,16 +120,18 @@ def calibration_errors(table: torch.Tensor) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class RMObjective:
+class RewardObjective:
+    """An entry of the reward-model registry: its loss, the rows it reads and their required columns."""
+
     loss_fn: Callable
     rows: str  # 'pairs' | 'scores' | 'rankings'
     required: tuple[str, ...]
 
 
-OBJECTIVES: dict[str, RMObjective] = {
-    "bradley_terry": RMObjective(bradley_terry_loss, "pairs", ("chosen", "rejected")),
-    "regression": RMObjective(regression_loss, "scores", ("score",)),
-    "ranking": RMObjective(ranking_loss, "rankings", ("completions",)),
+OBJECTIVES: dict[str, RewardObjective] = {
+    "bradley_terry": RewardObjective(bradley_terry_loss, "pairs", ("chosen", "rejected")),
+    "regression": RewardObjective(regression_loss, "scores", ("score",)),
+    "ranking": RewardObjective(ranking_loss, "rankings", ("completions",)),
 }
 
 

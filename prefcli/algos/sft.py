@@ -43,15 +43,15 @@ from ..engine.debias import apply_debias
 from ..engine.formats import convert_rows, outside_format
 from ..engine.logprobs import IGNORE
 from ..engine.models import PolicyLM, build_trained_model, save_hf, trainable_parameters, unwrap_lm
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import load_tokenizer
 from ..errors import DataError
-from ..runner import RunContext
 from .common import Scheduled
 from .phf import (
     PHF_OBJECTIVES,
-    Objective,
     RowLRScale,
+    SFTObjective,
     ValuePolicy,
     add_control_tokens,
     control_gap,
@@ -68,7 +68,7 @@ def mle_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return loss_sum, {}
 
 
-OBJECTIVES: dict[str, Objective] = {"mle": Objective(mle_loss), **PHF_OBJECTIVES}
+OBJECTIVES: dict[str, SFTObjective] = {"mle": SFTObjective(mle_loss), **PHF_OBJECTIVES}
 
 
 def count_targets(batch: dict) -> int:

@@ -11,18 +11,11 @@ import typer
 
 from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
-from . import (
-    EXAMPLES,
-    QuietOpt,
-    RecipeArg,
-    SetOpt,
-    app,
-    emit_json,
-    fail,
-)
+from ..recipe.commands import COMMANDS
+from .base import QuietOpt, RecipeArg, SetOpt, app, emit_json, examples, fail
 
 
-@app.command("eval", epilog=EXAMPLES["eval"])
+@app.command("eval", help=COMMANDS["eval"].help, epilog=examples(*COMMANDS["eval"].examples))
 def eval_(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -68,7 +61,12 @@ def eval_(
     emit_json(summary)
 
 
-@app.command(epilog=EXAMPLES["generate"])
+@app.command(
+    epilog=examples(
+        "printf 'And the LORD said\\n' | prefcli generate prefcli/assets/kjv-base --ban wrath",
+        "prefcli generate runs/sft-sft/final --prompts prompts.jsonl --greedy > completions.jsonl",
+    )
+)
 def generate(
     model_dir: Annotated[
         Path | None, typer.Argument(help="Model folder (Hugging Face format) or hub id.", show_default=False)
@@ -212,7 +210,12 @@ def generate(
         raise typer.Exit(0) from None
 
 
-@app.command(epilog=EXAMPLES["plot"])
+@app.command(
+    epilog=examples(
+        "prefcli plot runs/sft-sft",
+        "prefcli plot runs/lr1e-3 runs/lr3e-3 --metric loss --metric eval -o lr.png",
+    )
+)
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl).", show_default=False)],
     output: Annotated[
@@ -245,7 +248,12 @@ def plot(
     emit_json({"command": "plot", "status": "completed", "exit_code": 0, **drawn})
 
 
-@app.command(epilog=EXAMPLES["validate"])
+@app.command(
+    epilog=examples(
+        "prefcli validate recipes/*/*.yaml",
+        "prefcli validate --resolved recipes/tiny/contrastive-ipo.yaml     # the recipe with its base merged",
+    )
+)
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     command: Annotated[

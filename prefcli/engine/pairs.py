@@ -267,16 +267,25 @@ class UnpairedSet:
         return sum(len(p) + len(c) for p, c in zip(self.prompt, self.completion))
 
 
-def _label(v, i: int, source: str, what: str) -> bool:
+def parse_label(v) -> bool | None:
+    """An unpaired row's label as training reads it (true = desirable): a boolean, 0/1, or the text
+    true/false/1/0 in any case; None for anything else."""
     if isinstance(v, bool):
         return v
     if isinstance(v, (int, float)) and v in (0, 1):
         return bool(v)
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
         return v.strip().lower() in ("true", "1")
-    raise DataError(
-        f"{what}: {source}: row {i + 1}: label {v!r} is not a boolean (true = desirable, false = undesirable)"
-    )
+    return None
+
+
+def _label(v, i: int, source: str, what: str) -> bool:
+    label = parse_label(v)
+    if label is None:
+        raise DataError(
+            f"{what}: {source}: row {i + 1}: label {v!r} is not a boolean (true = desirable, false = undesirable)"
+        )
+    return label
 
 
 def tokenize_unpaired(ds, tok, fmt: str, max_length: int, source: str, what: str = "data") -> UnpairedSet:

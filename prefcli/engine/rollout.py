@@ -1,6 +1,7 @@
-"""Batched sampling for RL and GAN rollouts: a static KV cache, and on CUDA the one-token decode
-step captured once in a CUDA graph and replayed, so a decode step costs one graph launch
-instead of hundreds of kernel launches from Python.
+"""The fast sampler (engine/sampling.py's protocol) for RL and GAN rollouts: a static KV cache, and on CUDA the
+one-token decode step captured once in a CUDA graph and replayed, so a decode step costs one graph launch
+instead of hundreds of kernel launches from Python. `continue_from` extends the sequences of its latest call
+in the same cache (the turns of a multi-turn episode).
 
 Why by hand: Hugging Face `generate` re-enters Python for every layer of every step (518 new
 tokens/s at batch 8 on an H200 for a 0.5B model, docs/performance.md), and its static-cache path
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from .families import NORM_F32, NORMS, at, block_kind, decoder_support, logit_transform, rope
 from .models import unwrap_lm
-from .sampling import Rollout, SamplingConfig, sample_with_logprob
+from .sampling import Rollout, SamplingConfig, continued_prompt, sample_with_logprob
 
 
 def supports_fast_decoder(lm) -> tuple[bool, str]:
@@ -73,9 +74,23 @@ class _LayerStatic:
     residual_scale: float
 
 
+@dataclass
+class _DecoderCache:
+    """A FastDecoder's hold on the sequences of its latest call, for `continue_from`."""
+
+    owner: FastDecoder
+    call: int
+    slot_end: int  # the first cache slot not yet written
+    valid: torch.Tensor  # [B, L] bool: the slots that hold a real token of the sequence
+    slot_pos: torch.Tensor  # [B, L] the position of the token in each slot (sliding windows count positions)
+    next_pos: torch.Tensor  # [B] the position of the next token fed
+    pending: torch.Tensor  # [B] each completion's last token, sampled but not fed ...
+    has_pending: list[bool]  # ... for the completions that did not end (or ended on the last step)
+
+
 class FastDecoder:
-    """Static-KV-cache sampler for one batch size and one maximum length, for the families in
-    engine.families.DECODERS (their layouts say where each part lives and how the block computes)."""
+    """Static-KV-cache sampler for one batch size and one maximum length (engine.sampling.Sampler), for the
+    families in engine.families.DECODERS (their layouts say where each part lives and how the block computes)."""
 
     def __init__(
         self,
@@ -117,6 +132,7 @@ class FastDecoder:
         self.static = [self._layer_static(i, layer) for i, layer in enumerate(self.layers)]
         self.windows = sorted({st.window for st in self.static if st.window is not None})
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        self.calls = 0  # sampling calls so far: only the latest can be continued
         self._alloc()
         self.sync()
         self.graph = None
@@ -383,12 +399,13 @@ class FastDecoder:
     def _logits(self, h):
         return self.xf.apply(F.linear(h, self.head_w, self.head_b).float())
 
-    def _masks(self, base, q_slot, kv_slot) -> dict:
+    def _masks(self, base, q_pos, kv_pos) -> dict:
         """The attention mask of every distinct window: `base` (bool [B, 1, T, S]) and, for a window w, keys
-        less than w slots behind the query (left padding keeps a row's real tokens in consecutive slots)."""
+        less than w positions behind the query (q_pos [B, 1, T, 1]; kv_pos [B, 1, 1, S], each cache slot's
+        position). By position, not by slot: the slots of a sequence continued by `continue_from` have gaps."""
         out = {None: base}
         for w in self.windows:
-            out[w] = base & (kv_slot > q_slot - w)
+            out[w] = base & (kv_pos > q_pos - w)
         return out
 
     @torch.no_grad()
@@ -402,8 +419,7 @@ class FastDecoder:
         causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
         eye = torch.eye(P, dtype=torch.bool, device=ids.device)[None, None]
         attn = ((causal[None] & valid[:, None, :]).unsqueeze(1)) | eye
-        ar = self.slots[:P]
-        masks = {w: m | eye for w, m in self._masks(attn, ar[:, None], ar[None, :]).items()}
+        masks = {w: m | eye for w, m in self._masks(attn, pos[:, None, :, None], pos[:, None, None, :]).items()}
 
         def write(i, k, v):
             self.k_cache[i, :, :, :P] = k
@@ -422,7 +438,11 @@ class FastDecoder:
             for key, (cos, sin) in self.rope.items()
         }
         self.s_valid.index_fill_(1, idx.view(1), True)
-        masks = self._masks(self.s_valid[:, None, None, :], idx, self.slots)
+        if self.windows:
+            self.s_slot_pos.index_copy_(1, idx.view(1), self.s_pos[:, None])
+        masks = self._masks(
+            self.s_valid[:, None, None, :], self.s_pos[:, None, None, None], self.s_slot_pos[:, None, None, :]
+        )
 
         def write(i, k, v):
             self.k_cache[i].index_copy_(2, idx.view(1), k)
@@ -430,7 +450,7 @@ class FastDecoder:
             return self.k_cache[i], self.v_cache[i]
 
         h = self._layers(self._embed(self.s_tok, self.s_pos)[:, None, :], ropes, write, masks, self._compiled)
-        self._choose(self._logits(h[:, 0]), idx - self.P + 1)
+        self._choose(self._logits(h[:, 0]), idx - self.s_start + 1)
         self.s_idx.add_(1)
         self.s_pos.add_(1)
 
@@ -481,9 +501,11 @@ class FastDecoder:
     def _state(self):
         return [
             self.s_idx,
+            self.s_start,
             self.s_tok,
             self.s_pos,
             self.s_valid,
+            self.s_slot_pos,
             self.s_done,
             self.s_finished,
             self.out,
@@ -498,39 +520,92 @@ class FastDecoder:
             t.copy_(v)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig) -> Rollout:
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig) -> Rollout:
         B, P = prompt_ids.shape
         if B != self.B or P + cfg.max_new_tokens > self.L:
             raise ValueError(
                 f"decoder built for batch {self.B} and length {self.L}, got batch {B} and "
                 f"{P} + {cfg.max_new_tokens} tokens"
             )
-        dev = self.device
-        first = getattr(self, "scfg", None) is None or self.P != P or self.scfg != cfg
-        if first:
-            self.scfg, self.P = cfg, P
-            self.stop_ids = torch.tensor(cfg.stop_token_ids or [-1], device=dev)
-            self.s_idx = torch.tensor(P, device=dev)
-            self.s_tok = torch.zeros(B, dtype=torch.long, device=dev)
-            self.s_pos = torch.zeros(B, dtype=torch.long, device=dev)
-            self.s_valid = torch.zeros(B, self.L, dtype=torch.bool, device=dev)
-            self.s_done = torch.zeros(B, dtype=torch.bool, device=dev)
-            self.s_finished = torch.zeros(B, dtype=torch.bool, device=dev)
-            self.out = torch.full((B, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
-            self.out_mask = torch.zeros(B, cfg.max_new_tokens, dtype=torch.long, device=dev)
-            self.out_logp = torch.zeros(B, cfg.max_new_tokens, dtype=torch.float32, device=dev)
-            self.graph = None
+        if getattr(self, "scfg", None) is None or self.P != P or self.scfg != cfg:
+            self.P = P
+            self._buffers(cfg)
         logits = self.prefill(prompt_ids, prompt_mask)
         self.s_valid.zero_()
         self.s_valid[:, :P] = prompt_mask.bool()
+        self.s_slot_pos[:, :P] = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+        # new token 0 goes into cache slot P, at position = number of real prompt tokens
+        return self._decode(logits, P, prompt_mask.sum(-1), cfg, prompt_ids, prompt_mask)
+
+    @torch.no_grad()
+    def continue_from(self, previous: Rollout, new_ids: list[list[int]], cfg: SamplingConfig) -> Rollout:
+        """engine.sampling.Sampler.continue_from: the appended tokens (and each completion's last token, which
+        sampling does not feed back) are run through the model on top of the cache, then decoding goes on."""
+        held = previous.cache
+        if not isinstance(held, _DecoderCache) or held.owner is not self or held.call != self.calls:
+            raise ValueError(
+                "continue_from: these sequences' cache is gone (only this decoder's latest call can be continued)"
+            )
+        blocks = [([int(held.pending[i])] if held.has_pending[i] else []) + list(x) for i, x in enumerate(new_ids)]
+        if len(blocks) != self.B or not all(blocks):
+            raise ValueError(
+                "continue_from: give the tokens that follow each sequence (a completion that ended with its stop "
+                "token needs at least one)"
+            )
+        S, T = held.slot_end, max(len(b) for b in blocks)
+        if S + T + cfg.max_new_tokens > self.L:
+            raise ValueError(
+                f"decoder built for length {self.L}: {S} cached + {T} new + {cfg.max_new_tokens} sampled tokens "
+                "do not fit (build it with a larger max_len)"
+            )
+        dev = self.device
+        ids = torch.full((self.B, T), cfg.pad_token_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((self.B, T), dtype=torch.long, device=dev)
+        for i, b in enumerate(blocks):
+            ids[i, T - len(b) :] = torch.tensor(b, dtype=torch.long, device=dev)
+            mask[i, T - len(b) :] = 1
+        if cfg != self.scfg:
+            self._buffers(cfg)
+        pos = (held.next_pos[:, None] + mask.cumsum(-1) - 1).clamp_min(0)
+        self.s_slot_pos.copy_(held.slot_pos)
+        self.s_slot_pos[:, S : S + T] = pos
+        logits = self._extend(ids, mask, S, pos, held.valid)
+        self.s_valid.copy_(held.valid)
+        self.s_valid[:, S : S + T] = mask.bool()
+        p_ids, p_mask = continued_prompt(previous, new_ids, cfg.pad_token_id)
+        return self._decode(logits, S + T, held.next_pos + mask.sum(-1), cfg, p_ids, p_mask)
+
+    def _buffers(self, cfg: SamplingConfig) -> None:
+        """The decode state for this batch and these settings (a new decode graph is captured for them)."""
+        B, dev = self.B, self.device
+        self.scfg = cfg
+        self.stop_ids = torch.tensor(cfg.stop_token_ids or [-1], device=dev)
+        self.s_idx = torch.tensor(self.P, device=dev)
+        self.s_start = torch.tensor(self.P, device=dev)
+        self.s_tok = torch.zeros(B, dtype=torch.long, device=dev)
+        self.s_pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.s_valid = torch.zeros(B, self.L, dtype=torch.bool, device=dev)
+        self.s_slot_pos = torch.zeros(B, self.L, dtype=torch.long, device=dev)  # each slot's position (windows)
+        self.s_done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.s_finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.out = torch.full((B, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
+        self.out_mask = torch.zeros(B, cfg.max_new_tokens, dtype=torch.long, device=dev)
+        self.out_logp = torch.zeros(B, cfg.max_new_tokens, dtype=torch.float32, device=dev)
+        self.graph = None
+
+    def _decode(self, logits, start: int, pos: torch.Tensor, cfg: SamplingConfig, prompt_ids, prompt_mask) -> Rollout:
+        """From the logits of the last token fed: new token 0 at cache slot `start` and positions `pos` [B], then
+        one decode step per token."""
+        dev = self.device
         self.s_done.zero_()
         self.s_finished.zero_()
         self.out.fill_(cfg.pad_token_id)
         self.out_mask.zero_()
         self.out_logp.zero_()
+        self.s_start.fill_(start)
         self._choose(logits, torch.zeros((), dtype=torch.long, device=dev))  # new token 0, from the prefill
-        self.s_idx.fill_(P)  # token 0 goes into cache slot P ...
-        self.s_pos.copy_(prompt_mask.sum(-1))  # ... at position = number of real prompt tokens
+        self.s_idx.fill_(start)
+        self.s_pos.copy_(pos)
         if not self._compile_checked and cfg.max_new_tokens > 1:
             self._check_compile()
         if self.use_graph and self.graph is None and cfg.max_new_tokens > 1:
@@ -547,6 +622,7 @@ class FastDecoder:
             self._advance()
             if t % 16 == 0 and bool(self.s_done.all()):
                 break
+        self.calls += 1
         return Rollout(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -554,7 +630,50 @@ class FastDecoder:
             completion_mask=self.out_mask.clone(),
             finished=self.s_finished.clone(),
             logprobs=self.out_logp.clone(),
+            cache=self._held(start, pos),
         )
+
+    def _held(self, start: int, pos0: torch.Tensor) -> _DecoderCache:
+        """What the cache holds after a call: token k of completion i sits in slot start + k once a decode step
+        has fed it; the last token sampled is not fed yet (it is `pending`), nor is the padding after a stop token
+        valid (decode steps write it for every row)."""
+        fed = int(self.s_idx) - start
+        valid = self.s_valid.clone()
+        valid[:, start + fed :] = False
+        valid[:, start : start + fed] = self.out_mask[:, :fed].bool()
+        lengths = self.out_mask.sum(-1)
+        return _DecoderCache(
+            owner=self,
+            call=self.calls,
+            slot_end=start + fed,
+            valid=valid,
+            slot_pos=self.s_slot_pos.clone(),
+            next_pos=pos0 + torch.minimum(lengths, torch.full_like(lengths, fed)),
+            pending=self.out[:, fed].clone(),
+            has_pending=self.out_mask[:, fed].bool().tolist(),
+        )
+
+    @torch.no_grad()
+    def _extend(self, ids, mask, S: int, pos, valid) -> torch.Tensor:
+        """Run tokens [B, T] (left-padded) through the model into cache slots [S, S + T), each attending to the
+        valid cached slots before S and to the block's earlier tokens. Returns the last position's logits."""
+        B, T = ids.shape
+        ropes = {key: (cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)) for key, (cos, sin) in self.rope.items()}
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        eye = torch.eye(T, dtype=torch.bool, device=ids.device)
+        block = (causal[None] & mask.bool()[:, None, :]) | eye[None]
+        attn = torch.cat([valid[:, None, :S].expand(B, T, S), block], -1).unsqueeze(1)
+        itself = torch.cat([torch.zeros(T, S, dtype=torch.bool, device=ids.device), eye], -1)[None, None]
+        kv_pos = self.s_slot_pos[:, None, None, : S + T]  # the block's positions are written (continue_from)
+        masks = {w: m | itself for w, m in self._masks(attn, pos[:, None, :, None], kv_pos).items()}
+
+        def write(i, k, v):
+            self.k_cache[i, :, :, S : S + T] = k
+            self.v_cache[i, :, :, S : S + T] = v
+            return self.k_cache[i, :, :, : S + T], self.v_cache[i, :, :, : S + T]
+
+        h = self._layers(self._embed(ids, pos), ropes, write, masks)
+        return self._logits(h[:, -1])
 
     def _advance(self):
         if self.graph is not None:

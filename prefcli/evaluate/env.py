@@ -26,7 +26,7 @@ def play(factory, spec, g, lm, tok, rt, seeds: list[int], name: str):
     """Episodes of `lm` in the environment, one per seed, sampled with the generation settings `g` (transformers'
     generate, `g.batch_size` episodes at a time, each batch continued from its cache turn by turn). Returns the
     episodes, the renderer and the sampling seconds."""
-    from ..algos.rlhf.sampling import HFSampler
+    from ..engine.sampling import HFSampler
 
     if not tok.chat_template:
         raise UsageError(f"env: model '{name}' has no chat template; episodes are chats (set its chat_template)")
@@ -41,7 +41,7 @@ def play(factory, spec, g, lm, tok, rt, seeds: list[int], name: str):
         pad_token_id=tok.pad_token_id,
     )
     cfg = episode_config(spec, g)
-    sampler = HFSampler(lm, rt)
+    sampler = HFSampler(lm, rt.autocast)
     batch = max(1, g.batch_size)
     lm.eval()
     policy = TurnSampler(sampler, tok, scfg, g.stop, batch, rt.device, fill=False)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 
-from ..engine.sampling import left_pad
+from ..engine.sampling import HFSampler, SamplingConfig, left_pad
 from ..engine.tokenizer import text_ids
 from ..errors import UsageError
 from ..recipe.commands import GenerationSection
@@ -114,6 +114,7 @@ class Generator:
                     f"the required keywords need {need} tokens but max_new_tokens is {cfg.max_new_tokens}; "
                     "some will be missing (reported per completion)"
                 )
+        self.sampler = HFSampler(lm, autocast)  # transformers' generate: the controls below are logits processors
         self._stop_inner = None
         if cfg.stop and cfg.require:
             from transformers.generation.stopping_criteria import StopStringCriteria
@@ -192,26 +193,22 @@ class Generator:
         if self._stop_inner is not None:
             stops.append(KeywordGatedStop(self._stop_inner, self.tok, c.require, c.stop, P))
         self.lm.eval()
-        ctx = self.autocast() if self.autocast is not None else _nullcontext()
-        with ctx:
-            seqs = self.lm.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                generation_config=self._config(),
-                logits_processor=procs,
-                stopping_criteria=stops,
-                tokenizer=self.tok if c.stop else None,
-            )
+        r = self.sampler.sample(
+            ids.to(self.device),
+            mask.to(self.device),
+            SamplingConfig(
+                max_new_tokens=c.max_new_tokens, stop_token_ids=sorted(self.eos_ids), pad_token_id=self.pad_id
+            ),
+            generation_config=self._config(),
+            logits_processor=procs,
+            stopping_criteria=stops,
+            tokenizer=self.tok if c.stop else None,
+        )
         results = []
         for i, p in enumerate(prompts):
-            toks = seqs[i, P:].tolist()
-            finish = "length"
-            for k, t in enumerate(toks):
-                if t in self.eos_ids:
-                    toks = toks[: k + 1]
-                    finish = "eos"
-                    break
-            else:
+            toks = r.completion_ids[i, : int(r.lengths[i])].tolist()
+            finish = "eos" if bool(r.finished[i]) else "length"
+            if finish == "length":  # a stop string ended the row early: generate padded after it
                 while toks and toks[-1] == self.pad_id:
                     toks.pop()
             text = self.tok.decode(toks, skip_special_tokens=True)
@@ -226,14 +223,6 @@ class Generator:
                 )
             )
         return results
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ------------------------------------------------------------------- prompt streams

@@ -13,15 +13,9 @@ from ..recipe.sections import ModelSection
 
 def make_runtime(device: str = "auto", precision: str = "auto", loss_chunk_tokens: int = 4096):
     """A single-process Runtime (no torch.distributed: nothing here trains)."""
-    import torch
+    from ..engine.dist import Runtime, resolve_device, resolve_precision
 
-    from ..engine.dist import Runtime, resolve_precision
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("runtime.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     return Runtime(device=dev, precision=resolve_precision(precision, dev), loss_chunk_tokens=loss_chunk_tokens)
 
 
@@ -29,8 +23,8 @@ def trained_model_dir(recipe_path: str) -> Path:
     """Where the training command of `recipe_path` wrote its model: <run folder>/final, with the run
     folder chosen as the training command chooses it (output.dir, else runs/<command>-<stem> under
     the current directory)."""
+    from ..engine.runfolder import default_run_dir
     from ..recipe import load_recipe
-    from ..runner import default_run_dir
 
     loaded = load_recipe(recipe_path)
     if loaded.command == "eval":

@@ -33,7 +33,7 @@ class Log:
 
 def write_outputs(run_dir: Path, r: EvalRecipe, rows: list[dict], summary: dict, overwrite: bool) -> None:
     if overwrite:
-        from ..runner import clear_artifacts
+        from ..engine.runfolder import clear_artifacts
 
         clear_artifacts(run_dir, ARTIFACTS)
     run_dir.mkdir(parents=True, exist_ok=True)

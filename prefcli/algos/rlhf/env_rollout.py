@@ -1,5 +1,5 @@
 """`prefcli rlhf` in an environment (the recipe's `env:`): the rollout is a batch of episodes instead of prompt
-completions. A part of PolicyLearner (`learner.env`), which it hands:
+completions. A part of PolicyLearner (`learner.env`, made by build.build_learner), which it hands:
 
 - the seeds: training episodes start from reset(seed) with seeds 0 .. env.num_tasks-1, a DataCursor over them
   (shuffled by train.seed; resumed exactly like prompt rows), each seed played by rlhf.num_generations episodes
@@ -104,12 +104,12 @@ class TurnSampler:
             self.rows = list(slots) + [None] * (self.batch - len(slots) if self.fill else 0)
             rows = contexts + [contexts[0]] * (len(self.rows) - len(slots))
             ids, mask = left_pad(rows, self.scfg.pad_token_id, self.device)
-            raw = _fresh(self.sampler)(ids, mask, self.scfg)
+            raw = self.sampler.sample(ids, mask, self.scfg)
             self.calls["sample"] += 1
             other = self.guard(raw) if self.guard is not None else None
             if other is not None:  # the same turn again, from the sampler that replaced this one
                 self.sampler = other
-                raw = _fresh(self.sampler)(ids, mask, self.scfg)
+                raw = self.sampler.sample(ids, mask, self.scfg)
         self.gen_s += time.perf_counter() - t0
         r = apply_stop_strings(raw, self.tok, self.stop_strings, self.scfg.pad_token_id)
         self.prev = raw if getattr(raw, "cache", None) is not None else None
@@ -130,13 +130,13 @@ class TurnSampler:
         """A sampling call whose result nobody reads (see EnvRollouts.play)."""
         rows = [[self.scfg.stop_token_ids[0] if self.scfg.stop_token_ids else self.scfg.pad_token_id]] * self.batch
         ids, mask = left_pad(rows, self.scfg.pad_token_id, self.device)
-        _fresh(self.sampler)(ids, mask, self.scfg)
+        self.sampler.sample(ids, mask, self.scfg)
         self.reset()
 
     def _appended(self, slots, contexts) -> list[list[int]] | None:
         """Per row of the previous call, the tokens appended since (a placeholder for the rows of episodes that
         ended); None when the turn cannot continue from the cache."""
-        if self.prev is None or not hasattr(self.sampler, "continue_from"):
+        if self.prev is None:
             return None
         row_of = {s: i for i, s in enumerate(self.rows) if s is not None}
         blocks: list[list[int]] = [[self.scfg.pad_token_id] for _ in self.rows]  # rows no episode reads
@@ -151,22 +151,18 @@ class TurnSampler:
         return blocks
 
 
-def _fresh(sampler):
-    return getattr(sampler, "sample", None) or sampler.generate
-
-
 class EnvRollouts:
-    def __init__(self, learner):
-        r = learner.cfg
-        self.learner, self.spec, self.rt = learner, r.env, learner.rt
-        self.factory = build_factory(r.env)  # bad input (exit 2, naming env.*) before anything is written
-        self.renderer = ChatRenderer(learner.tok, tools=self.factory.tools, system_prompt=r.env.system_prompt)
-        self.cfg = episode_config(r.env, r.generation)
+    def __init__(self, recipe, tok, rt):
+        self.recipe, self.spec, self.rt = recipe, recipe.env, rt
+        self.factory = build_factory(recipe.env)  # bad input (exit 2, naming env.*) before anything is written
+        self.renderer = ChatRenderer(tok, tools=self.factory.tools, system_prompt=recipe.env.system_prompt)
+        self.cfg = episode_config(recipe.env, recipe.generation)
         self.pool = EnvPool(self.factory)
         self.eval_pool = EnvPool(self.factory)
-        c = r.rlhf
-        self.cursor = DataCursor(r.env.num_tasks, c.prompts_per_rollout * self.rt.world_size, r.train.seed, True)
+        per_step = recipe.rlhf.prompts_per_rollout * rt.world_size
+        self.cursor = DataCursor(recipe.env.num_tasks, per_step, recipe.train.seed, True)
         self.sums: dict[str, float] = {}
+        self.learner = None
         self.policy: TurnSampler | None = None
 
     @property
@@ -174,12 +170,13 @@ class EnvRollouts:
         """The fast decoder's length less a turn: an episode's tokens, and the cache slots that turns continued
         from the cache leave unused (each sampling call takes max_new_tokens slots, and each appended reply as
         many as the batch's longest)."""
-        g = self.learner.cfg.generation
-        return self.spec.max_episode_tokens + self.spec.max_turns * g.max_new_tokens
+        return self.spec.max_episode_tokens + self.spec.max_turns * self.recipe.generation.max_new_tokens
 
-    def attach(self, sampler) -> None:
-        L = self.learner
-        self.policy = TurnSampler(sampler, L.tok, L.scfg, L.cfg.generation.stop_strings, L.B, self.rt.device)
+    def attach(self, learner) -> None:
+        """Sample with the learner's sampler (and score with its rewards and models)."""
+        self.learner = L = learner
+        g = self.recipe.generation
+        self.policy = TurnSampler(L.sampler, L.tok, L.scfg, g.stop_strings, L.shape.sequences, self.rt.device)
         self.policy.before = L.model.eval
         self.policy.guard = self._guard
 
@@ -194,7 +191,7 @@ class EnvRollouts:
     def next_seeds(self) -> list[int]:
         """This rank's task seeds of the next rollout."""
         mine = shard_for_rank(self.cursor.next(), self.rt.rank, self.rt.world_size)
-        n = self.learner.cfg.rlhf.prompts_per_rollout
+        n = self.recipe.rlhf.prompts_per_rollout
         while len(mine) < n:
             mine.append(mine[len(mine) % max(1, len(mine))] if mine else 0)
         return mine
@@ -217,9 +214,9 @@ class EnvRollouts:
 
     def draw(self) -> Draw:
         """One round of episodes: k per seed of the next rollout, scored and shaped."""
-        L, c = self.learner, self.learner.cfg.rlhf
+        L, c = self.learner, self.recipe.rlhf
         tasks = self.next_seeds()
-        seeds = [s for s in tasks for _ in range(L.k)]
+        seeds = [s for s in tasks for _ in range(L.shape.k)]
         eps, gen_s = self.play(self.pool, seeds)
         for k, v in episode_sums(eps).items():
             self.sums[k] = self.sums.get(k, 0.0) + v
@@ -239,7 +236,6 @@ class EnvRollouts:
                 b.episode_lengths, self.spec.max_episode_tokens, c.overlong_buffer, c.overlong_penalty
             )
             scores = scores + over
-        L.prompts_sampled += c.prompts_per_rollout * self.rt.world_size
         r = EpisodeRollout(
             b.prompt_ids,
             b.prompt_mask,
@@ -272,8 +268,9 @@ class EnvRollouts:
         seeds = [self.spec.eval_seed + s for s in seeds]
         sums = {"kl": 0.0, "reward": 0.0, "policy_tokens": 0.0}
         counts: dict[str, float] = {}
-        for s in range(0, len(seeds), L.B):
-            eps, _ = self.play(self.eval_pool, seeds[s : s + L.B])
+        B = L.shape.sequences
+        for s in range(0, len(seeds), B):
+            eps, _ = self.play(self.eval_pool, seeds[s : s + B])
             for k, v in episode_sums(eps).items():
                 counts[k] = counts.get(k, 0.0) + v
             b = episode_batch(eps, L.tok.pad_token_id, self.spec.reward_weight, rt.device)
@@ -282,7 +279,7 @@ class EnvRollouts:
             sums["reward"] += sum(t + self.spec.reward_weight * e.env_reward for t, e in zip(total, eps))
             seq = episode_sequences(b)
             lp, _ = L.score_logprobs(seq, reference=False)
-            ref = L.score_logprobs(seq, reference=True)[0] if L.need_ref else lp
+            ref = L.score_logprobs(seq, reference=True)[0] if L.rule.need_ref else lp
             sums["kl"] += float((kl_per_token(lp, ref, "k1") * b.completion_mask).sum())
             sums["policy_tokens"] += float(b.completion_mask.sum())
         names = list(sums) + list(counts)

@@ -1,129 +1,16 @@
-"""Sampling for RL: prompt rows to token ids, the transformers-generate fallback sampler, which sampler a run
-uses (`choose_sampler`), stop strings, and what a sampling call returns. (The fast KV-cache decoder is
-engine/rollout.py.)"""
+"""Sampling for RL: prompt rows to token ids, stop strings, and what a sampling round returns (the samplers
+themselves are engine/sampling.py's)."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from ...engine.data import check_values
-from ...engine.families import FALLBACK_COST
-from ...engine.rollout import FastDecoder, supports_fast_decoder
-from ...engine.sampling import Rollout, SamplingConfig
+from ...engine.sampling import Rollout
 from ...engine.tokenizer import text_ids
-from ...errors import DataError, UsageError
-
-
-class HFSampler:
-    """transformers `generate`, for architectures the fast decoder does not cover. `gather`: a context that
-    holds the whole weights for the duration (the Group's, under runtime.parallel fsdp; memory: the whole
-    model's parameters in their forward dtype while sampling)."""
-
-    def __init__(self, lm, rt, gather=None):
-        self.lm, self.rt = lm, rt
-        self.gather = gather or (lambda modules=None, hold=False: contextlib.nullcontext())
-
-    def sync(self):
-        pass
-
-    def nbytes(self) -> dict[str, int]:
-        return {"weights": 0, "kv_cache": 0}  # generate's cache lives only while it samples
-
-    @torch.no_grad()
-    def generate(self, ids, mask, cfg: SamplingConfig) -> Rollout:
-        kw = dict(
-            max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.min_new_tokens,
-            pad_token_id=cfg.pad_token_id,
-            eos_token_id=cfg.stop_token_ids or None,
-        )
-        if cfg.temperature > 0:
-            kw.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
-        else:
-            kw.update(do_sample=False)
-        # output_scores: the scores each token was drawn from, after the logits processors and warpers
-        # (min_new_tokens, temperature, top-k, top-p): the sampler's own log-probs, for the mismatch check
-        with self.gather(hold=True), self.rt.autocast(), _recipe_generation_config(self.lm):
-            res = self.lm.generate(
-                input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw
-            )
-        out = res.sequences
-        comp = out[:, ids.shape[1] :]
-        B, N = comp.shape[0], cfg.max_new_tokens
-        full = torch.full((B, N), cfg.pad_token_id, dtype=torch.long, device=ids.device)
-        full[:, : comp.shape[1]] = comp
-        stop = torch.isin(full, torch.tensor(cfg.stop_token_ids or [-1], device=ids.device))
-        has = stop.any(1)
-        length = torch.where(
-            has, stop.float().argmax(1).long() + 1, torch.full_like(has, comp.shape[1], dtype=torch.long)
-        )
-        cmask = torch.arange(N, device=ids.device)[None] < length[:, None]
-        full = torch.where(cmask, full, torch.full_like(full, cfg.pad_token_id))
-        logp = torch.zeros((B, N), dtype=torch.float32, device=ids.device)
-        for t, scores in enumerate(res.scores[:N]):
-            logp[:, t] = scores.float().log_softmax(-1).gather(-1, comp[:, t : t + 1])[:, 0]
-        logp = torch.where(cmask, logp, torch.zeros_like(logp))
-        return Rollout(
-            prompt_ids=ids,
-            prompt_mask=mask,
-            completion_ids=full,
-            completion_mask=cmask.long(),
-            finished=has,
-            logprobs=logp,
-        )
-
-
-def choose_sampler(lm, g, rt, batch: int, max_len: int, gather, warn):
-    """The sampler `generation.sampler` asks for: prefcli's FastDecoder where it runs the model's family ('auto',
-    'fast'), else transformers generate ('hf', or 'auto' with a warning stating the measured cost; 'fast' is then
-    bad input). `gather`: the Group's context holding the whole weights (runtime.parallel fsdp)."""
-    ok, why = supports_fast_decoder(lm)
-    if g.sampler == "fast" and not ok:
-        raise UsageError(f"generation.sampler: fast does not support {why}; use 'auto' or 'hf'")
-    if g.sampler == "hf" or not ok:
-        if g.sampler == "auto":
-            warn(
-                f"the fast sampler does not support {why}; sampling with transformers generate, slower: {FALLBACK_COST}"
-            )
-        return HFSampler(lm, rt, gather=gather)
-    cuda = rt.device.type == "cuda"
-    return FastDecoder(
-        lm,
-        batch=batch,
-        max_len=max_len,
-        dtype=rt.compute_dtype,
-        use_graph=g.cuda_graphs and cuda,
-        compile=g.compile == "on" or (g.compile == "auto" and cuda),
-        gather=gather,
-    )
-
-
-@contextlib.contextmanager
-def _recipe_generation_config(lm):
-    """Sampling as the recipe says and nothing else: transformers fills every setting `generate` is not given
-    from the model's generation_config (a checkpoint's top_k 20, top_p 0.8, repetition_penalty 1.05), which would
-    sample from another distribution than the trainer scores. A config with only the special tokens stands in
-    while sampling; the model keeps its own (final/ saves it)."""
-    from transformers import GenerationConfig
-
-    from ...engine.models import unwrap_lm
-
-    inner = unwrap_lm(lm)
-    own = getattr(inner, "generation_config", None)
-    if own is None:
-        yield
-        return
-    keep = {
-        k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-    }
-    inner.generation_config = GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
-    try:
-        yield
-    finally:
-        inner.generation_config = own
+from ...errors import DataError
 
 
 def apply_stop_strings(r: Rollout, tok, stop_strings: list[str], pad_id: int) -> Rollout:

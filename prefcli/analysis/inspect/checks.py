@@ -17,6 +17,7 @@ from ...engine.debias import (
     prompt_key,
 )
 from ...errors import UsageError
+from .. import agreement
 from ..agreement import krippendorff_alpha, pairwise_kappas
 from .sources import WORD_RE, Source, Tokens, View, is_empty
 
@@ -300,14 +301,8 @@ def top_words(pos_docs: list[set[str]], neg_docs: list[set[str]], k: int, min_co
 
 def position_bias(v: View) -> dict | None:
     """Share of pairs whose chosen answer was shown first (A), with a two-sided binomial z-test
-    against ½ (normal approximation)."""
-    pos = [p for p in v.positions if p is not None]
-    if not pos:
-        return None
-    n = len(pos)
-    a = sum(1 for p in pos if p == "A") / n
-    z = (a - 0.5) / math.sqrt(0.25 / n)
-    return {"pairs": n, "chosen_shown_first": a, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+    against ½ (normal approximation; analysis.agreement.position_bias)."""
+    return agreement.position_bias(v.positions)
 
 
 # ----------------------------------------------------------------------------------- leakage

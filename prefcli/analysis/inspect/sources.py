@@ -13,7 +13,7 @@ from ...engine.debias import (
     completion_lengths,
     prompt_of,
 )
-from ...engine.pairs import is_empty
+from ...engine.pairs import is_empty, parse_label
 from ...errors import DataError, UsageError
 
 LOUD = 0.6  # a shallow baseline at or above this held-out accuracy is reported as a warning
@@ -325,16 +325,6 @@ class View:
     positions: list[str | None]
 
 
-def _bool_label(v) -> bool | None:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
-        return v.strip().lower() in ("true", "1")
-    return None
-
-
 def _position(v) -> str | None:
     if v is None:
         return None
@@ -362,7 +352,7 @@ def make_view(ds, src: Source) -> View:
             labels.append(None)
         elif kind == "unpaired":
             comps.append([row.get("completion")])
-            labels.append(_bool_label(row.get("label")))
+            labels.append(parse_label(row.get("label")))  # as training reads it
         elif kind == "scores":
             comps.append([row.get("text") if "text" in cols else row.get("completion")])
             v = row.get("score")

@@ -1,5 +1,6 @@
 """`prefcli eval` recipes. eval trains nothing: its recipe has no model/train sections (it names several
-models), and it runs through prefcli.evaluate.eval instead of the training runner (runner.RECIPE_TOOLS)."""
+models), and `prefcli eval` runs it through prefcli.evaluate.eval, not the engine (its row of the command table
+has no task)."""
 
 from __future__ import annotations
 

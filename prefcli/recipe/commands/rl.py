@@ -148,12 +148,6 @@ class RLHFSection(Section):
         description="eps_high: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher: 0.28). null = "
         "0.28 for grpo_loss: dapo, 4e-4 for gspo, 4.0 for cispo, else clip_low.",
     )
-    clip_eps: float | None = Field(
-        None, ge=0, le=1, description="The old name of clip_low (same meaning); give one of the two."
-    )
-    clip_eps_high: float | None = Field(
-        None, ge=0, description="The old name of clip_high (same meaning); give one of the two."
-    )
     value_clip_eps: float = Field(0.2, gt=0, description="PPO value clip epsilon.")
     vf_coef: float = Field(0.1, ge=0, description="PPO value-loss weight c_v.")
     value_lr: float | None = Field(None, gt=0, description="Learning rate of the value head (default train.lr).")
@@ -211,11 +205,14 @@ class RLHFSection(Section):
     )
     num_examples: int = Field(3, ge=0, description="Examples shown each time.")
 
-    def clip_range(self) -> tuple[float | None, float | None]:
-        """(clip_low, clip_high) as the recipe gives them, under either name; None where unset."""
-        low = self.clip_low if self.clip_low is not None else self.clip_eps
-        high = self.clip_high if self.clip_high is not None else self.clip_eps_high
-        return low, high
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        """The names clip_low and clip_high had before 0.2.0."""
+        for old, new in (("clip_eps", "clip_low"), ("clip_eps_high", "clip_high")):
+            if isinstance(data, dict) and old in data:
+                raise ValueError(f"{old} is the old name of {new}, no longer read: write {new}: {data[old]}")
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -227,10 +224,7 @@ class RLHFSection(Section):
         }
         if self.algorithm in ("rloo", "grpo", "online_dpo") and self.num_generations < 2:
             raise ValueError(f"{self.algorithm} compares completions of the same prompt: num_generations must be >= 2")
-        for new, old in (("clip_low", "clip_eps"), ("clip_high", "clip_eps_high")):
-            if getattr(self, new) is not None and getattr(self, old) is not None:
-                raise ValueError(f"clip_{old[5:]} is the old name of {new}: give one of them, not both")
-        low, high = self.clip_range()
+        low, high = self.clip_low, self.clip_high
         if low is not None and high is not None and high < low:
             raise ValueError(
                 f"clip_high ({high}) is below clip_low ({low}): the bounds are out of order (clip-higher widens "
@@ -258,7 +252,7 @@ class RLHFSection(Section):
                 )
         if self.algorithm == "online_dpo":
             moot = given & {
-                "policy_loss", "clip_low", "clip_high", "clip_eps", "clip_eps_high", "is_correction", "kl_coef",
+                "policy_loss", "clip_low", "clip_high", "is_correction", "kl_coef",
                 "kl_target", "mask_truncated_completions", "grpo_loss", "whiten_advantages", "vf_coef",
             }  # fmt: skip
             if moot:

@@ -65,6 +65,7 @@ def eval_(
     epilog=examples(
         "printf 'And the LORD said\\n' | prefcli generate prefcli/assets/kjv-base --ban wrath",
         "prefcli generate runs/sft-sft/final --prompts prompts.jsonl --greedy > completions.jsonl",
+        "prefcli generate --recipe recipes/tiny/eval-env.yaml --model rl --episodes 4    # episode transcripts",
     )
 )
 def generate(

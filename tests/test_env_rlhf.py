@@ -180,14 +180,13 @@ def test_algorithms_on_episodes(algo, tmp_path, write_recipe, cli):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["dapo", "gspo", "cispo", "online_dpo", "dr_grpo"])
 def test_more_algorithms_on_episodes(algo, tmp_path, write_recipe, cli):
-    extra = {"algorithm": algo}
-    if algo == "gspo":
-        extra = {"algorithm": "grpo", "policy_loss": "gspo"}
-    if algo == "cispo":
-        extra = {"algorithm": "grpo", "policy_loss": "cispo"}
+    extra = {
+        "dapo": {"algorithm": "grpo", "grpo_loss": "dapo", "dynamic_sampling": True, "overlong_buffer": 16},
+        "dr_grpo": {"algorithm": "grpo", "grpo_loss": "dr_grpo"},
+        "gspo": {"algorithm": "grpo", "policy_loss": "gspo"},
+        "cispo": {"algorithm": "grpo", "policy_loss": "cispo"},
+    }.get(algo, {"algorithm": algo})
     d = env_recipe(rlhf=extra)
-    if algo == "dapo":
-        d["rlhf"].update(overlong_buffer=16)
     code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "r", "-q")
     assert code in (0, 1), stderr
     if code == 1:  # online_dpo may find no pair on a random model in two rollouts: its own clear error

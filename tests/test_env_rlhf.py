@@ -291,9 +291,9 @@ def test_eval_plays_the_environment_as_a_benchmark(tmp_path, write_recipe, cli, 
 
 @pytest.mark.slow
 def test_two_processes_fsdp_and_ddp_agree_with_an_environment(tmp_path, write_recipe):
-    """2 ranks on CPU (gloo), each playing its own seeds: FSDP and DDP measure the same rollouts and updates,
-    the transformers fallback included (whose calls gather the sharded weights: episodes that end after
-    different numbers of turns on the two ranks must not leave one waiting)."""
+    """2 ranks on CPU (gloo), each playing its own seeds: FSDP and DDP measure the same rollouts and updates; and
+    FSDP with transformers' generate as the sampler (whose calls gather the sharded weights, so a rank whose
+    episodes ended sooner makes idle calls) completes."""
     import subprocess
 
     from .test_fsdp import TORCHRUN, env, free_port, near

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
 from ..envs import EnvSpec
 from ..paths import PathOrHubId
@@ -327,8 +328,15 @@ class RLHFRecipe(RecipeBase):
                 "the rollout (see rlhf.minibatches_per_epoch), split into micro-batches of train.batch_size"
             )
         if self.env is None:
+            # without env, data and rewards are required: a recipe that leaves them out gets pydantic's own
+            # 'missing' error (a base: fragment may leave them out for the recipes built on it to give)
+            for name in ("data", "rewards"):
+                if name not in self.model_fields_set:
+                    raise ValidationError.from_exception_data(
+                        "recipe", [InitErrorDetails(type="missing", loc=(name,), input={})]
+                    )
             if self.data is None:
-                raise field_error(("data",), "required field is missing (prompts; or env: an environment)", None)
+                raise field_error(("data",), "null without env: give prompts (or env: an environment)", None)
             if not self.rewards:
                 raise field_error(
                     ("rewards",), "List should have at least 1 item after validation, not 0 (a reward source)", []

@@ -308,8 +308,8 @@ class EnsembleSource(RewardSource):
 class RewardSet:
     """Weighted sum of sources, with the per-source values for logging."""
 
-    def __init__(self, sources: list[RewardSource]):
-        if not sources:
+    def __init__(self, sources: list[RewardSource], empty_ok: bool = False):
+        if not sources and not empty_ok:  # empty_ok: rlhf in an environment, whose own reward may be the only one
             raise UsageError("no reward source given: add at least one entry under `rewards:`")
         self.sources = sources
         names = [s.name for s in sources]
@@ -508,5 +508,9 @@ def build_source(cfg, base_dir=None, tokenizer=None, device=None, field: str = "
     return src
 
 
-def build_rewards(specs, base_dir=None, tokenizer=None, device=None, field: str = "rewards") -> RewardSet:
-    return RewardSet([build_source(cfg, base_dir, tokenizer, device, f"{field}[{i}]") for i, cfg in enumerate(specs)])
+def build_rewards(
+    specs, base_dir=None, tokenizer=None, device=None, field: str = "rewards", empty_ok: bool = False
+) -> RewardSet:
+    return RewardSet(
+        [build_source(cfg, base_dir, tokenizer, device, f"{field}[{i}]") for i, cfg in enumerate(specs)], empty_ok
+    )

@@ -406,8 +406,8 @@ class RewardSet:
     """Weighted sum of sources, with the per-source values for logging. `warn` gets what a source has to say
     (a personalised reward model asked about a user it does not know); default: stderr."""
 
-    def __init__(self, sources: list[RewardSource], warn: Callable[[str], None] | None = None):
-        if not sources:
+    def __init__(self, sources: list[RewardSource], warn: Callable[[str], None] | None = None, empty_ok: bool = False):
+        if not sources and not empty_ok:  # empty_ok: rlhf in an environment, whose own reward may be the only one
             raise UsageError("no reward source given: add at least one entry under `rewards:`")
         self.sources = sources
         self.warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
@@ -618,7 +618,11 @@ def build_source(cfg, base_dir=None, tokenizer=None, device=None, field: str = "
     return src
 
 
-def build_rewards(specs, base_dir=None, tokenizer=None, device=None, field: str = "rewards", warn=None) -> RewardSet:
+def build_rewards(
+    specs, base_dir=None, tokenizer=None, device=None, field: str = "rewards", warn=None, empty_ok: bool = False
+) -> RewardSet:
     return RewardSet(
-        [build_source(cfg, base_dir, tokenizer, device, f"{field}[{i}]") for i, cfg in enumerate(specs)], warn
+        [build_source(cfg, base_dir, tokenizer, device, f"{field}[{i}]") for i, cfg in enumerate(specs)],
+        warn,
+        empty_ok,
     )

@@ -162,6 +162,37 @@ def rlhf(**upd) -> dict:
     return deep_update(d, upd)
 
 
+def rlhf_env(**upd) -> dict:
+    """rlhf in an environment: the bundled guess-the-number game, no prompt data."""
+    env_upd = upd.pop("env_upd", {})
+    d = rlhf(**upd)
+    d.pop("data")
+    d["rewards"] = []
+    d["env"] = {"kind": "python", "path": "prefcli.envs.bundled.guess:GuessNumber", "max_episode_tokens": 64}
+    return deep_update(d, env_upd)
+
+
+def with_env(env: dict, files: dict[str, str] | None = None) -> Callable[[Env], list[str]]:
+    """An rlhf recipe whose env section is `env` (merged into the base's), with `files` written beside it."""
+
+    def argv(e: Env) -> list[str]:
+        for name, text in (files or {}).items():
+            e.write(name, text)
+        d = rlhf_env(env_upd={"env": env})
+        d["env"] = {k: v for k, v in d["env"].items() if v is not None}
+        return e.cmd("rlhf", d)
+
+    return argv
+
+
+ENV_OK = "from prefcli.envs import Observation\n"
+ENV_GAME = (
+    ENV_OK + "class Game:\n    def reset(self, seed=None):\n        return Observation(text='hi')\n"
+    "    def step(self, action):\n        return Observation(done=True, reward=1.0)\n"
+)
+TOOL_DOC = '        """Peek.\n\n        Args:\n            x: What.\n        """\n'
+
+
 def gan(**upd) -> dict:
     d = {
         "command": "gan",
@@ -565,6 +596,111 @@ case(
     "recipe-rlhf-algorithm-typo",
     lambda e: e.cmd("rlhf", rlhf(rlhf={"algorithm": "gpro"})),
     ["rlhf.algorithm", "did you mean 'grpo'"],
+)
+# --- rlhf in an environment (docs/environments.md): the recipe, then the class, checked before training
+case(
+    "env-path-does-not-import",
+    with_env({"path": "env.py:Game"}, {"env.py": "raise RuntimeError('broken on import')\n"}),
+    ["env.path", "{dir}/env.py:Game'", "importing", "RuntimeError: broken on import", "shows the traceback"],
+)
+case(
+    "env-module-missing",
+    with_env({"path": "no_such_env_module_xyz:Game"}),
+    ["env.path", "'no_such_env_module_xyz:Game'", "ModuleNotFoundError"],
+)
+case("env-class-missing", with_env({"path": "env.py:Nope"}, {"env.py": ENV_GAME}), ["env.path", "has no 'Nope'"])
+case(
+    "env-class-missing-step",
+    with_env(
+        {"path": "env.py:Half"}, {"env.py": ENV_OK + "class Half:\n    def reset(self, seed=None):\n        pass\n"}
+    ),
+    ["env.path", "Half has no step method", "reset(seed) -> Observation and step(action) -> Observation"],
+)
+case(
+    "env-class-missing-reset-and-step",
+    with_env({"path": "env.py:Empty"}, {"env.py": "class Empty:\n    pass\n"}),
+    ["env.path", "Empty has no reset or step method"],
+)
+case(
+    "env-not-a-class",
+    with_env({"path": "env.py:game"}, {"env.py": "def game():\n    pass\n"}),
+    ["env.path", "is a function, not a class"],
+)
+case(
+    "env-args-not-accepted",
+    with_env({"path": "env.py:Game", "args": {"size": 3}}, {"env.py": ENV_GAME}),
+    ["env.args", "Game() does not accept {'size': 3}", "unexpected keyword argument 'size'"],
+)
+case(
+    "env-args-rejected-by-the-constructor",
+    with_env({"args": {"low": 9, "high": 2}}),
+    ["env.args", "making the environment prefcli.envs.bundled.guess:GuessNumber failed", "low (9) must be below"],
+)
+case(
+    "env-tool-without-docstring",
+    with_env(
+        {"path": "env.py:Tooled"},
+        {"env.py": ENV_GAME + "class Tooled(Game):\n    def peek(self) -> str:\n        return 'x'\n"},
+    ),
+    ["env.path", "Tooled.peek is a public method, so a tool, but has no docstring", "make it private (_peek)"],
+)
+case(
+    "env-tool-unsupported-annotation",
+    with_env(
+        {"path": "env.py:Tooled"},
+        {
+            "env.py": ENV_GAME
+            + "class Tooled(Game):\n    def peek(self, x: Game) -> str:\n"
+            + TOOL_DOC
+            + "        return 'x'\n"
+        },
+    ),
+    ["env.path", "Tooled.peek cannot be a tool", "Couldn't convert the type hint"],
+)
+case(
+    "env-tool-argument-undescribed",
+    with_env(
+        {"path": "env.py:Tooled"},
+        {
+            "env.py": ENV_GAME
+            + "class Tooled(Game):\n    def peek(self, n: int) -> str:\n        'Peek.'\n        return 'x'\n"
+        },
+    ),
+    ["env.path", "Tooled.peek cannot be a tool"],
+)
+case(
+    "env-path-no-colon", with_env({"path": "prefcli.envs.bundled.guess"}), ["env.path", "must look like 'module:Class'"]
+)
+case("env-path-file-missing", with_env({"path": "nope.py:Game"}), ["env.path", "no such file", "nope.py"])
+case("env-kind-typo", with_env({"kind": "pyhton"}), ["env", "'pyhton'"])
+case("env-tool-format-typo", with_env({"tool_format": "hermse"}), ["env.tool_format", "did you mean 'hermes'"])
+case(
+    "env-eval-seeds-overlap-training",
+    with_env({"num_tasks": 100, "eval_seed": 50}),
+    ["env", "eval_seed (50) is below num_tasks (100)"],
+)
+case(
+    "env-openenv-url-scheme",
+    with_env({"kind": "openenv", "url": "localhost:8000", "path": None}),
+    ["env.url", "must start with http://"],
+)
+case(
+    "env-and-data-both",
+    lambda e: e.cmd("rlhf", {**rlhf_env(), "data": rlhf()["data"]}),
+    ["data", "not used with env"],
+)
+case(
+    "env-turn-budget-over-the-cap",
+    lambda e: e.cmd("rlhf", rlhf_env(generation={"max_new_tokens": 64})),
+    ["generation.max_new_tokens", "per-turn budget (64) must be below env.max_episode_tokens (64)"],
+)
+case(
+    "rlhf-neither-data-nor-env",
+    lambda e: e.cmd("rlhf", {k: v for k, v in rlhf().items() if k != "data"}),
+    ["data", "required field is missing"],
+)
+case(
+    "eval-env-metric-without-env", lambda e: e.cmd("eval", evalr(metrics=["env"], data={})), ["metric 'env' needs env"]
 )
 case(
     "recipe-gan-bt-weight-without-pairs",

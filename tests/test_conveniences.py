@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import typing
 
 import pytest
 from safetensors.torch import load_file
@@ -148,7 +149,9 @@ def test_mixtures_for_reward_contrastive_and_rlhf_prompts():
     ):
         schema = SCHEMAS[command]
         d = {"data": {"train": [{"path": str(DATA / "tiny" / f), "weight": w} for f, w in zip(files, (1, 2))]}}
-        section = schema.model_fields["data"].annotation.model_validate(d["data"])
+        ann = schema.model_fields["data"].annotation  # rlhf's is PromptData | None (None: env instead)
+        ann = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
+        section = ann.model_validate(d["data"])
         assert isinstance(section.train, DataMixture) and [s.weight for s in section.train.sources] == [1, 2]
 
 

@@ -536,6 +536,45 @@ def test_a_reward_that_turns_inf_stops_naming_the_last_checkpoint(tmp_path):
     assert runfolder.verify_checkpoint(Path(s["checkpoint"])) is None
 
 
+def test_an_environment_that_hangs_mid_run_with_on_error_fatal_stops_naming_the_last_checkpoint(tmp_path):
+    """rlhf in an environment (docs/environments.md) whose step starts hanging in the third rollout: with
+    env.on_error fatal the run stops with exit 1 within the timeout, naming the environment, the call and the
+    last good checkpoint; the hung call's thread does not keep the process alive."""
+    (tmp_path / "stalls.py").write_text(
+        "import time\n"
+        "from prefcli.envs import Observation\n"
+        "class Stalls:\n"
+        "    resets = 0\n"
+        "    def reset(self, seed=None):\n"
+        "        Stalls.resets += 1\n"
+        "        return Observation(text='say something')\n"
+        "    def step(self, action):\n"
+        "        if Stalls.resets > 8:\n"
+        "            time.sleep(60)\n"
+        "        return Observation(done=True, reward=float(len(action) % 2))\n"
+    )
+    d = {
+        "command": "rlhf",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(ROOT / "data" / "tokenizer")},
+        "env": {"kind": "python", "path": "stalls.py:Stalls", "max_turns": 1, "max_episode_tokens": 48,
+                "timeout_s": 0.5, "on_error": "fatal"},
+        "generation": {"max_new_tokens": 4},
+        "rlhf": {"algorithm": "grpo", "num_generations": 2, "prompts_per_rollout": 2},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "save_every_steps": 1},
+        "output": {"plot": False},
+    }  # fmt: skip
+    p = tmp_path / "rl.yaml"
+    p.write_text(yaml.safe_dump(d))
+    t0 = time.monotonic()
+    code, out, err = invoke(["rlhf", p, "-o", tmp_path / "run", "-q"])
+    assert code == 1, err
+    assert time.monotonic() - t0 < 50
+    s = last_json(out)
+    assert s["status"] == "failed" and "Stalls" in s["error"] and "step timed out" in s["error"], s["error"]
+    assert "env.on_error is fatal" in s["error"] and "Last good checkpoint:" in s["error"]
+    assert s["checkpoint"].endswith("step-2") and runfolder.verify_checkpoint(Path(s["checkpoint"])) is None
+
+
 @pytest.mark.slow
 def test_a_collapsed_run_says_so(tmp_path):
     """lr=1e6 collapses the bundled model to a uniform next-token distribution: the loss sits at ln(4096) with a

@@ -65,6 +65,7 @@ def eval_(
     epilog=examples(
         "printf 'And the LORD said\\n' | prefcli generate prefcli/assets/kjv-base --ban wrath",
         "prefcli generate runs/sft-sft/final --prompts prompts.jsonl --greedy > completions.jsonl",
+        "prefcli generate --recipe recipes/tiny/eval-env.yaml --model rl --episodes 4    # episode transcripts",
     )
 )
 def generate(
@@ -84,6 +85,14 @@ def generate(
     ] = None,
     model_name: Annotated[str | None, typer.Option("--model", help="With an eval recipe: the model to use.")] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts file; - or none: stdin.")] = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option(
+            "--episodes",
+            help="With a recipe that has an env: play this many episodes (seeds env.eval_seed, ...) and print each "
+            "one's transcript, instead of reading prompts.",
+        ),
+    ] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -186,6 +195,7 @@ def generate(
         recipe=str(recipe) if recipe else None,
         model_name=model_name,
         prompts=str(prompts) if prompts else None,
+        episodes=episodes,
         fmt=fmt,
         settings=settings,
         seed=seed,

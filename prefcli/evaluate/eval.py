@@ -249,8 +249,20 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         for w in kl_warnings(r):
             log.warn(w)
 
-    for e in entries if ("perplexity" in r.metrics or gen_wanted) else []:
-        results[e.name], outs = model_results(e, r, rt, inputs, ref, gen_wanted, log, rows)
+    env = None
+    if "env" in r.metrics:
+        from .env import check_env
+
+        if rewards is None and r.rewards:
+            rewards = build_rewards(
+                r.rewards,
+                base_dir=recipe_path.resolve().parent,
+                tokenizer=load_tokenizer(entries[0].section),
+                device=rt.device,
+            )
+        env = (check_env(r), rewards)  # bad input (exit 2) before any model loads
+    for e in entries if ("perplexity" in r.metrics or gen_wanted or env is not None) else []:
+        results[e.name], outs = model_results(e, r, rt, inputs, ref, gen_wanted, log, rows, env)
         if outs is not None:
             gens[e.name] = outs
         _free_memory()
@@ -293,9 +305,12 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     return summary
 
 
-def model_results(e: ModelEntry, r: EvalRecipe, rt, inputs: EvalInputs, ref, gen_wanted: bool, log: Log, rows):
+def model_results(
+    e: ModelEntry, r: EvalRecipe, rt, inputs: EvalInputs, ref, gen_wanted: bool, log: Log, rows, env=None
+):
     """One model loaded: its perplexity, its completions (None when nothing is sampled) and the metrics of
-    them, KL to the reference included; its rows are appended to `rows`."""
+    them, KL to the reference included, and (`env`: the environment's factory and the rewards) its episodes in
+    the recipe's environment; its rows are appended to `rows`."""
     import torch
 
     from ..engine.guard import first_batch_check
@@ -330,6 +345,12 @@ def model_results(e: ModelEntry, r: EvalRecipe, rt, inputs: EvalInputs, ref, gen
             for row, k in zip(_gen_rows(rows, e.name), ks):
                 row["kl"], row["k3"] = k
         del gen
+    if env is not None:
+        from .env import env_results
+
+        torch.manual_seed(r.seed)  # every model samples from the same seed, on the same tasks
+        log.info(f"  playing {r.env.eval_episodes} episodes in {env[0].name}")
+        res["env"] = env_results(env[0], lm, tok, r, rt, env[1], rows, e.name)
     del policy, lm
     return res, outs
 

@@ -284,6 +284,7 @@ class GenerateOptions:
     recipe: str | None = None
     model_name: str | None = None
     prompts: str | None = None  # a file; None reads stdin
+    episodes: int | None = None  # play the recipe's environment instead of reading prompts
     fmt: str | None = None  # lines | jsonl; default: jsonl for a .jsonl file, else lines
     settings: dict = field(default_factory=dict)  # GenerationSection fields given on the command line
     seed: int | None = None
@@ -389,6 +390,11 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     err = err or sys.stderr
     section, base, seed, (device, precision, chunk) = resolve_generate_model(opts)
     cfg = generation_settings(base, opts.settings)
+    if opts.episodes is not None:
+        from .env import print_episodes
+
+        rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
+        return print_episodes(opts, section, cfg, opts.seed if opts.seed is not None else seed, rt, out, err)
     fmt = opts.fmt or ("jsonl" if opts.prompts and str(opts.prompts).endswith(".jsonl") else "lines")  # '-': lines
     if fmt not in ("lines", "jsonl"):
         raise UsageError(f"--format must be 'lines' or 'jsonl', got {fmt!r}")

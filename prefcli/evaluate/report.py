@@ -68,6 +68,10 @@ TABLE_ROWS = (
     ("win_rate", "length_controlled", "length-controlled win rate"),
     ("kl", "k1", "KL k1 (per completion)"),
     ("kl", "k3", "KL k3 (per completion)"),
+    ("env", "success_rate", "env success rate"),
+    ("env", "env_reward", "env reward (mean)"),
+    ("env", "turns", "env turns (mean)"),
+    ("env", "tool_error_rate", "env tool-error rate"),
 )
 
 

@@ -20,6 +20,7 @@ from ...engine.tokenizer import load_tokenizer
 from ...errors import DataError, UsageError
 from ...reward_sources import RewardSet, RewardSource, build_rewards
 from .advantages import ALGORITHMS, algorithm_key
+from .env_rollout import EnvRollouts
 from .learner import ActorCritic, Models, PolicyLearner, Prompts, RolloutShape, UpdateRule
 from .loss import POLICY_LOSSES
 from .online import OnlinePreferenceLoss
@@ -34,8 +35,10 @@ def build_learner(ctx: RunContext, extra_rewards: Sequence[RewardSource] = ()) -
     c, g = r.rlhf, r.generation
     rule = update_rule(c)
     tok = load_tokenizer(r.model)
-    prompts = load_prompts(ctx, tok)
-    rewards = reward_set(r.rewards, tok, rt.device, extra_rewards)
+    # episodes in an environment instead of prompt rows (env_rollout.py): the class checked before models load
+    env = EnvRollouts(r, tok, rt) if getattr(r, "env", None) is not None else None
+    prompts = Prompts(None, None, [], [], [], [], 0) if env else load_prompts(ctx, tok)
+    rewards = reward_set(r.rewards, tok, rt.device, extra_rewards, empty_ok=env is not None)
     # old and new log-probs must come from the same function: dropout off (the builder's default)
     lm = build_trained_model(r.model, tok, rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke)
     ref_policy = None
@@ -51,7 +54,7 @@ def build_learner(ctx: RunContext, extra_rewards: Sequence[RewardSource] = ()) -
         nn.init.zeros_(value_head.weight)  # std 0 (Huang et al. 2023)
         nn.init.zeros_(value_head.bias)
     model = ActorCritic(policy, value_head)
-    shape = rollout_shape(c, rule, max(len(p) for p in prompts.ids + prompts.eval_ids))
+    shape = rollout_shape(c, rule, env.max_context if env else max(len(p) for p in prompts.ids + prompts.eval_ids))
     scfg = SamplingConfig(
         max_new_tokens=g.max_new_tokens,
         min_new_tokens=g.min_new_tokens,
@@ -61,12 +64,16 @@ def build_learner(ctx: RunContext, extra_rewards: Sequence[RewardSource] = ()) -
         stop_token_ids=[tok.eos_token_id],
         pad_token_id=tok.pad_token_id,
     )
-    if len(prompts.ids) < c.prompts_per_rollout * rt.world_size:
+    if env is None and len(prompts.ids) < c.prompts_per_rollout * rt.world_size:
         raise DataError(
             f"data.train has {len(prompts.ids)} prompts; a rollout needs "
             f"{c.prompts_per_rollout * rt.world_size} (rlhf.prompts_per_rollout x processes)"
         )
-    cursor = DataCursor(len(prompts.ids), c.prompts_per_rollout * rt.world_size, r.train.seed, r.data.shuffle)
+    cursor = (
+        env.cursor
+        if env
+        else DataCursor(len(prompts.ids), c.prompts_per_rollout * rt.world_size, r.train.seed, r.data.shuffle)
+    )
     t = r.train
     if t.max_steps is not None:
         total = t.max_steps
@@ -80,7 +87,11 @@ def build_learner(ctx: RunContext, extra_rewards: Sequence[RewardSource] = ()) -
     # after the Group: the sampler reads the weights as they are held now (whole, or gathered from shards)
     sampler = make_sampler(ctx, lm, group, shape)
     models = Models(tok, lm, policy, model, ref_policy, group, sampler)
-    return PolicyLearner(ctx, prompts, rule, shape, models, rewards, scfg, cursor, total)
+    learner = PolicyLearner(ctx, prompts, rule, shape, models, rewards, scfg, cursor, total)
+    if env is not None:
+        learner.env = env
+        env.attach(learner)
+    return learner
 
 
 def update_rule(c) -> UpdateRule:
@@ -174,10 +185,10 @@ def load_prompts(ctx: RunContext, tok) -> Prompts:
     return Prompts(rows, eval_rows, text, ids, eval_text, eval_ids, trunc, users)
 
 
-def reward_set(specs, tok, device, extra: Sequence[RewardSource] = ()) -> RewardSet:
-    """The recipe's rewards, after `extra` sources."""
+def reward_set(specs, tok, device, extra: Sequence[RewardSource] = (), empty_ok: bool = False) -> RewardSet:
+    """The recipe's rewards, after `extra` sources (`empty_ok`: none at all, in an environment that rewards)."""
     if not extra:
-        return build_rewards(specs, tokenizer=tok, device=device)
+        return build_rewards(specs, tokenizer=tok, device=device, empty_ok=empty_ok)
     return RewardSet(list(extra) + (build_rewards(specs, tokenizer=tok, device=device).sources if specs else []))
 
 

@@ -32,6 +32,7 @@ from ...reward_sources import RewardSet
 from .advantages import AdvantageInputs, RLAlgorithm, kl_per_token
 from .correction import mismatch_stats
 from .draws import draw_once, draw_rollout
+from .env_rollout import EnvRollouts, EpisodeRollout, episode_sequences
 from .loss import NORMALISERS, LossParams, policy_loss
 from .online import OnlinePreferenceLoss, best_worst_pairs
 from .sampling import Draw, Samples, apply_stop_strings
@@ -179,6 +180,7 @@ class PolicyLearner:
         self._warned_sampler = False
         self._guarded = False  # the start-up guard runs on the first completions this process samples
         self._plan_metrics: dict[str, float] = {}
+        self.env: EnvRollouts | None = None  # episodes in an environment instead of prompts (build_learner sets it)
 
     # ------------------------------------------------------------------ the Task
     def total_steps(self) -> int:
@@ -213,6 +215,8 @@ class PolicyLearner:
             self.queue = epoch_minibatches(self.shape.sequences, self.shape.minibatch, self.shape.epochs, self._shuffle)
         stats, n = rollout_stats(draw, batch, self.rt, self.shape.k, self.beta, rule.old_is_current, t0)
         self.rollout_metrics = {**stats, **draw_stats}
+        if self.env is not None:
+            self.rollout_metrics.update(self.env.metrics())
         if c.kl_target is not None:  # adaptive KL controller (Ziegler et al. 2019); n: sequences, all ranks
             err = max(-0.2, min(0.2, self.rollout_metrics["kl/mean"] / c.kl_target - 1.0))
             self.beta *= 1.0 + err * n / c.kl_horizon
@@ -304,6 +308,8 @@ class PolicyLearner:
     def _draw(self) -> Draw:
         """One scored sampling round of the next prompts (dynamic sampling may ask for several)."""
         c, users = self.cfg.rlhf, self.prompts.users
+        if self.env is not None:  # a round of episodes (env_rollout.py)
+            return self.env.draw()
         smp = self.sample_train()
         who = users.of("train", smp.rows) if users is not None else None
         return draw_once(smp, self.rewards, c, self.scfg.max_new_tokens, self.rt.device, users=who)
@@ -353,6 +359,7 @@ class PolicyLearner:
             beta=self.beta,
             cfg=self.cfg.rlhf,
             all_reduce=rt.all_reduce if rt.distributed else None,
+            step_rewards=r.step_rewards if isinstance(r, EpisodeRollout) else None,
         )
 
     def _pair_minibatches(self, draw: Draw, batch: TrainingBatch) -> list[list[int]]:
@@ -477,7 +484,7 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ held-out evaluation
     def has_eval(self) -> bool:
-        return bool(self.prompts.eval_ids)
+        return self.env is not None or bool(self.prompts.eval_ids)
 
     def eval_samples(self) -> tuple[list[int], list[str], list[str]]:
         """One completion per held-out prompt of this rank (capped by train.eval_max_batches): (prompt
@@ -497,6 +504,8 @@ class PolicyLearner:
         column, the mean reward of each user's prompts (each scored for its user) and the worst user."""
         rt, B = self.rt, self.shape.sequences
         self.sampler.sync()
+        if self.env is not None:
+            return self.env.evaluate()
         idx = shard_for_rank(list(range(len(self.prompts.eval_ids))), rt.rank, rt.world_size)
         if self.cfg.train.eval_max_batches:
             idx = idx[: self.cfg.train.eval_max_batches * B]
@@ -564,8 +573,14 @@ class PolicyLearner:
 
     def describe(self) -> dict:
         c, rule = self.cfg.rlhf, self.rule
+        env = self.env
         return {
             "data": {
+                **(
+                    {"env": env.factory.name, "tasks": env.spec.num_tasks, "tools": env.factory.tool_names}
+                    if env
+                    else {}
+                ),
                 "prompts": len(self.prompts.ids),
                 "eval_prompts": len(self.prompts.eval_ids),
                 "truncated_prompts": self.prompts.truncated,
@@ -607,7 +622,10 @@ class PolicyLearner:
 
 
 def sequences(r: Rollout) -> dict[str, torch.Tensor]:
-    """Full sequences for the training forward: left-padded prompt + completion."""
+    """Full sequences for the training forward: left-padded prompt + completion (episodes: every token
+    attended, only the policy's targeted)."""
+    if isinstance(r, EpisodeRollout):
+        return episode_sequences(r)
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
     mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)

@@ -3,7 +3,7 @@ themselves are engine/sampling.py's)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -78,30 +78,23 @@ class Samples:
 
 
 def take_rows(r: Rollout, idx: torch.Tensor) -> Rollout:
-    """The rollout's rows `idx`, in that order."""
-    return Rollout(
-        r.prompt_ids[idx],
-        r.prompt_mask[idx],
-        r.completion_ids[idx],
-        r.completion_mask[idx],
-        r.finished[idx],
-        r.logprobs[idx] if r.logprobs is not None else None,
-    )
+    """The rollout's rows `idx`, in that order (of the same kind: an episode rollout keeps its extra fields)."""
+    return replace(r, **{f.name: _rows(getattr(r, f.name), idx) for f in fields(r)})
 
 
 def concat_rollouts(rs: list[Rollout]) -> Rollout:
-    """Rollouts of the same widths, one after the other."""
+    """Rollouts of the same widths (and kind), one after the other."""
     if len(rs) == 1:
         return rs[0]
-    lp = [r.logprobs for r in rs]
-    return Rollout(
-        torch.cat([r.prompt_ids for r in rs]),
-        torch.cat([r.prompt_mask for r in rs]),
-        torch.cat([r.completion_ids for r in rs]),
-        torch.cat([r.completion_mask for r in rs]),
-        torch.cat([r.finished for r in rs]),
-        torch.cat(lp) if all(x is not None for x in lp) else None,
-    )
+    return replace(rs[0], **{f.name: _cat([getattr(r, f.name) for r in rs]) for f in fields(rs[0])})
+
+
+def _rows(x, idx):
+    return x[idx] if isinstance(x, torch.Tensor) else None
+
+
+def _cat(xs):
+    return torch.cat(xs) if all(isinstance(x, torch.Tensor) for x in xs) else None
 
 
 def fill_groups(tied: torch.Tensor, n: int) -> torch.Tensor:

@@ -74,9 +74,10 @@ COMMANDS: dict[str, Command] = {
     "rlhf": Command(
         RLHFRecipe,
         "Reinforcement learning from a reward (a reward model, human scores, a rule, your function): PPO, RLOO, "
-        "GRPO, REINFORCE++.",
+        "GRPO, REINFORCE++; on prompts, or on multi-turn episodes in an environment (env:, with tools).",
         (
             "prefcli rlhf recipes/quickstart/rlhf.yaml",
+            "prefcli rlhf recipes/tiny/rlhf-env-guess.yaml              # episodes in an environment",
             "prefcli rlhf recipes/tiny/rlhf-grpo.yaml --set 'rewards=[{kind: model, path: runs/rm/final}]'",
             "prefcli rlhf recipes/tiny/rlhf-grpo.yaml --resume          # after Ctrl-C",
         ),

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..envs import EnvSpec
 from ..paths import DataPath, LocalPath, OutputPath, PathOrHubId
 from ..reward_specs import RewardSpec
 from ..sections import (
@@ -290,6 +291,7 @@ _NEEDS = {
     "distinct": ("data.prompts",),
     "length": ("data.prompts",),
     "preference_accuracy": ("data.pairs", "rewards"),
+    "env": ("env",),
 }
 
 
@@ -310,7 +312,13 @@ class EvalRecipe(Section):
     reference: EvalModel | None = Field(
         None, description="The frozen reference for kl (e.g. the SFT model an RLHF run started from)."
     )
-    data: EvalData = Field(description="Where the texts, prompts and pairs come from.")
+    data: EvalData = Field(default_factory=EvalData, description="Where the texts, prompts and pairs come from.")
+    env: EnvSpec | None = Field(
+        None,
+        description="An environment as a benchmark (metric env): env.eval_episodes episodes from seeds env.eval_seed, "
+        "... per model; success rate, mean reward, turns, tool calls and tool errors (docs/environments.md). "
+        "generation sets each turn's sampling; `rewards:` are added on the final transcripts.",
+    )
     metrics: list[Literal[EVAL_METRICS]] = Field(
         min_length=1, description="Metrics to compute; each needs parts of the recipe (see docs/commands/eval.md)."
     )
@@ -354,6 +362,7 @@ class EvalRecipe(Section):
             "rewards": self.rewards or None,
             "baseline": self.baseline,
             "reference": self.reference,
+            "env": self.env,
         }
         problems = []
         given = self.data.completions is not None
@@ -366,7 +375,7 @@ class EvalRecipe(Section):
             if missing:
                 problems.append(f"metric '{m}' needs {' and '.join(missing)}")
         used = {n for m in self.metrics for n in _NEEDS[m]}
-        for n in ("data.text", "data.prompts", "data.pairs", "reference"):
+        for n in ("data.text", "data.prompts", "data.pairs", "reference", "env"):
             if have[n] is not None and n not in used:
                 readers = [m for m, needs in _NEEDS.items() if n in needs]
                 problems.append(f"{n} is given but no listed metric reads it (add one of: {', '.join(readers)})")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
+from ..envs import EnvSpec
 from ..paths import PathOrHubId
 from ..personal import PolicyPersonalisation
 from ..reward_specs import RewardSpec
@@ -305,13 +307,31 @@ def shrink_rollouts(data: dict) -> None:
         rl["overlong_buffer"] = min(rl["overlong_buffer"], max(1, gen["max_new_tokens"] // 4))
 
 
+ENV_EVAL_METRICS = ("eval/success_rate", "eval/env_reward", "eval/turns", "eval/tool_error_rate")
+
+
 class RLHFRecipe(RecipeBase):
-    """`prefcli rlhf`: reinforcement learning from a reward, R(s, a) = HumanScore(a): PPO, RLOO, GRPO, REINFORCE++."""
+    """`prefcli rlhf`: reinforcement learning from a reward, R(s, a) = HumanScore(a): PPO, RLOO, GRPO, REINFORCE++;
+    on single prompts (`data`) or on episodes in an environment (`env`: multi-turn, tools; docs/environments.md)."""
 
     command: Literal["rlhf"] = Field("rlhf", description="Always 'rlhf' for this schema.")
-    data: PromptData = Field(description="Prompts to sample completions for.")
-    rewards: list[RewardSpec] = Field(min_length=1, description="Reward sources, summed with their weights.")
-    generation: RolloutGeneration = Field(default_factory=RolloutGeneration, description="Sampling settings.")
+    data: PromptData | None = Field(
+        None, description="Prompts to sample completions for (one of data and env; required without env)."
+    )
+    env: EnvSpec | None = Field(
+        None,
+        description="An environment to play episodes in instead of prompts: multi-turn, with tools "
+        "(docs/environments.md). Each group of rlhf.num_generations episodes starts from the same reset(seed).",
+    )
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="Reward sources, summed with their weights (at least one without env; with env they score the "
+        "final transcript and are added to the environment's reward).",
+    )
+    generation: RolloutGeneration = Field(
+        default_factory=RolloutGeneration,
+        description="Sampling settings (with env: per turn, max_new_tokens being each turn's budget).",
+    )
     rlhf: RLHFSection = Field(default_factory=RLHFSection, description="The algorithm and its knobs.")
 
     @model_validator(mode="after")
@@ -321,7 +341,6 @@ class RLHFRecipe(RecipeBase):
                 "train.grad_accum_steps does not apply to rlhf: each optimizer step takes a minibatch of "
                 "the rollout (see rlhf.minibatches_per_epoch), split into micro-batches of train.batch_size"
             )
-        check_overlong(self.rlhf, self.generation)
         if self.rlhf.personalisation is not None and self.model.lora is not None:
             raise field_error(
                 ("rlhf", "personalisation"),
@@ -329,14 +348,67 @@ class RLHFRecipe(RecipeBase):
                 "train all weights (remove model.lora)",
                 None,
             )
+        if self.rlhf.personalisation is not None and self.env is not None:
+            raise field_error(
+                ("rlhf", "personalisation"),
+                "not with env: the users come from the prompt rows' user column (data.user_column), and an "
+                "environment has no prompt rows",
+                None,
+            )
+        if self.env is None:
+            # without env, data and rewards are required: a recipe that leaves them out gets pydantic's own
+            # 'missing' error (a base: fragment may leave them out for the recipes built on it to give)
+            for name in ("data", "rewards"):
+                if name not in self.model_fields_set:
+                    raise ValidationError.from_exception_data(
+                        "recipe", [InitErrorDetails(type="missing", loc=(name,), input={})]
+                    )
+            if self.data is None:
+                raise field_error(("data",), "null without env: give prompts (or env: an environment)", None)
+            if not self.rewards:
+                raise field_error(
+                    ("rewards",), "List should have at least 1 item after validation, not 0 (a reward source)", []
+                )
+            check_overlong(self.rlhf, self.generation)
+            return self
+        if self.data is not None:
+            raise field_error(
+                ("data",),
+                "not used with env: the environment's reset(seed) gives each episode its task; remove data (or env)",
+                None,
+            )
+        if self.generation.max_new_tokens >= self.env.max_episode_tokens:
+            raise field_error(
+                ("generation", "max_new_tokens"),
+                f"the per-turn budget ({self.generation.max_new_tokens}) must be below env.max_episode_tokens "
+                f"({self.env.max_episode_tokens}), which also holds the prompt and the replies",
+                self.generation.max_new_tokens,
+            )
+        b = self.rlhf.overlong_buffer
+        if b is not None and b > self.env.max_episode_tokens:
+            raise field_error(
+                ("rlhf", "overlong_buffer"),
+                f"{b} exceeds env.max_episode_tokens ({self.env.max_episode_tokens}): with env the penalty ramps over "
+                "the last overlong_buffer tokens of the episode's length cap",
+                b,
+            )
         return self
 
+    def has_held_out(self) -> bool:
+        return self.env is not None or super().has_held_out()
+
     def eval_metrics(self) -> tuple[str, ...]:
+        if self.env is not None:
+            return ("eval/reward", "eval/kl", "eval/length", *ENV_EVAL_METRICS)
         return ("eval/reward", "eval/kl", "eval/length")
 
     def _shrink(self, data: dict) -> None:
         super()._shrink(data)
         shrink_rollouts(data)
+        if data.get("env"):
+            e = data["env"]
+            e["max_turns"] = min(e["max_turns"], 2)
+            e["eval_episodes"] = min(e["eval_episodes"], 4)
 
 
 # ----------------------------------------------------------------------------------------- gan

@@ -847,6 +847,11 @@ case(
     ["rlhf.personalisation", "does not work with model.lora"],
 )
 case(
+    "recipe-policy-personalisation-with-env",
+    lambda e: e.cmd("rlhf", rlhf_env(rlhf={"personalisation": {}})),
+    ["rlhf.personalisation", "not with env", "data.user_column"],
+)
+case(
     "recipe-policy-personalisation-in-gan",
     lambda e: e.cmd("gan", gan(rlhf={"personalisation": {}})),
     ["rlhf.personalisation", "applies to prefcli rlhf, not gan"],

@@ -727,6 +727,147 @@ case(
     lambda e: e.cmd("reward", pref("reward", reward={"objective": "bradley-terry"})),
     ["reward.objective", "did you mean 'bradley_terry'"],
 )
+
+
+# --- personalisation (reward.personalisation, the user column)
+def personal(**p) -> dict:
+    return pref("reward", reward={"personalisation": {"kind": "user_embedding", **p}})
+
+
+case(
+    "recipe-personalisation-kind-typo",
+    lambda e: e.cmd("reward", pref("reward", reward={"personalisation": {"kind": "user_embeding"}})),
+    ["reward.personalisation", "user_embeding", "user_embedding"],
+)
+case(
+    "recipe-personalisation-generic-weight",
+    lambda e: e.cmd("reward", personal(generic_weight=1.5)),
+    ["reward.personalisation.generic_weight", "less than or equal to 1"],
+)
+case(
+    "recipe-personalisation-latent-dim",
+    lambda e: e.cmd("reward", pref("reward", reward={"personalisation": {"kind": "latent", "latent_dim": 0}})),
+    ["reward.personalisation.latent_dim", "greater than 0"],
+)
+case(
+    "recipe-personalisation-context-pairs",
+    lambda e: e.cmd(
+        "reward",
+        pref("reward", reward={"personalisation": {"kind": "latent", "context_pairs": 4, "min_context_pairs": 8}}),
+    ),
+    ["reward.personalisation.latent", "min_context_pairs (8) exceeds context_pairs (4)"],
+)
+case(
+    "recipe-personalisation-lowrank-rank",
+    lambda e: e.cmd("reward", pref("reward", reward={"personalisation": {"kind": "lowrank", "rank": -1}})),
+    ["reward.personalisation.rank", "greater than 0"],
+)
+case(
+    "recipe-personalisation-new-user-labels",
+    lambda e: e.cmd("reward", personal(new_user_labels=[0, 5, 5])),
+    ["new_user_labels", "listed twice"],
+)
+case(
+    "recipe-personalisation-not-pairs",
+    lambda e: e.cmd(
+        "reward", pref("reward", reward={"objective": "regression", "personalisation": {"kind": "latent"}})
+    ),
+    ["reward.personalisation needs pairs", "objective 'regression'"],
+)
+case(
+    "recipe-eval-users-and-fraction",
+    lambda e: e.cmd("reward", pref("reward", data={"eval_users": ["a"], "eval_user_fraction": 0.2})),
+    ["data.eval_users or data.eval_user_fraction, not both"],
+)
+case(
+    "data-personalisation-without-user-column",
+    lambda e: e.cmd("reward", personal()),
+    ["data.train", "pref_train.jsonl", "reward.personalisation needs a user column", "rater", "data.user_column"],
+)
+case(
+    "data-user-column-named-but-absent",
+    lambda e: pref_rows(e, "reward", pairs(8, rater="a"), data={"user_column": "annotator"}),
+    ["data.train", "data.user_column needs column 'annotator'", "columns: prompt, chosen, rejected, rater"],
+)
+case(
+    "data-user-id-not-a-string",
+    lambda e: pref_rows(e, "reward", pairs(8, rater=[1, 2]), reward={"personalisation": {"kind": "latent"}}),
+    ["data.train", "row 1: user 'rater' is [1, 2]", "a string or an integer"],
+)
+case(
+    "data-held-out-user-absent",
+    lambda e: pref_rows(e, "reward", pairs(8, rater="a"), data={"eval_users": ["zed"]}),
+    ["data.eval_users: zed never appear", "users: a"],
+)
+case(
+    "data-held-out-users-leave-nothing",
+    lambda e: pref_rows(e, "reward", pairs(8, rater="a"), data={"eval_users": ["a"]}),
+    ["holding out a leaves no training row"],
+)
+case(
+    "reward-model-user-and-context",
+    with_reward({"kind": "model", "path": str(TOKENIZER), "user": "a", "context": str(TINY / "pref_train.jsonl")}),
+    ["rewards[0]", "give user (a user seen in training) or context (a new user's pairs), not both"],
+)
+case(
+    "reward-model-user-without-personalisation",
+    lambda e: e.cmd("rlhf", rlhf(rewards=[{"kind": "model", "path": model_dir(e), "user": "a"}])),
+    ["rewards: `user` needs a personalised reward model", "no personalisation/ folder"],
+)
+case(
+    "recipe-eval-empty-user",
+    lambda e: e.cmd("eval", evalr(user=" ")),
+    ["user: an empty user id"],
+)
+case(
+    "recipe-personalisation-user-embedding-dim",
+    lambda e: e.cmd("reward", personal(dim=0)),
+    ["recipe.yaml:", "reward.personalisation.dim", "greater than 0"],
+)
+case(
+    "recipe-policy-personalisation-generic-fraction",
+    lambda e: e.cmd("contrastive", pref("contrastive", contrastive={"personalisation": {"generic_fraction": 1.0}})),
+    ["contrastive.personalisation.generic_fraction", "less than 1"],
+)
+case(
+    "recipe-policy-personalisation-kind",
+    lambda e: e.cmd("rlhf", rlhf(rlhf={"personalisation": {"kind": "soft_prefix"}})),
+    ["rlhf.personalisation.kind", "user_token"],
+)
+case(
+    "recipe-policy-personalisation-unpaired-objective",
+    lambda e: e.cmd(
+        "contrastive", pref("contrastive", contrastive={"objective": "kto", "personalisation": {"kind": "user_token"}})
+    ),
+    ["contrastive.personalisation needs a paired objective", "'kto'"],
+)
+case(
+    "recipe-policy-personalisation-with-lora",
+    lambda e: e.cmd("rlhf", rlhf(rlhf={"personalisation": {}}, model={"lora": {"r": 4}})),
+    ["rlhf.personalisation", "does not work with model.lora"],
+)
+case(
+    "recipe-policy-personalisation-with-env",
+    lambda e: e.cmd("rlhf", rlhf_env(rlhf={"personalisation": {}})),
+    ["rlhf.personalisation", "not with env", "data.user_column"],
+)
+case(
+    "recipe-policy-personalisation-in-gan",
+    lambda e: e.cmd("gan", gan(rlhf={"personalisation": {}})),
+    ["rlhf.personalisation", "applies to prefcli rlhf, not gan"],
+)
+case(
+    "data-policy-personalisation-without-user-column",
+    lambda e: e.cmd("contrastive", pref("contrastive", contrastive={"personalisation": {}})),
+    ["data.train", "pref_train.jsonl", "needs a user column", "data.user_column"],
+)
+case(
+    "generate-user-of-a-policy-that-is-not-personalised",
+    lambda e: ["generate", model_dir(e), "-q", "--user", "a"],
+    ["--user:", "is not a personalised policy", "contrastive.personalisation or rlhf.personalisation"],
+    json_on_stdout=False,
+    stdin=b"In the beginning\n",
+)
 case("recipe-eval-no-models", lambda e: e.cmd("eval", evalr(models=[])), ["models"])
 case(
     "recipe-eval-ban-and-require",

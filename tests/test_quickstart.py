@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .conftest import NO_PLOT, ROOT, last_json
@@ -79,3 +80,23 @@ def test_quickstart_phf_pii_recipe_smoke(tmp_path, cli):
     assert phf["objective"] == "conditional" and phf["scorer"] == "1*function"
     assert phf["rows_misaligned"] > 0 and phf["rows_aligned"] > phf["rows_misaligned"]
     assert -1.0 <= s["final"]["eval/control_gap"] <= 1.0
+
+
+PERSONAL = sorted(p for p in (ROOT / "recipes" / "quickstart" / "personal").glob("*.yaml") if p.stem != "eval")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PERSONAL, ids=[p.stem for p in PERSONAL])
+def test_personalisation_recipes_smoke(path, tmp_path, cli):
+    """Every training recipe of the multi-rater task runs as shipped (smoke): the pooled and personalised reward
+    models, the pooled policy and the one conditioned on the rater, and RLHF with each rater's own taste
+    (tastes.py) as the reward. (eval.yaml reads the trained policies; tests/test_startup.py validates it.)"""
+    command = yaml.safe_load(path.read_text())["command"]
+    code, stdout, stderr = cli(command, path, "--smoke", "-o", tmp_path / path.stem, "-q")
+    assert code == 0, stderr
+    s = last_json(stdout)
+    assert s["status"] == "completed" and s["smoke"] is True and s["steps"] == 3
+    personal = (tmp_path / path.stem / "final" / "personalisation" / "config.json").exists()
+    assert personal == ("pooled" not in path.stem), path.stem
+    if command == "reward":  # every reward model reports each rater and the worst one
+        assert "eval/accuracy_worst_user" in s["final"] and "eval/accuracy/negative-1" in s["final"]

@@ -140,6 +140,15 @@ def generate(
         int | None, typer.Option(min=0, max=SEED_MAX, help="Sampling seed (default: the recipe's, else 0).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    user: Annotated[
+        str | None,
+        typer.Option(
+            "--user",
+            metavar="ID",
+            help="A personalised policy (trained with a user column): generate for this user (their user token "
+            "before every prompt). An id the policy does not know gets the generic policy, with a warning.",
+        ),
+    ] = None,
     trust_remote_code: Annotated[
         bool,
         typer.Option(
@@ -192,6 +201,7 @@ def generate(
         seed=seed,
         device=device,
         quiet=quiet,
+        user=user,
         model={
             "trust_remote_code": trust_remote_code or None,
             "pad_token": pad_token,

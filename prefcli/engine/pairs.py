@@ -194,6 +194,8 @@ class PairSet:
     n_rows: int
     bad: BadRows = field(default_factory=BadRows)
     n_truncated: int = 0
+    rows: list[int] = field(default_factory=list)  # the source row of each pair (skipped rows leave gaps)
+    users: list[int] | None = None  # per pair: its user's index among the users seen in training, -1 none
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -246,6 +248,7 @@ def tokenize_pairs(ds, tok, fmt: str, max_length: int, source: str, what: str = 
         n_rows=len(ds),
         bad=bad,
         n_truncated=sum(1 for i in keep if T[i]),
+        rows=keep,
     )
 
 

@@ -237,6 +237,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
             base_dir=recipe_path.resolve().parent,
             tokenizer=load_tokenizer(entries[0].section),
             device=rt.device,
+            warn=log.warn,
         )
     ref = None
     if ref_section is not None:
@@ -272,7 +273,7 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     pref = None
     if "preference_accuracy" in r.metrics:
         log.info(f"preference accuracy on {len(inputs.pairs)} pairs")
-        pref = preference_for(rewards, inputs.pairs, rows)
+        pref = preference_for(rewards, inputs.pairs, rows, inputs.pair_users)
 
     summary: dict[str, Any] = {
         "command": "eval",
@@ -314,6 +315,7 @@ def model_results(
 
     from ..engine.guard import first_batch_check
     from ..engine.models import PolicyLM
+    from ..engine.personal import policy_users
     from .generation import Generator
     from .loading import load_lm
 
@@ -327,9 +329,14 @@ def model_results(
         res["perplexity"] = perplexity_for(policy, lm, tok, inputs, r, rt, e.name, log, rows, check)
     if gen_wanted:
         torch.manual_seed(r.seed)  # every model samples from the same seed
-        gen = Generator(lm, tok, r.generation, rt.device, autocast=rt.autocast, warn=log.warn)
-        log.info(f"  generating {len(inputs.prompts)} completions (max {r.generation.max_new_tokens} new tokens)")
-        outs = gen.generate(inputs.prompts)
+        # a personalised policy generates each row's completion for its user (their token before the prompt)
+        users = policy_users(e.section.path) if e.section.path and Path(e.section.path).is_dir() else None
+        gen = Generator(lm, tok, r.generation, rt.device, autocast=rt.autocast, warn=log.warn, users=users)
+        who = f", each for its user ({len(users)} users)" if users and inputs.users else ""
+        log.info(f"  generating {len(inputs.prompts)} completions (max {r.generation.max_new_tokens} new tokens){who}")
+        outs = gen.generate(inputs.prompts, users=inputs.users if users else None)
+        if users:
+            res["personalised"] = True
         ks = None
         if "kl" in r.metrics and ref is not None:
             res["kl"], ks = kl_for(policy, tok, ref, outs, r, rt, e.name, check)
@@ -381,7 +388,7 @@ def reward_results(rewards, gens: dict, inputs: EvalInputs, r: EvalRecipe, resul
     base_name = r.baseline.display_name() if r.baseline is not None else None
     scored = {}
     for name, outs in gens.items():
-        total, parts = rewards.score(inputs.prompts, [g.completion for g in outs])
+        total, parts = rewards.score(inputs.prompts, [g.completion for g in outs], users=inputs.users)
         scored[name] = total
         if "reward" in r.metrics:
             results[name]["reward"] = {
@@ -389,6 +396,7 @@ def reward_results(rewards, gens: dict, inputs: EvalInputs, r: EvalRecipe, resul
                 "std": _std(total),
                 "parts": {k: _mean(v) for k, v in parts.items()},
                 "length_correlation": M.length_correlation(total, [g.tokens for g in outs], "tokens"),
+                **per_user(total, inputs.users, _mean, "mean"),
             }
         for row in _gen_rows(rows, name):
             i = row["index"]
@@ -409,7 +417,12 @@ def reward_results(rewards, gens: dict, inputs: EvalInputs, r: EvalRecipe, resul
                 r.win_rate.confidence,
                 r.seed,
             )
-            results[name]["win_rate"] = {**w, "baseline": base_name, "length_controlled": {**lc, "unit": "words"}}
+            results[name]["win_rate"] = {
+                **w,
+                "baseline": base_name,
+                "length_controlled": {**lc, "unit": "words"},
+                **per_user(outcomes, inputs.users, _mean, "win_rate"),
+            }
             for row in _gen_rows(rows, name):
                 row["win"] = outcomes[row["index"]]
 
@@ -474,6 +487,9 @@ def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name
         }
         for i, g in enumerate(outs)
     ]
+    if inputs.users is not None:
+        for row, u in zip(per, inputs.users):
+            row["user"] = u
     if r.generation.require:
         for row, g in zip(per, outs):
             row["missing"] = g.missing
@@ -506,13 +522,30 @@ def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name
     return res
 
 
-def preference_for(rewards, pairs, rows: list[dict]) -> dict:
+def per_user(values: list[float], users: list[str | None] | None, reduce, key: str) -> dict:
+    """{per_user: {user: reduce(its values)}, worst_user: {user, <key>}} over the rows that have a user; {} when none
+    has one. The worst user is the one with the lowest value (reward mean, win rate, accuracy)."""
+    if not users or all(u is None for u in users):
+        return {}
+    groups: dict[str, list[float]] = {}
+    for v, u in zip(values, users):
+        if u is not None:
+            groups.setdefault(u, []).append(v)
+    table = {u: reduce(v) for u, v in sorted(groups.items())}
+    worst = min(table, key=lambda u: table[u])
+    return {"per_user": table, "worst_user": {"user": worst, key: table[worst]}}
+
+
+def preference_for(rewards, pairs, rows: list[dict], users: list[str | None] | None = None) -> dict:
     prompts = [str(p) for p in pairs["prompt"]]
     chosen = [str(c) for c in pairs["chosen"]]
     rejected = [str(c) for c in pairs["rejected"]]
-    tc, pc = rewards.score(prompts, chosen)
-    tr, pr = rewards.score(prompts, rejected)
+    tc, pc = rewards.score(prompts, chosen, users=users)
+    tr, pr = rewards.score(prompts, rejected, users=users)
     out = {"total": M.preference_accuracy(tc, tr)}
+    if users is not None:
+        correct = [M.pair_correct(a - b) for a, b in zip(tc, tr)]
+        out["total"].update(per_user(correct, users, _mean, "accuracy"))
     wc, wr = [M.word_count(c) for c in chosen], [M.word_count(c) for c in rejected]
     out["total"]["chosen_longer"] = sum(1 for a, b in zip(wc, wr) if a > b) / len(wc)
     out["total"]["length_correlation"] = M.length_correlation(tc + tr, wc + wr, "words")
@@ -530,6 +563,7 @@ def preference_for(rewards, pairs, rows: list[dict]) -> dict:
                 "reward_chosen": tc[i],
                 "reward_rejected": tr[i],
                 "correct": tc[i] > tr[i],
+                **({"user": users[i]} if users is not None else {}),
             }
         )
     return out

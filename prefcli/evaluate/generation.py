@@ -32,6 +32,7 @@ what transformers has does not do the job:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,8 +66,13 @@ class Generation:
 class Generator:
     """Samples completions for batches of prompts with a GenerationSection's settings."""
 
-    def __init__(self, lm, tok, cfg: GenerationSection, device, autocast=None, warn=None):
+    def __init__(self, lm, tok, cfg: GenerationSection, device, autocast=None, warn=None, users=None):
+        """`users`: a personalised policy's {user: token text} (engine.personal.policy_users): `generate(...,
+        users=...)` puts each prompt's user's token first; an unknown user gets none (the generic policy), with a
+        warning."""
         self.lm, self.tok, self.cfg, self.device = lm, tok, cfg, device
+        self.users = dict(users or {})
+        self._unknown: set[str] = set()
         self.autocast = autocast
         self.warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
         self.eos_ids = {tok.eos_token_id}
@@ -89,6 +95,8 @@ class Generator:
         if cfg.chat and not tok.chat_template:
             raise UsageError("generation.chat needs a chat template, and this tokenizer has none")
         self.bad_words = [[self.pad_id]]
+        for t in self.users.values():  # a user token conditions the policy; it is never generated
+            self.bad_words.append([tok.convert_tokens_to_ids(t)])
         cc = cfg.control_code
         if cc:
             cc_ids = tok(cc, add_special_tokens=False)["input_ids"]
@@ -129,11 +137,24 @@ class Generator:
             )
         return (self.cfg.control_code or "") + text
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, user: str | None = None) -> list[int]:
         text = self.prompt_text(prompt)
         ids = self.tok(text, add_special_tokens=False)["input_ids"] if self.cfg.chat else text_ids(self.tok, text)
         if not ids:  # an empty prompt: start from BOS (or EOS, the usual start-of-text of BOS-less models)
             ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
+        if user is not None and self.users:
+            from ..engine.personal import with_user
+
+            token = self.users.get(user)
+            if token is None:
+                if user not in self._unknown:
+                    self._unknown.add(user)
+                    self.warn(
+                        f"user '{user}' is not a user of this personalised policy; served by the generic policy (no "
+                        f"user token), the fallback for an unknown user (its users: {', '.join(sorted(self.users))})"
+                    )
+            else:
+                ids = with_user(ids, self.tok.convert_tokens_to_ids(token), self.tok.bos_token_id)
         return list(ids)
 
     def _config(self) -> GenerationConfig:
@@ -153,17 +174,20 @@ class Generator:
         return GenerationConfig(**kw)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str]) -> list[Generation]:
+    def generate(self, prompts: Sequence[str], users: Sequence[str | None] | None = None) -> list[Generation]:
+        """Completions of `prompts`; `users`: whom each is for (a personalised policy's user tokens)."""
         out: list[Generation] = []
-        for s in range(0, len(prompts), self.cfg.batch_size):
-            out.extend(self._batch(list(prompts[s : s + self.cfg.batch_size])))
+        bs = self.cfg.batch_size
+        for s in range(0, len(prompts), bs):
+            who = list(users[s : s + bs]) if users is not None else None
+            out.extend(self._batch(list(prompts[s : s + bs]), who))
         return out
 
-    def _batch(self, prompts: list[str]) -> list[Generation]:
+    def _batch(self, prompts: list[str], users: list[str | None] | None = None) -> list[Generation]:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         c = self.cfg
-        enc = [self.encode(p) for p in prompts]
+        enc = [self.encode(p, users[k] if users is not None else None) for k, p in enumerate(prompts)]
         for p, e in zip(prompts, enc):
             if self.positions is not None and len(e) + c.max_new_tokens > self.positions:
                 from ..errors import DataError
@@ -266,6 +290,7 @@ class GenerateOptions:
     seed: int | None = None
     device: str = "auto"
     quiet: bool = False
+    user: str | None = None  # --user: generate for this user (a personalised policy)
     # ModelSection fields given on the command line (--trust-remote-code, --pad-token, --attn-implementation)
     model: dict = field(default_factory=dict)
 
@@ -383,13 +408,21 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     else:
         stream = getattr(sys.stdin, "buffer", sys.stdin)
         source = "<stdin>"
+    from ..engine.personal import policy_users
+
+    users = policy_users(section.path) if section.path and os.path.isdir(section.path) else None
+    if opts.user is not None and users is None:
+        raise UsageError(
+            f"--user: {section.path or 'the model'} is not a personalised policy (no personalisation/config.json of "
+            "kind user_token; train one with contrastive.personalisation or rlhf.personalisation)"
+        )
     rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
     lm, tok = load_lm(section, rt)
 
     def warn(text: str) -> None:
         print(f"warning: {text}", file=err, flush=True)
 
-    gen = Generator(lm, tok, cfg, rt.device, autocast=rt.autocast, warn=warn)
+    gen = Generator(lm, tok, cfg, rt.device, autocast=rt.autocast, warn=warn, users=users)
     torch.manual_seed(opts.seed if opts.seed is not None else seed)
     t0 = time.perf_counter()
     n = 0
@@ -397,7 +430,8 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
 
     def flush() -> None:
         nonlocal n
-        for (prompt, extra), g in zip(batch, gen.generate([p for p, _ in batch])):
+        who = [opts.user] * len(batch) if opts.user is not None else None
+        for (prompt, extra), g in zip(batch, gen.generate([p for p, _ in batch], users=who)):
             row = {
                 **extra,
                 "index": n,

@@ -16,6 +16,8 @@ Where things are:
 - online.py      online preference learning: best/worst pairs, the contrastive registry's objectives;
 - stats.py       a rollout's metrics, from what the step produced;
 - sampling.py    prompt rows, the transformers-generate fallback sampler, stop strings, sampled rounds.
+- users.py       whom each prompt is for (a user column): the users the rewards score for, and with
+                 rlhf.personalisation each user's token before their prompts.
 Equations and sources: docs/algorithms.md, section rlhf.
 """
 

@@ -25,6 +25,7 @@ from .learner import ActorCritic, Models, PolicyLearner, Prompts, RolloutShape, 
 from .loss import POLICY_LOSSES
 from .online import OnlinePreferenceLoss
 from .sampling import prompt_rows
+from .users import PromptUsers
 
 
 def build_learner(ctx: RunContext, extra_rewards: Sequence[RewardSource] = ()) -> PolicyLearner:
@@ -177,7 +178,11 @@ def load_prompts(ctx: RunContext, tok) -> Prompts:
             f"data.train: {trunc} of {len(ids)} prompts were longer than max_prompt_length="
             f"{r.data.max_prompt_length} tokens and lost their beginning"
         )
-    return Prompts(rows, eval_rows, text, ids, eval_text, eval_ids, trunc)
+    # whom each prompt is for (a user column); with rlhf.personalisation, their tokens before the prompts (added
+    # to the tokenizer here, before the model is built: its embeddings grow to hold them)
+    users = PromptUsers(r, tok, rows, eval_rows)
+    ids, eval_ids = users.condition(ids, "train"), users.condition(eval_ids, "eval")
+    return Prompts(rows, eval_rows, text, ids, eval_text, eval_ids, trunc, users)
 
 
 def reward_set(specs, tok, device, extra: Sequence[RewardSource] = (), empty_ok: bool = False) -> RewardSet:

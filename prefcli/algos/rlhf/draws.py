@@ -14,10 +14,11 @@ from .sampling import Draw, Samples, fill_groups
 from .stats import max_op
 
 
-def draw_once(smp: Samples, rewards: RewardSet, c, max_new_tokens: int, device) -> Draw:
+def draw_once(smp: Samples, rewards: RewardSet, c, max_new_tokens: int, device, users=None) -> Draw:
     """One sampling round scored: the summed reward, and the score the advantages see, which loses the
-    missing-EOS penalty and DAPO's overlong penalty (rlhf section `c`)."""
-    total, parts = rewards.score(smp.prompts, smp.completions)
+    missing-EOS penalty and DAPO's overlong penalty (rlhf section `c`). `users`: whom each completion is for (a
+    personalised reward model scores it for that user)."""
+    total, parts = rewards.score(smp.prompts, smp.completions, users=users)
     raw = torch.tensor(total, dtype=torch.float32, device=device)
     scores, over = raw.clone(), None
     r = smp.rollout

@@ -37,6 +37,7 @@ from .loss import NORMALISERS, LossParams, policy_loss
 from .online import OnlinePreferenceLoss, best_worst_pairs
 from .sampling import Draw, Samples, apply_stop_strings
 from .stats import max_op, rollout_stats
+from .users import PromptUsers
 
 # ------------------------------------------------------------------------------ parts
 
@@ -72,6 +73,7 @@ class Prompts:
     eval_text: list[str]
     eval_ids: list[list[int]]
     truncated: int  # training prompts cut to max_prompt_length
+    users: PromptUsers | None = None  # whom each prompt is for (a user column); their tokens are in `ids` already
 
 
 @dataclass
@@ -305,10 +307,12 @@ class PolicyLearner:
     # ------------------------------------------------------------------ the step's parts
     def _draw(self) -> Draw:
         """One scored sampling round of the next prompts (dynamic sampling may ask for several)."""
-        c = self.cfg.rlhf
+        c, users = self.cfg.rlhf, self.prompts.users
         if self.env is not None:  # a round of episodes (env_rollout.py)
             return self.env.draw()
-        return draw_once(self.sample_train(), self.rewards, c, self.scfg.max_new_tokens, self.rt.device)
+        smp = self.sample_train()
+        who = users.of("train", smp.rows) if users is not None else None
+        return draw_once(smp, self.rewards, c, self.scfg.max_new_tokens, self.rt.device, users=who)
 
     def training_batch(self, r: Rollout) -> TrainingBatch:
         """The sequences, the loss mask (without the cut completions under mask_truncated_completions), the
@@ -496,7 +500,8 @@ class PolicyLearner:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean reward, KL to the reference and length of one sampled completion per held-out prompt."""
+        """Mean reward, KL to the reference and length of one sampled completion per held-out prompt; with a user
+        column, the mean reward of each user's prompts (each scored for its user) and the worst user."""
         rt, B = self.rt, self.shape.sequences
         self.sampler.sync()
         if self.env is not None:
@@ -505,11 +510,17 @@ class PolicyLearner:
         if self.cfg.train.eval_max_batches:
             idx = idx[: self.cfg.train.eval_max_batches * B]
         sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
+        users = self.prompts.users if self.prompts.users is not None and self.prompts.users.active else None
+        all_total, all_users = [], []
         for chunk in _chunks(idx, B):
             real = len(chunk)
             smp = self.sample(_fill(chunk, B), self.prompts.eval_text, self.prompts.eval_ids, 1)
             r = smp.rollout
-            total, _ = self.rewards.score(smp.prompts[:real], smp.completions[:real])
+            who = users.of("eval", chunk) if users is not None else None
+            total, _ = self.rewards.score(smp.prompts[:real], smp.completions[:real], users=who)
+            if who is not None:
+                all_total += total
+                all_users += who
             seq = sequences(r)
             lp, _ = self.score_logprobs(seq, reference=False)
             ref = self.score_logprobs(seq, reference=True)[0] if self.rule.need_ref else lp
@@ -520,10 +531,11 @@ class PolicyLearner:
                 device=rt.device,
             )
         rt.all_reduce(sums)
+        per_user = users.per_user(all_total, all_users, rt, rt.device) if users is not None else {}
         tot, kl, length, n = sums.tolist()
         if n == 0:
             return {}
-        return {"eval/reward": tot / n, "eval/kl": kl / n, "eval/length": length / n}
+        return {"eval/reward": tot / n, "eval/kl": kl / n, "eval/length": length / n, **per_user}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -572,6 +584,7 @@ class PolicyLearner:
                 "prompts": len(self.prompts.ids),
                 "eval_prompts": len(self.prompts.eval_ids),
                 "truncated_prompts": self.prompts.truncated,
+                **({"users": users.describe()} if (users := self.prompts.users) is not None and users.active else {}),
             },
             "model": {
                 "parameters": sum(p.numel() for p in self.lm.parameters()),
@@ -597,6 +610,8 @@ class PolicyLearner:
         from safetensors.torch import save_file
 
         save_hf(self.lm, self.tok, out_dir, self.rt)
+        if self.prompts.users is not None:
+            self.prompts.users.save(out_dir, self.rt)
         if self.model.value_head is not None:
             head = whole_state(self.model.value_head, self.rt)  # every rank: gathered when sharded
             if head is not None:

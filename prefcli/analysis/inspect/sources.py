@@ -69,6 +69,7 @@ class Source:
     # what a recipe can do when length alone predicts the label: the fields of this recipe's command (and
     # objective) that break the link, or, for a data file, where each of them lives
     length_fixes: str = FILE_LENGTH_FIXES
+    user_column: str | None = None  # a recipe's data.user_column (None: 'rater', else 'user_id')
 
 
 # ------------------------------------------------------------------------------ resolving
@@ -212,6 +213,7 @@ def _recipe_source(opts: InspectOptions) -> Source:
     src.length_fixes = length_fixes(r, cmd)
     src.debias = getattr(d, "debias", None)
     src.add_eos = getattr(d, "add_eos", True)
+    src.user_column = getattr(d, "user_column", None)
     return src
 
 
@@ -374,7 +376,10 @@ def make_view(ds, src: Source) -> View:
             comps.append([])
             labels.append(None)
         prompts.append(p)
-    raters = [None if row.get("rater") is None else str(row.get("rater")) for row in rows]
+    from ...engine.users import find_user_column
+
+    ucol = find_user_column(cols, src.user_column)
+    raters = [None if ucol is None or row.get(ucol) in (None, "") else str(row.get(ucol)) for row in rows]
     pcol = next((c for c in POSITION_COLUMNS if c in cols), None)
     positions = [_position(row.get(pcol)) for row in rows] if pcol else [None] * len(rows)
     return View(rows, prompts, comps, labels, raters, positions)

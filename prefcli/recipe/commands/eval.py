@@ -184,6 +184,13 @@ class EvalData(Section):
         "for BLEU/ROUGE): what `prefcli generate` writes; `prefcli eval --completions FILE|-` sets it. Nothing is "
         "sampled, so kl and win_rate (which need samples of the models) are skipped, and data.prompts is not read.",
     )
+    user_column: str | None = Field(
+        None,
+        description="The column of data.prompts, data.pairs and data.completions naming each row's user: a "
+        "personalised policy generates for that user, personalised reward models score for that user, and reward, "
+        "win_rate and preference_accuracy are reported per user with the worst user beside the mean. null = "
+        "'rater' when the rows have it, else 'user_id', else none.",
+    )
 
     @model_validator(mode="after")
     def _one_stdin(self):
@@ -326,6 +333,12 @@ class EvalRecipe(Section):
     win_rate: WinRateOptions = Field(default_factory=WinRateOptions, description="Bootstrap confidence interval.")
     distinct: DistinctOptions = Field(default_factory=DistinctOptions, description="distinct-n orders.")
     rouge: RougeOptions = Field(default_factory=RougeOptions, description="ROUGE tokenization.")
+    user: str | None = Field(
+        None,
+        description="Serve every prompt and pair for this one user: personalised policies generate for them and "
+        "personalised reward models score for them (instead of each row's own user). Models that are not "
+        "personalised are evaluated as they are.",
+    )
     seed: int = Field(
         0, ge=0, le=SEED_MAX, description="Seed for sampling (reset before each model) and the bootstrap."
     )
@@ -376,6 +389,8 @@ class EvalRecipe(Section):
             problems.append(
                 f"models: two models are named {', '.join(repr(s) for s in same)}; give each a distinct name"
             )
+        if self.user is not None and not self.user.strip():
+            problems.append("user: an empty user id")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -9,6 +9,7 @@ from pydantic_core import InitErrorDetails
 
 from ..envs import EnvSpec
 from ..paths import PathOrHubId
+from ..personal import PolicyPersonalisation
 from ..reward_specs import RewardSpec
 from ..sections import (
     DataSource,
@@ -41,6 +42,12 @@ class PromptData(HeldOut):
         256, gt=0, description="Prompt tokens kept; longer prompts lose their beginning (counted in the summary)."
     )
     shuffle: bool = Field(True, description="Shuffle the prompts every epoch (seeded by train.seed).")
+    user_column: str | None = Field(
+        None,
+        description="The column naming each prompt's user: a personalised policy (rlhf.personalisation) samples "
+        "for that user, personalised reward models score for that user, and eval/reward is also reported per "
+        "user. null = 'rater' when the rows have it, else 'user_id', else none.",
+    )
 
 
 class RolloutGeneration(Section):
@@ -101,6 +108,13 @@ class OnlinePreference(Section):
 
 
 class RLHFSection(Section):
+    personalisation: PolicyPersonalisation | None = Field(
+        None,
+        description="Train one policy conditioned on the user (data.user_column): each prompt starts with its "
+        "user's control token, and the rewards score each completion for that user (a personalised reward model, "
+        "`kind: model`, reads the user from the prompt row). Not with model.lora, not in gan. See "
+        "docs/personalisation.md.",
+    )
     algorithm: Literal[RL_ALGORITHMS] = Field(
         "grpo",
         description="ppo: value head + GAE (Ouyang et al. 2022); rloo: leave-one-out baseline (Ahmadian et al. "
@@ -327,6 +341,20 @@ class RLHFRecipe(RecipeBase):
                 "train.grad_accum_steps does not apply to rlhf: each optimizer step takes a minibatch of "
                 "the rollout (see rlhf.minibatches_per_epoch), split into micro-batches of train.batch_size"
             )
+        if self.rlhf.personalisation is not None and self.model.lora is not None:
+            raise field_error(
+                ("rlhf", "personalisation"),
+                "does not work with model.lora: the user tokens' embeddings must train, and LoRA freezes them; "
+                "train all weights (remove model.lora)",
+                None,
+            )
+        if self.rlhf.personalisation is not None and self.env is not None:
+            raise field_error(
+                ("rlhf", "personalisation"),
+                "not with env: the users come from the prompt rows' user column (data.user_column), and an "
+                "environment has no prompt rows",
+                None,
+            )
         if self.env is None:
             # without env, data and rewards are required: a recipe that leaves them out gets pydantic's own
             # 'missing' error (a base: fragment may leave them out for the recipes built on it to give)
@@ -499,6 +527,8 @@ class GANRecipe(RecipeBase):
             raise ValueError("train.grad_accum_steps does not apply to gan (see rlhf.minibatches_per_epoch)")
         if self.gan.bt_weight > 0 and self.data.pairs is None:
             raise ValueError("gan.bt_weight needs data.pairs (prompt, chosen, rejected rows)")
+        if self.rlhf.personalisation is not None:
+            raise field_error(("rlhf", "personalisation"), "applies to prefcli rlhf, not gan", None)
         check_overlong(self.rlhf, self.generation)
         return self
 

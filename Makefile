@@ -68,8 +68,9 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The inner loop: every test but the end-to-end runs (@pytest.mark.slow; CONTRIBUTING.md says which).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # The main job on the embedded default: RLHF of the bundled KJV model with the human-score
 # stand-in as the reward (~2 minutes on 2 CPU cores).

@@ -387,7 +387,8 @@ def run_sampler(a) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from prefcli.engine.rollout import FastDecoder, SamplingConfig
+    from prefcli.engine.rollout import FastDecoder
+    from prefcli.engine.sampling import SamplingConfig
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -410,7 +411,7 @@ def run_sampler(a) -> dict:
         ref_logits = model(input_ids=ids[:8]).logits[:, -1].float()
     out["prefill_logits_max_abs_diff"] = round(float((mine - ref_logits).abs().max()), 4)
     out["prefill_logits_scale"] = round(float(ref_logits.abs().max()), 2)
-    g = check.generate(ids[:8], mask[:8], SamplingConfig(max_new_tokens=16, temperature=0, pad_token_id=0))
+    g = check.sample(ids[:8], mask[:8], SamplingConfig(max_new_tokens=16, temperature=0, pad_token_id=0))
     ref = model.generate(input_ids=ids[:8], attention_mask=mask[:8], max_new_tokens=16, do_sample=False, pad_token_id=0)
     out["greedy_first_token_match"] = round((g.completion_ids[:, 0] == ref[:, P]).float().mean().item(), 3)
     out["greedy_16_token_match"] = round((g.completion_ids == ref[:, P:]).float().mean().item(), 3)
@@ -428,14 +429,14 @@ def run_sampler(a) -> dict:
             scfg = SamplingConfig(
                 max_new_tokens=N, min_new_tokens=N, temperature=1.0, pad_token_id=0, stop_token_ids=[1]
             )
-            dec.generate(ids[:B], mask[:B], scfg)  # warm-up: compiles, captures the graph
+            dec.sample(ids[:B], mask[:B], scfg)  # warm-up: compiles, captures the graph
             if cuda:
                 torch.cuda.synchronize()
             setup = time.perf_counter() - t0
             reps = 3
             t0 = time.perf_counter()
             for _ in range(reps):
-                r = dec.generate(ids[:B], mask[:B], scfg)
+                r = dec.sample(ids[:B], mask[:B], scfg)
             if cuda:
                 torch.cuda.synchronize()
             s = (time.perf_counter() - t0) / reps

@@ -77,14 +77,26 @@ def load_function(spec: str, base_dir: str | Path | None = None) -> Callable:
 
 
 class FunctionSource(RewardSource):
+    """Your function fn(prompts, completions, **kwargs) -> floats. A function with a `users` parameter also gets
+    whom each completion is for (a list of user ids or None, from the caller's user column): a reward that
+    differs by user."""
+
     def __init__(self, cfg: FunctionReward, base_dir=None):
+        import inspect
+
         self.fn = load_function(cfg.function, base_dir)
         self.kwargs = cfg.kwargs
         self.name = cfg.name or cfg.function.rpartition(":")[2]
         self.label = cfg.function
+        try:
+            self.accepts_users = "users" in inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            self.accepts_users = False
 
-    def __call__(self, prompts, completions):
+    def __call__(self, prompts, completions, users=None):
         with user_code(f"reward function '{self.label}'", TrainingError):
+            if self.accepts_users:
+                return list(self.fn(list(prompts), list(completions), users=users, **self.kwargs))
             return list(self.fn(list(prompts), list(completions), **self.kwargs))
 
 
@@ -184,53 +196,152 @@ class HumanScoreSource(RewardSource):
         return out
 
 
+def load_reward_model(path: str, device, what: str | None = None, dtype=None, attn_implementation: str | None = None):
+    """(a trained reward model in eval mode on `device`, its tokenizer) to score with: a sequence classifier with
+    one label, as `prefcli reward` writes it (the score is read at the last non-pad token); for `rewards:
+    [{kind: model}]` and `prefcli explain`. `what` starts the error messages (the recipe field, e.g. 'rewards');
+    `dtype` and `attn_implementation` are transformers' defaults unless given."""
+    from .engine.models import load_errors, load_failure, quiet_transformers
+    from .engine.tokenizer import open_tokenizer
+
+    quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+
+    prefix = f"{what}: " if what else ""
+    kw = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation)) if v is not None}
+    try:
+        tok = open_tokenizer(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, **kw)
+    except load_errors() as e:
+        raise UsageError(prefix + load_failure("the reward model", path, e)) from None
+    except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
+        raise UsageError(f"{prefix}{e}") from None
+    if tok.pad_token_id is None:
+        raise UsageError(f"the reward model's tokenizer at {path} has no pad token")
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
 class ModelSource(RewardSource):
-    """A sequence-classification reward model; the score of prompt + completion at the last real token."""
+    """A sequence-classification reward model; the score of prompt + completion at the last real token.
+
+    A personalised reward model (`prefcli reward` with `reward.personalisation`; its user part in
+    final/personalisation/, prefcli/engine/personal.py) scores each completion for a user: the shared score plus
+    the user's head offset on the same hidden state. Whose: `user` (a user seen in training), `context` (a new
+    user fitted from their labelled pairs when the model loads), else each row's own user as the caller passes
+    them (`users`); an unknown user, or none, gets the shared part, with a warning naming unknown ids once."""
+
+    accepts_users = True
 
     def __init__(self, cfg: ModelReward, device=None):
         import torch
-        from transformers import AutoModelForSequenceClassification
 
-        from .engine.models import load_errors, load_failure
-        from .engine.tokenizer import open_tokenizer
+        from .engine import personal
 
-        try:
-            self.tok = open_tokenizer(cfg.path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.path, num_labels=1, use_safetensors=True
-            )
-        except load_errors() as e:
-            raise UsageError(f"rewards: {load_failure('the reward model', cfg.path, e)}") from None
-        except UsageError as e:  # a degenerate tokenizer (open_tokenizer)
-            raise UsageError(f"rewards: {e}") from None
-        if self.tok.pad_token is None:
-            raise UsageError(f"the reward model tokenizer at {cfg.path} has no pad token")
-        self.model.config.pad_token_id = self.tok.pad_token_id
         self.device = device or torch.device("cpu")
-        self.model.to(self.device).eval()
+        self.model, self.tok = load_reward_model(cfg.path, self.device, "rewards")
         self.cfg = cfg
         self.name = cfg.name or "model"
+        self.warnings: list[str] = []
+        self._unknown: set[str] = set()
+        self.personal = None
+        self.fixed = None  # the head offset every completion gets (cfg.user, cfg.context)
+        if Path(cfg.path).is_dir() and personal.is_personalised(cfg.path):
+            try:
+                self.personal = personal.load(cfg.path)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise UsageError(
+                    f"rewards: {cfg.path}/{personal.FOLDER}: could not load the user part: {str(e).splitlines()[0]}"
+                ) from None
+            self.personal.cond.to(self.device)
+            if cfg.user is not None:
+                i = self.personal.index.get(cfg.user)
+                if i is None:
+                    raise UsageError(
+                        f"rewards: user '{cfg.user}' is not a user of the reward model {cfg.path} (its users: "
+                        f"{', '.join(self.personal.cond.users[:20])}); give a new user's pairs with `context:` instead"
+                    )
+                self.fixed = self.personal.offsets[i].to(self.device)
+            elif cfg.context is not None:
+                self.fixed = self._fit_context(cfg.context)
+        elif cfg.user is not None or cfg.context is not None:
+            raise UsageError(
+                f"rewards: `{'user' if cfg.user is not None else 'context'}` needs a personalised reward model "
+                f"(prefcli reward with reward.personalisation), and {cfg.path} has no {personal.FOLDER}/ folder"
+            )
 
-    def __call__(self, prompts, completions):
+    def _encode(self, prompts, completions):
+        """Prompt + completion texts as the model reads them: BOS once (a chat-rendered prompt may carry its own),
+        cut from the left to max_length, padded on the right."""
+        from .engine.tokenizer import text_ids
+
+        tok = self.tok
+        tok.padding_side = "right"
+        ids = [text_ids(tok, p + c)[-self.cfg.max_length :] for p, c in zip(prompts, completions)]
+        return tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+
+    def hidden_and_shared(self, prompts, completions):
+        """(hidden states [n, d] the head reads, shared scores [n]) of prompt + completion texts, batched."""
         import torch
 
-        scores: list[float] = []
-        tok = self.tok
-        side = tok.truncation_side
-        tok.padding_side, tok.truncation_side = "right", "left"
-        try:
+        from .engine.personal import last_hidden, shared_score
+
+        hs, ss = [], []
+        bs = self.cfg.batch_size
+        for s in range(0, len(prompts), bs):
+            enc = self._encode(prompts[s : s + bs], completions[s : s + bs])
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            with torch.no_grad():
+                h = last_hidden(self.model, enc["input_ids"], enc["attention_mask"])
+                hs.append(h)
+                ss.append(shared_score(self.model, h))
+        if not hs:
+            return torch.zeros(0, 1, device=self.device), torch.zeros(0, device=self.device)
+        return torch.cat(hs), torch.cat(ss)
+
+    def _fit_context(self, path: str):
+        """A new user's head offset, fitted from their labelled pairs in `path` (engine.personal: Conditioner.fit)."""
+        from .engine.data import check_values, load_rows
+        from .recipe.sections import DataSource
+
+        ds = load_rows(DataSource(path=path), required=["chosen", "rejected"], what="rewards.context")
+        check_values(ds, ["chosen", "rejected"], path, what="rewards.context")
+        prompts = [
+            str(p) if p is not None else "" for p in (ds["prompt"] if "prompt" in ds.column_names else [""] * len(ds))
+        ]
+        hc, sc = self.hidden_and_shared(prompts, [str(c) for c in ds["chosen"]])
+        hr, sr = self.hidden_and_shared(prompts, [str(c) for c in ds["rejected"]])
+        cond = self.personal.cond
+        state = cond.fit(hc.float().cpu(), hr.float().cpu(), (sc - sr).float().cpu())
+        return cond.offsets(state[None].to(self.device))[0].detach()
+
+    def __call__(self, prompts, completions, users=None):
+        import torch
+
+        if self.personal is None:
+            scores: list[float] = []
             for s in range(0, len(prompts), self.cfg.batch_size):
-                texts = [
-                    p + c
-                    for p, c in zip(prompts[s : s + self.cfg.batch_size], completions[s : s + self.cfg.batch_size])
-                ]
-                enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.cfg.max_length)
+                enc = self._encode(prompts[s : s + self.cfg.batch_size], completions[s : s + self.cfg.batch_size])
                 with torch.no_grad():
                     out = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits[:, 0]
                 scores.extend(out.float().tolist())
-        finally:
-            tok.truncation_side = side
-        return scores
+            return scores
+        h, shared = self.hidden_and_shared(list(prompts), list(completions))
+        if self.fixed is not None:
+            offsets = self.fixed[None].expand(h.shape[0], -1)
+        else:
+            offsets = torch.zeros_like(h)
+            for j, u in enumerate(users if users is not None else [None] * h.shape[0]):
+                i = self.personal.index.get(u) if u is not None else None
+                if i is not None:
+                    offsets[j] = self.personal.offsets[i].to(h.device)
+                elif u is not None and u not in self._unknown:
+                    self._unknown.add(u)
+                    self.warnings.append(
+                        f"reward '{self.name}': user '{u}' is not a user of {self.cfg.path}; scored by the shared part "
+                        "(the fallback for an unknown user); give their labelled pairs as `context:` to personalise"
+                    )
+        return (shared + (h * offsets.float()).sum(-1)).float().tolist()
 
 
 def _mean(v):
@@ -292,12 +403,14 @@ class EnsembleSource(RewardSource):
 
 
 class RewardSet:
-    """Weighted sum of sources, with the per-source values for logging."""
+    """Weighted sum of sources, with the per-source values for logging. `warn` gets what a source has to say
+    (a personalised reward model asked about a user it does not know); default: stderr."""
 
-    def __init__(self, sources: list[RewardSource]):
-        if not sources:
+    def __init__(self, sources: list[RewardSource], warn: Callable[[str], None] | None = None, empty_ok: bool = False):
+        if not sources and not empty_ok:  # empty_ok: rlhf in an environment, whose own reward may be the only one
             raise UsageError("no reward source given: add at least one entry under `rewards:`")
         self.sources = sources
+        self.warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
         names = [s.name for s in sources]
         for i, s in enumerate(sources):  # keep metric names unique
             if names.count(s.name) > 1:
@@ -312,14 +425,25 @@ class RewardSet:
             if hasattr(s, "load_state_dict") and s.name in state:
                 s.load_state_dict(state[s.name])
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], users: Sequence[str | None] | None = None
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """The weighted total and each source's values. `users`: whom each completion is for (personalised reward
+        models score it for that user; other sources ignore it)."""
         n = len(completions)
         total = [0.0] * n
         parts: dict[str, list[float]] = {}
         for src in self.sources:
             label = getattr(src, "label", src.name)
             try:
-                vals = src(prompts, completions)
+                if users is not None and getattr(src, "accepts_users", False):
+                    vals = src(prompts, completions, users=list(users))
+                else:
+                    vals = src(prompts, completions)
+                for m in getattr(src, "warnings", ()):
+                    self.warn(m)
+                if getattr(src, "warnings", None):
+                    src.warnings.clear()
             except (TrainingError, UsageError):
                 raise
             except Exception as e:
@@ -416,7 +540,7 @@ class JudgeSource(RewardSource):
         the answer tokens, renormalised)."""
         import torch
 
-        from .engine.rollout import left_pad
+        from .engine.sampling import left_pad
 
         out: list[float] = []
         add_special = not self.cfg.chat_template  # a chat template writes its own special tokens
@@ -494,5 +618,11 @@ def build_source(cfg, base_dir=None, tokenizer=None, device=None, field: str = "
     return src
 
 
-def build_rewards(specs, base_dir=None, tokenizer=None, device=None, field: str = "rewards") -> RewardSet:
-    return RewardSet([build_source(cfg, base_dir, tokenizer, device, f"{field}[{i}]") for i, cfg in enumerate(specs)])
+def build_rewards(
+    specs, base_dir=None, tokenizer=None, device=None, field: str = "rewards", warn=None, empty_ok: bool = False
+) -> RewardSet:
+    return RewardSet(
+        [build_source(cfg, base_dir, tokenizer, device, f"{field}[{i}]") for i, cfg in enumerate(specs)],
+        warn,
+        empty_ok,
+    )

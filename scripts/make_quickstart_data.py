@@ -63,7 +63,8 @@ def sample_pairs(model_dir: Path, prompts: list[str], seed: int, max_new_tokens:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad
+    from prefcli.engine.rollout import FastDecoder
+    from prefcli.engine.sampling import SamplingConfig, left_pad
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -85,7 +86,7 @@ def sample_pairs(model_dir: Path, prompts: list[str], seed: int, max_new_tokens:
             pad = width - pid.shape[1]
             pid = torch.cat([torch.full((B, pad), tok.pad_token_id), pid], 1)
             pmask = torch.cat([torch.zeros((B, pad), dtype=pmask.dtype), pmask], 1)
-        r = dec.generate(pid, pmask, cfg)
+        r = dec.sample(pid, pmask, cfg)
         for j in range(min(B, len(rows) - s)):
             c = r.completion_ids[j][r.completion_mask[j].bool()].tolist()
             out.append(tok.decode(c, skip_special_tokens=True))

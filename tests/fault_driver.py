@@ -96,15 +96,15 @@ def install(fault: str) -> None:
 
         runfolder.write_final = cut_final
     elif kind == "sigterm-at-startup":
-        import prefcli.runner
+        from prefcli.engine import run
 
-        check = prefcli.runner.check_position_limit  # runs right after the task (data, models) is built
+        check = run.check_position_limit  # runs right after the task (data, models) is built
 
         def term_then_check(task, recipe):
             os.kill(os.getpid(), signal.SIGTERM)
             return check(task, recipe)
 
-        prefcli.runner.check_position_limit = term_then_check
+        run.check_position_limit = term_then_check
     elif kind == "sigterm-while-plotting":
         from prefcli.engine import plots
 

@@ -162,6 +162,37 @@ def rlhf(**upd) -> dict:
     return deep_update(d, upd)
 
 
+def rlhf_env(**upd) -> dict:
+    """rlhf in an environment: the bundled guess-the-number game, no prompt data."""
+    env_upd = upd.pop("env_upd", {})
+    d = rlhf(**upd)
+    d.pop("data")
+    d["rewards"] = []
+    d["env"] = {"kind": "python", "path": "prefcli.envs.bundled.guess:GuessNumber", "max_episode_tokens": 64}
+    return deep_update(d, env_upd)
+
+
+def with_env(env: dict, files: dict[str, str] | None = None) -> Callable[[Env], list[str]]:
+    """An rlhf recipe whose env section is `env` (merged into the base's), with `files` written beside it."""
+
+    def argv(e: Env) -> list[str]:
+        for name, text in (files or {}).items():
+            e.write(name, text)
+        d = rlhf_env(env_upd={"env": env})
+        d["env"] = {k: v for k, v in d["env"].items() if v is not None}
+        return e.cmd("rlhf", d)
+
+    return argv
+
+
+ENV_OK = "from prefcli.envs import Observation\n"
+ENV_GAME = (
+    ENV_OK + "class Game:\n    def reset(self, seed=None):\n        return Observation(text='hi')\n"
+    "    def step(self, action):\n        return Observation(done=True, reward=1.0)\n"
+)
+TOOL_DOC = '        """Peek.\n\n        Args:\n            x: What.\n        """\n'
+
+
 def gan(**upd) -> dict:
     d = {
         "command": "gan",
@@ -566,6 +597,111 @@ case(
     lambda e: e.cmd("rlhf", rlhf(rlhf={"algorithm": "gpro"})),
     ["rlhf.algorithm", "did you mean 'grpo'"],
 )
+# --- rlhf in an environment (docs/environments.md): the recipe, then the class, checked before training
+case(
+    "env-path-does-not-import",
+    with_env({"path": "env.py:Game"}, {"env.py": "raise RuntimeError('broken on import')\n"}),
+    ["env.path", "{dir}/env.py:Game'", "importing", "RuntimeError: broken on import", "shows the traceback"],
+)
+case(
+    "env-module-missing",
+    with_env({"path": "no_such_env_module_xyz:Game"}),
+    ["env.path", "'no_such_env_module_xyz:Game'", "ModuleNotFoundError"],
+)
+case("env-class-missing", with_env({"path": "env.py:Nope"}, {"env.py": ENV_GAME}), ["env.path", "has no 'Nope'"])
+case(
+    "env-class-missing-step",
+    with_env(
+        {"path": "env.py:Half"}, {"env.py": ENV_OK + "class Half:\n    def reset(self, seed=None):\n        pass\n"}
+    ),
+    ["env.path", "Half has no step method", "reset(seed) -> Observation and step(action) -> Observation"],
+)
+case(
+    "env-class-missing-reset-and-step",
+    with_env({"path": "env.py:Empty"}, {"env.py": "class Empty:\n    pass\n"}),
+    ["env.path", "Empty has no reset or step method"],
+)
+case(
+    "env-not-a-class",
+    with_env({"path": "env.py:game"}, {"env.py": "def game():\n    pass\n"}),
+    ["env.path", "is a function, not a class"],
+)
+case(
+    "env-args-not-accepted",
+    with_env({"path": "env.py:Game", "args": {"size": 3}}, {"env.py": ENV_GAME}),
+    ["env.args", "Game() does not accept {'size': 3}", "unexpected keyword argument 'size'"],
+)
+case(
+    "env-args-rejected-by-the-constructor",
+    with_env({"args": {"low": 9, "high": 2}}),
+    ["env.args", "making the environment prefcli.envs.bundled.guess:GuessNumber failed", "low (9) must be below"],
+)
+case(
+    "env-tool-without-docstring",
+    with_env(
+        {"path": "env.py:Tooled"},
+        {"env.py": ENV_GAME + "class Tooled(Game):\n    def peek(self) -> str:\n        return 'x'\n"},
+    ),
+    ["env.path", "Tooled.peek is a public method, so a tool, but has no docstring", "make it private (_peek)"],
+)
+case(
+    "env-tool-unsupported-annotation",
+    with_env(
+        {"path": "env.py:Tooled"},
+        {
+            "env.py": ENV_GAME
+            + "class Tooled(Game):\n    def peek(self, x: Game) -> str:\n"
+            + TOOL_DOC
+            + "        return 'x'\n"
+        },
+    ),
+    ["env.path", "Tooled.peek cannot be a tool", "Couldn't convert the type hint"],
+)
+case(
+    "env-tool-argument-undescribed",
+    with_env(
+        {"path": "env.py:Tooled"},
+        {
+            "env.py": ENV_GAME
+            + "class Tooled(Game):\n    def peek(self, n: int) -> str:\n        'Peek.'\n        return 'x'\n"
+        },
+    ),
+    ["env.path", "Tooled.peek cannot be a tool"],
+)
+case(
+    "env-path-no-colon", with_env({"path": "prefcli.envs.bundled.guess"}), ["env.path", "must look like 'module:Class'"]
+)
+case("env-path-file-missing", with_env({"path": "nope.py:Game"}), ["env.path", "no such file", "nope.py"])
+case("env-kind-typo", with_env({"kind": "pyhton"}), ["env", "'pyhton'"])
+case("env-tool-format-typo", with_env({"tool_format": "hermse"}), ["env.tool_format", "did you mean 'hermes'"])
+case(
+    "env-eval-seeds-overlap-training",
+    with_env({"num_tasks": 100, "eval_seed": 50}),
+    ["env", "eval_seed (50) is below num_tasks (100)"],
+)
+case(
+    "env-openenv-url-scheme",
+    with_env({"kind": "openenv", "url": "localhost:8000", "path": None}),
+    ["env.url", "must start with http://"],
+)
+case(
+    "env-and-data-both",
+    lambda e: e.cmd("rlhf", {**rlhf_env(), "data": rlhf()["data"]}),
+    ["data", "not used with env"],
+)
+case(
+    "env-turn-budget-over-the-cap",
+    lambda e: e.cmd("rlhf", rlhf_env(generation={"max_new_tokens": 64})),
+    ["generation.max_new_tokens", "per-turn budget (64) must be below env.max_episode_tokens (64)"],
+)
+case(
+    "rlhf-neither-data-nor-env",
+    lambda e: e.cmd("rlhf", {k: v for k, v in rlhf().items() if k != "data"}),
+    ["data", "required field is missing"],
+)
+case(
+    "eval-env-metric-without-env", lambda e: e.cmd("eval", evalr(metrics=["env"], data={})), ["metric 'env' needs env"]
+)
 case(
     "recipe-gan-bt-weight-without-pairs",
     lambda e: e.cmd("gan", gan(gan={"bt_weight": 1.0})),
@@ -590,6 +726,147 @@ case(
     "recipe-reward-objective-typo",
     lambda e: e.cmd("reward", pref("reward", reward={"objective": "bradley-terry"})),
     ["reward.objective", "did you mean 'bradley_terry'"],
+)
+
+
+# --- personalisation (reward.personalisation, the user column)
+def personal(**p) -> dict:
+    return pref("reward", reward={"personalisation": {"kind": "user_embedding", **p}})
+
+
+case(
+    "recipe-personalisation-kind-typo",
+    lambda e: e.cmd("reward", pref("reward", reward={"personalisation": {"kind": "user_embeding"}})),
+    ["reward.personalisation", "user_embeding", "user_embedding"],
+)
+case(
+    "recipe-personalisation-generic-weight",
+    lambda e: e.cmd("reward", personal(generic_weight=1.5)),
+    ["reward.personalisation.generic_weight", "less than or equal to 1"],
+)
+case(
+    "recipe-personalisation-latent-dim",
+    lambda e: e.cmd("reward", pref("reward", reward={"personalisation": {"kind": "latent", "latent_dim": 0}})),
+    ["reward.personalisation.latent_dim", "greater than 0"],
+)
+case(
+    "recipe-personalisation-context-pairs",
+    lambda e: e.cmd(
+        "reward",
+        pref("reward", reward={"personalisation": {"kind": "latent", "context_pairs": 4, "min_context_pairs": 8}}),
+    ),
+    ["reward.personalisation.latent", "min_context_pairs (8) exceeds context_pairs (4)"],
+)
+case(
+    "recipe-personalisation-lowrank-rank",
+    lambda e: e.cmd("reward", pref("reward", reward={"personalisation": {"kind": "lowrank", "rank": -1}})),
+    ["reward.personalisation.rank", "greater than 0"],
+)
+case(
+    "recipe-personalisation-new-user-labels",
+    lambda e: e.cmd("reward", personal(new_user_labels=[0, 5, 5])),
+    ["new_user_labels", "listed twice"],
+)
+case(
+    "recipe-personalisation-not-pairs",
+    lambda e: e.cmd(
+        "reward", pref("reward", reward={"objective": "regression", "personalisation": {"kind": "latent"}})
+    ),
+    ["reward.personalisation needs pairs", "objective 'regression'"],
+)
+case(
+    "recipe-eval-users-and-fraction",
+    lambda e: e.cmd("reward", pref("reward", data={"eval_users": ["a"], "eval_user_fraction": 0.2})),
+    ["data.eval_users or data.eval_user_fraction, not both"],
+)
+case(
+    "data-personalisation-without-user-column",
+    lambda e: e.cmd("reward", personal()),
+    ["data.train", "pref_train.jsonl", "reward.personalisation needs a user column", "rater", "data.user_column"],
+)
+case(
+    "data-user-column-named-but-absent",
+    lambda e: pref_rows(e, "reward", pairs(8, rater="a"), data={"user_column": "annotator"}),
+    ["data.train", "data.user_column needs column 'annotator'", "columns: prompt, chosen, rejected, rater"],
+)
+case(
+    "data-user-id-not-a-string",
+    lambda e: pref_rows(e, "reward", pairs(8, rater=[1, 2]), reward={"personalisation": {"kind": "latent"}}),
+    ["data.train", "row 1: user 'rater' is [1, 2]", "a string or an integer"],
+)
+case(
+    "data-held-out-user-absent",
+    lambda e: pref_rows(e, "reward", pairs(8, rater="a"), data={"eval_users": ["zed"]}),
+    ["data.eval_users: zed never appear", "users: a"],
+)
+case(
+    "data-held-out-users-leave-nothing",
+    lambda e: pref_rows(e, "reward", pairs(8, rater="a"), data={"eval_users": ["a"]}),
+    ["holding out a leaves no training row"],
+)
+case(
+    "reward-model-user-and-context",
+    with_reward({"kind": "model", "path": str(TOKENIZER), "user": "a", "context": str(TINY / "pref_train.jsonl")}),
+    ["rewards[0]", "give user (a user seen in training) or context (a new user's pairs), not both"],
+)
+case(
+    "reward-model-user-without-personalisation",
+    lambda e: e.cmd("rlhf", rlhf(rewards=[{"kind": "model", "path": model_dir(e), "user": "a"}])),
+    ["rewards: `user` needs a personalised reward model", "no personalisation/ folder"],
+)
+case(
+    "recipe-eval-empty-user",
+    lambda e: e.cmd("eval", evalr(user=" ")),
+    ["user: an empty user id"],
+)
+case(
+    "recipe-personalisation-user-embedding-dim",
+    lambda e: e.cmd("reward", personal(dim=0)),
+    ["recipe.yaml:", "reward.personalisation.dim", "greater than 0"],
+)
+case(
+    "recipe-policy-personalisation-generic-fraction",
+    lambda e: e.cmd("contrastive", pref("contrastive", contrastive={"personalisation": {"generic_fraction": 1.0}})),
+    ["contrastive.personalisation.generic_fraction", "less than 1"],
+)
+case(
+    "recipe-policy-personalisation-kind",
+    lambda e: e.cmd("rlhf", rlhf(rlhf={"personalisation": {"kind": "soft_prefix"}})),
+    ["rlhf.personalisation.kind", "user_token"],
+)
+case(
+    "recipe-policy-personalisation-unpaired-objective",
+    lambda e: e.cmd(
+        "contrastive", pref("contrastive", contrastive={"objective": "kto", "personalisation": {"kind": "user_token"}})
+    ),
+    ["contrastive.personalisation needs a paired objective", "'kto'"],
+)
+case(
+    "recipe-policy-personalisation-with-lora",
+    lambda e: e.cmd("rlhf", rlhf(rlhf={"personalisation": {}}, model={"lora": {"r": 4}})),
+    ["rlhf.personalisation", "does not work with model.lora"],
+)
+case(
+    "recipe-policy-personalisation-with-env",
+    lambda e: e.cmd("rlhf", rlhf_env(rlhf={"personalisation": {}})),
+    ["rlhf.personalisation", "not with env", "data.user_column"],
+)
+case(
+    "recipe-policy-personalisation-in-gan",
+    lambda e: e.cmd("gan", gan(rlhf={"personalisation": {}})),
+    ["rlhf.personalisation", "applies to prefcli rlhf, not gan"],
+)
+case(
+    "data-policy-personalisation-without-user-column",
+    lambda e: e.cmd("contrastive", pref("contrastive", contrastive={"personalisation": {}})),
+    ["data.train", "pref_train.jsonl", "needs a user column", "data.user_column"],
+)
+case(
+    "generate-user-of-a-policy-that-is-not-personalised",
+    lambda e: ["generate", model_dir(e), "-q", "--user", "a"],
+    ["--user:", "is not a personalised policy", "contrastive.personalisation or rlhf.personalisation"],
+    json_on_stdout=False,
+    stdin=b"In the beginning\n",
 )
 case("recipe-eval-no-models", lambda e: e.cmd("eval", evalr(models=[])), ["models"])
 case(
@@ -1075,6 +1352,61 @@ case(
     "model-path-is-a-file",
     lambda e: e.cmd("sft", deep_update(sft(), {"model": {"path": str(TINY / "text.jsonl"), "init": None}})),
     ["text.jsonl", "could not load"],
+)
+
+
+def _set_config(**kw) -> Callable[[Path], None]:
+    """Damage for model_dir: keys added to config.json."""
+
+    def f(root: Path) -> None:
+        cfg = json.loads((root / "config.json").read_text())
+        cfg.update(kw)
+        (root / "config.json").write_text(json.dumps(cfg))
+
+    return f
+
+
+def family_dir(e: Env, arch: str, **config) -> str:
+    """A tiny random model folder of another family (with the bundled tokenizer) in the case folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id, **dims, **config)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(e.p(arch))
+    tok.save_pretrained(e.p(arch))
+    return str(e.p(arch))
+
+
+def _remote_code_dir(root: Path) -> None:
+    """A model folder whose architecture lives in its own code (config auto_map), as hub repos ship it."""
+    cfg = json.loads((root / "config.json").read_text())
+    cfg.update(model_type="prefcli_custom", auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                                                      "AutoModelForCausalLM": "modeling_custom.CustomLM"})  # fmt: skip
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / "modeling_custom.py").write_text("raise RuntimeError('remote code ran')\n")
+
+
+# --- model families and the start-up guard (docs/families.md)
+case(
+    "guard-kernel-differs-from-the-model",  # a logit scale prefcli believes in (config) that the model ignores
+    lambda e: sft_model(e, _set_config(logits_scaling=4.0)),
+    ["qwen2: prefcli's log-prob kernel differs from the model's own forward", "nats", "first batch",
+     "model.on_mismatch: fallback"],
+)  # fmt: skip
+case(
+    "model-attn-implementation-unsupported",  # transformers refuses sdpa for Gemma 2 (soft-capped scores)
+    lambda e: e.cmd("sft", deep_update(sft(), {"model": {"path": family_dir(e, "gemma2", head_dim=8), "init": None,
+                                                          "attn_implementation": "sdpa"}})),
+    ["could not load the model", "model.attn_implementation", "leave it unset"],
+)  # fmt: skip
+case(
+    "generate-remote-code-not-trusted",
+    lambda e: ["generate", model_dir(e, _remote_code_dir), "-p", e.write("p.txt", "hi\n")],
+    ["its own", "--trust-remote-code"],
+    json_on_stdout=False,
 )
 
 
@@ -1713,6 +2045,17 @@ warned(
     "warn-pairs-skipped",
     lambda e: pref_rows(e, "contrastive", pairs(6) + [{"prompt": "p", "chosen": " same", "rejected": " same"}] * 2),
     ["pairs.jsonl", "skipped 2 of 8 rows", "chosen identical to rejected"],
+)
+warned(
+    "warn-guard-fallback-to-the-models-own-forward",
+    lambda e: e.cmd(
+        "sft",
+        deep_update(
+            sft(),
+            {"model": {"path": model_dir(e, _set_config(logits_scaling=4.0)), "init": None, "on_mismatch": "fallback"}},
+        ),
+    ),
+    ["qwen2: prefcli's log-prob kernel differs", "model.on_mismatch is fallback", "the model's own forward"],
 )
 warned(
     "warn-truncated-rows",

@@ -58,6 +58,7 @@ def _direct_perplexity(model_dir, texts, max_length):
     return math.exp(nll / n)
 
 
+@pytest.mark.slow
 def test_final_model_reloads_and_matches_direct_perplexity(tmp_path, write_recipe, cli):
     p = write_recipe(sft_recipe_dict(train={"max_steps": 5}))
     code, stdout, stderr = cli("sft", p, "-o", tmp_path / "run", "-q")
@@ -73,6 +74,7 @@ def test_final_model_reloads_and_matches_direct_perplexity(tmp_path, write_recip
     assert "- **Licence**: none found" in card and "license:" not in card.split("---")[1]
 
 
+@pytest.mark.slow
 def test_smoke_swaps_in_a_tiny_model_of_the_same_family(tmp_path, write_recipe, cli, tiny_model_dir):
     d = sft_recipe_dict(train={"max_steps": 50, "batch_size": 8})
     d["model"] = {"path": str(tiny_model_dir)}
@@ -89,6 +91,7 @@ def test_smoke_swaps_in_a_tiny_model_of_the_same_family(tmp_path, write_recipe, 
     assert "max_steps: 3" in saved and "max_rows: 16" in saved
 
 
+@pytest.mark.slow
 def test_gpt2_family_and_lora(tmp_path, write_recipe, cli):
     d = sft_recipe_dict()
     d["model"]["init"] = {
@@ -164,6 +167,7 @@ def test_bad_data_exit_2(tmp_path, write_recipe, cli):
     _bad(cli, tmp_path, write_recipe(d), match="no example has a token to train on")
 
 
+@pytest.mark.slow
 def test_tokenizer_without_pad_token(tmp_path, write_recipe, cli):
     tok = AutoTokenizer.from_pretrained(ROOT / "data" / "tokenizer")
     tok.pad_token = None
@@ -178,6 +182,7 @@ def test_tokenizer_without_pad_token(tmp_path, write_recipe, cli):
     assert code == 0, stderr
 
 
+@pytest.mark.slow
 def test_output_dir_with_another_run_is_refused_and_untouched(tmp_path, write_recipe, cli):
     p = write_recipe(sft_recipe_dict(train={"max_steps": 2}))
     out = tmp_path / "run"

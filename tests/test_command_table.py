@@ -1,13 +1,12 @@
-"""The command tables (runner.TASKS for training, runner.RECIPE_TOOLS for recipe commands that train
-nothing), the recipe schemas, the CLI and the bundled recipes agree."""
+"""The command table (prefcli.recipe.COMMANDS), what is derived from it (the schemas, the CLI commands, the
+tasks), the bundled recipes and the registries agree."""
 
 import importlib
 
 import yaml
 
 from prefcli.cli import app
-from prefcli.recipe import SCHEMAS, RecipeBase, load_recipe
-from prefcli.runner import RECIPE_TOOLS, TASKS
+from prefcli.recipe import COMMANDS, SCHEMAS, RecipeBase, load_recipe
 
 from .conftest import ROOT
 
@@ -18,16 +17,19 @@ def cli_commands() -> set[str]:
     return set(typer.main.get_command(app).commands)
 
 
-def test_every_schema_has_exactly_one_runner_and_a_cli_command():
-    assert not set(TASKS) & set(RECIPE_TOOLS), "a command either trains (TASKS) or not (RECIPE_TOOLS)"
-    assert set(TASKS) | set(RECIPE_TOOLS) == set(SCHEMAS)
-    assert set(SCHEMAS) <= cli_commands()
-    for command, module in TASKS.items():
-        assert callable(importlib.import_module(module).build), command
-        assert issubclass(SCHEMAS[command], RecipeBase), f"training recipe {command} lacks the shared sections"
-    for command, module in RECIPE_TOOLS.items():
-        assert callable(importlib.import_module(module).run), command
-        assert not issubclass(SCHEMAS[command], RecipeBase), f"{command} trains nothing; it has no train section"
+def test_every_row_is_a_cli_command_and_a_training_row_has_a_task():
+    import typer.main
+
+    assert SCHEMAS == {name: row.schema for name, row in COMMANDS.items()}
+    assert set(COMMANDS) <= cli_commands()
+    group = typer.main.get_command(app)
+    for command, row in COMMANDS.items():
+        assert row.help.split(".")[0] in " ".join((group.commands[command].help or "").split()), command
+        if row.task is not None:
+            assert callable(importlib.import_module(row.task).build), command
+            assert issubclass(row.schema, RecipeBase), f"training recipe {command} lacks the shared sections"
+        else:
+            assert not issubclass(row.schema, RecipeBase), f"{command} trains nothing; it has no train section"
 
 
 def test_every_command_has_a_tiny_recipe_that_validates():

@@ -18,7 +18,17 @@ from prefcli.engine.progress import Progress
 from prefcli.recipe import load_recipe
 from prefcli.runner import RunContext, RunOptions, run_training
 
-from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics, run_subprocess
+from .conftest import (
+    DATA,
+    NO_PLOT,
+    ROOT,
+    TINY_INIT,
+    TOKENIZER,
+    deep_update,
+    last_json,
+    losses,
+    read_metrics,
+)
 
 LN2 = math.log(2)
 
@@ -99,6 +109,7 @@ def test_padding_does_not_change_sequence_logps(write_recipe, tmp_path):
 # ---------------------------------------------------------------------- the reference
 
 
+@pytest.mark.slow
 def test_first_dpo_loss_is_ln2_and_the_reference_is_checkpointed(tmp_path, write_recipe):
     s, out = run(tmp_path, write_recipe, "dpo", pref_dict(train={"max_steps": 2, "save_every_steps": 2}))
     m = read_metrics(out)
@@ -109,6 +120,7 @@ def test_first_dpo_loss_is_ln2_and_the_reference_is_checkpointed(tmp_path, write
     assert s["objective"]["reference"] is True and s["objective"]["beta"] == 0.1
 
 
+@pytest.mark.slow
 def test_reference_free_objectives_compute_no_reference(tmp_path, write_recipe):
     for obj in ("simpo", "orpo"):
         s, out = run(tmp_path, write_recipe, obj, pref_dict(obj, train={"max_steps": 1, "save_every_steps": 1}))
@@ -117,6 +129,7 @@ def test_reference_free_objectives_compute_no_reference(tmp_path, write_recipe):
     assert s["objective"]["reduce"] == "mean" and math.isfinite(s["final"]["loss/orpo"])
 
 
+@pytest.mark.slow
 def test_reference_gets_no_gradient_and_stays_the_initial_model(tmp_path, write_recipe):
     """With LoRA the reference is the same weights with adapters off: after training, recomputing it
     gives the stored values exactly (nothing trained the reference), while the policy moved."""
@@ -145,6 +158,7 @@ def test_reference_gets_no_gradient_and_stays_the_initial_model(tmp_path, write_
     assert (now[:8] - ref0[:8, 0]).abs().max() > 1e-3  # the policy did move
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
     """Losses are normalised by the pairs (kto: rows) of the whole accumulated batch; KTO's KL estimate
     spans the whole step."""
@@ -167,18 +181,19 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4, obj
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_stored_reference(tmp_path, write_recipe, monkeypatch):
     d = pref_dict(train={"max_steps": 4, "save_every_steps": 2})
     _, full = run(tmp_path, write_recipe, "full", d)
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
-    from prefcli.algos.contrastive import PreferenceTask
+    from prefcli.algos.contrastive import ContrastiveTask
 
     def no_recompute(*a, **k):
         raise AssertionError("reference log-probs recomputed on resume")
 
-    monkeypatch.setattr(PreferenceTask, "_ref_table", no_recompute)
+    monkeypatch.setattr(ContrastiveTask, "_ref_table", no_recompute)
     s, _ = run(tmp_path, write_recipe, "resumed", d, resume=True)
     lf, lr = losses(full, "loss/dpo"), losses(resumed, "loss/dpo")
     assert sorted(lr) == [3, 4] and all(lr[k] == pytest.approx(lf[k], abs=1e-6) for k in lr)
@@ -188,6 +203,7 @@ def test_resume_reuses_the_stored_reference(tmp_path, write_recipe, monkeypatch)
 # ---------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_held_out_preference_accuracy_rises(tmp_path, write_recipe):
     """Pairs with a learnable rule (the chosen answer ends ', saith the LORD.'), held-out verses from
     chapters never seen in training. Before the first step the policy is the reference: every
@@ -205,6 +221,7 @@ def test_held_out_preference_accuracy_rises(tmp_path, write_recipe):
 # ---------------------------------------------------------------------- data
 
 
+@pytest.mark.slow
 def test_chat_pairs_with_explicit_and_implicit_prompts(tmp_path, write_recipe):
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     rows = [json.loads(x) for x in (DATA / "tiny" / "pref_chat.jsonl").read_text().splitlines()[:4]]
@@ -236,6 +253,7 @@ def _bad(cli, tmp_path, recipe, match):
     assert last_json(stdout)["status"] == "invalid" and not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_bad_rows_are_counted_and_no_usable_row_exits_2(tmp_path, write_recipe, cli):
     good = [json.loads(x) for x in (DATA / "tiny" / "pref_train.jsonl").read_text().splitlines()[:8]]
     bad = [
@@ -268,6 +286,7 @@ def test_bad_rows_are_counted_and_no_usable_row_exits_2(tmp_path, write_recipe, 
 # ---------------------------------------------------------------------- InfoNCE
 
 
+@pytest.mark.slow
 def test_infonce_encoder_learns_and_reloads_as_a_scorer(tmp_path, write_recipe):
     from prefcli.algos.infonce import EncoderScorer
 
@@ -301,11 +320,12 @@ def test_infonce_encoder_learns_and_reloads_as_a_scorer(tmp_path, write_recipe):
 
 
 @pytest.mark.slow
-def test_contrastive_end_to_end_subprocess(tmp_path, write_recipe):
+def test_contrastive_end_to_end(tmp_path, write_recipe, cli):
+    """Through the CLI in this process (tests/test_cli_sft.py runs the real entry point in a process of its own)."""
     p = write_recipe(pref_dict(train={"max_steps": 4, "eval_every_steps": 2}))
-    res = run_subprocess("contrastive", p, "-o", tmp_path / "run")
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
+    code, stdout, stderr = cli("contrastive", p, "-o", tmp_path / "run")
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
     assert len(lines) == 1
     s = json.loads(lines[0])
     assert s["command"] == "contrastive" and s["steps"] == 4
@@ -321,7 +341,7 @@ def test_contrastive_end_to_end_subprocess(tmp_path, write_recipe):
         "eval/margin",
         "eval/loss",
     }
-    assert "step 4/4" in res.stderr and "eval @ step 2" in res.stderr
+    assert "step 4/4" in stderr and "eval @ step 2" in stderr
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
 
@@ -334,53 +354,7 @@ def test_every_tiny_contrastive_recipe_runs_with_smoke(tmp_path, cli):
     # contrastive-<objective>[-<variant>].yaml: every objective has one; variants switch a feature on
     assert {p.stem.split("-")[1] for p in recipes} == set(CONTRASTIVE_OBJECTIVES)
     for p in recipes:
-        code, stdout, stderr = cli("contrastive", p, "--smoke", "-o", tmp_path / p.stem, "-q")
+        code, stdout, stderr = cli("contrastive", p, "--smoke", "-o", tmp_path / p.stem, "-q", *NO_PLOT)
         assert code == 0, (p, stderr)
         s = last_json(stdout)
         assert s["objective"]["name"] == p.stem.split("-")[1] and s["steps"] == 3
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_equal_one_for_kto(tmp_path, write_recipe):
-    """Reference tables computed in shards and all-reduced, and KTO's KL estimate reduced across
-    processes: 2 processes x 2 rows train like 1 process x 4 rows."""
-    import os
-    import subprocess
-    import sys
-
-    p = write_recipe(pref_dict("kto", train={"max_steps": 3, "eval_every_steps": 3}))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29523",
-            "-m",
-            "prefcli",
-            "contrastive",
-            str(p),
-            "-o",
-            str(tmp_path / "ddp"),
-            "-q",
-            "--set",
-            "train.batch_size=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    s = last_json(res.stdout)
-    assert s["world_size"] == 2
-    single = run_subprocess("contrastive", p, "-o", tmp_path / "one", "-q", "--set", "train.batch_size=4")
-    assert single.returncode == 0, single.stderr
-    a, b = losses(tmp_path / "ddp", "loss/kto"), losses(tmp_path / "one", "loss/kto")
-    assert sorted(a) == [1, 2, 3] and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
-    one = last_json(single.stdout)["final"]
-    for k in ("eval/loss", "eval/accuracy", "eval/kl_estimate", "kl/estimate"):
-        assert s["final"][k] == pytest.approx(one[k], abs=1e-5), k

@@ -188,3 +188,32 @@ def test_split_micro_balances_and_sorts():
     parts = split_micro([10, 11, 12, 13, 14], 2, lengths=[5, 1, 4, 2, 3])
     assert [len(p) for p in parts] == [2, 3]
     assert parts[0] == [11, 13]  # shortest first
+
+
+def test_bos_is_added_once_to_text_a_chat_template_opened_with_bos():
+    """Llama 3 and Gemma templates write BOS themselves and their tokenizers add it too: text rendered with the
+    template and then tokenized (what a reward model scores, a pre-rendered 'text' row) starts with one BOS."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from prefcli.engine.data import sft_encoder
+    from prefcli.engine.pairs import encode_scored, scored_text
+    from prefcli.engine.tokenizer import text_ids
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    p, c = scored_text(tok, "chat", [{"role": "user", "content": "hi"}], "there")
+    assert tok(p + c)["input_ids"][:2] == [bos, bos]  # what plain tokenization did
+    ids = encode_scored(tok, p + c, 100)[0]
+    assert ids[0] == bos and ids[1] != bos
+    assert text_ids(tok, "hi")[:1] == [bos] and text_ids(tok, "hi").count(bos) == 1  # plain text: BOS still added
+    enc = sft_encoder(tok, "text", 64, mask_prompt=False, add_eos=True)
+    assert enc({"text": [p + c]})["input_ids"][0].count(bos) == 1

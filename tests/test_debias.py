@@ -25,7 +25,7 @@ from prefcli.engine.dist import setup_runtime
 from prefcli.recipe import load_recipe
 from prefcli.runner import RunContext, RunOptions, run_training
 
-from .conftest import TINY_INIT, TOKENIZER, last_json, sft_recipe_dict
+from .conftest import NO_PLOT, TINY_INIT, TOKENIZER, last_json, sft_recipe_dict
 
 
 def write_jsonl(path, rows):
@@ -254,12 +254,20 @@ def test_debias_recipe_errors(tmp_path, write_recipe, cli):
 def test_tiny_debias_recipes_run(tmp_path, cli):
     from .conftest import ROOT
 
-    code, out, err = cli("reward", ROOT / "recipes/tiny/reward-debias.yaml", "--smoke", "-o", tmp_path / "rm", "-q")
+    code, out, err = cli(
+        "reward", ROOT / "recipes/tiny/reward-debias.yaml", "--smoke", "-o", tmp_path / "rm", "-q", *NO_PLOT
+    )
     assert code == 0, err
     db = last_json(out)["data"]["debias"]
     assert db["length_balance"]["mode"] == "subsample" and db["train_rows_after"] <= 16
     code, out, err = cli(
-        "contrastive", ROOT / "recipes/tiny/contrastive-dpo-length.yaml", "--smoke", "-o", tmp_path / "dpo", "-q"
+        "contrastive",
+        ROOT / "recipes/tiny/contrastive-dpo-length.yaml",
+        "--smoke",
+        "-o",
+        tmp_path / "dpo",
+        "-q",
+        *NO_PLOT,
     )
     assert code == 0, err
     s = last_json(out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from prefcli.engine import checkpoint as ckpt
+from prefcli.engine import runfolder
 from prefcli.engine.dist import Runtime
 from prefcli.engine.loop import Engine
 from prefcli.engine.progress import Progress
@@ -38,6 +38,7 @@ def run(tmp_path, write_recipe, name, overrides=(), **upd):
     return summary, out
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
     """Token-weighted over the whole accumulated batch: 8 x 1 == 2 x 4 == 1 x 8."""
     base = {"train": {"max_steps": 3, "lr": 1e-2, "eval_every_steps": None}, "data": {"eval": None}}
@@ -56,6 +57,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
     assert max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-5
 
 
+@pytest.mark.slow
 def test_resume_equals_the_uninterrupted_run(tmp_path, write_recipe):
     upd = {"train": {"max_steps": 6, "save_every_steps": 3, "eval_every_steps": 3}}
     full_summary, full = run(tmp_path, write_recipe, "full", **upd)
@@ -72,9 +74,10 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, write_recipe):
     assert s["final"]["eval/loss"] == full_summary["final"]["eval/loss"]
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path, write_recipe):
     _, out = run(tmp_path, write_recipe, "ck", train={"max_steps": 2, "save_every_steps": 1, "keep_checkpoints": 1})
-    cps = ckpt.list_checkpoints(out)
+    cps = runfolder.complete_checkpoints(out)
     assert [s for s, _ in cps] == [2]  # keep_checkpoints=1 pruned step-1
     files = sorted(p.name for p in cps[0][1].iterdir())
     # the completion marker, written last (engine/runfolder.py), and one safetensors file per writing process

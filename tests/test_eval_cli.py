@@ -9,17 +9,7 @@ import torch
 
 from prefcli.evaluate import metrics as M
 
-from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, last_json, run_subprocess
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are latency-bound: one thread is as fast, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, last_json
 
 PAIRS = [
     {
@@ -35,7 +25,6 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory):
     """A tiny random reward model (sequence classification, one label) with the bundled tokenizer."""
-    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-rm")
@@ -92,6 +81,7 @@ def eval_recipe(model_dir, tmp_path, **upd) -> dict:
     return r
 
 
+@pytest.mark.slow
 def test_eval_end_to_end(tmp_path, write_recipe, cli, tiny_model_dir, reward_model_dir):
     import sacrebleu
 
@@ -200,6 +190,7 @@ def test_eval_bad_input_exits_2_and_writes_nothing(tmp_path, write_recipe, cli, 
     _bad(cli, write_recipe(d), tmp_path, "seed applies to init only")
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_folder_with_results_unless_overwrite(tmp_path, write_recipe, cli, tiny_model_dir):
     d = eval_recipe(tiny_model_dir, tmp_path, metrics=["perplexity"], baseline=None, reference=None)
     d["data"] = {"text": d["data"]["text"]}
@@ -214,9 +205,10 @@ def test_eval_refuses_a_folder_with_results_unless_overwrite(tmp_path, write_rec
 
 
 @pytest.mark.slow
-def test_tiny_recipe_after_tiny_sft_real_entry_point(tmp_path, cli, monkeypatch):
+def test_tiny_recipe_after_tiny_sft(tmp_path, cli, monkeypatch):
     """The documented flow: `prefcli sft recipes/tiny/sft.yaml` then `prefcli eval recipes/tiny/eval.yaml`, from the
-    same folder; eval finds the trained model through from_recipe. (Shortened with --set.)"""
+    same folder; eval finds the trained model through from_recipe. (Shortened with --set; in this process:
+    tests/test_pipelines.py runs the real `prefcli eval` in shell pipelines.)"""
     monkeypatch.chdir(tmp_path)
     code, stdout, stderr = cli(
         "sft",
@@ -232,7 +224,7 @@ def test_tiny_recipe_after_tiny_sft_real_entry_point(tmp_path, cli, monkeypatch)
     assert code == 0, stderr
     sft_ppl = last_json(stdout)["final"]["eval/ppl"]
     assert (tmp_path / "runs" / "sft-sft" / "final" / "config.json").exists()
-    res = run_subprocess(
+    code, stdout, stderr = cli(
         "eval",
         ROOT / "recipes" / "tiny" / "eval.yaml",
         "--set",
@@ -241,11 +233,9 @@ def test_tiny_recipe_after_tiny_sft_real_entry_point(tmp_path, cli, monkeypatch)
         "win_rate.bootstrap_samples=100",
         "--set",
         "generation.max_new_tokens=8",
-        cwd=tmp_path,
-        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
     assert len(lines) == 1  # stdout: exactly the summary
     s = json.loads(lines[0])
     assert set(s["models"]) == {"sft", "init"} and s["models"]["sft"]["model"].endswith("runs/sft-sft/final")
@@ -255,7 +245,7 @@ def test_tiny_recipe_after_tiny_sft_real_entry_point(tmp_path, cli, monkeypatch)
     assert s["models"]["sft"]["perplexity"]["ppl"] < s["models"]["init"]["perplexity"]["ppl"]
     assert s["output_dir"] == str(tmp_path / "runs" / "eval-eval")
     assert (tmp_path / "runs" / "eval-eval" / "examples.jsonl").exists()
-    assert "perplexity" in res.stderr and "BLEU signature" in res.stderr
+    assert "perplexity" in stderr and "BLEU signature" in stderr
     # generate --recipe with a training recipe: the model it trained
     from typer.testing import CliRunner
 

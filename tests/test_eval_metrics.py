@@ -13,16 +13,6 @@ from prefcli.evaluate import metrics as M
 
 from .conftest import DATA
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are latency-bound: one thread is as fast, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------ perplexity
 
 

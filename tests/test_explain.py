@@ -72,6 +72,7 @@ def explain_rows(out: str) -> tuple[list[dict], dict]:
 # --------------------------------------------------------------------------- the known answer
 
 
+@pytest.mark.slow
 def test_attribution_concentrates_on_the_phrase_that_decides(phrase_rm, cli, tmp_path):
     model, held = phrase_rm
     page = tmp_path / "page.html"
@@ -181,6 +182,7 @@ def test_html_page_is_self_contained_with_one_coloured_span_per_token(phrase_rm,
         assert ("diff" in span["class"].split()) == (not row["shared"])
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium(phrase_rm, cli, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
@@ -235,7 +237,8 @@ def test_attention_maps_and_layer_head_checks(phrase_rm, cli, tmp_path):
     assert all(
         (tmp_path / "p" / n).stat().st_size > 1000 for n in ("attention-item0-text.png", "tokens-item0-text.png")
     )
-    from prefcli.analysis.explain import attention_map, load_reward_model
+    from prefcli.analysis.explain import attention_map
+    from prefcli.analysis.explain.inputs import load_reward_model
 
     m, tok = load_reward_model(str(model), torch.device("cpu"), eager=True)
     a = attention_map(m, torch.tensor([tok(" city great joy")["input_ids"]]), None, None)
@@ -252,6 +255,7 @@ def test_attention_maps_and_layer_head_checks(phrase_rm, cli, tmp_path):
 # ------------------------------------------------------------------------- implicit reward
 
 
+@pytest.mark.slow
 def test_implicit_reward_sums_to_what_dpo_training_logs(tmp_path, tiny_model_dir, write_recipe, cli):
     from .test_contrastive import pref_dict
 

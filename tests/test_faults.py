@@ -178,6 +178,7 @@ def test_kill_9_anywhere_then_resume_ends_like_an_uninterrupted_run(tmp_path, re
     assert [c.name for _, c in runfolder.step_folders(run)] == ["step-7", "step-8"]
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, reference):
     """--resume verifies the newest checkpoint and falls back to the newest complete one, saying which it
     skipped and why; the run then ends like the uninterrupted one."""
@@ -212,6 +213,7 @@ def test_a_resume_at_the_last_step_runs_the_final_evaluation_and_writes_final(tm
     assert_same_weights(run / "final", reference / "final")
 
 
+@pytest.mark.slow
 def test_an_interrupt_after_the_last_step_names_the_checkpoint_and_resumes_into_final(tmp_path, reference, monkeypatch):
     """A real SIGINT (to this process, where the loop's handler catches it) during the final evaluation."""
     from prefcli.engine.loop import Engine
@@ -262,6 +264,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint(tmp_path, small_disk):
     """ENOSPC while the second checkpoint is written: exit 1, the message names the first checkpoint (intact),
     the partial one is gone, and the failure object is on stdout."""
@@ -281,6 +284,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, small_disk):
     assert code == 0 and last_json(out)["resumed_from"].endswith("step-1"), err
 
 
+@pytest.mark.slow
 def test_disk_full_while_final_is_written(tmp_path, small_disk):
     """LoRA: checkpoints (adapters) fit on a 512 KiB disk, the merged final/ does not: exit 1 naming the last
     step's checkpoint; no partial final/; a resume on a larger disk writes it."""
@@ -313,6 +317,7 @@ def limited(limit: int, argv: list) -> tuple[int, str, str]:
         signal.signal(signal.SIGXFSZ, old)
 
 
+@pytest.mark.slow
 def test_file_size_limit_during_a_checkpoint(tmp_path):
     """ulimit -f (EFBIG) on the resumed process: its first checkpoint cannot be written; exit 1 naming the
     checkpoint it resumed from, which stays intact."""
@@ -329,6 +334,7 @@ def test_file_size_limit_during_a_checkpoint(tmp_path):
     assert runfolder.verify_checkpoint(run / "checkpoints" / "step-2") is None and not leftovers(run)
 
 
+@pytest.mark.slow
 def test_file_size_limit_while_final_is_written(tmp_path):
     """LoRA checkpoints are small, the merged final/model.safetensors (600 kB) is not: ulimit -f 400 kB."""
     p = recipe(tmp_path, train={"max_steps": 2, "eval_every_steps": None})
@@ -498,6 +504,7 @@ def test_non_finite_weights_are_never_checkpointed_nor_named(tmp_path):
     assert not (tmp_path / "final").exists()
 
 
+@pytest.mark.slow
 def test_a_reward_that_turns_inf_stops_naming_the_last_checkpoint(tmp_path):
     rules = tmp_path / "turns_inf.py"
     rules.write_text(
@@ -527,6 +534,45 @@ def test_a_reward_that_turns_inf_stops_naming_the_last_checkpoint(tmp_path):
     assert "reward" in s["error"] and "returned inf" in s["error"]
     assert "Last good checkpoint:" in s["error"] and s["checkpoint"].endswith("step-2")
     assert runfolder.verify_checkpoint(Path(s["checkpoint"])) is None
+
+
+def test_an_environment_that_hangs_mid_run_with_on_error_fatal_stops_naming_the_last_checkpoint(tmp_path):
+    """rlhf in an environment (docs/environments.md) whose step starts hanging in the third rollout: with
+    env.on_error fatal the run stops with exit 1 within the timeout, naming the environment, the call and the
+    last good checkpoint; the hung call's thread does not keep the process alive."""
+    (tmp_path / "stalls.py").write_text(
+        "import time\n"
+        "from prefcli.envs import Observation\n"
+        "class Stalls:\n"
+        "    resets = 0\n"
+        "    def reset(self, seed=None):\n"
+        "        Stalls.resets += 1\n"
+        "        return Observation(text='say something')\n"
+        "    def step(self, action):\n"
+        "        if Stalls.resets > 8:\n"
+        "            time.sleep(60)\n"
+        "        return Observation(done=True, reward=float(len(action) % 2))\n"
+    )
+    d = {
+        "command": "rlhf",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(ROOT / "data" / "tokenizer")},
+        "env": {"kind": "python", "path": "stalls.py:Stalls", "max_turns": 1, "max_episode_tokens": 48,
+                "timeout_s": 0.5, "on_error": "fatal"},
+        "generation": {"max_new_tokens": 4},
+        "rlhf": {"algorithm": "grpo", "num_generations": 2, "prompts_per_rollout": 2},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "save_every_steps": 1},
+        "output": {"plot": False},
+    }  # fmt: skip
+    p = tmp_path / "rl.yaml"
+    p.write_text(yaml.safe_dump(d))
+    t0 = time.monotonic()
+    code, out, err = invoke(["rlhf", p, "-o", tmp_path / "run", "-q"])
+    assert code == 1, err
+    assert time.monotonic() - t0 < 50
+    s = last_json(out)
+    assert s["status"] == "failed" and "Stalls" in s["error"] and "step timed out" in s["error"], s["error"]
+    assert "env.on_error is fatal" in s["error"] and "Last good checkpoint:" in s["error"]
+    assert s["checkpoint"].endswith("step-2") and runfolder.verify_checkpoint(Path(s["checkpoint"])) is None
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Several processes on CPU with gloo, runtime.parallel ddp and fsdp (FSDP2): the same training as one
-process (DDP and FSDP on two processes, FSDP as a single-process shard), sharded checkpoints that resume exactly and at another number of processes, per-rank memory halved on two ranks,
-a two-node run on localhost, and a killed rank that stops the survivor instead of hanging.
+process (DDP and FSDP on two processes, FSDP as a single-process shard; KTO's reductions across processes),
+sharded checkpoints that resume exactly and at another number of processes, per-rank memory halved on two
+ranks, a two-node run on localhost, and a killed rank that stops the survivor instead of hanging.
 
 Start-up dominates on a small machine, so the runs are shared: one module fixture trains the one-process
 references in this process, one two-node launch (two torchrun agents, one process each) and one two-process
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from prefcli.engine import checkpoint as ckpt
 from prefcli.runner import RunOptions, run_training
@@ -93,14 +95,20 @@ def close(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
+    users = opposite_users(d)
     rec = {}
     for name, r in {
         "sft": sft_recipe_dict(train={"max_steps": 4, "save_every_steps": 2, "eval_every_steps": 2}),
         "dpo": pref_dict("dpo", train={"max_steps": 3, "batch_size": 4, "eval_every_steps": 3}),
         "grpo": rlhf_recipe(rlhf={"algorithm": "grpo"}, train={"max_steps": 3}),
+        "kto": pref_dict("kto", train={"max_steps": 3, "eval_every_steps": 3}),
         "lora": sft_recipe_dict(
             model={"lora": {"r": 4}}, train={"max_steps": 3, "gradient_checkpointing": True, "lr": 1e-2}
         ),
+        # personalised reward models: a user embedding (trains like one process), and the latent kind (its
+        # training contexts are drawn per process, so two processes differ from one: it must run and save)
+        "preward": personal_rm(users, "user_embedding"),
+        "platent": personal_rm(users, "latent"),
     }.items():
         rec[name] = d / f"{name}.yaml"
         rec[name].write_text(yaml.safe_dump(r, sort_keys=False))
@@ -110,6 +118,8 @@ def runs(tmp_path_factory):
     train("sft", rec["sft"], d / "sft_fsdp1", fsdp)  # fsdp without torchrun: a single-process shard
     train("contrastive", rec["dpo"], d / "dpo_one")
     train("sft", rec["lora"], d / "lora_one")
+    train("reward", rec["preward"], d / "preward_one")
+    train("contrastive", rec["kto"], d / "kto_one", "train.batch_size=4")
     # two nodes on localhost: fsdp sft, checkpoints at steps 2 and 4
     agents = two_nodes(
         free_port(),
@@ -130,6 +140,10 @@ def runs(tmp_path_factory):
         ("rlhf", "grpo", "grpo_fsdp2", [fsdp], False),
         ("rlhf", "grpo", "grpo_ddp2", [], False),
         ("sft", "lora", "lora_fsdp2", [fsdp, b2], False),
+        ("reward", "preward", "preward_fsdp2", [fsdp, b2], False),
+        ("reward", "preward", "preward_ddp2", [b2], False),
+        ("reward", "platent", "platent_fsdp2", [fsdp, b2], False),
+        ("contrastive", "kto", "kto_ddp2", [b2], False),
         ("sft", "sft", "resume22", [fsdp, b2], True),
         ("sft", "sft", "resume12", [fsdp, b2], True),  # written by one ddp process, resumed by two fsdp ones
     ]
@@ -152,6 +166,32 @@ def runs(tmp_path_factory):
     copy_checkpoint(d / "sft_2node", 2, d / "resume21_ddp")
     train("sft", rec["sft"], d / "resume21_ddp", resume=True)
     return d, rec, two_node_summary
+
+
+def opposite_users(d: Path) -> Path:
+    """Users a and b with opposite labels on the same pairs (tests/test_personal.py's constructed users)."""
+    from .conftest import DATA
+
+    rows = [json.loads(x) for x in (DATA / "tiny" / "pref_train.jsonl").read_text().splitlines()[:48]]
+    flip = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    out = d / "opposite.jsonl"
+    out.write_text(
+        "".join(json.dumps({**r, "rater": u}) + "\n" for a, b in zip(rows, flip) for r, u in ((a, "a"), (b, "b")))
+    )
+    return out
+
+
+def personal_rm(data: Path, kind: str) -> dict:
+    from .conftest import TINY_INIT, TOKENIZER
+
+    return {
+        "command": "reward",
+        "model": {"init": json.loads(json.dumps(TINY_INIT)), "tokenizer": str(TOKENIZER)},
+        "data": {"train": {"path": str(data)}, "eval_fraction": 0.25, "max_length": 64},
+        "reward": {"personalisation": {"kind": kind, "new_user_labels": [0]}},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 3e-3, "seed": 0, "eval_every_steps": 3},
+        "output": {"plot": False},
+    }
 
 
 def test_fsdp_trains_like_ddp_and_like_one_process(runs):
@@ -177,6 +217,33 @@ def test_fsdp_trains_like_ddp_and_like_one_process(runs):
             if isinstance(v, float) and not k.startswith("perf/") and k != "time_s":
                 assert near(b[k], v), (k, b[k], v)
     assert any(r.get("reward/std", 0) > 0 for r in fsdp)  # the groups had something to learn from
+    # a personalised reward model: the user vectors and the shared model train alike on 1 and 2 processes, and the
+    # user part in final/ is the same
+    one = metric(d / "preward_one", "loss/bradley_terry")
+    assert sorted(one) == [1, 2, 3]
+    for run in ("preward_fsdp2", "preward_ddp2"):
+        assert close(metric(d / run, "loss/bradley_terry"), one), run
+        assert close(metric(d / run, "eval/accuracy/a"), metric(d / "preward_one", "eval/accuracy/a")), run
+        a = load_file(str(d / "preward_one" / "final" / "personalisation" / "model.safetensors"))
+        b = load_file(str(d / run / "final" / "personalisation" / "model.safetensors"))
+        assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), run
+    s = json.loads((d / "platent_fsdp2" / "summary.json").read_text())
+    assert s["status"] == "completed" and s["parallel"] == "fsdp" and s["world_size"] == 2
+    cfg = json.loads((d / "platent_fsdp2" / "final" / "personalisation" / "config.json").read_text())
+    assert cfg["kind"] == "latent" and cfg["users"] == ["a", "b"]
+
+
+def test_kto_on_two_processes_equals_one(runs):
+    """Reference tables computed in shards and all-reduced, and KTO's KL estimate reduced across processes:
+    2 processes x 2 rows train like 1 process x 4 rows."""
+    d, _, _ = runs
+    s = json.loads((d / "kto_ddp2" / "summary.json").read_text())
+    one = json.loads((d / "kto_one" / "summary.json").read_text())
+    assert s["world_size"] == 2
+    a, b = metric(d / "kto_ddp2", "loss/kto"), metric(d / "kto_one", "loss/kto")
+    assert sorted(a) == [1, 2, 3] and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+    for k in ("eval/loss", "eval/accuracy", "eval/kl_estimate", "kl/estimate"):
+        assert s["final"][k] == pytest.approx(one["final"][k], abs=1e-5), k
 
 
 def test_sharded_checkpoints_resume_exactly_and_at_another_world_size(runs):

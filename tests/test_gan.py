@@ -65,6 +65,7 @@ def _build(path, tmp_path):
     return build(RunContext(recipe=load_recipe(path).recipe, rt=rt, run_dir=tmp_path))
 
 
+@pytest.mark.slow
 def test_schedule_alternates_after_the_warmup(tmp_path, write_recipe):
     task = _build(write_recipe(gan_recipe()), tmp_path)
     groups = [p.group for p in task.plans(0)]
@@ -73,6 +74,7 @@ def test_schedule_alternates_after_the_warmup(tmp_path, write_recipe):
     assert task.total_steps() == len(groups)
 
 
+@pytest.mark.slow
 def test_each_player_update_leaves_the_other_untouched(tmp_path, write_recipe):
     from prefcli.engine.loop import Engine
     from prefcli.engine.progress import Progress
@@ -114,6 +116,7 @@ def test_balance_warnings(tmp_path, write_recipe):
     assert task.disc.stop_reason and list(task.plans(0)) == []  # stop_on_saturation ends the run
 
 
+@pytest.mark.slow
 def test_gan_end_to_end_and_exact_resume(tmp_path, write_recipe, cli):
     d = gan_recipe(train={"max_steps": 3, "save_every_steps": 2, "keep_checkpoints": 10, "eval_on_start": True})
     d["gan"]["eval_rewards"] = [{"kind": "length", "target": 4, "name": "len_rule"}]
@@ -154,6 +157,7 @@ def test_gold_column_is_required(tmp_path, write_recipe, cli):
     assert code == 2 and "gan needs a 'completion' column" in stderr
 
 
+@pytest.mark.slow
 def test_each_player_follows_its_own_lr_schedule(tmp_path, write_recipe, cli):
     """The generator and the discriminator alternate; each group's cosine schedule counts its own updates
     (a schedule on the loop's step ran both ahead: the generator's LR reached 0 from its third update)."""

@@ -27,15 +27,6 @@ CPU = torch.device("cpu")
 PROMPTS = ["And the", "Let there be", "In the beginning God", "", "For the LORD is", "Blessed are"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are latency-bound: one thread is as fast, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lm_tok():
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -283,3 +274,66 @@ def test_generate_cli_options_and_bad_input(tiny_model_dir, tmp_path):
     code, out, err = run(tiny_model_dir, "--format", "jsonl", "--max-new-tokens", "2", input='{"prompt": "a"}\nnope\n')
     assert code == 2 and "<stdin>:2: not valid JSON" in err
     assert len(out.splitlines()) == 1  # the prompt read before the bad line was still answered
+
+
+def test_base_checkpoints_without_a_pad_token_and_remote_code(tiny_model_dir, tmp_path):
+    """A base checkpoint whose tokenizer has no pad token (GPT-2, Llama 3 and Mistral bases) samples with --pad-token
+    (and is evaluated with an eval model entry's pad_token); a folder whose architecture is its own code loads with
+    --trust-remote-code, and without it the error names the flag."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from prefcli.cli import app
+
+    def run(*args):
+        r = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return r.exit_code, r.stdout, r.stderr
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = None
+    tok.save_pretrained(base)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("And the\nLet there be light\n")
+    code, out, err = run("generate", base, "-p", prompts, "--max-new-tokens", "3", "--greedy", "-q")
+    assert code == 2 and "has no pad token" in err and "--pad-token" in err
+    code, out, err = run("generate", base, "-p", prompts, "--max-new-tokens", "3", "--greedy", "-q",
+                         "--pad-token", "<|endoftext|>")  # fmt: skip
+    assert code == 0, err
+    assert [json.loads(x)["tokens"] for x in out.splitlines()] == [3, 3]
+    ev = tmp_path / "eval.yaml"
+    ev.write_text(
+        json.dumps(
+            {
+                "command": "eval",
+                "models": [{"path": str(base), "pad_token": "<|endoftext|>", "attn_implementation": "eager"}],
+                "data": {"text": {"path": str(ROOT / "data" / "tiny" / "text_eval.jsonl"), "max_rows": 4}},
+                "metrics": ["perplexity"],
+            }
+        )
+    )
+    code, out, err = run("eval", ev, "-o", tmp_path / "eval-run", "-q")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["models"]["base"]["perplexity"]["ppl"] > 1
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg.update(
+        model_type="prefcli_custom",
+        architectures=["CustomLM"],
+        auto_map={"AutoConfig": "modeling_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomLM"},
+    )
+    (remote / "config.json").write_text(json.dumps(cfg))
+    (remote / "modeling_custom.py").write_text(
+        "from transformers import Qwen2Config, Qwen2ForCausalLM\n\n\n"
+        "class CustomConfig(Qwen2Config):\n    model_type = 'prefcli_custom'\n\n\n"
+        "class CustomLM(Qwen2ForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    code, out, err = run("generate", remote, "-p", prompts, "--max-new-tokens", "2", "-q")
+    assert code == 2 and "--trust-remote-code" in err and "model.trust_remote_code" in err
+    code, out, err = run("generate", remote, "-p", prompts, "--max-new-tokens", "2", "-q", "--trust-remote-code")
+    assert code == 0, err
+    assert len(out.splitlines()) == 2

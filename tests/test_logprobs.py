@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefcli.engine.logprobs import IGNORE, cross_entropy_sum, shift_targets, token_logprobs
+from prefcli.engine.logprobs import IGNORE, LogitTransform, cross_entropy_sum, shift_targets, token_logprobs
 
 
 def _inputs(bias: bool, seed: int = 0):
@@ -86,3 +86,48 @@ def test_shift_targets():
     labels = torch.tensor([[IGNORE, IGNORE, 7, 8]])
     assert shift_targets(ids).tolist() == [[6, 7, 8, IGNORE]]
     assert shift_targets(ids, labels).tolist() == [[IGNORE, 7, 8, IGNORE]]
+
+
+# Granite divides its logits by logits_scaling (here 8), Cohere multiplies by logit_scale (0.0625), Gemma 2
+# soft-caps them (cap * tanh(z / cap), a cap of 2 bites on these logits); the last combines both.
+TRANSFORMS = [
+    LogitTransform(scale=1 / 8),
+    LogitTransform(scale=0.0625),
+    LogitTransform(softcap=2.0),
+    LogitTransform(scale=3.0, softcap=2.0),
+]
+
+
+@pytest.mark.parametrize("xf", TRANSFORMS, ids=lambda x: f"scale{x.scale:g}-cap{x.softcap}")
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logit_transforms_match_autograd_on_full_logits(xf, temperature):
+    """The kernels apply the family's logit scaling and soft-cap and differentiate through them: values and
+    gradients equal autograd on the transformed full logits (the model's own forward)."""
+    h, w, b, y = _inputs(True, seed=3)
+
+    def logits():
+        z = h @ w.t() + b
+        if xf.scale != 1.0:
+            z = z * xf.scale
+        return torch.tanh(z / xf.softcap) * xf.softcap if xf.softcap else z
+
+    ref = torch.log_softmax(logits() / temperature, -1).gather(1, y.clamp_min(0)[:, None]).squeeze(1) * (y != IGNORE)
+    upstream = torch.randn(len(y), dtype=torch.float64)
+    (ref * upstream).sum().backward()
+    ref_grads = _grads(h, w, b)
+    lp, _ = token_logprobs(h, w, b, y, chunk=8, temperature=temperature, transform=xf)
+    (lp * upstream).sum().backward()
+    assert torch.allclose(lp.double(), ref, atol=1e-5)
+    for got, want in zip(_grads(h, w, b), ref_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+    # the summed cross-entropy (SFT), temperature 1
+    ref_ce = F.cross_entropy(logits(), y, ignore_index=IGNORE, reduction="sum")
+    (ref_ce * 2.0).backward()
+    ref_grads = _grads(h, w, b)
+    ce = cross_entropy_sum(h, w, b, y, chunk=8, transform=xf)
+    (ce * 2.0).backward()
+    assert torch.allclose(ce.double(), ref_ce.detach(), rtol=1e-6)
+    for got, want in zip(_grads(h, w, b), ref_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+    # and the transform is not a no-op here: the plain kernel gives other numbers
+    assert not torch.allclose(token_logprobs(h, w, b, y, chunk=8, temperature=temperature)[0].double(), ref, atol=1e-3)

@@ -27,7 +27,7 @@ from prefcli.errors import DataError, RecipeError
 from prefcli.recipe import load_recipe
 from prefcli.runner import RunContext, RunOptions, run_training
 
-from .conftest import DATA, ROOT, last_json, losses, read_metrics, run_subprocess, sft_recipe_dict
+from .conftest import DATA, NO_PLOT, ROOT, last_json, losses, read_metrics, sft_recipe_dict
 
 LN2, LN4, LN10 = math.log(2), math.log(4), math.log(10)
 
@@ -83,16 +83,6 @@ def test_awr_terms_by_hand():
     loss.backward()
     # the weights use V detached: V learns from (1 - alpha) * (V - R)^2 only
     assert values.grad.tolist() == pytest.approx([0.5 * 2 * -0.8, 0.5 * 2 * -1.5, 0.5 * 2 * -30.0], abs=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train and sample several times faster on one torch thread than on two when the 2 cores
-    are busy (measured: 0.6 s against 7 s for one generate call here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _FixedLM(torch.nn.Module):
@@ -574,6 +564,7 @@ def _run(tmp_path, name, d, overrides=()):
 PHF = {"rewards": [{"kind": "sentiment"}]}
 
 
+@pytest.mark.slow
 def test_conditional_tokens_are_added_embeddings_resized_and_trained(tmp_path, tiny_model_dir):
     d = sft_recipe_dict(
         train={"max_steps": 3, "lr": 1e-2, "save_every_steps": 1, "keep_checkpoints": 5},
@@ -603,6 +594,7 @@ def test_conditional_tokens_are_added_embeddings_resized_and_trained(tmp_path, t
     assert all(0 < r["phf/aligned_fraction"] <= 1 for r in rows if "phf/aligned_fraction" in r)
 
 
+@pytest.mark.slow
 def test_control_tokens_are_never_generated(tmp_path):
     """A model whose output bias strongly favours the control tokens samples them all the time, unless the
     saved generation_config (bad_words_ids) blocks them: then never, in 2,048 sampled tokens."""
@@ -629,6 +621,7 @@ def test_control_tokens_are_never_generated(tmp_path):
     assert not torch.isin(blocked, torch.tensor(ctrl)).any()
 
 
+@pytest.mark.slow
 def test_awr_accumulation_equals_the_larger_batch_and_resume_is_exact(tmp_path):
     """The value head trains with the policy in one group: 4 x 1 equals 1 x 4, and a resumed run (value head
     restored from the checkpoint) repeats the uninterrupted one bit for bit."""
@@ -687,19 +680,21 @@ def test_every_objective_has_a_tiny_recipe_that_validates():
         assert r.sft.objective == p.stem.removeprefix("sft-phf-") and r.sft.rewards[0].kind == "sentiment"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", PHF_RECIPES, ids=[p.stem for p in PHF_RECIPES])
 def test_tiny_recipe_smoke(recipe, tmp_path, cli):
-    code, stdout, stderr = cli("sft", recipe, "--smoke", "-o", tmp_path / "s", "-q")
+    code, stdout, stderr = cli("sft", recipe, "--smoke", "-o", tmp_path / "s", "-q", *NO_PLOT)
     assert code == 0, stderr
     s = last_json(stdout)
     assert s["steps"] == 3 and s["data"]["phf"]["rows_scored"] == 16
     assert math.isfinite(s["final"]["loss/sft"]) and "phf/score_mean" in s["final"]
 
 
+@pytest.mark.slow
 def test_per_segment_tiny_recipe_smoke(tmp_path, cli):
     """recipes/tiny/sft-conditional-per-segment.yaml: every clause of a verse gets its own token."""
     recipe = ROOT / "recipes" / "tiny" / "sft-conditional-per-segment.yaml"
-    code, stdout, stderr = cli("sft", recipe, "--smoke", "-o", tmp_path / "s", "-q")
+    code, stdout, stderr = cli("sft", recipe, "--smoke", "-o", tmp_path / "s", "-q", *NO_PLOT)
     assert code == 0, stderr
     ph = last_json(stdout)["data"]["phf"]
     assert ph["control_position"] == "per_segment" and ph["rows"] == 16
@@ -708,9 +703,9 @@ def test_per_segment_tiny_recipe_smoke(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_conditional_recipe_end_to_end_subprocess(tmp_path):
+def test_conditional_recipe_end_to_end(tmp_path, cli):
     out = tmp_path / "run"
-    res = run_subprocess(
+    code, stdout, stderr = cli(
         "sft",
         ROOT / "recipes" / "tiny" / "sft-phf-conditional.yaml",
         "-o",
@@ -719,10 +714,10 @@ def test_conditional_recipe_end_to_end_subprocess(tmp_path):
         "train.max_steps=4",
         "--set",
         "train.eval_every_steps=2",
-        env={"OMP_NUM_THREADS": "1"},
+        *NO_PLOT,
     )
-    assert res.returncode == 0, res.stderr
-    s = json.loads(res.stdout.strip())
+    assert code == 0, stderr
+    s = json.loads(stdout.strip())  # one JSON object on stdout
     ph = s["data"]["phf"]
     assert s["status"] == "completed" and ph["threshold"] == 0.0 and ph["rows_scored"] == 300
     assert ph["examples_aligned"] + ph["examples_misaligned"] + ph["examples_unconditioned"] == 300
@@ -748,6 +743,7 @@ def _two_word_rows(path, per_row: int = 1):
 DARKNESS = {"rewards": [{"kind": "keyword", "keywords": ["darkness"], "mode": "penalty"}], "threshold": 0.0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", ["start", "per_segment"])
 def test_conditional_training_learns_what_the_tokens_mean(tmp_path, position):
     """End to end on an easy signal: 'light' segments score 0 (aligned), 'darkness' segments -1. After

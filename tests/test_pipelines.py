@@ -121,9 +121,13 @@ def test_the_eval_help_pipeline_runs_on_plain_prompts_without_references(tmp_pat
     tokens (given by generate, or counted by the model's tokenizer when a row has none)."""
     from typer.testing import CliRunner
 
-    from prefcli.cli import EXAMPLES, app
+    from prefcli.cli import app
+    from prefcli.recipe import COMMANDS
 
-    assert "< prompts.txt | prefcli eval recipes/tiny/eval-completions.yaml --completions -" in EXAMPLES["eval"]
+    assert any(
+        "< prompts.txt | prefcli eval recipes/tiny/eval-completions.yaml --completions -" in x
+        for x in COMMANDS["eval"].examples
+    )
     rows = [
         {"index": 0, "prompt": "And God said", "completion": " Let there be light, and there was light",
          "finish_reason": "eos", "tokens": 9},

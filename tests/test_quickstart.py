@@ -9,11 +9,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .conftest import ROOT, last_json
+from .conftest import NO_PLOT, ROOT, last_json
 
 BASE = ROOT / "prefcli" / "assets" / "kjv-base"
 
 
+@pytest.mark.slow
 def test_bundled_base_model_is_trained():
     """Held-out perplexity with transformers alone: trained (README: 42.5 on 400 verses), not random
     (a random model scores about the vocabulary size, 4,096)."""
@@ -34,21 +35,29 @@ def test_bundled_base_model_is_trained():
     assert sum(p.numel() for p in lm.parameters()) < 10_000_000  # a few tens of MB at most
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,recipe", [("rlhf", "rlhf"), ("gan", "gan"), ("contrastive", "contrastive")])
 def test_quickstart_recipes_smoke(command, recipe, tmp_path, cli):
     code, stdout, stderr = cli(
-        command, ROOT / "recipes" / "quickstart" / f"{recipe}.yaml", "--smoke", "-o", tmp_path / recipe, "-q"
+        command, ROOT / "recipes" / "quickstart" / f"{recipe}.yaml", "--smoke", "-o", tmp_path / recipe, "-q", *NO_PLOT
     )
     assert code == 0, stderr
     s = last_json(stdout)
     assert s["status"] == "completed" and s["smoke"] is True and s["steps"] == 3  # docs/cli.md: 3 steps, gan too
 
 
+@pytest.mark.slow
 def test_quickstart_phf_conditional_recipe_smoke(tmp_path, cli):
     """The finetuning-setting recipe of docs/phf-experiment.md runs as shipped (smoke): scored rows, control
     tokens, and eval/control_gap logged at the end."""
     code, stdout, stderr = cli(
-        "sft", ROOT / "recipes" / "quickstart" / "phf-conditional.yaml", "--smoke", "-o", tmp_path / "phf", "-q"
+        "sft",
+        ROOT / "recipes" / "quickstart" / "phf-conditional.yaml",
+        "--smoke",
+        "-o",
+        tmp_path / "phf",
+        "-q",
+        *NO_PLOT,
     )
     assert code == 0, stderr
     s = last_json(stdout)
@@ -73,3 +82,23 @@ def test_quickstart_phf_pii_recipe_smoke(tmp_path, cli):
     assert -1.0 <= s["final"]["eval/control_gap"] <= 1.0
     ran = yaml.safe_load((tmp_path / "pii" / "recipe.yaml").read_text())["sft"]  # the smoke's few short gap samples
     assert ran["control_gap_samples"] == 4 and ran["control_gap_max_new_tokens"] == 16
+
+
+PERSONAL = sorted(p for p in (ROOT / "recipes" / "quickstart" / "personal").glob("*.yaml") if p.stem != "eval")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PERSONAL, ids=[p.stem for p in PERSONAL])
+def test_personalisation_recipes_smoke(path, tmp_path, cli):
+    """Every training recipe of the multi-rater task runs as shipped (smoke): the pooled and personalised reward
+    models, the pooled policy and the one conditioned on the rater, and RLHF with each rater's own taste
+    (tastes.py) as the reward. (eval.yaml reads the trained policies; tests/test_startup.py validates it.)"""
+    command = yaml.safe_load(path.read_text())["command"]
+    code, stdout, stderr = cli(command, path, "--smoke", "-o", tmp_path / path.stem, "-q")
+    assert code == 0, stderr
+    s = last_json(stdout)
+    assert s["status"] == "completed" and s["smoke"] is True and s["steps"] == 3
+    personal = (tmp_path / path.stem / "final" / "personalisation" / "config.json").exists()
+    assert personal == ("pooled" not in path.stem), path.stem
+    if command == "reward":  # every reward model reports each rater and the worst one
+        assert "eval/accuracy_worst_user" in s["final"] and "eval/accuracy/negative-1" in s["final"]

@@ -152,6 +152,32 @@ CASES: dict[str, tuple[dict, list[str]]] = {
     "rlhf_grpo": (_rl("grpo"), ["kl/k3", *_RL_KEYS]),
     "rlhf_rloo": (_rl("rloo"), _RL_KEYS),
     "rlhf_reinforce_pp": (_rl("reinforce_pp"), _RL_KEYS),
+    # DAPO complete: dynamic sampling (the sentiment reward ties whole groups, so fresh prompts are drawn),
+    # the overlong penalty, clip-higher and the token-mean normaliser
+    "rlhf_dapo": (
+        _rl("grpo", grpo_loss="dapo", dynamic_sampling=True, dynamic_sampling_max_rounds=2, overlong_buffer=4),
+        ["rollout/sample_rounds", "reward/overlong_penalty", "policy/clipfrac_high", *_RL_KEYS],
+    ),
+    # GSPO's sequence ratio over 2 epochs x 2 minibatches, with a masked sequence-level importance correction
+    "rlhf_gspo": (
+        _rl(
+            "grpo",
+            policy_loss="gspo",
+            epochs_per_rollout=2,
+            minibatches_per_epoch=2,
+            is_correction="sequence_mask",
+            is_floor=0.5,
+        ),
+        ["policy/clipfrac", "mismatch/is_weight", *_RL_KEYS],
+    ),
+    # online DPO: best/worst pairs of a reward that ranks (the rule's real-word fraction), 2 minibatches of pairs
+    "rlhf_online_dpo": (
+        {
+            **_rl("online_dpo", preference={"objective": "dpo"}, minibatches_per_epoch=2),
+            "rewards": [{"kind": "function", "function": f"{ROOT / 'recipes/tiny/rules.py'}:real_word_fraction"}],
+        },
+        ["reward/margin", "reward/accuracy", "reward/mean", "grad_norm"],
+    ),
     "gan": (
         _recipe(
             "gan",
@@ -403,6 +429,108 @@ EXPECTED: dict[str, dict[int, dict[str, float]]] = {
             "reward/mean": 0.107675,
             "kl/mean": 0.16103935,
             "grad_norm": 0.80674291,
+        },
+    },
+    "rlhf_dapo": {
+        1: {
+            "loss/grpo": -5.9604645e-07,
+            "rollout/sample_rounds": 1.0,
+            "reward/overlong_penalty": -1.0,
+            "policy/clipfrac_high": 0.0,
+            "reward/mean": -0.14425001,
+            "kl/mean": 0.0,
+            "grad_norm": 0.9224326,
+        },
+        2: {
+            "loss/grpo": 0.00022642314,
+            "rollout/sample_rounds": 1.0,
+            "reward/overlong_penalty": -1.0,
+            "policy/clipfrac_high": 0.0,
+            "reward/mean": 0.037512504,
+            "kl/mean": -0.037846208,
+            "grad_norm": 0.97288227,
+        },
+        3: {
+            "loss/grpo": 0.00047516078,
+            "rollout/sample_rounds": 2.0,
+            "reward/overlong_penalty": -1.0,
+            "policy/clipfrac_high": 0.0,
+            "reward/mean": 0.2607125,
+            "kl/mean": -0.04513514,
+            "grad_norm": 0.66048968,
+        },
+        4: {
+            "loss/grpo": 0.00058979727,
+            "rollout/sample_rounds": 1.0,
+            "reward/overlong_penalty": -1.0,
+            "policy/clipfrac_high": 0.0,
+            "reward/mean": 0.16914999,
+            "kl/mean": 0.2974143,
+            "grad_norm": 0.64451492,
+        },
+    },
+    "rlhf_gspo": {
+        1: {
+            "loss/grpo": -0.27556548,
+            "policy/clipfrac": 0.0,
+            "mismatch/is_weight": 0.99999917,
+            "reward/mean": -0.14425001,
+            "kl/mean": 0.0,
+            "grad_norm": 1.0048504,
+        },
+        2: {
+            "loss/grpo": 0.30843946,
+            "policy/clipfrac": 0.0,
+            "mismatch/is_weight": 1.000001,
+            "reward/mean": -0.14425001,
+            "kl/mean": 0.0,
+            "grad_norm": 1.5586063,
+        },
+        3: {
+            "loss/grpo": -0.089366943,
+            "policy/clipfrac": 1.0,
+            "mismatch/is_weight": 1.0000011,
+            "reward/mean": -0.14425001,
+            "kl/mean": 0.0,
+            "grad_norm": 0.018289242,
+        },
+        4: {
+            "loss/grpo": 0.092980877,
+            "policy/clipfrac": 1.0,
+            "mismatch/is_weight": 0.99999905,
+            "reward/mean": -0.14425001,
+            "kl/mean": 0.0,
+            "grad_norm": 0.021953098,
+        },
+    },
+    "rlhf_online_dpo": {
+        1: {
+            "loss/online_dpo": 0.69314718,
+            "reward/margin": 0.0,
+            "reward/accuracy": 0.5,
+            "reward/mean": 0.31116071,
+            "grad_norm": 1.7109584,
+        },
+        2: {
+            "loss/online_dpo": 0.70016164,
+            "reward/margin": -0.013980102,
+            "reward/accuracy": 0.0,
+            "reward/mean": 0.31116071,
+            "grad_norm": 1.6693411,
+        },
+        3: {
+            "loss/online_dpo": 0.69905978,
+            "reward/margin": -0.011790467,
+            "reward/accuracy": 0.0,
+            "reward/mean": 0.28020835,
+            "grad_norm": 1.5146984,
+        },
+        4: {
+            "loss/online_dpo": 0.65955812,
+            "reward/margin": 0.068345644,
+            "reward/accuracy": 1.0,
+            "reward/mean": 0.28020835,
+            "grad_norm": 1.3558285,
         },
     },
     "gan": {

@@ -17,7 +17,7 @@ from prefcli.recipe.reward_specs import ModelReward
 from prefcli.reward_sources import ModelSource
 from prefcli.runner import RunContext, RunOptions, run_training
 
-from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics, run_subprocess
+from .conftest import DATA, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics
 
 
 def rm_dict(**upd) -> dict:
@@ -80,6 +80,7 @@ def test_a_causal_lm_checkpoint_gets_a_new_head(write_recipe, tiny_model_dir):
     assert task.model.config.pad_token_id == task.tok.pad_token_id
 
 
+@pytest.mark.slow
 def test_modelsource_reproduces_training_time_scores(tmp_path, write_recipe):
     """The RL-time scorer (prefcli.reward_sources.ModelSource) on final/ gives the scores training computed:
     the held-out mean reward logged at the end, and the task's own scoring of each text."""
@@ -98,6 +99,7 @@ def test_modelsource_reproduces_training_time_scores(tmp_path, write_recipe):
     assert task.score_texts([r["prompt"] for r in rows], [r["chosen"] for r in rows]) == pytest.approx(chosen, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_held_out_accuracy_rises_and_calibration_is_logged(tmp_path, write_recipe):
     d = rm_dict(train={"max_steps": 6, "eval_every_steps": 3, "lr": 2e-3})
     before = make_task(write_recipe, d).evaluate()
@@ -111,6 +113,7 @@ def test_held_out_accuracy_rises_and_calibration_is_logged(tmp_path, write_recip
     assert {"loss/bradley_terry", "reward/chosen", "reward/rejected", "reward/margin", "reward/accuracy"} <= set(f)
 
 
+@pytest.mark.slow
 def test_margin_column_and_centering(tmp_path, write_recipe):
     rows = [json.loads(x) for x in (DATA / "tiny" / "pref_train.jsonl").read_text().splitlines()[:16]]
     f = tmp_path / "margin.jsonl"
@@ -154,6 +157,7 @@ def test_regression_on_human_scores_and_rankings(tmp_path, write_recipe):
     assert math.isfinite(s["final"]["loss/ranking"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, write_recipe):
     d = rm_dict(data={"train": {"max_rows": 16}, "eval": None}, train={"lr": 1e-2, "max_steps": 2})
     _, a = run(tmp_path, write_recipe, "b8", d, "train.batch_size=8", "train.grad_accum_steps=1")
@@ -186,11 +190,12 @@ def test_bad_rows_and_bad_data_exit_2(tmp_path, write_recipe, cli):
 
 
 @pytest.mark.slow
-def test_reward_end_to_end_subprocess_with_lora(tmp_path, write_recipe):
+def test_reward_end_to_end_with_lora(tmp_path, write_recipe, cli):
+    """Through the CLI in this process (tests/test_cli_sft.py runs the real entry point in a process of its own)."""
     p = write_recipe(rm_dict(model={"lora": {"r": 4, "alpha": 8}}, train={"max_steps": 3}))
-    res = run_subprocess("reward", p, "-o", tmp_path / "run")
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
+    code, stdout, stderr = cli("reward", p, "-o", tmp_path / "run")
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
     assert len(lines) == 1
     s = json.loads(lines[0])
     assert (

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from prefcli.algos.rlhf.sampling import apply_stop_strings
-from prefcli.engine.rollout import Rollout
+from prefcli.engine.sampling import Rollout
 
-from .conftest import DATA, ROOT, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics
+from .conftest import DATA, NO_PLOT, ROOT, TINY_INIT, TOKENIZER, deep_update, last_json, losses, read_metrics
 
 
 def rlhf_recipe(**upd):
@@ -31,6 +31,7 @@ def rlhf_recipe(**upd):
     return deep_update(r, upd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo", "reinforce_pp"])
 def test_each_algorithm_end_to_end(algo, tmp_path, write_recipe, cli):
     extra = {"rlhf": {"algorithm": algo}}
@@ -84,40 +85,43 @@ def _run_steps(task, n, tmp_path):
     from prefcli.engine.progress import Progress
 
     task.ctx.recipe.train.max_steps = n
-    task.learner.total_updates = n
+    task.total_updates = n
     Engine(task, task.ctx.rt, task.ctx.recipe.train, Progress(False, n, "t", None), tmp_path).run()
 
 
+@pytest.mark.slow
 def test_reference_gets_no_gradient_and_stays_frozen(tmp_path, write_recipe):
     task = _build(write_recipe(rlhf_recipe()), tmp_path)
-    ref = {n: p.detach().clone() for n, p in task.learner.ref_policy.named_parameters()}
-    pol = {n: p.detach().clone() for n, p in task.learner.policy.named_parameters()}
+    ref = {n: p.detach().clone() for n, p in task.ref_policy.named_parameters()}
+    pol = {n: p.detach().clone() for n, p in task.policy.named_parameters()}
     _run_steps(task, 2, tmp_path)
-    for n, p in task.learner.ref_policy.named_parameters():
+    for n, p in task.ref_policy.named_parameters():
         assert p.grad is None and not p.requires_grad and torch.equal(p, ref[n]), n
-    assert any(not torch.equal(p, pol[n]) for n, p in task.learner.policy.named_parameters())
+    assert any(not torch.equal(p, pol[n]) for n, p in task.policy.named_parameters())
     opt_params = {id(p) for g in task.groups["policy"].optimizer.param_groups for p in g["params"]}
-    assert not any(id(p) in opt_params for p in task.learner.ref_policy.parameters())
+    assert not any(id(p) in opt_params for p in task.ref_policy.parameters())
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_base_model(tmp_path, write_recipe):
     task = _build(write_recipe(rlhf_recipe(model={"lora": {"r": 4}})), tmp_path)
-    assert task.learner.ref_policy is None  # no second copy: adapters off is the reference
-    base = {n: p.detach().clone() for n, p in task.learner.lm.named_parameters() if "lora" not in n}
+    assert task.ref_policy is None  # no second copy: adapters off is the reference
+    base = {n: p.detach().clone() for n, p in task.lm.named_parameters() if "lora" not in n}
     _run_steps(task, 2, tmp_path)
-    for n, p in task.learner.lm.named_parameters():
+    for n, p in task.lm.named_parameters():
         if "lora" not in n:
             assert torch.equal(p, base[n]), n
-    seq = task.learner.buffer
+    seq = task.buffer
     from prefcli.engine.models import reference_mode
 
-    with torch.no_grad(), reference_mode(task.learner.lm):
-        lp_ref, _ = task.learner.policy(
+    with torch.no_grad(), reference_mode(task.lm):
+        lp_ref, _ = task.policy(
             seq["input_ids"], seq["targets"], seq["attention_mask"], seq["position_ids"], start=int(seq["start"])
         )
     assert torch.allclose(lp_ref, seq["ref_logp"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_failing_reward_function_stops_with_exit_1_and_keeps_the_checkpoint(tmp_path, write_recipe, cli):
     (tmp_path / "flaky.py").write_text(
         "import pathlib\n"
@@ -140,6 +144,7 @@ def test_failing_reward_function_stops_with_exit_1_and_keeps_the_checkpoint(tmp_
     assert (tmp_path / "run" / "checkpoints" / "step-2" / "state.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_from_the_middle_of_a_rollout_is_exact(tmp_path, write_recipe, cli):
     d = rlhf_recipe(
         rlhf={"algorithm": "ppo", "epochs_per_rollout": 2, "minibatches_per_epoch": 2},
@@ -181,7 +186,8 @@ def test_stop_strings_cut_and_finish(tmp_path):
     assert apply_stop_strings(r, tok, ["#"], tok.pad_token_id).completion_mask.sum() == n
 
 
-def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
+@pytest.mark.slow
+def test_gpt2_samples_fast_and_dynamic_rope_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     d = rlhf_recipe()
     d["model"]["init"] = {
         "architecture": "gpt2",
@@ -189,7 +195,13 @@ def test_gpt2_falls_back_to_hf_generate(tmp_path, write_recipe, cli):
     }
     code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run", "-q")
     assert code == 0, stderr
-    assert "fast sampler does not support model type 'gpt2'" in stderr
+    assert last_json(stdout)["rlhf"]["sampler"] == "FastDecoder"
+    d = rlhf_recipe()
+    d["model"]["init"]["architecture"] = "llama"
+    d["model"]["init"]["config"]["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "run2", "-q")
+    assert code == 0, stderr
+    assert "fast sampler does not support dynamic rope scaling" in stderr
     assert last_json(stdout)["rlhf"]["sampler"] == "HFSampler"
 
 
@@ -216,6 +228,7 @@ def test_smoke_shrinks_gpu_rollouts_to_seconds():
     assert small.generation.max_new_tokens == SMOKE_NEW_TOKENS and small.rlhf.prompts_per_rollout == 2
 
 
+@pytest.mark.slow
 def test_grpo_with_the_adaptive_kl_controller(tmp_path, write_recipe, cli):
     """GRPO's one-pass shortcut skips the rollout's policy forward; the adaptive KL controller needs the
     rollout's KL, so with kl_target the forward stays (this crashed with KeyError 'kl/mean')."""
@@ -238,13 +251,16 @@ NEW_TINY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NEW_TINY))
 def test_new_tiny_rlhf_recipes_run_with_smoke(name, tmp_path, cli):
     """Each tiny recipe of issue 15 runs as shipped under --smoke and logs what it is about; the
     sampler/trainer mismatch reads ~0 on CPU in fp32 whatever the algorithm."""
     from .conftest import ROOT
 
-    code, stdout, stderr = cli("rlhf", ROOT / "recipes" / "tiny" / f"rlhf-{name}.yaml", "--smoke", "-o", tmp_path, "-q")
+    code, stdout, stderr = cli(
+        "rlhf", ROOT / "recipes" / "tiny" / f"rlhf-{name}.yaml", "--smoke", "-o", tmp_path, "-q", *NO_PLOT
+    )
     assert code == 0, stderr
     f = last_json(stdout)["final"]
     for key in NEW_TINY[name]:
@@ -254,6 +270,7 @@ def test_new_tiny_rlhf_recipes_run_with_smoke(name, tmp_path, cli):
         assert f["mismatch/is_weight"] == pytest.approx(1.0, abs=1e-4) and f["mismatch/is_clipfrac"] == 0
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_draws_fresh_prompts_for_tied_groups(tmp_path, write_recipe, cli):
     """A reward that gives every completion of some prompts the same score: those groups are dropped and
     fresh prompts drawn (the data cursor moves past them); every prompt drawn is counted."""
@@ -278,6 +295,7 @@ def test_dynamic_sampling_draws_fresh_prompts_for_tied_groups(tmp_path, write_re
         assert r["rollout/tied_groups_kept"] == 0 or r["rollout/sample_rounds"] == 4
 
 
+@pytest.mark.slow
 def test_online_dpo_resume_from_the_middle_of_a_rollout_is_exact(tmp_path, write_recipe, cli):
     d = rlhf_recipe(
         rlhf={"algorithm": "online_dpo", "epochs_per_rollout": 2, "minibatches_per_epoch": 2,
@@ -305,7 +323,8 @@ BAD = [
     ({"rlhf": {"clip_low": 0.3, "clip_high": 0.2}}, "rlhf: clip_high (0.2) is below clip_low (0.3): the bounds are out of order"),
     ({"rlhf": {"clip_high": -0.1}}, "rlhf.clip_high: Input should be greater than or equal to 0"),
     ({"rlhf": {"clip_low": 1.5}}, "rlhf.clip_low: Input should be less than or equal to 1"),
-    ({"rlhf": {"clip_eps": 0.1, "clip_low": 0.1}}, "rlhf: clip_eps is the old name of clip_low"),
+    ({"rlhf": {"clip_eps": 0.1}}, "rlhf: clip_eps is the old name of clip_low, no longer read: write clip_low: 0.1"),
+    ({"rlhf": {"clip_eps_high": 0.3}}, "rlhf: clip_eps_high is the old name of clip_high, no longer read: write clip_high: 0.3"),
     ({"rlhf": {"algorithm": "ppo", "num_generations": 1, "dynamic_sampling": True}}, "rlhf: dynamic_sampling drops prompts"),
     ({"rlhf": {"algorithm": "ppo", "policy_loss": "gspo"}}, "rlhf: policy_loss gspo clips one ratio per completion"),
     ({"rlhf": {"is_correction": "token_truncate", "is_floor": 3.0}}, "rlhf: is_floor (3.0) must be below is_cap (2.0)"),

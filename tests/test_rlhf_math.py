@@ -66,6 +66,28 @@ def test_reinforce_pp_returns_and_token_rewards():
     assert r2.tolist()[0] == pytest.approx([-0.5, 1.5, 0.0])
 
 
+def test_multi_turn_credit_runs_over_the_policy_tokens_across_turns():
+    """An episode [policy, policy, env, env, policy]: the environment's tokens are not steps of the recursion.
+    GAE (gamma 1, lambda 0.5) over the three policy tokens with rewards (0, 0.2, 1) and values (0.5, 0.4, 0.3)
+    (the turn reward 0.2 at the first turn's last token): delta_4 = 1 - 0.3 = 0.7; delta_1 = 0.2 + 0.3 - 0.4 =
+    0.1, A_1 = 0.1 + 0.5*0.7 = 0.45; delta_0 = 0.4 - 0.5 = -0.1, A_0 = -0.1 + 0.5*0.45 = 0.125."""
+    mask = t([[1, 1, 0, 0, 1.0]])
+    step = t([[0, 0.2, 0, 0, 0]])  # the environment's reward after turn 1
+    r = token_rewards(t([1.2]), t([[0.0] * 5]), mask, beta=0.1, step_rewards=step)
+    assert r.tolist()[0] == pytest.approx([0, 0.2, 0, 0, 1.0])  # the rest of the score (1.2 - 0.2) at the end
+    adv, ret = gae(r, t([[0.5, 0.4, 9.0, 9.0, 0.3]]), mask, gamma=1.0, lam=0.5)
+    assert adv.tolist()[0] == pytest.approx([0.125, 0.45, 0.0, 0.0, 0.7])
+    assert ret.tolist()[0] == pytest.approx([0.625, 0.85, 0.0, 0.0, 1.0])
+    # the same numbers as the packed single-turn sequence
+    adv1, _ = gae(t([[0, 0.2, 1.0]]), t([[0.5, 0.4, 0.3]]), t([[1, 1, 1.0]]), gamma=1.0, lam=0.5)
+    assert adv1.tolist()[0] == pytest.approx([0.125, 0.45, 0.7])
+    # discounted returns (gamma 0.5) over policy tokens: G_4 = 1, G_1 = 0.2 + 0.5, G_0 = 0.35
+    assert discounted_returns(r, mask, 0.5).tolist()[0] == pytest.approx([0.35, 0.7, 0, 0, 1.0])
+    # the KL penalty lands on policy tokens only, and the score on the last policy token, not on padding
+    r2 = token_rewards(t([2.0]), t([[0.5] * 6]), t([[1, 0, 1, 0, 0, 0.0]]), beta=1.0)
+    assert r2.tolist()[0] == pytest.approx([-0.5, 0, 1.5, 0, 0, 0])
+
+
 def test_whitening_ignores_padding():
     w = masked_whiten(t([[1, 2, 3, 100.0]]), t([[1, 1, 1, 0.0]]))
     assert w.tolist()[0][:3] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6) and w[0, 3] == 0

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from prefcli.engine.rollout import FastDecoder, SamplingConfig, left_pad, sample_next, supports_fast_decoder
+from prefcli.engine.rollout import FastDecoder, supports_fast_decoder
+from prefcli.engine.sampling import HFSampler, SamplingConfig, left_pad, sample_next
 
 from .conftest import TOKENIZER
 
@@ -55,7 +56,7 @@ def test_greedy_equals_hf_generate(tok, arch, extra):
     lm = tiny(arch, tok, **extra)
     ids, mask = prompts(tok)
     dec = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 16, dtype=torch.float32)
-    r = dec.generate(
+    r = dec.sample(
         ids,
         mask,
         SamplingConfig(
@@ -95,7 +96,7 @@ def test_stop_token_and_min_new_tokens(tok):
     ids, mask = prompts(tok)
     eos = tok.eos_token_id
     dec = _EosLoving(lm, batch=3, max_len=ids.shape[1] + 10, dtype=torch.float32)
-    r = dec.generate(
+    r = dec.sample(
         ids,
         mask,
         SamplingConfig(
@@ -106,7 +107,7 @@ def test_stop_token_and_min_new_tokens(tok):
     assert (r.completion_ids[:, :3] != eos).all() and (r.completion_ids[:, 3] == eos).all()
     assert (r.completion_ids[:, 4:] == tok.pad_token_id).all() and r.finished.all()
     plain = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 5, dtype=torch.float32)
-    r2 = plain.generate(
+    r2 = plain.sample(
         ids, mask, SamplingConfig(max_new_tokens=5, temperature=0, stop_token_ids=[eos], pad_token_id=tok.pad_token_id)
     )
     assert r2.completion_mask.sum(-1).tolist() == [5, 5, 5] and not r2.finished.any()  # cut by max_new_tokens
@@ -125,14 +126,14 @@ def test_lora_weights_and_in_place_sync(tok):
         max_new_tokens=8, temperature=0, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id
     )
     dec = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 8, dtype=torch.float32)
-    assert torch.equal(dec.generate(ids, mask, cfg).completion_ids, hf_greedy(lm, tok, ids, mask, 8))
+    assert torch.equal(dec.sample(ids, mask, cfg).completion_ids, hf_greedy(lm, tok, ids, mask, 8))
     with torch.no_grad():  # an "optimizer step": the decoder sees it after sync(), without being rebuilt
         for n, p in lm.named_parameters():
             if "lora_A" in n:
                 p.add_(torch.randn_like(p) * 0.5)
-    stale = dec.generate(ids, mask, cfg).completion_ids
+    stale = dec.sample(ids, mask, cfg).completion_ids
     dec.sync()
-    fresh = dec.generate(ids, mask, cfg).completion_ids
+    fresh = dec.sample(ids, mask, cfg).completion_ids
     want = hf_greedy(lm, tok, ids, mask, 8)
     assert torch.equal(fresh, want) and not torch.equal(stale, want)
 
@@ -140,9 +141,17 @@ def test_lora_weights_and_in_place_sync(tok):
 def test_unsupported_architectures_are_named(tok):
     ok, why = supports_fast_decoder(tiny("qwen2", tok))
     assert ok and why == ""
-    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4)
+    cfg = AutoConfig.for_model("bloom", vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)
     ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
-    assert not ok and "gpt2" in why
+    assert not ok and "bloom" in why and "llama" in why  # the family, and the families covered
+    cfg = AutoConfig.for_model(
+        "opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, do_layer_norm_before=False,
+    )  # fmt: skip
+    ok, why = supports_fast_decoder(AutoModelForCausalLM.from_config(cfg))
+    assert not ok and "do_layer_norm_before" in why
+    ok, why = supports_fast_decoder(tiny("llama", tok, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    assert not ok and "dynamic" in why
 
 
 @pytest.mark.parametrize("sampler", ["fast", "hf"])
@@ -151,8 +160,7 @@ def test_sampler_logprobs_equal_the_trainers_in_fp32(tok, sampler, temperature):
     """The sampler returns the log-prob of every token it drew; on CPU in fp32 the trainer's forward on the
     same tokens (prefcli's PolicyLM at the same temperature) must give the same numbers: a sampler/trainer
     mismatch of ~0 (issue 15: on GPU in bf16 it is not 0, and rlhf logs it)."""
-    from prefcli.algos.rlhf.policy import PolicyLearner
-    from prefcli.algos.rlhf.sampling import HFSampler
+    from prefcli.algos.rlhf.learner import sequences
     from prefcli.engine.dist import Runtime
     from prefcli.engine.models import PolicyLM
 
@@ -164,11 +172,11 @@ def test_sampler_logprobs_equal_the_trainers_in_fp32(tok, sampler, temperature):
     )
     torch.manual_seed(0)
     if sampler == "fast":
-        r = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 12, dtype=torch.float32).generate(ids, mask, cfg)
+        r = FastDecoder(lm, batch=3, max_len=ids.shape[1] + 12, dtype=torch.float32).sample(ids, mask, cfg)
     else:
-        r = HFSampler(lm, rt).generate(ids, mask, cfg)
+        r = HFSampler(lm, rt.autocast).sample(ids, mask, cfg)
     assert r.logprobs is not None and r.logprobs.shape == r.completion_ids.shape
-    seq = PolicyLearner.sequences(r)
+    seq = sequences(r)
     with torch.no_grad():
         lp, _ = PolicyLM(lm, rt)(
             seq["input_ids"],
@@ -181,3 +189,85 @@ def test_sampler_logprobs_equal_the_trainers_in_fp32(tok, sampler, temperature):
     m = r.completion_mask.bool()
     assert m.sum() > 10 and (r.logprobs[m] < 0).all() and (r.logprobs[~m] == 0).all()
     assert (lp[m] - r.logprobs[m]).abs().max() < 1e-4
+
+
+def _continue_case(sampler_name, lm, rt, width):
+    if sampler_name == "fast":
+        return FastDecoder(lm, batch=3, max_len=width, dtype=torch.float32)
+    return HFSampler(lm, rt.autocast)
+
+
+@pytest.mark.parametrize(
+    "sampler,arch,extra", [("fast", "llama", {}), ("hf", "llama", {}), ("fast", "mistral", {"sliding_window": 4})]
+)
+def test_continuing_in_two_calls_samples_what_one_call_does(tok, sampler, arch, extra):
+    """The sampler protocol's continue_from (engine/sampling.py; multi-turn episodes build on it), greedy: 8 tokens
+    and then 8 more from the same cache are the 16 tokens of one call, with the same log-probs; and tokens
+    appended between the calls (an environment's reply; one completion ended on a stop token, so the cache also
+    holds the padding written after it) give what one call on the whole text gives."""
+    from prefcli.engine.dist import Runtime
+
+    lm = tiny(arch, tok, seed=3, **extra)  # mistral: a window of 4, which the sequences outgrow
+    rt = Runtime(device=torch.device("cpu"), precision="fp32")
+    ids, mask = prompts(tok)
+    s = _continue_case(sampler, lm, rt, ids.shape[1] + 48)
+
+    def cfg(n, stop=()):
+        return SamplingConfig(max_new_tokens=n, temperature=0, stop_token_ids=list(stop), pad_token_id=tok.pad_token_id)
+
+    one = s.sample(ids, mask, cfg(16))
+    first = s.sample(ids, mask, cfg(8))
+    second = s.continue_from(first, [[], [], []], cfg(8))
+    assert torch.equal(torch.cat([first.completion_ids, second.completion_ids], 1), one.completion_ids)
+    assert torch.allclose(torch.cat([first.logprobs, second.logprobs], 1), one.logprobs, atol=1e-5)
+    assert second.finish_reasons == ["length"] * 3 and second.prompt_ids.shape[1] == ids.shape[1] + 8
+
+    stop = int(one.completion_ids[0, 2])  # a token the first completion reaches early: it ends there
+    first = s.sample(ids, mask, cfg(8, [stop]))
+    assert first.finished[0] and first.lengths[0] <= 3 and first.lengths.max() == 8
+    reply = [tok(" and the water", add_special_tokens=False)["input_ids"], tok(" light", add_special_tokens=False)["input_ids"], tok(" Amen. And", add_special_tokens=False)["input_ids"]]  # fmt: skip
+    if sampler == "fast":
+        with pytest.raises(ValueError, match="needs at least one"):
+            s.continue_from(first, [[], [], []], cfg(8, [stop]))
+        first = s.sample(ids, mask, cfg(8, [stop]))  # (a refused call leaves the cache as it was; sampled again)
+    cont = s.continue_from(first, reply, cfg(8, [stop]))
+    whole = [
+        p[m.bool()].tolist() + c[cm.bool()].tolist() + r
+        for p, m, c, cm, r in zip(ids, mask, first.completion_ids, first.completion_mask, reply)
+    ]
+    w_ids, w_mask = left_pad(whole, tok.pad_token_id, "cpu")
+    fresh = s.sample(w_ids, w_mask, cfg(8, [stop]))
+    if extra:  # the window binds: one call on the whole text is transformers' own (so the continuation is too)
+        want = lm.generate(
+            input_ids=w_ids, attention_mask=w_mask, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+            eos_token_id=stop,
+        )[:, w_ids.shape[1] :]  # fmt: skip
+        assert torch.equal(fresh.completion_ids[:, : want.shape[1]], want)
+    assert torch.equal(cont.completion_ids, fresh.completion_ids) and torch.equal(cont.finished, fresh.finished)
+    assert torch.allclose(cont.logprobs, fresh.logprobs, atol=1e-5)
+    got = [p[m.bool()].tolist() for p, m in zip(cont.prompt_ids, cont.prompt_mask)]
+    assert got == whole  # the continuation's prompt is everything before its completion
+    with pytest.raises(ValueError, match="cache is gone"):
+        s.continue_from(cont, reply, cfg(8))  # a later call took the cache
+
+
+def test_hf_sampler_samples_as_the_recipe_says_not_as_the_checkpoint(tok):
+    """A checkpoint's generation_config (here typical-p 0.3, top_k 3, a repetition penalty) must not change what the
+    transformers-generate sampler draws from: its log-probs equal the model's own forward at the recipe's
+    settings (the guard's check), and the model keeps its generation_config."""
+    from prefcli.engine.dist import Runtime
+    from prefcli.engine.guard import compare_rollout
+    from prefcli.engine.models import PolicyLM
+
+    lm = tiny("llama", tok, seed=4)
+    lm.generation_config.top_k = 3
+    lm.generation_config.typical_p = 0.3
+    lm.generation_config.repetition_penalty = 3.0
+    rt = Runtime(device=torch.device("cpu"), precision="fp32")
+    ids, mask = prompts(tok)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    r = HFSampler(lm, rt.autocast).sample(ids, mask, cfg)
+    trainer, sampler = compare_rollout(PolicyLM(lm, rt), r, cfg, k=3)
+    assert sampler.tokens == 24 and sampler.max_abs < 1e-4, sampler
+    assert lm.generation_config.typical_p == 0.3 and lm.generation_config.repetition_penalty == 3.0

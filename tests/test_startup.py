@@ -49,14 +49,3 @@ def test_validate_every_bundled_recipe_imports_no_torch():
     summary = last_json(res.stdout)
     assert summary["status"] == "valid" and len(summary["recipes"]) == len(RECIPES)
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
-
-
-def test_no_module_is_longer_than_a_screenful_of_screens():
-    """A reader takes in a module whole: none in prefcli/ over 600 lines (CONTRIBUTING.md); split by concern
-    (a package of modules) rather than letting one grow."""
-    long = {
-        str(p.relative_to(ROOT)): n
-        for p in (ROOT / "prefcli").rglob("*.py")
-        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600
-    }
-    assert not long, long

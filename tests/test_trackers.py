@@ -148,6 +148,7 @@ def test_every_tracker_gets_the_run_offline(tmp_path, monkeypatch):
     assert any(x.get("summary/steps") == 2 for x in logs) and summary["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_failing_tracker_is_a_warning_not_a_failed_run(tmp_path, write_recipe, cli, monkeypatch):
     """MLflow cannot start (a file store MLflow refuses unless allowed); TensorBoard dies at step 2."""
     from torch.utils.tensorboard import SummaryWriter

@@ -17,13 +17,15 @@ from ..engine.data import (
 )
 from ..engine.formats import convert_rows, outside_format
 from ..engine.task import Micro, Plan
+from ..engine.users import find_user_column, missing_user_column, read_users, split_users
 from ..errors import DataError
 
 
 def load_splits(d, required: Sequence[str], seed: int, pairs: bool = False):
     """(train rows, held-out rows or None, the outside format read or None) of a PreferenceData section. With
     `pairs`, rows in a format people already have (ShareGPT, Alpaca, OpenAI's: engine/formats.py; detected, or
-    named by data.format) are read as chat pairs (prompt, chosen, rejected message lists) first."""
+    named by data.format) are read as chat pairs (prompt, chosen, rejected message lists) first. Held-out users
+    (data.eval_users, data.eval_user_fraction) leave the training rows and join the held-out rows."""
 
     def read(src, what: str):
         if not pairs:
@@ -42,12 +44,38 @@ def load_splits(d, required: Sequence[str], seed: int, pairs: bool = False):
         return rows, outside
 
     train, read_as = read(d.train, "data.train")
+    held = None
+    if getattr(d, "eval_users", None) or getattr(d, "eval_user_fraction", 0) > 0:
+        col = find_user_column(train.column_names, d.user_column)
+        if col is None:
+            raise missing_user_column(
+                "data.train", d.train.path, train.column_names, d.user_column, "holding users out (data.eval_users)"
+            )
+        users = read_users(train, col, d.train.path, "data.train")
+        train, held, _ = split_users(train, users, d.eval_users, d.eval_user_fraction, seed, d.train.path)
     ev = None
     if d.eval is not None:
         ev, _ = read(d.eval, "data.eval")
     elif d.eval_fraction > 0:
         train, ev = split_eval(train, d.eval_fraction, seed)
+    if held is not None:
+        ev = held if ev is None else join_rows(ev, held)
     return train, ev, read_as
+
+
+def join_rows(ev, held):
+    """The held-out rows followed by the held-out users' rows, on the columns both have."""
+    import datasets
+
+    cols = [c for c in ev.column_names if c in held.column_names]
+    try:
+        a = ev.select_columns(cols)
+        return datasets.concatenate_datasets([a, held.select_columns(cols).cast(a.features)])
+    except (ValueError, TypeError) as e:
+        raise DataError(
+            f"data.eval: its rows and the held-out users' training rows hold different value types: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
 
 
 def report(ctx, name: str, source: str, s, max_length: int, what: str, expected: str) -> None:
@@ -95,6 +123,20 @@ class Scheduled:
         mine = shard_for_rank(items, rt.rank, rt.world_size)
         n_micro = max(1, min(self.cfg.train.grad_accum_steps, len(items) // rt.world_size))
         return split_micro(mine, n_micro, lengths(mine) if lengths is not None else None)
+
+    def check_kernels(self, policy, collate: Callable[[list[int]], dict]) -> None:
+        """The start-up guard (engine.guard): prefcli's log-prob kernel against the model's own forward on the first
+        step's first micro-batch, collated as training collates it (packed rows, padding). Exit 2 on a difference
+        beyond the tolerance, or the model's own forward with model.on_mismatch: fallback. A task's
+        `startup_check()` calls it; engine.run.train calls that once the recipe's limits are checked."""
+        from ..engine.guard import check_logprobs
+
+        batch = collate(self.micro_parts(self.cursor.peek())[0])
+        check_logprobs(policy, batch, self.cfg.model.on_mismatch, self.ctx.warn, rt=self.rt, what="the first batch")
+
+    def startup_check(self) -> None:
+        """The Task protocol's start-up guard: nothing to compare for a task whose loss reads no causal LM's
+        log-probs (a reward model's scores, an encoder's embeddings); the tasks that do call `check_kernels`."""
 
     def step_items(self) -> Iterator[list[int]]:
         while True:

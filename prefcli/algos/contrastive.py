@@ -52,12 +52,15 @@ from ..engine.pairs import (
     tokenize_pairs,
     tokenize_unpaired,
 )
+from ..engine.personal import add_user_tokens, save_policy_users, with_user
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import load_tokenizer
-from ..errors import UsageError
-from ..runner import RunContext
+from ..engine.users import find_user_column, missing_user_column, read_users
+from ..errors import DataError, UsageError
 from .common import Scheduled, load_splits, make_plan, report, sharded_fill
 from .infonce import InfoNCETask, infonce_loss
+from .reward_users import per_user_accuracy, user_index
 
 # ----------------------------------------------------------------------------------- inputs
 
@@ -210,7 +213,9 @@ def kto_loss(u: UnpairedLogps, hp: Hyper) -> tuple[torch.Tensor, dict]:
 
 
 @dataclass(frozen=True)
-class Objective:
+class ContrastiveObjective:
+    """An entry of the contrastive registry: its loss and what it reads."""
+
     loss_fn: Callable
     needs_ref: bool
     reduce: str  # 'sum' | 'mean': how token log-probs make a sequence log-prob
@@ -220,24 +225,26 @@ class Objective:
     extra_metrics: tuple[str, ...] = ()  # per-example metrics the loss reports beyond the rewards
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "dpo": Objective(dpo_loss, needs_ref=True, reduce="sum", rows="pairs"),
-    "cdpo": Objective(cdpo_loss, needs_ref=True, reduce="sum", rows="pairs", default_label_smoothing=0.1),
-    "robust": Objective(robust_loss, needs_ref=True, reduce="sum", rows="pairs", default_label_smoothing=0.1),
-    "ipo": Objective(ipo_loss, needs_ref=True, reduce="mean", rows="pairs"),
-    "hinge": Objective(hinge_loss, needs_ref=True, reduce="sum", rows="pairs"),
-    "simpo": Objective(simpo_loss, needs_ref=False, reduce="mean", rows="pairs", default_beta=2.0),
-    "cpo": Objective(cpo_loss, needs_ref=False, reduce="sum", rows="pairs", extra_metrics=("loss/nll",)),
-    "orpo": Objective(
+OBJECTIVES: dict[str, ContrastiveObjective] = {
+    "dpo": ContrastiveObjective(dpo_loss, needs_ref=True, reduce="sum", rows="pairs"),
+    "cdpo": ContrastiveObjective(cdpo_loss, needs_ref=True, reduce="sum", rows="pairs", default_label_smoothing=0.1),
+    "robust": ContrastiveObjective(
+        robust_loss, needs_ref=True, reduce="sum", rows="pairs", default_label_smoothing=0.1
+    ),
+    "ipo": ContrastiveObjective(ipo_loss, needs_ref=True, reduce="mean", rows="pairs"),
+    "hinge": ContrastiveObjective(hinge_loss, needs_ref=True, reduce="sum", rows="pairs"),
+    "simpo": ContrastiveObjective(simpo_loss, needs_ref=False, reduce="mean", rows="pairs", default_beta=2.0),
+    "cpo": ContrastiveObjective(cpo_loss, needs_ref=False, reduce="sum", rows="pairs", extra_metrics=("loss/nll",)),
+    "orpo": ContrastiveObjective(
         orpo_loss, needs_ref=False, reduce="mean", rows="pairs", extra_metrics=("loss/nll", "reward/log_odds")
     ),
-    "kto": Objective(kto_loss, needs_ref=True, reduce="sum", rows="unpaired"),
-    "infonce": Objective(infonce_loss, needs_ref=False, reduce="mean", rows="encoder", default_beta=0.0),
+    "kto": ContrastiveObjective(kto_loss, needs_ref=True, reduce="sum", rows="unpaired"),
+    "infonce": ContrastiveObjective(infonce_loss, needs_ref=False, reduce="mean", rows="encoder", default_beta=0.0),
 }
 
 
 def pair_objective(
-    obj: Objective,
+    obj: ContrastiveObjective,
     hp: Hyper,
     lp: PairLogps,
     sum_c,
@@ -269,7 +276,7 @@ def pair_objective(
     return (losses * w).sum() if weight is not None else losses.sum(), mets
 
 
-def hyper(c, obj: Objective) -> Hyper:
+def hyper(c, obj: ContrastiveObjective) -> Hyper:
     """The recipe's knobs with null resolved to the objective's defaults."""
     return Hyper(
         beta=c.beta if c.beta is not None else obj.default_beta,
@@ -285,8 +292,9 @@ def hyper(c, obj: Objective) -> Hyper:
 # ------------------------------------------------------------------------------------- task
 
 
-class PreferenceTask(Scheduled):
-    """Paired objectives (dpo ... orpo) and KTO's unpaired rows, on one policy."""
+class ContrastiveTask(Scheduled):
+    """`prefcli contrastive` with a policy: the paired objectives (dpo ... orpo) and KTO's unpaired rows (the
+    encoder objective, infonce, is InfoNCETask in infonce.py)."""
 
     def __init__(self, ctx: RunContext):
         r = ctx.recipe
@@ -301,9 +309,22 @@ class PreferenceTask(Scheduled):
         required = PAIR_REQUIRED if self.paired else UNPAIRED_REQUIRED
         train_rows, eval_rows, self.read_as = load_splits(d, required, r.train.seed, pairs=self.paired)
         requested = "chat" if self.read_as else d.format
+        self.personal = c.personalisation
+        self.user_col = find_user_column(train_rows.column_names, d.user_column)
+        if self.user_col is None and (self.personal is not None or d.user_column is not None):
+            why = "contrastive.personalisation" if self.personal is not None else "data.user_column"
+            raise missing_user_column("data.train", d.train.path, train_rows.column_names, d.user_column, why)
         self.format = fmt = detect_pair_format(train_rows, "chosen" if self.paired else "completion", requested)
         train_rows, eval_rows, self.debias = apply_debias(
-            train_rows, eval_rows, d.debias, tok=tok, fmt=fmt, pairs=self.paired, seed=r.train.seed, warn=ctx.warn
+            train_rows,
+            eval_rows,
+            d.debias,
+            tok=tok,
+            fmt=fmt,
+            pairs=self.paired,
+            seed=r.train.seed,
+            warn=ctx.warn,
+            key_columns=(self.user_col,) if self.user_col else (),
         )
         tokenize = tokenize_pairs if self.paired else tokenize_unpaired
         what = "chosen/rejected" if self.paired else "completion or label"
@@ -329,12 +350,60 @@ class PreferenceTask(Scheduled):
         if not self.paired:
             self.kl_partner = self._partners(len(self.train_set), r.train.seed)
             self.eval_partner = self._partners(len(self.eval_set), r.train.seed) if self.eval_set else None
+        self._read_users(train_rows, eval_rows)
 
         self.lm = build_trained_model(r.model, tok, self.rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke)
         self.policy = PolicyLM(self.lm, self.rt)
         self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)
         self.groups = {"policy": Group("policy", self.policy, self.rt, r.train, self._total)}
         self.ref: dict[str, torch.Tensor] = {}
+
+    def _read_users(self, train_rows, eval_rows) -> None:
+        """The users of the pairs (data.user_column); with contrastive.personalisation, one token per user seen in
+        training (added to the tokenizer before the model is built) and the rows trained without one."""
+        d = self.cfg.data
+        self.user_names: list[str] = []
+        self.user_ids = {"train": None, "eval": None}
+        self.user_tokens: dict[str, int] = {}
+        self.generic: set[int] = set()
+        if self.user_col is None or not self.paired:
+            return
+        src = d.eval.path if d.eval else d.train.path
+        for split, rows, s, source in (("train", train_rows, self.train_set, d.train.path),
+                                       ("eval", eval_rows, self.eval_set, src)):  # fmt: skip
+            if s is None:
+                continue
+            col = self.user_col if self.user_col in rows.column_names else None
+            users = read_users(rows, col, source, f"data.{split}")
+            self.user_ids[split] = [users[i] for i in s.rows]
+        self.user_names = sorted({u for u in self.user_ids["train"] if u is not None})
+        vocab = {u: i for i, u in enumerate(self.user_names)}
+        for split, s in (("train", self.train_set), ("eval", self.eval_set)):
+            if s is not None:
+                s.users = user_index(self.user_ids[split], vocab)
+        if self.personal is None:
+            return
+        if not self.user_names:
+            raise DataError(
+                f"data.train: {d.train.path}: contrastive.personalisation needs users, but every row's "
+                f"'{self.user_col}' is empty"
+            )
+        try:
+            self.user_tokens = add_user_tokens(self.tok, self.user_names)
+        except ValueError as e:
+            raise DataError(f"data.train: {d.train.path}: {e}") from None
+        rng = random.Random(self.cfg.train.seed + 11)
+        self.generic = {i for i in range(len(self.train_set)) if rng.random() < self.personal.generic_fraction}
+
+    def _prompt(self, s, i: int) -> list[int]:
+        """Pair i's prompt ids, with its user's token first when the policy is personalised (not for the rows
+        trained as the generic user, nor for users never trained on)."""
+        p = s.prompt[i]
+        if not self.user_tokens or s.users is None or s.users[i] < 0:
+            return p
+        if s is self.train_set and i in self.generic:
+            return p
+        return with_user(p, self.user_tokens[self.user_names[s.users[i]]], self.tok.bos_token_id)
 
     @staticmethod
     def _partners(n: int, seed: int) -> list[int]:
@@ -353,7 +422,10 @@ class PreferenceTask(Scheduled):
         pad = self.tok.pad_token_id
         if self.paired:
             b = pair_batch(
-                [s.prompt[i] for i in items], [s.chosen[i] for i in items], [s.rejected[i] for i in items], pad
+                [self._prompt(s, i) for i in items],
+                [s.chosen[i] for i in items],
+                [s.rejected[i] for i in items],
+                pad,
             )
         else:
             if partner is not None:  # KTO's mismatched pairs, cut to max_length like every row
@@ -384,7 +456,7 @@ class PreferenceTask(Scheduled):
         (n, 1) for unpaired rows."""
 
         def fn(idx):
-            b = self._batch(s, idx, partner)
+            b = self._batch(s, idx, partner)  # with the user tokens: the policy starts equal to its reference
             seq = self._reduce(*self._seq(self.policy, b))
             return torch.stack(seq.chunk(2), 1) if self.paired else seq
 
@@ -471,9 +543,18 @@ class PreferenceTask(Scheduled):
 
     # ----------------------------------------------------------------- Task protocol
 
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._batch(self.train_set, part))
+
     def describe(self) -> dict:
         objective = {"name": self.name, "reference": self.obj.needs_ref, "reduce": self.reduce, **vars(self.hp)}
-        return self.describe_data("pairs" if self.paired else "unpaired", self.lm, objective)
+        if self.personal is not None:
+            objective["personalisation"] = {**self.personal.model_dump(), "generic_rows": len(self.generic)}
+        out = self.describe_data("pairs" if self.paired else "unpaired", self.lm, objective)
+        if self.user_names:
+            new = sorted({u for u in self.user_ids["eval"] or [] if u is not None} - set(self.user_names))
+            out["data"]["users"] = {"column": self.user_col, "train": self.user_names, "new_in_eval": new}
+        return out
 
     def plan_for(self, items: list[int]) -> Plan:
         micro = []
@@ -543,12 +624,20 @@ class PreferenceTask(Scheduled):
             ]
         # the same names on every process (one all-reduce), whatever its share of the held-out set
         tot = torch.zeros(2 * len(names), dtype=torch.float64, device=rt.device)
+        per_row = torch.zeros(len(s), 2, dtype=torch.float64, device=rt.device)  # (scored, implicit reward margin)
         for items in iterate_eval(len(s), bs, rt.rank, rt.world_size, self.cfg.train.eval_max_batches):
             if not items:
                 continue
             b = self._batch(s, items)
             if self.paired:
-                loss, m = self._pair_loss(self.policy, b, "eval")
+                lp, sum_c, sum_r = self._pair_inputs(self.policy, b, "eval")
+                loss, m = pair_objective(self.obj, self.hp, lp, sum_c, sum_r, loss_scale=b.get("weight"))
+                if s.users is not None:  # each pair's implicit reward margin, what reward/accuracy counts
+                    _, r = self.obj.loss_fn(lp, self.hp)
+                    margin = r["reward/chosen"] - r["reward/rejected"]
+                    per_row[torch.tensor(items, device=rt.device)] = torch.stack(
+                        [torch.ones(len(items), device=rt.device), margin], 1
+                    ).double()
             else:
                 b["kl"] = kl
                 loss, m = self._unpaired_loss(self.policy, b, "eval")
@@ -562,14 +651,37 @@ class PreferenceTask(Scheduled):
         for i, k in enumerate(names):
             if tot[2 * i + 1] > 0:
                 out[rename.get(k, "eval/" + k.replace("/", "_"))] = (tot[2 * i] / tot[2 * i + 1]).item()
+        if self.paired and s.users is not None:
+            out.update(self._per_user(per_row))
+        return out
+
+    def _per_user(self, per_row: torch.Tensor) -> dict:
+        """eval/accuracy/<user> and the worst user: every user of the held-out pairs for a pooled policy, the users
+        seen in training for a personalised one (whose other users, served without a token, give
+        eval/new_user/accuracy@0)."""
+        self.rt.all_reduce(per_row)
+        s = self.eval_set
+        done = [j for j in range(len(s)) if per_row[j, 0] > 0]
+        ids = self.user_ids["eval"]
+        if self.personal is None:
+            names = sorted({ids[j] for j in done if ids[j] is not None})
+            vocab = {u: k for k, u in enumerate(names)}
+            out = per_user_accuracy(per_row[done, 1], [vocab.get(ids[j], -1) if ids[j] else -1 for j in done], names)
+        else:
+            out = per_user_accuracy(per_row[done, 1], [s.users[j] for j in done], self.user_names)
+        new = [j for j in done if ids[j] is not None and s.users[j] < 0]
+        if new:
+            out["eval/new_user/accuracy@0"] = float(pair_correct(per_row[new, 1]).mean())
         return out
 
     def save_final(self, out_dir: Path) -> None:
         save_hf(self.lm, self.tok, out_dir, self.rt)
+        if self.user_tokens and self.rt.is_main:
+            save_policy_users(out_dir, self.user_tokens, self.tok, {"user_column": self.user_col})
 
 
-def build(ctx: RunContext):
+def build(ctx: RunContext) -> ContrastiveTask | InfoNCETask:
     obj = OBJECTIVES[ctx.recipe.contrastive.objective]
     if obj.rows == "encoder":
         return InfoNCETask(ctx)
-    return PreferenceTask(ctx)
+    return ContrastiveTask(ctx)

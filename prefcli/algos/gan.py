@@ -32,14 +32,14 @@ from torch import nn
 from ..engine.data import load_rows, move
 from ..engine.models import build_trained_model, save_hf
 from ..engine.pairs import encode_scored, text_batch
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import load_tokenizer
 from ..errors import DataError
 from ..recipe.sections import ModelSection
 from ..reward_sources import RewardSource, build_rewards
-from ..runner import RunContext
 from .reward_model import bradley_terry_loss
-from .rlhf import PolicyLearner
+from .rlhf.build import build_learner
 
 
 def discriminator_loss(
@@ -282,26 +282,26 @@ class GANTask:
         g = r.gan
         # the generator's reward asks the discriminator, built just below, at rollout time
         verdict = DiscriminatorSource(lambda texts: self.disc.logits(texts), g.generator_reward, g.reward_weight)
-        self.gen = gen = PolicyLearner(ctx, extra_rewards=[verdict])
-        if "completion" not in gen.train_rows.column_names:
+        self.gen = gen = build_learner(ctx, extra_rewards=[verdict])
+        if "completion" not in gen.prompts.train_rows.column_names:
             raise DataError(
                 f"data.train: {r.data.train.path}: gan needs a 'completion' column with the human/gold "
-                f"answer (columns: {', '.join(gen.train_rows.column_names)}); map yours with "
+                f"answer (columns: {', '.join(gen.prompts.train_rows.column_names)}); map yours with "
                 "data.train.columns, e.g. {completion: answer}"
             )
-        gold = list(gen.train_rows["completion"])
+        gold = list(gen.prompts.train_rows["completion"])
         for i, text in enumerate(gold):
             if not text:
                 raise DataError(f"data.train: {r.data.train.path}: row {i + 1} has an empty 'completion'")
         self.eval_gold = (
-            list(gen.eval_rows["completion"])
-            if gen.eval_rows is not None and "completion" in gen.eval_rows.column_names
+            list(gen.prompts.eval_rows["completion"])
+            if gen.prompts.eval_rows is not None and "completion" in gen.prompts.eval_rows.column_names
             else []
         )
         self.g_total = gen.total_updates
-        rollouts = math.ceil(self.g_total / gen.steps_per_rollout)
+        rollouts = math.ceil(self.g_total / gen.shape.steps_per_rollout)
         d_total = g.disc_warmup_steps + rollouts * g.disc_steps
-        self.disc = Discriminator(ctx, gen.tok, gen.prompt_text, gold, d_total)
+        self.disc = Discriminator(ctx, gen.tok, gen.prompts.text, gold, d_total)
         self._total = self.g_total + d_total  # an upper bound: gated discriminator steps are skipped
         self.groups = {"policy": gen.group, "discriminator": self.disc.group}
         self.g_steps = 0
@@ -350,7 +350,7 @@ class GANTask:
     @torch.no_grad()
     def evaluate(self) -> dict:
         out = self.gen.evaluate()  # eval/reward (discriminator + extra rewards), eval/kl, eval/length
-        if not self.gen.eval_ids:
+        if not self.gen.prompts.eval_ids:
             return out
         rt = self.rt
         idx, prompts, completions = self.gen.eval_samples()
@@ -358,7 +358,7 @@ class GANTask:
         sums = {"eval/disc_fake_prob": float(torch.sigmoid(fake).sum())}
         n = float(len(prompts))
         if self.eval_gold:
-            real = self.disc.logits([self.gen.eval_text[i] + self.eval_gold[i] for i in idx])
+            real = self.disc.logits([self.gen.prompts.eval_text[i] + self.eval_gold[i] for i in idx])
             sums["eval/disc_accuracy"] = float(((real > 0).float().sum() + (fake < 0).float().sum()) / 2)
         if self.eval_sources is not None:
             _, parts = self.eval_sources.score(prompts, completions)
@@ -368,6 +368,9 @@ class GANTask:
         t = rt.all_reduce(torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64, device=rt.device)).tolist()
         out.update({k: v / t[-1] for k, v in zip(names, t[:-1])})
         return out
+
+    def startup_check(self) -> None:
+        """The generator's guard runs on the first completions it samples (PolicyLearner.startup_check)."""
 
     def describe(self) -> dict:
         d = self.gen.describe()

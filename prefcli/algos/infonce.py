@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.data import chat_ids, iterate_eval, move
+from ..engine.data import iterate_eval, move
 from ..engine.debias import apply_debias
 from ..engine.models import build_trained_model, save_hf, unwrap_lm
 from ..engine.pairs import (
@@ -39,9 +39,9 @@ from ..engine.pairs import (
     pair_correct,
     text_batch,
 )
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
-from ..engine.tokenizer import load_tokenizer
-from ..runner import RunContext
+from ..engine.tokenizer import chat_ids, load_tokenizer
 from .common import Scheduled, load_splits, make_plan, report
 
 ENCODER_FILE = "prefcli_encoder.json"

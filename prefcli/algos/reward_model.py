@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..engine.data import iterate_eval, move
 from ..engine.debias import apply_debias, pair_weights
-from ..engine.models import build_trained_model, save_hf
+from ..engine.models import build_trained_model, save_hf, whole_state
 from ..engine.pairs import (
     check_format,
     detect_pair_format,
@@ -44,11 +44,15 @@ from ..engine.pairs import (
     scored_text,
     text_batch,
 )
+from ..engine.personal import PersonalReward, make_conditioner, score_head
+from ..engine.personal import save as save_personal
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import load_tokenizer
+from ..engine.users import find_user_column, missing_user_column, read_users
 from ..errors import DataError
-from ..runner import RunContext
 from .common import Scheduled, load_splits, make_plan, report
+from .reward_users import fixed_context, latent_context, new_user_curve, per_user_accuracy, user_index
 
 # ----------------------------------------------------------------------------------- losses
 
@@ -120,16 +124,18 @@ def calibration_errors(table: torch.Tensor) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class RMObjective:
+class RewardObjective:
+    """An entry of the reward-model registry: its loss, the rows it reads and their required columns."""
+
     loss_fn: Callable
     rows: str  # 'pairs' | 'scores' | 'rankings'
     required: tuple[str, ...]
 
 
-OBJECTIVES: dict[str, RMObjective] = {
-    "bradley_terry": RMObjective(bradley_terry_loss, "pairs", ("chosen", "rejected")),
-    "regression": RMObjective(regression_loss, "scores", ("score",)),
-    "ranking": RMObjective(ranking_loss, "rankings", ("completions",)),
+OBJECTIVES: dict[str, RewardObjective] = {
+    "bradley_terry": RewardObjective(bradley_terry_loss, "pairs", ("chosen", "rejected")),
+    "regression": RewardObjective(regression_loss, "scores", ("score",)),
+    "ranking": RewardObjective(ranking_loss, "rankings", ("completions",)),
 }
 
 
@@ -140,8 +146,11 @@ class ScoredSet:
     """Reward-model token rows. pairs: seqs = [chosen, rejected] per example (+ margin);
     scores: seqs = [text] (+ score); rankings: seqs = K texts, best first."""
 
-    def __init__(self, seqs, values, n_rows, bad, n_truncated):
+    def __init__(self, seqs, values, n_rows, bad, n_truncated, rows=None):
         self.seqs, self.values, self.n_rows, self.bad, self.n_truncated = seqs, values, n_rows, bad, n_truncated
+        self.rows = rows if rows is not None else list(range(len(seqs)))  # source row of each example
+        self.users: list[int] | None = None  # per example: index of its user among those seen in training, -1 none
+        self.user_ids: list[str | None] | None = None  # per example: its user id as in the data
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -217,6 +226,7 @@ def tokenize_scored(
         len(ds),
         bad,
         sum(1 for i in keep if T[i]),
+        keep,
     )
 
 
@@ -233,9 +243,14 @@ class RewardTask(Scheduled):
         self.rows = self.obj.rows
         self.center = rc.center_rewards_coefficient
         self.bins = rc.calibration_bins
+        self.personal = rc.personalisation
         self.tok = tok = load_tokenizer(r.model)
         train_rows, eval_rows, self.read_as = load_splits(d, self.obj.required, r.train.seed, self.rows == "pairs")
         requested = "chat" if self.read_as else d.format
+        self.user_col = find_user_column(train_rows.column_names, d.user_column)
+        if self.user_col is None and (self.personal is not None or d.user_column is not None):
+            why = "reward.personalisation" if self.personal is not None else "data.user_column"
+            raise missing_user_column("data.train", d.train.path, train_rows.column_names, d.user_column, why)
         probe = {
             "pairs": "chosen",
             "scores": "text" if "text" in train_rows.column_names else "completion",
@@ -255,6 +270,7 @@ class RewardTask(Scheduled):
             pairs=self.rows == "pairs",
             seed=r.train.seed,
             warn=ctx.warn,
+            key_columns=(self.user_col,) if self.user_col else (),
         )
         what = {"pairs": "chosen/rejected", "scores": "text or score", "rankings": "completions (at least 2)"}[
             self.rows
@@ -265,6 +281,7 @@ class RewardTask(Scheduled):
             "rankings": "rows with a list of at least 2 different completions, best first",
         }[self.rows] + f", the prompt shorter than data.max_length={d.max_length} tokens"
         enc = dict(rows=self.rows, fmt=fmt, max_length=d.max_length, use_margin=rc.use_margin)
+        train_users = read_users(train_rows, self.user_col, d.train.path, "data.train")
         self.train_set = tokenize_scored(train_rows, tok, source=d.train.path, what="data.train", **enc)
         report(ctx, "data.train", d.train.path, self.train_set, d.max_length, what, expected)
         self.weights = None
@@ -276,32 +293,71 @@ class RewardTask(Scheduled):
             src = d.eval.path if d.eval else d.train.path
             self.eval_set = tokenize_scored(eval_rows, tok, source=src, what="data.eval", **enc)
             report(ctx, "data.eval", src, self.eval_set, d.max_length, what, expected)
+        # users: those with training rows are the model's users (sorted ids); any other user is new
+        self.user_names: list[str] = []
+        if self.user_col is not None:
+            self._set_users(self.train_set, train_users)
+            self.user_names = sorted({u for u in self.train_set.user_ids if u is not None})
+            vocab = {u: i for i, u in enumerate(self.user_names)}
+            self.train_set.users = user_index(self.train_set.user_ids, vocab)
+            if self.eval_set is not None:
+                ev_col = self.user_col if self.user_col in eval_rows.column_names else None
+                self._set_users(self.eval_set, read_users(eval_rows, ev_col, src, "data.eval"))
+                self.eval_set.users = user_index(self.eval_set.user_ids, vocab)
+        if self.personal is not None and not self.user_names:
+            raise DataError(
+                f"data.train: {d.train.path}: reward.personalisation needs users, but every row's "
+                f"'{self.user_col}' is empty"
+            )
+        self.user_rows: dict[int, list[int]] = {}
+        if self.train_set.users is not None:
+            for i, u in enumerate(self.train_set.users):
+                if u >= 0:
+                    self.user_rows.setdefault(u, []).append(i)
 
         self.model = build_trained_model(
             r.model, tok, self.rt, r.train.gradient_checkpointing, r.train.seed, smoke=ctx.smoke, head="score"
         )
+        self.module = self.model
+        self.cond = None
+        if self.personal is not None:
+            hidden = score_head(self.model).weight.shape[-1]
+            torch.manual_seed(r.train.seed + 2)
+            spec = self.personal.model_dump(exclude={"kind", "new_user_labels", "new_user_draws"})
+            self.cond = make_conditioner(self.personal.kind, self.user_names, hidden, spec).to(self.rt.device)
+            self.module = PersonalReward(self.model, self.cond, self.rt.autocast)
         self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)
-        self.groups = {"reward": Group("reward", self.model, self.rt, r.train, self._total)}
+        self.groups = {"reward": Group("reward", self.module, self.rt, r.train, self._total)}
+
+    @staticmethod
+    def _set_users(s: ScoredSet, users: list[str | None]) -> None:
+        s.user_ids = [users[i] for i in s.rows]
 
     # ------------------------------------------------------------------------ scoring
 
     def _scores(self, module, b) -> torch.Tensor:
+        if self.cond is not None:
+            return module(b)["personal"]
         with self.rt.autocast():
             out = module(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
         return out.logits[:, 0].float()
 
     def score_texts(self, prompts: list[str], completions: list[str], max_length: int | None = None) -> list[float]:
-        """Scores of (prompt, completion) pairs as training computes them (the text prompt + completion)."""
+        """Scores of (prompt, completion) pairs as training computes them (the text prompt + completion); for a
+        personalised model, by its shared part (an unknown user)."""
         ml = max_length or self.cfg.data.max_length
         seqs = [encode_scored(self.tok, p + c, ml)[0] for p, c in zip(prompts, completions)]
-        was = self.model.training
-        self.model.eval()
+        was = self.module.training
+        self.module.eval()
+        b = move(text_batch(seqs, self.tok.pad_token_id), self.rt.device)
+        if self.cond is not None:
+            b["user"] = torch.full((len(seqs),), -1, device=self.rt.device)
         with torch.no_grad():
-            s = self._scores(self.model, move(text_batch(seqs, self.tok.pad_token_id), self.rt.device))
-        self.model.train(was)
+            s = self._scores(self.module, b)
+        self.module.train(was)
         return s.tolist()
 
-    def _batch(self, s: ScoredSet, items: list[int]) -> dict:
+    def _batch(self, s: ScoredSet, items: list[int], context_key: str | None = None) -> dict:
         if self.rows == "pairs":  # chosen rows then rejected rows: one forward
             seqs = [s.seqs[i][0] for i in items] + [s.seqs[i][1] for i in items]
         else:
@@ -315,6 +371,24 @@ class RewardTask(Scheduled):
             b["better"], b["worse"] = torch.tensor(better), torch.tensor(worse)
         if self.weights is not None and s is self.train_set:
             b["weight"] = torch.tensor([self.weights[i] for i in items], dtype=torch.float32)
+        if self.cond is not None:
+            if context_key is not None and self.personal.kind == "latent":
+                p = self.personal
+                b.update(
+                    latent_context(
+                        s,
+                        items,
+                        self.user_rows,
+                        p.min_context_pairs,
+                        p.context_pairs,
+                        context_key,
+                        self.tok.pad_token_id,
+                        p.latent_dim,
+                    )  # fmt: skip
+                )
+            else:
+                u = [s.users[i] for i in items]
+                b["user"] = torch.tensor(u + u)
         return move(b, self.rt.device)
 
     def units(self, s: ScoredSet, items: list[int]) -> int:
@@ -323,6 +397,8 @@ class RewardTask(Scheduled):
         return len(items)
 
     def _loss(self, module, b) -> tuple[torch.Tensor, dict]:
+        if self.cond is not None:
+            return self._personal_loss(module, b)
         r = self._scores(module, b)
         B = b["B"]
         if self.rows == "scores":
@@ -339,14 +415,30 @@ class RewardTask(Scheduled):
         else:
             rc, rr = r[b["better"]], r[b["worse"]]
             losses = self.obj.loss_fn(r, b["better"], b["worse"], self.center)
-        n = rc.shape[0]
-        diff = (rc - rr).detach()
-        return losses.sum(), {
-            "reward/chosen": (rc.detach().sum(), n),
-            "reward/rejected": (rr.detach().sum(), n),
-            "reward/margin": (diff.sum(), n),
-            "reward/accuracy": (pair_correct(diff).sum(), n),
-        }
+        return losses.sum(), pair_metrics(rc, rr)
+
+    def _personal_loss(self, module, b) -> tuple[torch.Tensor, dict]:
+        """Each row's Bradley-Terry loss on its user's reward, mixed with alpha x the loss of the shared part alone
+        (P-RLHF's generic user; rows without a user train the shared part only), plus beta x the KL of the latent
+        contexts (VPL's evidence lower bound)."""
+        out = module(b)
+        B = b["B"]
+        pc, pr = out["personal"][:B], out["personal"][B:]
+        sc, sr = out["shared"][:B], out["shared"][B:]
+        lp = self.obj.loss_fn(pc, pr, b.get("value"), self.center)
+        ls = self.obj.loss_fn(sc, sr, b.get("value"), self.center)
+        known = (b["row_group"] if "row_group" in b else b["user"])[:B] >= 0
+        a = self.personal.generic_weight
+        losses = torch.where(known, (1 - a) * lp + a * ls, ls)
+        if "weight" in b:
+            losses = losses * b["weight"]
+        total = losses.sum()
+        m = pair_metrics(pc, pr)
+        m["reward/accuracy_shared"] = (pair_correct((sc - sr).detach()).sum(), B)
+        if self.personal.kind == "latent":
+            total = total + self.personal.kl_weight * out["kl"]
+            m["reward/kl"] = (out["kl"].detach(), b.get("n_groups", 1))
+        return total, m
 
     # ----------------------------------------------------------------- Task protocol
 
@@ -356,18 +448,31 @@ class RewardTask(Scheduled):
             "center_rewards_coefficient": self.center,
             "margin_column": self.rows == "pairs" and self.train_set.values is not None,
         }
-        return self.describe_data(self.rows, self.model, objective)
+        if self.personal is not None:
+            objective["personalisation"] = self.personal.model_dump()
+        out = self.describe_data(self.rows, self.model, objective)
+        if self.user_col is not None:
+            new = sorted({u for u in (self.eval_set.user_ids if self.eval_set else []) or [] if u is not None}
+                         - set(self.user_names))  # fmt: skip
+            out["data"]["users"] = {"column": self.user_col, "train": self.user_names, "new_in_eval": new}
+        if self.cond is not None:
+            out["model"]["user_parameters"] = sum(p.numel() for p in self.cond.parameters())
+        return out
 
     def plans(self, start_step: int) -> Iterator[Plan]:
         for items in self.step_items():
+            key = f"{self.cfg.train.seed}|{self.cursor.epoch}|{self.cursor.index}|{self.rt.rank}"
             micro = []
-            for part in self.micro_parts(items):
-                b = self._batch(self.train_set, part)
+            for k, part in enumerate(self.micro_parts(items)):
+                b = self._batch(self.train_set, part, context_key=f"{key}|{k}")
                 micro.append(Micro(batch=b, n=self.units(self.train_set, part), tokens=int(b["attention_mask"].sum())))
             yield make_plan("reward", self.name, micro, self._loss)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        if self.rows == "pairs" and (self.user_col is not None or self.cond is not None):
+            with self.groups["reward"].gathered(hold=True):
+                return self._evaluate_users()
         rt, s = self.rt, self.eval_set
         dev = rt.device
         items_all = []
@@ -425,6 +530,134 @@ class RewardTask(Scheduled):
             "eval/pairs": n,
         }
 
+    def _refresh_latent_users(self) -> None:
+        """The latent kind: each seen user's state, the encoder's mean on a fixed context of their training pairs
+        (`fixed_context`), with the current weights."""
+        p, s = self.personal, self.train_set
+        for u, name in enumerate(self.user_names):
+            ctx = fixed_context(self.user_rows.get(u, []), p.context_pairs, self.cfg.train.seed, name)
+            if not ctx:
+                continue
+            hc, hr = self._pair_features(s, ctx)
+            self.cond.user_z[u] = self.cond.fit(hc, hr, hc.new_zeros(len(ctx))).to(self.cond.user_z.dtype)
+
+    def _pair_features(self, s: ScoredSet, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [n, d] of the chosen and the rejected completions of these pairs (this process only)."""
+        hc, hr = [], []
+        bs = self.cfg.train.batch_size
+        for k in range(0, len(items), bs):
+            part = items[k : k + bs]
+            seqs = [s.seqs[i][0] for i in part] + [s.seqs[i][1] for i in part]
+            b = move(text_batch(seqs, self.tok.pad_token_id), self.rt.device)
+            h = self.module.hidden(b["input_ids"], b["attention_mask"])
+            hc.append(h[: len(part)])
+            hr.append(h[len(part) :])
+        return torch.cat(hc), torch.cat(hr)
+
+    def _evaluate_users(self) -> dict:
+        """Held-out pairs with a user column: the overall figures, per-user accuracy and the worst user (users seen
+        in training for a personalised model; every user for a pooled one), and for a personalised model the
+        shared part's accuracy and the new-user curve."""
+        was = self.module.training
+        self.module.eval()
+        if self.cond is not None and self.personal.kind == "latent":
+            self._refresh_latent_users()
+        s = self.eval_set
+        users = s.users or [-1] * len(s)
+        ids = s.user_ids or [None] * len(s)
+        # a personalised model's new users: rows of a user never trained on (scored in the new-user curve)
+        new = {}
+        if self.cond is not None:
+            new = {j: k for k, j in enumerate(j for j in range(len(s)) if users[j] < 0 and ids[j] is not None)}
+        rows, feats = self._score_rows(new)
+        done = [j for j in range(len(s)) if rows[j, 0] > 0]
+        out = self._overall([j for j in done if j not in new], rows)
+        if self.cond is None:  # pooled: every user of the held-out rows, seen in training or not
+            names = sorted({ids[j] for j in done if ids[j] is not None})
+            vocab = {u: k for k, u in enumerate(names)}
+            out.update(per_user_accuracy(rows[done, 1], [vocab.get(ids[j], -1) for j in done], names))
+            unseen = [j for j in done if ids[j] is not None and users[j] < 0]
+            if unseen:
+                out["eval/new_user/accuracy@0"] = float(pair_correct(rows[unseen, 1]).mean())
+        else:
+            out.update(per_user_accuracy(rows[done, 1], [users[j] for j in done], self.user_names))
+            out.update(self._new_user_curve(new, [j for j in done if j in new], rows, feats))
+        self.module.train(was)
+        return out
+
+    def _score_rows(self, new: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held-out pair scored, each process its share, summed across processes (so every process ends
+        with the same table): per row (scored, personal margin, shared margin, loss, reward chosen, reward
+        rejected), and the hidden states [n_new, 2, d] of the chosen and rejected texts of the new users' rows."""
+        rt, s, dev = self.rt, self.eval_set, self.rt.device
+        rows = torch.zeros(len(s), 6, dtype=torch.float64, device=dev)
+        feats = torch.zeros(len(new), 2, score_head(self.model).weight.shape[-1], dtype=torch.float64, device=dev)
+        bs, cap = self.cfg.train.batch_size, self.cfg.train.eval_max_batches
+        for items in iterate_eval(len(s), bs, rt.rank, rt.world_size, cap):
+            if not items:
+                continue
+            b = self._batch(s, items)
+            B = b["B"]
+            if self.cond is not None:
+                out = self.module(b)
+                pers, shared, h = out["personal"], out["shared"], out["hidden"]
+                for k, i in enumerate(items):
+                    if i in new:
+                        feats[new[i]] = torch.stack([h[k], h[B + k]]).double()
+            else:
+                pers = shared = self._scores(self.model, b)
+            loss = self.obj.loss_fn(pers[:B], pers[B:], b.get("value"), self.center)
+            rows[torch.tensor(items, device=dev)] = torch.stack(
+                [torch.ones(B, device=dev), pers[:B] - pers[B:], shared[:B] - shared[B:], loss, pers[:B], pers[B:]], 1
+            ).double()
+        rt.all_reduce(rows)
+        rt.all_reduce(feats)
+        return rows, feats
+
+    def _overall(self, sel: list[int], rows: torch.Tensor) -> dict:
+        """The usual held-out figures over the rows `sel` (the model's own users and rows without a user)."""
+        if not sel:
+            return {}
+        r = rows[sel]
+        ece, mce = calibration_errors(calibration(r[:, 1], self.bins))
+        out = {
+            "eval/loss": float(r[:, 3].mean()),
+            "eval/accuracy": float(pair_correct(r[:, 1]).mean()),
+            "eval/margin": float(r[:, 1].mean()),
+            "eval/reward_chosen": float(r[:, 4].mean()),
+            "eval/reward_rejected": float(r[:, 5].mean()),
+            "eval/ece": ece,
+            "eval/mce": mce,
+            "eval/pairs": len(sel),
+        }
+        if self.cond is not None:
+            out["eval/accuracy_shared"] = float(pair_correct(r[:, 2]).mean())
+        return out
+
+    def _new_user_curve(self, new: dict[int, int], done: list[int], rows, feats) -> dict:
+        """eval/new_user/accuracy@k: each new user's state fitted from k of their rows (Conditioner.fit on the
+        hidden states), their other rows scored with it (reward_users.new_user_curve draws the rows)."""
+        if not done:
+            return {}
+        by_user: dict[str, list[int]] = {}
+        for j in done:
+            by_user.setdefault(self.eval_set.user_ids[j], []).append(new[j])
+        f = feats.float().cpu()
+        ms = torch.zeros(len(new))
+        for j, k in new.items():
+            ms[k] = float(rows[j, 2])  # the shared part's margin
+        cond = self.cond
+
+        def fit(ctx: list[int]) -> torch.Tensor:
+            return cond.fit(f[ctx, 0], f[ctx, 1], ms[ctx])
+
+        def margin_of(state: torch.Tensor, scored: list[int]) -> torch.Tensor:
+            v = cond.offsets(state.to(cond.offsets_device())[None].float())[0].cpu()
+            return ms[scored] + (f[scored, 0] - f[scored, 1]) @ v
+
+        p = self.personal
+        return new_user_curve(fit, margin_of, by_user, p.new_user_labels, p.new_user_draws, self.cfg.train.seed)
+
     def _eval_scores(self, tot, preds, values) -> dict:
         """Human scores: mean squared error, Pearson correlation, and the pairwise accuracy over every
         held-out pair of rows whose human scores differ (on this process's rows)."""
@@ -460,6 +693,34 @@ class RewardTask(Scheduled):
 
     def save_final(self, out_dir: Path) -> None:
         save_hf(self.model, self.tok, out_dir, self.rt)
+        if self.cond is None:
+            return
+        with self.groups["reward"].gathered(hold=True):
+            if self.personal.kind == "latent":
+                was = self.module.training
+                self.module.eval()
+                with torch.no_grad():
+                    self._refresh_latent_users()
+                self.module.train(was)
+            state = whole_state(self.cond, self.rt)
+        if not self.rt.is_main:
+            return
+        cpu = make_conditioner(self.personal.kind, self.user_names, self.cond.hidden, self.cond.spec)
+        cpu.load_state_dict(state)
+        with torch.no_grad():
+            states = cpu.known_states()
+        save_personal(out_dir, cpu, states, {"user_column": self.user_col})
+
+
+def pair_metrics(rc: torch.Tensor, rr: torch.Tensor) -> dict:
+    n = rc.shape[0]
+    diff = (rc - rr).detach()
+    return {
+        "reward/chosen": (rc.detach().sum(), n),
+        "reward/rejected": (rr.detach().sum(), n),
+        "reward/margin": (diff.sum(), n),
+        "reward/accuracy": (pair_correct(diff).sum(), n),
+    }
 
 
 def build(ctx: RunContext) -> RewardTask:

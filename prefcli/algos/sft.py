@@ -43,15 +43,15 @@ from ..engine.debias import apply_debias
 from ..engine.formats import convert_rows, outside_format
 from ..engine.logprobs import IGNORE
 from ..engine.models import PolicyLM, build_trained_model, save_hf, trainable_parameters, unwrap_lm
+from ..engine.run import RunContext
 from ..engine.task import Group, Micro, Plan
 from ..engine.tokenizer import load_tokenizer
 from ..errors import DataError
-from ..runner import RunContext
 from .common import Scheduled
 from .phf import (
     PHF_OBJECTIVES,
-    Objective,
     RowLRScale,
+    SFTObjective,
     ValuePolicy,
     add_control_tokens,
     control_gap,
@@ -68,7 +68,7 @@ def mle_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return loss_sum, {}
 
 
-OBJECTIVES: dict[str, Objective] = {"mle": Objective(mle_loss), **PHF_OBJECTIVES}
+OBJECTIVES: dict[str, SFTObjective] = {"mle": SFTObjective(mle_loss), **PHF_OBJECTIVES}
 
 
 def count_targets(batch: dict) -> int:
@@ -233,6 +233,9 @@ class SFTTask(Scheduled):
             RowLRScale(self.groups["policy"].optimizer, weights, list(self.control_ids), s.control_lr_scale)
 
     # ---------------------------------------------------------------- Task protocol
+
+    def startup_check(self) -> None:
+        self.check_kernels(self.policy, lambda part: self._collate(part)[0])
 
     def describe(self) -> dict:
         s = self.train_set

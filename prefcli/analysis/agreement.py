@@ -98,3 +98,15 @@ def pairwise_kappas(labels: dict[str, dict[Hashable, Hashable]], min_shared: int
                 }
             )
     return out
+
+
+def position_bias(shown_first: Sequence[str | None]) -> dict | None:
+    """Share of decisive pairs whose chosen (or picked) answer was the one shown first ("A" of "A"/"B"; anything
+    else is left out), with a two-sided binomial z-test against 1/2 (normal approximation). None: no pair."""
+    pos = [p for p in shown_first if p in ("A", "B")]
+    if not pos:
+        return None
+    n = len(pos)
+    a = sum(1 for p in pos if p == "A") / n
+    z = (a - 0.5) / math.sqrt(0.25 / n)
+    return {"pairs": n, "chosen_shown_first": a, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}

@@ -10,12 +10,7 @@ import typer
 
 from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError, UsageError
-from . import (
-    EXAMPLES,
-    QuietOpt,
-    app,
-    fail,
-)
+from .base import QuietOpt, app, examples, fail
 
 # ------------------------------------------------------------------------------- data inspect
 
@@ -37,7 +32,13 @@ def _key_values(items: list[str] | None, option: str) -> dict[str, str]:
     return out
 
 
-@data_app.command("inspect", epilog=EXAMPLES["data inspect"])
+@data_app.command(
+    "inspect",
+    epilog=examples(
+        "prefcli data inspect data/quickstart/preferences.jsonl --eval data/quickstart/preferences_eval.jsonl",
+        "prefcli data inspect recipes/quickstart/reward.yaml --plots inspect/    # the data as the recipe reads it",
+    ),
+)
 def data_inspect(
     source: Annotated[
         str,
@@ -136,7 +137,13 @@ def _finite(v):
 # ------------------------------------------------------------------------------------ explain
 
 
-@app.command(epilog=EXAMPLES["explain"])
+@app.command(
+    epilog=examples(
+        'prefcli explain runs/quickstart/reward/final --prompt "And the people" --text " rejoiced with gladness"',
+        "prefcli explain runs/quickstart/reward/final --pairs data/quickstart/preferences_eval.jsonl --html e.html",
+        'prefcli explain MODEL --text "..." -q | head -n -1 | jq -c "select(.score > 0.5)"   # the per-token rows',
+    )
+)
 def explain(
     model: Annotated[
         Path,

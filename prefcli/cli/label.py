@@ -11,7 +11,8 @@ from typer.core import TyperGroup
 
 from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
-from . import EXAMPLES, SetOpt, app, emit_json, fail
+from ..recipe.commands import COMMANDS
+from .base import SetOpt, app, emit_json, examples, fail
 
 
 class LabelGroup(TyperGroup):
@@ -26,10 +27,8 @@ class LabelGroup(TyperGroup):
 
 label_app = typer.Typer(
     cls=LabelGroup,
-    help="Collect human preferences. `prefcli label FILE -o OUT` labels in the terminal, one rater "
-    "({prompt, completions: [a, b]} rows); `prefcli label serve TASK.yaml` serves a task to a team of raters "
-    "in the browser, with invites, a live dashboard of agreement, gold items and an export for training.",
-    epilog=EXAMPLES["label"],
+    help=COMMANDS["label"].help,
+    epilog=examples(*COMMANDS["label"].examples),
     no_args_is_help=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -48,7 +47,13 @@ def _run(command: str, fn, *args) -> None:
     emit_json(summary)
 
 
-@label_app.command("serve", epilog=EXAMPLES["label serve"])
+@label_app.command(
+    "serve",
+    epilog=examples(
+        "prefcli label serve recipes/tiny/label-task.yaml",
+        "prefcli label serve recipes/tiny/label-task.yaml --host 0.0.0.0 --port 8080   # behind a TLS proxy",
+    ),
+)
 def serve(
     task: TaskArg,
     set_: SetOpt = None,
@@ -64,7 +69,13 @@ def serve(
     _run("label serve", run, task, ServeOptions(overrides=list(set_ or []), host=host, port=port))
 
 
-@label_app.command("invite", epilog=EXAMPLES["label invite"])
+@label_app.command(
+    "invite",
+    epilog=examples(
+        "prefcli label invite recipes/tiny/label-task.yaml --rater ann",
+        "prefcli label invite recipes/tiny/label-task.yaml --owner 2>/dev/null | jq -r .link",
+    ),
+)
 def invite(
     task: TaskArg,
     rater: Annotated[str | None, typer.Option(help="The rater's name: prints their personal link.")] = None,
@@ -81,7 +92,12 @@ def invite(
     _run("label invite", run, task, list(set_ or []), rater, owner, url)
 
 
-@label_app.command("stats", epilog=EXAMPLES["label stats"])
+@label_app.command(
+    "stats",
+    epilog=examples(
+        "prefcli label stats recipes/tiny/label-task.yaml | jq .agreement",
+    ),
+)
 def stats(task: TaskArg, set_: SetOpt = None) -> None:
     """The dashboard's figures as one JSON line: progress, agreement (Cohen's and Fleiss' kappa, Krippendorff's
     alpha), gold accuracy, position bias, time per item, flagged raters."""
@@ -90,7 +106,13 @@ def stats(task: TaskArg, set_: SetOpt = None) -> None:
     _run("label stats", run, task, list(set_ or []))
 
 
-@label_app.command("export", epilog=EXAMPLES["label export"])
+@label_app.command(
+    "export",
+    epilog=examples(
+        "prefcli label export recipes/tiny/label-task.yaml -o prefs.jsonl",
+        "prefcli label export recipes/tiny/label-task.yaml --all -o every-answer.jsonl",
+    ),
+)
 def export(
     task: TaskArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL file to write (replaced).")],
@@ -108,7 +130,12 @@ def export(
     _run("label export", run, task, list(set_ or []), out, all_, gold)
 
 
-@label_app.command("import", epilog=EXAMPLES["label import"])
+@label_app.command(
+    "import",
+    epilog=examples(
+        "prefcli label import recipes/tiny/label-task.yaml answers.jsonl     # from `prefcli label FILE -o answers.jsonl`",
+    ),
+)
 def import_(
     task: TaskArg,
     answers: Annotated[Path, typer.Argument(help="The terminal tool's answers file (its --out).", show_default=False)],
@@ -123,7 +150,13 @@ def import_(
     _run("label import", run, task, list(set_ or []), answers, log, rater)
 
 
-@label_app.command("terminal", epilog=EXAMPLES["label terminal"])
+@label_app.command(
+    "terminal",
+    epilog=examples(
+        "prefcli label terminal pairs.jsonl -o answers.jsonl        # the same as: prefcli label pairs.jsonl ...",
+        "prefcli label --model prefcli/assets/kjv-base --prompts data/tiny/prompts.jsonl -o answers.jsonl",
+    ),
+)
 def terminal(
     input: Annotated[
         Path | None,

@@ -11,18 +11,11 @@ import typer
 
 from .. import SEED_MAX
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, PrefcliError
-from . import (
-    EXAMPLES,
-    QuietOpt,
-    RecipeArg,
-    SetOpt,
-    app,
-    emit_json,
-    fail,
-)
+from ..recipe.commands import COMMANDS
+from .base import QuietOpt, RecipeArg, SetOpt, app, emit_json, examples, fail
 
 
-@app.command("eval", epilog=EXAMPLES["eval"])
+@app.command("eval", help=COMMANDS["eval"].help, epilog=examples(*COMMANDS["eval"].examples))
 def eval_(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -68,7 +61,13 @@ def eval_(
     emit_json(summary)
 
 
-@app.command(epilog=EXAMPLES["generate"])
+@app.command(
+    epilog=examples(
+        "printf 'And the LORD said\\n' | prefcli generate prefcli/assets/kjv-base --ban wrath",
+        "prefcli generate runs/sft-sft/final --prompts prompts.jsonl --greedy > completions.jsonl",
+        "prefcli generate --recipe recipes/tiny/eval-env.yaml --model rl --episodes 4    # episode transcripts",
+    )
+)
 def generate(
     model_dir: Annotated[
         Path | None, typer.Argument(help="Model folder (Hugging Face format) or hub id.", show_default=False)
@@ -86,6 +85,14 @@ def generate(
     ] = None,
     model_name: Annotated[str | None, typer.Option("--model", help="With an eval recipe: the model to use.")] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Prompts file; - or none: stdin.")] = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option(
+            "--episodes",
+            help="With a recipe that has an env: play this many episodes (seeds env.eval_seed, ...) and print each "
+            "one's transcript, instead of reading prompts.",
+        ),
+    ] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -133,6 +140,31 @@ def generate(
         int | None, typer.Option(min=0, max=SEED_MAX, help="Sampling seed (default: the recipe's, else 0).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    user: Annotated[
+        str | None,
+        typer.Option(
+            "--user",
+            metavar="ID",
+            help="A personalised policy (trained with a user column): generate for this user (their user token "
+            "before every prompt). An id the policy does not know gets the generic policy, with a warning.",
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Run modelling code shipped with the model (model.trust_remote_code)."
+        ),
+    ] = False,
+    pad_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Pad token for a tokenizer that has none, e.g. a base GPT-2 or Llama 3 checkpoint (model.pad_token)."
+        ),
+    ] = None,
+    attn_implementation: Annotated[
+        str | None,
+        typer.Option(help="sdpa, eager, flash_attention_2 or flex_attention (default: transformers' choice)."),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No closing line on stderr; stdout (the completions) is unchanged.")
     ] = False,
@@ -163,11 +195,18 @@ def generate(
         recipe=str(recipe) if recipe else None,
         model_name=model_name,
         prompts=str(prompts) if prompts else None,
+        episodes=episodes,
         fmt=fmt,
         settings=settings,
         seed=seed,
         device=device,
         quiet=quiet,
+        user=user,
+        model={
+            "trust_remote_code": trust_remote_code or None,
+            "pad_token": pad_token,
+            "attn_implementation": attn_implementation,
+        },
     )
     try:
         run_generate(opts)
@@ -182,7 +221,12 @@ def generate(
         raise typer.Exit(0) from None
 
 
-@app.command(epilog=EXAMPLES["plot"])
+@app.command(
+    epilog=examples(
+        "prefcli plot runs/sft-sft",
+        "prefcli plot runs/lr1e-3 runs/lr3e-3 --metric loss --metric eval -o lr.png",
+    )
+)
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl).", show_default=False)],
     output: Annotated[
@@ -215,7 +259,12 @@ def plot(
     emit_json({"command": "plot", "status": "completed", "exit_code": 0, **drawn})
 
 
-@app.command(epilog=EXAMPLES["validate"])
+@app.command(
+    epilog=examples(
+        "prefcli validate recipes/*/*.yaml",
+        "prefcli validate --resolved recipes/tiny/contrastive-ipo.yaml     # the recipe with its base merged",
+    )
+)
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     command: Annotated[

@@ -1,9 +1,15 @@
-"""The training commands: sft, reward, contrastive, rlhf and gan, each a recipe run by prefcli.runner."""
+"""The training commands, one per training row of the command table (`prefcli.recipe.COMMANDS`): each reads a
+recipe and hands it to prefcli.runner; their help and examples are the table's."""
 
 from __future__ import annotations
 
-from . import (
-    EXAMPLES,
+import os
+from pathlib import Path
+
+from ..errors import EXIT_INTERRUPTED, PrefcliError
+from ..recipe.commands import COMMANDS, Command
+from .base import (
+    STATUS,
     OutOpt,
     OverwriteOpt,
     QuietOpt,
@@ -12,79 +18,65 @@ from . import (
     SetOpt,
     SmokeOpt,
     app,
-    train_command,
+    emit_json,
+    examples,
+    fail,
 )
 
 
-@app.command(epilog=EXAMPLES["sft"])
-def sft(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    output_dir: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    smoke: SmokeOpt = False,
+def train_command(
+    command: str,
+    recipe: Path,
+    set_: list[str] | None,
+    output_dir: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    smoke: bool,
 ) -> None:
-    """Supervised fine-tuning, and pretraining from scratch (model.init). Logs held-out perplexity."""
-    train_command("sft", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
+    from ..runner import RunOptions, run_training
+
+    opts = RunOptions(
+        overrides=list(set_ or []),
+        output_dir=str(output_dir) if output_dir else None,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        smoke=smoke,
+    )
+    try:
+        summary = run_training(command, recipe, opts)
+    except PrefcliError as e:
+        fail(command, e, e.exit_code, STATUS.get(e.exit_code, "failed"))
+    except KeyboardInterrupt:
+        fail(
+            command,
+            RuntimeError("interrupted before training started; nothing was written"),
+            EXIT_INTERRUPTED,
+            "interrupted",
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit_json(summary)
 
 
-@app.command(epilog=EXAMPLES["rlhf"])
-def rlhf(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    output_dir: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    smoke: SmokeOpt = False,
-) -> None:
-    """Reinforcement learning from a reward (a reward model, human scores, a rule, your function): PPO, RLOO,
-    GRPO, REINFORCE++."""
-    train_command("rlhf", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
+def register(name: str, row: Command) -> None:
+    """`prefcli <name> RECIPE` with the options every training command takes."""
+
+    def command(
+        recipe: RecipeArg,
+        set_: SetOpt = None,
+        output_dir: OutOpt = None,
+        resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False,
+        quiet: QuietOpt = False,
+        smoke: SmokeOpt = False,
+    ) -> None:
+        train_command(name, recipe, set_, output_dir, resume, overwrite, quiet, smoke)
+
+    command.__name__ = name
+    app.command(name, help=row.help, epilog=examples(*row.examples))(command)
 
 
-@app.command(epilog=EXAMPLES["reward"])
-def reward(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    output_dir: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    smoke: SmokeOpt = False,
-) -> None:
-    """Reward model (a scalar head at the last real token) from preference pairs (Bradley-Terry), human
-    scores or rankings. Logs held-out pairwise accuracy, margin and calibration."""
-    train_command("reward", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
-
-
-@app.command(epilog=EXAMPLES["contrastive"])
-def contrastive(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    output_dir: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    smoke: SmokeOpt = False,
-) -> None:
-    """Policy from preferences (dpo, cdpo, robust, ipo, hinge, simpo, cpo, orpo, kto) or an InfoNCE
-    preference encoder (infonce). Logs preference accuracy, rewards, margins and log-probs."""
-    train_command("contrastive", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
-
-
-@app.command(epilog=EXAMPLES["gan"])
-def gan(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    output_dir: OutOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    smoke: SmokeOpt = False,
-) -> None:
-    """Adversarial training: a discriminator learns to tell human/gold completions from generated ones, the
-    generator learns by policy gradient to pass as human."""
-    train_command("gan", recipe, set_, output_dir, resume, overwrite, quiet, smoke)
+for _name, _row in COMMANDS.items():
+    if _row.task is not None:
+        register(_name, _row)

@@ -151,17 +151,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], py_state) -> None:
         random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
 
 
-# -------------------------------------------------------------------------------- folders
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (their marker written), oldest first."""
-    return runfolder.complete_checkpoints(run_dir)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    cps = list_checkpoints(run_dir)
-    return cps[-1][1] if cps else None
+# ------------------------------------------------------------------------------ saving
 
 
 def save_checkpoint(
@@ -261,22 +251,6 @@ def _find(d, key: str):
     return None
 
 
-def earlier_layout(path: Path) -> str | None:
-    """Why `path` cannot be resumed when it is a checkpoint of prefcli before 0.2.0 (one
-    model-<group>.safetensors per module, no format field), else None."""
-    try:
-        state = json.loads((Path(path) / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict) or "format" in state or not list(Path(path).glob("model-*.safetensors")):
-        return None
-    return (
-        f"--resume: {path} was written by an earlier prefcli (one model-<group>.safetensors per module); "
-        "this version reads sharded checkpoints (model-<group>/ folders) only. Continue that run with the "
-        "prefcli version that wrote it, or start a new run."
-    )
-
-
 def check_resume(path: Path, groups: dict, task_state: dict, world: int) -> None:
     """Refuse (UsageError, exit 2, before anything is written) a checkpoint this run cannot continue: an
     older format, other trained modules or parameters, or a different number of processes that changes
@@ -285,7 +259,9 @@ def check_resume(path: Path, groups: dict, task_state: dict, world: int) -> None
 
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
-        raise UsageError(earlier_layout(path) or f"--resume: {path} has an unknown format {state.get('format')!r}")
+        raise UsageError(
+            runfolder.earlier_layout(path) or f"--resume: {path} has an unknown format {state.get('format')!r}"
+        )
     if set(state["updates"]) != set(groups):
         raise UsageError(
             f"--resume: {path} holds the modules {sorted(state['updates'])}, this run trains {sorted(groups)}"

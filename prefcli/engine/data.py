@@ -33,9 +33,10 @@ from .datacheck import (
     text_line,
 )
 from .logprobs import IGNORE
+from .tokenizer import chat_ids, text_ids
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
-CACHE_VERSION = "1"  # bump when tokenization output changes for the same inputs
+CACHE_VERSION = "2"  # bump when tokenization output changes for the same inputs
 
 
 def _quiet_datasets():
@@ -301,13 +302,6 @@ def detect_format(columns: Sequence[str], requested: str) -> str:
 FORMAT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"]}
 
 
-def chat_ids(tok, messages, **kw) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True, **kw)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
-
-
 def encode_messages(tok, messages: list[dict], mask_prompt: bool) -> tuple[list[int], list[int]]:
     """Token ids and labels of a chat. With mask_prompt, only assistant turns carry labels: each
     assistant span is found by rendering the conversation up to it (prefix rendering)."""
@@ -336,10 +330,10 @@ def sft_encoder(tok, fmt: str, max_length: int, mask_prompt: bool, add_eos: bool
         if fmt == "messages":
             ids, labels = encode_messages(tok, row["messages"], mask_prompt)
         elif fmt == "text":
-            ids = tok(row["text"], add_special_tokens=True)["input_ids"]
+            ids = text_ids(tok, row["text"])
             labels = list(ids)
         else:
-            p = tok(row["prompt"], add_special_tokens=True)["input_ids"]
+            p = text_ids(tok, row["prompt"])
             c = tok(row["completion"], add_special_tokens=False)["input_ids"]
             ids = p + c
             labels = ([IGNORE] * len(p) if mask_prompt else list(p)) + list(c)
@@ -512,6 +506,13 @@ class DataCursor:
         if self._cached is None or self._cached[0] != epoch:
             self._cached = (epoch, [s for s in self.schedule.steps(epoch) if len(s) >= self.min_items])
         return self._cached[1]
+
+    def peek(self) -> list[int]:
+        """The items `next()` would return, without moving (the start-up guard's batch)."""
+        epoch, index = self.epoch, self.index
+        while index >= len(self._steps(epoch)):
+            epoch, index = epoch + 1, 0
+        return self._steps(epoch)[index]
 
     def next(self) -> list[int]:
         """The global items of the next optimizer step (all ranks); moves on to the next epoch as needed."""

@@ -256,10 +256,13 @@ def apply_debias(
     pairs: bool = False,
     seed: int = 0,
     warn: Callable[[str], None] | None = None,
+    key_columns: Sequence[str] = (),
 ) -> tuple[Any, Any, dict | None]:
     """(train, held_out, report) after the steps `cfg` (a DebiasSection or SFTDebiasSection) switches
     on; (train, held_out, None) when none is on. `pairs`: the rows are chosen/rejected pairs (needed
-    by length_balance 'subsample'). Rows are `datasets.Dataset`s; nothing is rewritten, only selected."""
+    by length_balance 'subsample'). `key_columns`: metadata that makes two rows different for dedup (the user
+    column: the same pair labelled by two users is two labels, not a duplicate). Rows are `datasets.Dataset`s;
+    nothing is rewritten, only selected."""
     if cfg is None:
         return train, held_out, None
     balance = getattr(cfg, "length_balance", "off")
@@ -270,12 +273,14 @@ def apply_debias(
     cols = content_columns(train.column_names)
     if cfg.dedup != "off":
         norm = cfg.dedup == "normalized"
-        drop = duplicate_rows(train.to_list(), cols, norm)
+        keys = [c for c in key_columns if c in train.column_names]
+        drop = duplicate_rows(train.to_list(), cols + keys, norm)
         train = _select(train, drop)
         report["dedup"] = {"mode": cfg.dedup, "train_removed": len(drop)}
         msg = f"data.debias.dedup ({cfg.dedup}): removed {len(drop)} duplicate training rows"
         if held_out is not None:
-            drop_e = duplicate_rows(held_out.to_list(), content_columns(held_out.column_names), norm)
+            ekeys = [c for c in key_columns if c in held_out.column_names]
+            drop_e = duplicate_rows(held_out.to_list(), content_columns(held_out.column_names) + ekeys, norm)
             held_out = _select(held_out, drop_e)
             report["dedup"]["eval_removed"] = len(drop_e)
             msg += f" and {len(drop_e)} duplicate held-out rows"

@@ -126,6 +126,20 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
+def resolve_device(name: str, what: str = "runtime.device", index: int | None = None) -> torch.device:
+    """'auto' (the GPU when one is visible, else the CPU), 'cuda' (device `index`, when given) or another
+    torch device name; 'cuda' without a GPU is a UsageError naming `what`."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            from ..errors import UsageError
+
+            raise UsageError(f"{what} is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        return torch.device("cuda", index) if index is not None else torch.device("cuda")
+    return torch.device(name)
+
+
 def setup_runtime(
     device: str = "auto",
     precision: str = "auto",
@@ -140,14 +154,8 @@ def setup_runtime(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            from ..errors import UsageError
-
-            raise UsageError("runtime.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
-        dev = torch.device("cuda", local_rank)
+    dev = resolve_device(device, index=local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -14,7 +14,7 @@ every algorithm:
   or final/ ever written from non-finite weights;
 - eval and checkpoint cadence; exact resume; SIGINT/SIGTERM -> checkpoint -> exit 130, also after the
   last step (the checkpoint of the last step resumes into the final evaluation and final/);
-- every failure during training names the last good checkpoint (`_failure`); a collapsed run (zero
+- every failure during training names the last good checkpoint (`Engine.failure`); a collapsed run (zero
   gradient step after step) is reported as a warning;
 - metrics reduced across ranks, progress on rank 0.
 """
@@ -177,14 +177,14 @@ class Engine:
             why = runfolder.disk_error(e)
             if why is None:
                 raise
-            raise self._failure(
+            raise self.failure(
                 f"step {step}: could not write the checkpoint: {why} ({runfolder.error_text(e)}); its temporary folder "
                 "was removed",
                 runfolder.disk_fix(e),
             ) from None
         self.progress.log(f"checkpoint: {self.last_checkpoint}")
 
-    def _failure(self, what: str, todo: str) -> TrainingError:
+    def failure(self, what: str, todo: str) -> TrainingError:
         """A TrainingError that names the last good checkpoint (or says there is none)."""
         if self.last_checkpoint is not None:
             where = f"Last good checkpoint: {self.last_checkpoint}."
@@ -203,7 +203,7 @@ class Engine:
         ]
         bad = (~torch.stack(flags)).sum().double().reshape(1) if flags else torch.zeros(1, dtype=torch.float64)
         if self.rt.all_reduce(bad.to(self.rt.device)).item() > 0:
-            raise self._failure(
+            raise self.failure(
                 f"{when}: the weights are no longer finite (inf or NaN) after the optimizer step; {consequence}",
                 "Lower train.lr (and keep train.max_grad_norm set).",
             )
@@ -221,8 +221,8 @@ class Engine:
             )
 
     def restore(self, path: Path) -> int:
-        """Load a checkpoint into the task (modules, optimizers, data position). The runner calls this before
-        anything is written: a checkpoint that does not fit the recipe is a UsageError (exit 2)."""
+        """Load a checkpoint into the task (modules, optimizers, data position). engine.run.train calls this
+        before anything is written: a checkpoint that does not fit the recipe is a UsageError (exit 2)."""
         try:
             start, state, extra = ckpt.load_checkpoint(path, self.task.groups, self.rt.rank, self.rt.world_size)
             self.task.load_state_dict(state, extra)
@@ -254,7 +254,7 @@ class Engine:
                 why = runfolder.disk_error(e)
                 if why is None:
                     raise
-                raise self._failure(
+                raise self.failure(
                     f"could not write final/: {why} ({runfolder.error_text(e)}); the partial folder was removed",
                     runfolder.disk_fix(
                         e,
@@ -298,10 +298,12 @@ class Engine:
                     self.progress.log(f"early stopping at step {step}: {self.monitors.describe()['stopped_early']}")
         return ev
 
-    def run(self, resume_from: Path | None = None) -> dict:
-        """Train to the end; every failure is a PrefcliError naming the last good checkpoint (out-of-memory
-        errors pass through for the runner's advice). A collective that fails because another process died or
+    def run(self, resume_from: Path | None = None, progress: Progress | None = None) -> dict:
+        """Train to the end, reporting to `progress` (else the one given at construction); every failure is a
+        PrefcliError naming the last good checkpoint. A collective that fails because another process died or
         stalled past runtime.timeout_s stops this one with exit 1 instead of waiting."""
+        if progress is not None:
+            self.progress = progress
         try:
             return self._run(resume_from)
         except (Interrupted, UsageError):
@@ -312,7 +314,7 @@ class Engine:
             if getattr(e, "checkpoint", None) is not None or "checkpoint" in str(e):
                 raise
             what = str(e).rstrip(".")
-            raise self._failure(what if what.startswith("step ") else f"step {self.step}: {what}", "") from None
+            raise self.failure(what if what.startswith("step ") else f"step {self.step}: {what}", "") from None
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once
             raise self._interrupted(f"interrupted at step {self.step}", "Continue with --resume.") from None
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
@@ -320,13 +322,13 @@ class Engine:
                 raise self._collective_failure(e) from None
             why = runfolder.disk_error(e)
             if why is not None:
-                raise self._failure(
+                raise self.failure(
                     f"step {self.step}: could not write to the run folder: {why} ({runfolder.error_text(e)})",
                     runfolder.disk_fix(e),
                 ) from None
             if out_of_memory(runfolder.unwrap(e)):
                 raise self.out_of_memory(runfolder.unwrap(e)) from None
-            raise self._failure(
+            raise self.failure(
                 f"step {self.step}: unexpected {runfolder.error_text(e)}",
                 "This is a bug in prefcli or a library it uses: please report it with the recipe.",
             ) from None
@@ -334,7 +336,7 @@ class Engine:
     def out_of_memory(self, e: BaseException) -> TrainingError:
         """Out of memory during training: not a bug, a model or batch too large for the device (exit 1)."""
         where = "GPU memory" if self.rt.device.type == "cuda" else f"memory ({self.rt.device.type})"
-        return self._failure(
+        return self.failure(
             f"step {self.step}: out of {where} ({runfolder.error_text(e)[:200]})",
             "Lower train.batch_size (raising train.grad_accum_steps keeps the batch), set "
             "train.gradient_checkpointing: true, lower data.max_length, or shard the model over the GPUs "
@@ -346,7 +348,7 @@ class Engine:
         if isinstance(e, CheckpointException):  # DCP reports a peer's failure so; take the first rank's own error
             e = next(exc for exc, _trace in e.failures.values() if is_comm_failure(exc))
         cause = str(e).strip().splitlines()[0].split(". This is typically")[0][:300]  # gloo appends advice
-        return self._failure(
+        return self.failure(
             f"step {self.step}: a collective operation across the {self.rt.world_size} processes failed: {cause}. "
             "Another process died, lost its network or stalled for longer than "
             f"runtime.timeout_s={self.rt.timeout_s:g} s; this one stops instead of waiting",
@@ -433,7 +435,7 @@ class Engine:
                 if not math.isfinite(loss) or not math.isfinite(gn):
                     what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
                     group.optimizer.zero_grad(set_to_none=True)
-                    raise self._failure(
+                    raise self.failure(
                         f"step {step}: {what}; stopped before the optimizer step",
                         "Lower train.lr, set train.max_grad_norm, or check the data.",
                     )

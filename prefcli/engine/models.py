@@ -22,7 +22,8 @@ from ..errors import UsageError
 from ..recipe.paths import is_local
 from ..recipe.sections import ModelSection
 from .dist import Runtime
-from .logprobs import cross_entropy_sum, token_logprobs
+from .families import MASK_IGNORES_POSITION_IDS, logit_transform, packed_mask
+from .logprobs import cross_entropy_sum, logits_logprobs, positions_of, token_logprobs
 
 # Sizes of the random model `--smoke` swaps in: same family, same tokenizer, tiny dimensions.
 SMOKE_DIMS = dict(
@@ -62,6 +63,17 @@ def load_failure(what: str, src: str, e: BaseException) -> str:
         return (
             f"could not load {what} from {src}: its weights file is damaged or not safetensors ({first}); "
             "save or download the model again"
+        )
+    low = first.lower()
+    if "attention implementation" in low or "attn_implementation" in low:
+        return (
+            f"could not load {what} from {src}: {first}; set model.attn_implementation (prefcli generate: "
+            "--attn-implementation) to one the family supports, or leave it unset: transformers picks one"
+        )
+    if "trust_remote_code" in low or "custom code" in low:
+        return (
+            f"could not load {what} from {src}: it ships its own modelling code ({first}); set "
+            "model.trust_remote_code: true (prefcli generate: --trust-remote-code) if you trust it"
         )
     return f"could not load {what} from {src}: {first}; check that it is a Hugging Face model folder"
 
@@ -361,7 +373,12 @@ class PolicyLM(nn.Module):
     Wrapping the whole computation in one module keeps DDP's gradient hooks on every parameter,
     and `torch.compile` can take the transformer body alone. Call it through its forward (also from a
     module that wraps it, with `return_hidden` for extra heads): under runtime.parallel fsdp a PolicyLM is
-    an FSDP unit of its own, and its forward is what gathers its embeddings and output head."""
+    an FSDP unit of its own, and its forward is what gathers its embeddings and output head.
+
+    The family's logit scaling or soft-cap (`families.logit_transform`) is applied in the kernels; packed rows of
+    a family whose mask ignores position ids get a block-diagonal mask (`families.packed_mask`). With
+    `own_forward` (the start-up guard's fallback, guard.py) log-probs come from the model's own forward and its
+    full logits instead of the kernels."""
 
     fsdp_unit = True  # engine.dist.shard: its own FSDP unit when nested in a larger trained module
 
@@ -373,11 +390,11 @@ class PolicyLM(nn.Module):
         # sharded checkpoints): plain attributes, not registered submodules
         self.__dict__["_head"] = inner.get_output_embeddings()
         self.__dict__["_body"] = inner.base_model
-        if getattr(inner.config, "final_logit_softcapping", None):
-            raise UsageError(
-                f"{inner.config.model_type} models cap their logits (final_logit_softcapping); "
-                "prefcli's chunked log-prob kernels do not support that yet"
-            )
+        self.family = getattr(inner.config, "model_type", "") or type(inner).__name__
+        self.transform = logit_transform(inner.config)
+        self.mask_packed = self.family in MASK_IGNORES_POSITION_IDS
+        self.attn_implementation = getattr(inner.config, "_attn_implementation", None) or "sdpa"
+        self.own_forward = False
         self.chunk = rt.loss_chunk_tokens
         self.compute_dtype = rt.compute_dtype
         self.autocast = rt.autocast
@@ -390,15 +407,51 @@ class PolicyLM(nn.Module):
             if not hasattr(self._body, "layers"):
                 self.__dict__["body_fn"] = torch.compile(self._body, dynamic=False)
 
+    def _mask(self, attention_mask, position_ids):
+        """Packed rows (no mask, position ids restarting at 0) of a family whose mask ignores position ids: the
+        block-diagonal causal mask itself (transformers builds it from the position ids for the others)."""
+        if self.mask_packed and attention_mask is None and position_ids is not None:
+            if self.attn_implementation.startswith("flash"):
+                raise UsageError(
+                    f"data.packing on {self.family} needs a block-diagonal attention mask, which "
+                    f"model.attn_implementation {self.attn_implementation} does not take; use sdpa or eager, or "
+                    "set data.packing: false"
+                )
+            return packed_mask(position_ids, self.compute_dtype, self.attn_implementation)
+        return attention_mask
+
     def hidden(self, input_ids, attention_mask=None, position_ids=None):
         """Last hidden states. Pass attention_mask=None (and position_ids=None) for batches without
         padding: SDPA then takes its fastest causal kernel (callers decide on the host, so the
         check costs no GPU sync)."""
         with self.autocast():
             out = self.body_fn(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                input_ids=input_ids,
+                attention_mask=self._mask(attention_mask, position_ids),
+                position_ids=position_ids,
+                use_cache=False,
             )
         return out.last_hidden_state
+
+    def model_logits(self, input_ids, attention_mask=None, position_ids=None, keep_hidden: bool = False):
+        """The model's own forward (`model(...).logits`, float32; every position), and with `keep_hidden` its
+        body's last hidden states (read by a hook, not recomputed)."""
+        seen = {}
+        hook = None
+        if keep_hidden:
+            hook = self._body.register_forward_hook(lambda m, a, out: seen.__setitem__("h", out.last_hidden_state))
+        try:
+            with self.autocast():
+                out = self.lm(
+                    input_ids=input_ids,
+                    attention_mask=self._mask(attention_mask, position_ids),
+                    position_ids=position_ids,
+                    use_cache=False,
+                )
+        finally:
+            if hook is not None:
+                hook.remove()
+        return out.logits.float(), seen.get("h")
 
     def forward(
         self,
@@ -413,12 +466,19 @@ class PolicyLM(nn.Module):
     ):
         """mode 'ce': summed cross-entropy over targets != -100 (float32 scalar).
         mode 'logprobs': (log p(target) per position, entropy per position), float32, 0 at ignored positions.
+        mode 'logits': the model's own forward, float32 logits [B, T, V] (`targets` unused; the start-up guard).
         `start` skips the output layer for earlier positions (e.g. a prompt shared by the whole batch): the
         results then cover positions start..T-1 and `targets` may be given for those positions only.
         `return_hidden` appends the last hidden states (all positions) to the result, for a module that
         puts another head on them (a value head)."""
-        h = self.hidden(input_ids, attention_mask, position_ids)
-        out = self.head_logprobs(h, targets, mode, temperature, start)
+        if mode == "logits":
+            return self.model_logits(input_ids, attention_mask, position_ids)[0]
+        if self.own_forward:
+            logits, h = self.model_logits(input_ids, attention_mask, position_ids, keep_hidden=return_hidden)
+            out = logits_logprobs(logits, targets, mode, temperature, start)
+        else:
+            h = self.hidden(input_ids, attention_mask, position_ids)
+            out = self.head_logprobs(h, targets, mode, temperature, start)
         if return_hidden:
             return (*out, h) if isinstance(out, tuple) else (out, h)
         return out
@@ -426,14 +486,11 @@ class PolicyLM(nn.Module):
     def head_logprobs(self, h, targets, mode: str = "logprobs", temperature: float = 1.0, start: int = 0):
         """The output layer on hidden states `h` (see forward). Targets either span every position, or
         (narrower) the positions start .. start + targets.shape[1] - 1."""
-        if start or targets.shape[1] != h.shape[1]:
-            if targets.shape[1] == h.shape[1]:
-                targets = targets[:, start:]
-            h = h[:, start : start + targets.shape[1]]
+        h, targets = positions_of(h, targets, start)
         w, b = self._head.weight, getattr(self._head, "bias", None)
         if mode == "ce":
-            return cross_entropy_sum(h, w, b, targets, self.chunk, self.compute_dtype)
-        return token_logprobs(h, w, b, targets, self.chunk, self.compute_dtype, temperature)
+            return cross_entropy_sum(h, w, b, targets, self.chunk, self.compute_dtype, self.transform)
+        return token_logprobs(h, w, b, targets, self.chunk, self.compute_dtype, temperature, self.transform)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

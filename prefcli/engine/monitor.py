@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import TrainingError
 from ..recipe.sections import EarlyStopping, EvalMonitor, TrainSection
-from .checkpoint import list_checkpoints
+from .runfolder import complete_checkpoints
 
 BEST_DIR = "best"  # RUN_DIR/best/checkpoints/step-N: the checkpoint of the best evaluation
 
@@ -92,7 +92,7 @@ class Monitors:
             shutil.rmtree(self.best_root, ignore_errors=True)  # from after the checkpoint resumed from
 
     def best_checkpoint(self) -> Path | None:
-        cps = list_checkpoints(self.best_root)
+        cps = complete_checkpoints(self.best_root)
         return cps[-1][1] if cps else None
 
     def describe(self) -> dict:

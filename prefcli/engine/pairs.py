@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from .data import cache_key, chat_ids, pad_batch
+from .data import cache_key, pad_batch
 from .datacheck import describe_value, is_messages
 from .logprobs import IGNORE
+from .tokenizer import chat_ids, text_ids
 
 PAIR_REQUIRED = ("chosen", "rejected")
 CACHE_VERSION = "1"  # bump when the encoders below change their output for the same inputs
@@ -153,7 +154,7 @@ def encode_completion(tok, fmt: str, prompt, completion) -> tuple[list[int], lis
                 "the completion tokens cannot be told apart; use a template whose prompt is a prefix"
             )
         return p, full[len(p) :]
-    p = tok(prompt or "", add_special_tokens=True)["input_ids"]
+    p = text_ids(tok, prompt or "")
     c = tok(completion, add_special_tokens=False)["input_ids"]
     if not c or c[-1] != tok.eos_token_id:
         c = c + [tok.eos_token_id]
@@ -174,7 +175,7 @@ def scored_text(tok, fmt: str, prompt, completion) -> tuple[str, str]:
 
 def encode_scored(tok, text: str, max_length: int) -> tuple[list[int], bool]:
     """Reward-model tokens of one text, truncated from the left like ModelSource."""
-    ids = tok(text, add_special_tokens=True)["input_ids"]
+    ids = text_ids(tok, text)  # a chat-rendered text may carry its own BOS: counted once
     if len(ids) > max_length:
         return list(ids[-max_length:]), True
     return list(ids), False
@@ -193,6 +194,8 @@ class PairSet:
     n_rows: int
     bad: BadRows = field(default_factory=BadRows)
     n_truncated: int = 0
+    rows: list[int] = field(default_factory=list)  # the source row of each pair (skipped rows leave gaps)
+    users: list[int] | None = None  # per pair: its user's index among the users seen in training, -1 none
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -245,6 +248,7 @@ def tokenize_pairs(ds, tok, fmt: str, max_length: int, source: str, what: str = 
         n_rows=len(ds),
         bad=bad,
         n_truncated=sum(1 for i in keep if T[i]),
+        rows=keep,
     )
 
 
@@ -266,16 +270,25 @@ class UnpairedSet:
         return sum(len(p) + len(c) for p, c in zip(self.prompt, self.completion))
 
 
-def _label(v, i: int, source: str, what: str) -> bool:
+def parse_label(v) -> bool | None:
+    """An unpaired row's label as training reads it (true = desirable): a boolean, 0/1, or the text
+    true/false/1/0 in any case; None for anything else."""
     if isinstance(v, bool):
         return v
     if isinstance(v, (int, float)) and v in (0, 1):
         return bool(v)
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
         return v.strip().lower() in ("true", "1")
-    raise DataError(
-        f"{what}: {source}: row {i + 1}: label {v!r} is not a boolean (true = desirable, false = undesirable)"
-    )
+    return None
+
+
+def _label(v, i: int, source: str, what: str) -> bool:
+    label = parse_label(v)
+    if label is None:
+        raise DataError(
+            f"{what}: {source}: row {i + 1}: label {v!r} is not a boolean (true = desirable, false = undesirable)"
+        )
+    return label
 
 
 def tokenize_unpaired(ds, tok, fmt: str, max_length: int, source: str, what: str = "data") -> UnpairedSet:

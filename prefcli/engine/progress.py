@@ -8,11 +8,14 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from .trackers import Trackers
 
 BAR_WIDTH = 20  # characters of the progress bar (rich's default, 40, leaves little room at 80 columns)
 
@@ -62,7 +65,10 @@ class Progress:
         every_steps: int = 10,
         metrics_every: int = 1,
         start_step: int = 0,
+        trackers: Callable[[Callable[[str], None]], Trackers] | None = None,
     ):
+        """`trackers(warn)` starts the run's trackers (engine.trackers.start_trackers), on the main process only;
+        they get every step, evaluation and table too, and their failures come back as warnings."""
         self.enabled = enabled
         self.total = total_steps
         self.title = title
@@ -76,7 +82,7 @@ class Progress:
         self._metrics = None
         self.lines = 0  # lines in metrics.jsonl: a checkpoint records it, a resume cuts the file back to it
         self.warnings: list[str] = []  # every warning shown, for the summary
-        self.trackers = None  # engine.trackers.Trackers (rank 0): gets every step, evaluation and table too
+        self.trackers: Trackers | None = None
         self.last_step = start_step
         if enabled and run_dir is not None:
             path = Path(run_dir) / "metrics.jsonl"
@@ -99,6 +105,8 @@ class Progress:
             )
             self._task = self._bar.add_task(title, total=total_steps, completed=start_step, info="")
             self._bar.start()
+        if enabled and trackers is not None:
+            self.trackers = trackers(self.warn)
 
     def _fit(self, info: str) -> str:
         """The metrics text cut to what the terminal has left after the title, the bar, the step counter and the

@@ -16,8 +16,15 @@ Rules that make a run impossible to lose (docs/cli.md, "What a failure leaves be
 - `RunLock`: one run at a time per folder, through `fcntl.flock` on `.prefcli.lock` in the folder. The
   kernel drops the lock when the process dies, so a crashed run never leaves the folder locked.
 
+Before any of that, the checks a run makes of its folder before it loads anything (`check_run_dir`,
+`pick_resume`: a folder, writable, not in use, holding no other run unless --resume or --overwrite, and for
+--resume a checkpoint that verifies), so that a folder that cannot take the run exits 2 with nothing
+written; and, once every check has passed, `take_run_folder`: the lock taken, the checks repeated under
+it, what cut-off writes left removed and recipe.yaml written.
+
 The checkpoint *contents* (model and optimizer state, RNG, task state) are written by
-engine/checkpoint.py between `begin_checkpoint` and `commit_checkpoint`; nothing here reads them.
+engine/checkpoint.py between `begin_checkpoint` and `commit_checkpoint`; nothing here reads them beyond
+state.json's format.
 """
 
 from __future__ import annotations
@@ -31,6 +38,20 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import UsageError
+
+# What a run folder holds; --overwrite removes exactly these, nothing else.
+RUN_ARTIFACTS = (
+    "recipe.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoints",
+    "final",
+    "curves.png",
+    "samples.jsonl",
+    "best",  # train.keep_best
+    "tensorboard",  # log.report_to: [tensorboard]
+)
 MARKER = "complete.json"
 LOCK_FILE = ".prefcli.lock"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -450,3 +471,185 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# ---------------------------------------------------------------------------- before a run
+
+
+def default_run_dir(command: str, recipe_path: Path) -> Path:
+    """Where `prefcli <command> RECIPE` writes when neither --output-dir nor output.dir says."""
+    return Path.cwd() / "runs" / f"{command}-{Path(recipe_path).stem}"
+
+
+def describe_run_dir(run_dir: Path) -> str | None:
+    present = [a for a in RUN_ARTIFACTS if (run_dir / a).exists()]
+    return ", ".join(present) if present else None
+
+
+def _in_use(run_dir: Path, holder: str) -> UsageError:
+    return UsageError(
+        f"output dir {run_dir} is in use by another prefcli run ({holder}); wait for it to end, "
+        "or use --output-dir for a new folder"
+    )
+
+
+def _unwritable(run_dir: Path) -> str | None:
+    """Why the run folder could not be written (checked before anything is loaded), else None."""
+    p = run_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    if p == run_dir:
+        for name in ("checkpoints", "metrics.jsonl", "recipe.yaml", "final"):
+            q = run_dir / name
+            if q.exists() and not os.access(q, os.W_OK | (os.X_OK if q.is_dir() else 0)):
+                return f"{q} is not writable"
+    return None
+
+
+def _recorded_command(run_dir: Path) -> str | None:
+    """The command of the run in `run_dir`, from its recipe.yaml."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data.get("command") if isinstance(data, dict) else None
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, command: str | None = None) -> None:
+    """Everything about the run folder that can be known before loading data and models (exit 2)."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pick one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"output dir {run_dir} exists and is not a folder; give a folder with --output-dir")
+    why = _unwritable(run_dir)
+    if why:
+        raise UsageError(f"output dir {run_dir}: {why}; fix its permissions or choose another --output-dir")
+    holder = RunLock.probe(run_dir) if run_dir.is_dir() else None
+    if holder:
+        raise _in_use(run_dir, holder)
+    if resume:
+        recorded = _recorded_command(run_dir)
+        if command is not None and recorded is not None and recorded != command:
+            raise UsageError(
+                f"--resume: {run_dir} holds a `prefcli {recorded}` run (its recipe.yaml), not a `prefcli {command}` "
+                f"run; continue it with `prefcli {recorded} --resume`, or use --output-dir for a new folder"
+            )
+        pick_resume(run_dir)
+        return
+    held = describe_run_dir(run_dir) if run_dir.is_dir() else None
+    if held and not overwrite:
+        raise UsageError(
+            f"output dir {run_dir} holds another run ({held}). Use --resume to continue it, "
+            "--overwrite to replace it, or --output-dir for a new folder."
+        )
+
+
+def earlier_layout(path: Path) -> str | None:
+    """Why `path` cannot be resumed when it is a checkpoint of prefcli before 0.2.0 (one
+    model-<group>.safetensors per module, no format field), else None."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or "format" in state or not list(Path(path).glob("model-*.safetensors")):
+        return None
+    return (
+        f"--resume: {path} was written by an earlier prefcli (one model-<group>.safetensors per module); "
+        "this version reads sharded checkpoints (model-<group>/ folders) only. Continue that run with the "
+        "prefcli version that wrote it, or start a new run."
+    )
+
+
+def pick_resume(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones skipped (with why); UsageError if none."""
+    path, skipped = resumable_checkpoint(run_dir)
+    if path is None:
+        for p, _ in skipped:  # before 0.2.0 a checkpoint had no completion marker: say so, not "incomplete"
+            if earlier_layout(p):
+                raise UsageError(earlier_layout(p))
+        if skipped:
+            why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
+            raise UsageError(
+                f"--resume: no complete checkpoint in {run_dir}/checkpoints ({why}); start again with --overwrite"
+            )
+        raise UsageError(
+            f"--resume: no checkpoint in {run_dir}/checkpoints (set train.save_every_steps to write them); "
+            "start again with --overwrite"
+        )
+    return path, skipped
+
+
+# ------------------------------------------------------------------------- taking the folder
+
+
+def clear_artifacts(run_dir: Path, names: tuple[str, ...]) -> None:
+    """--overwrite: remove exactly these files/folders of a previous run, nothing else."""
+    for a in names:
+        p = run_dir / a
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None) -> None:
+    """Under the run lock: clear a replaced run, or cut metrics.jsonl back to the resumed checkpoint."""
+    if overwrite:
+        clear_artifacts(run_dir, RUN_ARTIFACTS)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    if resume_from is not None and metrics.exists():  # drop what was logged after the checkpoint
+        lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+        n = checkpoint_info(resume_from).get("metrics_lines")
+        if isinstance(n, int):
+            keep = lines[:n]
+        else:  # a checkpoint that did not record it: by step
+            step = int(resume_from.name.split("-")[1])
+            keep = [x for x in lines if _step_of(x) is not None and _step_of(x) <= step]
+        replace_text(metrics, "".join(x + "\n" for x in keep))
+
+
+def take_run_folder(
+    run_dir: Path, lock: RunLock, recipe_yaml: str, resume_from: Path | None, resume: bool, overwrite: bool
+) -> None:
+    """Every check has passed: lock the run folder, check it again under the lock (another run may have
+    written it meanwhile), remove what cut-off writes left, and write recipe.yaml. Rank 0 only."""
+    try:
+        lock.acquire()
+    except RunFolderBusy as e:
+        raise _in_use(run_dir, e.holder) from None
+    except OSError as e:
+        raise UsageError(
+            f"output dir {run_dir}: cannot create it ({e.strerror or e}); choose another --output-dir"
+        ) from None
+    held = describe_run_dir(run_dir)
+    if held and not resume and not overwrite:
+        raise UsageError(
+            f"output dir {run_dir} now holds another run ({held}), written while this one was starting; "
+            "use --output-dir for a new folder"
+        )
+    if resume_from is not None and verify_checkpoint(resume_from) is not None:
+        raise UsageError(f"--resume: {resume_from} changed while this run was starting; run the command again")
+    clean_temporaries(run_dir)
+    prepare_run_dir(run_dir, overwrite, resume_from)
+    replace_text(run_dir / "recipe.yaml", recipe_yaml)

@@ -36,16 +36,20 @@ class Plan:
 
 
 class Task(Protocol):
-    groups: dict[str, Group]
+    """What the loop runs (docs/engine.md, "The Task protocol"); a command's `build(ctx)` makes one."""
 
-    def total_steps(self) -> int: ...
-    def plans(self, start_step: int) -> Iterator[Plan]: ...
-    def state_dict(self) -> dict: ...
+    groups: dict[str, Group]  # the trained modules, by name
+
+    def total_steps(self) -> int: ...  # optimizer steps of the run
+    def plans(self, start_step: int) -> Iterator[Plan]: ...  # one Plan per optimizer step
+    def state_dict(self) -> dict: ...  # its JSON-able position (data cursor, rollouts, ...)
     def load_state_dict(self, state: dict, extra: dict[str, torch.Tensor]) -> None: ...
-    def extra_tensors(self) -> dict[str, torch.Tensor]: ...
-    def evaluate(self) -> dict[str, float]: ...
+    def extra_tensors(self) -> dict[str, torch.Tensor]: ...  # tensors a checkpoint keeps besides the modules
     def has_eval(self) -> bool: ...
-    def save_final(self, out_dir: Path) -> None: ...
+    def evaluate(self) -> dict[str, float]: ...  # held-out metrics, reduced across processes
+    def describe(self) -> dict: ...  # data and model counts for the summary
+    def startup_check(self) -> None: ...  # the start-up guard on the first batch, before anything is written
+    def save_final(self, out_dir: Path) -> None: ...  # Hugging Face format
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:

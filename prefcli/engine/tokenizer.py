@@ -1,6 +1,7 @@
 """Tokenizers: every tokenizer prefcli reads is opened here (`open_tokenizer`: the policy's, a reward model's, a
 judge's, an encoder's), so that one check refuses a degenerate one; `load_tokenizer` adds what training needs (EOS,
-a pad token, the recipe's chat template, checked once)."""
+a pad token, the recipe's chat template, checked once); `text_ids` and `chat_ids` turn text and conversations
+into token ids (BOS once)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ def load_tokenizer(m: ModelSection):
         tok = open_tokenizer(src, m.revision, m.trust_remote_code)
     except load_errors() as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in first or "custom code" in first:
+            raise UsageError(
+                f"could not load the tokenizer from {origin(src)}: it ships its own code ({first}); set "
+                "model.trust_remote_code: true (prefcli generate: --trust-remote-code) if you trust it"
+            ) from None
         raise UsageError(
             f"could not load the tokenizer from {origin(src)}: {first}; point model.tokenizer (or model.path) at a "
             "tokenizer folder, a tokenizer.json file or a model folder"
@@ -76,7 +82,8 @@ def load_tokenizer(m: ModelSection):
     if tok.pad_token is None:
         raise UsageError(
             f'the tokenizer from {origin(src)} has no pad token. Add `pad_token: "<|pad|>"` under '
-            "`model:` in the recipe: the token is added and the embeddings resized."
+            "`model:` in the recipe (an eval recipe: in the model's entry; prefcli generate: --pad-token): a new "
+            "token is added and the embeddings resized; a token of the vocabulary changes no weight."
         )
     if m.chat_template is not None:
         from .chat_templates import TEMPLATES, apply_named_template
@@ -112,3 +119,27 @@ def check_chat_template(tok, where: str) -> None:
         raise UsageError(f"{where}: not a valid Jinja template: {e.message} (template line {e.lineno})") from None
     except jinja2.exceptions.TemplateError:
         pass
+
+
+def text_ids(tok, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer's special tokens, BOS once: a text rendered by a chat template that
+    writes BOS itself (Llama 3's <|begin_of_text|>, Gemma's <bos>) would otherwise start with two."""
+    ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    bos = tok.bos_token_id
+    if (
+        bos is not None
+        and len(ids) > 1
+        and ids[0] == ids[1] == bos
+        and tok.bos_token
+        and text.startswith(tok.bos_token)
+    ):
+        ids = ids[1:]
+    return ids
+
+
+def chat_ids(tok, messages, **kw) -> list[int]:
+    """Token ids of a conversation rendered by the chat template (transformers 5 returns a dict)."""
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)

@@ -83,7 +83,7 @@ def _free_memory() -> None:
 
 
 def perplexity_for(
-    policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log, rows_out: list[dict]
+    policy, lm, tok, inputs: EvalInputs, r: EvalRecipe, rt, name: str, log: Log, rows_out: list[dict], check=None
 ) -> dict:
     from ..engine.data import tokenize_sft
     from .scoring import NO_TRUNCATION, perplexity_nll
@@ -112,7 +112,7 @@ def perplexity_for(
         raise DataError(f"data.text: {r.data.text.path}: no example has a token to score")
     log.info(f"  perplexity: {len(data)} examples, {data.n_tokens()} tokens, window {window}, stride {stride}")
     res = perplexity_nll(
-        policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size, tok.pad_token_id, rt.device
+        policy, data.input_ids, data.labels, window, stride, r.perplexity.batch_size, tok.pad_token_id, rt.device, check
     )
     nll = sum(x.nll for x in res)
     n = sum(x.tokens for x in res)
@@ -209,14 +209,11 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     entries, ref_section = resolve_models(r)
     gen_wanted = any(m in r.metrics for m in GENERATION_METRICS) and inputs.given is None
 
-    import torch
-
+    from ..engine.guard import first_batch_check
     from ..engine.models import PolicyLM
     from ..engine.tokenizer import load_tokenizer
     from ..reward_sources import build_rewards
-    from .generation import Generator
     from .loading import load_lm, make_runtime
-    from .scoring import completion_logprobs
 
     rt = make_runtime(r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens)
     rows: list[dict] = []
@@ -240,114 +237,43 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
             base_dir=recipe_path.resolve().parent,
             tokenizer=load_tokenizer(entries[0].section),
             device=rt.device,
+            warn=log.warn,
         )
     ref = None
     if ref_section is not None:
         log.info(f"reference: {r.reference.display_name()}")
         ref_lm, ref_tok = load_lm(ref_section, rt, seed=r.reference.seed)
-        ref = (PolicyLM(ref_lm, rt), ref_tok)
+        ref_policy = PolicyLM(ref_lm, rt)
+        ref_check = first_batch_check(ref_policy, ref_section.on_mismatch, log.warn, "the reference's first KL batch")
+        ref = (ref_policy, ref_tok, ref_check)
         for w in kl_warnings(r):
             log.warn(w)
 
-    for e in entries if ("perplexity" in r.metrics or gen_wanted) else []:
-        log.info(f"{e.role} {e.name}: {e.section.path or 'random init (' + e.section.init.architecture + ')'}")
-        lm, tok = load_lm(e.section, rt, seed=e.spec.seed)
-        policy = PolicyLM(lm, rt)
-        res: dict[str, Any] = {"role": e.role, "model": e.section.path or "init"}
-        if "perplexity" in r.metrics:
-            res["perplexity"] = perplexity_for(policy, lm, tok, inputs, r, rt, e.name, log, rows)
-        if gen_wanted:
-            torch.manual_seed(r.seed)  # every model samples from the same seed
-            gen = Generator(lm, tok, r.generation, rt.device, autocast=rt.autocast, warn=log.warn)
-            log.info(f"  generating {len(inputs.prompts)} completions (max {r.generation.max_new_tokens} new tokens)")
-            outs = gen.generate(inputs.prompts)
+    env = None
+    if "env" in r.metrics:
+        from .env import check_env
+
+        if rewards is None and r.rewards:
+            rewards = build_rewards(
+                r.rewards,
+                base_dir=recipe_path.resolve().parent,
+                tokenizer=load_tokenizer(entries[0].section),
+                device=rt.device,
+            )
+        env = (check_env(r), rewards)  # bad input (exit 2) before any model loads
+    for e in entries if ("perplexity" in r.metrics or gen_wanted or env is not None) else []:
+        results[e.name], outs = model_results(e, r, rt, inputs, ref, gen_wanted, log, rows, env)
+        if outs is not None:
             gens[e.name] = outs
-            if "kl" in r.metrics and ref is not None:
-                if ref[1].get_vocab() != tok.get_vocab():
-                    raise UsageError(
-                        f"kl: model '{e.name}' and the reference have different tokenizers; KL needs "
-                        "both to score the same tokens"
-                    )
-                T = r.generation.temperature
-                lp = completion_logprobs(
-                    policy,
-                    [g.prompt_ids for g in outs],
-                    [g.token_ids for g in outs],
-                    T,
-                    r.generation.batch_size,
-                    tok.pad_token_id,
-                    rt.device,
-                )
-                lr = completion_logprobs(
-                    ref[0],
-                    [g.prompt_ids for g in outs],
-                    [g.token_ids for g in outs],
-                    T,
-                    r.generation.batch_size,
-                    tok.pad_token_id,
-                    rt.device,
-                )
-                ks = [M.kl_estimates(a, b) for a, b in zip(lp, lr)]
-                res["kl"] = {
-                    "k1": _mean([k[0] for k in ks]),
-                    "k3": _mean([k[1] for k in ks]),
-                    "k1_per_token": sum(k[0] for k in ks) / max(1, sum(len(a) for a in lp)),
-                    "reference": r.reference.display_name(),
-                    "temperature": T,
-                    "samples": len(ks),
-                }
-            res.update(text_metrics(outs, inputs, r, rows, e.name))
-            if "kl" in res:
-                for row, k in zip(_gen_rows(rows, e.name), ks):
-                    row["kl"], row["k3"] = k
-            del gen
-        results[e.name] = res
-        del policy, lm
         _free_memory()
 
     if rewards is not None and gens and any(m in r.metrics for m in ("reward", "win_rate")):
-        log.info("scoring completions with the rewards")
-        base_name = r.baseline.display_name() if r.baseline is not None else None
-        scored = {}
-        for name, outs in gens.items():
-            total, parts = rewards.score(inputs.prompts, [g.completion for g in outs])
-            scored[name] = total
-            if "reward" in r.metrics:
-                results[name]["reward"] = {
-                    "mean": _mean(total),
-                    "std": _std(total),
-                    "parts": {k: _mean(v) for k, v in parts.items()},
-                    "length_correlation": M.length_correlation(total, [g.tokens for g in outs], "tokens"),
-                }
-            for row in _gen_rows(rows, name):
-                i = row["index"]
-                row["reward"] = total[i]
-                for k, v in parts.items():
-                    row[f"reward/{k}"] = v[i]
-        if "win_rate" in r.metrics and inputs.given is None:
-            for name in gens:
-                if name == base_name:
-                    continue
-                w = M.win_rate(
-                    scored[name], scored[base_name], r.win_rate.bootstrap_samples, r.win_rate.confidence, r.seed
-                )
-                outcomes = M.win_outcomes(scored[name], scored[base_name])
-                lc = M.length_controlled_win_rate(
-                    outcomes,
-                    [M.word_count(g.completion) for g in gens[name]],
-                    [M.word_count(g.completion) for g in gens[base_name]],
-                    r.win_rate.bootstrap_samples,
-                    r.win_rate.confidence,
-                    r.seed,
-                )
-                results[name]["win_rate"] = {**w, "baseline": base_name, "length_controlled": {**lc, "unit": "words"}}
-                for row in _gen_rows(rows, name):
-                    row["win"] = outcomes[row["index"]]
+        reward_results(rewards, gens, inputs, r, results, rows, log)
 
     pref = None
     if "preference_accuracy" in r.metrics:
         log.info(f"preference accuracy on {len(inputs.pairs)} pairs")
-        pref = preference_for(rewards, inputs.pairs, rows)
+        pref = preference_for(rewards, inputs.pairs, rows, inputs.pair_users)
 
     summary: dict[str, Any] = {
         "command": "eval",
@@ -377,6 +303,128 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         print_table(log, summary)
     report_to_trackers(given_recipe, run_dir, rows, summary, log)
     return summary
+
+
+def model_results(
+    e: ModelEntry, r: EvalRecipe, rt, inputs: EvalInputs, ref, gen_wanted: bool, log: Log, rows, env=None
+):
+    """One model loaded: its perplexity, its completions (None when nothing is sampled) and the metrics of
+    them, KL to the reference included, and (`env`: the environment's factory and the rewards) its episodes in
+    the recipe's environment; its rows are appended to `rows`."""
+    import torch
+
+    from ..engine.guard import first_batch_check
+    from ..engine.models import PolicyLM
+    from ..engine.personal import policy_users
+    from .generation import Generator
+    from .loading import load_lm
+
+    log.info(f"{e.role} {e.name}: {e.section.path or 'random init (' + e.section.init.architecture + ')'}")
+    lm, tok = load_lm(e.section, rt, seed=e.spec.seed)
+    policy = PolicyLM(lm, rt)
+    check = first_batch_check(policy, e.section.on_mismatch, log.warn, f"model '{e.name}''s first batch")
+    res: dict[str, Any] = {"role": e.role, "model": e.section.path or "init"}
+    outs = None
+    if "perplexity" in r.metrics:
+        res["perplexity"] = perplexity_for(policy, lm, tok, inputs, r, rt, e.name, log, rows, check)
+    if gen_wanted:
+        torch.manual_seed(r.seed)  # every model samples from the same seed
+        # a personalised policy generates each row's completion for its user (their token before the prompt)
+        users = policy_users(e.section.path) if e.section.path and Path(e.section.path).is_dir() else None
+        gen = Generator(lm, tok, r.generation, rt.device, autocast=rt.autocast, warn=log.warn, users=users)
+        who = f", each for its user ({len(users)} users)" if users and inputs.users else ""
+        log.info(f"  generating {len(inputs.prompts)} completions (max {r.generation.max_new_tokens} new tokens){who}")
+        outs = gen.generate(inputs.prompts, users=inputs.users if users else None)
+        if users:
+            res["personalised"] = True
+        ks = None
+        if "kl" in r.metrics and ref is not None:
+            res["kl"], ks = kl_for(policy, tok, ref, outs, r, rt, e.name, check)
+        res.update(text_metrics(outs, inputs, r, rows, e.name))
+        if ks is not None:
+            for row, k in zip(_gen_rows(rows, e.name), ks):
+                row["kl"], row["k3"] = k
+        del gen
+    if env is not None:
+        from .env import env_results
+
+        torch.manual_seed(r.seed)  # every model samples from the same seed, on the same tasks
+        log.info(f"  playing {r.env.eval_episodes} episodes in {env[0].name}")
+        res["env"] = env_results(env[0], lm, tok, r, rt, env[1], rows, e.name)
+    del policy, lm
+    return res, outs
+
+
+def kl_for(policy, tok, ref, outs, r: EvalRecipe, rt, name: str, check=None) -> tuple[dict, list]:
+    """KL of the model's completions to the reference's (k1 and k3 per completion, at the sampling
+    temperature), and each completion's (k1, k3). `ref`: (its PolicyLM, tokenizer, start-up guard); `check`: the
+    model's start-up guard (engine.guard.first_batch_check)."""
+    from .scoring import completion_logprobs
+
+    if ref[1].get_vocab() != tok.get_vocab():
+        raise UsageError(
+            f"kl: model '{name}' and the reference have different tokenizers; KL needs both to score the same tokens"
+        )
+    T = r.generation.temperature
+    prompt_ids, token_ids = [g.prompt_ids for g in outs], [g.token_ids for g in outs]
+    bs = r.generation.batch_size
+    lp = completion_logprobs(policy, prompt_ids, token_ids, T, bs, tok.pad_token_id, rt.device, check)
+    lr = completion_logprobs(ref[0], prompt_ids, token_ids, T, bs, tok.pad_token_id, rt.device, ref[2])
+    ks = [M.kl_estimates(a, b) for a, b in zip(lp, lr)]
+    kl = {
+        "k1": _mean([k[0] for k in ks]),
+        "k3": _mean([k[1] for k in ks]),
+        "k1_per_token": sum(k[0] for k in ks) / max(1, sum(len(a) for a in lp)),
+        "reference": r.reference.display_name(),
+        "temperature": T,
+        "samples": len(ks),
+    }
+    return kl, ks
+
+
+def reward_results(rewards, gens: dict, inputs: EvalInputs, r: EvalRecipe, results: dict, rows, log: Log) -> None:
+    """Every model's completions scored by the rewards (reward), and compared with the baseline's (win_rate)."""
+    log.info("scoring completions with the rewards")
+    base_name = r.baseline.display_name() if r.baseline is not None else None
+    scored = {}
+    for name, outs in gens.items():
+        total, parts = rewards.score(inputs.prompts, [g.completion for g in outs], users=inputs.users)
+        scored[name] = total
+        if "reward" in r.metrics:
+            results[name]["reward"] = {
+                "mean": _mean(total),
+                "std": _std(total),
+                "parts": {k: _mean(v) for k, v in parts.items()},
+                "length_correlation": M.length_correlation(total, [g.tokens for g in outs], "tokens"),
+                **per_user(total, inputs.users, _mean, "mean"),
+            }
+        for row in _gen_rows(rows, name):
+            i = row["index"]
+            row["reward"] = total[i]
+            for k, v in parts.items():
+                row[f"reward/{k}"] = v[i]
+    if "win_rate" in r.metrics and inputs.given is None:
+        for name in gens:
+            if name == base_name:
+                continue
+            w = M.win_rate(scored[name], scored[base_name], r.win_rate.bootstrap_samples, r.win_rate.confidence, r.seed)
+            outcomes = M.win_outcomes(scored[name], scored[base_name])
+            lc = M.length_controlled_win_rate(
+                outcomes,
+                [M.word_count(g.completion) for g in gens[name]],
+                [M.word_count(g.completion) for g in gens[base_name]],
+                r.win_rate.bootstrap_samples,
+                r.win_rate.confidence,
+                r.seed,
+            )
+            results[name]["win_rate"] = {
+                **w,
+                "baseline": base_name,
+                "length_controlled": {**lc, "unit": "words"},
+                **per_user(outcomes, inputs.users, _mean, "win_rate"),
+            }
+            for row in _gen_rows(rows, name):
+                row["win"] = outcomes[row["index"]]
 
 
 def completions_override(path: str | None) -> list[str]:
@@ -439,6 +487,9 @@ def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name
         }
         for i, g in enumerate(outs)
     ]
+    if inputs.users is not None:
+        for row, u in zip(per, inputs.users):
+            row["user"] = u
     if r.generation.require:
         for row, g in zip(per, outs):
             row["missing"] = g.missing
@@ -471,13 +522,30 @@ def text_metrics(outs, inputs: EvalInputs, r: EvalRecipe, rows: list[dict], name
     return res
 
 
-def preference_for(rewards, pairs, rows: list[dict]) -> dict:
+def per_user(values: list[float], users: list[str | None] | None, reduce, key: str) -> dict:
+    """{per_user: {user: reduce(its values)}, worst_user: {user, <key>}} over the rows that have a user; {} when none
+    has one. The worst user is the one with the lowest value (reward mean, win rate, accuracy)."""
+    if not users or all(u is None for u in users):
+        return {}
+    groups: dict[str, list[float]] = {}
+    for v, u in zip(values, users):
+        if u is not None:
+            groups.setdefault(u, []).append(v)
+    table = {u: reduce(v) for u, v in sorted(groups.items())}
+    worst = min(table, key=lambda u: table[u])
+    return {"per_user": table, "worst_user": {"user": worst, key: table[worst]}}
+
+
+def preference_for(rewards, pairs, rows: list[dict], users: list[str | None] | None = None) -> dict:
     prompts = [str(p) for p in pairs["prompt"]]
     chosen = [str(c) for c in pairs["chosen"]]
     rejected = [str(c) for c in pairs["rejected"]]
-    tc, pc = rewards.score(prompts, chosen)
-    tr, pr = rewards.score(prompts, rejected)
+    tc, pc = rewards.score(prompts, chosen, users=users)
+    tr, pr = rewards.score(prompts, rejected, users=users)
     out = {"total": M.preference_accuracy(tc, tr)}
+    if users is not None:
+        correct = [M.pair_correct(a - b) for a, b in zip(tc, tr)]
+        out["total"].update(per_user(correct, users, _mean, "accuracy"))
     wc, wr = [M.word_count(c) for c in chosen], [M.word_count(c) for c in rejected]
     out["total"]["chosen_longer"] = sum(1 for a, b in zip(wc, wr) if a > b) / len(wc)
     out["total"]["length_correlation"] = M.length_correlation(tc + tr, wc + wr, "words")
@@ -495,6 +563,7 @@ def preference_for(rewards, pairs, rows: list[dict]) -> dict:
                 "reward_chosen": tc[i],
                 "reward_rejected": tr[i],
                 "correct": tc[i] > tr[i],
+                **({"user": users[i]} if users is not None else {}),
             }
         )
     return out

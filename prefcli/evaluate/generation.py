@@ -32,6 +32,7 @@ what transformers has does not do the job:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 
-from ..engine.rollout import left_pad
+from ..engine.sampling import HFSampler, SamplingConfig, left_pad
+from ..engine.tokenizer import text_ids
 from ..errors import UsageError
 from ..recipe.commands import GenerationSection
 from .control import BannedWordsProcessor, KeywordGatedStop, RequiredWordsProcessor, cut_at_stop, token_strings
@@ -64,8 +66,13 @@ class Generation:
 class Generator:
     """Samples completions for batches of prompts with a GenerationSection's settings."""
 
-    def __init__(self, lm, tok, cfg: GenerationSection, device, autocast=None, warn=None):
+    def __init__(self, lm, tok, cfg: GenerationSection, device, autocast=None, warn=None, users=None):
+        """`users`: a personalised policy's {user: token text} (engine.personal.policy_users): `generate(...,
+        users=...)` puts each prompt's user's token first; an unknown user gets none (the generic policy), with a
+        warning."""
         self.lm, self.tok, self.cfg, self.device = lm, tok, cfg, device
+        self.users = dict(users or {})
+        self._unknown: set[str] = set()
         self.autocast = autocast
         self.warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
         self.eos_ids = {tok.eos_token_id}
@@ -88,6 +95,8 @@ class Generator:
         if cfg.chat and not tok.chat_template:
             raise UsageError("generation.chat needs a chat template, and this tokenizer has none")
         self.bad_words = [[self.pad_id]]
+        for t in self.users.values():  # a user token conditions the policy; it is never generated
+            self.bad_words.append([tok.convert_tokens_to_ids(t)])
         cc = cfg.control_code
         if cc:
             cc_ids = tok(cc, add_special_tokens=False)["input_ids"]
@@ -113,6 +122,7 @@ class Generator:
                     f"the required keywords need {need} tokens but max_new_tokens is {cfg.max_new_tokens}; "
                     "some will be missing (reported per completion)"
                 )
+        self.sampler = HFSampler(lm, autocast)  # transformers' generate: the controls below are logits processors
         self._stop_inner = None
         if cfg.stop and cfg.require:
             from transformers.generation.stopping_criteria import StopStringCriteria
@@ -127,10 +137,24 @@ class Generator:
             )
         return (self.cfg.control_code or "") + text
 
-    def encode(self, prompt: str) -> list[int]:
-        ids = self.tok(self.prompt_text(prompt), add_special_tokens=not self.cfg.chat)["input_ids"]
+    def encode(self, prompt: str, user: str | None = None) -> list[int]:
+        text = self.prompt_text(prompt)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] if self.cfg.chat else text_ids(self.tok, text)
         if not ids:  # an empty prompt: start from BOS (or EOS, the usual start-of-text of BOS-less models)
             ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
+        if user is not None and self.users:
+            from ..engine.personal import with_user
+
+            token = self.users.get(user)
+            if token is None:
+                if user not in self._unknown:
+                    self._unknown.add(user)
+                    self.warn(
+                        f"user '{user}' is not a user of this personalised policy; served by the generic policy (no "
+                        f"user token), the fallback for an unknown user (its users: {', '.join(sorted(self.users))})"
+                    )
+            else:
+                ids = with_user(ids, self.tok.convert_tokens_to_ids(token), self.tok.bos_token_id)
         return list(ids)
 
     def _config(self) -> GenerationConfig:
@@ -150,17 +174,20 @@ class Generator:
         return GenerationConfig(**kw)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str]) -> list[Generation]:
+    def generate(self, prompts: Sequence[str], users: Sequence[str | None] | None = None) -> list[Generation]:
+        """Completions of `prompts`; `users`: whom each is for (a personalised policy's user tokens)."""
         out: list[Generation] = []
-        for s in range(0, len(prompts), self.cfg.batch_size):
-            out.extend(self._batch(list(prompts[s : s + self.cfg.batch_size])))
+        bs = self.cfg.batch_size
+        for s in range(0, len(prompts), bs):
+            who = list(users[s : s + bs]) if users is not None else None
+            out.extend(self._batch(list(prompts[s : s + bs]), who))
         return out
 
-    def _batch(self, prompts: list[str]) -> list[Generation]:
+    def _batch(self, prompts: list[str], users: list[str | None] | None = None) -> list[Generation]:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         c = self.cfg
-        enc = [self.encode(p) for p in prompts]
+        enc = [self.encode(p, users[k] if users is not None else None) for k, p in enumerate(prompts)]
         for p, e in zip(prompts, enc):
             if self.positions is not None and len(e) + c.max_new_tokens > self.positions:
                 from ..errors import DataError
@@ -190,26 +217,22 @@ class Generator:
         if self._stop_inner is not None:
             stops.append(KeywordGatedStop(self._stop_inner, self.tok, c.require, c.stop, P))
         self.lm.eval()
-        ctx = self.autocast() if self.autocast is not None else _nullcontext()
-        with ctx:
-            seqs = self.lm.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                generation_config=self._config(),
-                logits_processor=procs,
-                stopping_criteria=stops,
-                tokenizer=self.tok if c.stop else None,
-            )
+        r = self.sampler.sample(
+            ids.to(self.device),
+            mask.to(self.device),
+            SamplingConfig(
+                max_new_tokens=c.max_new_tokens, stop_token_ids=sorted(self.eos_ids), pad_token_id=self.pad_id
+            ),
+            generation_config=self._config(),
+            logits_processor=procs,
+            stopping_criteria=stops,
+            tokenizer=self.tok if c.stop else None,
+        )
         results = []
         for i, p in enumerate(prompts):
-            toks = seqs[i, P:].tolist()
-            finish = "length"
-            for k, t in enumerate(toks):
-                if t in self.eos_ids:
-                    toks = toks[: k + 1]
-                    finish = "eos"
-                    break
-            else:
+            toks = r.completion_ids[i, : int(r.lengths[i])].tolist()
+            finish = "eos" if bool(r.finished[i]) else "length"
+            if finish == "length":  # a stop string ended the row early: generate padded after it
                 while toks and toks[-1] == self.pad_id:
                     toks.pop()
             text = self.tok.decode(toks, skip_special_tokens=True)
@@ -224,14 +247,6 @@ class Generator:
                 )
             )
         return results
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ------------------------------------------------------------------- prompt streams
@@ -269,11 +284,15 @@ class GenerateOptions:
     recipe: str | None = None
     model_name: str | None = None
     prompts: str | None = None  # a file; None reads stdin
+    episodes: int | None = None  # play the recipe's environment instead of reading prompts
     fmt: str | None = None  # lines | jsonl; default: jsonl for a .jsonl file, else lines
     settings: dict = field(default_factory=dict)  # GenerationSection fields given on the command line
     seed: int | None = None
     device: str = "auto"
     quiet: bool = False
+    user: str | None = None  # --user: generate for this user (a personalised policy)
+    # ModelSection fields given on the command line (--trust-remote-code, --pad-token, --attn-implementation)
+    model: dict = field(default_factory=dict)
 
 
 def generation_settings(base: GenerationSection, given: dict) -> GenerationSection:
@@ -294,22 +313,31 @@ def generation_settings(base: GenerationSection, given: dict) -> GenerationSecti
 
 
 def resolve_generate_model(opts: GenerateOptions):
-    """(ModelSection, generation defaults, seed, runtime settings) from a model folder or a recipe."""
+    """(ModelSection, generation defaults, seed, runtime settings) from a model folder or a recipe; the model
+    options given on the command line (`opts.model`) win over the recipe's."""
     from pydantic import ValidationError
 
     from ..recipe import load_recipe
     from ..recipe.sections import ModelSection
     from .loading import model_section, trained_model_dir
 
+    given = {k: v for k, v in opts.model.items() if v is not None}
+
+    def section(base: dict) -> ModelSection:
+        try:
+            return ModelSection(**{**base, **given})
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = ".".join(str(x) for x in err["loc"])
+            where = f"--{name.replace('_', '-')}" if name in given else f"model {base.get('path')}"
+            raise UsageError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+
     if (opts.model_dir is None) == (opts.recipe is None):
         raise UsageError("give a model folder or --recipe RECIPE.yaml (one of them)")
     if opts.model_dir is not None:
         if opts.model_name:
             raise UsageError("--model picks one of an eval recipe's models; it needs --recipe")
-        try:
-            return ModelSection(path=str(opts.model_dir)), GenerationSection(), 0, ("auto", "auto", 4096)
-        except ValidationError as e:
-            raise UsageError(f"model {opts.model_dir}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return section({"path": str(opts.model_dir)}), GenerationSection(), 0, ("auto", "auto", 4096)
     loaded = load_recipe(opts.recipe)
     r = loaded.recipe
     if loaded.command == "eval":
@@ -326,7 +354,7 @@ def resolve_generate_model(opts: GenerateOptions):
             spec = candidates[0]
         rt = r.runtime
         return (
-            model_section(spec, spec.display_name()),
+            section(model_section(spec, spec.display_name()).model_dump(exclude_unset=True)),
             r.generation,
             r.seed,
             (rt.device, rt.precision, rt.loss_chunk_tokens),
@@ -339,8 +367,11 @@ def resolve_generate_model(opts: GenerateOptions):
             f"{opts.recipe}: no trained model at {final}; run `prefcli {loaded.command} {opts.recipe}` "
             "first (from this folder)"
         )
+    m = r.model
     return (
-        ModelSection(path=str(final)),
+        section(
+            {"path": str(final), "trust_remote_code": m.trust_remote_code, "attn_implementation": m.attn_implementation}
+        ),
         GenerationSection(),
         r.train.seed,
         (r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens),
@@ -359,6 +390,11 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     err = err or sys.stderr
     section, base, seed, (device, precision, chunk) = resolve_generate_model(opts)
     cfg = generation_settings(base, opts.settings)
+    if opts.episodes is not None:
+        from .env import print_episodes
+
+        rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
+        return print_episodes(opts, section, cfg, opts.seed if opts.seed is not None else seed, rt, out, err)
     fmt = opts.fmt or ("jsonl" if opts.prompts and str(opts.prompts).endswith(".jsonl") else "lines")  # '-': lines
     if fmt not in ("lines", "jsonl"):
         raise UsageError(f"--format must be 'lines' or 'jsonl', got {fmt!r}")
@@ -372,13 +408,21 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     else:
         stream = getattr(sys.stdin, "buffer", sys.stdin)
         source = "<stdin>"
+    from ..engine.personal import policy_users
+
+    users = policy_users(section.path) if section.path and os.path.isdir(section.path) else None
+    if opts.user is not None and users is None:
+        raise UsageError(
+            f"--user: {section.path or 'the model'} is not a personalised policy (no personalisation/config.json of "
+            "kind user_token; train one with contrastive.personalisation or rlhf.personalisation)"
+        )
     rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
     lm, tok = load_lm(section, rt)
 
     def warn(text: str) -> None:
         print(f"warning: {text}", file=err, flush=True)
 
-    gen = Generator(lm, tok, cfg, rt.device, autocast=rt.autocast, warn=warn)
+    gen = Generator(lm, tok, cfg, rt.device, autocast=rt.autocast, warn=warn, users=users)
     torch.manual_seed(opts.seed if opts.seed is not None else seed)
     t0 = time.perf_counter()
     n = 0
@@ -386,7 +430,8 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
 
     def flush() -> None:
         nonlocal n
-        for (prompt, extra), g in zip(batch, gen.generate([p for p, _ in batch])):
+        who = [opts.user] * len(batch) if opts.user is not None else None
+        for (prompt, extra), g in zip(batch, gen.generate([p for p, _ in batch], users=who)):
             row = {
                 **extra,
                 "index": n,

@@ -20,6 +20,8 @@ class EvalInputs:
     pairs: Any = None
     given: list | None = None  # Generation objects of data.completions (scored as given, nothing sampled)
     given_name: str | None = None
+    users: list[str | None] | None = None  # whom each prompt (or given completion) is for; None: nobody in particular
+    pair_users: list[str | None] | None = None  # whom each pair of data.pairs was labelled by
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it is not computed (a warning)
 
 
@@ -49,6 +51,20 @@ def _references(rows, r: EvalRecipe, out: EvalInputs, source: str, what: str, hi
     out.references = [str(x) for x in rows["reference"]]
 
 
+def row_users(r: EvalRecipe, rows, source: str, what: str) -> list[str | None] | None:
+    """Each row's user: the recipe's `user` for every row, else the rows' user column, else None."""
+    from ..engine.users import find_user_column, missing_user_column, read_users
+
+    if r.user is not None:
+        return [r.user] * len(rows)
+    col = find_user_column(rows.column_names, r.data.user_column)
+    if col is None:
+        if r.data.user_column is not None:
+            raise missing_user_column(what, source, rows.column_names, r.data.user_column, "data.user_column")
+        return None
+    return read_users(rows, col, source, what)
+
+
 def read_inputs(r: EvalRecipe) -> EvalInputs:
     from ..engine.data import FORMAT_COLUMNS, check_values, detect_format, load_rows
 
@@ -70,6 +86,7 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
         rows = load_rows(d.prompts, required=["prompt"], what="data.prompts")
         check_values(rows, ["prompt"], d.prompts.path, what="data.prompts")
         out.prompts = [str(p) for p in rows["prompt"]]
+        out.users = row_users(r, rows, d.prompts.path, "data.prompts")
         _references(
             rows, r, out, d.prompts.path, "data.prompts", "; map another column with columns: {reference: answer}"
         )
@@ -77,6 +94,7 @@ def read_inputs(r: EvalRecipe) -> EvalInputs:
         rows = load_rows(d.pairs, required=["prompt", "chosen", "rejected"], what="data.pairs")
         check_values(rows, ["chosen", "rejected"], d.pairs.path, what="data.pairs")
         out.pairs = rows
+        out.pair_users = row_users(r, rows, d.pairs.path, "data.pairs")
     return out
 
 
@@ -89,6 +107,7 @@ def read_completions(r: EvalRecipe, out: EvalInputs) -> None:
     rows = load_rows(d, required=["prompt", "completion"], what="data.completions")
     check_values(rows, ["prompt"], d.path, what="data.completions")
     out.prompts = [str(p) for p in rows["prompt"]]
+    out.users = row_users(r, rows, d.path, "data.completions")
     _references(
         rows, r, out, "<stdin>" if d.path == "-" else d.path, "data.completions",
         ": `prefcli generate` passes one through from a JSONL prompts file whose rows have a 'reference' field",

@@ -13,15 +13,9 @@ from ..recipe.sections import ModelSection
 
 def make_runtime(device: str = "auto", precision: str = "auto", loss_chunk_tokens: int = 4096):
     """A single-process Runtime (no torch.distributed: nothing here trains)."""
-    import torch
+    from ..engine.dist import Runtime, resolve_device, resolve_precision
 
-    from ..engine.dist import Runtime, resolve_precision
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("runtime.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     return Runtime(device=dev, precision=resolve_precision(precision, dev), loss_chunk_tokens=loss_chunk_tokens)
 
 
@@ -29,8 +23,8 @@ def trained_model_dir(recipe_path: str) -> Path:
     """Where the training command of `recipe_path` wrote its model: <run folder>/final, with the run
     folder chosen as the training command chooses it (output.dir, else runs/<command>-<stem> under
     the current directory)."""
+    from ..engine.runfolder import default_run_dir
     from ..recipe import load_recipe
-    from ..runner import default_run_dir
 
     loaded = load_recipe(recipe_path)
     if loaded.command == "eval":
@@ -51,16 +45,15 @@ def model_section(spec: EvalModel, what: str) -> ModelSection:
                 "path: instead"
             )
         path = str(final)
-        return ModelSection(
-            path=path, tokenizer=spec.tokenizer, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
+        return ModelSection(path=path, tokenizer=spec.tokenizer, revision=spec.revision, **_shared(spec))
     return ModelSection(
-        path=spec.path,
-        init=spec.init,
-        tokenizer=spec.tokenizer,
-        revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code,
+        path=spec.path, init=spec.init, tokenizer=spec.tokenizer, revision=spec.revision, **_shared(spec)
     )
+
+
+def _shared(spec: EvalModel) -> dict:
+    """The fields an eval model entry passes on to the engine's ModelSection unchanged."""
+    return {k: getattr(spec, k) for k in ("trust_remote_code", "attn_implementation", "pad_token", "on_mismatch")}
 
 
 def load_lm(m: ModelSection, rt, seed: int = 0):

@@ -33,7 +33,7 @@ class Log:
 
 def write_outputs(run_dir: Path, r: EvalRecipe, rows: list[dict], summary: dict, overwrite: bool) -> None:
     if overwrite:
-        from ..runner import clear_artifacts
+        from ..engine.runfolder import clear_artifacts
 
         clear_artifacts(run_dir, ARTIFACTS)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +68,10 @@ TABLE_ROWS = (
     ("win_rate", "length_controlled", "length-controlled win rate"),
     ("kl", "k1", "KL k1 (per completion)"),
     ("kl", "k3", "KL k3 (per completion)"),
+    ("env", "success_rate", "env success rate"),
+    ("env", "env_reward", "env reward (mean)"),
+    ("env", "turns", "env turns (mean)"),
+    ("env", "tool_error_rate", "env tool-error rate"),
 )
 
 
@@ -142,4 +146,14 @@ def print_table(log: Log, summary: dict) -> None:
                     f"  chosen is longer in {v['chosen_longer']:.3f} of the pairs; corr(reward, words) over chosen "
                     f"and rejected: {v['length_correlation']['pearson']:.3f}"
                 )
+            if "per_user" in v:
+                cells = ", ".join(f"{u} {a:.3f}" for u, a in v["per_user"].items())
+                log.info(f"  per user: {cells}; worst: {v['worst_user']['user']} {v['worst_user']['accuracy']:.3f}")
+    for name, m in summary["models"].items():
+        for metric, key in (("reward", "mean"), ("win_rate", "win_rate")):
+            v = m.get(metric)
+            if isinstance(v, dict) and "per_user" in v:
+                cells = ", ".join(f"{u} {a:.3f}" for u, a in v["per_user"].items())
+                w = v["worst_user"]
+                log.info(f"{name} {metric} per user: {cells}; worst: {w['user']} {w[key]:.3f}")
     log.info(f"examples: {summary['examples_file']}")

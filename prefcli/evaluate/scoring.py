@@ -51,10 +51,12 @@ def perplexity_nll(
     batch_size: int,
     pad_id: int,
     device,
+    check=None,
 ) -> list[ExampleNLL]:
     """Per-example summed NLL and target count. `labels[i][t]` is the token to score at position t
     (-100: not scored, e.g. a prompt token); token t is predicted from the tokens before it in its
-    window (`metrics.window_spans`). Windows of all examples are batched together, longest first."""
+    window (`metrics.window_spans`). Windows of all examples are batched together, longest first.
+    `check(batch)` (the start-up guard, engine.guard.first_batch_check) sees the first batch."""
     jobs = []  # (example, row tokens, row targets)
     for i, (ids, lab) in enumerate(zip(input_ids, labels)):
         for c0, t0, end in window_spans(len(ids), window, stride):
@@ -71,6 +73,8 @@ def perplexity_nll(
     for s in range(0, len(jobs), batch_size):
         part = jobs[s : s + batch_size]
         b = _right_pad([j[1] for j in part], [j[2] for j in part], pad_id, device)
+        if check is not None:
+            check(b)
         lp, _ = policy(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"], mode="logprobs")
         valid = b["targets"] != IGNORE
         sums = lp.double().sum(-1).tolist()
@@ -91,10 +95,11 @@ def completion_logprobs(
     batch_size: int,
     pad_id: int,
     device,
+    check=None,
 ) -> list[list[float]]:
     """log pi(y_t | x, y_<t) of every completion token, with the logits divided by `temperature`
     (the sampling temperature, so that KL matches what was sampled; docs/algorithms.md, Pitfalls).
-    Prompt tokens are context only."""
+    Prompt tokens are context only. `check(batch, temperature)` (the start-up guard) sees the first batch."""
     out: list[list[float]] = [[] for _ in prompt_ids]
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(completion_ids[i])))
     policy.eval()
@@ -108,6 +113,8 @@ def completion_logprobs(
             rows.append(p + c)
             tgts.append([IGNORE] * (len(p) - 1) + list(c) + [IGNORE])
         b = _right_pad(rows, tgts, pad_id, device)
+        if check is not None:
+            check(b, temperature)
         lp, _ = policy(
             b["input_ids"],
             b["targets"],

@@ -168,11 +168,6 @@ def serve(task_path: str | Path, opts: ServeOptions) -> dict:
     }
 
 
-def run(task_path, opts: ServeOptions | None = None) -> dict:
-    """runner.RECIPE_TOOLS' entry point for `command: label`: serve the task."""
-    return serve(task_path, opts or ServeOptions())
-
-
 def _server(config):
     """uvicorn's Server, except that a SIGINT/SIGTERM that stopped it is not raised again afterwards (uvicorn
     re-raises it to end the process): `prefcli label serve` still closes the store and prints its summary.

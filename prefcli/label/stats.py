@@ -25,7 +25,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..analysis.agreement import pairwise_kappas
+from ..analysis.agreement import pairwise_kappas, position_bias
 from ..engine.debias import normalize_text
 
 
@@ -146,18 +146,6 @@ def agreement(records: Sequence[Record], mode: str, ties: bool = False) -> dict:
 
 def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def position_bias(answers: Sequence[str]) -> dict | None:
-    """Share of decisive pair answers that picked the completion shown first (A), with a two-sided binomial
-    z-test against 1/2 (normal approximation), as `prefcli data inspect` reports it."""
-    pos = [a for a in answers if a in ("A", "B")]
-    if not pos:
-        return None
-    n = len(pos)
-    a = sum(1 for p in pos if p == "A") / n
-    z = (a - 0.5) / math.sqrt(0.25 / n)
-    return {"pairs": n, "chosen_shown_first": a, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
 
 
 def gold_accuracy(records: Sequence[Record], mode: str = "pair") -> dict | None:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ..engine.datacheck import parse_json_row
 from ..errors import DataError, UsageError
+from .items import row_candidates
 
 PAIR_KEYS = {"a": "A", "1": "A", "b": "B", "2": "B", "t": "tie", "s": "skip"}
 
@@ -77,22 +78,8 @@ def read_items(path: Path, mode: str | None) -> tuple[list[Item], str]:
             if not line.strip():
                 continue
             obj = parse_json_row(line, f"{path}:{n}", "expected one JSON object per line")
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise DataError(f"{path}:{n}: expected an object with a 'prompt' string")
-            if "completions" in obj:
-                comps = obj["completions"]
-            elif "completion_a" in obj or "completion_b" in obj:
-                comps = [obj.get("completion_a"), obj.get("completion_b")]
-            elif "completion" in obj:
-                comps = [obj["completion"]]
-            else:
-                raise DataError(
-                    f"{path}:{n}: no completions: give 'completions' (a list), 'completion_a' and "
-                    "'completion_b', or 'completion'"
-                )
-            if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
-                raise DataError(f"{path}:{n}: completions must be a non-empty list of strings")
-            rows.append((n, obj["prompt"], comps))
+            prompt, comps = row_candidates(obj, f"{path}:{n}")  # as `prefcli label serve` reads a task's items
+            rows.append((n, prompt, comps))
     if not rows:
         raise DataError(f"{path} has no rows")
     if mode is None:

@@ -1,6 +1,6 @@
-"""Recipes: pydantic schemas, YAML loading, `--set` overrides and actionable errors."""
+"""Recipes: pydantic schemas, YAML loading, `--set` overrides and actionable errors; the command table."""
 
-from .commands import SCHEMAS, RecipeBase
+from .commands import COMMANDS, SCHEMAS, RecipeBase
 from .loader import LoadedRecipe, dump_recipe, load_recipe
 
-__all__ = ["SCHEMAS", "RecipeBase", "LoadedRecipe", "dump_recipe", "load_recipe"]
+__all__ = ["COMMANDS", "SCHEMAS", "RecipeBase", "LoadedRecipe", "dump_recipe", "load_recipe"]

@@ -33,6 +33,27 @@ class ModelReward(_RewardBase):
     )
     batch_size: int = Field(16, gt=0, description="Sequences scored per forward pass.")
     max_length: int = Field(1024, gt=1, description="Longer prompt + completion texts are truncated from the left.")
+    user: str | None = Field(
+        None,
+        description="A personalised reward model (`reward.personalisation`): score every completion for this user "
+        "(one seen in training). Default: each row's own user where the caller has one (the prompts' user column "
+        "in rlhf and eval), else the shared part.",
+    )
+    context: LocalPath | None = Field(
+        None,
+        description="A personalised reward model: a JSONL file of a new user's labelled pairs (prompt, chosen, "
+        "rejected), 5-50 of them. The user is fitted from them when the model loads (latent: summarised by the "
+        "encoder; user_embedding, lowrank: the user's vector or weights fitted with the rest frozen) and every "
+        "completion is scored for that user. No retraining.",
+    )
+
+    @model_validator(mode="after")
+    def _one_user(self):
+        if self.user is not None and self.context is not None:
+            raise ValueError("give user (a user seen in training) or context (a new user's pairs), not both")
+        if self.user is not None and not self.user.strip():
+            raise ValueError("user: an empty user id")
+        return self
 
 
 class FunctionReward(_RewardBase):

@@ -73,8 +73,10 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run model/tokenizer code shipped with a hub repo. Off unless you trust the repo."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel. 'sdpa' is PyTorch's fused attention and works everywhere."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        None,
+        description="Attention kernel. Unset: transformers' choice for the family ('sdpa', PyTorch's fused "
+        "attention, where the family supports it; 'eager' for Gemma 2, whose attention soft-caps its scores).",
     )
     pad_token: str | None = Field(
         None,
@@ -87,6 +89,13 @@ class ModelSection(Section):
         f"({', '.join(CHAT_TEMPLATES)}; for a model that ships none, as LLaMA-Factory's template: does; its "
         "end-of-turn token becomes the EOS and its special tokens are added when missing), or a Jinja template "
         "string.",
+    )
+    on_mismatch: Literal["error", "fallback"] = Field(
+        "error",
+        description="When prefcli's own log-prob kernels or fast sampler disagree with the model's own forward "
+        "beyond the start-up guard's tolerance (docs/families.md): 'error' stops with exit 2 naming what differs; "
+        "'fallback' computes log-probs with the model's own forward (full logits: more memory) and samples with "
+        "transformers generate (slower), with a warning.",
     )
     lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights.")
 

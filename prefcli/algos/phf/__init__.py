@@ -35,7 +35,7 @@ from .control import (  # noqa: F401
 from .gap import control_gap  # noqa: F401
 from .objectives import (  # noqa: F401
     PHF_OBJECTIVES,
-    Objective,
+    SFTObjective,
     ValuePolicy,
     awr_loss,
     awr_terms,

@@ -6,6 +6,8 @@ import statistics
 
 import torch
 
+from ...engine.sampling import HFSampler, SamplingConfig
+
 # ------------------------------------------------------------------------- has the model learned the tokens?
 
 
@@ -39,6 +41,12 @@ def control_gap(
     width = max(len(c) for c, _ in picked)
     out: dict[str, float] = {}
     devices = [device] if device.type == "cuda" else []
+    # transformers' generate (bad_words_ids is one of its logits processors)
+    sampler = HFSampler(lm)
+    cfg = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[tok.eos_token_id],
+        pad_token_id=pad,
+    )  # fmt: skip
     for name, tid in (("aligned", a_id), ("misaligned", m_id)):
         ids = torch.full((n, width), pad, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -49,23 +57,10 @@ def control_gap(
             mask[i, width - len(row) :] = 1
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            gen = lm.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                bad_words_ids=[[a_id], [m_id]],
-                pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
-                use_cache=True,
-            )
+            r = sampler.sample(ids.to(device), mask.to(device), cfg, bad_words_ids=[[a_id], [m_id]])
         prompts, texts = [], []
-        for i, row in enumerate(gen[:, width:].tolist()):
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
+        for i in range(n):
+            row = r.completion_ids[i, : int(r.lengths[i]) - int(r.finished[i])].tolist()  # EOS ends a sample
             text = tok.decode(row, skip_special_tokens=True)
             if separator:
                 text = text.split(separator)[0]

@@ -1,4 +1,5 @@
-"""The five PHF objectives: their loss terms (pure tensor math), the losses on a batch and the Objective registry entries (Korbak et al. 2023; equations in the package docstring)."""
+"""The five PHF objectives: their loss terms (pure tensor math), the losses on a batch and their entries of
+the SFT objective registry (`SFTObjective`; Korbak et al. 2023; equations in the package docstring)."""
 
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def awr_loss(
 
 
 @dataclass(frozen=True)
-class Objective:
+class SFTObjective:
     """An SFT objective: its loss, the recipe knobs it takes, and what it needs from the data."""
 
     loss: Callable
@@ -188,12 +189,12 @@ class Objective:
     value_head: bool = False  # the policy carries a value head (awr)
 
 
-PHF_OBJECTIVES: dict[str, Objective] = {
-    "filter": Objective(filter_loss, scored=True, thresholded=True, keep_aligned_only=True),
-    "conditional": Objective(conditional_loss, scored=True, thresholded=True, control_tokens=True),
-    "unlikelihood": Objective(unlikelihood_loss, {"alpha": "unlikelihood_alpha"}, scored=True, thresholded=True),
-    "rwr": Objective(rwr_loss, {"beta": "beta"}, scored=True),
-    "awr": Objective(
+PHF_OBJECTIVES: dict[str, SFTObjective] = {
+    "filter": SFTObjective(filter_loss, scored=True, thresholded=True, keep_aligned_only=True),
+    "conditional": SFTObjective(conditional_loss, scored=True, thresholded=True, control_tokens=True),
+    "unlikelihood": SFTObjective(unlikelihood_loss, {"alpha": "unlikelihood_alpha"}, scored=True, thresholded=True),
+    "rwr": SFTObjective(rwr_loss, {"beta": "beta"}, scored=True),
+    "awr": SFTObjective(
         awr_loss, {"beta": "beta", "alpha": "awr_alpha", "max_weight": "awr_max_weight"}, scored=True, value_head=True
     ),
 }

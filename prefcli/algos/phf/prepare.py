@@ -13,7 +13,7 @@ from ...engine.data import CACHE_VERSION, TokenizedSet
 from ...engine.logprobs import IGNORE
 from ...errors import DataError
 from .control import control_context, encode_segments, prefix_control, split_segments
-from .objectives import Objective
+from .objectives import SFTObjective
 from .scoring import pick_threshold, score_rows, unit_hash
 
 # ------------------------------------------------------------------------------------- data preparation
@@ -71,7 +71,7 @@ def _threshold(s, scores: list[float], what: str, stats: dict, warn: Callable[[s
 
 
 def prepare(
-    obj: Objective,
+    obj: SFTObjective,
     s,
     train_set: TokenizedSet,
     eval_set: TokenizedSet | None,

@@ -1,6 +1,12 @@
 """`prefcli rlhf`: reinforcement learning from a reward, R(s, a) = HumanScore(a).
 
 Where things are:
+- learner.py     `PolicyLearner`, the Task: one RL step top to bottom in `rollout` (sample and score ->
+                 log-probs and KL -> advantages or pairs -> minibatches -> statistics), each minibatch an update
+                 through `loss`; held-out evaluation; its state. The generator of `prefcli gan` is one too.
+- build.py       `build_learner`: the update rule, prompts, rewards, policy, reference, value head, the
+                 rollout's shape, the optimizer group and the sampler, from the recipe.
+- draws.py       one scored sampling round, and a rollout's rounds (DAPO's dynamic sampling, online_dpo's pairs);
 - advantages.py  the advantage estimators (ppo/GAE, rloo, grpo, dr_grpo, dapo, reinforce_pp) as pure
                  functions, score shaping (DAPO's overlong penalty, tied groups), and the registry `ALGORITHMS`
                  that pairs each with its KL placement, normaliser and defaults (online_dpo included);
@@ -8,63 +14,19 @@ Where things are:
                  importance weights, KL term, value loss, normaliser;
 - correction.py  the sampler/trainer mismatch and its truncated importance weights (`IS_CORRECTIONS`);
 - online.py      online preference learning: best/worst pairs, the contrastive registry's objectives;
-- policy.py      `PolicyLearner`: prompts, policy, reference, sampler, rewards, rollouts, minibatch plans
-                 (also the generator of `prefcli gan`); draws.py (sampling rounds, dynamic sampling),
-                 stats.py (rollout metrics) and evaluation.py (held-out evaluation) are its parts;
+- stats.py       a rollout's metrics, from what the step produced;
 - sampling.py    prompt rows, the transformers-generate fallback sampler, stop strings, sampled rounds.
+- users.py       whom each prompt is for (a user column): the users the rewards score for, and with
+                 rlhf.personalisation each user's token before their prompts.
 Equations and sources: docs/algorithms.md, section rlhf.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-from ...engine.task import Plan
-from .advantages import ALGORITHMS, AdvantageInputs, algorithm_key  # noqa: F401  (the registry, for readers)
-from .loss import NORMALISERS, LossParams, policy_loss  # noqa: F401
-from .policy import PolicyLearner
+from ...engine.run import RunContext
+from .build import build_learner
+from .learner import PolicyLearner
 
 
-class RLHFTask:
-    """The Task the engine runs for `prefcli rlhf`: one PolicyLearner, a rollout whenever its minibatches
-    are used up."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.learner = PolicyLearner(ctx)
-        self.groups = {"policy": self.learner.group}
-
-    def total_steps(self) -> int:
-        return self.learner.total_updates
-
-    def plans(self, start_step: int) -> Iterator[Plan]:
-        while True:
-            if self.learner.needs_rollout():
-                self.learner.rollout()
-            yield self.learner.next_plan()
-
-    def state_dict(self) -> dict:
-        return self.learner.state_dict()
-
-    def load_state_dict(self, state: dict, extra: dict) -> None:
-        self.learner.load_state_dict(state, extra)
-
-    def extra_tensors(self) -> dict:
-        return self.learner.extra_tensors()
-
-    def has_eval(self) -> bool:
-        return self.learner.has_eval()
-
-    def evaluate(self) -> dict:
-        return self.learner.evaluate()
-
-    def describe(self) -> dict:
-        return self.learner.describe()
-
-    def save_final(self, out_dir: Path) -> None:
-        self.learner.save_final(out_dir)
-
-
-def build(ctx) -> RLHFTask:
-    return RLHFTask(ctx)
+def build(ctx: RunContext) -> PolicyLearner:
+    return build_learner(ctx)

@@ -68,11 +68,37 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -
     return torch.expm1(-d) + d
 
 
+def packing_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B, N] index that moves each row's masked positions to its front, in order (a stable sort). A multi-turn
+    episode's policy tokens are separated by the environment's; packed, they are one contiguous sequence, the
+    time axis of the return and GAE recursions (the environment's tokens are not the policy's steps). For a
+    mask that is already a prefix the index is the identity."""
+    return torch.sort((mask <= 0).to(torch.int8), dim=1, stable=True).indices
+
+
+def pack(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, index)
+
+
+def unpack(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x).scatter_(1, index, x)
+
+
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over completion-aligned [B, N] tensors whose mask is a
-    prefix (tokens 0..len-1). V after the last token is 0. Returns (advantages, returns)."""
+    """Generalised advantage estimation over completion-aligned [B, N] tensors. V after the last masked token is
+    0. A mask with holes (the environment's tokens between a multi-turn episode's turns) is packed first: the
+    recursion runs over the policy's tokens only, across turns. Returns (advantages, returns)."""
+    idx = packing_index(mask)
+    adv, ret = _gae_prefix(pack(rewards, idx), pack(values, idx), pack(mask, idx), gamma, lam)
+    return unpack(adv, idx), unpack(ret, idx)
+
+
+def _gae_prefix(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over tensors whose mask is a prefix (tokens 0..len-1)."""
     B, N = rewards.shape
     adv = torch.zeros_like(rewards)
     last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
@@ -87,7 +113,13 @@ def gae(
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = sum_{t' >= t} gamma^(t'-t) r_t' over masked tokens."""
+    """G_t = sum_{t' >= t} gamma^(t'-t) r_t' over masked tokens (packed first, as in `gae`: t counts the policy's
+    tokens, across the turns of an episode)."""
+    idx = packing_index(mask)
+    return unpack(_returns_prefix(pack(rewards, idx), pack(mask, idx), gamma), idx)
+
+
+def _returns_prefix(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     out = torch.zeros_like(rewards)
     run = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     m = mask.to(rewards.dtype)
@@ -127,11 +159,24 @@ def tied_groups(scores: torch.Tensor, k: int, tol: float = 1e-8) -> torch.Tensor
     return (g.max(1).values - g.min(1).values).abs() < tol
 
 
-def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """r_t = -beta * kl_t on every token, plus the sequence score on the last token."""
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] position of each row's last masked token (0 for a row with none)."""
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask > 0, pos, torch.zeros_like(pos)).max(1).values
+
+
+def token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, step_rewards: torch.Tensor | None = None
+) -> torch.Tensor:
+    """r_t = -beta * kl_t on every token, plus the sequence score on the last token. With `step_rewards` (a
+    multi-turn episode: the environment's reward after each turn, at that turn's last token, already part of
+    the score), those rewards where they were earned and the rest of the score on the last token."""
     r = -beta * kl * mask
-    last = (mask.sum(1) - 1).clamp_min(0).long()
-    r[torch.arange(r.shape[0], device=r.device), last] += scores
+    rows = torch.arange(r.shape[0], device=r.device)
+    if step_rewards is not None:
+        r = r + step_rewards * mask
+        scores = scores - (step_rewards * mask).sum(1)
+    r[rows, last_index(mask)] += scores
     return r
 
 
@@ -148,13 +193,16 @@ class AdvantageInputs:
     beta: float
     cfg: object  # RLHFSection: gamma, gae_lambda, whiten_advantages, reinforce_baseline
     all_reduce: Callable | None
+    # [B, N] multi-turn episodes: the environment's reward after each turn at that turn's last token (included in
+    # scores); the token-level estimators (ppo, reinforce_pp) credit it where it was earned. None: single turn.
+    step_rewards: torch.Tensor | None = None
 
 
 Advantages = tuple[torch.Tensor, torch.Tensor | None]  # ([B, N] advantages, [B, N] returns for a critic or None)
 
 
 def ppo_advantages(x: AdvantageInputs) -> Advantages:
-    r = token_rewards(x.scores, x.kl, x.mask, x.beta)
+    r = token_rewards(x.scores, x.kl, x.mask, x.beta, x.step_rewards)
     adv, ret = gae(r, x.values, x.mask, x.cfg.gamma, x.cfg.gae_lambda)
     if x.cfg.whiten_advantages:
         adv = masked_whiten(adv, x.mask, x.all_reduce)
@@ -178,7 +226,7 @@ def reinforce_pp(x: AdvantageInputs) -> Advantages:
     scores = x.scores
     if x.cfg.reinforce_baseline:
         scores = scores - scores.view(-1, x.k).mean(1, keepdim=True).expand(-1, x.k).reshape(-1)
-    ret = discounted_returns(token_rewards(scores, x.kl, x.mask, x.beta), x.mask, x.cfg.gamma)
+    ret = discounted_returns(token_rewards(scores, x.kl, x.mask, x.beta, x.step_rewards), x.mask, x.cfg.gamma)
     return (masked_whiten(ret, x.mask, x.all_reduce) if x.cfg.whiten_advantages else ret * x.mask), None
 
 

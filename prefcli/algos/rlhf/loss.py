@@ -122,8 +122,8 @@ NORMALISERS = {
 
 @dataclass(frozen=True)
 class LossParams:
-    eps_low: float  # rlhf.clip_low (old name clip_eps), else the policy loss's default
-    eps_high: float  # rlhf.clip_high (old name clip_eps_high), else the algorithm's or policy loss's default
+    eps_low: float  # rlhf.clip_low, else the policy loss's default
+    eps_high: float  # rlhf.clip_high, else the algorithm's or policy loss's default
     beta: float  # KL weight (used here only when the KL is a loss term)
     kl_in_loss: bool  # the algorithm puts beta * k3 into the loss (else the KL is in the reward)
     normaliser: str

@@ -1,75 +1,16 @@
-"""Sampling for RL: prompt rows to token ids, the transformers-generate fallback sampler, stop strings, and
-what a sampling call returns. (The fast KV-cache decoder is engine/rollout.py.)"""
+"""Sampling for RL: prompt rows to token ids, stop strings, and what a sampling round returns (the samplers
+themselves are engine/sampling.py's)."""
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from ...engine.data import check_values
-from ...engine.rollout import Rollout, SamplingConfig
+from ...engine.sampling import Rollout
+from ...engine.tokenizer import text_ids
 from ...errors import DataError
-
-
-class HFSampler:
-    """transformers `generate`, for architectures the fast decoder does not cover. `gather`: a context that
-    holds the whole weights for the duration (the Group's, under runtime.parallel fsdp; memory: the whole
-    model's parameters in their forward dtype while sampling)."""
-
-    def __init__(self, lm, rt, gather=None):
-        self.lm, self.rt = lm, rt
-        self.gather = gather or (lambda modules=None, hold=False: contextlib.nullcontext())
-
-    def sync(self):
-        pass
-
-    def nbytes(self) -> dict[str, int]:
-        return {"weights": 0, "kv_cache": 0}  # generate's cache lives only while it samples
-
-    @torch.no_grad()
-    def generate(self, ids, mask, cfg: SamplingConfig) -> Rollout:
-        kw = dict(
-            max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.min_new_tokens,
-            pad_token_id=cfg.pad_token_id,
-            eos_token_id=cfg.stop_token_ids or None,
-        )
-        if cfg.temperature > 0:
-            kw.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
-        else:
-            kw.update(do_sample=False)
-        # output_scores: the scores each token was drawn from, after the logits processors and warpers
-        # (min_new_tokens, temperature, top-k, top-p): the sampler's own log-probs, for the mismatch check
-        with self.gather(hold=True), self.rt.autocast():
-            res = self.lm.generate(
-                input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw
-            )
-        out = res.sequences
-        comp = out[:, ids.shape[1] :]
-        B, N = comp.shape[0], cfg.max_new_tokens
-        full = torch.full((B, N), cfg.pad_token_id, dtype=torch.long, device=ids.device)
-        full[:, : comp.shape[1]] = comp
-        stop = torch.isin(full, torch.tensor(cfg.stop_token_ids or [-1], device=ids.device))
-        has = stop.any(1)
-        length = torch.where(
-            has, stop.float().argmax(1).long() + 1, torch.full_like(has, comp.shape[1], dtype=torch.long)
-        )
-        cmask = torch.arange(N, device=ids.device)[None] < length[:, None]
-        full = torch.where(cmask, full, torch.full_like(full, cfg.pad_token_id))
-        logp = torch.zeros((B, N), dtype=torch.float32, device=ids.device)
-        for t, scores in enumerate(res.scores[:N]):
-            logp[:, t] = scores.float().log_softmax(-1).gather(-1, comp[:, t : t + 1])[:, 0]
-        logp = torch.where(cmask, logp, torch.zeros_like(logp))
-        return Rollout(
-            prompt_ids=ids,
-            prompt_mask=mask,
-            completion_ids=full,
-            completion_mask=cmask.long(),
-            finished=has,
-            logprobs=logp,
-        )
 
 
 def apply_stop_strings(r: Rollout, tok, stop_strings: list[str], pad_id: int) -> Rollout:
@@ -116,7 +57,7 @@ def prompt_rows(ds, tok, max_len: int, source: str = "prompt data") -> tuple[lis
             t = tok(text, add_special_tokens=False)["input_ids"]
         else:
             text = row["prompt"]
-            t = tok(text, add_special_tokens=True)["input_ids"]
+            t = text_ids(tok, text)
         if len(t) > max_len:
             t = t[-max_len:]
             n_trunc += 1
@@ -137,30 +78,23 @@ class Samples:
 
 
 def take_rows(r: Rollout, idx: torch.Tensor) -> Rollout:
-    """The rollout's rows `idx`, in that order."""
-    return Rollout(
-        r.prompt_ids[idx],
-        r.prompt_mask[idx],
-        r.completion_ids[idx],
-        r.completion_mask[idx],
-        r.finished[idx],
-        r.logprobs[idx] if r.logprobs is not None else None,
-    )
+    """The rollout's rows `idx`, in that order (of the same kind: an episode rollout keeps its extra fields)."""
+    return replace(r, **{f.name: _rows(getattr(r, f.name), idx) for f in fields(r)})
 
 
 def concat_rollouts(rs: list[Rollout]) -> Rollout:
-    """Rollouts of the same widths, one after the other."""
+    """Rollouts of the same widths (and kind), one after the other."""
     if len(rs) == 1:
         return rs[0]
-    lp = [r.logprobs for r in rs]
-    return Rollout(
-        torch.cat([r.prompt_ids for r in rs]),
-        torch.cat([r.prompt_mask for r in rs]),
-        torch.cat([r.completion_ids for r in rs]),
-        torch.cat([r.completion_mask for r in rs]),
-        torch.cat([r.finished for r in rs]),
-        torch.cat(lp) if all(x is not None for x in lp) else None,
-    )
+    return replace(rs[0], **{f.name: _cat([getattr(r, f.name) for r in rs]) for f in fields(rs[0])})
+
+
+def _rows(x, idx):
+    return x[idx] if isinstance(x, torch.Tensor) else None
+
+
+def _cat(xs):
+    return torch.cat(xs) if all(isinstance(x, torch.Tensor) for x in xs) else None
 
 
 def fill_groups(tied: torch.Tensor, n: int) -> torch.Tensor:

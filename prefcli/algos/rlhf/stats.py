@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ...engine.rollout import Rollout
+from ...engine.dist import Runtime
 from .correction import mismatch_stats
 from .sampling import Draw
 
@@ -18,10 +18,15 @@ def max_op(rt):
     return torch.distributed.ReduceOp.MAX if rt.distributed else None
 
 
-def rollout_stats(learner, r: Rollout, d: Draw, kl, old_logp, t0: float) -> tuple[dict[str, float], float]:
-    """The rollout's metrics, from sums across processes in one all-reduce, and its sequence count."""
+def rollout_stats(
+    d: Draw, batch, rt: Runtime, k: int, beta: float, kl_in_update: bool, t0: float
+) -> tuple[dict[str, float], float]:
+    """The metrics of a rollout `d` and the training batch made of it (learner.TrainingBatch), from sums across
+    processes in one all-reduce, and its sequence count. `kl_in_update`: the KL is measured by the update
+    (one pass, no rollout forward), not here."""
+    r, kl, old_logp = d.samples.rollout, batch.kl, batch.old_logp
     raw_scores = d.raw
-    groups = raw_scores.view(-1, learner.k)
+    groups = raw_scores.view(-1, k)
     zero_var = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
     sums = {
         "score": raw_scores.sum(),
@@ -39,32 +44,32 @@ def rollout_stats(learner, r: Rollout, d: Draw, kl, old_logp, t0: float) -> tupl
     mm_max = None
     if old_logp is not None and r.logprobs is not None:  # sampler vs trainer, at rollout time
         mm, mm_max = mismatch_stats(old_logp, r.logprobs, r.completion_mask.float())
-        for k, (num, den) in mm.items():
-            sums[k], sums[k + "/n"] = num, den
+        for name, (num, den) in mm.items():
+            sums[name], sums[name + "/n"] = num, den
     names = list(sums)
-    flat = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=learner.rt.device) for k in names])
-    learner.rt.all_reduce(flat)
+    flat = torch.stack([torch.as_tensor(sums[name], dtype=torch.float64, device=rt.device) for name in names])
+    rt.all_reduce(flat)
     v = dict(zip(names, flat.tolist()))
     n = v["sequences"]
     mean = v["score"] / n
     m: dict[str, float] = {
         "reward/mean": mean,
         "reward/std": math.sqrt(max(v["score_sq"] / n - mean * mean, 0.0)),
-        "kl/coef": learner.beta,
+        "kl/coef": beta,
         "length/mean": v["tokens"] / n,
         "length/finished": v["finished"] / n,
         "reward/zero_var_groups": v["zero_var_groups"] / v["groups"],
     }
-    if not learner.old_is_current:
+    if not kl_in_update:
         m["kl/mean"] = v["kl"] / n
     for name in d.parts:
         m[f"reward/{name}"] = v[f"part/{name}"] / n
     if d.overlong is not None:
         m["reward/overlong_penalty"] = v["overlong"] / n
     if mm_max is not None:
-        for k in ("mismatch/abs_mean", "mismatch/kl"):
-            m[k] = v[k] / max(v[k + "/n"], 1.0)
-        m["mismatch/abs_max"] = float(learner.rt.all_reduce(mm_max.double().reshape(1), op=max_op(learner.rt)).item())
+        for name in ("mismatch/abs_mean", "mismatch/kl"):
+            m[name] = v[name] / max(v[name + "/n"], 1.0)
+        m["mismatch/abs_max"] = float(rt.all_reduce(mm_max.double().reshape(1), op=max_op(rt)).item())
     dt = time.perf_counter() - t0
     m["perf/rollout_s"] = dt
     m["perf/samples_per_s"] = n / dt

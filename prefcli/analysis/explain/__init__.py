@@ -34,34 +34,16 @@ Attention maps (`--plots DIR`): the model reloaded with eager attention, one hea
 stdout and the summary as the last line, a self-contained HTML page with `--html`.
 """
 
-from .attribution import (  # noqa: F401
-    _backbone_and_head,
-    attention_map,
-    baseline_token,
-    check_layer_head,
-    draw_attention,
-    draw_scores,
-    ig_attribution,
-    implicit_rewards,
-    pair_alignment,
-    position_scores,
-    prefix_attribution,
-    reward_ids,
-)
-from .driver import _top, run_explain  # noqa: F401
-from .inputs import (  # noqa: F401
-    DEFAULT_BETA,
-    METHODS,
-    Explained,
-    ExplainOptions,
-    Item,
-    _check_length,
-    _device,
-    load_policy,
-    load_reward_model,
-    model_kind,
-    read_items,
-    run_defaults,
-    token_strings,
-)
-from .render import CSS, _colour, colour_scale, display_token, html_tokens, render_html, terminal_text  # noqa: F401
+from .attribution import attention_map, ig_attribution, implicit_rewards, position_scores, prefix_attribution
+from .driver import run_explain
+from .inputs import ExplainOptions
+
+__all__ = [
+    "ExplainOptions",
+    "attention_map",
+    "ig_attribution",
+    "implicit_rewards",
+    "position_scores",
+    "prefix_attribution",
+    "run_explain",
+]

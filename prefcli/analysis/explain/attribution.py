@@ -112,14 +112,18 @@ def implicit_rewards(policy_lm, ref_lm, rt, tok, prompt: str, text: str, beta: f
     import torch
 
     from ...engine.data import move
+    from ...engine.guard import check_logprobs
     from ...engine.models import PolicyLM
     from ...engine.pairs import completion_batch, encode_completion
 
     p, c = encode_completion(tok, "plain", prompt, text)
     b = move(completion_batch([p], [c], tok.pad_token_id), rt.device)
+    policy, ref = PolicyLM(policy_lm, rt), PolicyLM(ref_lm, rt)
+    for which, m in (("the policy", policy), ("the reference", ref)):  # the start-up guard (engine.guard)
+        check_logprobs(m, b, "error", lambda text: None, what=f"{which}'s text")
     with torch.no_grad():
-        lp, _ = PolicyLM(policy_lm, rt)(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"])
-        lr, _ = PolicyLM(ref_lm, rt)(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"])
+        lp, _ = policy(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"])
+        lr, _ = ref(b["input_ids"], b["targets"], b["attention_mask"], b["position_ids"])
     mask = (b["targets"][0] != -100).tolist()
     ids = p + c
     scores: list[float | None] = [None] * len(ids)

@@ -27,11 +27,11 @@ from .inputs import (
     Explained,
     ExplainOptions,
     _check_length,
-    _device,
     load_policy,
     load_reward_model,
     model_kind,
     read_items,
+    resolve_device,
     run_defaults,
     token_strings,
 )
@@ -74,7 +74,7 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
         )
     check_layer_head(cfg, opts.layer, opts.head)
     items = read_items(opts)
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     eager = opts.plots is not None
     limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     summary: dict[str, Any] = {
@@ -174,56 +174,27 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
     plots: list[str] = []
     for k, it in enumerate(items):  # each item's rows go out as soon as it is done (pipelines)
         sides = {side: explain_side(it.prompt, t, f"item {k} ({side})") for side, t in it.sides.items()}
-        rec: dict[str, Any] = {"item": k, "kind": it.kind}
-        if it.row is not None:
-            rec["row"] = it.row
-        shared: dict[str, set[int] | None] = {s: None for s in sides}
-        if it.kind == "pair":
-            c, r = sides["chosen"], sides["rejected"]
-            sa, sb, mass = pair_alignment(c, r)
-            # shown as contributions to the margin (chosen - rejected): the rejected side's scores change sign
-            r.scores = [None if s is None else -s for s in r.scores]
-            r.flipped = True
-            shared = {"chosen": sa, "rejected": sb}
-            key = "score" if kind == "reward" else "implicit_reward"
-            rec["margin"] = c.info[key] - r.info[key]
-            rec["differing_mass"] = mass
-            title = f"pair {k}" + (f" (row {it.row})" if it.row else "") + f": margin {rec['margin']:+.4f}"
-        else:
-            title = f"text {k}"
-        for side, e in sides.items():
-            rec[side] = {x: v for x, v in e.info.items() if x != "headline"} | {"top": _top(e)}
-            for t, (tid, ts, s) in enumerate(zip(e.ids, e.tokens, e.scores)):
-                row = {
-                    "item": k,
-                    "side": side,
-                    "position": t,
-                    "token_id": tid,
-                    "token": ts,
-                    "prompt": t < e.prompt_len,
-                    "score": s,
-                }
-                if shared[side] is not None:
-                    row["shared"] = t in shared[side]
-                emit(row)
-            if opts.plots:
-                d = Path(opts.plots)
-                d.mkdir(parents=True, exist_ok=True)
-                stem = f"item{k}-{side}"
-                draw_scores(d / f"tokens-{stem}.png", e, f"{title} / {side}: {e.info['headline']} ({method})")
-                x = torch.tensor([e.ids], device=device)
-                att = attention_map(attn_model, x, opts.layer, opts.head)
-                which = (
-                    f"layer {opts.layer if opts.layer is not None else 'mean'}, "
-                    f"head {opts.head if opts.head is not None else 'mean'}"
-                )
-                draw_attention(d / f"attention-{stem}.png", att, e.tokens, f"{title} / {side}: attention ({which})")
-                plots += [str(d / f"tokens-{stem}.png"), str(d / f"attention-{stem}.png")]
+        rec, title, shared = item_record(k, it, sides, kind, emit)
+        if opts.plots:
+            plots += draw_item(Path(opts.plots), k, sides, title, method, attn_model, opts.layer, opts.head, device)
         out_items.append(rec)
         blocks.append(({"title": title}, [(side, e, shared[side]) for side, e in sides.items()]))
-    scale_all = colour_scale([e for _, sides_ in blocks for _, e, _ in sides_])
     summary["items"] = out_items
     summary["plots"] = plots
+    summary["warnings"] = convergence_warnings(out_items, opts.steps)
+    if not opts.quiet:
+        show(summary, blocks, f"prefcli explain {opts.model} ({kind}, {method})")
+    if opts.html:
+        page = render_html(summary, blocks)
+        Path(opts.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.html).write_text(page, encoding="utf-8")
+        summary["html"] = opts.html
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def convergence_warnings(out_items: list[dict], steps: int) -> list[str]:
+    """Integrated gradients that miss score - baseline by more than 5%: more --steps."""
     warnings = []
     for rec in out_items:
         for side in ("text", "chosen", "rejected"):
@@ -233,26 +204,78 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
                 if abs(info["convergence_delta"]) > 0.05 * max(gap, 1e-6):
                     warnings.append(
                         f"item {rec['item']} ({side}): the attributions miss score - baseline by "
-                        f"{info['convergence_delta']:+.3g} of {gap:.3g}; raise --steps (now {opts.steps})"
+                        f"{info['convergence_delta']:+.3g} of {gap:.3g}; raise --steps (now {steps})"
                     )
-    summary["warnings"] = warnings
-    if not opts.quiet:
-        from rich.console import Console
+    return warnings
 
-        con = Console(stderr=True, highlight=False)
-        con.print(f"prefcli explain {opts.model} ({kind}, {method})", style="bold", markup=False)
-        con.print(summary["what"], markup=False, style="dim")
-        for info, sides_ in blocks:
-            con.print(info["title"], style="bold", markup=False)
-            for side, e, _ in sides_:
-                con.print(f"  {side}: {e.info['headline']}{FLIPPED_NOTE if e.flipped else ''}", markup=False)
-                con.print(terminal_text(e, scale_all), soft_wrap=True)
-        for w in warnings:
-            con.print(f"warning: {w}", style="yellow", markup=False)
-    if opts.html:
-        page = render_html(summary, blocks)
-        Path(opts.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.html).write_text(page, encoding="utf-8")
-        summary["html"] = opts.html
-    summary["wall_s"] = round(time.perf_counter() - t0, 3)
-    return summary
+
+def show(summary: dict, blocks: list, heading: str) -> None:
+    """The coloured tokens of every item on stderr, one colour scale for all, then the warnings."""
+    from rich.console import Console
+
+    scale_all = colour_scale([e for _, sides_ in blocks for _, e, _ in sides_])
+    con = Console(stderr=True, highlight=False)
+    con.print(heading, style="bold", markup=False)
+    con.print(summary["what"], markup=False, style="dim")
+    for info, sides_ in blocks:
+        con.print(info["title"], style="bold", markup=False)
+        for side, e, _ in sides_:
+            con.print(f"  {side}: {e.info['headline']}{FLIPPED_NOTE if e.flipped else ''}", markup=False)
+            con.print(terminal_text(e, scale_all), soft_wrap=True)
+    for w in summary["warnings"]:
+        con.print(f"warning: {w}", style="yellow", markup=False)
+
+
+def item_record(k: int, it, sides: dict[str, Explained], kind: str, emit: Callable[[dict], None]):
+    """One item's summary record (for a pair: the margin and the share of attribution on the tokens that
+    differ, the rejected side's scores negated), its title and each side's shared tokens; its per-token rows go
+    to `emit`."""
+    rec: dict[str, Any] = {"item": k, "kind": it.kind}
+    if it.row is not None:
+        rec["row"] = it.row
+    shared: dict[str, set[int] | None] = {s: None for s in sides}
+    if it.kind == "pair":
+        c, r = sides["chosen"], sides["rejected"]
+        sa, sb, mass = pair_alignment(c, r)
+        # shown as contributions to the margin (chosen - rejected): the rejected side's scores change sign
+        r.scores = [None if s is None else -s for s in r.scores]
+        r.flipped = True
+        shared = {"chosen": sa, "rejected": sb}
+        key = "score" if kind == "reward" else "implicit_reward"
+        rec["margin"] = c.info[key] - r.info[key]
+        rec["differing_mass"] = mass
+        title = f"pair {k}" + (f" (row {it.row})" if it.row else "") + f": margin {rec['margin']:+.4f}"
+    else:
+        title = f"text {k}"
+    for side, e in sides.items():
+        rec[side] = {x: v for x, v in e.info.items() if x != "headline"} | {"top": _top(e)}
+        for t, (tid, ts, s) in enumerate(zip(e.ids, e.tokens, e.scores)):
+            row = {
+                "item": k,
+                "side": side,
+                "position": t,
+                "token_id": tid,
+                "token": ts,
+                "prompt": t < e.prompt_len,
+                "score": s,
+            }
+            if shared[side] is not None:
+                row["shared"] = t in shared[side]
+            emit(row)
+    return rec, title, shared
+
+
+def draw_item(d: Path, k: int, sides: dict, title: str, method: str, model, layer, head, device) -> list[str]:
+    """--plots: each side's token scores and its attention map (--layer/--head, else the mean)."""
+    import torch
+
+    d.mkdir(parents=True, exist_ok=True)
+    drawn = []
+    for side, e in sides.items():
+        stem = f"item{k}-{side}"
+        draw_scores(d / f"tokens-{stem}.png", e, f"{title} / {side}: {e.info['headline']} ({method})")
+        att = attention_map(model, torch.tensor([e.ids], device=device), layer, head)
+        which = f"layer {layer if layer is not None else 'mean'}, head {head if head is not None else 'mean'}"
+        draw_attention(d / f"attention-{stem}.png", att, e.tokens, f"{title} / {side}: attention ({which})")
+        drawn += [str(d / f"tokens-{stem}.png"), str(d / f"attention-{stem}.png")]
+    return drawn

@@ -71,52 +71,32 @@ def model_kind(path: str) -> tuple[str, dict]:
     raise UsageError(f"{path}: architecture {archs or 'unknown'} is neither a reward model nor a causal LM")
 
 
-def _device(name: str):
-    import torch
+def resolve_device(name: str):
+    """--device as a torch device (auto, cpu or cuda)."""
+    from ...engine.dist import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible")
-    if name not in ("cpu", "cuda"):
+    if name not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+    return resolve_device(name, "--device")
 
 
 def load_reward_model(path: str, device, eager: bool):
-    from ...engine.models import quiet_transformers
-
-    quiet_transformers()
+    """The reward model in float32 (the attributions are gradients), with eager attention for --plots."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    from ...engine.tokenizer import open_tokenizer
+    from ...reward_sources import load_reward_model
 
-    try:
-        tok = open_tokenizer(path)
-        kw = {"attn_implementation": "eager"} if eager else {}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, **kw
-        )
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load the reward model {path}: {str(e).strip().splitlines()[0]}") from None
-    if tok.pad_token_id is None:
-        raise UsageError(f"the reward model's tokenizer at {path} has no pad token")
-    model.config.pad_token_id = tok.pad_token_id
-    return model.to(device).eval(), tok
+    return load_reward_model(path, device, dtype=torch.float32, attn_implementation="eager" if eager else None)
 
 
 def load_policy(path: str, device, eager: bool):
-    from ...engine.models import build_causal_lm
-    from ...engine.tokenizer import load_tokenizer
-    from ...evaluate.loading import make_runtime
+    """(causal LM in eval mode, tokenizer, runtime) in float32, with eager attention for --plots."""
+    from ...evaluate.loading import load_lm, make_runtime
     from ...recipe.sections import ModelSection
 
     rt = make_runtime(str(device.type), "fp32")
-    m = ModelSection(path=path, attn_implementation="eager" if eager else "sdpa")
-    tok = load_tokenizer(m)
-    lm = build_causal_lm(m, tok, rt, seed=0)
-    return lm.eval(), tok, rt
+    lm, tok = load_lm(ModelSection(path=path, attn_implementation="eager" if eager else None), rt)
+    return lm, tok, rt
 
 
 def run_defaults(model: str) -> dict:

@@ -26,49 +26,16 @@ Output: the report on stderr (rich tables), the figures as one JSON object on st
 with `--plots DIR`.
 """
 
-from .checks import (  # noqa: F401
-    _folds,
-    _held_out,
-    _item_and_label,
-    _mean,
-    _median,
-    _nb_score,
-    _sign,
-    _stump,
-    hygiene,
-    leakage,
-    length_rule,
-    lengths,
-    nb_weights,
-    pair_baselines,
-    position_bias,
-    raters,
-    reward_scores,
-    top_words,
-    unpaired_baselines,
-    words,
-)
-from .report import _debias_effect, _f, _pairs_for_baselines, draw_plots, loud_findings, print_report, run_inspect  # noqa: F401
-from .sources import (  # noqa: F401
-    ASSET_TOKENIZER,
-    KINDS,
-    LOUD,
-    POSITION_COLUMNS,
-    WORD_RE,
-    InspectOptions,
-    Source,
-    Tokens,
-    View,
-    _batch_lengths,
-    _bool_label,
-    _data_source,
-    _position,
-    _prompt_lengths,
-    _recipe_source,
-    _tokenizer,
-    count_tokens,
-    detect_kind,
-    is_empty,
-    make_view,
-    resolve,
-)
+from .checks import length_rule, nb_weights, pair_baselines
+from .report import loud_findings, print_report, run_inspect
+from .sources import InspectOptions
+
+__all__ = [
+    "InspectOptions",
+    "length_rule",
+    "loud_findings",
+    "nb_weights",
+    "pair_baselines",
+    "print_report",
+    "run_inspect",
+]

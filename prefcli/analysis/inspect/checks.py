@@ -17,6 +17,7 @@ from ...engine.debias import (
     prompt_key,
 )
 from ...errors import UsageError
+from .. import agreement
 from ..agreement import krippendorff_alpha, pairwise_kappas
 from .sources import WORD_RE, Source, Tokens, View, is_empty
 
@@ -24,10 +25,14 @@ from .sources import WORD_RE, Source, Tokens, View, is_empty
 
 
 def hygiene(v: View, t: Tokens, src: Source) -> dict:
+    """Counts of duplicates, empty and identical answers, conflicting labels and truncation. With a user column, a
+    row repeats or contradicts only rows of the same user: two users labelling one pair differently is
+    disagreement (the raters section), not a conflict."""
     n = len(v.rows)
-    cols = content_columns(list(v.rows[0].keys())) if v.rows else []
-    exact = duplicate_rows(v.rows, cols, False)
-    near = duplicate_rows(v.rows, cols, True)
+    rows = [{**row, "_user": u} for row, u in zip(v.rows, v.raters)]
+    cols = content_columns(list(v.rows[0].keys())) + ["_user"] if v.rows else []
+    exact = duplicate_rows(rows, cols, False)
+    near = duplicate_rows(rows, cols, True)
     out: dict[str, Any] = {
         "rows": n,
         "prompts": len({normalize_text(as_text(p)) for p in v.prompts if p is not None}),
@@ -48,22 +53,22 @@ def hygiene(v: View, t: Tokens, src: Source) -> dict:
             - out["identical_exact"]
         )
         fwd = Counter()
-        for p, (c, r) in zip(v.prompts, v.comps):
-            fwd[(normalize_text(as_text(p)), normalize_text(as_text(c)), normalize_text(as_text(r)))] += 1
+        for p, (c, r), u in zip(v.prompts, v.comps, v.raters):
+            fwd[(normalize_text(as_text(p)), normalize_text(as_text(c)), normalize_text(as_text(r)), u)] += 1
         out["conflicting"] = sum(
             1
-            for p, (c, r) in zip(v.prompts, v.comps)
+            for p, (c, r), u in zip(v.prompts, v.comps, v.raters)
             if normalize_text(as_text(c)) != normalize_text(as_text(r))
-            and fwd[(normalize_text(as_text(p)), normalize_text(as_text(r)), normalize_text(as_text(c)))] > 0
+            and fwd[(normalize_text(as_text(p)), normalize_text(as_text(r)), normalize_text(as_text(c)), u)] > 0
         )
     elif src.kind in ("unpaired", "scores"):
         seen: dict[tuple, set] = {}
-        for p, c, lab in zip(v.prompts, v.comps, v.labels):
-            seen.setdefault((normalize_text(as_text(p)), normalize_text(as_text(c[0]))), set()).add(lab)
+        for p, c, lab, u in zip(v.prompts, v.comps, v.labels, v.raters):
+            seen.setdefault((normalize_text(as_text(p)), normalize_text(as_text(c[0])), u), set()).add(lab)
         out["conflicting"] = sum(
             1
-            for p, c in zip(v.prompts, v.comps)
-            if len(seen[(normalize_text(as_text(p)), normalize_text(as_text(c[0])))]) > 1
+            for p, c, u in zip(v.prompts, v.comps, v.raters)
+            if len(seen[(normalize_text(as_text(p)), normalize_text(as_text(c[0])), u)]) > 1
         )
     elif src.kind == "rankings":
         out["identical_exact"] = sum(1 for c in v.comps if len({str(x) for x in c}) < len(c))
@@ -300,14 +305,8 @@ def top_words(pos_docs: list[set[str]], neg_docs: list[set[str]], k: int, min_co
 
 def position_bias(v: View) -> dict | None:
     """Share of pairs whose chosen answer was shown first (A), with a two-sided binomial z-test
-    against ½ (normal approximation)."""
-    pos = [p for p in v.positions if p is not None]
-    if not pos:
-        return None
-    n = len(pos)
-    a = sum(1 for p in pos if p == "A") / n
-    z = (a - 0.5) / math.sqrt(0.25 / n)
-    return {"pairs": n, "chosen_shown_first": a, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+    against ½ (normal approximation; analysis.agreement.position_bias)."""
+    return agreement.position_bias(v.positions)
 
 
 # ----------------------------------------------------------------------------------- leakage
@@ -347,8 +346,31 @@ def _item_and_label(v: View, i: int, kind: str):
     return (p, normalize_text(as_text(c[0]))), v.labels[i]
 
 
+def majority_disagreement(mine: dict, units: dict) -> tuple[int, float | None]:
+    """How much one rater disagrees with the pooled majority: over the items they labelled that others labelled
+    too, the share where their label differs from the most common label of the *other* raters (leave-one-out, so
+    their own vote does not make the majority; items where the others tie are left out). Returns (items shared
+    with others, that share or None)."""
+    from collections import Counter
+
+    shared = n = differ = 0
+    for item, lab in mine.items():
+        others = list(units.get(item, []))
+        others.remove(lab)  # their own vote
+        if not others:
+            continue
+        shared += 1
+        top = Counter(others).most_common(2)
+        if len(top) > 1 and top[0][1] == top[1][1]:
+            continue
+        n += 1
+        differ += top[0][0] != lab
+    return shared, (differ / n if n else None)
+
+
 def raters(v: View, t: Tokens, kind: str, reward_ok: list[float] | None) -> dict | None:
-    """Per-rater label balance, and agreement on items labelled by several raters."""
+    """Per-rater label balance, how much each rater disagrees with the majority of the others, and agreement on
+    items labelled by several raters."""
     if not any(r is not None for r in v.raters):
         return None
     per: dict[str, dict] = {}
@@ -370,9 +392,17 @@ def raters(v: View, t: Tokens, kind: str, reward_ok: list[float] | None) -> dict
         item, lab = _item_and_label(v, i, kind)
         if lab is not None:
             labels.setdefault(r, {})[item] = lab
+    units: dict = {}
+    for items in labels.values():
+        for item, lab in items.items():
+            units.setdefault(item, []).append(lab)
     table = []
     for r, s in sorted(per.items()):
         row: dict[str, Any] = {"rater": r, "rows": s["rows"]}
+        shared, against = majority_disagreement(labels.get(r, {}), units)
+        row["shared_items"] = shared
+        if shared:
+            row["disagrees_with_majority"] = against
         if kind == "pairs":
             row["chosen_longer"] = s["_longer"] / s["rows"]
             if s["_pos_n"]:
@@ -382,10 +412,6 @@ def raters(v: View, t: Tokens, kind: str, reward_ok: list[float] | None) -> dict
         if s["_rw"]:
             row["reward_agreement"] = _mean(s["_rw"])
         table.append(row)
-    units: dict = {}
-    for items in labels.values():
-        for item, lab in items.items():
-            units.setdefault(item, []).append(lab)
     shared = {u: vals for u, vals in units.items() if len(vals) >= 2}
     out: dict[str, Any] = {"raters": len(per), "per_rater": table, "shared_items": len(shared)}
     if shared:

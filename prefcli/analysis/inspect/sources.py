@@ -13,7 +13,7 @@ from ...engine.debias import (
     completion_lengths,
     prompt_of,
 )
-from ...engine.pairs import is_empty
+from ...engine.pairs import is_empty, parse_label
 from ...errors import DataError, UsageError
 
 LOUD = 0.6  # a shallow baseline at or above this held-out accuracy is reported as a warning
@@ -69,6 +69,7 @@ class Source:
     # what a recipe can do when length alone predicts the label: the fields of this recipe's command (and
     # objective) that break the link, or, for a data file, where each of them lives
     length_fixes: str = FILE_LENGTH_FIXES
+    user_column: str | None = None  # a recipe's data.user_column (None: 'rater', else 'user_id')
 
 
 # ------------------------------------------------------------------------------ resolving
@@ -212,6 +213,7 @@ def _recipe_source(opts: InspectOptions) -> Source:
     src.length_fixes = length_fixes(r, cmd)
     src.debias = getattr(d, "debias", None)
     src.add_eos = getattr(d, "add_eos", True)
+    src.user_column = getattr(d, "user_column", None)
     return src
 
 
@@ -325,16 +327,6 @@ class View:
     positions: list[str | None]
 
 
-def _bool_label(v) -> bool | None:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
-        return v.strip().lower() in ("true", "1")
-    return None
-
-
 def _position(v) -> str | None:
     if v is None:
         return None
@@ -362,7 +354,7 @@ def make_view(ds, src: Source) -> View:
             labels.append(None)
         elif kind == "unpaired":
             comps.append([row.get("completion")])
-            labels.append(_bool_label(row.get("label")))
+            labels.append(parse_label(row.get("label")))  # as training reads it
         elif kind == "scores":
             comps.append([row.get("text") if "text" in cols else row.get("completion")])
             v = row.get("score")
@@ -384,7 +376,10 @@ def make_view(ds, src: Source) -> View:
             comps.append([])
             labels.append(None)
         prompts.append(p)
-    raters = [None if row.get("rater") is None else str(row.get("rater")) for row in rows]
+    from ...engine.users import find_user_column
+
+    ucol = find_user_column(cols, src.user_column)
+    raters = [None if ucol is None or row.get(ucol) in (None, "") else str(row.get(ucol)) for row in rows]
     pcol = next((c for c in POSITION_COLUMNS if c in cols), None)
     positions = [_position(row.get(pcol)) for row in rows] if pcol else [None] * len(rows)
     return View(rows, prompts, comps, labels, raters, positions)
@@ -394,7 +389,7 @@ def make_view(ds, src: Source) -> View:
 
 
 def _prompt_lengths(tok, prompts: list[Any], fmt: str) -> list[int]:
-    from ...engine.data import chat_ids
+    from ...engine.tokenizer import chat_ids
 
     out = []
     plain = [i for i, p in enumerate(prompts) if not isinstance(p, list)]
@@ -430,7 +425,7 @@ def count_tokens(v: View, src: Source) -> Tokens:
     policy encoders add it) for the length statistics, and the sequence length the command
     truncates (policy: prompt + completion + EOS; reward models: the text prompt + completion;
     rlhf: the prompt) for the truncation count."""
-    from ...engine.data import chat_ids
+    from ...engine.tokenizer import chat_ids
 
     tok = src.tok
     chat = src.fmt in ("chat", "messages")

@@ -92,7 +92,7 @@ class RecipeBase(Section):
             if t.get(key):
                 t[key] = min(t[key], n)
         data["runtime"]["compile"] = False
-        for src in data.get("data", {}).values():  # every data source (each of a mixture's): a few rows
+        for src in (data.get("data") or {}).values():  # every data source (each of a mixture's): a few rows
             for one in src.get("sources", [src]) if isinstance(src, dict) else ():
                 if isinstance(one, dict) and "path" in one:
                     one["max_rows"] = min(one.get("max_rows") or self.SMOKE_ROWS, self.SMOKE_ROWS)

@@ -1,5 +1,6 @@
 """`prefcli eval` recipes. eval trains nothing: its recipe has no model/train sections (it names several
-models), and it runs through prefcli.evaluate.eval instead of the training runner (runner.RECIPE_TOOLS)."""
+models), and `prefcli eval` runs it through prefcli.evaluate.eval, not the engine (its row of the command table
+has no task)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..envs import EnvSpec
 from ..paths import DataPath, LocalPath, OutputPath, PathOrHubId
 from ..reward_specs import RewardSpec
 from ..sections import (
@@ -104,6 +106,17 @@ class EvalModel(Section):
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the random initialisation (init only).")
     revision: str | None = Field(None, description="Hub revision for hub ids.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub repo. Off unless you trust it.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="Attention kernel (as model.attn_implementation). Unset: transformers' choice for the family."
+    )
+    pad_token: str | None = Field(
+        None,
+        description="A pad token for a tokenizer that has none (base GPT-2, Llama 3, Mistral checkpoints), as "
+        "model.pad_token. Prefer a token of the vocabulary: a new one adds an embedding row (the mean of the others).",
+    )
+    on_mismatch: Literal["error", "fallback"] = Field(
+        "error", description="As model.on_mismatch: what the start-up guard does when prefcli's kernels disagree."
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -170,6 +183,13 @@ class EvalData(Section):
         description="Completions to score as given instead of sampling (columns prompt, completion, and reference "
         "for BLEU/ROUGE): what `prefcli generate` writes; `prefcli eval --completions FILE|-` sets it. Nothing is "
         "sampled, so kl and win_rate (which need samples of the models) are skipped, and data.prompts is not read.",
+    )
+    user_column: str | None = Field(
+        None,
+        description="The column of data.prompts, data.pairs and data.completions naming each row's user: a "
+        "personalised policy generates for that user, personalised reward models score for that user, and reward, "
+        "win_rate and preference_accuracy are reported per user with the worst user beside the mean. null = "
+        "'rater' when the rows have it, else 'user_id', else none.",
     )
 
     @model_validator(mode="after")
@@ -271,6 +291,7 @@ _NEEDS = {
     "distinct": ("data.prompts",),
     "length": ("data.prompts",),
     "preference_accuracy": ("data.pairs", "rewards"),
+    "env": ("env",),
 }
 
 
@@ -291,7 +312,13 @@ class EvalRecipe(Section):
     reference: EvalModel | None = Field(
         None, description="The frozen reference for kl (e.g. the SFT model an RLHF run started from)."
     )
-    data: EvalData = Field(description="Where the texts, prompts and pairs come from.")
+    data: EvalData = Field(default_factory=EvalData, description="Where the texts, prompts and pairs come from.")
+    env: EnvSpec | None = Field(
+        None,
+        description="An environment as a benchmark (metric env): env.eval_episodes episodes from seeds env.eval_seed, "
+        "... per model; success rate, mean reward, turns, tool calls and tool errors (docs/environments.md). "
+        "generation sets each turn's sampling; `rewards:` are added on the final transcripts.",
+    )
     metrics: list[Literal[EVAL_METRICS]] = Field(
         min_length=1, description="Metrics to compute; each needs parts of the recipe (see docs/commands/eval.md)."
     )
@@ -306,6 +333,12 @@ class EvalRecipe(Section):
     win_rate: WinRateOptions = Field(default_factory=WinRateOptions, description="Bootstrap confidence interval.")
     distinct: DistinctOptions = Field(default_factory=DistinctOptions, description="distinct-n orders.")
     rouge: RougeOptions = Field(default_factory=RougeOptions, description="ROUGE tokenization.")
+    user: str | None = Field(
+        None,
+        description="Serve every prompt and pair for this one user: personalised policies generate for them and "
+        "personalised reward models score for them (instead of each row's own user). Models that are not "
+        "personalised are evaluated as they are.",
+    )
     seed: int = Field(
         0, ge=0, le=SEED_MAX, description="Seed for sampling (reset before each model) and the bootstrap."
     )
@@ -329,6 +362,7 @@ class EvalRecipe(Section):
             "rewards": self.rewards or None,
             "baseline": self.baseline,
             "reference": self.reference,
+            "env": self.env,
         }
         problems = []
         given = self.data.completions is not None
@@ -341,7 +375,7 @@ class EvalRecipe(Section):
             if missing:
                 problems.append(f"metric '{m}' needs {' and '.join(missing)}")
         used = {n for m in self.metrics for n in _NEEDS[m]}
-        for n in ("data.text", "data.prompts", "data.pairs", "reference"):
+        for n in ("data.text", "data.prompts", "data.pairs", "reference", "env"):
             if have[n] is not None and n not in used:
                 readers = [m for m, needs in _NEEDS.items() if n in needs]
                 problems.append(f"{n} is given but no listed metric reads it (add one of: {', '.join(readers)})")
@@ -355,6 +389,8 @@ class EvalRecipe(Section):
             problems.append(
                 f"models: two models are named {', '.join(repr(s) for s in same)}; give each a distinct name"
             )
+        if self.user is not None and not self.user.strip():
+            problems.append("user: an empty user id")
         if problems:
             raise ValueError("; ".join(problems))
         return self

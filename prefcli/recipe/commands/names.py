@@ -16,7 +16,9 @@ IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "
 # objectives of the contrastive registry that online_dpo can apply (the paired ones)
 ONLINE_OBJECTIVES = ("dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo")
 REWARD_COMBINE = ("mean", "min", "mean_minus_std")  # how a reward ensemble combines its members
-EVAL_METRICS = ("perplexity", "bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length", "preference_accuracy")
+EVAL_METRICS = (
+    "perplexity", "bleu", "rouge", "reward", "win_rate", "kl", "distinct", "length", "preference_accuracy", "env",
+)  # fmt: skip
 # data.format: the row shapes each kind of data is read in (prefcli's own, and the formats people already have:
 # prefcli/engine/formats.py reads sharegpt, alpaca and openai into prefcli's own)
 SFT_FORMATS = ("auto", "text", "prompt_completion", "messages", "openai", "sharegpt", "alpaca")

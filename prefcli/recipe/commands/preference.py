@@ -7,13 +7,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..debias import DebiasSection
+from ..personal import Personalisation, PolicyPersonalisation
 from ..sections import (
     DataSource,
     HeldOut,
     Section,
     TrainSource,
 )
-from .base import RecipeBase
+from .base import RecipeBase, field_error
 from .names import CONTRASTIVE_OBJECTIVES, PAIR_FORMATS, REWARD_OBJECTIVES
 
 
@@ -52,6 +53,36 @@ class PreferenceData(HeldOut):
         description="Opt-in cleaning and length debiasing: deduplication, held-out prompts dropped, "
         "length-balanced sampling or reweighting of pairs (docs/commands/data.md).",
     )
+    user_column: str | None = Field(
+        None,
+        description="The column naming who gave each label (the user a personalised model serves; per-user "
+        "held-out figures). null = 'rater' when the data has it (what `prefcli label` writes), else 'user_id', "
+        "else none. A row with an empty user is scored by the shared part.",
+    )
+    eval_users: list[str] = Field(
+        default_factory=list,
+        description="Hold out every row of these users (new users, never trained on): their rows join the held-out "
+        "set, where they give the new-user figures. Needs a user column.",
+    )
+    eval_user_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Hold out this fraction of the training rows' users (at least one, chosen by train.seed), as "
+        "eval_users does for named users.",
+    )
+
+    @model_validator(mode="after")
+    def _check_users(self):
+        if self.eval_users and self.eval_user_fraction > 0:
+            raise ValueError("set data.eval_users or data.eval_user_fraction, not both")
+        if len(set(self.eval_users)) != len(self.eval_users):
+            raise ValueError("data.eval_users: a user is listed twice")
+        if any(not u.strip() for u in self.eval_users):
+            raise ValueError("data.eval_users: an empty user id")
+        if self.user_column is not None and not self.user_column.strip():
+            raise ValueError("data.user_column: an empty column name")
+        return self
 
 
 # -------------------------------------------------------------------------------------- reward
@@ -74,6 +105,20 @@ class RewardSection(Section):
         "2023); 0 = off, ~0.01 is typical.",
     )
     calibration_bins: int = Field(10, gt=0, description="Equal-width confidence bins for eval/ece and eval/mce.")
+    personalisation: Personalisation | None = Field(
+        None,
+        description="Serve each user (data.user_column) rather than their average: kind user_embedding (a learned "
+        "vector per user, P-RLHF-style), latent (a user summarised from a few of their labels, VPL-style) or "
+        "lowrank (per-user weights over a basis of reward heads, LoRe/PAL-style). See docs/personalisation.md.",
+    )
+
+    @model_validator(mode="after")
+    def _check_personal(self):
+        if self.personalisation is not None and self.objective != "bradley_terry":
+            raise ValueError(
+                f"reward.personalisation needs pairs (objective bradley_terry), not objective '{self.objective}'"
+            )
+        return self
 
 
 # the data.format values that read pair rows of another tool's format (prefcli/engine/formats.py)
@@ -104,10 +149,11 @@ class RewardRecipe(RecipeBase):
     def eval_metrics(self) -> tuple[str, ...]:
         if self.reward.objective == "regression":
             return ("eval/loss", "eval/mse", "eval/reward_mean", "eval/pearson")
-        return tuple(
-            f"eval/{k}"
-            for k in ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "ece", "mce", "pairs")
-        )
+        names = ["loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "ece", "mce", "pairs"]
+        p = self.reward.personalisation
+        if p is not None:  # a user column is then required, so the per-user figures are always logged
+            names += ["accuracy_worst_user", "accuracy_shared"]
+        return tuple(f"eval/{k}" for k in names)
 
 
 # --------------------------------------------------------------------------------- contrastive
@@ -159,9 +205,19 @@ class ContrastiveSection(Section):
     hard_negatives: bool = Field(
         True, description="infonce: add each row's `rejected` text as a hard negative (when the data has it)."
     )
+    personalisation: PolicyPersonalisation | None = Field(
+        None,
+        description="Train one policy conditioned on the user (data.user_column): each row's prompt starts with "
+        "its user's control token (the reference scores the same input at the initial weights). Paired objectives "
+        "only; not with model.lora (the tokens' embeddings must train). See docs/personalisation.md.",
+    )
 
     @model_validator(mode="after")
     def _check_length_alpha(self):
+        if self.personalisation is not None and self.objective in ("kto", "infonce"):
+            raise ValueError(
+                f"contrastive.personalisation needs a paired objective (dpo ... orpo), not '{self.objective}'"
+            )
         if self.length_alpha and self.objective != "dpo":
             raise ValueError(
                 f"contrastive.length_alpha (R-DPO's length term) applies to objective dpo only, not '{self.objective}'"
@@ -183,6 +239,17 @@ class ContrastiveRecipe(RecipeBase):
         _check_pair_format(self.data.format, o, o not in ("kto", "infonce"))
         return self
 
+    @model_validator(mode="after")
+    def _check_personal_lora(self):
+        if self.contrastive.personalisation is not None and self.model.lora is not None:
+            raise field_error(
+                ("contrastive", "personalisation"),
+                "does not work with model.lora: the user tokens' embeddings must train, and LoRA freezes them; "
+                "train all weights (remove model.lora)",
+                None,
+            )
+        return self
+
     def eval_metrics(self) -> tuple[str, ...]:
         o = self.contrastive.objective
         if o == "infonce":
@@ -191,4 +258,6 @@ class ContrastiveRecipe(RecipeBase):
             names = ("loss", "reward_chosen", "reward_rejected", "accuracy", "logps_chosen", "logps_rejected")
         else:
             names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected")
+            if self.contrastive.personalisation is not None:  # a user column is then required
+                names += ("accuracy_worst_user",)
         return tuple(f"eval/{k}" for k in names)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
+from ..envs import EnvSpec
 from ..paths import PathOrHubId
+from ..personal import PolicyPersonalisation
 from ..reward_specs import RewardSpec
 from ..sections import (
     DataSource,
@@ -15,7 +18,7 @@ from ..sections import (
     Section,
     TrainSource,
 )
-from .base import RecipeBase
+from .base import RecipeBase, field_error
 from .names import (
     GRPO_LOSSES,
     IS_CORRECTIONS,
@@ -39,6 +42,12 @@ class PromptData(HeldOut):
         256, gt=0, description="Prompt tokens kept; longer prompts lose their beginning (counted in the summary)."
     )
     shuffle: bool = Field(True, description="Shuffle the prompts every epoch (seeded by train.seed).")
+    user_column: str | None = Field(
+        None,
+        description="The column naming each prompt's user: a personalised policy (rlhf.personalisation) samples "
+        "for that user, personalised reward models score for that user, and eval/reward is also reported per "
+        "user. null = 'rater' when the rows have it, else 'user_id', else none.",
+    )
 
 
 class RolloutGeneration(Section):
@@ -53,8 +62,9 @@ class RolloutGeneration(Section):
     )
     sampler: Literal["auto", "fast", "hf"] = Field(
         "auto",
-        description="'fast': prefcli's static-KV-cache decoder (llama, mistral, qwen2, qwen3); 'hf': "
-        "transformers generate; 'auto': fast where supported.",
+        description="'fast': prefcli's static-KV-cache decoder (the families of docs/families.md: Llama, Mistral, "
+        "Qwen 2/3, Granite, Cohere, Phi-3, Gemma 2/3, GPT-2, GPT-NeoX, OPT); 'hf': transformers generate; 'auto': "
+        "fast where supported, else hf with a warning.",
     )
     cuda_graphs: bool = Field(True, description="Capture the fast decoder's step in a CUDA graph (GPU only).")
     compile: Literal["auto", "on", "off"] = Field(
@@ -98,6 +108,13 @@ class OnlinePreference(Section):
 
 
 class RLHFSection(Section):
+    personalisation: PolicyPersonalisation | None = Field(
+        None,
+        description="Train one policy conditioned on the user (data.user_column): each prompt starts with its "
+        "user's control token, and the rewards score each completion for that user (a personalised reward model, "
+        "`kind: model`, reads the user from the prompt row). Not with model.lora, not in gan. See "
+        "docs/personalisation.md.",
+    )
     algorithm: Literal[RL_ALGORITHMS] = Field(
         "grpo",
         description="ppo: value head + GAE (Ouyang et al. 2022); rloo: leave-one-out baseline (Ahmadian et al. "
@@ -145,12 +162,6 @@ class RLHFSection(Section):
         ge=0,
         description="eps_high: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher: 0.28). null = "
         "0.28 for grpo_loss: dapo, 4e-4 for gspo, 4.0 for cispo, else clip_low.",
-    )
-    clip_eps: float | None = Field(
-        None, ge=0, le=1, description="The old name of clip_low (same meaning); give one of the two."
-    )
-    clip_eps_high: float | None = Field(
-        None, ge=0, description="The old name of clip_high (same meaning); give one of the two."
     )
     value_clip_eps: float = Field(0.2, gt=0, description="PPO value clip epsilon.")
     vf_coef: float = Field(0.1, ge=0, description="PPO value-loss weight c_v.")
@@ -209,11 +220,14 @@ class RLHFSection(Section):
     )
     num_examples: int = Field(3, ge=0, description="Examples shown each time.")
 
-    def clip_range(self) -> tuple[float | None, float | None]:
-        """(clip_low, clip_high) as the recipe gives them, under either name; None where unset."""
-        low = self.clip_low if self.clip_low is not None else self.clip_eps
-        high = self.clip_high if self.clip_high is not None else self.clip_eps_high
-        return low, high
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        """The names clip_low and clip_high had before 0.2.0."""
+        for old, new in (("clip_eps", "clip_low"), ("clip_eps_high", "clip_high")):
+            if isinstance(data, dict) and old in data:
+                raise ValueError(f"{old} is the old name of {new}, no longer read: write {new}: {data[old]}")
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -225,10 +239,7 @@ class RLHFSection(Section):
         }
         if self.algorithm in ("rloo", "grpo", "online_dpo") and self.num_generations < 2:
             raise ValueError(f"{self.algorithm} compares completions of the same prompt: num_generations must be >= 2")
-        for new, old in (("clip_low", "clip_eps"), ("clip_high", "clip_eps_high")):
-            if getattr(self, new) is not None and getattr(self, old) is not None:
-                raise ValueError(f"clip_{old[5:]} is the old name of {new}: give one of them, not both")
-        low, high = self.clip_range()
+        low, high = self.clip_low, self.clip_high
         if low is not None and high is not None and high < low:
             raise ValueError(
                 f"clip_high ({high}) is below clip_low ({low}): the bounds are out of order (clip-higher widens "
@@ -256,7 +267,7 @@ class RLHFSection(Section):
                 )
         if self.algorithm == "online_dpo":
             moot = given & {
-                "policy_loss", "clip_low", "clip_high", "clip_eps", "clip_eps_high", "is_correction", "kl_coef",
+                "policy_loss", "clip_low", "clip_high", "is_correction", "kl_coef",
                 "kl_target", "mask_truncated_completions", "grpo_loss", "whiten_advantages", "vf_coef",
             }  # fmt: skip
             if moot:
@@ -296,13 +307,31 @@ def shrink_rollouts(data: dict) -> None:
         rl["overlong_buffer"] = min(rl["overlong_buffer"], max(1, gen["max_new_tokens"] // 4))
 
 
+ENV_EVAL_METRICS = ("eval/success_rate", "eval/env_reward", "eval/turns", "eval/tool_error_rate")
+
+
 class RLHFRecipe(RecipeBase):
-    """`prefcli rlhf`: reinforcement learning from a reward, R(s, a) = HumanScore(a): PPO, RLOO, GRPO, REINFORCE++."""
+    """`prefcli rlhf`: reinforcement learning from a reward, R(s, a) = HumanScore(a): PPO, RLOO, GRPO, REINFORCE++;
+    on single prompts (`data`) or on episodes in an environment (`env`: multi-turn, tools; docs/environments.md)."""
 
     command: Literal["rlhf"] = Field("rlhf", description="Always 'rlhf' for this schema.")
-    data: PromptData = Field(description="Prompts to sample completions for.")
-    rewards: list[RewardSpec] = Field(min_length=1, description="Reward sources, summed with their weights.")
-    generation: RolloutGeneration = Field(default_factory=RolloutGeneration, description="Sampling settings.")
+    data: PromptData | None = Field(
+        None, description="Prompts to sample completions for (one of data and env; required without env)."
+    )
+    env: EnvSpec | None = Field(
+        None,
+        description="An environment to play episodes in instead of prompts: multi-turn, with tools "
+        "(docs/environments.md). Each group of rlhf.num_generations episodes starts from the same reset(seed).",
+    )
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="Reward sources, summed with their weights (at least one without env; with env they score the "
+        "final transcript and are added to the environment's reward).",
+    )
+    generation: RolloutGeneration = Field(
+        default_factory=RolloutGeneration,
+        description="Sampling settings (with env: per turn, max_new_tokens being each turn's budget).",
+    )
     rlhf: RLHFSection = Field(default_factory=RLHFSection, description="The algorithm and its knobs.")
 
     @model_validator(mode="after")
@@ -312,15 +341,74 @@ class RLHFRecipe(RecipeBase):
                 "train.grad_accum_steps does not apply to rlhf: each optimizer step takes a minibatch of "
                 "the rollout (see rlhf.minibatches_per_epoch), split into micro-batches of train.batch_size"
             )
-        check_overlong(self.rlhf, self.generation)
+        if self.rlhf.personalisation is not None and self.model.lora is not None:
+            raise field_error(
+                ("rlhf", "personalisation"),
+                "does not work with model.lora: the user tokens' embeddings must train, and LoRA freezes them; "
+                "train all weights (remove model.lora)",
+                None,
+            )
+        if self.rlhf.personalisation is not None and self.env is not None:
+            raise field_error(
+                ("rlhf", "personalisation"),
+                "not with env: the users come from the prompt rows' user column (data.user_column), and an "
+                "environment has no prompt rows",
+                None,
+            )
+        if self.env is None:
+            # without env, data and rewards are required: a recipe that leaves them out gets pydantic's own
+            # 'missing' error (a base: fragment may leave them out for the recipes built on it to give)
+            for name in ("data", "rewards"):
+                if name not in self.model_fields_set:
+                    raise ValidationError.from_exception_data(
+                        "recipe", [InitErrorDetails(type="missing", loc=(name,), input={})]
+                    )
+            if self.data is None:
+                raise field_error(("data",), "null without env: give prompts (or env: an environment)", None)
+            if not self.rewards:
+                raise field_error(
+                    ("rewards",), "List should have at least 1 item after validation, not 0 (a reward source)", []
+                )
+            check_overlong(self.rlhf, self.generation)
+            return self
+        if self.data is not None:
+            raise field_error(
+                ("data",),
+                "not used with env: the environment's reset(seed) gives each episode its task; remove data (or env)",
+                None,
+            )
+        if self.generation.max_new_tokens >= self.env.max_episode_tokens:
+            raise field_error(
+                ("generation", "max_new_tokens"),
+                f"the per-turn budget ({self.generation.max_new_tokens}) must be below env.max_episode_tokens "
+                f"({self.env.max_episode_tokens}), which also holds the prompt and the replies",
+                self.generation.max_new_tokens,
+            )
+        b = self.rlhf.overlong_buffer
+        if b is not None and b > self.env.max_episode_tokens:
+            raise field_error(
+                ("rlhf", "overlong_buffer"),
+                f"{b} exceeds env.max_episode_tokens ({self.env.max_episode_tokens}): with env the penalty ramps over "
+                "the last overlong_buffer tokens of the episode's length cap",
+                b,
+            )
         return self
 
+    def has_held_out(self) -> bool:
+        return self.env is not None or super().has_held_out()
+
     def eval_metrics(self) -> tuple[str, ...]:
+        if self.env is not None:
+            return ("eval/reward", "eval/kl", "eval/length", *ENV_EVAL_METRICS)
         return ("eval/reward", "eval/kl", "eval/length")
 
     def _shrink(self, data: dict) -> None:
         super()._shrink(data)
         shrink_rollouts(data)
+        if data.get("env"):
+            e = data["env"]
+            e["max_turns"] = min(e["max_turns"], 2)
+            e["eval_episodes"] = min(e["eval_episodes"], 4)
 
 
 # ----------------------------------------------------------------------------------------- gan
@@ -439,6 +527,8 @@ class GANRecipe(RecipeBase):
             raise ValueError("train.grad_accum_steps does not apply to gan (see rlhf.minibatches_per_epoch)")
         if self.gan.bt_weight > 0 and self.data.pairs is None:
             raise ValueError("gan.bt_weight needs data.pairs (prompt, chosen, rejected rows)")
+        if self.rlhf.personalisation is not None:
+            raise field_error(("rlhf", "personalisation"), "applies to prefcli rlhf, not gan", None)
         check_overlong(self.rlhf, self.generation)
         return self
 

@@ -3,9 +3,9 @@ r"""RL algorithms side by side on the quickstart task, and PPO on one reward mod
     python experiments/rl_comparison.py --jobs 2 --tag algos400 --out runs/rl-compare-400   # the methods table
     python experiments/rl_comparison.py --methods ppo_rm ppo_ens --jobs 2 --tag ensemble \
         --rm-dirs runs/rl-compare/rm-s0/final runs/rl-compare/rm-s1/final runs/rl-compare/rm-s2/final
-    python experiments/rl_comparison.py --sweep ppo:0.01 grpo:0.2 dapo:0.2 gspo:0 online_dpo:0.5 --jobs 2 \
-        --tag frontier --out runs/rl-frontier          # the KL sweep: each method at another KL control
-    python experiments/rl_comparison.py --boot-rms 3 --methods ppo_ens --jobs 2 --tag ensemble_boot \
+    python experiments/rl_comparison.py --sweep ppo:0.02 ppo:0.01 grpo:0.5 grpo:0.2 grpo:0.1 dapo:0.2 dapo:0.1 \
+        gspo:0 online_dpo:1 online_dpo:0.5 --jobs 1 --tag frontier --out runs/rl-frontier   # the KL sweep
+    python experiments/rl_comparison.py --boot-rms 3 --methods ppo_ens --jobs 1 --tag ensemble_boot \
         --out runs/rl-boot                               # PPO on an ensemble of reward models on bootstrap data
     python experiments/rl_comparison.py --frontier      # the matched-KL tables and docs/img/rl-frontier.png
 

@@ -50,3 +50,18 @@ def test_matched_kl_interpolation():
     assert fr.interpolate(pts, 2.0) == (pytest.approx(0.3), True)  # from the base's chord
     assert fr.interpolate(pts, 25.0) == (None, False)  # never extrapolated
     assert fr.interpolate([(0.0, 0.1), (20.0, 0.9), (4.0, 0.5)], 5.0)[0] == pytest.approx(0.525)  # sorted by KL
+
+
+def test_matched_kl_per_seed_reads_each_seed_on_its_own_runs():
+    fr = load(ROOT / "experiments" / "rl_frontier.py")
+    base = {0: 0.1, 1: 0.2}
+    runs = [
+        {"tag": "frontier", "method": "ppo", "seed": 0, "kl": 4.0, "gold_reward": 0.5},
+        {"tag": "frontier", "method": "ppo", "seed": 0, "kl": 20.0, "gold_reward": 0.9},
+        {"tag": "frontier", "method": "ppo", "seed": 1, "kl": 10.0, "gold_reward": 0.7},
+        {"tag": "frontier", "method": "grpo", "seed": 1, "kl": 2.0, "gold_reward": 0.0},
+    ]
+    at5 = fr.matched(runs, base, "ppo", 5.0)
+    assert at5[0] == (pytest.approx(0.525), False)
+    assert at5[1] == (pytest.approx(0.2 + 0.5 * 5 / 10), True)  # seed 1: only the chord from its own base
+    assert fr.matched(runs, base, "ppo", 15.0)[1] == (None, False)  # seed 1 stops at 10 nats

@@ -80,6 +80,8 @@ def test_quickstart_phf_pii_recipe_smoke(tmp_path, cli):
     assert phf["objective"] == "conditional" and phf["scorer"] == "1*function"
     assert phf["rows_misaligned"] > 0 and phf["rows_aligned"] > phf["rows_misaligned"]
     assert -1.0 <= s["final"]["eval/control_gap"] <= 1.0
+    ran = yaml.safe_load((tmp_path / "pii" / "recipe.yaml").read_text())["sft"]  # the smoke's few short gap samples
+    assert ran["control_gap_samples"] == 4 and ran["control_gap_max_new_tokens"] == 16
 
 
 PERSONAL = sorted(p for p in (ROOT / "recipes" / "quickstart" / "personal").glob("*.yaml") if p.stem != "eval")

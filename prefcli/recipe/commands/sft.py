@@ -248,6 +248,16 @@ class SFTRecipe(RecipeBase):
     def eval_metrics(self) -> tuple[str, ...]:
         return ("eval/loss", "eval/ppl", "eval/tokens")
 
+    def _shrink(self, data: dict) -> None:
+        super()._shrink(data)
+        # eval/control_gap samples gap_samples() completions after each control token at every evaluation, 2 x 32
+        # x 48 tokens by default: most of a conditional smoke's time. A smoke proves the metric is computed and
+        # scored, which a few short samples do.
+        n = self.sft.gap_samples()
+        if n:
+            data["sft"]["control_gap_samples"] = min(n, 4)
+            data["sft"]["control_gap_max_new_tokens"] = min(self.sft.control_gap_max_new_tokens, 16)
+
     @model_validator(mode="after")
     def _check_objective(self):
         if self.sft.objective == "conditional" and self.model.lora is not None:

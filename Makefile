@@ -15,7 +15,11 @@ CONSTRAINTS ?= constraints.txt
 # The stamp's name carries TORCH_SPEC, TORCH_INDEX and CONSTRAINTS, so changing any of them installs again.
 STAMP := $(VENV)/.installed-$(shell printf '%s|%s|%s' '$(TORCH_SPEC)' '$(TORCH_INDEX)' '$(CONSTRAINTS)' | cksum | cut -d' ' -f1)
 TORCH_INSTALL = python -m pip install -q --upgrade --retries 1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-PYTEST_ARGS ?= -q --durations=15
+# One pytest worker per core, at most 4 (pytest-xdist), each file on one worker (--dist loadfile) so that a module's
+# shared fixture (tests/test_fsdp.py's torchrun launches) is built once. Every test runs on one torch thread
+# (tests/conftest.py), so a 2-core machine runs two files at a time. `make test XDIST=` runs in one process.
+XDIST ?= -n auto --maxprocesses 4 --dist loadfile
+PYTEST_ARGS ?= -q --durations=15 $(XDIST)
 
 .PHONY: install test test-fast test-latest lock lint format quickstart demo docs bench-cpu clean
 
@@ -70,7 +74,7 @@ format: install
 
 # The inner loop: every test but the end-to-end runs (@pytest.mark.slow; CONTRIBUTING.md says which).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(XDIST)
 
 # The main job on the embedded default: RLHF of the bundled KJV model with the human-score
 # stand-in as the reward (~2 minutes on 2 CPU cores).

@@ -50,33 +50,13 @@ def _top(e: Explained, k: int = 5) -> list[list]:
 
 
 def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
+    """Check the options, load the model(s), explain every item (rows to `emit` as each is done), then draw,
+    show and write the HTML; returns the summary."""
     t0 = time.perf_counter()
-    if opts.method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}; got {opts.method!r}")
-    if opts.steps < 2:
-        raise UsageError("--steps must be at least 2")
-    if (opts.layer is not None or opts.head is not None) and not opts.plots:
-        raise UsageError("--layer and --head choose the attention map to draw: give --plots DIR too")
-    kind, cfg = model_kind(opts.model)
-    method = opts.method
-    if method == "auto":
-        method = "ig" if kind == "reward" else "implicit"
-    if kind == "policy" and method in ("ig", "prefix"):
-        raise UsageError(
-            f"{opts.model} is not a reward model: it is a causal language model ({', '.join(cfg.get('architectures') or [])}). "
-            f"--method {method} attributes a reward model's score (a sequence classifier with one output, as "
-            "`prefcli reward` writes); for a tuned policy use --method implicit with --reference BASE"
-        )
-    if kind == "reward" and method == "implicit":
-        raise UsageError(
-            f"{opts.model} is a reward model; the implicit reward beta log pi/pi_ref needs a policy (a causal LM) "
-            "and its reference. For a reward model use --method ig or prefix"
-        )
+    kind, cfg, method = _choose_method(opts)
     check_layer_head(cfg, opts.layer, opts.head)
     items = read_items(opts)
     device = resolve_device(opts.device)
-    eager = opts.plots is not None
-    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     summary: dict[str, Any] = {
         "command": "explain",
         "status": "completed",
@@ -90,85 +70,8 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
     import torch
 
     torch.manual_seed(0)
-    if kind == "reward":
-        model, tok = load_reward_model(opts.model, device, eager)
-        base_id = baseline_token(model, tok) if method == "ig" else None
-        if base_id is not None:
-            summary["baseline_token"] = tok.convert_ids_to_tokens(base_id)
-        summary["what"] = {
-            "ig": "integrated gradients of the reward model's score over the input embeddings (captum), from a "
-            "baseline of one neutral token repeated; the token scores sum to score - baseline_score",
-            "prefix": "prefix-score differences r(x_<=t) - r(x_<t); the token scores sum to the score",
-        }[method]
-
-        def explain_side(prompt: str, text: str, what: str) -> Explained:
-            ids, n_prompt = reward_ids(tok, prompt, text)
-            _check_length(ids, limit, what)
-            x = torch.tensor([ids], device=device)
-            if method == "ig":
-                a, info = ig_attribution(model, x, base_id, opts.steps)
-            else:
-                a, info = prefix_attribution(model, x)
-            info["tokens"] = len(ids)
-            info["headline"] = f"score {info['score']:+.4f}"
-            return Explained(ids, token_strings(tok, ids), a, n_prompt, info)
-
-        attn_model = model
-    else:
-        defaults = run_defaults(opts.model)
-        ref_path = opts.reference or defaults.get("reference")
-        if not ref_path and defaults.get("init"):
-            raise UsageError(
-                f"the implicit reward beta log pi/pi_ref of {opts.model} needs its reference (the model it was tuned "
-                f"from), and the run's recipe ({defaults['recipe']}) started it from a random initialisation "
-                f"(model.init: {defaults['init']}), which was never saved, so there is no reference to read: give "
-                "--reference MODEL_FOLDER to compare with a saved model"
-            )
-        if not ref_path:
-            where = (
-                f"the run's recipe ({defaults['recipe']}) names no model.path"
-                if defaults.get("recipe")
-                else "no run recipe.yaml next to the model names one"
-            )
-            raise UsageError(
-                f"the implicit reward beta log pi/pi_ref of {opts.model} needs its reference (the model it was tuned "
-                f"from): give --reference BASE_MODEL ({where})"
-            )
-        if not os.path.isdir(ref_path):
-            raise UsageError(f"--reference {ref_path}: no such model folder")
-        beta = opts.beta if opts.beta is not None else defaults.get("beta") or DEFAULT_BETA
-        if beta <= 0:
-            raise UsageError("--beta must be positive")
-        lm, tok, rt = load_policy(opts.model, device, eager)
-        ref_lm, ref_tok, _ = load_policy(ref_path, device, False)
-        if ref_tok.get_vocab() != tok.get_vocab():
-            raise UsageError(
-                f"the reference {ref_path} has a different tokenizer from {opts.model}: no per-token ratio"
-            )
-        summary.update({"reference": ref_path, "beta": beta, "run": defaults or None})
-        if defaults.get("needs_ref") is False:
-            summary["note"] = (
-                f"objective {defaults.get('objective')} trains without a reference; the ratio to the base model is "
-                "shown all the same"
-            )
-        summary["what"] = (
-            f"per-token implicit reward beta (log pi - log pi_ref), beta {beta:g}; the token scores sum to the "
-            "sequence implicit reward beta log pi(y|x)/pi_ref(y|x)"
-        )
-
-        def explain_side(prompt: str, text: str, what: str) -> Explained:
-            from ...engine.pairs import encode_completion
-
-            p, c = encode_completion(tok, "plain", prompt, text)
-            _check_length(p + c, limit, what)
-            e = implicit_rewards(lm, ref_lm, rt, tok, prompt, text, beta)
-            if e.info["tokens_scored"] == 0:
-                raise UsageError(f"{what}: no completion token can be scored (give a prompt)")
-            e.info["tokens"] = len(e.ids)
-            e.info["headline"] = f"implicit reward {e.info['implicit_reward']:+.4f}"
-            return e
-
-        attn_model = lm
+    build = _reward_explainer if kind == "reward" else _policy_explainer
+    explain_side, attn_model = build(opts, cfg, method, device, summary)
     out_items = []
     blocks = []
     plots: list[str] = []
@@ -191,6 +94,134 @@ def run_explain(opts: ExplainOptions, emit: Callable[[dict], None]) -> dict:
         summary["html"] = opts.html
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return summary
+
+
+def _choose_method(opts: ExplainOptions) -> tuple[str, dict, str]:
+    """Check the option values, read the model's kind and pick the method (auto: ig for a reward model,
+    implicit for a policy); a method that does not fit the model's kind is a usage error."""
+    if opts.method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}; got {opts.method!r}")
+    if opts.steps < 2:
+        raise UsageError("--steps must be at least 2")
+    if (opts.layer is not None or opts.head is not None) and not opts.plots:
+        raise UsageError("--layer and --head choose the attention map to draw: give --plots DIR too")
+    kind, cfg = model_kind(opts.model)
+    method = opts.method
+    if method == "auto":
+        method = "ig" if kind == "reward" else "implicit"
+    if kind == "policy" and method in ("ig", "prefix"):
+        raise UsageError(
+            f"{opts.model} is not a reward model: it is a causal language model ({', '.join(cfg.get('architectures') or [])}). "
+            f"--method {method} attributes a reward model's score (a sequence classifier with one output, as "
+            "`prefcli reward` writes); for a tuned policy use --method implicit with --reference BASE"
+        )
+    if kind == "reward" and method == "implicit":
+        raise UsageError(
+            f"{opts.model} is a reward model; the implicit reward beta log pi/pi_ref needs a policy (a causal LM) "
+            "and its reference. For a reward model use --method ig or prefix"
+        )
+    return kind, cfg, method
+
+
+def _length_limit(cfg: dict) -> int | None:
+    """The model's longest input in tokens, from its config (None where it names none)."""
+    return cfg.get("max_position_embeddings") or cfg.get("n_positions")
+
+
+def _reward_explainer(opts: ExplainOptions, cfg: dict, method: str, device, summary: dict):
+    """Load the reward model; return the function that attributes one side's score (ig or prefix) and the
+    model whose attention is drawn. Notes the baseline token and what the scores mean in `summary`."""
+    import torch
+
+    limit = _length_limit(cfg)
+    model, tok = load_reward_model(opts.model, device, opts.plots is not None)
+    base_id = baseline_token(model, tok) if method == "ig" else None
+    if base_id is not None:
+        summary["baseline_token"] = tok.convert_ids_to_tokens(base_id)
+    summary["what"] = {
+        "ig": "integrated gradients of the reward model's score over the input embeddings (captum), from a "
+        "baseline of one neutral token repeated; the token scores sum to score - baseline_score",
+        "prefix": "prefix-score differences r(x_<=t) - r(x_<t); the token scores sum to the score",
+    }[method]
+
+    def explain_side(prompt: str, text: str, what: str) -> Explained:
+        ids, n_prompt = reward_ids(tok, prompt, text)
+        _check_length(ids, limit, what)
+        x = torch.tensor([ids], device=device)
+        if method == "ig":
+            a, info = ig_attribution(model, x, base_id, opts.steps)
+        else:
+            a, info = prefix_attribution(model, x)
+        info["tokens"] = len(ids)
+        info["headline"] = f"score {info['score']:+.4f}"
+        return Explained(ids, token_strings(tok, ids), a, n_prompt, info)
+
+    return explain_side, model
+
+
+def _reference_and_beta(opts: ExplainOptions, defaults: dict) -> tuple[str, float]:
+    """The reference model folder and beta for the implicit reward: the options first, else the run's recipe;
+    a usage error that says what to give where neither names one."""
+    ref_path = opts.reference or defaults.get("reference")
+    if not ref_path and defaults.get("init"):
+        raise UsageError(
+            f"the implicit reward beta log pi/pi_ref of {opts.model} needs its reference (the model it was tuned "
+            f"from), and the run's recipe ({defaults['recipe']}) started it from a random initialisation "
+            f"(model.init: {defaults['init']}), which was never saved, so there is no reference to read: give "
+            "--reference MODEL_FOLDER to compare with a saved model"
+        )
+    if not ref_path:
+        where = (
+            f"the run's recipe ({defaults['recipe']}) names no model.path"
+            if defaults.get("recipe")
+            else "no run recipe.yaml next to the model names one"
+        )
+        raise UsageError(
+            f"the implicit reward beta log pi/pi_ref of {opts.model} needs its reference (the model it was tuned "
+            f"from): give --reference BASE_MODEL ({where})"
+        )
+    if not os.path.isdir(ref_path):
+        raise UsageError(f"--reference {ref_path}: no such model folder")
+    beta = opts.beta if opts.beta is not None else defaults.get("beta") or DEFAULT_BETA
+    if beta <= 0:
+        raise UsageError("--beta must be positive")
+    return ref_path, beta
+
+
+def _policy_explainer(opts: ExplainOptions, cfg: dict, method: str, device, summary: dict):
+    """Load the policy and its reference; return the function that gives one side's per-token implicit reward
+    and the model whose attention is drawn. Notes the reference, beta and the run's defaults in `summary`."""
+    limit = _length_limit(cfg)
+    defaults = run_defaults(opts.model)
+    ref_path, beta = _reference_and_beta(opts, defaults)
+    lm, tok, rt = load_policy(opts.model, device, opts.plots is not None)
+    ref_lm, ref_tok, _ = load_policy(ref_path, device, False)
+    if ref_tok.get_vocab() != tok.get_vocab():
+        raise UsageError(f"the reference {ref_path} has a different tokenizer from {opts.model}: no per-token ratio")
+    summary.update({"reference": ref_path, "beta": beta, "run": defaults or None})
+    if defaults.get("needs_ref") is False:
+        summary["note"] = (
+            f"objective {defaults.get('objective')} trains without a reference; the ratio to the base model is "
+            "shown all the same"
+        )
+    summary["what"] = (
+        f"per-token implicit reward beta (log pi - log pi_ref), beta {beta:g}; the token scores sum to the "
+        "sequence implicit reward beta log pi(y|x)/pi_ref(y|x)"
+    )
+
+    def explain_side(prompt: str, text: str, what: str) -> Explained:
+        from ...engine.pairs import encode_completion
+
+        p, c = encode_completion(tok, "plain", prompt, text)
+        _check_length(p + c, limit, what)
+        e = implicit_rewards(lm, ref_lm, rt, tok, prompt, text, beta)
+        if e.info["tokens_scored"] == 0:
+            raise UsageError(f"{what}: no completion token can be scored (give a prompt)")
+        e.info["tokens"] = len(e.ids)
+        e.info["headline"] = f"implicit reward {e.info['implicit_reward']:+.4f}"
+        return e
+
+    return explain_side, lm
 
 
 def convergence_warnings(out_items: list[dict], steps: int) -> list[str]:

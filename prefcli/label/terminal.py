@@ -379,50 +379,19 @@ def run_label(opts: LabelOptions) -> dict:
     """The interactive loop. Returns the summary (status 'interrupted' and exit_code 130 after Ctrl-C:
     every answer given is already on disk)."""
     from rich.console import Console
-    from rich.panel import Panel
-    from rich.text import Text
 
-    err = sys.stderr
-    if (opts.input is None) == (opts.model_dir is None):
-        raise UsageError("give an input JSONL of candidates, or --model DIR with --prompts FILE (one of them)")
-    if opts.model_dir is not None and opts.prompts is None:
-        raise UsageError("--model needs --prompts FILE (the prompts to sample candidates for)")
-    if not opts.out:
-        raise UsageError("--out FILE.jsonl is required (where the answers go)")
-    if opts.mode not in (None, "pair", "rate"):
-        raise UsageError(f"--mode must be 'pair' or 'rate', got {opts.mode!r}")
-    if not 2 <= opts.scale <= 9:
-        raise UsageError("--scale must be between 2 and 9 (one key per score)")
-    if not sys.stdin.isatty():
-        raise UsageError("prefcli label is interactive: run it in a terminal (stdin is not a TTY)")
+    _check_options(opts)
     rater = opts.rater.strip() if opts.rater and opts.rater.strip() else default_rater()
     out = Path(opts.out)
     log = Path(opts.log) if opts.log else default_log_path(out)
-    total: int | None = None
-    if opts.input is not None:
-        items_list, mode = read_items(Path(opts.input), opts.mode)
-        total = len(items_list)
-        items: Iterator[Item] = iter(items_list)
     console = Console(stderr=True, highlight=False)
-    if opts.input is None:
-        mode = opts.mode or "pair"
-
-        def sampling(i: int) -> None:  # the old item leaves the screen: nothing typed now can answer it
-            console.clear()
-            console.print(
-                f"sampling candidates for prompt {i + 1} ... (keys typed now are ignored)",
-                markup=False,
-                highlight=False,
-            )
-
-        items = sampled_items(opts, mode, err, on_sample=sampling)
+    items, mode, total = _label_items(opts, console)
     store = Store.open(out, log)
     for note in store.notes:
         console.print(f"note: {note}", markup=False)
     session = 0
     status = "completed"
     pending: list[Item] = []  # items undone in this session: asked again first
-    seen: list[Item] = []
     keys = Keys()
     try:
         it = iter(items)
@@ -433,57 +402,12 @@ def run_label(opts: LabelOptions) -> dict:
                 item = next((x for x in it if x.id not in store.answered), None)
                 if item is None:
                     break
-                seen.append(item)
             order = shown_order(item, opts.shuffle, opts.seed)
-            c = store.counts()
-            console.clear()
-            where = f"{c['answered'] + 1}" + (f"/{total}" if total else "")
-            console.print(
-                Text.assemble(
-                    ("prefcli label", "bold"),
-                    f"  item {where}  ({c['rows']} saved, {c['ties']} ties, {c['skips']} skipped)  -> {out}",
-                )
-            )
-            console.print(Panel(Text(item.prompt), title="prompt", title_align="left"))
-            if mode == "pair":
-                console.print(Panel(Text(item.completions[order[0]]), title="A", title_align="left"))
-                console.print(Panel(Text(item.completions[order[1]]), title="B", title_align="left"))
-                console.print("[a] A is better  [b] B is better  [t] tie  [s] skip  [u] undo  [q] quit", markup=False)
-            else:
-                console.print(Panel(Text(item.completions[0]), title="completion", title_align="left"))
-                console.print(f"[1-{opts.scale}] score (higher is better)  [s] skip  [u] undo  [q] quit", markup=False)
+            _show_item(console, store, item, order, mode, opts.scale, total, out)
             keys.discard()  # type-ahead from before this item was on screen answers nothing
-            while True:
-                k = keys.read()
-                if k == "q":
-                    status = "stopped"
-                    raise _Quit
-                if k == "u":
-                    undone = store.undo()
-                    if undone is None:
-                        console.print("nothing to undo", markup=False)
-                        continue
-                    pending.append(item)  # the current one comes back after the undone one
-                    pending.append(Item(undone["id"], undone["prompt"], undone["completions"]))
-                    session -= 1
-                    break
-                if mode == "pair" and k in PAIR_KEYS:
-                    ans = PAIR_KEYS[k]
-                    store.answer(item, ans, pair_row(item, ans, order, rater))
-                elif mode == "rate" and k == "s":
-                    store.answer(item, "skip", None)
-                elif mode == "rate" and k.isdigit() and 1 <= int(k) <= opts.scale:
-                    store.answer(
-                        item,
-                        int(k),
-                        {"prompt": item.prompt, "completion": item.completions[0], "score": int(k), "rater": rater},
-                    )
-                else:
-                    continue
-                session += 1
-                break
+            session += _ask(console, keys, store, item, order, mode, opts.scale, rater, pending)
     except _Quit:
-        pass
+        status = "stopped"
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
@@ -511,6 +435,96 @@ def run_label(opts: LabelOptions) -> dict:
         "this_session": session,
         "rater": rater,
     }
+
+
+def _check_options(opts: LabelOptions) -> None:
+    """Usage errors before anything is read or written: one source of items, --out, --mode, --scale, a TTY."""
+    if (opts.input is None) == (opts.model_dir is None):
+        raise UsageError("give an input JSONL of candidates, or --model DIR with --prompts FILE (one of them)")
+    if opts.model_dir is not None and opts.prompts is None:
+        raise UsageError("--model needs --prompts FILE (the prompts to sample candidates for)")
+    if not opts.out:
+        raise UsageError("--out FILE.jsonl is required (where the answers go)")
+    if opts.mode not in (None, "pair", "rate"):
+        raise UsageError(f"--mode must be 'pair' or 'rate', got {opts.mode!r}")
+    if not 2 <= opts.scale <= 9:
+        raise UsageError("--scale must be between 2 and 9 (one key per score)")
+    if not sys.stdin.isatty():
+        raise UsageError("prefcli label is interactive: run it in a terminal (stdin is not a TTY)")
+
+
+def _label_items(opts: LabelOptions, console) -> tuple[Iterator[Item], str, int | None]:
+    """The items to ask, the mode and their number: read from the input JSONL, or sampled lazily from
+    --model (count unknown; the screen says when a prompt is being sampled)."""
+    if opts.input is not None:
+        items_list, mode = read_items(Path(opts.input), opts.mode)
+        return iter(items_list), mode, len(items_list)
+
+    def sampling(i: int) -> None:  # the old item leaves the screen: nothing typed now can answer it
+        console.clear()
+        console.print(
+            f"sampling candidates for prompt {i + 1} ... (keys typed now are ignored)",
+            markup=False,
+            highlight=False,
+        )
+
+    mode = opts.mode or "pair"
+    return sampled_items(opts, mode, sys.stderr, on_sample=sampling), mode, None
+
+
+def _show_item(console, store: Store, item: Item, order, mode: str, scale: int, total: int | None, out: Path) -> None:
+    """Clear the screen and show the progress line, the prompt, the completion(s) and the keys."""
+    from rich.panel import Panel
+    from rich.text import Text
+
+    c = store.counts()
+    console.clear()
+    where = f"{c['answered'] + 1}" + (f"/{total}" if total else "")
+    console.print(
+        Text.assemble(
+            ("prefcli label", "bold"),
+            f"  item {where}  ({c['rows']} saved, {c['ties']} ties, {c['skips']} skipped)  -> {out}",
+        )
+    )
+    console.print(Panel(Text(item.prompt), title="prompt", title_align="left"))
+    if mode == "pair":
+        console.print(Panel(Text(item.completions[order[0]]), title="A", title_align="left"))
+        console.print(Panel(Text(item.completions[order[1]]), title="B", title_align="left"))
+        console.print("[a] A is better  [b] B is better  [t] tie  [s] skip  [u] undo  [q] quit", markup=False)
+    else:
+        console.print(Panel(Text(item.completions[0]), title="completion", title_align="left"))
+        console.print(f"[1-{scale}] score (higher is better)  [s] skip  [u] undo  [q] quit", markup=False)
+
+
+def _ask(console, keys, store: Store, item: Item, order, mode: str, scale: int, rater: str, pending: list) -> int:
+    """Read keys until one answers the item (+1: stored), undoes the last answer (-1: it and this item go on
+    `pending`, asked next) or quits (raises _Quit); other keys are ignored."""
+    while True:
+        k = keys.read()
+        if k == "q":
+            raise _Quit
+        if k == "u":
+            undone = store.undo()
+            if undone is None:
+                console.print("nothing to undo", markup=False)
+                continue
+            pending.append(item)  # the current one comes back after the undone one
+            pending.append(Item(undone["id"], undone["prompt"], undone["completions"]))
+            return -1
+        if mode == "pair" and k in PAIR_KEYS:
+            ans = PAIR_KEYS[k]
+            store.answer(item, ans, pair_row(item, ans, order, rater))
+        elif mode == "rate" and k == "s":
+            store.answer(item, "skip", None)
+        elif mode == "rate" and k.isdigit() and 1 <= int(k) <= scale:
+            store.answer(
+                item,
+                int(k),
+                {"prompt": item.prompt, "completion": item.completions[0], "score": int(k), "rater": rater},
+            )
+        else:
+            continue
+        return 1
 
 
 class _Quit(Exception):

@@ -300,7 +300,9 @@ def _f(x, pct: bool = False) -> str:
 
 
 def print_report(s: dict, console) -> None:
-    from rich.table import Table
+    """The summary as tables and lines on `console`, one section per part of the summary, then the warnings
+    and the plots written."""
+    from rich.text import Text
 
     console.print(
         f"[bold]prefcli data inspect[/] {s['source']}  ({s['kind']}, {s['format']}"
@@ -309,10 +311,66 @@ def print_report(s: dict, console) -> None:
         highlight=False,
     )
     splits = [k for k in ("train", "eval") if s.get(k)]
-    t = Table(title="rows")
+    console.print(_rows_table(s, splits))
+    console.print(_lengths_table(s, splits))
+    if s.get("baselines"):
+        console.print(_baselines_table(s["baselines"]))
+    w = s.get("words")
+    if w and (w["chosen"] or w["rejected"]):
+        console.print(_words_table(w))
+    pos = s.get("position")
+    if pos:
+        console.print(
+            f"position: chosen shown first in {pos['chosen_shown_first']:.1%} of {pos['pairs']} pairs "
+            f"(z = {pos['z']:.2f}, p = {pos['p_value']:.3g})",
+            highlight=False,
+        )
+    lk = s.get("leakage")
+    if lk:
+        console.print(
+            f"leakage: {lk['eval_rows_with_train_prompt']} of {lk['eval_rows']} held-out rows share a prompt with "
+            f"training ({lk['shared_prompts']} distinct prompts); {lk['eval_rows_in_train']} held-out rows are "
+            f"training rows; {lk['train_rows_with_eval_prompt']} training rows have a held-out prompt",
+            highlight=False,
+        )
+    if s.get("raters"):
+        _print_raters(s["raters"], console)
+    rw = s.get("reward_agreement")
+    if rw:
+        if "agreement" in rw:
+            console.print(
+                f"reward {rw['source']}: agrees with the labels on {rw['agreement']:.1%} of pairs", highlight=False
+            )
+        else:
+            console.print(f"reward {rw['source']}: Pearson r with the scores {_f(rw['pearson'])}", highlight=False)
+    db = s.get("debias")
+    if db:
+        parts = [f"training rows {db.get('train_rows_before')} -> {db.get('train_rows_after')}"]
+        if db.get("chosen_longer_after") is not None:
+            parts.append(f"chosen longer after: {_f(db['chosen_longer_after'], True)}")
+        if db.get("length_only_after") is not None:
+            parts.append(f"length-only baseline after: {_f(db['length_only_after'], True)}")
+        console.print("the recipe's data.debias: " + "; ".join(parts), highlight=False)
+    for wmsg in s["warnings"]:
+        console.print(Text.assemble(("warning: ", "bold red"), (wmsg, "red")), soft_wrap=True)
+    for p in s.get("plots") or []:
+        console.print(f"wrote {p}", highlight=False)
+
+
+def _split_table(title: str, splits: list[str]):
+    """A table with a label column and one right-aligned column per split (train, eval)."""
+    from rich.table import Table
+
+    t = Table(title=title)
     t.add_column("")
     for k in splits:
         t.add_column(k, justify="right")
+    return t
+
+
+def _rows_table(s: dict, splits: list[str]):
+    """Row counts per split: duplicates, identical answers, empty answers, conflicts, truncation."""
+    t = _split_table("rows", splits)
     keys = [
         ("rows", "rows"),
         ("prompts", "distinct prompts"),
@@ -331,98 +389,74 @@ def print_report(s: dict, console) -> None:
         t.add_row(f"truncated at {ml}", *[_f(s[k]["truncated"]["rows"]) for k in splits])
         t.add_row("tokens cut", *[_f(s[k]["truncated"]["tokens_removed"]) for k in splits])
         t.add_row("prompt fills max_length", *[_f(s[k]["truncated"]["prompt_fills_max_length"]) for k in splits])
-    console.print(t)
-    t = Table(title="lengths (tokens)")
-    t.add_column("")
-    for k in splits:
-        t.add_column(k, justify="right")
+    return t
+
+
+def _lengths_table(s: dict, splits: list[str]):
+    """Token-length statistics per split, the shares as percentages."""
+    t = _split_table("lengths (tokens)", splits)
     pct_keys = {"chosen_longer", "chosen_shorter", "equal", "desirable_share", "best_is_longest"}
     for key in s["train"]["lengths"]:
         if key == "unit":
             continue
         t.add_row(key.replace("_", " "), *[_f(s[k]["lengths"].get(key), key in pct_keys) for k in splits])
-    console.print(t)
-    b = s.get("baselines")
-    if b:
-        t = Table(title=f"shallow baselines, accuracy ({b['method']})")
-        t.add_column("baseline")
-        t.add_column("accuracy", justify="right")
-        for key in ("majority", "length_only", "bag_of_words"):
-            if key in b:
-                label = key.replace("_", " ")
-                if key == "length_only" and "length_direction" in b:
-                    label += f" (pick the {b['length_direction']})"
-                style = "bold red" if b[key] >= LOUD and key != "majority" else None
-                t.add_row(label, _f(b[key], True), style=style)
-        console.print(t)
-    w = s.get("words")
-    if w and (w["chosen"] or w["rejected"]):
-        t = Table(title="words most associated with each side (naive Bayes log-count ratio)")
-        t.add_column("chosen side")
-        t.add_column("ratio", justify="right")
-        t.add_column("rejected side")
-        t.add_column("ratio", justify="right")
-        for i in range(max(len(w["chosen"]), len(w["rejected"]))):
-            a = w["chosen"][i] if i < len(w["chosen"]) else None
-            r = w["rejected"][i] if i < len(w["rejected"]) else None
-            t.add_row(
-                f"{a['word']} ({a['chosen']}/{a['rejected']})" if a else "",
-                f"{a['log_ratio']:+.2f}" if a else "",
-                f"{r['word']} ({r['chosen']}/{r['rejected']})" if r else "",
-                f"{r['log_ratio']:+.2f}" if r else "",
-            )
-        console.print(t)
-    pos = s.get("position")
-    if pos:
-        console.print(
-            f"position: chosen shown first in {pos['chosen_shown_first']:.1%} of {pos['pairs']} pairs "
-            f"(z = {pos['z']:.2f}, p = {pos['p_value']:.3g})",
-            highlight=False,
-        )
-    lk = s.get("leakage")
-    if lk:
-        console.print(
-            f"leakage: {lk['eval_rows_with_train_prompt']} of {lk['eval_rows']} held-out rows share a prompt with "
-            f"training ({lk['shared_prompts']} distinct prompts); {lk['eval_rows_in_train']} held-out rows are "
-            f"training rows; {lk['train_rows_with_eval_prompt']} training rows have a held-out prompt",
-            highlight=False,
-        )
-    ra = s.get("raters")
-    if ra:
-        t = Table(title=f"raters ({ra['raters']}; {ra['shared_items']} items labelled by several)")
-        cols = list(ra["per_rater"][0].keys()) if ra["per_rater"] else []
-        for c in cols:
-            t.add_column(c.replace("_", " "), justify="right" if c != "rater" else "left")
-        for row in ra["per_rater"]:
-            t.add_row(*[_f(row.get(c), c not in ("rater", "rows")) for c in cols])
-        console.print(t)
-        if "krippendorff_alpha" in ra:
-            console.print(f"Krippendorff's alpha (nominal): {_f(ra['krippendorff_alpha'])}", highlight=False)
-            for k in ra["cohen_kappa"]:
-                console.print(
-                    f"Cohen's kappa {k['raters'][0]} vs {k['raters'][1]}: {_f(k['kappa'])} on {k['shared_items']} "
-                    f"shared items (raw agreement {k['agreement']:.1%})",
-                    highlight=False,
-                )
-    rw = s.get("reward_agreement")
-    if rw:
-        if "agreement" in rw:
-            console.print(
-                f"reward {rw['source']}: agrees with the labels on {rw['agreement']:.1%} of pairs", highlight=False
-            )
-        else:
-            console.print(f"reward {rw['source']}: Pearson r with the scores {_f(rw['pearson'])}", highlight=False)
-    db = s.get("debias")
-    if db:
-        parts = [f"training rows {db.get('train_rows_before')} -> {db.get('train_rows_after')}"]
-        if db.get("chosen_longer_after") is not None:
-            parts.append(f"chosen longer after: {_f(db['chosen_longer_after'], True)}")
-        if db.get("length_only_after") is not None:
-            parts.append(f"length-only baseline after: {_f(db['length_only_after'], True)}")
-        console.print("the recipe's data.debias: " + "; ".join(parts), highlight=False)
-    from rich.text import Text
+    return t
 
-    for wmsg in s["warnings"]:
-        console.print(Text.assemble(("warning: ", "bold red"), (wmsg, "red")), soft_wrap=True)
-    for p in s.get("plots") or []:
-        console.print(f"wrote {p}", highlight=False)
+
+def _baselines_table(b: dict):
+    """The shallow baselines' accuracy; one at or above LOUD (other than majority) in red."""
+    from rich.table import Table
+
+    t = Table(title=f"shallow baselines, accuracy ({b['method']})")
+    t.add_column("baseline")
+    t.add_column("accuracy", justify="right")
+    for key in ("majority", "length_only", "bag_of_words"):
+        if key in b:
+            label = key.replace("_", " ")
+            if key == "length_only" and "length_direction" in b:
+                label += f" (pick the {b['length_direction']})"
+            style = "bold red" if b[key] >= LOUD and key != "majority" else None
+            t.add_row(label, _f(b[key], True), style=style)
+    return t
+
+
+def _words_table(w: dict):
+    """The words most associated with each side, side by side with their counts and log-count ratio."""
+    from rich.table import Table
+
+    t = Table(title="words most associated with each side (naive Bayes log-count ratio)")
+    t.add_column("chosen side")
+    t.add_column("ratio", justify="right")
+    t.add_column("rejected side")
+    t.add_column("ratio", justify="right")
+    for i in range(max(len(w["chosen"]), len(w["rejected"]))):
+        a = w["chosen"][i] if i < len(w["chosen"]) else None
+        r = w["rejected"][i] if i < len(w["rejected"]) else None
+        t.add_row(
+            f"{a['word']} ({a['chosen']}/{a['rejected']})" if a else "",
+            f"{a['log_ratio']:+.2f}" if a else "",
+            f"{r['word']} ({r['chosen']}/{r['rejected']})" if r else "",
+            f"{r['log_ratio']:+.2f}" if r else "",
+        )
+    return t
+
+
+def _print_raters(ra: dict, console) -> None:
+    """Per-rater table, then Krippendorff's alpha and each pair's Cohen's kappa where items are shared."""
+    from rich.table import Table
+
+    t = Table(title=f"raters ({ra['raters']}; {ra['shared_items']} items labelled by several)")
+    cols = list(ra["per_rater"][0].keys()) if ra["per_rater"] else []
+    for c in cols:
+        t.add_column(c.replace("_", " "), justify="right" if c != "rater" else "left")
+    for row in ra["per_rater"]:
+        t.add_row(*[_f(row.get(c), c not in ("rater", "rows")) for c in cols])
+    console.print(t)
+    if "krippendorff_alpha" in ra:
+        console.print(f"Krippendorff's alpha (nominal): {_f(ra['krippendorff_alpha'])}", highlight=False)
+        for k in ra["cohen_kappa"]:
+            console.print(
+                f"Cohen's kappa {k['raters'][0]} vs {k['raters'][1]}: {_f(k['kappa'])} on {k['shared_items']} "
+                f"shared items (raw agreement {k['agreement']:.1%})",
+                highlight=False,
+            )

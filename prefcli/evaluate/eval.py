@@ -182,6 +182,9 @@ def kl_warnings(r: EvalRecipe) -> list[str]:
 
 
 def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
+    """Validate the recipe, the output folder, the data and the models (bad input exits 2 having written
+    nothing), then score the given completions or each model in turn, the rewards and the preference pairs;
+    write the outputs and return the summary."""
     t0 = time.perf_counter()
     recipe_path = Path(recipe_path)
     loaded = load_recipe(recipe_path, "eval", opts.overrides + completions_override(opts.completions))
@@ -193,73 +196,32 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
     check_installed(r.log.report_to)
     log = Log(opts.quiet)
     inputs = read_inputs(r)
-    if inputs.given is not None:
-        sampled = [m for m in r.metrics if m in SAMPLED_METRICS]
-        if sampled:
-            log.warn(
-                f"{', '.join(sampled)} {'needs' if len(sampled) == 1 else 'need'} completions sampled from the models; "
-                "skipped: data.completions are scored as given"
-            )
-    for why in inputs.skipped.values():
-        log.warn(why)
-    skipped = [m for m in r.metrics if m in inputs.skipped or (inputs.given is not None and m in SAMPLED_METRICS)]
     given_recipe = r  # recipe.yaml and the trackers' config: the recipe as given
-    if skipped:  # from here on the recipe lists what is computed
-        r = r.model_copy(update={"metrics": [m for m in r.metrics if m not in skipped]})
+    r, skipped = _drop_skipped_metrics(r, inputs, log)  # from here on the recipe lists what is computed
     entries, ref_section = resolve_models(r)
     gen_wanted = any(m in r.metrics for m in GENERATION_METRICS) and inputs.given is None
 
-    from ..engine.guard import first_batch_check
-    from ..engine.models import PolicyLM
-    from ..engine.tokenizer import load_tokenizer
-    from ..reward_sources import build_rewards
-    from .loading import load_lm, make_runtime
+    from .loading import make_runtime
 
     rt = make_runtime(r.runtime.device, r.runtime.precision, r.runtime.loss_chunk_tokens)
+    base_dir = recipe_path.resolve().parent
     rows: list[dict] = []
     results: dict[str, dict] = {}
     gens: dict[str, list] = {}
     if inputs.given is not None:
-        res: dict[str, Any] = {"role": "completions", "source": r.data.completions.path}
-        counted = "length" in r.metrics or "reward" in r.metrics  # reward: its correlation with the token count
-        if counted and any(g.n_tokens is None for g in inputs.given):
-            tok = load_tokenizer(entries[0].section)  # token counts by the first model's tokenizer
-            for g in inputs.given:
-                if g.n_tokens is None:
-                    g.n_tokens = len(tok(g.completion, add_special_tokens=False)["input_ids"])
-        res.update(text_metrics(inputs.given, inputs, r, rows, inputs.given_name))
-        results[inputs.given_name] = res
+        results[inputs.given_name] = given_results(inputs, r, entries, rows)
         gens[inputs.given_name] = inputs.given
     rewards = None
     if r.rewards and any(m in r.metrics for m in ("reward", "win_rate", "preference_accuracy")):
-        rewards = build_rewards(
-            r.rewards,
-            base_dir=recipe_path.resolve().parent,
-            tokenizer=load_tokenizer(entries[0].section),
-            device=rt.device,
-            warn=log.warn,
-        )
-    ref = None
-    if ref_section is not None:
-        log.info(f"reference: {r.reference.display_name()}")
-        ref_lm, ref_tok = load_lm(ref_section, rt, seed=r.reference.seed)
-        ref_policy = PolicyLM(ref_lm, rt)
-        ref_check = first_batch_check(ref_policy, ref_section.on_mismatch, log.warn, "the reference's first KL batch")
-        ref = (ref_policy, ref_tok, ref_check)
-        for w in kl_warnings(r):
-            log.warn(w)
+        rewards = _build_rewards(r, base_dir, entries, rt, warn=log.warn)
+    ref = load_reference(r, ref_section, rt, log) if ref_section is not None else None
 
     env = None
     if "env" in r.metrics:
         from .env import check_env
 
         if rewards is None and r.rewards:
-            rewards = build_rewards(
-                r.rewards,
-                base_dir=recipe_path.resolve().parent,
-                tokenizer=load_tokenizer(entries[0].section),
-                device=rt.device,
-            )
+            rewards = _build_rewards(r, base_dir, entries, rt)
         env = (check_env(r), rewards)  # bad input (exit 2) before any model loads
     for e in entries if ("perplexity" in r.metrics or gen_wanted or env is not None) else []:
         results[e.name], outs = model_results(e, r, rt, inputs, ref, gen_wanted, log, rows, env)
@@ -275,6 +237,18 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
         log.info(f"preference accuracy on {len(inputs.pairs)} pairs")
         pref = preference_for(rewards, inputs.pairs, rows, inputs.pair_users)
 
+    summary = eval_summary(recipe_path, run_dir, r, results, skipped, pref, rt, log, t0)
+    write_outputs(run_dir, given_recipe, rows, summary, opts.overwrite)
+    if not opts.quiet:
+        print_table(log, summary)
+    report_to_trackers(given_recipe, run_dir, rows, summary, log)
+    return summary
+
+
+def eval_summary(
+    recipe_path: Path, run_dir: Path, r: EvalRecipe, results: dict, skipped: list[str], pref, rt, log: Log, t0: float
+) -> dict:
+    """The summary, the one JSON object on stdout (docs/commands/eval.md); wall_s counts from `t0`."""
     summary: dict[str, Any] = {
         "command": "eval",
         "status": "completed",
@@ -298,11 +272,67 @@ def run(recipe_path: str | Path, opts: EvalOptions) -> dict:
             "wall_s": round(time.perf_counter() - t0, 3),
         }
     )
-    write_outputs(run_dir, given_recipe, rows, summary, opts.overwrite)
-    if not opts.quiet:
-        print_table(log, summary)
-    report_to_trackers(given_recipe, run_dir, rows, summary, log)
     return summary
+
+
+def _drop_skipped_metrics(r: EvalRecipe, inputs: EvalInputs, log: Log) -> tuple[EvalRecipe, list[str]]:
+    """Warn about each metric the inputs cannot give (sampled metrics when data.completions are scored as
+    given; those `read_inputs` skipped) and return the recipe without them, and their names."""
+    if inputs.given is not None:
+        sampled = [m for m in r.metrics if m in SAMPLED_METRICS]
+        if sampled:
+            log.warn(
+                f"{', '.join(sampled)} {'needs' if len(sampled) == 1 else 'need'} completions sampled from the models; "
+                "skipped: data.completions are scored as given"
+            )
+    for why in inputs.skipped.values():
+        log.warn(why)
+    skipped = [m for m in r.metrics if m in inputs.skipped or (inputs.given is not None and m in SAMPLED_METRICS)]
+    if skipped:
+        r = r.model_copy(update={"metrics": [m for m in r.metrics if m not in skipped]})
+    return r, skipped
+
+
+def given_results(inputs: EvalInputs, r: EvalRecipe, entries: list[ModelEntry], rows: list[dict]) -> dict:
+    """The text metrics of data.completions scored as given (token counts, where the file has none, by the
+    first model's tokenizer); their rows are appended to `rows`."""
+    from ..engine.tokenizer import load_tokenizer
+
+    res: dict[str, Any] = {"role": "completions", "source": r.data.completions.path}
+    counted = "length" in r.metrics or "reward" in r.metrics  # reward: its correlation with the token count
+    if counted and any(g.n_tokens is None for g in inputs.given):
+        tok = load_tokenizer(entries[0].section)  # token counts by the first model's tokenizer
+        for g in inputs.given:
+            if g.n_tokens is None:
+                g.n_tokens = len(tok(g.completion, add_special_tokens=False)["input_ids"])
+    res.update(text_metrics(inputs.given, inputs, r, rows, inputs.given_name))
+    return res
+
+
+def _build_rewards(r: EvalRecipe, base_dir: Path, entries: list[ModelEntry], rt, warn=None):
+    """The recipe's reward sources, tokenizing with the first model's tokenizer."""
+    from ..engine.tokenizer import load_tokenizer
+    from ..reward_sources import build_rewards
+
+    return build_rewards(
+        r.rewards, base_dir=base_dir, tokenizer=load_tokenizer(entries[0].section), device=rt.device, warn=warn
+    )
+
+
+def load_reference(r: EvalRecipe, ref_section, rt, log: Log) -> tuple:
+    """The KL reference, loaded once and kept for every model: (policy, tokenizer, first-batch check); warns
+    where the sampling settings make the KL estimate approximate."""
+    from ..engine.guard import first_batch_check
+    from ..engine.models import PolicyLM
+    from .loading import load_lm
+
+    log.info(f"reference: {r.reference.display_name()}")
+    ref_lm, ref_tok = load_lm(ref_section, rt, seed=r.reference.seed)
+    ref_policy = PolicyLM(ref_lm, rt)
+    ref_check = first_batch_check(ref_policy, ref_section.on_mismatch, log.warn, "the reference's first KL batch")
+    for w in kl_warnings(r):
+        log.warn(w)
+    return ref_policy, ref_tok, ref_check
 
 
 def model_results(

@@ -381,7 +381,6 @@ def resolve_generate_model(opts: GenerateOptions):
 def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     """Read prompts lazily, write one JSON object per prompt to `out` (stdout), flushed as each batch is
     done. Returns the number of completions written."""
-    import json
     import time
 
     from .loading import load_lm, make_runtime
@@ -395,27 +394,8 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
 
         rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
         return print_episodes(opts, section, cfg, opts.seed if opts.seed is not None else seed, rt, out, err)
-    fmt = opts.fmt or ("jsonl" if opts.prompts and str(opts.prompts).endswith(".jsonl") else "lines")  # '-': lines
-    if fmt not in ("lines", "jsonl"):
-        raise UsageError(f"--format must be 'lines' or 'jsonl', got {fmt!r}")
-    if opts.prompts is not None and str(opts.prompts) != "-":
-        from pathlib import Path
-
-        if not Path(opts.prompts).is_file():
-            raise UsageError(f"--prompts: no such file: {opts.prompts}")
-        stream = open(opts.prompts, "rb")  # bytes: read_prompts decodes, naming a line that is not UTF-8
-        source = str(opts.prompts)
-    else:
-        stream = getattr(sys.stdin, "buffer", sys.stdin)
-        source = "<stdin>"
-    from ..engine.personal import policy_users
-
-    users = policy_users(section.path) if section.path and os.path.isdir(section.path) else None
-    if opts.user is not None and users is None:
-        raise UsageError(
-            f"--user: {section.path or 'the model'} is not a personalised policy (no personalisation/config.json of "
-            "kind user_token; train one with contrastive.personalisation or rlhf.personalisation)"
-        )
+    stream, source, fmt = _prompt_stream(opts)
+    users = _personal_users(opts, section)
     rt = make_runtime(opts.device if opts.device != "auto" else device, precision, chunk)
     lm, tok = load_lm(section, rt)
 
@@ -425,12 +405,56 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     gen = Generator(lm, tok, cfg, rt.device, autocast=rt.autocast, warn=warn, users=users)
     torch.manual_seed(opts.seed if opts.seed is not None else seed)
     t0 = time.perf_counter()
+    n = _write_completions(gen, cfg, opts.user, stream, fmt, source, out)
+    if not opts.quiet:
+        print(
+            f"generated {n} completion{'s' if n != 1 else ''} in {time.perf_counter() - t0:.1f} s", file=err, flush=True
+        )
+    return n
+
+
+def _prompt_stream(opts: GenerateOptions):
+    """(the prompt stream as bytes, its name for errors, its format): --prompts FILE, else stdin; the format
+    from --format, else jsonl for a .jsonl file and lines otherwise."""
+    fmt = opts.fmt or ("jsonl" if opts.prompts and str(opts.prompts).endswith(".jsonl") else "lines")  # '-': lines
+    if fmt not in ("lines", "jsonl"):
+        raise UsageError(f"--format must be 'lines' or 'jsonl', got {fmt!r}")
+    if opts.prompts is not None and str(opts.prompts) != "-":
+        from pathlib import Path
+
+        if not Path(opts.prompts).is_file():
+            raise UsageError(f"--prompts: no such file: {opts.prompts}")
+        stream = open(opts.prompts, "rb")  # bytes: read_prompts decodes, naming a line that is not UTF-8
+        return stream, str(opts.prompts), fmt
+    return getattr(sys.stdin, "buffer", sys.stdin), "<stdin>", fmt
+
+
+def _personal_users(opts: GenerateOptions, section):
+    """The personalised policy's users (None for an ordinary policy); --user on an ordinary one is a usage error."""
+    from ..engine.personal import policy_users
+
+    users = policy_users(section.path) if section.path and os.path.isdir(section.path) else None
+    if opts.user is not None and users is None:
+        raise UsageError(
+            f"--user: {section.path or 'the model'} is not a personalised policy (no personalisation/config.json of "
+            "kind user_token; train one with contrastive.personalisation or rlhf.personalisation)"
+        )
+    return users
+
+
+def _write_completions(gen: Generator, cfg: GenerationSection, user, stream, fmt: str, source: str, out) -> int:
+    """Sample the prompts in batches of cfg.batch_size, one JSON row per prompt to `out`, flushed per batch;
+    on a bad prompt line, the rows read before it are answered first. Returns the rows written."""
+    import json
+
+    from ..errors import DataError
+
     n = 0
     batch: list[tuple[str, dict]] = []
 
     def flush() -> None:
         nonlocal n
-        who = [opts.user] * len(batch) if opts.user is not None else None
+        who = [user] * len(batch) if user is not None else None
         for (prompt, extra), g in zip(batch, gen.generate([p for p, _ in batch], users=who)):
             row = {
                 **extra,
@@ -447,8 +471,6 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
         out.flush()
         batch.clear()
 
-    from ..errors import DataError
-
     try:
         for item in read_prompts(iter(stream.readline, stream.read(0)), fmt, source):
             batch.append(item)
@@ -463,8 +485,4 @@ def run_generate(opts: GenerateOptions, out=None, err=None) -> int:
     finally:
         if source != "<stdin>":
             stream.close()
-    if not opts.quiet:
-        print(
-            f"generated {n} completion{'s' if n != 1 else ''} in {time.perf_counter() - t0:.1f} s", file=err, flush=True
-        )
     return n

@@ -136,64 +136,18 @@ def model_card(
     saved Hugging Face model whose config.json gives the pipeline tag (final/ while it is written, under its
     temporary name); `config`: the resolved recipe as JSON; `metrics`: the numbers to report (the last step's and
     evaluation's, or the best evaluation's); `what`: what the folder holds, in a sentence or two."""
-    from huggingface_hub import ModelCardData
-
     model = config.get("model") or {}
-    base = model.get("path")
-    hub_base = base if base and not is_local(base) else None
     section = config.get(command) if isinstance(config.get(command), dict) else {}
     kind = section.get("objective") or section.get("algorithm") or (config.get("rlhf") or {}).get("algorithm")
-    tags = ["prefcli", command] + ([str(kind)] if kind and kind != command else [])
-    if model.get("lora"):
-        tags.append("lora")
     data = config.get("data") or {}
     train = _sources(data.get("train"))
     held = _sources(data.get("eval"))
-    hub_data = sorted({s["path"] for s in train + held if not is_local(s["path"]) and s["path"] != "-"})
     pipeline = _pipeline_tag(Path(model_dir)) if model_dir is not None else None
-    card = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=pipeline,
-        tags=tags,
-        base_model=hub_base,
-        base_model_relation="finetune" if hub_base else None,
-        datasets=hub_data or None,
-        **base_license(base, model.get("revision")),
-    )
-    if base:
-        base_line = f"`{base}`" + (f" (revision `{model['revision']}`)" if model.get("revision") else "")
-    else:
-        init = model.get("init") or {}
-        base_line = f"none: a random initialisation of a `{init.get('architecture')}` config (`model.init`)"
-    lic = card.license
-    train_list = ", ".join(f"`{s['path']}`" for s in train) or "(none)"
-    held_list = ", ".join(f"`{s['path']}`" for s in held)
+    card = _hub_metadata(model, command, kind, train + held, pipeline)
     how = f"`prefcli {command}`" + (f", {kind}" if kind and kind != command else "") + f", {steps} steps"
-    lines = [
-        "---",
-        card.to_yaml(),
-        "---",
-        "",
-        f"# {shown.parent.name}",
-        "",
-        what,
-        "",
-        f"- **Base model**: {base_line}",
-        f"- **Training**: {how}",
-        f"- **Data**: {train_list}" + (f"; held out: {held_list}" if held_list else ""),
-        f"- **Licence**: {lic} (copied from the base model)"
-        if lic
-        else "- **Licence**: none found in the base model's card or config; check the base model's and the data's "
-        "terms before sharing this model",
-        f"- **prefcli**: {__version__}",
-        "",
-        "## Command",
-        "",
-        "```",
-        cmdline,
-        "```",
-        "",
-    ]
+    lines = ["---", card.to_yaml(), "---", "", f"# {shown.parent.name}", "", what, ""]
+    lines += _facts(model, how, train, held, card.license)
+    lines += ["## Command", "", "```", cmdline, "```", ""]
     if pipeline is not None and shown.name == "final":
         lines += [
             "## Use",
@@ -214,6 +168,51 @@ def model_card(
     lines += ["", "## Recipe (resolved: every default written out, paths absolute)", "", "```yaml"]
     lines += [recipe_yaml.rstrip("\n"), "```", ""]
     return "\n".join(lines)
+
+
+def _hub_metadata(model: dict, command: str, kind, sources: list[dict], pipeline: str | None):
+    """The card's YAML front matter for the Hub: tags, the base model (when it is on the Hub), the Hub datasets,
+    the pipeline tag and the base model's licence."""
+    from huggingface_hub import ModelCardData
+
+    base = model.get("path")
+    hub_base = base if base and not is_local(base) else None
+    tags = ["prefcli", command] + ([str(kind)] if kind and kind != command else [])
+    if model.get("lora"):
+        tags.append("lora")
+    hub_data = sorted({s["path"] for s in sources if not is_local(s["path"]) and s["path"] != "-"})
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline,
+        tags=tags,
+        base_model=hub_base,
+        base_model_relation="finetune" if hub_base else None,
+        datasets=hub_data or None,
+        **base_license(base, model.get("revision")),
+    )
+
+
+def _facts(model: dict, how: str, train: list[dict], held: list[dict], lic) -> list[str]:
+    """The card's bulleted facts: base model, training, data, licence, prefcli version."""
+    base = model.get("path")
+    if base:
+        base_line = f"`{base}`" + (f" (revision `{model['revision']}`)" if model.get("revision") else "")
+    else:
+        init = model.get("init") or {}
+        base_line = f"none: a random initialisation of a `{init.get('architecture')}` config (`model.init`)"
+    train_list = ", ".join(f"`{s['path']}`" for s in train) or "(none)"
+    held_list = ", ".join(f"`{s['path']}`" for s in held)
+    return [
+        f"- **Base model**: {base_line}",
+        f"- **Training**: {how}",
+        f"- **Data**: {train_list}" + (f"; held out: {held_list}" if held_list else ""),
+        f"- **Licence**: {lic} (copied from the base model)"
+        if lic
+        else "- **Licence**: none found in the base model's card or config; check the base model's and the data's "
+        "terms before sharing this model",
+        f"- **prefcli**: {__version__}",
+        "",
+    ]
 
 
 def write_card(folder: Path, text: str) -> None:

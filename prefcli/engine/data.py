@@ -53,8 +53,6 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
     if isinstance(src, DataMixture):
         return load_mixture(src, required, what)
     _quiet_datasets()
-    import datasets
-
     path = src.path
     shown = shown_path(path)
     field = f"{what}.path" if what.startswith("data.") else what
@@ -63,58 +61,82 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
     if is_local(path) and os.path.isfile(path) and is_blank_file(path):
         raise DataError(f"{what}: {shown} is empty: it has no rows. Point {field} at a file with data")
     try:
-        if path == "-":
-            ds = read_stdin_rows(what)
-        elif is_local(path) and os.path.isfile(path):
-            builder = _builder(path)
-            if builder is None:
-                raise DataError(f"{what}: {shown}: unknown file type; use .jsonl, .json, .csv, .tsv, .parquet or .txt")
-            kw = {"delimiter": "\t"} if path.removesuffix(".gz").endswith(".tsv") else {}
-            if builder == "json":  # a line nested too deep would crash pyarrow's reader (datacheck.MAX_ROW_DEPTH)
-                check_json_depth(path, what)
-            ds = datasets.load_dataset(builder, data_files=path, split="train", **kw)
-        elif is_local(path) and (
-            Path(path, "dataset_info.json").exists()
-            or Path(path, "state.json").exists()
-            or Path(path, "dataset_dict.json").exists()
-        ):
-            ds = datasets.load_from_disk(path)
-            if isinstance(ds, datasets.DatasetDict):
-                if src.split not in ds:
-                    raise DataError(f"{what}: {shown} has no split '{src.split}' (splits: {', '.join(ds)})")
-                ds = ds[src.split]
-        else:
-            if is_local(path) and os.path.isdir(path) and not _has_data_files(path):
-                raise DataError(
-                    f"{what}: {shown} is a folder without data files (no {', '.join(sorted(_BUILDERS))} or .arrow "
-                    f"file in it or below it) and not a dataset saved by datasets' save_to_disk; point {field} at a "
-                    "data file or a folder of them"
-                )
-            ds = datasets.load_dataset(path, src.subset, split=src.split)
+        ds = _open_dataset(src, what, shown, field)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; all mean "cannot read this"
-        chain = exception_chain(e)
-        text = " ".join(f"{type(c).__name__} {c}" for c in chain).lower().replace("-", "")
-        if is_local(path) and ("utf8" in text or "unicodedecodeerror" in text):
-            raise DataError(not_utf8_message(what, path, None)) from None
-        if is_local(path) and ("corresponds to no data" in text or "batchsize must be greater than 0" in text):
-            raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data") from None
-        syntax = (
-            json_syntax_error(path) if is_local(path) and os.path.isfile(path) and _builder(path) == "json" else None
-        )
-        if syntax:  # pyarrow names a byte position inside a block; this names the line
-            raise DataError(f"{what}: could not read file {shown}: {syntax}") from None
-        msg = next((str(c).strip().splitlines()[0] for c in reversed(chain) if str(c).strip()), type(e).__name__)
-        if path == "-":
-            raise DataError(
-                f"{what}: could not read the rows on stdin: {msg}; every row needs the same fields with values of "
-                "one type (text in one row and a number or a list in another cannot make a column)"
-            ) from None
-        where = "file" if is_local(path) else "hub dataset (needs network or a cache)"
-        fix = "check that it is valid for its type" if is_local(path) else "check the name and the network"
-        raise DataError(f"{what}: could not read {where} {shown}: {msg}; {fix}") from None
+        raise _unreadable(e, path, what, shown, field) from None
     check_utf8(ds, what, path)
+    ds = _map_columns(ds, src, required, what, shown)
+    if src.max_rows is not None and len(ds) > src.max_rows:
+        ds = ds.select(range(src.max_rows))
+    if len(ds) == 0:
+        raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data")
+    return ds
+
+
+def _open_dataset(src: DataSource, what: str, shown: str, field: str):
+    """The rows of `src.path`: stdin (`-`), a local data file, a folder saved by `save_to_disk` (its split), or
+    anything else `datasets.load_dataset` reads (a folder of data files, a Hub dataset)."""
+    import datasets
+
+    path = src.path
+    if path == "-":
+        return read_stdin_rows(what)
+    if is_local(path) and os.path.isfile(path):
+        builder = _builder(path)
+        if builder is None:
+            raise DataError(f"{what}: {shown}: unknown file type; use .jsonl, .json, .csv, .tsv, .parquet or .txt")
+        kw = {"delimiter": "\t"} if path.removesuffix(".gz").endswith(".tsv") else {}
+        if builder == "json":  # a line nested too deep would crash pyarrow's reader (datacheck.MAX_ROW_DEPTH)
+            check_json_depth(path, what)
+        return datasets.load_dataset(builder, data_files=path, split="train", **kw)
+    if is_local(path) and (
+        Path(path, "dataset_info.json").exists()
+        or Path(path, "state.json").exists()
+        or Path(path, "dataset_dict.json").exists()
+    ):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise DataError(f"{what}: {shown} has no split '{src.split}' (splits: {', '.join(ds)})")
+            ds = ds[src.split]
+        return ds
+    if is_local(path) and os.path.isdir(path) and not _has_data_files(path):
+        raise DataError(
+            f"{what}: {shown} is a folder without data files (no {', '.join(sorted(_BUILDERS))} or .arrow "
+            f"file in it or below it) and not a dataset saved by datasets' save_to_disk; point {field} at a "
+            "data file or a folder of them"
+        )
+    return datasets.load_dataset(path, src.subset, split=src.split)
+
+
+def _unreadable(e: Exception, path: str, what: str, shown: str, field: str) -> DataError:
+    """The DataError for an exception `datasets` raised reading `path`: not UTF-8, no rows, the JSON line with a
+    syntax error, rows on stdin that make no column, else the innermost message and what to check."""
+    chain = exception_chain(e)
+    text = " ".join(f"{type(c).__name__} {c}" for c in chain).lower().replace("-", "")
+    if is_local(path) and ("utf8" in text or "unicodedecodeerror" in text):
+        return DataError(not_utf8_message(what, path, None))
+    if is_local(path) and ("corresponds to no data" in text or "batchsize must be greater than 0" in text):
+        return DataError(f"{what}: {shown} has no rows. Point {field} at a file with data")
+    syntax = json_syntax_error(path) if is_local(path) and os.path.isfile(path) and _builder(path) == "json" else None
+    if syntax:  # pyarrow names a byte position inside a block; this names the line
+        return DataError(f"{what}: could not read file {shown}: {syntax}")
+    msg = next((str(c).strip().splitlines()[0] for c in reversed(chain) if str(c).strip()), type(e).__name__)
+    if path == "-":
+        return DataError(
+            f"{what}: could not read the rows on stdin: {msg}; every row needs the same fields with values of "
+            "one type (text in one row and a number or a list in another cannot make a column)"
+        )
+    where = "file" if is_local(path) else "hub dataset (needs network or a cache)"
+    fix = "check that it is valid for its type" if is_local(path) else "check the name and the network"
+    return DataError(f"{what}: could not read {where} {shown}: {msg}; {fix}")
+
+
+def _map_columns(ds, src: DataSource, required: Sequence[str], what: str, shown: str):
+    """`ds` with its columns renamed per `src.columns` (a mapped name replaces a column already called so), checked
+    for the `required` columns."""
     for want, have in src.columns.items():
         if have not in ds.column_names:
             raise DataError(
@@ -131,10 +153,6 @@ def load_rows(src: DataSource | DataMixture, required: Sequence[str] = (), what:
             f"{what}: {shown}: missing column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)}); "
             "map yours with data.<split>.columns, e.g. {prompt: question}"
         )
-    if src.max_rows is not None and len(ds) > src.max_rows:
-        ds = ds.select(range(src.max_rows))
-    if len(ds) == 0:
-        raise DataError(f"{what}: {shown} has no rows. Point {field} at a file with data")
     return ds
 
 

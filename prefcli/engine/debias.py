@@ -272,19 +272,7 @@ def apply_debias(
     report: dict[str, Any] = {"train_rows_before": len(train)}
     cols = content_columns(train.column_names)
     if cfg.dedup != "off":
-        norm = cfg.dedup == "normalized"
-        keys = [c for c in key_columns if c in train.column_names]
-        drop = duplicate_rows(train.to_list(), cols + keys, norm)
-        train = _select(train, drop)
-        report["dedup"] = {"mode": cfg.dedup, "train_removed": len(drop)}
-        msg = f"data.debias.dedup ({cfg.dedup}): removed {len(drop)} duplicate training rows"
-        if held_out is not None:
-            ekeys = [c for c in key_columns if c in held_out.column_names]
-            drop_e = duplicate_rows(held_out.to_list(), content_columns(held_out.column_names) + ekeys, norm)
-            held_out = _select(held_out, drop_e)
-            report["dedup"]["eval_removed"] = len(drop_e)
-            msg += f" and {len(drop_e)} duplicate held-out rows"
-        say(msg)
+        train, held_out = _dedup_step(train, held_out, cfg.dedup, cols, key_columns, report, say)
     if cfg.drop_eval_prompts:
         if held_out is None:
             raise UsageError("data.debias.drop_eval_prompts needs a held-out set: set data.eval or data.eval_fraction")
@@ -292,40 +280,60 @@ def apply_debias(
         train = _select(train, drop)
         report["drop_eval_prompts"] = {"train_removed": len(drop)}
         say(f"data.debias.drop_eval_prompts: removed {len(drop)} training rows whose prompt is a held-out prompt")
-    if balance == "subsample":
-        if not pairs:
-            raise UsageError(
-                "data.debias.length_balance needs chosen/rejected pair rows (reward objective bradley_terry or a "
-                "paired contrastive objective); these rows are not pairs. Set it to 'off'"
-            )
-        if len(train) == 0:
-            raise UsageError("data.debias: no training row is left before length balancing")
-        prompts = train["prompt"] if "prompt" in train.column_names else [None] * len(train)
-        lc = completion_lengths(tok, prompts, train["chosen"], fmt)
-        lr = completion_lengths(tok, prompts, train["rejected"], fmt)
-        keep, table = balance_subsample(lc, lr, cfg.length_bins, seed)
-        removed = len(train) - len(keep)
-        if not keep:
-            raise UsageError(
-                "data.debias.length_balance 'subsample' keeps no pair: chosen is longer in every pair (or shorter "
-                "in every pair) in every length bin; the data has no pair against the bias"
-            )
-        train = train.select(keep)
-        report["length_balance"] = {"mode": "subsample", "length_bins": cfg.length_bins, "train_removed": removed}
-        report["length_balance"].update(table)
-        say(
-            f"data.debias.length_balance (subsample, {cfg.length_bins} bins): kept {len(keep)} of "
-            f"{len(keep) + removed} pairs, chosen longer in as many as chosen shorter in every bin"
-        )
-    elif balance == "reweight" and not pairs:
+    if balance in ("subsample", "reweight") and not pairs:
         raise UsageError(
             "data.debias.length_balance needs chosen/rejected pair rows (reward objective bradley_terry or a "
             "paired contrastive objective); these rows are not pairs. Set it to 'off'"
         )
+    if balance == "subsample":
+        train = _subsample_step(train, cfg.length_bins, tok, fmt, seed, report, say)
     report["train_rows_after"] = len(train)
     if len(train) == 0:
         raise UsageError("data.debias removed every training row; relax data.debias")
     return train, held_out, report
+
+
+def _dedup_step(train, held_out, mode: str, cols: list[str], key_columns: Sequence[str], report: dict, say):
+    """data.debias.dedup: drop the training (and held-out) rows that repeat an earlier row of their own split."""
+    norm = mode == "normalized"
+    keys = [c for c in key_columns if c in train.column_names]
+    drop = duplicate_rows(train.to_list(), cols + keys, norm)
+    train = _select(train, drop)
+    report["dedup"] = {"mode": mode, "train_removed": len(drop)}
+    msg = f"data.debias.dedup ({mode}): removed {len(drop)} duplicate training rows"
+    if held_out is not None:
+        ekeys = [c for c in key_columns if c in held_out.column_names]
+        drop_e = duplicate_rows(held_out.to_list(), content_columns(held_out.column_names) + ekeys, norm)
+        held_out = _select(held_out, drop_e)
+        report["dedup"]["eval_removed"] = len(drop_e)
+        msg += f" and {len(drop_e)} duplicate held-out rows"
+    say(msg)
+    return train, held_out
+
+
+def _subsample_step(train, length_bins: int, tok, fmt: str, seed: int, report: dict, say):
+    """data.debias.length_balance 'subsample': keep, in every length bin, as many pairs with chosen longer as
+    with chosen shorter."""
+    if len(train) == 0:
+        raise UsageError("data.debias: no training row is left before length balancing")
+    prompts = train["prompt"] if "prompt" in train.column_names else [None] * len(train)
+    lc = completion_lengths(tok, prompts, train["chosen"], fmt)
+    lr = completion_lengths(tok, prompts, train["rejected"], fmt)
+    keep, table = balance_subsample(lc, lr, length_bins, seed)
+    removed = len(train) - len(keep)
+    if not keep:
+        raise UsageError(
+            "data.debias.length_balance 'subsample' keeps no pair: chosen is longer in every pair (or shorter "
+            "in every pair) in every length bin; the data has no pair against the bias"
+        )
+    train = train.select(keep)
+    report["length_balance"] = {"mode": "subsample", "length_bins": length_bins, "train_removed": removed}
+    report["length_balance"].update(table)
+    say(
+        f"data.debias.length_balance (subsample, {length_bins} bins): kept {len(keep)} of "
+        f"{len(keep) + removed} pairs, chosen longer in as many as chosen shorter in every bin"
+    )
+    return train
 
 
 def pair_weights(cfg, len_c: Sequence[int], len_r: Sequence[int], report: dict | None, warn=None):

@@ -107,39 +107,7 @@ def prepare(
     conditioned = [False] * len(scores)
     contexts = None
     if obj.control_tokens:
-        a_id, m_id = control_ids
-        pos = s.control_position
-        ts = train_set
-        for i in range(len(ts)):
-            if unit_hash(seed, ts.rows[i]) < s.drop_control_fraction:
-                continue
-            conditioned[i] = True
-            ts.input_ids[i], ts.labels[i] = prefix_control(
-                ts.input_ids[i], ts.labels[i], a_id if aligned[i] else m_id, bos, mask_next=False, position=pos
-            )
-        if eval_set is not None:
-            es = eval_set
-            contexts = [
-                control_context(es.input_ids[i], es.labels[i], a_id, bos, pos)
-                for i in range(min(len(es), GAP_CONTEXTS))
-            ]
-            for i in range(len(es)):
-                es.input_ids[i], es.labels[i] = prefix_control(
-                    es.input_ids[i], es.labels[i], a_id, bos, mask_next=True, position=pos
-                )
-        n = max(1, len(scores))
-        stats.update(
-            {
-                "aligned_token": s.aligned_token,
-                "misaligned_token": s.misaligned_token,
-                "control_token_ids": [a_id, m_id],
-                "control_position": pos,
-                "examples_aligned": sum(c and a for c, a in zip(conditioned, aligned)),
-                "examples_misaligned": sum(c and not a for c, a in zip(conditioned, aligned)),
-                "examples_unconditioned": len(scores) - sum(conditioned),
-            }
-        )
-        stats["aligned_fraction"] = stats["examples_aligned"] / n
+        conditioned, contexts = _add_control_tokens(s, train_set, eval_set, aligned, control_ids, bos, seed, stats)
     return PHFData(
         train_set=train_set,
         eval_set=eval_set,
@@ -149,6 +117,47 @@ def prepare(
         stats=stats,
         gap_contexts=contexts,
     )
+
+
+def _add_control_tokens(
+    s, ts: TokenizedSet, es: TokenizedSet | None, aligned: list[bool], control_ids: tuple[int, int], bos, seed, stats
+) -> tuple[list[bool], list | None]:
+    """Prefix each training example with its control token (in place; a `drop_control_fraction` of them, by a
+    hash of the row, get none) and every held-out example with the aligned token; returns which training
+    examples are conditioned and the held-out control contexts, and adds the counts to `stats`."""
+    a_id, m_id = control_ids
+    pos = s.control_position
+    conditioned = [False] * len(ts)
+    for i in range(len(ts)):
+        if unit_hash(seed, ts.rows[i]) < s.drop_control_fraction:
+            continue
+        conditioned[i] = True
+        ts.input_ids[i], ts.labels[i] = prefix_control(
+            ts.input_ids[i], ts.labels[i], a_id if aligned[i] else m_id, bos, mask_next=False, position=pos
+        )
+    contexts = None
+    if es is not None:
+        contexts = [
+            control_context(es.input_ids[i], es.labels[i], a_id, bos, pos) for i in range(min(len(es), GAP_CONTEXTS))
+        ]
+        for i in range(len(es)):
+            es.input_ids[i], es.labels[i] = prefix_control(
+                es.input_ids[i], es.labels[i], a_id, bos, mask_next=True, position=pos
+            )
+    n = max(1, len(ts))
+    stats.update(
+        {
+            "aligned_token": s.aligned_token,
+            "misaligned_token": s.misaligned_token,
+            "control_token_ids": [a_id, m_id],
+            "control_position": pos,
+            "examples_aligned": sum(c and a for c, a in zip(conditioned, aligned)),
+            "examples_misaligned": sum(c and not a for c, a in zip(conditioned, aligned)),
+            "examples_unconditioned": len(ts) - sum(conditioned),
+        }
+    )
+    stats["aligned_fraction"] = stats["examples_aligned"] / n
+    return conditioned, contexts
 
 
 def segment_rows(ds, fmt: str, separator: str):
@@ -223,6 +232,52 @@ def _segment_set(seg_ds, n_rows: int, tok, enc: dict, controls, source: str) -> 
     return ts, members
 
 
+def _held_out_segments(eval_rows, fmt: str, separator: str, tok, enc: dict, a_id: int, source: str):
+    """The held-out set of the per_segment variant, <|aligned|> before every segment (the first token of a row
+    no target, as prefix_control(mask_next)), and its control contexts for eval/control_gap."""
+    eval_segs = segment_rows(eval_rows, fmt, separator)
+    eval_set, _ = _segment_set(eval_segs, len(eval_rows), tok, enc, lambda r, j: a_id, source)
+    contexts = []
+    for i in range(len(eval_set)):
+        ids, labels = eval_set.input_ids[i], eval_set.labels[i]
+        p = ids.index(a_id)
+        if p == 0 and len(labels) > 1:  # as prefix_control(mask_next): the first token of a row is no target
+            labels[1] = IGNORE
+        if i < GAP_CONTEXTS:
+            contexts.append((ids[: p + 1], p))
+    return eval_set, contexts
+
+
+def _per_example(s, members, toks, seg_scores, t: float, control_ids: tuple[int, int], stats: dict):
+    """Each per_segment example's score (the mean of its segments'), aligned share and whether any segment is
+    conditioned; the control-token counts (of segments) go to `stats`."""
+    a_id, m_id = control_ids
+    scores, aligned, conditioned = [], [], []
+    n_al = n_mis = n_none = 0
+    for ks, tk in zip(members, toks):
+        sc = [seg_scores[k] for k in ks]
+        scores.append(statistics.fmean(sc))
+        aligned.append(sum(x >= t for x in sc) / len(sc))
+        conditioned.append(any(c is not None for c in tk))
+        n_al += sum(c == a_id for c in tk)
+        n_mis += sum(c == m_id for c in tk)
+        n_none += sum(c is None for c in tk)
+    stats.update(
+        {
+            "aligned_token": s.aligned_token,
+            "misaligned_token": s.misaligned_token,
+            "control_token_ids": [a_id, m_id],
+            "control_position": "per_segment",
+            "segments_per_example": sum(len(m) for m in members) / max(1, len(members)),
+            "examples_aligned": n_al,  # per_segment: counts segments
+            "examples_misaligned": n_mis,
+            "examples_unconditioned": n_none,
+            "aligned_fraction": n_al / max(1, n_al + n_mis + n_none),
+        }
+    )
+    return scores, aligned, conditioned
+
+
 def prepare_segments(
     s,
     train_rows,
@@ -263,40 +318,9 @@ def prepare_segments(
     train_set, members = _segment_set(segs, len(train_rows), tok, enc, ctrl, source)
     eval_set, contexts = None, None
     if eval_rows is not None:
-        eval_segs = segment_rows(eval_rows, fmt, s.segment_separator)
-        eval_set, _ = _segment_set(eval_segs, len(eval_rows), tok, enc, lambda r, j: a_id, source)
-        contexts = []
-        for i in range(len(eval_set)):
-            ids, labels = eval_set.input_ids[i], eval_set.labels[i]
-            p = ids.index(a_id)
-            if p == 0 and len(labels) > 1:  # as prefix_control(mask_next): the first token of a row is no target
-                labels[1] = IGNORE
-            if i < GAP_CONTEXTS:
-                contexts.append((ids[: p + 1], p))
-    scores, aligned, conditioned = [], [], []
-    n_al = n_mis = n_none = 0
-    for ks in members:
-        sc = [seg_scores[k] for k in ks]
-        toks = [ctrl(seg_rows[k], seg_index[k]) for k in ks]
-        scores.append(statistics.fmean(sc))
-        aligned.append(sum(x >= t for x in sc) / len(sc))
-        conditioned.append(any(c is not None for c in toks))
-        n_al += sum(c == a_id for c in toks)
-        n_mis += sum(c == m_id for c in toks)
-        n_none += sum(c is None for c in toks)
-    stats.update(
-        {
-            "aligned_token": s.aligned_token,
-            "misaligned_token": s.misaligned_token,
-            "control_token_ids": [a_id, m_id],
-            "control_position": "per_segment",
-            "segments_per_example": sum(len(m) for m in members) / max(1, len(members)),
-            "examples_aligned": n_al,  # per_segment: counts segments
-            "examples_misaligned": n_mis,
-            "examples_unconditioned": n_none,
-            "aligned_fraction": n_al / max(1, n_al + n_mis + n_none),
-        }
-    )
+        eval_set, contexts = _held_out_segments(eval_rows, fmt, s.segment_separator, tok, enc, a_id, source)
+    toks = [[ctrl(seg_rows[k], seg_index[k]) for k in ks] for ks in members]
+    scores, aligned, conditioned = _per_example(s, members, toks, seg_scores, t, control_ids, stats)
     return PHFData(
         train_set=train_set,
         eval_set=eval_set,

@@ -140,8 +140,9 @@ def _data_source(path: str, columns: dict, max_rows: int | None, what: str):
 
 
 def _recipe_source(opts: InspectOptions) -> Source:
-    from ...engine.data import detect_format, load_rows, split_eval
-    from ...engine.pairs import detect_pair_format
+    """The data a recipe trains on, read as its command reads it: the same files, the same outside formats,
+    the same held-out split (data.eval, or data.eval_fraction split with the recipe's seed)."""
+    from ...engine.data import load_rows, split_eval
     from ...engine.tokenizer import load_tokenizer
     from ...recipe import load_recipe
 
@@ -149,36 +150,12 @@ def _recipe_source(opts: InspectOptions) -> Source:
     r, cmd = loaded.recipe, loaded.command
     name = str(opts.source)
     if cmd == "eval":
-        from ...evaluate.loading import model_section
-
-        d = r.data
-        src = d.pairs or d.prompts or d.text
-        kind = "pairs" if d.pairs else "prompts" if d.prompts else "sft"
-        try:
-            tok = load_tokenizer(model_section(r.models[0], "models[0]"))
-            tname = r.models[0].tokenizer or r.models[0].path or "models[0]"
-        except UsageError:
-            tok, tname = _tokenizer(None)
-        rows = load_rows(src, what="data")
-        fmt = detect_format(rows.column_names, r.data.text_format) if kind == "sft" else "plain"
-        return Source(rows, None, kind, fmt, tok, tname, None, "policy", None, name, name, cmd)
+        return _eval_recipe_source(r, name)
     d = r.data
     tok = load_tokenizer(r.model)
     tname = r.model.tokenizer or r.model.path or "model.tokenizer"
     seed = r.train.seed
-    max_length = getattr(d, "max_length", None)
-    convention = "policy"
-    if cmd == "reward":
-        kind = {"bradley_terry": "pairs", "regression": "scores", "ranking": "rankings"}[r.reward.objective]
-        convention = "scored"
-    elif cmd == "contrastive":
-        kind = "unpaired" if r.contrastive.objective == "kto" else "pairs"
-    elif cmd == "rlhf":
-        kind, max_length, convention = "prompts", d.max_prompt_length, "prompt"
-    elif cmd == "gan":
-        kind, convention = "sft", "scored"
-    else:
-        kind = "sft"
+    kind, max_length, convention = _recipe_kind(r, cmd)
     train = load_rows(d.train, what="data.train")
     outside = {"sft": ("sft",), "pairs": ("pairs",)}.get(kind, ()) if cmd != "gan" else ()
     if kind == "pairs" and cmd == "contrastive" and r.contrastive.objective == "infonce":
@@ -196,18 +173,7 @@ def _recipe_source(opts: InspectOptions) -> Source:
         how = f"data.eval_fraction {d.eval_fraction} (split as training splits it, seed {seed})"
     if read_as is not None:
         requested = "messages" if kind == "sft" else "chat"
-    if kind == "sft":
-        if cmd == "gan":
-            fmt = "prompt_completion"
-        else:
-            fmt = detect_format(train.column_names, "messages" if requested == "openai" else requested)
-    elif kind == "prompts":
-        fmt = "messages" if "messages" in train.column_names else "plain"
-    else:
-        probe = {"pairs": "chosen", "unpaired": "completion", "scores": "text", "rankings": "completions"}[kind]
-        if probe not in train.column_names:
-            probe = "completion" if "completion" in train.column_names else train.column_names[0]
-        fmt = detect_pair_format(train, probe, requested) if probe != "completions" else "plain"
+    fmt = _recipe_format(train, kind, cmd, requested)
     src = Source(train, held_out, kind, fmt, tok, tname, max_length, convention, how, d.train.path, name, cmd)
     src.read_as = read_as
     src.length_fixes = length_fixes(r, cmd)
@@ -215,6 +181,58 @@ def _recipe_source(opts: InspectOptions) -> Source:
     src.add_eos = getattr(d, "add_eos", True)
     src.user_column = getattr(d, "user_column", None)
     return src
+
+
+def _eval_recipe_source(r, name: str) -> Source:
+    """An eval recipe's data: its pairs, else its prompts, else its text, with the first model's tokenizer
+    (the default tokenizer where that cannot be loaded)."""
+    from ...engine.data import detect_format, load_rows
+    from ...engine.tokenizer import load_tokenizer
+    from ...evaluate.loading import model_section
+
+    d = r.data
+    src = d.pairs or d.prompts or d.text
+    kind = "pairs" if d.pairs else "prompts" if d.prompts else "sft"
+    try:
+        tok = load_tokenizer(model_section(r.models[0], "models[0]"))
+        tname = r.models[0].tokenizer or r.models[0].path or "models[0]"
+    except UsageError:
+        tok, tname = _tokenizer(None)
+    rows = load_rows(src, what="data")
+    fmt = detect_format(rows.column_names, r.data.text_format) if kind == "sft" else "plain"
+    return Source(rows, None, kind, fmt, tok, tname, None, "policy", None, name, name, "eval")
+
+
+def _recipe_kind(r, cmd: str) -> tuple[str, int | None, str]:
+    """(the kind of rows, the max_length that applies, the tokenization convention) a training command reads."""
+    max_length = getattr(r.data, "max_length", None)
+    if cmd == "reward":
+        kind = {"bradley_terry": "pairs", "regression": "scores", "ranking": "rankings"}[r.reward.objective]
+        return kind, max_length, "scored"
+    if cmd == "contrastive":
+        return ("unpaired" if r.contrastive.objective == "kto" else "pairs"), max_length, "policy"
+    if cmd == "rlhf":
+        return "prompts", r.data.max_prompt_length, "prompt"
+    if cmd == "gan":
+        return "sft", max_length, "scored"
+    return "sft", max_length, "policy"
+
+
+def _recipe_format(train, kind: str, cmd: str, requested: str) -> str:
+    """The row format the command detects in `train` for this kind (the gan reads prompt_completion rows)."""
+    from ...engine.data import detect_format
+    from ...engine.pairs import detect_pair_format
+
+    if kind == "sft":
+        if cmd == "gan":
+            return "prompt_completion"
+        return detect_format(train.column_names, "messages" if requested == "openai" else requested)
+    if kind == "prompts":
+        return "messages" if "messages" in train.column_names else "plain"
+    probe = {"pairs": "chosen", "unpaired": "completion", "scores": "text", "rankings": "completions"}[kind]
+    if probe not in train.column_names:
+        probe = "completion" if "completion" in train.column_names else train.column_names[0]
+    return detect_pair_format(train, probe, requested) if probe != "completions" else "plain"
 
 
 def length_fixes(r, cmd: str) -> str:
@@ -234,9 +252,8 @@ def length_fixes(r, cmd: str) -> str:
 
 
 def resolve(opts: InspectOptions) -> Source:
-    from ...engine.data import load_rows
-    from ...engine.pairs import detect_pair_format
-
+    """What to inspect: a recipe's data read as its command reads it, or a data file (and --eval) with the
+    kind detected or given by --kind."""
     if opts.kind not in ("auto",) + KINDS:
         raise UsageError(f"--kind must be one of auto, {', '.join(KINDS)}; got {opts.kind!r}")
     if opts.source.endswith((".yaml", ".yml")):
@@ -249,6 +266,14 @@ def resolve(opts: InspectOptions) -> Source:
         if opts.max_length:
             src.max_length = opts.max_length
         return src
+    return _file_source(opts)
+
+
+def _file_source(opts: InspectOptions) -> Source:
+    """A data file (and --eval) read as training reads one, with the kind detected or given by --kind."""
+    from ...engine.data import load_rows
+    from ...engine.pairs import detect_pair_format
+
     if not os.path.exists(opts.source) and opts.source.endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet")):
         raise DataError(f"no such file: {opts.source}")
     train = load_rows(_data_source(opts.source, opts.columns, opts.max_rows, "data"), what="data")
@@ -259,33 +284,9 @@ def resolve(opts: InspectOptions) -> Source:
         held_out, _ = read_outside(held_out, "auto", ("pairs", "sft"), opts.eval, "--eval")
     kind, sft_fmt = detect_kind(train.column_names) if opts.kind == "auto" else (opts.kind, None)
     if opts.kind != "auto":
-        need = {
-            "pairs": ["chosen", "rejected"],
-            "unpaired": ["completion", "label"],
-            "scores": ["score"],
-            "rankings": ["completions"],
-            "prompts": ["prompt"],
-        }.get(kind, [])
-        missing = [c for c in need if c not in train.column_names]
-        if missing:
-            raise DataError(
-                f"data: {opts.source}: --kind {kind} needs column(s) {', '.join(missing)} "
-                f"(columns: {', '.join(train.column_names)}); map yours with --columns"
-            )
-        if kind == "sft":
-            from ...engine.data import detect_format
-
-            sft_fmt = detect_format(train.column_names, "auto")
+        sft_fmt = _check_kind_columns(train, kind, opts.source)
     if held_out is not None:
-        need = [
-            c for c in ("chosen", "rejected", "completion", "completions", "text", "prompt") if c in train.column_names
-        ]
-        missing = [c for c in need if c not in held_out.column_names]
-        if missing:
-            raise DataError(
-                f"--eval {opts.eval}: missing column(s) {', '.join(missing)} that the training rows have "
-                f"(columns: {', '.join(held_out.column_names)})"
-            )
+        _check_held_out_columns(train, held_out, opts.eval)
     tok, tname = _tokenizer(opts.tokenizer)
     if kind == "sft":
         fmt = sft_fmt
@@ -309,6 +310,39 @@ def resolve(opts: InspectOptions) -> Source:
         opts.source,
         read_as=read_as,
     )
+
+
+def _check_kind_columns(train, kind: str, source: str) -> str | None:
+    """--kind given: the columns that kind needs must be there; returns the sft format (None for other kinds)."""
+    need = {
+        "pairs": ["chosen", "rejected"],
+        "unpaired": ["completion", "label"],
+        "scores": ["score"],
+        "rankings": ["completions"],
+        "prompts": ["prompt"],
+    }.get(kind, [])
+    missing = [c for c in need if c not in train.column_names]
+    if missing:
+        raise DataError(
+            f"data: {source}: --kind {kind} needs column(s) {', '.join(missing)} "
+            f"(columns: {', '.join(train.column_names)}); map yours with --columns"
+        )
+    if kind == "sft":
+        from ...engine.data import detect_format
+
+        return detect_format(train.column_names, "auto")
+    return None
+
+
+def _check_held_out_columns(train, held_out, eval_path: str) -> None:
+    """--eval must have the completion and prompt columns the training rows have."""
+    need = [c for c in ("chosen", "rejected", "completion", "completions", "text", "prompt") if c in train.column_names]
+    missing = [c for c in need if c not in held_out.column_names]
+    if missing:
+        raise DataError(
+            f"--eval {eval_path}: missing column(s) {', '.join(missing)} that the training rows have "
+            f"(columns: {', '.join(held_out.column_names)})"
+        )
 
 
 # ---------------------------------------------------------------------------------- views

@@ -223,6 +223,23 @@ def _segment_set(seg_ds, n_rows: int, tok, enc: dict, controls, source: str) -> 
     return ts, members
 
 
+def _aligned_segment_set(
+    rows, fmt: str, separator: str, tok, enc: dict, a_id: int, source: str
+) -> tuple[TokenizedSet, list[tuple[list[int], int]]]:
+    """The held-out set of the per_segment variant, <|aligned|> before every segment, and the first GAP_CONTEXTS
+    of its prompts up to their first control token (the contexts of eval/control_gap)."""
+    eval_set, _ = _segment_set(segment_rows(rows, fmt, separator), len(rows), tok, enc, lambda r, j: a_id, source)
+    contexts = []
+    for i in range(len(eval_set)):
+        ids, labels = eval_set.input_ids[i], eval_set.labels[i]
+        p = ids.index(a_id)
+        if p == 0 and len(labels) > 1:  # as prefix_control(mask_next): the first token of a row is no target
+            labels[1] = IGNORE
+        if i < GAP_CONTEXTS:
+            contexts.append((ids[: p + 1], p))
+    return eval_set, contexts
+
+
 def prepare_segments(
     s,
     train_rows,
@@ -263,16 +280,7 @@ def prepare_segments(
     train_set, members = _segment_set(segs, len(train_rows), tok, enc, ctrl, source)
     eval_set, contexts = None, None
     if eval_rows is not None:
-        eval_segs = segment_rows(eval_rows, fmt, s.segment_separator)
-        eval_set, _ = _segment_set(eval_segs, len(eval_rows), tok, enc, lambda r, j: a_id, source)
-        contexts = []
-        for i in range(len(eval_set)):
-            ids, labels = eval_set.input_ids[i], eval_set.labels[i]
-            p = ids.index(a_id)
-            if p == 0 and len(labels) > 1:  # as prefix_control(mask_next): the first token of a row is no target
-                labels[1] = IGNORE
-            if i < GAP_CONTEXTS:
-                contexts.append((ids[: p + 1], p))
+        eval_set, contexts = _aligned_segment_set(eval_rows, fmt, s.segment_separator, tok, enc, a_id, source)
     scores, aligned, conditioned = [], [], []
     n_al = n_mis = n_none = 0
     for ks in members:

@@ -79,9 +79,7 @@ def count_targets(batch: dict) -> int:
 class SFTTask(Scheduled):
     def __init__(self, ctx: RunContext):
         r = ctx.recipe
-        self.ctx = ctx
-        self.rt = ctx.rt
-        self.cfg = r
+        self.ctx, self.rt, self.cfg = ctx, ctx.rt, r
         s = r.sft
         self.objective = obj = OBJECTIVES[s.objective]
         self.tok = tok = load_tokenizer(r.model)
@@ -151,8 +149,7 @@ class SFTTask(Scheduled):
         return train_rows, eval_rows
 
     def _examples(self, train_rows, eval_rows) -> PHFData | None:
-        """The tokenized training and held-out sets (self.train_set, self.eval_set) and, for a PHF objective, the
-        examples' scores, labels and control tokens (algos/phf/prepare.py)."""
+        """The tokenized train and held-out sets and, for a PHF objective, their scores, labels and control tokens."""
         ctx, rt, tok, obj, fmt = self.ctx, self.rt, self.tok, self.objective, self.format
         d, s, seed = self.cfg.data, self.cfg.sft, self.cfg.train.seed
         src = d.train.path
@@ -232,8 +229,7 @@ class SFTTask(Scheduled):
                 )
 
     def _build_model(self) -> nn.Module:
-        """The model (self.lm, self.policy) and the module the optimizer trains: the policy, or with a value
-        head on it for an objective that learns one."""
+        """The model (self.lm, self.policy) and the module the optimizer trains (with a value head for awr)."""
         r, rt, tok, s = self.cfg, self.rt, self.tok, self.cfg.sft
         # SFT keeps the model's dropout (a regulariser here: no two log-probs of the same text are compared)
         self.lm = lm = build_trained_model(
@@ -248,8 +244,7 @@ class SFTTask(Scheduled):
         return ValuePolicy(self.policy, hidden).to(rt.device)
 
     def _scale_control_rows(self) -> None:
-        """The control tokens' embedding rows (input and, when untied, output) learn at sft.control_lr_scale times
-        the learning rate."""
+        """The control tokens' embedding rows learn at sft.control_lr_scale times the learning rate."""
         inner = unwrap_lm(self.lm)
         weights = [inner.get_input_embeddings().weight]
         out = inner.get_output_embeddings()

@@ -28,7 +28,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -121,6 +121,17 @@ def _mib(n: int) -> str:
 
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+class _Step(NamedTuple):
+    """What one optimizer step gives the loop: reduced across ranks."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: float
+    stop: bool  # SIGINT/SIGTERM reached some rank
+    metrics: dict[str, float]
 
 
 class Engine:
@@ -356,32 +367,18 @@ class Engine:
         )
 
     def _run(self, resume_from: Path | None = None) -> dict:
-        rt, task, train = self.rt, self.task, self.train
+        """Start (or resume), train step after step until the task's last one, then checkpoint and evaluate the
+        last step. The steps of one iteration: take the task's next Plan, `_optimizer_step` it, `_record` it,
+        then the evaluation and checkpoint cadence and the signals."""
+        task, train = self.task, self.train
         total = task.total_steps()
-        if resume_from is not None and self.resumed_from != Path(resume_from):
-            self.restore(resume_from)
-        start = self.start
-        if resume_from is not None:
-            self.monitors.replay(self.run_dir / "metrics.jsonl", start)
-            self.progress.log(f"resumed from {resume_from} (step {start})")
-        plans = task.plans(start)
-        if resume_from is not None:
-            ckpt.restore_rng(resume_from, rt.rank)
-        for g in task.groups.values():
-            g.raw.train()
+        plans = self._start(resume_from)
+        start = step = self.start
+        self.step = start + 1
         history: dict[str, list] = {}
         last: dict[str, float] = {}
         step_times: list[float] = []
         tok_rates: list[float] = []
-        step = start
-        self.step = start + 1
-        n_params = {n: sum(p.numel() for p in g.raw.parameters()) for n, g in task.groups.items()}
-        for name, g in task.groups.items():
-            m = g.memory()
-            self.progress.log(
-                f"memory of '{name}' on each of {rt.world_size} process(es) ({rt.parallel}): parameters "
-                f"{_mib(m['params'])}, gradients {_mib(m['grads'])}, optimizer state {_mib(m['optim'])} (rank 0)"
-            )
         t_run = time.perf_counter()
         with _Signals() as sig:
             if train.eval_on_start and start == 0 and task.has_eval():
@@ -394,85 +391,18 @@ class Engine:
                 except StopIteration:
                     break
                 step += 1
-                group = task.groups[plan.group]
-                lr = group.set_lr()
-                n_local = float(sum(float(m.n) for m in plan.micro))
-                tokens_local = sum(m.tokens for m in plan.micro)
-                if rt.distributed:
-                    head = rt.all_reduce(torch.tensor([n_local], dtype=torch.float64, device=rt.device))
-                    n_global = float(head.item())
-                else:
-                    n_global = n_local  # no device round trip
-                if n_global <= 0:
-                    raise TrainingError(f"step {step}: the batch has no units to train on (e.g. no completion tokens)")
-                scale = rt.world_size / n_global  # DDP averages gradients over ranks
-                metrics = Metrics()
-                loss_local = torch.zeros((), dtype=torch.float64, device=rt.device)
-                for i, m in enumerate(plan.micro):
-                    sync = i == len(plan.micro) - 1
-                    with contextlib.nullcontext() if sync else group.no_sync():
-                        loss_sum, mets = plan.loss_fn(group.module, m.batch)
-                        (loss_sum * scale).backward()
-                    loss_local += loss_sum.detach().double()
-                    metrics.merge(mets)
-                gnorm = group.grad_norm()
-                if group.fused:
-                    # The fused AdamW kernel skips the update when found_inf is set, so the step can be
-                    # launched before the host reads the norm: a non-finite gradient never reaches the
-                    # weights, and the GPU need not drain first. (The norm is the same on every rank.)
-                    group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(())  # 0-d, as GradScaler
-                    group.optimizer.step()
-                reduced, (loss_sum_g, tokens_g, stop_flag, gn) = metrics.reduce(
-                    rt,
-                    [
-                        loss_local,
-                        float(tokens_local),
-                        float(sig.requested),
-                        gnorm.detach().double() / rt.world_size,
-                    ],
-                )
-                loss = loss_sum_g / n_global
-                if not math.isfinite(loss) or not math.isfinite(gn):
-                    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
-                    group.optimizer.zero_grad(set_to_none=True)
-                    raise self.failure(
-                        f"step {step}: {what}; stopped before the optimizer step",
-                        "Lower train.lr, set train.max_grad_norm, or check the data.",
-                    )
-                if not group.fused:
-                    group.optimizer.step()
-                if plan.group not in self.memory:  # gradients and optimizer state exist now: measure them
-                    self.memory[plan.group] = group.memory()
-                group.optimizer.zero_grad(set_to_none=True)
-                group.updates += 1
-                self._watch_collapse(step, plan.group, gn, loss)
+                done = self._optimizer_step(step, plan, sig)
                 dt = time.perf_counter() - t0
-                name = plan.name or plan.group
-                multi = len(task.groups) > 1
-                record: dict[str, Any] = {f"loss/{name}": loss}
-                record.update(reduced)
-                record.update(plan.metrics)
-                record[f"lr/{plan.group}" if multi else "lr"] = lr
-                record[f"grad_norm/{plan.group}" if multi else "grad_norm"] = gn
-                record["perf/step_s"] = dt
-                if tokens_g:
-                    record["perf/tokens_per_s"] = tokens_g / dt
-                    if step > start + 2:  # skip warm-up steps in the summary medians
-                        tok_rates.append(tokens_g / dt)
-                        step_times.append(dt)
-                    if self.peak_flops:
-                        record["perf/mfu"] = (
-                            6 * n_params[plan.group] * (tokens_g / dt) / (self.peak_flops * rt.world_size)
-                        )
-                mem = rt.peak_memory_gib()
-                if mem is not None:
-                    record["perf/mem_gib"] = mem
+                record = self._record(plan, done, dt)
+                if done.tokens and step > start + 2:  # skip warm-up steps in the summary medians
+                    tok_rates.append(done.tokens / dt)
+                    step_times.append(dt)
                 record["time_s"] = time.perf_counter() - t_run
                 last.update(record)
                 self.progress.step(step, record)
                 if train.eval_every_steps and step % train.eval_every_steps == 0 and step < total and task.has_eval():
                     last.update(self._evaluate(step, history))
-                interrupted = stop_flag > 0 and not self.stop_early
+                interrupted = done.stop and not self.stop_early
                 if (train.save_every_steps and step % train.save_every_steps == 0) or interrupted:
                     self._checkpoint(step)
                 if interrupted:
@@ -483,29 +413,12 @@ class Engine:
                 if self.stop_early:
                     break
             self.step = step  # the final evaluation and checkpoint belong to the last step
-
-            def saved() -> bool:
-                return self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{step}"
-
-            # The last step's checkpoint is written before the final evaluation: a run stopped from here on
-            # (signal, kill, full disk while writing final/) resumes at the last step, and such a resume trains
-            # nothing but still runs the final evaluation and writes final/. A run stopped early was evaluated
-            # at the step it stopped.
-            if train.save_every_steps and step > start and not saved():
-                self._checkpoint(step)
-            if task.has_eval() and not self.stop_early:
-                last.update(self._evaluate(step, history))
-            stop = rt.all_reduce(torch.tensor([float(sig.requested)], dtype=torch.float64, device=rt.device))
-            if stop.item() > 0:  # SIGINT/SIGTERM during the final evaluation
-                if not saved():
-                    self._checkpoint(step)
-                self.progress.close()
-                raise self._interrupted(
-                    f"interrupted after the last step ({step})",
-                    "Continue with the same command and --resume: it runs the final evaluation and writes final/.",
-                )
-        memory = self._memory_summary()
-        perf = {"tokens_per_s": _median(tok_rates), "step_s": _median(step_times), "peak_mem_gib": rt.peak_memory_gib()}
+            self._finish(step, history, last, sig)
+        perf = {
+            "tokens_per_s": _median(tok_rates),
+            "step_s": _median(step_times),
+            "peak_mem_gib": self.rt.peak_memory_gib(),
+        }
         return {
             "status": "completed",
             "steps": step,
@@ -514,6 +427,130 @@ class Engine:
             "perf": perf,
             "wall_s": time.perf_counter() - t_run,
             "history": history,
-            "memory": memory,
+            "memory": self._memory_summary(),
             **self.monitors.describe(),
         }
+
+    def _start(self, resume_from: Path | None):
+        """Restore a resumed checkpoint (weights, optimizer, monitors, random state), put the groups in training
+        mode, log their memory; returns the task's iterator of Plans from the step training starts after."""
+        rt, task = self.rt, self.task
+        if resume_from is not None and self.resumed_from != Path(resume_from):
+            self.restore(resume_from)
+        if resume_from is not None:
+            self.monitors.replay(self.run_dir / "metrics.jsonl", self.start)
+            self.progress.log(f"resumed from {resume_from} (step {self.start})")
+        plans = task.plans(self.start)
+        if resume_from is not None:
+            ckpt.restore_rng(resume_from, rt.rank)
+        self.n_params = {n: sum(p.numel() for p in g.raw.parameters()) for n, g in task.groups.items()}
+        for name, g in task.groups.items():
+            g.raw.train()
+            m = g.memory()
+            self.progress.log(
+                f"memory of '{name}' on each of {rt.world_size} process(es) ({rt.parallel}): parameters "
+                f"{_mib(m['params'])}, gradients {_mib(m['grads'])}, optimizer state {_mib(m['optim'])} (rank 0)"
+            )
+        return plans
+
+    def _optimizer_step(self, step: int, plan, sig: _Signals) -> _Step:
+        """One optimizer step of `plan`: the loss of every micro-batch weighted over the global batch, backward
+        (gradients synchronised on the last micro-batch), the gradient norm (clipped), the NaN/inf guard before
+        the update, the update; the loss, norm, token count, metrics and any stop request reduced across ranks
+        in one call."""
+        rt = self.rt
+        group = self.task.groups[plan.group]
+        lr = group.set_lr()
+        n_local = float(sum(float(m.n) for m in plan.micro))
+        tokens_local = sum(m.tokens for m in plan.micro)
+        if rt.distributed:
+            head = rt.all_reduce(torch.tensor([n_local], dtype=torch.float64, device=rt.device))
+            n_global = float(head.item())
+        else:
+            n_global = n_local  # no device round trip
+        if n_global <= 0:
+            raise TrainingError(f"step {step}: the batch has no units to train on (e.g. no completion tokens)")
+        scale = rt.world_size / n_global  # DDP averages gradients over ranks
+        metrics = Metrics()
+        loss_local = torch.zeros((), dtype=torch.float64, device=rt.device)
+        for i, m in enumerate(plan.micro):
+            sync = i == len(plan.micro) - 1
+            with contextlib.nullcontext() if sync else group.no_sync():
+                loss_sum, mets = plan.loss_fn(group.module, m.batch)
+                (loss_sum * scale).backward()
+            loss_local += loss_sum.detach().double()
+            metrics.merge(mets)
+        gnorm = group.grad_norm()
+        if group.fused:
+            # The fused AdamW kernel skips the update when found_inf is set, so the step can be
+            # launched before the host reads the norm: a non-finite gradient never reaches the
+            # weights, and the GPU need not drain first. (The norm is the same on every rank.)
+            group.optimizer.found_inf = (~torch.isfinite(gnorm)).float().reshape(())  # 0-d, as GradScaler
+            group.optimizer.step()
+        reduced, (loss_sum_g, tokens_g, stop_flag, gn) = metrics.reduce(
+            rt,
+            [loss_local, float(tokens_local), float(sig.requested), gnorm.detach().double() / rt.world_size],
+        )
+        loss = loss_sum_g / n_global
+        if not math.isfinite(loss) or not math.isfinite(gn):
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
+            group.optimizer.zero_grad(set_to_none=True)
+            raise self.failure(
+                f"step {step}: {what}; stopped before the optimizer step",
+                "Lower train.lr, set train.max_grad_norm, or check the data.",
+            )
+        if not group.fused:
+            group.optimizer.step()
+        if plan.group not in self.memory:  # gradients and optimizer state exist now: measure them
+            self.memory[plan.group] = group.memory()
+        group.optimizer.zero_grad(set_to_none=True)
+        group.updates += 1
+        self._watch_collapse(step, plan.group, gn, loss)
+        return _Step(loss=loss, grad_norm=gn, lr=lr, tokens=tokens_g, stop=stop_flag > 0, metrics=reduced)
+
+    def _record(self, plan, done: _Step, dt: float) -> dict[str, Any]:
+        """The step's line of metrics.jsonl (less time_s): the loss, the reduced metrics, the plan's own, the
+        learning rate and gradient norm (per group when there are several), throughput and memory."""
+        rt, multi = self.rt, len(self.task.groups) > 1
+        record: dict[str, Any] = {f"loss/{plan.name or plan.group}": done.loss}
+        record.update(done.metrics)
+        record.update(plan.metrics)
+        record[f"lr/{plan.group}" if multi else "lr"] = done.lr
+        record[f"grad_norm/{plan.group}" if multi else "grad_norm"] = done.grad_norm
+        record["perf/step_s"] = dt
+        if done.tokens:
+            record["perf/tokens_per_s"] = done.tokens / dt
+            if self.peak_flops:
+                record["perf/mfu"] = (
+                    6 * self.n_params[plan.group] * (done.tokens / dt) / (self.peak_flops * rt.world_size)
+                )
+        mem = rt.peak_memory_gib()
+        if mem is not None:
+            record["perf/mem_gib"] = mem
+        return record
+
+    def _finish(self, step: int, history: dict, last: dict, sig: _Signals) -> None:
+        """After the last step: its checkpoint, then the final evaluation; a signal that came during them
+        checkpoints (if not yet) and stops with exit 130."""
+
+        def saved() -> bool:
+            return self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{step}"
+
+        # The last step's checkpoint is written before the final evaluation: a run stopped from here on
+        # (signal, kill, full disk while writing final/) resumes at the last step, and such a resume trains
+        # nothing but still runs the final evaluation and writes final/. A run stopped early was evaluated
+        # at the step it stopped.
+        if self.train.save_every_steps and step > self.start and not saved():
+            self._checkpoint(step)
+        if self.task.has_eval() and not self.stop_early:
+            last.update(self._evaluate(step, history))
+        rt = self.rt
+        stop = rt.all_reduce(torch.tensor([float(sig.requested)], dtype=torch.float64, device=rt.device))
+        if stop.item() > 0:  # SIGINT/SIGTERM during the final evaluation
+            if not saved():
+                self._checkpoint(step)
+            self.progress.close()
+            raise self._interrupted(
+                f"interrupted after the last step ({step})",
+                "Continue with the same command and --resume: it runs the final evaluation and writes final/.",
+            )

@@ -185,19 +185,7 @@ def train(
             engine.restore(resume_from)
         # every check has passed: from here on the run folder is written
         _take_folder(rt, run_dir, lock, dump_recipe(recipe), resume_from, opts)
-        ctx.progress = progress = Progress(
-            rt.is_main,
-            task.total_steps(),
-            f"prefcli {command}",
-            run_dir if rt.is_main else None,
-            quiet=opts.quiet,
-            every_steps=recipe.log.every_steps,
-            metrics_every=recipe.log.metrics_every_steps,
-            start_step=engine.start,
-            trackers=lambda warn: start_trackers(
-                recipe.log, command, run_dir, recipe.model_dump(mode="json"), dump_recipe(recipe), warn, engine.start
-            ),
-        )
+        ctx.progress = progress = _progress(command, recipe, run_dir, rt, task.total_steps(), engine.start, opts)
         try:
             result = engine.run(resume_from, progress)  # out of memory: a TrainingError with what to lower
         finally:
@@ -212,16 +200,7 @@ def train(
             "recipe": str(recipe_path),
             "output_dir": str(run_dir),
             "final_model": str(final_dir) if final_dir else None,
-            "steps": result["steps"],
-            "final": result["final"],
-            "perf": result["perf"],
-            **{k: result[k] for k in ("best", "stopped_early") if k in result},
-            **described,
-            "device": str(rt.device),
-            "precision": rt.precision,
-            "world_size": rt.world_size,
-            "parallel": rt.parallel,
-            "memory": result["memory"],
+            **_results(result, described, rt),
             "smoke": opts.smoke,
             "resumed_from": str(resume_from) if resume_from else None,
             "warnings": ctx.warnings + progress.warnings,
@@ -232,18 +211,57 @@ def train(
             progress.finish(summary)  # the trackers get the summary, then close
         return summary
     except KeyboardInterrupt:  # outside the loop's own handling (loading, or a second Ctrl-C)
-        if lock.fd is None:
-            raise Interrupted("interrupted before training started; nothing was written") from None
-        last = engine.last_checkpoint if engine is not None else None
-        err = Interrupted(
-            "interrupted; "
-            + (f"last checkpoint: {last}; continue with --resume" if last else "no checkpoint was written")
-        )
-        err.checkpoint = str(last) if last else None
-        raise err from None
+        raise _interrupted(lock, engine) from None
     finally:
         lock.release()
         teardown(rt)
+
+
+def _progress(
+    command: str, recipe: RecipeBase, run_dir: Path, rt: Runtime, total: int, start: int, opts: RunOptions
+) -> Progress:
+    """The terminal progress and metrics.jsonl (rank 0), with the recipe's trackers started on first use."""
+    return Progress(
+        rt.is_main,
+        total,
+        f"prefcli {command}",
+        run_dir if rt.is_main else None,
+        quiet=opts.quiet,
+        every_steps=recipe.log.every_steps,
+        metrics_every=recipe.log.metrics_every_steps,
+        start_step=start,
+        trackers=lambda warn: start_trackers(
+            recipe.log, command, run_dir, recipe.model_dump(mode="json"), dump_recipe(recipe), warn, start
+        ),
+    )
+
+
+def _results(result: dict, described: dict, rt: Runtime) -> dict:
+    """The summary's part from the finished loop, the task's description and the runtime."""
+    return {
+        "steps": result["steps"],
+        "final": result["final"],
+        "perf": result["perf"],
+        **{k: result[k] for k in ("best", "stopped_early") if k in result},
+        **described,
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "world_size": rt.world_size,
+        "parallel": rt.parallel,
+        "memory": result["memory"],
+    }
+
+
+def _interrupted(lock: runfolder.RunLock, engine: Engine | None) -> Interrupted:
+    """Ctrl-C outside the loop's own handling (while loading, or a second one): what was written, if anything."""
+    if lock.fd is None:
+        return Interrupted("interrupted before training started; nothing was written")
+    last = engine.last_checkpoint if engine is not None else None
+    err = Interrupted(
+        "interrupted; " + (f"last checkpoint: {last}; continue with --resume" if last else "no checkpoint was written")
+    )
+    err.checkpoint = str(last) if last else None
+    return err
 
 
 def _runtime(recipe: RecipeBase, smoke: bool) -> Runtime:

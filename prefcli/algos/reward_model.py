@@ -244,7 +244,20 @@ class RewardTask(Scheduled):
         self.center = rc.center_rewards_coefficient
         self.bins = rc.calibration_bins
         self.personal = rc.personalisation
-        self.tok = tok = load_tokenizer(r.model)
+        self.tok = load_tokenizer(r.model)
+        train_rows, eval_rows, train_users = self._read_rows()
+        self._examples(train_rows, eval_rows)
+        self._index_users(eval_rows, train_users)
+        self._build_model()
+        self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)
+        self.groups = {"reward": Group("reward", self.module, self.rt, r.train, self._total)}
+
+    # ---------------------------------------------------------------- construction, in the order it runs
+
+    def _read_rows(self):
+        """The training and held-out rows (format, user column) after debiasing, and each training row's user."""
+        ctx, r = self.ctx, self.cfg
+        d = r.data
         train_rows, eval_rows, self.read_as = load_splits(d, self.obj.required, r.train.seed, self.rows == "pairs")
         requested = "chat" if self.read_as else d.format
         self.user_col = find_user_column(train_rows.column_names, d.user_column)
@@ -265,13 +278,18 @@ class RewardTask(Scheduled):
             train_rows,
             eval_rows,
             d.debias,
-            tok=tok,
+            tok=self.tok,
             fmt=fmt,
             pairs=self.rows == "pairs",
             seed=r.train.seed,
             warn=ctx.warn,
             key_columns=(self.user_col,) if self.user_col else (),
         )
+        return train_rows, eval_rows, read_users(train_rows, self.user_col, d.train.path, "data.train")
+
+    def _examples(self, train_rows, eval_rows) -> None:
+        """The tokenized training and held-out sets, reported, and the pairs' length-balancing weights."""
+        ctx, d = self.ctx, self.cfg.data
         what = {"pairs": "chosen/rejected", "scores": "text or score", "rankings": "completions (at least 2)"}[
             self.rows
         ]
@@ -280,9 +298,8 @@ class RewardTask(Scheduled):
             "scores": "rows with a non-empty text and a numeric score",
             "rankings": "rows with a list of at least 2 different completions, best first",
         }[self.rows] + f", the prompt shorter than data.max_length={d.max_length} tokens"
-        enc = dict(rows=self.rows, fmt=fmt, max_length=d.max_length, use_margin=rc.use_margin)
-        train_users = read_users(train_rows, self.user_col, d.train.path, "data.train")
-        self.train_set = tokenize_scored(train_rows, tok, source=d.train.path, what="data.train", **enc)
+        enc = dict(rows=self.rows, fmt=self.format, max_length=d.max_length, use_margin=self.cfg.reward.use_margin)
+        self.train_set = tokenize_scored(train_rows, self.tok, source=d.train.path, what="data.train", **enc)
         report(ctx, "data.train", d.train.path, self.train_set, d.max_length, what, expected)
         self.weights = None
         if self.rows == "pairs":  # length_balance 'reweight': the prompt is shared, the lengths differ by completion
@@ -291,9 +308,12 @@ class RewardTask(Scheduled):
         self.eval_set = None
         if eval_rows is not None:
             src = d.eval.path if d.eval else d.train.path
-            self.eval_set = tokenize_scored(eval_rows, tok, source=src, what="data.eval", **enc)
+            self.eval_set = tokenize_scored(eval_rows, self.tok, source=src, what="data.eval", **enc)
             report(ctx, "data.eval", src, self.eval_set, d.max_length, what, expected)
-        # users: those with training rows are the model's users (sorted ids); any other user is new
+
+    def _index_users(self, eval_rows, train_users: list[str | None]) -> None:
+        """The model's users (those with training rows; any other is new), each example's user, each user's rows."""
+        d = self.cfg.data
         self.user_names: list[str] = []
         if self.user_col is not None:
             self._set_users(self.train_set, train_users)
@@ -301,6 +321,7 @@ class RewardTask(Scheduled):
             vocab = {u: i for i, u in enumerate(self.user_names)}
             self.train_set.users = user_index(self.train_set.user_ids, vocab)
             if self.eval_set is not None:
+                src = d.eval.path if d.eval else d.train.path
                 ev_col = self.user_col if self.user_col in eval_rows.column_names else None
                 self._set_users(self.eval_set, read_users(eval_rows, ev_col, src, "data.eval"))
                 self.eval_set.users = user_index(self.eval_set.user_ids, vocab)
@@ -315,8 +336,11 @@ class RewardTask(Scheduled):
                 if u >= 0:
                     self.user_rows.setdefault(u, []).append(i)
 
+    def _build_model(self) -> None:
+        """The reward model and the module the optimizer trains (with the users' conditioner if personalised)."""
+        r = self.cfg
         self.model = build_trained_model(
-            r.model, tok, self.rt, r.train.gradient_checkpointing, r.train.seed, smoke=ctx.smoke, head="score"
+            r.model, self.tok, self.rt, r.train.gradient_checkpointing, r.train.seed, smoke=self.ctx.smoke, head="score"
         )
         self.module = self.model
         self.cond = None
@@ -326,8 +350,6 @@ class RewardTask(Scheduled):
             spec = self.personal.model_dump(exclude={"kind", "new_user_labels", "new_user_draws"})
             self.cond = make_conditioner(self.personal.kind, self.user_names, hidden, spec).to(self.rt.device)
             self.module = PersonalReward(self.model, self.cond, self.rt.autocast)
-        self.setup_schedule(len(self.train_set), r.train, d.shuffle, self.rt.world_size)
-        self.groups = {"reward": Group("reward", self.module, self.rt, r.train, self._total)}
 
     @staticmethod
     def _set_users(s: ScoredSet, users: list[str | None]) -> None:

@@ -50,6 +50,7 @@ from ..errors import DataError
 from .common import Scheduled
 from .phf import (
     PHF_OBJECTIVES,
+    PHFData,
     RowLRScale,
     SFTObjective,
     ValuePolicy,
@@ -78,16 +79,45 @@ def count_targets(batch: dict) -> int:
 class SFTTask(Scheduled):
     def __init__(self, ctx: RunContext):
         r = ctx.recipe
-        self.ctx = ctx
-        self.rt = rt = ctx.rt
-        self.cfg = r
-        d = r.data
+        self.ctx, self.rt, self.cfg = ctx, ctx.rt, r
         s = r.sft
         self.objective = obj = OBJECTIVES[s.objective]
         self.tok = tok = load_tokenizer(r.model)
         self.control_ids: tuple[int, int] | None = None
         if obj.control_tokens:  # before the model is built, so that its embeddings are resized to the tokenizer
             self.control_ids = add_control_tokens(tok, s.aligned_token, s.misaligned_token)
+        train_rows, eval_rows = self._read_rows()
+        phf = self._examples(train_rows, eval_rows)
+        self.phf_stats: dict | None = None
+        if phf is not None:
+            self.phf_stats = phf.stats
+            self.ex_scores, self.ex_aligned, self.ex_conditioned = phf.scores, phf.aligned, phf.conditioned
+        self.gap_contexts = phf.gap_contexts if phf is not None else None
+        self.gap_samples = s.gap_samples() if self.gap_contexts else 0
+        self._gap_scorer = None
+        trained = self._build_model()
+        knobs = {arg: getattr(s, field) for arg, field in (obj.knobs or {}).items()}
+        self.loss_fn = partial(obj.loss, **knobs) if knobs else obj.loss
+
+        t, d = r.train, r.data
+        if d.packing:
+            order = StepSchedule(len(self.train_set), 1, t.seed, d.shuffle).order(0)
+            self.rows = pack_rows(order, self.train_set, d.max_length)
+        else:
+            self.rows = None
+        self.setup_schedule(
+            len(self.rows) if self.rows is not None else len(self.train_set), t, d.shuffle, self.rt.world_size
+        )
+        self.groups = {"policy": Group("policy", trained, self.rt, t, self._total)}
+        if self.control_ids is not None and s.control_lr_scale != 1.0:
+            self._scale_control_rows()
+
+    # ---------------------------------------------------------------- construction, in the order it runs
+
+    def _read_rows(self):
+        """The training and held-out rows, read as one format (self.format, self.read_as) and debiased."""
+        ctx, r = self.ctx, self.cfg
+        d = r.data
         train_rows = load_rows(d.train, what="data.train")
         # ShareGPT and Alpaca rows are read as chat messages (engine/formats.py); OpenAI's are prefcli's messages
         self.read_as = outside_format(train_rows.column_names, d.format, "sft")
@@ -116,55 +146,71 @@ class SFTTask(Scheduled):
         elif d.eval_fraction > 0:
             train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, r.train.seed)
         train_rows, eval_rows, self.debias = apply_debias(train_rows, eval_rows, d.debias, warn=ctx.warn)
+        return train_rows, eval_rows
+
+    def _examples(self, train_rows, eval_rows) -> PHFData | None:
+        """The tokenized train and held-out sets and, for a PHF objective, their scores, labels and control tokens."""
+        ctx, rt, tok, obj, fmt = self.ctx, self.rt, self.tok, self.objective, self.format
+        d, s, seed = self.cfg.data, self.cfg.sft, self.cfg.train.seed
+        src = d.train.path
         row_scores = None
         per_segment = obj.control_tokens and s.control_position == "per_segment"
         if obj.scored and not per_segment:
-            check_values(train_rows, FORMAT_COLUMNS[fmt], d.train.path)
-            if not rt.is_main:
-                rt.barrier()  # rank 0 scores first and fills the cache; the others read it
-            row_scores = score_rows(train_rows, fmt, s, tok, rt.device, d.train.path)
-            if rt.is_main:
-                rt.barrier()
+            check_values(train_rows, FORMAT_COLUMNS[fmt], src)
+            row_scores = self._main_first(lambda: score_rows(train_rows, fmt, s, tok, rt.device, src))
         # a control token takes one position: tokenize to max_length - 1 so that the prefixed example fits
         reserve = 1 if obj.control_tokens and not per_segment else 0
         enc = dict(
             fmt=fmt, max_length=d.max_length - reserve, mask_prompt=d.mask_prompt and fmt != "text", add_eos=d.add_eos
         )
+        self._warn_blank_rows(train_rows, eval_rows)
+        phf = None
+        if per_segment:  # scored and tokenized per segment, control tokens in place (algos/phf/prepare.py)
+            check_values(train_rows, FORMAT_COLUMNS[fmt], src)
+            ids = self.control_ids
+            phf = self._main_first(
+                lambda: prepare_segments(s, train_rows, eval_rows, fmt, tok, enc, ids, seed, rt.device, src, ctx.warn)
+            )
+            self.train_set, self.eval_set = phf.train_set, phf.eval_set
+        else:
+            self.train_set = tokenize_sft(train_rows, tok, source=src, what="data.train", **enc)
+            self.eval_set = (
+                tokenize_sft(eval_rows, tok, source=(d.eval.path if d.eval else src), what="data.eval", **enc)
+                if eval_rows is not None
+                else None
+            )
+        self._check_tokenized(reserve)
+        if obj.scored and phf is None:
+            ts, es = self.train_set, self.eval_set
+            phf = prepare(obj, s, ts, es, row_scores, self.control_ids, tok.bos_token_id, seed, src, ctx.warn)
+        if phf is not None:
+            self.train_set, self.eval_set = phf.train_set, phf.eval_set
+        return phf
+
+    def _main_first(self, make):
+        """make() on the main process first, which fills the datasets cache, then on the others, which read it."""
+        rt = self.rt
+        if not rt.is_main:
+            rt.barrier()
+        out = make()
+        if rt.is_main:
+            rt.barrier()
+        return out
+
+    def _warn_blank_rows(self, train_rows, eval_rows) -> None:
+        """A warning for each split with rows that hold only whitespace."""
+        d, fmt = self.cfg.data, self.format
         for name, rows, source in (("data.train", train_rows, d.train.path), ("data.eval", eval_rows, None)):
             source = source or (d.eval.path if d.eval else d.train.path)
             n_blank, first, col = blank_rows(rows, FORMAT_COLUMNS[fmt]) if rows is not None else (0, None, None)
             if n_blank:
-                ctx.warn(
+                self.ctx.warn(
                     f"{name}: {source}: {n_blank} rows hold only whitespace (first: row {first}, '{col}'); remove them"
                 )
-        phf = None
-        if per_segment:  # scored and tokenized per segment, control tokens in place (algos/phf/prepare.py)
-            check_values(train_rows, FORMAT_COLUMNS[fmt], d.train.path)
-            if not rt.is_main:
-                rt.barrier()
-            phf = prepare_segments(
-                s,
-                train_rows,
-                eval_rows,
-                fmt,
-                tok,
-                enc,
-                self.control_ids,
-                r.train.seed,
-                rt.device,
-                d.train.path,
-                ctx.warn,
-            )
-            if rt.is_main:
-                rt.barrier()
-            self.train_set, self.eval_set = phf.train_set, phf.eval_set
-        else:
-            self.train_set = tokenize_sft(train_rows, tok, source=d.train.path, what="data.train", **enc)
-            self.eval_set = (
-                tokenize_sft(eval_rows, tok, source=(d.eval.path if d.eval else d.train.path), what="data.eval", **enc)
-                if eval_rows is not None
-                else None
-            )
+
+    def _check_tokenized(self, reserve: int) -> None:
+        """A DataError when no training example is left; a warning for truncated and dropped examples."""
+        d = self.cfg.data
         if len(self.train_set) == 0:
             raise DataError(
                 f"data.train: {d.train.path}: no example has a token to train on after masking and "
@@ -173,64 +219,38 @@ class SFTTask(Scheduled):
         for name, st in (("data.train", self.train_set), ("data.eval", self.eval_set)):
             if st is not None and st.n_truncated:
                 room = " less one for the control token" if reserve else ""
-                ctx.warn(
+                self.ctx.warn(
                     f"{name}: {st.n_truncated} of {st.n_rows} examples were longer than max_length={d.max_length} "
                     f"tokens{room} and were truncated"
                 )
             if st is not None and st.n_dropped:
-                ctx.warn(f"{name}: {st.n_dropped} of {st.n_rows} examples had no trainable token left and were dropped")
-        self.phf_stats: dict | None = None
-        if obj.scored and phf is None:
-            phf = prepare(
-                obj,
-                s,
-                self.train_set,
-                self.eval_set,
-                row_scores,
-                self.control_ids,
-                tok.bos_token_id,
-                r.train.seed,
-                d.train.path,
-                ctx.warn,
-            )
-        if phf is not None:
-            self.train_set, self.eval_set, self.phf_stats = phf.train_set, phf.eval_set, phf.stats
-            self.ex_scores, self.ex_aligned, self.ex_conditioned = phf.scores, phf.aligned, phf.conditioned
-        self.gap_contexts = phf.gap_contexts if phf is not None else None
-        self.gap_samples = s.gap_samples() if self.gap_contexts else 0
-        self._gap_scorer = None
+                self.ctx.warn(
+                    f"{name}: {st.n_dropped} of {st.n_rows} examples had no trainable token left and were dropped"
+                )
 
+    def _build_model(self) -> nn.Module:
+        """The model (self.lm, self.policy) and the module the optimizer trains (with a value head for awr)."""
+        r, rt, tok, s = self.cfg, self.rt, self.tok, self.cfg.sft
         # SFT keeps the model's dropout (a regulariser here: no two log-probs of the same text are compared)
         self.lm = lm = build_trained_model(
-            r.model, tok, rt, r.train.gradient_checkpointing, r.train.seed, ctx.smoke, dropout=True
+            r.model, tok, rt, r.train.gradient_checkpointing, r.train.seed, self.ctx.smoke, dropout=True
         )
         if self.control_ids is not None:
             init_control_embeddings(unwrap_lm(lm), self.control_ids, s.control_init, len(tok), r.train.seed)
         self.policy = PolicyLM(lm, rt)
-        trained: nn.Module = self.policy
-        if obj.value_head:
-            hidden = unwrap_lm(lm).get_output_embeddings().weight.shape[1]
-            trained = ValuePolicy(self.policy, hidden).to(rt.device)
-        knobs = {arg: getattr(s, field) for arg, field in (obj.knobs or {}).items()}
-        self.loss_fn = partial(obj.loss, **knobs) if knobs else obj.loss
+        if not self.objective.value_head:
+            return self.policy
+        hidden = unwrap_lm(lm).get_output_embeddings().weight.shape[1]
+        return ValuePolicy(self.policy, hidden).to(rt.device)
 
-        t = r.train
-        if d.packing:
-            order = StepSchedule(len(self.train_set), 1, t.seed, d.shuffle).order(0)
-            self.rows = pack_rows(order, self.train_set, d.max_length)
-        else:
-            self.rows = None
-        self.setup_schedule(
-            len(self.rows) if self.rows is not None else len(self.train_set), t, d.shuffle, rt.world_size
-        )
-        self.groups = {"policy": Group("policy", trained, rt, t, self._total)}
-        if self.control_ids is not None and s.control_lr_scale != 1.0:
-            inner = unwrap_lm(lm)
-            weights = [inner.get_input_embeddings().weight]
-            out = inner.get_output_embeddings()
-            if out is not None and out.weight is not weights[0]:
-                weights.append(out.weight)
-            RowLRScale(self.groups["policy"].optimizer, weights, list(self.control_ids), s.control_lr_scale)
+    def _scale_control_rows(self) -> None:
+        """The control tokens' embedding rows learn at sft.control_lr_scale times the learning rate."""
+        inner = unwrap_lm(self.lm)
+        weights = [inner.get_input_embeddings().weight]
+        out = inner.get_output_embeddings()
+        if out is not None and out.weight is not weights[0]:
+            weights.append(out.weight)
+        RowLRScale(self.groups["policy"].optimizer, weights, list(self.control_ids), self.cfg.sft.control_lr_scale)
 
     # ---------------------------------------------------------------- Task protocol
 

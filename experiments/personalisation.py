@@ -8,7 +8,8 @@
 
 Each run is `prefcli reward recipes/quickstart/personal/reward-<kind>.yaml --set train.seed=S` in
 runs/personalisation/reward-<kind>-s<S>/, started with `OMP_NUM_THREADS=1 nice -n 10`, at most --jobs at a
-time. Every finished run appends one row to --out (JSONL: date, commit, machine, the run's held-out figures);
+time, with a checkpoint every 100 steps: a run folder left without its summary.json continues with --resume
+(its row's wall_s then counts the last launch only). Every finished run appends one row to --out (JSONL: date, commit, machine, the run's held-out figures);
 a (stage, kind, seed) already in --out is skipped, so the script resumes where it stopped. `report` reads
 --out and prints, per kind, mean ± standard deviation over seeds of: held-out accuracy over the seen users,
 the worst seen user, each taste (the mean over its seen raters), the shared part alone, and the new-user curve
@@ -85,8 +86,21 @@ def reward_job(kind: str, seed: int, runs: Path, extra: list[str]) -> tuple[list
     base = {"ceiling": "pooled", "latent_warm": "latent", "user_embedding_dim8": "user_embedding"}.get(kind, kind)
     recipe = RECIPES / f"reward-{base.replace('_', '-')}.yaml"
     run = runs / f"reward-{kind}-s{seed}"
-    cmd = [sys.executable, "-m", "prefcli", "reward", str(recipe), "-o", str(run), "--overwrite", "-q"]
-    sets = [f"train.seed={seed}"]
+    # a run stopped part way (its launcher or the machine stopped) continues from its newest checkpoint, which
+    # trains exactly as an uninterrupted run (tests/test_faults.py); otherwise the folder is started afresh
+    again = not (run / "summary.json").exists() and any((run / "checkpoints").glob("step-*"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefcli",
+        "reward",
+        str(recipe),
+        "-o",
+        str(run),
+        "--resume" if again else "--overwrite",
+    ]
+    cmd += ["-q"]
+    sets = [f"train.seed={seed}", "train.save_every_steps=100"]
     if kind == "ceiling":
         train, held = positive_only(runs)
         sets += [f"data.train.path={train}", f"data.eval.path={held}"]

@@ -65,3 +65,57 @@ def test_matched_kl_per_seed_reads_each_seed_on_its_own_runs():
     assert at5[0] == (pytest.approx(0.525), False)
     assert at5[1] == (pytest.approx(0.2 + 0.5 * 5 / 10), True)  # seed 1: only the chord from its own base
     assert fr.matched(runs, base, "ppo", 15.0)[1] == (None, False)  # seed 1 stops at 10 nats
+
+
+def _eval_row(env, model, seed, sample_seed, success, calls=0.0, errors=0.0):
+    er = load(ROOT / "experiments" / "env_rl.py")
+    return {"stage": "eval", "env": env, "model": model, "seed": seed, "sample_seed": sample_seed,
+            "success_rate": success, "env_reward": success, "turns": 2.0, "tool_calls": calls,
+            "tool_errors": errors, "tool_call_validity": er.validity(calls, errors),
+            "date": "2026-01-01", "commit": "abc", "machine": "test", "wall_s": 10.0}  # fmt: skip
+
+
+def test_env_rl_aggregates_training_seeds_of_sampling_means():
+    er = load(ROOT / "experiments" / "env_rl.py")
+    rows = [
+        _eval_row("guess", "sft", 0, 0, 0.30),
+        _eval_row("guess", "sft", 0, 1, 0.40),
+        _eval_row("guess", "sft", 0, 2, 0.35),
+        # grpo: training seed 0 -> mean(0.4, 0.6) = 0.5; seed 1 -> mean(0.7, 0.9) = 0.8; seed 2 -> 0.5
+        _eval_row("guess", "grpo", 0, 0, 0.4), _eval_row("guess", "grpo", 0, 1, 0.6),
+        _eval_row("guess", "grpo", 1, 0, 0.7), _eval_row("guess", "grpo", 1, 1, 0.9),
+        _eval_row("guess", "grpo", 2, 0, 0.5), _eval_row("guess", "grpo", 2, 1, 0.5),
+        _eval_row("guess", "rloo", 0, 0, 0.2),
+        _eval_row("secret", "sft", 0, 0, 0.1, calls=0.5, errors=0.1),  # 0.8 valid
+        _eval_row("secret", "sft", 0, 1, 0.1, calls=0.4, errors=0.0),  # 1.0 valid
+        _eval_row("secret", "grpo", 0, 0, 0.9, calls=1.0, errors=0.0),
+        _eval_row("secret", "grpo", 1, 0, 0.5, calls=0.0, errors=0.0),  # no call: no validity
+    ]  # fmt: skip
+    g = er.aggregate(rows, "guess", "grpo", "success_rate")
+    assert g["mean"] == pytest.approx(0.6) and g["sd"] == pytest.approx(0.17320508, abs=1e-6)  # sd of .5 .8 .5
+    assert (g["over"], g["train_seeds"], g["sample_seeds"]) == ("training", 3, 2)
+    s = er.aggregate(rows, "guess", "sft", "success_rate")  # one training seed: the sd over sampling seeds
+    assert s["mean"] == pytest.approx(0.35) and s["sd"] == pytest.approx(0.05) and s["over"] == "sampling"
+    v = er.aggregate(rows, "secret", "sft", "tool_call_validity")
+    assert v["mean"] == pytest.approx(0.9)
+    assert er.aggregate(rows, "secret", "grpo", "tool_call_validity")["train_seeds"] == 1  # seed 1 had no call
+    assert er.aggregate(rows, "secret", "ppo", "success_rate") is None
+    text = "\n".join(er.report_lines(rows))
+    assert "| guess | grpo (after) | 3 × 2 | 0.600 ± 0.173 | +0.250 |" in text
+    assert "| secret | format SFT (before) | 1 × 2 | 0.100 ± 0.000 |" in text
+    assert "| rloo | 1 × 1 | 0.200 ± 0.000 | -0.150 |" in text
+    assert "| format SFT (before) | 0.45 ± 0.07 | 0.05 ± 0.07 | 0.900 ± 0.141 | 0.100 ± 0.000 |" in text
+
+
+def test_env_rl_skips_rows_it_has_and_resumes_from_a_checkpoint(tmp_path):
+    er = load(ROOT / "experiments" / "env_rl.py")
+    assert er.resumed_step({"resumed_from": "/x/checkpoints/step-40"}) == 40
+    assert er.resumed_step({"resumed_from": None}) == 0
+    run = tmp_path / "guess-grpo-s0"
+    (run / "checkpoints" / "step-10").mkdir(parents=True)
+    assert er.resumable(run)
+    (run / "summary.json").write_text('{"status": "completed"}')
+    assert not er.resumable(run) and er.completed(run) == {"status": "completed"}
+    r = _eval_row("guess", "sft", 0, 1, 0.3)
+    assert er.row_key(r) == ("eval", "guess", "sft", 0, 1)
+    assert er.validity(0.0, 0.0) is None and er.validity(4.0, 1.0) == 0.75

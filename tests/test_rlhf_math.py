@@ -288,6 +288,33 @@ def test_dynamic_sampling_keeps_untied_groups_first():
     assert fill_groups(tied, 3).tolist() == [0, 1, 4]  # short: the first tied group fills in
 
 
+def test_rounds_of_episodes_of_other_widths_concatenate_padded():
+    """Dynamic sampling (and online_dpo's extra rounds) join sampling rounds whose episodes have other lengths:
+    prompts pad on the left, the rest on the right, ids with the pad id and masks, log-probs, rewards with 0."""
+    from prefcli.algos.rlhf.env_rollout import EpisodeRollout
+    from prefcli.algos.rlhf.sampling import concat_rollouts
+
+    a = EpisodeRollout(
+        torch.tensor([[5, 6]]), torch.tensor([[1, 1]]), torch.tensor([[7, 8]]), torch.tensor([[1, 0]]),
+        torch.tensor([True]), torch.tensor([[-0.5, 0.0]]),
+        completion_attention=torch.tensor([[1, 1]]), step_rewards=torch.tensor([[0.0, 1.0]]),
+    )  # fmt: skip
+    b = EpisodeRollout(
+        torch.tensor([[4, 5, 6]]), torch.tensor([[1, 1, 1]]), torch.tensor([[7, 8, 9, 3]]),
+        torch.tensor([[1, 0, 1, 1]]), torch.tensor([False]), torch.tensor([[-0.1, 0.0, -0.2, -0.3]]),
+        completion_attention=torch.tensor([[1, 1, 1, 1]]), step_rewards=torch.tensor([[0.0, 0.0, 0.0, 0.5]]),
+    )  # fmt: skip
+    r = concat_rollouts([a, b], pad_id=99)
+    assert isinstance(r, EpisodeRollout)
+    assert r.prompt_ids.tolist() == [[99, 5, 6], [4, 5, 6]] and r.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert r.completion_ids.tolist() == [[7, 8, 99, 99], [7, 8, 9, 3]]
+    assert r.completion_mask.tolist() == [[1, 0, 0, 0], [1, 0, 1, 1]]
+    assert r.completion_attention.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert torch.equal(r.logprobs, torch.tensor([[-0.5, 0.0, 0.0, 0.0], [-0.1, 0.0, -0.2, -0.3]]))
+    assert r.step_rewards.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5]]
+    assert r.finished.tolist() == [True, False] and r.lengths.tolist() == [1, 3]
+
+
 def test_online_pairs_best_against_worst():
     from prefcli.algos.rlhf.online import best_worst_pairs
 

@@ -30,12 +30,15 @@ def draw_once(smp: Samples, rewards: RewardSet, c, max_new_tokens: int, device, 
     return Draw(smp, total, parts, raw, scores, over)
 
 
-def draw_rollout(draw: Callable[[], Draw], c, k: int, rt, preference: bool) -> tuple[Draw, dict[str, float]]:
+def draw_rollout(
+    draw: Callable[[], Draw], c, k: int, rt, preference: bool, pad_id: int = 0
+) -> tuple[Draw, dict[str, float]]:
     """The rollout's samples, from `draw()` rounds of the next prompts. With dynamic sampling (DAPO), groups
     whose scores all tie are dropped and fresh prompts drawn, at most dynamic_sampling_max_rounds extra rounds,
     until the rollout is full (short of that, tied groups fill it). online_dpo (`preference`) needs enough
     pairs (groups that do not tie) for every minibatch: it draws again, within the same cap, when a rollout has
-    too few. Every process draws as many rounds (their counts are all-reduced)."""
+    too few. Every process draws as many rounds (their counts are all-reduced). `pad_id` pads the token ids of
+    rounds narrower than the widest."""
     n = c.prompts_per_rollout
     draws = [draw()]
     untied = lambda: sum(int((~tied_groups(d.scores, k)).sum()) for d in draws)  # noqa: E731
@@ -51,7 +54,7 @@ def draw_rollout(draw: Callable[[], Draw], c, k: int, rt, preference: bool) -> t
         else:
             break
         draws.append(draw())
-    d = Draw.concat(draws)
+    d = Draw.concat(draws, pad_id)
     groups = fill_groups(tied_groups(d.scores, k), n).tolist()
     d = d.take([g * k + j for g in groups for j in range(k)])
     if preference:

@@ -203,7 +203,7 @@ class PolicyLearner:
         c, rule = self.cfg.rlhf, self.rule
         t0 = time.perf_counter()
         self.sampler.sync()
-        draw, draw_stats = draw_rollout(self._draw, c, self.shape.k, self.rt, rule.preference)
+        draw, draw_stats = draw_rollout(self._draw, c, self.shape.k, self.rt, rule.preference, self.tok.pad_token_id)
         self.prompts_sampled += int(draw_stats["rollout/sample_rounds"]) * c.prompts_per_rollout * self.rt.world_size
         batch = self.training_batch(draw.samples.rollout)
         self.buffer = self._buffer(batch, draw.samples.rollout)

@@ -82,11 +82,30 @@ def take_rows(r: Rollout, idx: torch.Tensor) -> Rollout:
     return replace(r, **{f.name: _rows(getattr(r, f.name), idx) for f in fields(r)})
 
 
-def concat_rollouts(rs: list[Rollout]) -> Rollout:
-    """Rollouts of the same widths (and kind), one after the other."""
+def concat_rollouts(rs: list[Rollout], pad_id: int = 0) -> Rollout:
+    """Rollouts of the same kind, one after the other. Their widths may differ (episodes of another length, a
+    sampler that stops at the longest completion): each [B, T] field is padded to the widest, the prompt's on the
+    left, the rest on the right, token ids with `pad_id` and everything else (masks, log-probs, step rewards) with
+    0, as the rollouts pad themselves."""
     if len(rs) == 1:
         return rs[0]
-    return replace(rs[0], **{f.name: _cat([getattr(r, f.name) for r in rs]) for f in fields(rs[0])})
+    out = {}
+    for f in fields(rs[0]):
+        xs = [getattr(r, f.name) for r in rs]
+        if all(isinstance(x, torch.Tensor) and x.dim() == 2 for x in xs):
+            width = max(x.shape[1] for x in xs)
+            fill = pad_id if f.name.endswith("_ids") else 0
+            left = f.name.startswith("prompt_")
+            xs = [_pad_width(x, width, fill, left) for x in xs]
+        out[f.name] = _cat(xs)
+    return replace(rs[0], **out)
+
+
+def _pad_width(x: torch.Tensor, width: int, fill, left: bool) -> torch.Tensor:
+    if x.shape[1] == width:
+        return x
+    pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x] if left else [x, pad], 1)
 
 
 def _rows(x, idx):
@@ -136,12 +155,12 @@ class Draw:
         )
 
     @staticmethod
-    def concat(ds: list[Draw]) -> Draw:
+    def concat(ds: list[Draw], pad_id: int = 0) -> Draw:
         if len(ds) == 1:
             return ds[0]
         return Draw(
             Samples(
-                concat_rollouts([d.samples.rollout for d in ds]),
+                concat_rollouts([d.samples.rollout for d in ds], pad_id),
                 [i for d in ds for i in d.samples.rows],
                 [p for d in ds for p in d.samples.prompts],
                 [c for d in ds for c in d.samples.completions],

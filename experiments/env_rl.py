@@ -37,7 +37,8 @@ every --checkpoint-every steps, and a run folder left with checkpoints and no su
 (its row's wall_s then counts the last launch only, and says resumed). Every finished run appends one row to --out
 (JSONL: date, commit, machine, wall_s, the figures); a row already in --out is skipped, and a run folder that
 finished without its row (the launcher stopped) is recorded from its summary.json without running again: an
-interrupted call continues where it stopped.
+interrupted call continues where it stopped. A prefcli process left running by a stopped call holds its run folder
+(a new launch on it exits 2, "in use"): let it finish, or stop it by its process id (it checkpoints on SIGTERM).
 
 `report` prints, from --out: before/after per environment (mean ± sd over training seeds, each seed the mean over
 the sampling seeds; the SFT has one training seed, so its ± is over sampling seeds), tool-call validity before and

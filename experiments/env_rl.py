@@ -3,7 +3,7 @@ guess-the-number and on the secret-number tool task, tool-call validity before a
 per RL algorithm on guess-the-number; 3 training seeds, each model played at 3 sampling seeds.
 
     python experiments/env_rl.py all --jobs 2           # sft, then every rl run followed by its evaluations, report
-    python experiments/env_rl.py sft                    # the format SFT (one, shared; below)
+    python experiments/env_rl.py sft                    # the format SFT (one, shared; below), the secret SFT
     python experiments/env_rl.py rl --algorithms grpo   # only the before/after runs (guess and secret, grpo)
     python experiments/env_rl.py rl                     # + one run per algorithm on guess, per training seed
     python experiments/env_rl.py eval                   # every finished model at every sampling seed
@@ -16,21 +16,24 @@ The models:
   sft          `prefcli sft recipes/tiny/sft-env-format.yaml --set train.seed=0`: kjv-base taught the bundled
                environments' format on random play. One SFT, shared by every RL run: the issue measures what RL
                changes, and a shared start isolates it (the spread over training seeds is then RL's alone, not the
-               SFT's too), at a third of the SFT cost. The "before" row is this model.
+               SFT's too), at a third of the SFT cost. The "before" row of guess is this model.
+  sft_secret   `prefcli sft recipes/tiny/sft-env-secret.yaml` from the format SFT's final/: the tool task's second
+               stage, which teaches the model to repeat the number the tool returned (the format SFT calls the
+               tool, then answers at chance). The "before" row of secret, and the start of its RL runs.
   guess-ALGO   `prefcli rlhf recipes/quickstart/rlhf-env-guess.yaml` from the SFT's final/, seeds 0 1 2 (grpo,
                100 optimizer steps of one rollout of 8 games x 8 attempts each), and for the algorithm table the
                same recipe changed only by the --set overrides of ALGORITHMS (same steps, same rollouts: every
                algorithm makes one optimizer step per rollout of 64 episodes, so ppo's passes per rollout are set
                to 1, against its default 4)
-  secret-grpo  `prefcli rlhf recipes/quickstart/rlhf-env-secret.yaml` from the SFT's final/ (the tool task,
+  secret-grpo  `prefcli rlhf recipes/quickstart/rlhf-env-secret.yaml` from sft_secret's final/ (the tool task,
                the same algorithm, group size, steps and learning rate as guess)
 
 Each model is evaluated by `prefcli eval` on --eval-episodes held-out episodes of its environment (seeds
-env.eval_seed, ...: the same episodes for every model; the environment and generation settings copied from the
-RL recipe) at each sampling seed (eval recipe `seed`; every model is reseeded, so a model scores the same alone or
-beside others); the SFT on both environments. Read from the eval summary's models.<name>.env: success_rate,
-env_reward, turns, tool_calls and tool_errors (per episode), sampling_s; tool-call validity = 1 - tool_errors /
-tool_calls where tool_calls > 0.
+env.eval_seed, ...: the same episodes for every model; the environment and generation settings copied from the RL
+recipe) at each sampling seed (eval recipe `seed`; every model is reseeded, so a model scores the same alone or
+beside others); the format SFT on both environments, sft_secret on secret. Read from the eval summary's
+models.<name>.env: success_rate, env_reward, turns, tool_calls and tool_errors (per episode), sampling_s; tool-call
+validity = 1 - tool_errors / tool_calls where tool_calls > 0.
 
 Runs are started with `OMP_NUM_THREADS=1 nice -n 10`, at most --jobs at a time, in --runs; each saves a checkpoint
 every --checkpoint-every steps, and a run folder left with checkpoints and no summary.json continues with --resume
@@ -45,11 +48,11 @@ the sampling seeds; the SFT has one training seed, so its ± is over sampling se
 after on secret, one row per algorithm on guess, and wall time per run (and per optimizer step, and per episode
 step of the evaluation's sampling).
 
-Cost on the shared 2-core CPU this project runs on: an optimizer step of the guess recipe with its rollout took
-19.6 s (docs/environments.md), so a 100-step RL run is about 33 minutes (18 to 50 measured), the SFT (324 steps)
-about 5 to 8 minutes, an evaluation call well under a minute. `all` with the defaults is 27 RL runs (3 seeds x (8
-algorithms on guess + grpo on secret)): about 15 hours of CPU, about 7.5 hours at --jobs 2 when the machine is
-otherwise idle; `rl --algorithms grpo` (the before/after rows) is 6 runs, about 3.3 hours at --jobs 2.
+Cost on the shared 2-core CPU this project runs on (2026-12-07, experiments/results/env-rl.jsonl): a 100-step RL
+run on guess took 4.6 to 9.7 minutes (5.6 to 9.7 with ppo's value head), one on secret 3 to 5, the format SFT (324
+steps) under 3 minutes, the secret SFT (576 steps) about 1.5, an evaluation call 10 to 25 s. `all` with the
+defaults is 27 RL runs (3 seeds x (8 algorithms on guess + grpo on secret)) and 81 evaluations: about 3.5 hours of
+CPU at --jobs 1 on an idle machine; `all --algorithms grpo` (the before/after rows) is 6 runs, under an hour.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_RECIPE = ROOT / "recipes" / "tiny" / "sft-env-format.yaml"
+SECRET_SFT_RECIPE = ROOT / "recipes" / "tiny" / "sft-env-secret.yaml"  # second stage of the tool task
 ENV_RECIPES = {
     "guess": ROOT / "recipes" / "quickstart" / "rlhf-env-guess.yaml",
     "secret": ROOT / "recipes" / "quickstart" / "rlhf-env-secret.yaml",
@@ -190,29 +194,40 @@ def stamp(row: dict, wall: float | None, summary: dict, resumed: bool) -> dict:
     }
 
 
-def sft_step(a) -> Step:
-    run = a.runs / f"sft-s{a.sft_seed}"
+def sft_step(a, model: str = "sft") -> Step:
+    """The format SFT ("sft", from kjv-base) or the tool task's second stage ("sft_secret", from the format SFT)."""
+    run = a.runs / f"{model.replace('_', '-')}-s{a.sft_seed}"
     sets = [f"train.seed={a.sft_seed}", f"train.save_every_steps={a.checkpoint_every}", *a.sft_set]
+    recipe, needs = SFT_RECIPE, None
+    if model == "sft_secret":
+        recipe, needs = SECRET_SFT_RECIPE, sft_model(a) / "config.json"
+        sets.insert(0, f"model.path={sft_model(a)}")
 
     def row(s: dict, wall: float | None, resumed: bool) -> dict:
         f = s.get("final", {})
         return stamp(
-            {"stage": "sft", "model": "sft", "seed": a.sft_seed, "steps": s.get("steps"),
+            {"stage": "sft", "model": model, "seed": a.sft_seed, "steps": s.get("steps"),
              "train_wall_s": s.get("wall_s"), "eval_loss": f.get("eval/loss"), "overrides": sets},
             wall, s, resumed,
         )  # fmt: skip
 
-    return Step(("sft", None, "sft", a.sft_seed, None), prefcli("sft", SFT_RECIPE, run, sets, resumable(run)), run, row)
+    cmd = prefcli("sft", recipe, run, sets, resumable(run))
+    return Step(("sft", None, model, a.sft_seed, None), cmd, run, row, needs=needs)
 
 
-def sft_model(a) -> Path:
-    return a.runs / f"sft-s{a.sft_seed}" / "final"
+def sft_model(a, model: str = "sft") -> Path:
+    return a.runs / f"{model.replace('_', '-')}-s{a.sft_seed}" / "final"
+
+
+def start_model(a, env: str) -> Path:
+    """Where an environment's RL runs start: the tool task from its second SFT stage, guess from the format SFT."""
+    return sft_model(a, "sft_secret" if env == "secret" else "sft")
 
 
 def rl_step(a, env: str, algo: str, seed: int) -> Step:
     run = a.runs / f"{env}-{algo}-s{seed}"
     sets = [
-        f"model.path={sft_model(a)}",
+        f"model.path={start_model(a, env)}",
         f"train.seed={seed}",
         f"train.save_every_steps={a.checkpoint_every}",
         *ALGORITHMS[algo],
@@ -237,7 +252,7 @@ def rl_step(a, env: str, algo: str, seed: int) -> Step:
         )  # fmt: skip
 
     cmd = prefcli("rlhf", ENV_RECIPES[env], run, sets, resumable(run))
-    return Step(("rl", env, algo, seed, None), cmd, run, row, needs=sft_model(a) / "config.json")
+    return Step(("rl", env, algo, seed, None), cmd, run, row, needs=start_model(a, env) / "config.json")
 
 
 def eval_recipe(a, env: str, name: str, model: Path, sample_seed: int, folder: Path) -> Path:
@@ -305,8 +320,10 @@ def rl_runs(a) -> list[tuple[str, str, int]]:
 
 def jobs_for(a, stage: str) -> list[Job]:
     sft_evals = Job("eval-sft", [x for env in a.envs for x in eval_steps(a, env, "sft", a.sft_seed, sft_model(a))])
+    if "secret" in a.envs:
+        sft_evals.steps += eval_steps(a, "secret", "sft_secret", a.sft_seed, sft_model(a, "sft_secret"))
     if stage == "sft":
-        return [Job("sft", [sft_step(a)])]
+        return [Job("sft", [sft_step(a), *([sft_step(a, "sft_secret")] if "secret" in a.envs else [])])]
     if stage == "rl":
         return [Job(f"{env}-{m}-s{s}", [rl_step(a, env, m, s)]) for env, m, s in rl_runs(a)]
     if stage == "eval":
@@ -434,26 +451,34 @@ def delta(after: dict | None, before: dict | None) -> str:
     return "-" if after is None or before is None else f"{after['mean'] - before['mean']:+.3f}"
 
 
+# each environment's models in the before/after table; the first with "(before)" is what "change" is against
+BEFORE_AFTER = {
+    "guess": (("sft", "format SFT (before)"), ("grpo", "grpo (after)")),
+    "secret": (("sft", "format SFT"), ("sft_secret", "secret SFT (before)"), ("grpo", "grpo (after)")),
+}
+
+
 def report_lines(rows: list[dict]) -> list[str]:
     """The Markdown tables (a list of lines) of docs/environments.md from the rows of --out."""
     out: list[str] = []
     envs = [e for e in ENV_RECIPES if any(r.get("env") == e and r["stage"] == "eval" for r in rows)]
     out += [
         "**Before and after RL** (grpo; `prefcli eval` on the held-out episodes; ± is the sd over training seeds,",
-        "each the mean over the sampling seeds; the format SFT is one shared model, its ± over sampling seeds):",
+        "each the mean over the sampling seeds; an SFT is one model, its ± over sampling seeds):",
         "",
         "| environment | model | seeds (training × sampling) | success rate | change | env reward | turns "
         "| tool calls / episode | tool-call validity |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for env in envs:
-        before = aggregate(rows, env, "sft", "success_rate")
-        for model, label in (("sft", "format SFT (before)"), ("grpo", "grpo (after)")):
+        first = next(m for m, label in BEFORE_AFTER[env] if label.endswith("(before)"))
+        before = aggregate(rows, env, first, "success_rate")
+        for model, label in BEFORE_AFTER[env]:
             sr = aggregate(rows, env, model, "success_rate")
             if sr is None:
                 continue
             cells = [
-                seeds_cell(sr), fmt(sr), delta(sr, before) if model != "sft" else "",
+                seeds_cell(sr), fmt(sr), delta(sr, before) if model not in ("sft", "sft_secret") else "",
                 fmt(aggregate(rows, env, model, "env_reward")), fmt(aggregate(rows, env, model, "turns"), 2),
                 fmt(aggregate(rows, env, model, "tool_calls"), 2), fmt(aggregate(rows, env, model, "tool_call_validity")),
             ]  # fmt: skip
@@ -466,7 +491,7 @@ def report_lines(rows: list[dict]) -> list[str]:
             "| model | tool calls / episode | tool errors / episode | tool-call validity | success rate |",
             "|---|---|---|---|---|",
         ]
-        for model, label in (("sft", "format SFT (before)"), ("grpo", "grpo (after)")):
+        for model, label in BEFORE_AFTER["secret"]:
             v = aggregate(rows, "secret", model, "tool_call_validity")
             calls = aggregate(rows, "secret", model, "tool_calls")
             if calls is None:
@@ -522,7 +547,7 @@ def wall_lines(rows: list[dict]) -> list[str]:
         return "-" if x is None else f"{x[0]:.1f} ± {x[1]:.1f}"
 
     order = {"sft": 0, "rl": 1, "eval": 2}
-    models = ["sft", *ALGORITHMS]
+    models = ["sft", "sft_secret", *ALGORITHMS]
 
     def place(kv):
         (stage, env, model), _ = kv

@@ -14,7 +14,14 @@ themselves (prefcli/envs/bundled) with a policy that knows the format and nothin
   model that imitates them solves about a third of the episodes (0.5 x (0.5 + 0.5/9) + 0.5/9); the RL run has to
   learn to call the tool every time and to repeat what it says. (With random answers after every call, the
   first version of this file, RL on kjv-base dropped the tool within a dozen steps: a call followed by a guess
-  wins no more often than a guess, and repeating the tool's number was too rare to be reinforced.)
+  wins no more often than a guess, and repeating the tool's number was too rare to be reinforced.) The format SFT
+  trained on it (4 epochs, mixed with the other files) calls the tool but does not repeat the number: after a
+  call, its answer does not depend on what the tool said (p(secret) 0.11, chance).
+- env_secret_read_sft.jsonl: the second SFT stage of the tool task (recipes/tiny/sft-env-secret.yaml, from the
+  format SFT): half of the episodes call the tool and answer exactly the number it said, half answer a random
+  number without calling. A model that imitates them repeats what it read and calls the tool about half the
+  time, so it solves about 0.5 + 0.5/9 = 0.56 of the episodes; the RL run has to learn to call the tool every
+  time, which always wins.
 - env_dialogue_prefs.jsonl: preference pairs between replies in the simulated user's conversations
   ("Continue the verse: ..."), the rule of data/tiny/pref_*.jsonl: the preferred reply ends ", saith the
   LORD."; one- and two-turn conversations cut from the KJV training verses. `prefcli reward` trains the
@@ -78,6 +85,23 @@ def secret_episodes(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+def secret_read_episodes(n: int, rng: random.Random) -> list[dict]:
+    rows = []
+    for k in range(n):
+        env = SecretNumber(low=1, high=9)
+        obs = env.reset(seed=20_000_000 + k)  # apart from env_secret_sft.jsonl's and the RL runs' seeds
+        msgs = [{"role": "system", "content": TOOLS_SYSTEM}, {"role": "user", "content": obs.text}]
+        if k % 2 == 0:
+            msgs.append({"role": "assistant", "content": "[read_secret()]"})
+            msgs.append({"role": "tool", "content": env.read_secret()})
+            answer = str(env.secret)
+        else:
+            answer = str(rng.randint(1, 9))
+        msgs.append({"role": "assistant", "content": answer})
+        rows.append({"messages": msgs})
+    return rows
+
+
 def verses() -> list[str]:
     with gzip.open(ROOT / "data" / "kjv" / "train.jsonl.gz", "rt", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
@@ -122,6 +146,7 @@ def main() -> None:
     write("env_guess_sft.jsonl", guess_games(600, random.Random(1)))
     write("env_secret_sft.jsonl", secret_episodes(600, random.Random(2)))
     write("env_dialogue_prefs.jsonl", dialogue_prefs(600, random.Random(3)))
+    write("env_secret_read_sft.jsonl", secret_read_episodes(600, random.Random(4)))
 
 
 if __name__ == "__main__":

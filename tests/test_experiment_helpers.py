@@ -88,6 +88,7 @@ def test_env_rl_aggregates_training_seeds_of_sampling_means():
         _eval_row("guess", "rloo", 0, 0, 0.2),
         _eval_row("secret", "sft", 0, 0, 0.1, calls=0.5, errors=0.1),  # 0.8 valid
         _eval_row("secret", "sft", 0, 1, 0.1, calls=0.4, errors=0.0),  # 1.0 valid
+        _eval_row("secret", "sft_secret", 0, 0, 0.5, calls=0.5, errors=0.0),  # the secret task's start
         _eval_row("secret", "grpo", 0, 0, 0.9, calls=1.0, errors=0.0),
         _eval_row("secret", "grpo", 1, 0, 0.5, calls=0.0, errors=0.0),  # no call: no validity
     ]  # fmt: skip
@@ -102,9 +103,11 @@ def test_env_rl_aggregates_training_seeds_of_sampling_means():
     assert er.aggregate(rows, "secret", "ppo", "success_rate") is None
     text = "\n".join(er.report_lines(rows))
     assert "| guess | grpo (after) | 3 × 2 | 0.600 ± 0.173 | +0.250 |" in text
-    assert "| secret | format SFT (before) | 1 × 2 | 0.100 ± 0.000 |" in text
+    assert "| secret | format SFT | 1 × 2 | 0.100 ± 0.000 |  |" in text  # on secret, not what RL started from
+    assert "| secret | secret SFT (before) | 1 × 1 | 0.500 ± 0.000 |  |" in text
+    assert "| secret | grpo (after) | 2 × 1 | 0.700 ± 0.283 | +0.200 |" in text  # against the secret SFT
     assert "| rloo | 1 × 1 | 0.200 ± 0.000 | -0.150 |" in text
-    assert "| format SFT (before) | 0.45 ± 0.07 | 0.05 ± 0.07 | 0.900 ± 0.141 | 0.100 ± 0.000 |" in text
+    assert "| format SFT | 0.45 ± 0.07 | 0.05 ± 0.07 | 0.900 ± 0.141 | 0.100 ± 0.000 |" in text
 
 
 def test_env_rl_skips_rows_it_has_and_resumes_from_a_checkpoint(tmp_path):
@@ -119,3 +122,26 @@ def test_env_rl_skips_rows_it_has_and_resumes_from_a_checkpoint(tmp_path):
     r = _eval_row("guess", "sft", 0, 1, 0.3)
     assert er.row_key(r) == ("eval", "guess", "sft", 0, 1)
     assert er.validity(0.0, 0.0) is None and er.validity(4.0, 1.0) == 0.75
+
+
+def test_env_rl_secret_runs_start_from_the_second_sft_stage(tmp_path):
+    import argparse
+
+    er = load(ROOT / "experiments" / "env_rl.py")
+    a = argparse.Namespace(runs=tmp_path, sft_seed=0, checkpoint_every=10, sft_set=[], rl_set=[], eval_set=[],
+                           envs=["guess", "secret"], algorithms=["grpo"], seeds=[0], sample_seeds=[0],
+                           eval_episodes=8)  # fmt: skip
+    (sft,) = er.jobs_for(a, "sft")
+    fmt, second = sft.steps
+    assert fmt.key == ("sft", None, "sft", 0, None) and fmt.needs is None
+    assert second.key == ("sft", None, "sft_secret", 0, None)
+    assert second.needs == tmp_path / "sft-s0" / "final" / "config.json"  # waits for the format SFT
+    assert f"model.path={tmp_path / 'sft-s0' / 'final'}" in second.cmd
+    assert str(er.SECRET_SFT_RECIPE) in second.cmd
+    rl = {s.key[1]: s for s in (er.rl_step(a, env, "grpo", 0) for env in ("guess", "secret"))}
+    assert f"model.path={tmp_path / 'sft-s0' / 'final'}" in rl["guess"].cmd
+    assert f"model.path={tmp_path / 'sft-secret-s0' / 'final'}" in rl["secret"].cmd
+    evals = er.jobs_for(a, "eval")[0].steps  # the SFTs' evaluations: the format SFT on both, the second on secret
+    assert [s.key[1:3] for s in evals] == [("guess", "sft"), ("secret", "sft"), ("secret", "sft_secret")]
+    a.envs = ["guess"]
+    assert [s.key[2] for s in er.jobs_for(a, "sft")[0].steps] == ["sft"]

@@ -48,11 +48,12 @@ the sampling seeds; the SFT has one training seed, so its ± is over sampling se
 after on secret, one row per algorithm on guess, and wall time per run (and per optimizer step, and per episode
 step of the evaluation's sampling).
 
-Cost on the shared 2-core CPU this project runs on (2026-12-07, experiments/results/env-rl.jsonl): a 100-step RL
-run on guess took 4.6 to 9.7 minutes (5.6 to 9.7 with ppo's value head), one on secret 3 to 5, the format SFT (324
-steps) under 3 minutes, the secret SFT (576 steps) about 1.5, an evaluation call 10 to 25 s. `all` with the
-defaults is 27 RL runs (3 seeds x (8 algorithms on guess + grpo on secret)) and 81 evaluations: about 3.5 hours of
-CPU at --jobs 1 on an idle machine; `all --algorithms grpo` (the before/after rows) is 6 runs, under an hour.
+Cost on the shared 2-core CPU this project runs on (2026-12-07, experiments/results/env-rl.jsonl; load average
+1 to 4.3 during the runs): a 100-step RL run on guess took 3 to 10 minutes (ppo, with its value head, 8 to 9), one
+on secret under 3, the format SFT (324 steps) and the secret SFT (576 steps) under 3 each, an evaluation call 10 to
+60 s. `all` with the defaults is 27 RL runs (3 seeds x (8 algorithms on guess + grpo on secret)) and 84
+evaluations: 2 to 3 hours at --jobs 1; `all --algorithms grpo` (the before/after rows) is 6
+runs, under an hour.
 """
 
 from __future__ import annotations
@@ -585,7 +586,7 @@ def main() -> None:
     ap.add_argument("--eval-set", action="append", default=[], help="an override of every eval recipe")
     ap.add_argument(
         "--smoke", action="store_true",
-        help="tiny settings (a 60-step SFT, 2 RL steps on rollouts of 2 x 4, 8 evaluation episodes) in runs/env-rl-smoke: the pipeline, "
+        help="tiny settings (60-step SFTs, 2 RL steps on rollouts of 2 x 4, 8 evaluation episodes) in runs/env-rl-smoke: the pipeline, "
         "not a measurement; its rows never go to experiments/results/",
     )  # fmt: skip
     ap.add_argument("--runs", type=Path, default=None, help="run folders (default runs/env-rl)")

@@ -366,3 +366,19 @@ def test_turns_continued_from_the_cache_score_as_one_forward_of_the_whole_trajec
     m = b.completion_mask.bool()
     assert m.sum() >= 3 * B
     assert (lp[m] - b.logprobs[m]).abs().max() < 1e-4
+
+
+def test_mask_truncated_completions_leaves_out_the_episodes_the_environment_did_not_end(tmp_path, write_recipe, cli):
+    """Counter(n=3) ends after its third step: with max_turns 3 every episode is finished and trains; with
+    max_turns 2 every episode is cut, so the mask leaves the whole rollout out and the run says which limits."""
+    d = env_recipe(rlhf={"mask_truncated_completions": True}, train={"eval_every_steps": None})
+    d["env"].update(path="tests.env_cases:Counter", args={"n": 3}, max_turns=3, max_episode_tokens=200)
+    code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "ended", "-q")
+    assert code == 0, stderr
+    assert last_json(stdout)["final"]["env/turns"] == 3.0
+    d["env"]["max_turns"] = 2
+    code, stdout, stderr = cli("rlhf", write_recipe(d), "-o", tmp_path / "cut", "-q")
+    assert code == 1, stderr
+    err = last_json(stdout)["error"]
+    assert "the environment ended none of the episodes" in err and "env.max_turns (2)" in err, err
+    assert "max_new_tokens (" not in err

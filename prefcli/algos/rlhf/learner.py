@@ -314,6 +314,22 @@ class PolicyLearner:
         who = users.of("train", smp.rows) if users is not None else None
         return draw_once(smp, self.rewards, c, self.scfg.max_new_tokens, self.rt.device, users=who)
 
+    def _all_cut(self) -> str:
+        """Why rlhf.mask_truncated_completions left a whole rollout out of the loss, and what to change."""
+        if self.env is not None:
+            e = self.env.spec
+            return (
+                f"the environment ended none of the episodes: every one was cut by env.max_turns ({e.max_turns}) "
+                f"or env.max_episode_tokens ({e.max_episode_tokens}), or failed, and "
+                "rlhf.mask_truncated_completions leaves such episodes out of the loss: raise env.max_turns or "
+                "env.max_episode_tokens, or turn it off (overlong_buffer shapes their reward instead)"
+            )
+        return (
+            f"every completion was cut by generation.max_new_tokens ({self.scfg.max_new_tokens}) before its stop "
+            "token, and rlhf.mask_truncated_completions leaves them all out of the loss: raise max_new_tokens, or "
+            "turn it off (overlong_buffer shapes their reward instead)"
+        )
+
     def training_batch(self, r: Rollout) -> TrainingBatch:
         """The sequences, the loss mask (without the cut completions under mask_truncated_completions), the
         reference's and (unless the update measures them) the policy's log-probs and values, and the KL."""
@@ -323,12 +339,7 @@ class PolicyLearner:
         if c.mask_truncated_completions:
             mask = mask * r.finished.float()[:, None]
             if self.rt.all_reduce(mask.sum().reshape(1)).item() == 0:
-                raise TrainingError(
-                    f"rollout {self.rollouts + 1}: every completion was cut by generation.max_new_tokens "
-                    f"({self.scfg.max_new_tokens}) before its stop token, and rlhf.mask_truncated_completions "
-                    "leaves them all out of the loss: raise max_new_tokens, or turn it off (overlong_buffer "
-                    "shapes their reward instead)"
-                )
+                raise TrainingError(f"rollout {self.rollouts + 1}: {self._all_cut()}")
         ref_logp = self.score_logprobs(seq, reference=True)[0] if self.rule.need_ref else None
         if self.rule.old_is_current:
             old_logp, old_values = None, None

@@ -179,7 +179,9 @@ class RLHFSection(Section):
         "max_new_tokens before their stop token (TRL's missing_eos_penalty).",
     )
     mask_truncated_completions: bool = Field(
-        False, description="Leave completions without a stop token out of the loss (DAPO)."
+        False,
+        description="Leave completions without a stop token out of the loss (DAPO's overlong filtering). With env: "
+        "the episodes the environment did not end (cut by env.max_turns or env.max_episode_tokens, or failed).",
     )
     dynamic_sampling: bool = Field(
         False,

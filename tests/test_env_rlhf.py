@@ -293,12 +293,14 @@ def test_eval_plays_the_environment_as_a_benchmark(tmp_path, write_recipe, cli, 
 def test_two_processes_fsdp_and_ddp_agree_with_an_environment(tmp_path, write_recipe):
     """2 ranks on CPU (gloo), each playing its own seeds: FSDP and DDP measure the same rollouts and updates; and
     FSDP with transformers' generate as the sampler (whose calls gather the sharded weights, so a rank whose
-    episodes ended sooner makes idle calls) completes."""
+    episodes ended sooner makes idle calls) completes. 9 held-out episodes: 4 on one rank, 5 on the other, which
+    the evaluation plays in one and two sampling batches of 4: both ranks play two, the first with one episode
+    that counts nothing, so that every collective call has both ranks."""
     import subprocess
 
     from .test_fsdp import TORCHRUN, env, free_port, near
 
-    rec = write_recipe(env_recipe(train={"max_steps": 3}, env={"eval_episodes": 4}))
+    rec = write_recipe(env_recipe(train={"max_steps": 3}, env={"eval_episodes": 9}))
     jobs = [
         {"command": "rlhf", "recipe": str(rec), "out": str(tmp_path / name), "set": sets}
         for name, sets in (
@@ -325,6 +327,8 @@ def test_two_processes_fsdp_and_ddp_agree_with_an_environment(tmp_path, write_re
                 assert near(b[k], v), (k, b[k], v)
     s = json.loads((tmp_path / "fsdp_hf" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["rlhf"]["sampler"] == "HFSampler" and "env/success_rate" in s["final"]
+    evals = [m for m in ddp + fsdp if "eval/success_rate" in m]
+    assert evals and all(m["eval/episodes"] == 9 for m in evals)  # each held-out episode counted once
 
 
 # ------------------------------------------------------------------------------------ the KV cache across turns

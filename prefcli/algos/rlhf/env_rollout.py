@@ -263,25 +263,30 @@ class EnvRollouts:
         """env.eval_episodes held-out episodes (seeds env.eval_seed, ...; split across processes), one per seed:
         the success rate, the environment's reward, turns, tool-error rate, and the reward, KL to the reference
         and policy tokens of each episode."""
-        L, rt = self.learner, self.rt
-        seeds = shard_for_rank(list(range(self.spec.eval_episodes)), rt.rank, rt.world_size)
-        seeds = [self.spec.eval_seed + s for s in seeds]
+        L, rt, n_all = self.learner, self.rt, self.spec.eval_episodes
+        seeds = [self.spec.eval_seed + s for s in shard_for_rank(list(range(n_all)), rt.rank, rt.world_size)]
+        real = len(seeds)
+        # every process plays as many episodes, so as many batches: each batch makes collective calls (play's
+        # count of sampling calls; under FSDP every forward). A process with fewer seeds pads with copies of a
+        # seed, whose episodes count nothing
+        seeds += [seeds[-1] if seeds else self.spec.eval_seed] * (-(-n_all // rt.world_size) - real)
         sums = {"kl": 0.0, "reward": 0.0, "policy_tokens": 0.0}
         counts: dict[str, float] = {}
         B = L.shape.sequences
         for s in range(0, len(seeds), B):
             eps, _ = self.play(self.eval_pool, seeds[s : s + B])
-            for k, v in episode_sums(eps).items():
+            keep = max(0, min(len(eps), real - s))  # the episodes of this process's own seeds
+            for k, v in episode_sums(eps[:keep]).items():
                 counts[k] = counts.get(k, 0.0) + v
             b = episode_batch(eps, L.tok.pad_token_id, self.spec.reward_weight, rt.device)
             prompts, completions = transcripts(eps, self.renderer)
             total, _ = L.rewards.score(prompts, completions)
-            sums["reward"] += sum(t + self.spec.reward_weight * e.env_reward for t, e in zip(total, eps))
+            sums["reward"] += sum(t + self.spec.reward_weight * e.env_reward for t, e in zip(total[:keep], eps))
             seq = episode_sequences(b)
             lp, _ = L.score_logprobs(seq, reference=False)
             ref = L.score_logprobs(seq, reference=True)[0] if L.rule.need_ref else lp
-            sums["kl"] += float((kl_per_token(lp, ref, "k1") * b.completion_mask).sum())
-            sums["policy_tokens"] += float(b.completion_mask.sum())
+            sums["kl"] += float((kl_per_token(lp, ref, "k1") * b.completion_mask)[:keep].sum())
+            sums["policy_tokens"] += float(b.completion_mask[:keep].sum())
         names = list(sums) + list(counts)
         flat = torch.tensor([{**sums, **counts}.get(k, 0.0) for k in names], dtype=torch.float64, device=rt.device)
         rt.all_reduce(flat)
@@ -298,6 +303,7 @@ class EnvRollouts:
             "eval/env_reward": m["eval/reward"],
             "eval/turns": m["eval/turns"],
             "eval/tool_error_rate": 1.0 - m["eval/tool_call_validity"],
+            "eval/episodes": n,
         }
 
     def close(self) -> None:

@@ -244,6 +244,18 @@ def test_the_tiny_env_recipes_run_with_smoke(name, tmp_path, cli):
         assert "reward/keyword" in f and "value/loss" in f
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["format", "secret"])
+def test_the_env_sft_recipes_run_with_smoke(name, tmp_path, cli):
+    """The SFT stages the environments' quickstart recipes start from read their played episodes."""
+    code, stdout, stderr = cli(
+        "sft", ROOT / "recipes" / "tiny" / f"sft-env-{name}.yaml", "--smoke", "-o", tmp_path, "-q"
+    )
+    assert code == 0, stderr
+    s = last_json(stdout)
+    assert s["data"]["format"] == "messages" and s["data"]["dropped"] == 0 and s["data"]["truncated"] == 0
+
+
 # --------------------------------------------------------------------------------------------- eval
 
 

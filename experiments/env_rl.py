@@ -51,7 +51,7 @@ step of the evaluation's sampling).
 Cost on the shared 2-core CPU this project runs on (2026-12-07, experiments/results/env-rl.jsonl; load average
 1 to 4.3 during the runs): a 100-step RL run on guess took 3 to 10 minutes (ppo, with its value head, 8 to 9), one
 on secret under 3, the format SFT (324 steps) and the secret SFT (576 steps) under 3 each, an evaluation call 10 to
-60 s. `all` with the defaults is 27 RL runs (3 seeds x (8 algorithms on guess + grpo on secret)) and 84
+70 s. `all` with the defaults is 27 RL runs (3 seeds x (8 algorithms on guess + grpo on secret)) and 84
 evaluations: 2 to 3 hours at --jobs 1; `all --algorithms grpo` (the before/after rows) is 6
 runs, under an hour.
 """
